@@ -1,0 +1,413 @@
+"""One Flax NNX decoder for the Llama, Mistral, Qwen2, Gemma 2 and GPT-2 families.
+
+The families differ only in switches on `ModelConfig`; every parameter carries logical axis
+names that `cai_jax.sharding` maps to mesh axes. See docs/DESIGN.md for the call contract.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cai_jax import sharding
+
+FAMILIES = ('llama', 'mistral', 'qwen2', 'gemma2', 'gpt2')
+SLIDING, FULL = 'sliding_attention', 'full_attention'
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture of a decoder. Presets are classmethods; `from_hf` reads a config.json."""
+
+  family: str = 'llama'  # one of FAMILIES; decides the HF export format
+  vocab_size: int = 49152
+  d_model: int = 576
+  n_layers: int = 30
+  n_heads: int = 9
+  n_kv_heads: int = 3
+  head_dim: int = 64
+  d_ff: int = 1536
+  max_positions: int = 8192  # context length
+  norm: str = 'rms'  # 'rms' | 'layer'
+  norm_eps: float = 1e-5
+  norm_offset: bool = False  # Gemma's RMSNorm scales by (1 + w)
+  mlp: str = 'gated'  # 'gated' (SwiGLU/GeGLU) | 'dense' (GPT-2)
+  activation: str = 'silu'  # 'silu' | 'gelu_tanh' | 'gelu'
+  positions: str = 'rope'  # 'rope' | 'learned'
+  rope_theta: float = 10000.0
+  rope_scaling: tuple[tuple[str, Any], ...] | None = None  # HF rope_parameters items (llama3, linear)
+  qkv_bias: bool = False  # Qwen2, GPT-2
+  out_bias: bool = False  # GPT-2 attention output / MLP biases
+  tie_embeddings: bool = True
+  embed_scale: bool = False  # Gemma multiplies embeddings by sqrt(d_model)
+  post_norms: bool = False  # Gemma 2 normalizes attention and MLP outputs too
+  attn_softcap: float | None = None  # Gemma 2 attention logit soft-capping
+  final_softcap: float | None = None  # Gemma 2 final logit soft-capping
+  query_scale: float | None = None  # attention scale; None means head_dim ** -0.5
+  sliding_window: int | None = None  # window of 'sliding_attention' layers
+  layer_types: tuple[str, ...] | None = None  # per layer SLIDING / FULL; None: all FULL
+  bos_token_id: int | None = None
+  eos_token_id: int | None = None
+  pad_token_id: int | None = None
+  param_dtype: str = 'float32'
+  dtype: str = 'float32'  # compute dtype
+
+  def __post_init__(self):
+    if self.family not in FAMILIES:
+      raise ValueError(f'unknown model family {self.family!r}; supported: {", ".join(FAMILIES)}')
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(f'n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}')
+    if self.layer_types is not None and len(self.layer_types) != self.n_layers:
+      raise ValueError(f'layer_types has {len(self.layer_types)} entries for {self.n_layers} layers')
+
+  def replace(self, **kw) -> ModelConfig:
+    return dataclasses.replace(self, **kw)
+
+  def is_sliding(self, layer: int) -> bool:
+    return (self.sliding_window is not None and
+            (self.layer_types is None or self.layer_types[layer] == SLIDING))
+
+  def num_params(self) -> int:
+    d, f, h = self.d_model, self.d_ff, self.head_dim
+    attn = d * h * (2 * self.n_heads + 2 * self.n_kv_heads)
+    mlp = (3 if self.mlp == 'gated' else 2) * d * f
+    emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+    if self.positions == 'learned':
+      emb += self.max_positions * d
+    return emb + self.n_layers * (attn + mlp)
+
+  # ---- presets -------------------------------------------------------------------------
+  @classmethod
+  def smollm2_135m(cls, **kw) -> ModelConfig:
+    return cls(**{**dict(family='llama', vocab_size=49152, d_model=576, n_layers=30, n_heads=9,
+                         n_kv_heads=3, head_dim=64, d_ff=1536, max_positions=8192,
+                         rope_theta=100000.0, bos_token_id=1, eos_token_id=2), **kw})
+
+  @classmethod
+  def tiny(cls, family: str = 'llama', **kw) -> ModelConfig:
+    """A few-hundred-thousand-parameter model for tests, in any family's shape."""
+    base = dict(family=family, vocab_size=320, d_model=64, n_layers=2, n_heads=8, n_kv_heads=4,
+                head_dim=8, d_ff=128, max_positions=1024, bos_token_id=257, eos_token_id=259,
+                pad_token_id=256)
+    if family == 'qwen2':
+      base.update(qkv_bias=True, tie_embeddings=False, norm_eps=1e-6)
+    elif family == 'gemma2':
+      base.update(mlp='gated', activation='gelu_tanh', norm_offset=True, embed_scale=True,
+                  post_norms=True, attn_softcap=50.0, final_softcap=30.0, query_scale=8 ** -0.5,
+                  sliding_window=4, layer_types=(SLIDING, FULL), norm_eps=1e-6)
+    elif family == 'gpt2':
+      base.update(norm='layer', mlp='dense', activation='gelu_tanh', positions='learned',
+                  qkv_bias=True, out_bias=True, n_kv_heads=8, d_ff=256, norm_eps=1e-5)
+    return cls(**{**base, **kw})
+
+  @classmethod
+  def llama3_2_3b(cls, **kw) -> ModelConfig:
+    return cls(**{**dict(family='llama', vocab_size=128256, d_model=3072, n_layers=28, n_heads=24,
+                         n_kv_heads=8, head_dim=128, d_ff=8192, max_positions=131072,
+                         rope_theta=500000.0, norm_eps=1e-5,
+                         rope_scaling=(('rope_type', 'llama3'), ('factor', 32.0),
+                                       ('low_freq_factor', 1.0), ('high_freq_factor', 4.0),
+                                       ('original_max_position_embeddings', 8192)),
+                         bos_token_id=128000, eos_token_id=128009), **kw})
+
+  @classmethod
+  def gemma2_2b(cls, **kw) -> ModelConfig:
+    return cls(**{**dict(family='gemma2', vocab_size=256000, d_model=2304, n_layers=26, n_heads=8,
+                         n_kv_heads=4, head_dim=256, d_ff=9216, max_positions=8192,
+                         activation='gelu_tanh', norm_offset=True, embed_scale=True,
+                         post_norms=True, attn_softcap=50.0, final_softcap=30.0,
+                         query_scale=256 ** -0.5, sliding_window=4096, norm_eps=1e-6,
+                         layer_types=tuple(SLIDING if i % 2 == 0 else FULL for i in range(26)),
+                         bos_token_id=2, eos_token_id=1, pad_token_id=0), **kw})
+
+  @classmethod
+  def qwen2_5_7b(cls, **kw) -> ModelConfig:
+    return cls(**{**dict(family='qwen2', vocab_size=152064, d_model=3584, n_layers=28, n_heads=28,
+                         n_kv_heads=4, head_dim=128, d_ff=18944, max_positions=32768,
+                         rope_theta=1000000.0, qkv_bias=True, tie_embeddings=False,
+                         norm_eps=1e-6, eos_token_id=151645), **kw})
+
+
+# ---- building blocks ---------------------------------------------------------------------
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, init='normal', std=0.02):
+  if init == 'ones':
+    value = jnp.ones(shape, dtype)
+  elif init == 'zeros':
+    value = jnp.zeros(shape, dtype)
+  else:
+    value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+  # Logical names only; cai_jax.sharding maps them to mesh axes (never eagerly).
+  return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+class Norm(nnx.Module):
+  """RMSNorm (optionally Gemma's (1 + w)) or LayerNorm; statistics in float32."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pd = jnp.dtype(cfg.param_dtype)
+    self.scale = _param(rngs, (cfg.d_model,), ('norm',), pd, 'zeros' if cfg.norm_offset else 'ones')
+    if cfg.norm == 'layer':
+      self.bias = _param(rngs, (cfg.d_model,), ('norm',), pd, 'zeros')
+
+  def __call__(self, x):
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
+    if self.cfg.norm == 'layer':
+      x = x - x.mean(-1, keepdims=True)
+    y = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + self.cfg.norm_eps)
+    scale = self.scale[...].astype(jnp.float32)
+    if self.cfg.norm_offset:
+      return (y * (1.0 + scale)).astype(dtype)
+    if self.cfg.norm == 'layer':
+      return (y * scale + self.bias[...].astype(jnp.float32)).astype(dtype)
+    # Llama casts back to the activation dtype before scaling, as transformers does.
+    return scale.astype(dtype) * y.astype(dtype)
+
+
+def _activation(name: str):
+  return {'silu': jax.nn.silu, 'gelu_tanh': lambda x: jax.nn.gelu(x, approximate=True),
+          'gelu': lambda x: jax.nn.gelu(x, approximate=False)}[name]
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+  """Inverse RoPE frequencies [H/2], with Llama-3 or linear scaling as in transformers."""
+  dim = cfg.head_dim
+  inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+  scaling = dict(cfg.rope_scaling or ())
+  kind = scaling.get('rope_type', scaling.get('type', 'default'))
+  if kind == 'linear':
+    inv = inv / scaling['factor']
+  elif kind == 'llama3':
+    factor, lo, hi = scaling['factor'], scaling['low_freq_factor'], scaling['high_freq_factor']
+    old = scaling['original_max_position_embeddings']
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > old / lo, inv / factor, inv)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+    inv = np.where(medium, smoothed, scaled)
+  elif kind != 'default':
+    raise ValueError(f'unsupported rope_type {kind!r}; supported: default, linear, llama3')
+  return inv.astype(np.float32)
+
+
+def apply_rope(x, positions, inv_freq):
+  """Rotates x [B, T, N, H] by positions [B, T] (transformers' rotate-half layout)."""
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+  cos = jnp.concatenate([jnp.cos(angles)] * 2, -1)[:, :, None, :]
+  sin = jnp.concatenate([jnp.sin(angles)] * 2, -1)[:, :, None, :]
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], -1)
+  return (x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype))
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+    self.cfg, self.layer = cfg, layer
+    pd = jnp.dtype(cfg.param_dtype)
+    d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    self.q = _param(rngs, (d, n, h), ('embed', 'heads', 'head_dim'), pd)
+    self.k = _param(rngs, (d, k, h), ('embed', 'kv_heads', 'head_dim'), pd)
+    self.v = _param(rngs, (d, k, h), ('embed', 'kv_heads', 'head_dim'), pd)
+    self.o = _param(rngs, (n, h, d), ('heads', 'head_dim', 'embed'), pd)
+    if cfg.qkv_bias:
+      self.q_bias = _param(rngs, (n, h), ('heads', 'head_dim'), pd, 'zeros')
+      self.k_bias = _param(rngs, (k, h), ('kv_heads', 'head_dim'), pd, 'zeros')
+      self.v_bias = _param(rngs, (k, h), ('kv_heads', 'head_dim'), pd, 'zeros')
+    if cfg.out_bias:
+      self.o_bias = _param(rngs, (d,), ('norm',), pd, 'zeros')
+
+  def __call__(self, x, positions, key_mask, cache, cache_index, inv_freq):
+    cfg, dt = self.cfg, x.dtype
+    q = jnp.einsum('BTD,DNH->BTNH', x, self.q[...].astype(dt))
+    k = jnp.einsum('BTD,DKH->BTKH', x, self.k[...].astype(dt))
+    v = jnp.einsum('BTD,DKH->BTKH', x, self.v[...].astype(dt))
+    if cfg.qkv_bias:
+      q, k, v = (q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt),
+                 v + self.v_bias[...].astype(dt))
+    if cfg.positions == 'rope':
+      q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    q = sharding.constrain(q, ('batch', 'length', 'heads', 'head_dim'))
+
+    t = x.shape[1]
+    if cache is not None:
+      k = jax.lax.dynamic_update_slice_in_dim(cache['k'], k.astype(cache['k'].dtype), cache_index, 1)
+      v = jax.lax.dynamic_update_slice_in_dim(cache['v'], v.astype(cache['v'].dtype), cache_index, 1)
+      cache = {'k': k, 'v': v}
+      k, v = k.astype(dt), v.astype(dt)
+    s = k.shape[1]
+
+    # Causality is on cache slots; see docs/DESIGN.md.
+    q_slot = cache_index + jnp.arange(t)[:, None]
+    k_slot = jnp.arange(s)[None, :]
+    allowed = k_slot <= q_slot
+    if cfg.is_sliding(self.layer):
+      allowed &= (q_slot - k_slot) < cfg.sliding_window
+    allowed = allowed[None] & key_mask[:, None, :]  # [B, T, S]
+
+    b, n, kh = x.shape[0], cfg.n_heads, cfg.n_kv_heads
+    q = q.reshape(b, t, kh, n // kh, cfg.head_dim)
+    scale = cfg.query_scale if cfg.query_scale is not None else cfg.head_dim ** -0.5
+    logits = jnp.einsum('BTKGH,BSKH->BKGTS', q * jnp.asarray(scale, dt), k).astype(jnp.float32)
+    if cfg.attn_softcap is not None:
+      logits = jnp.tanh(logits / cfg.attn_softcap) * cfg.attn_softcap
+    logits = jnp.where(allowed[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+    out = jnp.einsum('BKGTS,BSKH->BTKGH', probs, v).reshape(b, t, n, cfg.head_dim)
+    out = jnp.einsum('BTNH,NHD->BTD', out, self.o[...].astype(dt))
+    if cfg.out_bias:
+      out = out + self.o_bias[...].astype(dt)
+    return out, cache
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pd = jnp.dtype(cfg.param_dtype)
+    d, f = cfg.d_model, cfg.d_ff
+    if cfg.mlp == 'gated':
+      self.gate = _param(rngs, (d, f), ('embed', 'mlp'), pd)
+    self.up = _param(rngs, (d, f), ('embed', 'mlp'), pd)
+    self.down = _param(rngs, (f, d), ('mlp', 'embed'), pd)
+    if cfg.out_bias:
+      self.up_bias = _param(rngs, (f,), ('mlp',), pd, 'zeros')
+      self.down_bias = _param(rngs, (d,), ('norm',), pd, 'zeros')
+
+  def __call__(self, x):
+    cfg, dt = self.cfg, x.dtype
+    act = _activation(cfg.activation)
+    up = jnp.einsum('BTD,DF->BTF', x, self.up[...].astype(dt))
+    if cfg.out_bias:
+      up = up + self.up_bias[...].astype(dt)
+    if cfg.mlp == 'gated':
+      h = act(jnp.einsum('BTD,DF->BTF', x, self.gate[...].astype(dt))) * up
+    else:
+      h = act(up)
+    h = sharding.constrain(h, ('batch', 'length', 'mlp'))
+    out = jnp.einsum('BTF,FD->BTD', h, self.down[...].astype(dt))
+    if cfg.out_bias:
+      out = out + self.down_bias[...].astype(dt)
+    return out
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.attn_norm = Norm(cfg, rngs=rngs)
+    self.attn = Attention(cfg, layer, rngs=rngs)
+    self.mlp_norm = Norm(cfg, rngs=rngs)
+    self.mlp = MLP(cfg, rngs=rngs)
+    if cfg.post_norms:
+      self.attn_post_norm = Norm(cfg, rngs=rngs)
+      self.mlp_post_norm = Norm(cfg, rngs=rngs)
+
+  def __call__(self, x, positions, key_mask, cache, cache_index, inv_freq):
+    h, cache = self.attn(self.attn_norm(x), positions, key_mask, cache, cache_index, inv_freq)
+    if self.cfg.post_norms:
+      h = self.attn_post_norm(h)
+    x = x + h
+    h = self.mlp(self.mlp_norm(x))
+    if self.cfg.post_norms:
+      h = self.mlp_post_norm(h)
+    return sharding.constrain(x + h, ('batch', 'length', 'embed')), cache
+
+
+class Decoder(nnx.Module):
+  """Decoder-only language model: `logits, cache = model(tokens, ...)`."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pd = jnp.dtype(cfg.param_dtype)
+    self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'), pd)
+    if cfg.positions == 'learned':
+      self.pos_embed = _param(rngs, (cfg.max_positions, cfg.d_model), ('positions', 'embed'), pd)
+    self.layers = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
+    self.final_norm = Norm(cfg, rngs=rngs)
+    if not cfg.tie_embeddings:
+      self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'), pd)
+
+  def hidden(self, tokens, positions=None, key_mask=None, cache=None, cache_index=0):
+    """Final-norm hidden states [B, T, D] and the updated cache."""
+    cfg = self.cfg
+    dt = jnp.dtype(cfg.dtype)
+    b, t = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(cache_index + jnp.arange(t, dtype=jnp.int32), (b, t))
+    if key_mask is None:
+      s = t if cache is None else cache[0]['k'].shape[1]
+      key_mask = jnp.ones((b, s), bool)
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
+    if cfg.embed_scale:
+      x = x * jnp.asarray(math.sqrt(cfg.d_model), dt)
+    if cfg.positions == 'learned':
+      x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(dt)
+    x = sharding.constrain(x, ('batch', 'length', 'embed'))
+    inv_freq = jnp.asarray(rope_inv_freq(cfg)) if cfg.positions == 'rope' else None
+    new_cache = [] if cache is not None else None
+    for i, block in enumerate(self.layers):
+      x, layer_cache = block(x, positions, key_mask, None if cache is None else cache[i],
+                             cache_index, inv_freq)
+      if cache is not None:
+        new_cache.append(layer_cache)
+    return self.final_norm(x), new_cache
+
+  def logits_from_hidden(self, h):
+    cfg = self.cfg
+    w = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
+    logits = jnp.einsum('BTD,DV->BTV', h, w.astype(h.dtype)).astype(jnp.float32)
+    if cfg.final_softcap is not None:
+      logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap
+    return sharding.constrain(logits, ('batch', 'length', 'vocab'))
+
+  def __call__(self, tokens, positions=None, key_mask=None, cache=None, cache_index=0):
+    h, cache = self.hidden(tokens, positions, key_mask, cache, cache_index)
+    return self.logits_from_hidden(h), cache
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> list[dict]:
+  """Zeroed KV cache, one {'k', 'v'} of [B, S, K, H] per layer, laid out by the mesh rules."""
+  dtype = jnp.dtype(dtype or cfg.dtype)
+  shape = (batch, length, cfg.n_kv_heads, cfg.head_dim)
+  names = ('batch', 'length', 'kv_heads', 'head_dim')
+  return [{'k': sharding.zeros(shape, dtype, names), 'v': sharding.zeros(shape, dtype, names)}
+          for _ in range(cfg.n_layers)]
+
+
+class ScalarHeadModel(nnx.Module):
+  """LM trunk + linear scalar head: the preference model and the PPO value function."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, trunk: Decoder | None = None):
+    self.cfg = cfg
+    self.trunk = trunk if trunk is not None else Decoder(cfg, rngs=rngs)
+    pd = jnp.dtype(cfg.param_dtype)
+    self.head = _param(rngs, (cfg.d_model,), ('embed',), pd, std=cfg.d_model ** -0.5)
+    self.head_bias = _param(rngs, (), (), pd, 'zeros')
+
+  def values(self, tokens, positions=None, key_mask=None):
+    """A scalar for every position [B, T] (float32)."""
+    h, _ = self.trunk.hidden(tokens, positions, key_mask)
+    return (jnp.einsum('BTD,D->BT', h.astype(jnp.float32), self.head[...].astype(jnp.float32))
+            + self.head_bias[...].astype(jnp.float32))
+
+  def __call__(self, tokens, read_index, positions=None, key_mask=None):
+    """The scalar read at `read_index` [B] (e.g. the last real token), shape [B]."""
+    v = self.values(tokens, positions, key_mask)
+    return jnp.take_along_axis(v, read_index[:, None].astype(jnp.int32), axis=1)[:, 0]
+
+
+def create(cfg: ModelConfig, seed: int = 0, *, scalar_head: bool = False):
+  """A randomly initialized model (HF-style normal(0.02) init), sharded under the current mesh."""
+  cls = ScalarHeadModel if scalar_head else Decoder
+  return sharding.create_sharded(lambda: cls(cfg, rngs=nnx.Rngs(params=seed)))

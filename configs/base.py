@@ -1,0 +1,47 @@
+"""The full config tree: global fields here, one sub-config per stage from configs/stages/.
+
+`variant` is 'tiny' (random model, seconds), 'demo' (SmolLM2 on CPU, minutes) or 'full'
+(paper-scale settings for accelerators). Named configs override a few fields on top.
+"""
+
+import importlib
+
+import ml_collections
+
+from cai_jax import sharding
+
+STAGE_CONFIGS = ('data', 'critique_revision', 'sft', 'feedback', 'evaluate_feedback', 'preference',
+                 'ppo', 'evaluate')
+
+
+def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.variant = variant  # which preset the stage defaults below come from: tiny | demo | full
+  c.seed = 0  # global seed: model init (random models), data shuffles, sampling, principle draws
+  # Stages to run, comma-separated, in pipeline order (see cai_jax/stages.py for the list).
+  c.stages = 'critique_revision,sft,feedback,preference,ppo,evaluate'
+  c.force = ''  # comma-separated stages to redo (each redoes everything after it too)
+  c.conversation_format = 'transcript'  # 'transcript' (paper: Human:/Assistant:) | 'chat_template'
+  c.constitution = 'default'  # 'default' | 'tiny' | path to our JSON | dir of the paper's release
+
+  c.model = ml_collections.ConfigDict()
+  c.model.source = 'smollm2-135m'  # HF dir | .gguf | 'smollm2-135m' | 'random:<preset>'
+  c.model.dtype = 'float32'  # compute dtype: float32 | bfloat16
+  c.model.param_dtype = 'float32'  # parameter (and optimizer state) dtype
+  c.model.max_len = 2048  # longest token sequence any stage builds (prompt + response)
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (1, -1, 1)  # sizes of mesh axes ('data', 'fsdp', 'tensor'); one -1 = the rest
+  c.logical_axis_rules = sharding.DEFAULT_RULES  # logical axis name -> mesh axis (or axes / None)
+
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.enabled = False  # call jax.distributed.initialize (multi-host / multi-process)
+  c.distributed.coordinator_address = ''  # host:port of process 0; '' = from the TPU environment
+  c.distributed.num_processes = -1  # -1 = from the environment
+  c.distributed.process_id = -1  # -1 = from the environment
+  c.distributed.local_device_ids = ()  # restrict this process to these local devices; () = all
+
+  for name in STAGE_CONFIGS:
+    module = importlib.import_module(f'configs.stages.{name}')
+    setattr(c, name, module.get_config(variant))
+  return c

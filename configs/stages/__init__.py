@@ -1,0 +1,1 @@
+"""Per-stage config defaults, one file per pipeline stage; `configs/base.py` assembles them."""
