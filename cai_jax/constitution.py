@@ -1,0 +1,555 @@
+"""The constitution: principles, few-shot examples, and every CAI prompt built from them.
+
+A constitution (Bai et al. 2022, sections 3 and 4) holds
+
+* critique/revision request pairs -- the SL stage samples one pair per revision round;
+* few-shot critique/revision examples prepended to every critique and revision prompt;
+* multiple-choice feedback principles -- the RL stage asks "which response is better?" under a
+  sampled principle and reads p(A), p(B) from the option strings ``OPTION_STRINGS``;
+* few-shot feedback examples, plain and chain-of-thought (CoT).
+
+It is loaded from our JSON format (``configs/constitutions/README.md``; bundled ones under
+``cai_jax/assets/constitutions/``) or from a directory in the format of the paper's data release.
+Principles are sampled with ``principle_rng(seed, example_id, stage)`` so that a prompt gets the
+same principles whatever batch, host or restart it is processed in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.resources
+import json
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cai_jax import conversation
+from cai_jax.conversation import ASSISTANT, HUMAN, Turn
+
+FORMAT_VERSION = 'cai_jax.constitution/v1'
+BUNDLED = ('default', 'tiny')  # Names resolved to cai_jax/assets/constitutions/<name>.json.
+
+# The option strings whose log-probabilities are compared when scoring feedback prompts.
+OPTION_STRINGS = (' (A)', ' (B)')
+ANSWERS = ('A', 'B')
+
+# Fixed phrases of the feedback prompts (paper, section 4.1).
+FEEDBACK_INTRO = 'Consider the following conversation between a human and an assistant:'
+ANSWER_PREFIX = 'The answer is:'
+COT_PREFIX = "Let's think step-by-step:"
+COT_ANSWER_PREFIX = 'So the answer is:'
+
+# Transcript labels of the critique/revision prompts, mapped to the chat role that says them.
+_CR_ROLES = {'Human': HUMAN, 'Assistant': ASSISTANT, 'CritiqueRequest': HUMAN,
+             'Critique': ASSISTANT, 'RevisionRequest': HUMAN, 'Revision': ASSISTANT}
+
+
+class ConstitutionError(ValueError):
+    """A constitution file that cannot be used; the message names the file and the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CritiqueRevisionPair:
+    name: str
+    critique_request: str
+    revision_request: str
+
+
+@dataclasses.dataclass(frozen=True)
+class CritiqueFewShot:
+    conversation: tuple[Turn, ...]  # Alternating turns ending with the human's.
+    response: str  # The assistant reply that gets critiqued.
+    critique_request: str
+    critique: str
+    revision_request: str
+    revision: str
+
+
+@dataclasses.dataclass(frozen=True)
+class FeedbackFewShot:
+    conversation: tuple[Turn, ...]  # Alternating turns ending with the human's.
+    response_a: str
+    response_b: str
+    answer: str  # 'A' or 'B'.
+    reasoning: str | None = None  # The chain of thought (CoT examples only).
+    principle: str | None = None  # None: shown under the principle of the prompt being built.
+
+
+@dataclasses.dataclass(frozen=True)
+class CritiqueRevisionRound:
+    """One finished round, shown as history in the next round's prompts."""
+    pair: CritiqueRevisionPair
+    critique: str
+    revision: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Constitution:
+    critique_revision: tuple[CritiqueRevisionPair, ...]
+    critique_few_shots: tuple[CritiqueFewShot, ...]
+    feedback_principles: tuple[str, ...]
+    feedback_few_shots: tuple[FeedbackFewShot, ...]
+    feedback_cot_few_shots: tuple[FeedbackFewShot, ...]
+    description: str = ''
+    # Where it was loaded from: not part of the content, so not compared.
+    source: str = dataclasses.field(default='', compare=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading our JSON format.
+
+_TOP_LEVEL_KEYS = ('format', 'description', 'critique_revision', 'critique_few_shots',
+                   'feedback_principles', 'feedback_few_shots', 'feedback_cot_few_shots')
+
+
+class _Reader:
+    """Typed access to parsed JSON that reports errors as '<file>: key '<path>': <problem>'."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def error(self, key: str, problem: str) -> ConstitutionError:
+        return ConstitutionError(f"{self.source}: key '{key}': {problem}")
+
+    def string(self, value: Any, key: str) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise self.error(key, 'expected a non-empty string')
+        return value.strip()
+
+    def entries(self, obj: dict, key: str, *, min_len: int = 0) -> list:
+        if key not in obj:
+            raise self.error(key, 'missing')
+        value = obj[key]
+        if not isinstance(value, list):
+            raise self.error(key, f'expected a list, got {type(value).__name__}')
+        if len(value) < min_len:
+            raise self.error(key, 'expected a non-empty list' if min_len == 1 else
+                             f'expected at least {min_len} entries, got {len(value)}')
+        return value
+
+    def record(self, value: Any, key: str, required: Sequence[str],
+               optional: Sequence[str] = ()) -> dict:
+        if not isinstance(value, dict):
+            raise self.error(key, f'expected an object, got {type(value).__name__}')
+        for k in required:
+            if k not in value:
+                raise self.error(f'{key}.{k}', 'missing')
+        for k in value:
+            if k not in required and k not in optional:
+                raise self.error(f'{key}.{k}',
+                                 f'unknown key; expected one of {list(required) + list(optional)}')
+        return value
+
+    def conversation(self, value: Any, key: str) -> tuple[Turn, ...]:
+        if not isinstance(value, list) or not value:
+            raise self.error(key, 'expected a non-empty list of ["human"|"assistant", text] turns')
+        turns = []
+        for i, turn in enumerate(value):
+            expected_role = (HUMAN, ASSISTANT)[i % 2]
+            if (not isinstance(turn, (list, tuple)) or len(turn) != 2
+                    or turn[0] != expected_role):
+                raise self.error(f'{key}[{i}]', f'expected ["{expected_role}", text] (turns '
+                                 'alternate, starting with "human")')
+            turns.append((expected_role, self.string(turn[1], f'{key}[{i}][1]')))
+        if turns[-1][0] != HUMAN:
+            raise self.error(key, 'the last turn must be the human\'s (the response follows it)')
+        return tuple(turns)
+
+    def answer(self, value: Any, key: str) -> str:
+        if value not in ANSWERS:
+            raise self.error(key, f'expected "A" or "B", got {value!r}')
+        return value
+
+
+def _feedback_few_shot(r: _Reader, value: Any, key: str, cot: bool) -> FeedbackFewShot:
+    required = ['conversation', 'response_a', 'response_b', 'answer']
+    if cot:
+        required.append('reasoning')
+    obj = r.record(value, key, required, optional=['principle'])
+    principle = obj.get('principle')
+    return FeedbackFewShot(
+        conversation=r.conversation(obj['conversation'], f'{key}.conversation'),
+        response_a=r.string(obj['response_a'], f'{key}.response_a'),
+        response_b=r.string(obj['response_b'], f'{key}.response_b'),
+        answer=r.answer(obj['answer'], f'{key}.answer'),
+        reasoning=r.string(obj['reasoning'], f'{key}.reasoning') if cot else None,
+        principle=None if principle is None else r.string(principle, f'{key}.principle'))
+
+
+def constitution_from_dict(data: Any, source: str = '<dict>') -> Constitution:
+    """Validates and converts our JSON format (already parsed)."""
+    r = _Reader(source)
+    if not isinstance(data, dict):
+        raise ConstitutionError(f'{source}: expected a JSON object at the top level')
+    for k in data:
+        if k not in _TOP_LEVEL_KEYS:
+            raise r.error(k, f'unknown key; expected one of {list(_TOP_LEVEL_KEYS)}')
+    if data.get('format', FORMAT_VERSION) != FORMAT_VERSION:
+        raise r.error('format', f'expected {FORMAT_VERSION!r}, got {data["format"]!r}')
+    description = data.get('description', '')
+    if not isinstance(description, str):
+        raise r.error('description', 'expected a string')
+
+    pairs = []
+    for i, value in enumerate(r.entries(data, 'critique_revision', min_len=1)):
+        key = f'critique_revision[{i}]'
+        obj = r.record(value, key, ['name', 'critique_request', 'revision_request'])
+        pair = CritiqueRevisionPair(*(r.string(obj[k], f'{key}.{k}') for k in
+                                      ('name', 'critique_request', 'revision_request')))
+        if any(p.name == pair.name for p in pairs):
+            raise r.error(f'{key}.name', f'duplicate name {pair.name!r}')
+        pairs.append(pair)
+
+    critique_few_shots = []
+    for i, value in enumerate(r.entries(data, 'critique_few_shots')):
+        key = f'critique_few_shots[{i}]'
+        fields = ('response', 'critique_request', 'critique', 'revision_request', 'revision')
+        obj = r.record(value, key, ('conversation',) + fields)
+        critique_few_shots.append(CritiqueFewShot(
+            r.conversation(obj['conversation'], f'{key}.conversation'),
+            *(r.string(obj[k], f'{key}.{k}') for k in fields)))
+
+    principles = tuple(r.string(p, f'feedback_principles[{i}]')
+                       for i, p in enumerate(r.entries(data, 'feedback_principles', min_len=1)))
+    return Constitution(
+        critique_revision=tuple(pairs),
+        critique_few_shots=tuple(critique_few_shots),
+        feedback_principles=principles,
+        feedback_few_shots=tuple(
+            _feedback_few_shot(r, v, f'feedback_few_shots[{i}]', cot=False)
+            for i, v in enumerate(r.entries(data, 'feedback_few_shots'))),
+        feedback_cot_few_shots=tuple(
+            _feedback_few_shot(r, v, f'feedback_cot_few_shots[{i}]', cot=True)
+            for i, v in enumerate(r.entries(data, 'feedback_cot_few_shots'))),
+        description=description,
+        source=source)
+
+
+def constitution_to_dict(constitution: Constitution) -> dict:
+    """The inverse of `constitution_from_dict` (our JSON format), e.g. to save a converted one."""
+    def turns(conv):
+        return [list(t) for t in conv]
+
+    def feedback(ex: FeedbackFewShot) -> dict:
+        d = {'conversation': turns(ex.conversation), 'response_a': ex.response_a,
+             'response_b': ex.response_b, 'answer': ex.answer}
+        if ex.reasoning is not None:
+            d['reasoning'] = ex.reasoning
+        if ex.principle is not None:
+            d['principle'] = ex.principle
+        return d
+
+    return {
+        'format': FORMAT_VERSION,
+        'description': constitution.description,
+        'critique_revision': [dataclasses.asdict(p) for p in constitution.critique_revision],
+        'critique_few_shots': [dict(dataclasses.asdict(ex), conversation=turns(ex.conversation))
+                               for ex in constitution.critique_few_shots],
+        'feedback_principles': list(constitution.feedback_principles),
+        'feedback_few_shots': [feedback(ex) for ex in constitution.feedback_few_shots],
+        'feedback_cot_few_shots': [feedback(ex) for ex in constitution.feedback_cot_few_shots],
+    }
+
+
+def constitution_fingerprint(constitution: Constitution) -> str:
+    """sha1 of the content (not the source path), for stage fingerprints."""
+    text = json.dumps(constitution_to_dict(constitution), sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def bundled_path(name: str) -> Path:
+    return Path(str(importlib.resources.files('cai_jax') / 'assets' / 'constitutions'
+                    / f'{name}.json'))
+
+
+def load_constitution(path: str | os.PathLike) -> Constitution:
+    """Loads 'default' / 'tiny' (bundled), our JSON file, or a paper-release directory."""
+    if str(path) in BUNDLED:
+        path = bundled_path(str(path))
+    path = Path(path)
+    if path.is_dir():
+        return load_paper_release(path)
+    if not path.is_file():
+        raise ConstitutionError(f'{path}: no such file or directory (bundled names: '
+                                f'{", ".join(BUNDLED)})')
+    try:
+        data = json.loads(path.read_text(encoding='utf-8'))
+    except json.JSONDecodeError as e:
+        raise ConstitutionError(f'{path}: invalid JSON: {e}') from None
+    return constitution_from_dict(data, source=str(path))
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading the paper's data release (github.com/anthropics/ConstitutionalHarmlessnessPaper,
+# prompts/*.json). Its prompts carry their own transcript labels; we strip them so the requests
+# and principles are plain text like ours.
+
+PAPER_FILES = ('CritiqueRevisionInstructions.json', 'CritiqueRevisionFewShotPrompts.json',
+               'RLMadisonInstructions.json', 'RLMadisonFewShotPrompts.json',
+               'RLMadisonPrecogFewShotPrompts.json')
+
+_CR_SPLIT = re.compile(r'\n\n(Human|Assistant|CritiqueRequest|Critique|RevisionRequest|Revision):')
+_HA_SPLIT = re.compile(r'(?:^|\n\n)(H|A):')
+_PRECOG = re.compile(
+    r'Consider the following conversation[^\n]*\n\n(?P<conv>.*?)\n\n\{\}\n'
+    r' \(A\) \[\[\[(?P<a>.*?)\]\]\]\n \(B\) \[\[\[(?P<b>.*?)\]\]\]\n\n'
+    r'Assistant: Let\'s think step by step:(?P<reasoning>.*?)\n\nHuman:\s*'
+    r'So the answer is: \((?P<answer>[AB])\)', re.S)
+
+
+def _strip_label(text: str, label: str, trailing: str | None = None) -> str:
+    text = text.strip()
+    if text.startswith(f'{label}:'):
+        text = text[len(label) + 1:]
+    if trailing and text.endswith(f'{trailing}:'):
+        text = text[:-len(trailing) - 1]
+    return text.strip()
+
+
+def _paper_critique_few_shot(text: str, where: str) -> CritiqueFewShot:
+    parts = _CR_SPLIT.split(text)
+    segments = [(label, body.strip()) for label, body in zip(parts[1::2], parts[2::2])]
+    if segments and segments[-1] == ('Human', ''):  # The examples end with an open "Human:".
+        segments.pop()
+    labels = [label for label, _ in segments]
+    tail = ['CritiqueRequest', 'Critique', 'RevisionRequest', 'Revision']
+    if len(segments) < 6 or labels[-4:] != tail or labels[-5] != 'Assistant':
+        raise ConstitutionError(f'{where}: expected a Human/Assistant transcript followed by '
+                                f'one {"/".join(tail)} round, got labels {labels}')
+    turns = tuple((_CR_ROLES[label], body) for label, body in segments[:-5])
+    return CritiqueFewShot(turns, *(body for _, body in segments[-5:]))
+
+
+def _paper_precog_few_shot(text: str, where: str) -> FeedbackFewShot:
+    m = _PRECOG.search(text)
+    if not m:
+        raise ConstitutionError(f'{where}: not in the expected multiple-choice CoT layout')
+    parts = _HA_SPLIT.split(m['conv'])
+    turns = tuple((HUMAN if label == 'H' else ASSISTANT, body.strip())
+                  for label, body in zip(parts[1::2], parts[2::2]))
+    return FeedbackFewShot(turns, m['a'].strip(), m['b'].strip(), m['answer'],
+                           reasoning=m['reasoning'].strip())
+
+
+def load_paper_release(directory: str | os.PathLike) -> Constitution:
+    """Reads the five prompt files of the paper's release as they are."""
+    directory = Path(directory)
+    data = {}
+    for name in PAPER_FILES:
+        try:
+            data[name] = json.loads((directory / name).read_text(encoding='utf-8'))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConstitutionError(f'{directory / name}: cannot read: {e}') from None
+    try:
+        return _from_paper_release(directory, data)
+    except (KeyError, IndexError, TypeError, AttributeError) as e:
+        raise ConstitutionError(f'{directory}: not in the layout of the paper\'s release: '
+                                f'{e!r}') from None
+
+
+def _from_paper_release(directory: Path, data: dict[str, Any]) -> Constitution:
+    pairs = tuple(
+        CritiqueRevisionPair(name, _strip_label(v['prompt'][0], 'CritiqueRequest', 'Critique'),
+                             _strip_label(v['edit_request'], 'RevisionRequest', 'Revision'))
+        for name, v in data['CritiqueRevisionInstructions.json'].items())
+    critique_few_shots = tuple(
+        _paper_critique_few_shot(text, f'{directory / PAPER_FILES[1]}[{i}]')
+        for i, text in enumerate(data['CritiqueRevisionFewShotPrompts.json']))
+    principles = tuple(
+        re.sub(r'\s*Options:\s*$', '', p).strip() for p in data['RLMadisonInstructions.json'])
+
+    # Plain examples list good and bad replies; alternate the good one between (A) and (B) so the
+    # few-shots do not teach a position bias.
+    feedback_few_shots = []
+    for ex in data['RLMadisonFewShotPrompts.json']:
+        turns = tuple(conversation.parse_transcript(ex['prompt']))
+        for good, bad in zip(ex['corrects'], ex['incorrects']):
+            a_is_good = len(feedback_few_shots) % 2 == 0
+            a, b = (good, bad) if a_is_good else (bad, good)
+            feedback_few_shots.append(
+                FeedbackFewShot(turns, a.strip(), b.strip(), 'A' if a_is_good else 'B'))
+    cot_few_shots = tuple(
+        _paper_precog_few_shot(text['prompt'], f'{directory / PAPER_FILES[4]}[{i}]')
+        for i, text in enumerate(data['RLMadisonPrecogFewShotPrompts.json']))
+    return Constitution(pairs, critique_few_shots, principles, tuple(feedback_few_shots),
+                        cot_few_shots, description='Bai et al. 2022 data release',
+                        source=str(directory))
+
+
+# ----------------------------------------------------------------------------------------------
+# Principle sampling.
+
+def _stable_int(value: int | str) -> int:
+    """A non-negative 64-bit integer; strings via sha256 (Python's hash() is salted per run)."""
+    if isinstance(value, (int, np.integer)) and value >= 0:
+        return int(value)
+    return int.from_bytes(hashlib.sha256(str(value).encode()).digest()[:8], 'little')
+
+
+def principle_rng(seed: int, example_id: int | str, stage: str) -> np.random.Generator:
+    """The generator for one example in one stage: independent of batch order and host."""
+    return np.random.default_rng([_stable_int(seed), _stable_int(example_id), _stable_int(stage)])
+
+
+def sample_critique_revision_pairs(constitution: Constitution, n_rounds: int,
+                                   rng: np.random.Generator) -> list[CritiqueRevisionPair]:
+    """One pair per revision round, each an independent uniform draw (as in the paper)."""
+    indices = rng.integers(len(constitution.critique_revision), size=n_rounds)
+    return [constitution.critique_revision[i] for i in indices]
+
+
+def sample_feedback_principles(constitution: Constitution, k: int, rng: np.random.Generator,
+                               replace: bool = False) -> list[str]:
+    """k principles to ensemble over; distinct unless replace=True."""
+    n = len(constitution.feedback_principles)
+    if not replace and k > n:
+        raise ValueError(f'cannot draw {k} distinct principles from {n}; pass replace=True')
+    indices = rng.choice(n, size=k, replace=replace)
+    return [constitution.feedback_principles[i] for i in indices]
+
+
+# ----------------------------------------------------------------------------------------------
+# Critique and revision prompts. Both are a list of labeled segments -- few-shots, the
+# conversation with the response, earlier rounds, the new request -- rendered either as the
+# paper's transcript ("\n\nCritiqueRequest: ...\n\nCritique:") or as chat turns in which the
+# requests are the user's and the critiques/revisions the assistant's.
+
+def _check_conversation(turns: Sequence[Turn]) -> None:
+    if not turns or turns[-1][0] != HUMAN:
+        raise ValueError('conversation_turns must end with a human turn; the response follows it')
+
+
+def _critique_revision_segments(constitution, conversation_turns, response, pair, history,
+                                critique=None) -> list[tuple[str, str]]:
+    def exchange(turns, reply):
+        return ([(conversation.TRANSCRIPT_LABELS[role], text) for role, text in turns]
+                + [('Assistant', reply)])
+
+    segments = []
+    for ex in constitution.critique_few_shots:
+        segments += exchange(ex.conversation, ex.response)
+        segments += [('CritiqueRequest', ex.critique_request), ('Critique', ex.critique),
+                     ('RevisionRequest', ex.revision_request), ('Revision', ex.revision)]
+    _check_conversation(conversation_turns)
+    segments += exchange(conversation_turns, response)
+    for past in history:
+        segments += [('CritiqueRequest', past.pair.critique_request), ('Critique', past.critique),
+                     ('RevisionRequest', past.pair.revision_request), ('Revision', past.revision)]
+    segments.append(('CritiqueRequest', pair.critique_request))
+    if critique is not None:
+        segments += [('Critique', critique), ('RevisionRequest', pair.revision_request)]
+    return segments
+
+
+def _render_segments(segments, open_label: str, fmt: str, tokenizer) -> str:
+    """Renders segments and leaves `open_label` open for the model to write."""
+    if conversation.check_format(fmt) == 'transcript':
+        return ''.join(conversation.transcript_segment(label, text) for label, text in segments
+                       ) + conversation.transcript_segment(open_label, None)
+    # Chat: the open segment is the assistant turn the generation prompt starts.
+    turns = [(_CR_ROLES[label], text) for label, text in segments]
+    return conversation.render_chat(turns, tokenizer, add_generation_prompt=True)
+
+
+def render_critique_prompt(constitution: Constitution, conversation_turns: Sequence[Turn],
+                           response: str, pair: CritiqueRevisionPair,
+                           history_rounds: Sequence[CritiqueRevisionRound] = (),
+                           fmt: str = 'transcript', tokenizer: Any = None) -> str:
+    """The prompt ending where the model writes a critique of the latest response."""
+    segments = _critique_revision_segments(constitution, conversation_turns, response, pair,
+                                           history_rounds)
+    return _render_segments(segments, 'Critique', fmt, tokenizer)
+
+
+def render_revision_prompt(constitution: Constitution, conversation_turns: Sequence[Turn],
+                           response: str, pair: CritiqueRevisionPair, critique: str,
+                           history_rounds: Sequence[CritiqueRevisionRound] = (),
+                           fmt: str = 'transcript', tokenizer: Any = None) -> str:
+    """The critique prompt plus the critique and revision request, ending at the revision."""
+    segments = _critique_revision_segments(constitution, conversation_turns, response, pair,
+                                           history_rounds, critique=critique)
+    return _render_segments(segments, 'Revision', fmt, tokenizer)
+
+
+def critique_revision_stop_strings(fmt: str, tokenizer: Any = None) -> list[str]:
+    """Where a generated critique or revision ends: at the next label or end of turn."""
+    if conversation.check_format(fmt) == 'transcript':
+        return [f'\n\n{label}:' for label in _CR_ROLES]
+    return conversation.stop_strings(fmt, tokenizer)
+
+
+# ----------------------------------------------------------------------------------------------
+# Feedback (multiple choice) prompts, paper section 4.1:
+#
+#   Consider the following conversation between a human and an assistant:
+#   [conversation]
+#   [principle]
+#   Options:
+#    (A) [response A]
+#    (B) [response B]
+#   The answer is:
+#
+# The plain prompt is scored on OPTION_STRINGS right away. The CoT prompt wraps the question in
+# a Human turn and ends in "Assistant: Let's think step-by-step:"; after the model's reasoning,
+# render_feedback_answer_suffix() adds the turn in which the options are scored.
+
+def feedback_question(conversation_turns: Sequence[Turn], principle: str, response_a: str,
+                      response_b: str) -> str:
+    _check_conversation(conversation_turns)
+    return (FEEDBACK_INTRO
+            + conversation.render_transcript(conversation_turns, add_generation_prompt=False)
+            + f'\n\n{principle.strip()}\nOptions:\n (A) {response_a.strip()}'
+            + f'\n (B) {response_b.strip()}')
+
+
+def render_feedback_prompt(constitution: Constitution, conversation_turns: Sequence[Turn],
+                           principle: str, response_a: str, response_b: str, *, cot: bool,
+                           fmt: str = 'transcript', tokenizer: Any = None) -> str:
+    """Few-shot examples then the question; plain ends at "The answer is:", CoT at the
+    reasoning."""
+    few_shots = constitution.feedback_cot_few_shots if cot else constitution.feedback_few_shots
+    examples = [(feedback_question(ex.conversation, ex.principle or principle, ex.response_a,
+                                   ex.response_b), ex) for ex in few_shots]
+    question = feedback_question(conversation_turns, principle, response_a, response_b)
+    if conversation.check_format(fmt) == 'transcript':
+        seg = conversation.transcript_segment
+        if not cot:
+            blocks = [f'{q}\n\n{ANSWER_PREFIX} ({ex.answer})' for q, ex in examples]
+            return '\n\n'.join(blocks + [f'{question}\n\n{ANSWER_PREFIX}'])
+        text = ''.join(seg('Human', q) + seg('Assistant', f'{COT_PREFIX} {ex.reasoning}')
+                       + seg('Human', f'{COT_ANSWER_PREFIX} ({ex.answer})')
+                       for q, ex in examples)
+        return text + seg('Human', question) + seg('Assistant', COT_PREFIX)
+    # Chat template: each example is a user question and the assistant's answer; the final
+    # assistant turn is opened by the template and started with the answer / reasoning prefix.
+    turns = []
+    for q, ex in examples:
+        reply = (f'{COT_PREFIX} {ex.reasoning}\n\n{COT_ANSWER_PREFIX} ({ex.answer})' if cot
+                 else f'{ANSWER_PREFIX} ({ex.answer})')
+        turns += [(HUMAN, q), (ASSISTANT, reply)]
+    turns.append((HUMAN, question))
+    prompt = conversation.render_chat(turns, tokenizer, add_generation_prompt=True)
+    return prompt + (COT_PREFIX if cot else ANSWER_PREFIX)
+
+
+def render_feedback_answer_suffix(cot_text: str, fmt: str = 'transcript') -> str:
+    """Text appended to a CoT feedback prompt: the reasoning, then the answer lead-in.
+
+    The options are scored as ``prompt + suffix + OPTION_STRINGS[i]``. Anything after a
+    transcript stop string in `cot_text` is dropped.
+    """
+    if conversation.check_format(fmt) == 'transcript':
+        for stop in conversation.stop_strings('transcript'):
+            cot_text = cot_text.split(stop)[0]
+        return f' {cot_text.strip()}\n\nHuman: {COT_ANSWER_PREFIX}'
+    return f' {cot_text.strip()}\n\n{COT_ANSWER_PREFIX}'
+
+
+def feedback_cot_stop_strings(fmt: str, tokenizer: Any = None) -> list[str]:
+    """Where generated CoT reasoning ends (the end of the assistant turn)."""
+    return conversation.stop_strings(fmt, tokenizer)

@@ -1,0 +1,125 @@
+"""Conversation rendering: the paper's Human/Assistant transcript format and chat templates.
+
+Every prompt the pipeline feeds a model is a list of turns rendered here (constitution.py adds
+the critique/revision/feedback framing on top). Two formats exist:
+
+* ``'transcript'`` -- the format of the paper and of HH-RLHF:
+    ``"\\n\\nHuman: {text}\\n\\nAssistant: {text}"``. With a generation prompt the string ends in
+    ``"\\n\\nAssistant:"``, so the model's reply starts with a space, as in the paper's data.
+* ``'chat_template'`` -- ``tokenizer.apply_chat_template`` (human -> ``user``), for instruct
+    models such as SmolLM2-Instruct.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+Turn = tuple[str, str]  # (role, text) with role 'human' or 'assistant'.
+
+HUMAN = 'human'
+ASSISTANT = 'assistant'
+FORMATS = ('transcript', 'chat_template')
+
+# Speaker labels of the transcript format.
+TRANSCRIPT_LABELS = {HUMAN: 'Human', ASSISTANT: 'Assistant'}
+_CHAT_ROLES = {HUMAN: 'user', ASSISTANT: 'assistant'}
+# End-of-turn markers of common chat templates, most specific first (ChatML, Llama 3, Gemma).
+_END_OF_TURN_MARKERS = ('<|im_end|>', '<|eot_id|>', '<end_of_turn>', '<|end|>')
+
+
+def check_format(fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise ValueError(f'unknown prompt format {fmt!r}; valid formats: {", ".join(FORMATS)}')
+    return fmt
+
+
+def _check_turns(turns: Sequence[Turn]) -> None:
+    for i, turn in enumerate(turns):
+        if len(turn) != 2 or turn[0] not in TRANSCRIPT_LABELS or not isinstance(turn[1], str):
+            raise ValueError(f'turn {i} must be (role, text) with role in '
+                             f'{tuple(TRANSCRIPT_LABELS)}, got {turn!r}')
+
+
+def transcript_segment(label: str, text: str | None) -> str:
+    """One ``"\\n\\n{label}: {text}"`` block; ``text=None`` leaves ``"\\n\\n{label}:"`` open.
+
+    Texts are stripped so generated replies (which start with a space) do not double it.
+    """
+    if text is None:
+        return f'\n\n{label}:'
+    return f'\n\n{label}: {text.strip()}'
+
+
+def render_transcript(turns: Sequence[Turn], add_generation_prompt: bool = True) -> str:
+    """``"\\n\\nHuman: ...\\n\\nAssistant: ..."``, ending in ``"\\n\\nAssistant:"`` if asked."""
+    _check_turns(turns)
+    text = ''.join(transcript_segment(TRANSCRIPT_LABELS[role], t) for role, t in turns)
+    if add_generation_prompt:
+        text += transcript_segment(TRANSCRIPT_LABELS[ASSISTANT], None)
+    return text
+
+
+def chat_messages(turns: Sequence[Turn]) -> list[dict[str, str]]:
+    _check_turns(turns)
+    return [{'role': _CHAT_ROLES[role], 'content': text.strip()} for role, text in turns]
+
+
+def render_chat(turns: Sequence[Turn], tokenizer: Any, add_generation_prompt: bool = True) -> str:
+    """Renders with the tokenizer's chat template (as text; the caller tokenizes)."""
+    if tokenizer is None:
+        raise ValueError("fmt 'chat_template' needs a tokenizer with a chat template")
+    return tokenizer.apply_chat_template(
+        chat_messages(turns), tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def render(turns: Sequence[Turn], fmt: str, tokenizer: Any = None,
+                      add_generation_prompt: bool = True) -> str:
+    if check_format(fmt) == 'transcript':
+        return render_transcript(turns, add_generation_prompt)
+    return render_chat(turns, tokenizer, add_generation_prompt)
+
+
+def stop_strings(fmt: str, tokenizer: Any = None) -> list[str]:
+    """Strings at which a generated assistant turn ends."""
+    if check_format(fmt) == 'transcript':
+        return ['\n\nHuman:', '\n\nAssistant:']
+    if tokenizer is None:
+        raise ValueError("fmt 'chat_template' needs a tokenizer to find its end-of-turn marker")
+    template = getattr(tokenizer, 'chat_template', None) or ''
+    if not isinstance(template, str):  # Some tokenizers hold a dict of named templates.
+        template = ' '.join(str(t) for t in dict(template).values())
+    stops = [m for m in _END_OF_TURN_MARKERS if m in template][:1]
+    eos = getattr(tokenizer, 'eos_token', None)
+    if eos and eos not in stops:
+        stops.append(eos)
+    if not stops:
+        raise ValueError('cannot find an end-of-turn marker in the chat template or eos_token')
+    return stops
+
+
+_TRANSCRIPT_SPLIT = re.compile(r'(?:^|\n\n)\s*(Human|Assistant):')
+
+
+def parse_transcript(text: str) -> list[Turn]:
+    """Splits an HH-RLHF style transcript into turns.
+
+    Text before the first ``Human:``/``Assistant:`` label is ignored; a trailing empty turn (a
+    prompt ending in ``"\\n\\nAssistant:"``) is dropped. Texts are stripped.
+    """
+    parts = _TRANSCRIPT_SPLIT.split(text)
+    # parts = [preamble, label, text, label, text, ...]
+    turns = [(HUMAN if label == 'Human' else ASSISTANT, body.strip())
+             for label, body in zip(parts[1::2], parts[2::2])]
+    if turns and not turns[-1][1]:
+        turns.pop()
+    return turns
+
+
+def first_human_turn(text: str) -> str | None:
+    """The first human message of a transcript (the red-team prompt in HH-RLHF files)."""
+    for role, body in parse_transcript(text):
+        if role == HUMAN and body:
+            return body
+    return None
