@@ -29,7 +29,9 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   c.model.dtype = 'float32'  # compute dtype: float32 | bfloat16
   c.model.param_dtype = 'float32'  # parameter (and optimizer state) dtype
   c.model.max_len = 2048  # longest token sequence any stage builds (prompt + response)
+  c.model.architecture = ''  # ModelConfig preset matching source ('gemma2_2b', ...); only for memory checks
 
+  c.tpu = ''  # accelerator kind the config is sized for ('v4', 'v5e', 'v5p', ...); '' = any
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (1, -1, 1)  # sizes of mesh axes ('data', 'fsdp', 'tensor'); one -1 = the rest
   c.logical_axis_rules = sharding.DEFAULT_RULES  # logical axis name -> mesh axis (or axes / None)

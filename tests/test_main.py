@@ -1,0 +1,43 @@
+"""The entry point: config printing, model summary, stage-name validation (run as a user would)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_main(*args, timeout=180):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  return subprocess.run([sys.executable, '-m', 'cai_jax.main', '--config', 'configs/tiny.py', *args],
+                        cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_no_stages_prints_config_and_model_summary(tmp_path):
+  r = run_main('--workdir', str(tmp_path), '--config.stages=')
+  assert r.returncode == 0, r.stderr
+  assert 'source: random:tiny' in r.stdout  # the resolved config
+  summary = [l for l in r.stdout.splitlines() if l.startswith('model random:tiny')]
+  assert len(summary) == 1, r.stdout
+  assert 'M params' in summary[0] and 'float32' in summary[0] and 'cpu device' in summary[0]
+
+
+def test_unknown_stage_lists_valid_ones(tmp_path):
+  r = run_main('--workdir', str(tmp_path), '--config.stages=sft,rlhf')
+  assert r.returncode != 0
+  err = r.stderr.strip().splitlines()[-1]
+  assert "unknown stage(s) 'rlhf'" in err and 'critique_revision' in err and 'evaluate' in err
+  assert 'Traceback' not in r.stderr
+
+
+def test_bad_mesh_shape_is_one_clear_line(tmp_path):
+  r = run_main('--workdir', str(tmp_path), '--config.stages=', '--config.mesh.shape=(-1,-1,1)')
+  assert r.returncode != 0
+  assert 'at most one is allowed' in r.stderr and 'Traceback' not in r.stderr
+
+
+def test_missing_model_path_is_one_clear_line(tmp_path):
+  r = run_main('--workdir', str(tmp_path), '--config.stages=', f'--config.model.source={tmp_path}/nope')
+  assert r.returncode != 0
+  assert 'does not exist' in r.stderr and 'Traceback' not in r.stderr
