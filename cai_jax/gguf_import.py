@@ -40,6 +40,9 @@ def read(path: str):
   if arch not in SUPPORTED_ARCHS:
     raise CheckpointError(f'{path}: unsupported GGUF architecture {arch!r}; supported: {", ".join(SUPPORTED_ARCHS)}')
   tensors = {t.name: t for t in reader.tensors}
+  if 'rope_freqs.weight' in tensors:
+    raise CheckpointError(f'{path}: GGUF with llama3-style RoPE scaling (rope_freqs) is not supported; '
+                          'load the HF checkpoint directory instead')
   vocab = field(f'{arch}.vocab_size') or len(field('tokenizer.ggml.tokens'))
   d = field(f'{arch}.embedding_length')
   n = field(f'{arch}.attention.head_count')
