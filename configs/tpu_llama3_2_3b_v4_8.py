@@ -1,33 +1,12 @@
-"""Llama-3.2-3B-Instruct on a TPU v4-8 (4 chips x 32 GiB): the full pipeline at paper-like settings.
+"""Llama-3.2-3B-Instruct on a TPU v4-8 (4 chips x 32 GiB): FSDP over all chips.
 
-Download the model on every host first (the hub is not reached at run time), e.g.
-  huggingface-cli download meta-llama/Llama-3.2-3B-Instruct --local-dir ~/models/Llama-3.2-3B-Instruct
-then run the same command on every host:
-  python -m cai_jax.main --config configs/tpu_llama3_2_3b_v4_8.py --workdir gs://... or /mnt/disks/...
-tests/test_tpu_configs.py checks on fake CPU devices that PPO's state fits this chip's HBM.
+  huggingface-cli download meta-llama/Llama-3.2-3B-Instruct --local-dir ~/models/Llama-3.2-3B-Instruct   # on every host, beforehand
+  python -m cai_jax.main --config configs/tpu_llama3_2_3b_v4_8.py --workdir /mnt/disks/run   # one host
 """
 
-import os
-
-from configs import base
+from configs.tpu_common import tpu_config
 
 
 def get_config():
-  c = base.get_config('full')
-  c.model.source = os.path.expanduser('~/models/Llama-3.2-3B-Instruct')  # HF directory (safetensors)
-  c.model.architecture = 'llama3_2_3b'  # ModelConfig preset of that checkpoint (for the HBM-fit check)
-  c.model.dtype = 'bfloat16'  # bf16 matmuls: the MXU's native type
-  c.model.param_dtype = 'bfloat16'  # bf16 params and AdamW moments keep PPO's 4 models in HBM
-  c.model.max_len = 2048  # prompt + response tokens
-  c.conversation_format = 'chat_template'  # instruct models answer best in their own template
-  c.mesh.shape = (1, 4, 1)  # ('data', 'fsdp', 'tensor') over the 4 devices of a v4 slice
-  c.tpu = 'v4'  # chip kind, for the HBM-fit check (cai_jax.memory.HBM_GIB)
-  c.distributed.enabled = False  # multi-host slice: jax.distributed.initialize from the TPU env
-  c.critique_revision.batch_size = 64  # sequences per sampler call (divisible by data x fsdp)
-  c.feedback.batch_size = 64  # sequences per sampler call
-  c.feedback.score_batch_size = 64  # (prompt + option) sequences per scoring call
-  c.sft.batch_size = 64  # sequences per SFT step
-  c.preference.batch_size = 32  # pairs per PM step (64 sequences)
-  c.ppo.batch_size = 64  # rollouts per PPO step
-  c.evaluate.batch_size = 64  # sequences per sampler call
-  return c
+  return tpu_config(model_dir='~/models/Llama-3.2-3B-Instruct', architecture='llama3_2_3b', tpu='v4',
+                    mesh_shape=(1, 4, 1), multi_host=False)
