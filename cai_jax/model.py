@@ -93,7 +93,7 @@ class ModelConfig:
   def tiny(cls, family: str = 'llama', **kw) -> ModelConfig:
     """A few-hundred-thousand-parameter model for tests, in any family's shape."""
     base = dict(family=family, vocab_size=320, d_model=64, n_layers=2, n_heads=8, n_kv_heads=4,
-                head_dim=8, d_ff=128, max_positions=1024, bos_token_id=257, eos_token_id=259,
+                head_dim=8, d_ff=128, max_positions=1024, bos_token_id=257, eos_token_id=258,
                 pad_token_id=256)
     if family == 'qwen2':
       base.update(qkv_bias=True, tie_embeddings=False, norm_eps=1e-6)
@@ -240,12 +240,15 @@ class Attention(nnx.Module):
     q = sharding.constrain(q, ('batch', 'length', 'heads', 'head_dim'))
 
     t = x.shape[1]
+    # Keys/values as [B, K, S, H] (the cache layout): the attention dots then read the cache in
+    # place; [B, S, K, H] made XLA:CPU transpose the whole cache in every decode step.
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     if cache is not None:
-      k = jax.lax.dynamic_update_slice_in_dim(cache['k'], k.astype(cache['k'].dtype), cache_index, 1)
-      v = jax.lax.dynamic_update_slice_in_dim(cache['v'], v.astype(cache['v'].dtype), cache_index, 1)
+      k = jax.lax.dynamic_update_slice_in_dim(cache['k'], k.astype(cache['k'].dtype), cache_index, 2)
+      v = jax.lax.dynamic_update_slice_in_dim(cache['v'], v.astype(cache['v'].dtype), cache_index, 2)
       cache = {'k': k, 'v': v}
       k, v = k.astype(dt), v.astype(dt)
-    s = k.shape[1]
+    s = k.shape[2]
 
     # Causality is on cache slots; see docs/DESIGN.md.
     q_slot = cache_index + jnp.arange(t)[:, None]
@@ -258,13 +261,15 @@ class Attention(nnx.Module):
     b, n, kh = x.shape[0], cfg.n_heads, cfg.n_kv_heads
     q = q.reshape(b, t, kh, n // kh, cfg.head_dim)
     scale = cfg.query_scale if cfg.query_scale is not None else cfg.head_dim ** -0.5
-    logits = jnp.einsum('BTKGH,BSKH->BKGTS', q * jnp.asarray(scale, dt), k).astype(jnp.float32)
+    logits = jnp.einsum('BTKGH,BKSH->BKGTS', q * jnp.asarray(scale, dt), k).astype(jnp.float32)
     if cfg.attn_softcap is not None:
       logits = jnp.tanh(logits / cfg.attn_softcap) * cfg.attn_softcap
     logits = jnp.where(allowed[:, None, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-    out = jnp.einsum('BKGTS,BSKH->BTKGH', probs, v).reshape(b, t, n, cfg.head_dim)
-    out = jnp.einsum('BTNH,NHD->BTD', out, self.o[...].astype(dt))
+    out = jnp.einsum('BKGTS,BKSH->BTKGH', probs, v).reshape(b, t, n, cfg.head_dim)
+    # 'BTNH,NHD->BTD' by dot_general: jnp.einsum contracts (H, N) in that order, which made
+    # XLA transpose the weight in every call.
+    out = jax.lax.dot_general(out, self.o[...].astype(dt), (((2, 3), (0, 1)), ((), ())))
     if cfg.out_bias:
       out = out + self.o_bias[...].astype(dt)
     return out, cache
@@ -346,7 +351,7 @@ class Decoder(nnx.Module):
     if positions is None:
       positions = jnp.broadcast_to(cache_index + jnp.arange(t, dtype=jnp.int32), (b, t))
     if key_mask is None:
-      s = t if cache is None else cache[0]['k'].shape[1]
+      s = t if cache is None else cache[0]['k'].shape[2]
       key_mask = jnp.ones((b, s), bool)
     x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
     if cfg.embed_scale:
@@ -365,8 +370,11 @@ class Decoder(nnx.Module):
 
   def logits_from_hidden(self, h):
     cfg = self.cfg
-    w = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-    logits = jnp.einsum('BTD,DV->BTV', h, w.astype(h.dtype)).astype(jnp.float32)
+    if cfg.tie_embeddings:  # contract with embed [V, D] directly: no transposed copy of it
+      logits = jnp.einsum('BTD,VD->BTV', h, self.embed[...].astype(h.dtype))
+    else:
+      logits = jnp.einsum('BTD,DV->BTV', h, self.lm_head[...].astype(h.dtype))
+    logits = logits.astype(jnp.float32)
     if cfg.final_softcap is not None:
       logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap
     return sharding.constrain(logits, ('batch', 'length', 'vocab'))
@@ -377,10 +385,10 @@ class Decoder(nnx.Module):
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> list[dict]:
-  """Zeroed KV cache, one {'k', 'v'} of [B, S, K, H] per layer, laid out by the mesh rules."""
+  """Zeroed KV cache, one {'k', 'v'} of [B, K, S, H] per layer, laid out by the mesh rules."""
   dtype = jnp.dtype(dtype or cfg.dtype)
-  shape = (batch, length, cfg.n_kv_heads, cfg.head_dim)
-  names = ('batch', 'length', 'kv_heads', 'head_dim')
+  shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
+  names = ('batch', 'kv_heads', 'length', 'head_dim')
   return [{'k': sharding.zeros(shape, dtype, names), 'v': sharding.zeros(shape, dtype, names)}
           for _ in range(cfg.n_layers)]
 
@@ -398,6 +406,10 @@ class ScalarHeadModel(nnx.Module):
   def values(self, tokens, positions=None, key_mask=None):
     """A scalar for every position [B, T] (float32)."""
     h, _ = self.trunk.hidden(tokens, positions, key_mask)
+    return self.values_from_hidden(h)
+
+  def values_from_hidden(self, h):
+    """The head on trunk hidden states [B, T, D] -> [B, T] (float32); PPO's shared-trunk value."""
     return (jnp.einsum('BTD,D->BT', h.astype(jnp.float32), self.head[...].astype(jnp.float32))
             + self.head_bias[...].astype(jnp.float32))
 

@@ -1,0 +1,363 @@
+"""Stage `critique_revision`: the SL-CAI data of the paper (Bai et al. 2022, section 3.1).
+
+For each red-team prompt the helpful model writes a response; then, `n_rounds` times, it
+critiques its latest answer under a principle drawn from the constitution and revises it.
+The final revisions, with plain responses to helpful prompts (the "helpful mix"), are what the
+`sft` stage fine-tunes on.
+
+Outputs in the stage directory:
+
+* ``samples.jsonl`` -- one object per red-team prompt, in prompt order::
+
+    {"id", "source", "prompt", "initial_response",
+     "rounds": [{"principle", "critique_request", "critique", "revision_request", "revision",
+                 "empty_revision"}, ...],
+     "revision",          # the final revision: the latest non-empty one ('' if none)
+     "revised",           # false when every round's revision came back empty
+     "empty_revisions",   # how many rounds' revisions came back empty
+     "finish_reasons": {"initial_response": str, "critique": [...], "revision": [...]},
+     "tokens"}            # tokens generated for this prompt
+
+  An empty revision (nothing but whitespace before a stop string or the token limit) is
+  recorded in its round (``empty_revision: true``) and counted, but never replaces the text it
+  was meant to revise: ``revision`` keeps the latest non-empty revision, and the empty round is
+  left out of the history later rounds see, so they critique the latest real answer. A prompt
+  whose every revision came back empty is unusable: ``revision`` is ``''`` and ``revised`` is
+  false (the `sft` stage skips empty revisions).
+* ``helpful.jsonl`` -- ``{"id", "source", "prompt", "response", "finish_reason", "tokens"}``.
+* ``tfds/`` -- both as a TFDS array_record dataset ``critique_revision`` with splits
+  ``revisions`` and ``helpful`` (``data.read_records_dataset``).
+
+Resuming: prompts are processed in fixed chunks of ``chunk_size`` in a fixed order, each chunk
+sampled with a seed derived from (seed, chunk index) and appended to the jsonl (flushed and
+fsynced) when finished. A restart drops a torn last line and redoes only the chunks with missing
+ids, so a killed run, restarted, ends with the same records as an uninterrupted one.
+Multi-process: each process takes its contiguous share of the chunks into
+``samples.<process>.jsonl`` / ``helpful.<process>.jsonl``; process 0 merges them in order.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from cai_jax import constitution as constitution_lib
+from cai_jax import conversation, data, sampling
+from cai_jax.stages import StageError, _barrier
+
+STAGE = 'critique_revision'
+DATASET = 'critique_revision'  # TFDS dataset name under STAGE_DIR/tfds
+_REDTEAM_STREAM, _HELPFUL_STREAM = 0, 1  # seed streams of the two kinds of chunks
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts (from config.data). Shared by every stage that reads the red-team / helpful prompts.
+
+def _prompts(ctx, kind: str) -> dict[str, list[dict]]:
+  d = ctx.config.data
+  sources = data._as_dict(d[f'{kind}_sources'])
+  if not any(count != 0 for count in sources.values()):
+    raise StageError(f'config.data.{kind}_sources: every count is 0, so there are no {kind} '
+                     f'prompts; set at least one of {sorted(sources)} to -1 (all) or N')
+  kwargs = dict(sources=sources, seed=ctx.config.seed + d.seed_offset,
+                test_fraction=d.test_fraction, data_dir=d.data_dir or str(ctx.workdir / 'data'),
+                paths=data._as_dict(d.paths))
+  fn = data.redteam_prompts if kind == 'redteam' else data.helpful_prompts
+  try:
+    # Process 0 materializes the TFDS dataset; the others read it once it exists.
+    splits = fn(**kwargs) if jax.process_index() == 0 else None
+    _barrier(f'{kind}-prompts')
+    return splits if splits is not None else fn(**kwargs)
+  except data.DataSourceError as e:
+    raise StageError(f'config.data.{kind}_sources: {e}') from None
+
+
+def redteam_prompts(ctx) -> dict[str, list[dict]]:
+  """{'train', 'test'} red-team prompt records ({id, prompt, source}) per `config.data`."""
+  return _prompts(ctx, 'redteam')
+
+
+def helpful_prompts(ctx) -> dict[str, list[dict]]:
+  """{'train', 'test'} helpful prompt records ({id, prompt, source}) per `config.data`."""
+  return _prompts(ctx, 'helpful')
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling one chunk.
+
+def chunk_seed(seed: int, stream: int, chunk: int, step: int = 0) -> int:
+  """The sampling seed of one generation call: a function of its place in the stage only."""
+  return int(np.random.SeedSequence([seed, stream, chunk, step]).generate_state(1)[0])
+
+
+@dataclasses.dataclass
+class _Sampler:
+  """`sampling.generate_responses` with the stage's settings; counts the tokens it generates.
+
+  The format's own stop strings (e.g. "\\n\\nHuman:") always end a generation.
+  """
+  pretrained: Any
+  cfg: Any  # config.critique_revision
+  fmt: str  # config.conversation_format
+  max_len: int  # config.model.max_len: prompt + new tokens; longer prompts lose their start
+  tokens: int = 0
+
+  def __call__(self, prompts, *, max_new_tokens: int, seed: int,
+               stop_strings: Sequence[str] = ()):
+    responses = sampling.generate_responses(
+        self.pretrained, prompts, fmt=self.fmt, max_new_tokens=max_new_tokens,
+        temperature=self.cfg.temperature, top_k=self.cfg.top_k or None, top_p=self.cfg.top_p,
+        batch_size=self.cfg.batch_size, seed=seed, stop_strings=list(stop_strings),
+        max_prompt_len=self.max_len - max_new_tokens, truncate='left')
+    self.tokens += sum(len(r.tokens) for r in responses)
+    return responses
+
+
+def revise_chunk(records: Sequence[dict], seed: Callable[[int], int], *, sample: _Sampler,
+                 constitution: constitution_lib.Constitution, n_rounds: int,
+                 principle_seed: int) -> list[dict]:
+  """Initial responses, then `n_rounds` critique/revision rounds, for one chunk of prompts."""
+  cfg, fmt, tok = sample.cfg, sample.fmt, sample.pretrained.tokenizer
+  convs = [[(conversation.HUMAN, r['prompt'])] for r in records]
+  cr_stops = constitution_lib.critique_revision_stop_strings(fmt, tok)
+
+  initial = sample(convs, max_new_tokens=cfg.max_new_tokens, seed=seed(0))
+  out = [dict(id=r['id'], source=r.get('source', ''), prompt=r['prompt'],
+              initial_response=resp.text.strip(), rounds=[], revision='', revised=False,
+              empty_revisions=0, tokens=len(resp.tokens),
+              finish_reasons=dict(initial_response=resp.finish_reason, critique=[], revision=[]))
+         for r, resp in zip(records, initial)]
+  # A fresh pair per round, drawn from (seed, prompt id): the same whatever chunk or host.
+  pairs = [constitution_lib.sample_critique_revision_pairs(
+      constitution, n_rounds, constitution_lib.principle_rng(principle_seed, r['id'], STAGE))
+      for r in records]
+  history = [[] for _ in records]  # finished rounds with a non-empty revision
+
+  for k in range(n_rounds):
+    critique_prompts = [constitution_lib.render_critique_prompt(
+        constitution, conv, o['initial_response'], p[k], h, fmt=fmt, tokenizer=tok)
+        for conv, o, p, h in zip(convs, out, pairs, history)]
+    critiques = sample(critique_prompts, max_new_tokens=cfg.critique_max_new_tokens,
+                       stop_strings=cr_stops, seed=seed(1 + 2 * k))
+    revision_prompts = [constitution_lib.render_revision_prompt(
+        constitution, conv, o['initial_response'], p[k], c.text.strip(), h, fmt=fmt,
+        tokenizer=tok) for conv, o, p, h, c in zip(convs, out, pairs, history, critiques)]
+    revisions = sample(revision_prompts, max_new_tokens=cfg.max_new_tokens,
+                       stop_strings=cr_stops, seed=seed(2 + 2 * k))
+    for o, p, h, c, r in zip(out, pairs, history, critiques, revisions):
+      critique, revision = c.text.strip(), r.text.strip()
+      o['rounds'].append(dict(principle=p[k].name, critique_request=p[k].critique_request,
+                              critique=critique, revision_request=p[k].revision_request,
+                              revision=revision, empty_revision=not revision))
+      o['finish_reasons']['critique'].append(c.finish_reason)
+      o['finish_reasons']['revision'].append(r.finish_reason)
+      o['tokens'] += len(c.tokens) + len(r.tokens)
+      if revision:
+        o['revision'], o['revised'] = revision, True
+        h.append(constitution_lib.CritiqueRevisionRound(p[k], critique, revision))
+      else:
+        o['empty_revisions'] += 1
+  return out
+
+
+def helpful_chunk(records: Sequence[dict], seed: Callable[[int], int], *,
+                  sample: _Sampler) -> list[dict]:
+  """Plain responses of the helpful model to helpful prompts (the SL helpful mix)."""
+  convs = [[(conversation.HUMAN, r['prompt'])] for r in records]
+  responses = sample(convs, max_new_tokens=sample.cfg.max_new_tokens, seed=seed(0))
+  return [dict(id=r['id'], source=r.get('source', ''), prompt=r['prompt'],
+               response=resp.text.strip(), finish_reason=resp.finish_reason,
+               tokens=len(resp.tokens)) for r, resp in zip(records, responses)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Resumable chunked processing into a jsonl file.
+
+def read_jsonl(path: Path, *, repair: bool = False) -> list[dict]:
+  """Records of a jsonl file. With `repair`, a torn tail (a run killed mid-write) is cut off."""
+  if not path.exists():
+    return []
+  raw = path.read_bytes()
+  records, good = [], 0
+  for line in raw.split(b'\n'):
+    end = good + len(line) + 1
+    if end > len(raw):  # the last piece has no newline: an unfinished write
+      break
+    if not line.strip():
+      good = end
+      continue
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      break
+    good = end
+  if good < len(raw):
+    if not repair:
+      raise ValueError(f'{path}: unreadable line at byte {good}')
+    logging.warning('%s: dropping %d bytes of an unfinished write', path, len(raw) - good)
+    os.truncate(path, good)
+  return records
+
+
+def process_in_chunks(items: Sequence[dict], path: Path, fn: Callable, *, chunk_size: int,
+                      seed: int, stream: int, desc: str,
+                      tokens: Callable[[], int] = lambda: 0,
+                      process_index: int | None = None, process_count: int | None = None) -> dict:
+  """Runs fn(chunk, seed_of_step) over this process's chunks, appending results to `path`.
+
+  Chunk k is items[k * chunk_size:(k + 1) * chunk_size], sampled with seeds
+  chunk_seed(seed, stream, k, step) whichever process runs it; processes take contiguous runs
+  of chunks (data.shard_for_process). Chunks whose ids are all in `path` already are skipped;
+  a partly written chunk is redone and only its missing records appended. `tokens` reports
+  the generated-token count for the progress bar. Returns {'resumed': n, 'new': n}.
+  """
+  chunks = [(k, items[i:i + chunk_size]) for k, i in enumerate(range(0, len(items), chunk_size))]
+  mine = data.shard_for_process(chunks, process_index, process_count)
+  done = {r['id'] for r in read_jsonl(path, repair=True)}
+  total = sum(len(chunk) for _, chunk in mine)
+  resumed = sum(r['id'] in done for _, chunk in mine for r in chunk)
+  bar = tqdm(total=total, initial=resumed, desc=desc, unit='prompt', dynamic_ncols=True,
+             disable=total == 0)
+  t0, tokens0, new = time.time(), tokens(), 0
+  with open(path, 'a', encoding='utf-8') as f:
+    for k, chunk in mine:
+      missing = [r for r in chunk if r['id'] not in done]
+      if not missing:
+        continue
+      results = fn(chunk, lambda step, k=k: chunk_seed(seed, stream, k, step))
+      text = ''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in results
+                     if r['id'] not in done)
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+      done.update(r['id'] for r in results)
+      new += len(missing)
+      bar.update(len(missing))
+      bar.set_postfix(tok_s=f'{(tokens() - tokens0) / (time.time() - t0):.1f}')
+  bar.close()
+  return {'resumed': resumed, 'new': new}
+
+
+def merge_outputs(stage_dir: Path, name: str, items: Sequence[dict], process_count: int
+                  ) -> list[dict]:
+  """Gathers `name`.<p>.jsonl (or `name`.jsonl) into item order; every id exactly once."""
+  files = ([stage_dir / f'{name}.jsonl'] if process_count == 1 else
+           [stage_dir / f'{name}.{p}.jsonl' for p in range(process_count)])
+  by_id = {}
+  for path in files:
+    for r in read_jsonl(path):
+      by_id.setdefault(r['id'], r)
+  missing = [r['id'] for r in items if r['id'] not in by_id]
+  if missing:
+    raise StageError(f'{STAGE}: {len(missing)} {name} records missing after sampling '
+                     f'(e.g. {missing[0]!r}); rerun the same command to resume')
+  merged = [by_id[r['id']] for r in items]
+  if process_count > 1:
+    tmp = stage_dir / f'{name}.jsonl.tmp{os.getpid()}'
+    tmp.write_text(''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in merged),
+                   encoding='utf-8')
+    os.replace(tmp, stage_dir / f'{name}.jsonl')
+  return merged
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage.
+
+def load_constitution(source: str, num_few_shots: int) -> constitution_lib.Constitution:
+  """The constitution with only its first `num_few_shots` critique few-shots (-1: all)."""
+  c = constitution_lib.load_constitution(source)
+  if num_few_shots >= 0:
+    c = dataclasses.replace(c, critique_few_shots=c.critique_few_shots[:num_few_shots])
+  return c
+
+
+def _check_config(cfg, max_len: int) -> None:
+  problems = []
+  if cfg.n_rounds < 1:
+    problems.append(f'n_rounds must be >= 1 (the paper uses 4), got {cfg.n_rounds}')
+  if cfg.num_prompts == 0 or cfg.num_prompts < -1:
+    problems.append(f'num_prompts must be -1 (all) or >= 1, got {cfg.num_prompts}')
+  for field in ('chunk_size', 'batch_size', 'max_new_tokens', 'critique_max_new_tokens'):
+    if cfg[field] < 1:
+      problems.append(f'{field} must be >= 1, got {cfg[field]}')
+  if cfg.helpful_ratio < 0:
+    problems.append(f'helpful_ratio must be >= 0, got {cfg.helpful_ratio}')
+  longest = max(cfg.max_new_tokens, cfg.critique_max_new_tokens)
+  if max_len <= longest:
+    problems.append(f'config.model.max_len ({max_len}) leaves no room for a prompt before '
+                    f'{longest} new tokens')
+  if problems:
+    raise StageError(f'config.{STAGE}: ' + '; '.join(problems))
+
+
+def run(ctx, stage_dir: Path) -> dict:
+  t0 = time.time()
+  cfg = ctx.config.critique_revision
+  _check_config(cfg, ctx.config.model.max_len)
+  constitution = load_constitution(ctx.config.constitution, cfg.num_few_shots)
+  prompts = redteam_prompts(ctx)['train']
+  prompts = prompts if cfg.num_prompts < 0 else prompts[:cfg.num_prompts]
+  if not prompts:
+    raise StageError(f'{STAGE}: the train split of config.data.redteam_sources is empty')
+  n_helpful = round(cfg.helpful_ratio * len(prompts))
+  helpful = helpful_prompts(ctx)['train'][:n_helpful] if n_helpful else []
+  if len(helpful) < n_helpful:
+    logging.warning('%s: helpful_ratio asks for %d helpful prompts, the train split has %d',
+                    STAGE, n_helpful, len(helpful))
+
+  sample = _Sampler(ctx.load(ctx.config.model.source), cfg, ctx.config.conversation_format,
+                    ctx.config.model.max_len)
+  pi, pc = jax.process_index(), jax.process_count()
+  suffix = '' if pc == 1 else f'.{pi}'
+  stage_dir.mkdir(parents=True, exist_ok=True)
+  seed = ctx.config.seed
+  red = process_in_chunks(
+      prompts, stage_dir / f'samples{suffix}.jsonl',
+      lambda chunk, s: revise_chunk(chunk, s, sample=sample, constitution=constitution,
+                                    n_rounds=cfg.n_rounds, principle_seed=seed),
+      chunk_size=cfg.chunk_size, seed=seed, stream=_REDTEAM_STREAM, desc='critique/revision',
+      tokens=lambda: sample.tokens)
+  helped = process_in_chunks(
+      helpful, stage_dir / f'helpful{suffix}.jsonl',
+      lambda chunk, s: helpful_chunk(chunk, s, sample=sample),
+      chunk_size=cfg.chunk_size, seed=seed, stream=_HELPFUL_STREAM, desc='helpful mix',
+      tokens=lambda: sample.tokens)
+  _barrier(f'{STAGE}-sampled')
+  if pi != 0:
+    _barrier(f'{STAGE}-merged')
+    return {}
+  samples = merge_outputs(stage_dir, 'samples', prompts, pc)
+  helpful_records = merge_outputs(stage_dir, 'helpful', helpful, pc)
+  if cfg.write_tfds:
+    data.write_records_dataset({'revisions': samples, 'helpful': helpful_records}, DATASET,
+                               stage_dir / 'tfds', description='SL-CAI revisions and helpful mix')
+  _barrier(f'{STAGE}-merged')
+  rounds = [r for s in samples for r in s['rounds']]
+  finish = collections.Counter(
+      reason for s in samples for reasons in (
+          [s['finish_reasons']['initial_response']], s['finish_reasons']['critique'],
+          s['finish_reasons']['revision']) for reason in reasons)
+  finish.update(h['finish_reason'] for h in helpful_records)
+  summary = dict(
+      prompts=len(samples), helpful=len(helpful_records), n_rounds=cfg.n_rounds,
+      rounds=len(rounds), empty_revisions=sum(r['empty_revision'] for r in rounds),
+      unrevised_prompts=sum(not s['revised'] for s in samples),
+      empty_critiques=sum(not r['critique'] for r in rounds),
+      empty_initial_responses=sum(not s['initial_response'] for s in samples),
+      empty_helpful_responses=sum(not h['response'] for h in helpful_records),
+      tokens_generated=sum(r['tokens'] for r in samples + helpful_records),
+      tokens_generated_this_run=sample.tokens, finish_reasons=dict(finish),
+      resumed_prompts=red['resumed'] + helped['resumed'], seconds=round(time.time() - t0, 2))
+  print(f'{STAGE}: ' + ', '.join(f'{k} {v}' for k, v in summary.items()), flush=True)
+  return summary
