@@ -1,0 +1,499 @@
+"""Stage `preference`: the preference model (PM) learns the AI-feedback labels; it then scores
+conversations as the reward of PPO and of the evaluation.
+
+Each comparison is two conversations that share their context. The PM (LM trunk + scalar head)
+reads one scalar at each conversation's last token (an appended EOS) and is trained with the
+cross-entropy between sigmoid(r_a - r_b) and the soft label p_a = P(a is better): the feedback
+model's normalized (A)/(B) probabilities are the targets (Bai et al. 2022, section 4.1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cai_jax import checkpoint, conversation, data, labels, sharding, stages, train_lib
+from cai_jax.conversation import ASSISTANT, HUMAN, Turn
+from cai_jax.model import ScalarHeadModel
+from cai_jax.sft import bucket_length, epoch_batches, local_rows  # the same bucketed batching as SFT
+
+LABEL_TYPES = ('soft', 'hard')
+SAMPLES_FILE = 'samples.jsonl'  # feedback: {id, prompt, response_a, response_b, p_a, ...}
+
+
+class PreferenceDataError(stages.StageError):
+  """Comparisons that cannot be trained on (none at all, a malformed record)."""
+
+
+# ---- comparisons -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+  """Conversations `a` and `b` (same context, different last reply); p_a = P(a is better)."""
+
+  a: tuple[Turn, ...]
+  b: tuple[Turn, ...]
+  p_a: float
+  id: str = ''
+  weight: float = 1.0  # loss weight (helpfulness pairs may count more or less than feedback pairs)
+  pool: str = 'feedback'  # which data set the pair came from; eval metrics are reported per pool
+
+
+def feedback_comparisons(records: Sequence[dict], where: str = 'feedback samples') -> list[Comparison]:
+  """Comparisons from the feedback stage's samples: {id, prompt, response_a, response_b, p_a}."""
+  out = []
+  for i, r in enumerate(records):
+    missing = [k for k in ('prompt', 'response_a', 'response_b', 'p_a') if k not in r]
+    if missing:
+      raise PreferenceDataError(f'{where}: record {i} lacks {", ".join(missing)}')
+    p_a = float(r['p_a'])
+    if not 0.0 <= p_a <= 1.0:
+      raise PreferenceDataError(f'{where}: record {i} has p_a={p_a}, outside [0, 1]')
+    context = ((HUMAN, r['prompt']),)
+    out.append(Comparison(context + ((ASSISTANT, r['response_a']),),
+                          context + ((ASSISTANT, r['response_b']),), p_a, str(r.get('id', i))))
+  return out
+
+
+def _context_turns(value: Any) -> tuple[Turn, ...]:
+  if isinstance(value, str):  # a transcript, or a bare human request
+    turns = conversation.parse_transcript(value)
+    return tuple(turns) if turns else ((HUMAN, value),)
+  turns = []
+  for t in value:
+    if isinstance(t, dict):
+      role = {'user': HUMAN, 'assistant': ASSISTANT}.get(t['role'], t['role'])
+      turns.append((role, t['content']))
+    else:
+      turns.append((t[0], t[1]))
+  return tuple(turns)
+
+
+def helpful_comparisons(path: str, *, weight: float = 1.0, max_pairs: int = -1) -> list[Comparison]:
+  """Helpfulness comparisons (chosen preferred: p_a = 1) from a JSONL(.gz) file.
+
+  Two record forms: {'prompt' | 'conversation', 'chosen', 'rejected'} with the last replies as
+  plain strings, or HH-RLHF's {'chosen', 'rejected'} full transcripts.
+  """
+  out = []
+  for i, r in enumerate(data.read_json_records(path)):
+    if 0 <= max_pairs <= len(out):
+      break
+    if 'chosen' not in r or 'rejected' not in r:
+      raise PreferenceDataError(f'{path}: record {i} lacks "chosen" / "rejected"')
+    context = r.get('conversation', r.get('prompt'))
+    if context is not None:
+      ctx_turns = _context_turns(context)
+      a = ctx_turns + ((ASSISTANT, r['chosen']),)
+      b = ctx_turns + ((ASSISTANT, r['rejected']),)
+    else:
+      a = tuple(conversation.parse_transcript(r['chosen']))
+      b = tuple(conversation.parse_transcript(r['rejected']))
+      if not a or not b:
+        raise PreferenceDataError(f'{path}: record {i}: "chosen"/"rejected" are not Human:/Assistant: '
+                                  'transcripts (give "prompt" for plain responses)')
+    out.append(Comparison(a, b, 1.0, str(r.get('id', f'helpful-{i}')), float(weight), 'helpful'))
+  return out
+
+
+def split_held_out(comparisons: Sequence[Comparison], fraction: float, seed: int
+                   ) -> tuple[list[Comparison], list[Comparison]]:
+  """(train, held_out) by a seeded per-pair coin on the pair's id, stable as data grows."""
+  if not 0.0 <= fraction < 1.0:
+    raise ValueError(f'preference.eval_fraction must be in [0, 1), got {fraction}')
+  train, held_out = [], []
+  for c in comparisons:
+    key = f'{seed}:{c.pool}:{c.id}:{c.a[-1][1]}'
+    u = int(hashlib.sha1(key.encode()).hexdigest()[:16], 16) / 2.0**64
+    (held_out if u < fraction else train).append(c)
+  return train, held_out
+
+
+# ---- tokens ------------------------------------------------------------------------------------
+
+
+def as_turns(conv: Any) -> tuple[Turn, ...]:
+  """A conversation as turns: a list of (role, text) turns, or a (prompt, response) pair.
+
+  A pair is exactly two strings (`('How do I...?', 'You can...')`); anything else is read as
+  turns, so a one-turn conversation is `[('human', 'Hi')]`, never `('human', 'Hi')`.
+  """
+  if isinstance(conv, (tuple, list)) and len(conv) == 2 and all(isinstance(x, str) for x in conv):
+    return ((HUMAN, conv[0]), (ASSISTANT, conv[1]))
+  return _context_turns(conv)
+
+
+def encode(turns: Sequence[Turn], tokenizer, fmt: str, max_len: int) -> list[int]:
+  """Token ids of the rendered conversation plus EOS, whose position the PM reads.
+
+  Too-long conversations lose their *start*: the reward must see the reply's end.
+  """
+  text = conversation.render(list(turns), fmt, tokenizer, add_generation_prompt=False)
+  ids = list(tokenizer(text, add_special_tokens=False)['input_ids'])
+  eos = tokenizer.eos_token_id
+  if eos is None:
+    raise PreferenceDataError('the PM tokenizer has no EOS token to read the reward at')
+  ids.append(eos)
+  return ids[-max_len:]
+
+
+def pack(rows: Sequence[Sequence[int]], length: int, pad_id: int, n_rows: int | None = None
+         ) -> tuple[np.ndarray, np.ndarray]:
+  """Right-padded tokens [N, length] and each row's last-token index [N] (empty rows: 0)."""
+  n_rows = len(rows) if n_rows is None else n_rows
+  tokens = np.full((n_rows, length), pad_id, np.int32)
+  read_index = np.zeros((n_rows,), np.int32)
+  for i, ids in enumerate(rows):
+    tokens[i, :len(ids)] = ids
+    read_index[i] = max(len(ids) - 1, 0)
+  return tokens, read_index
+
+
+def _pad_id(tokenizer) -> int:
+  for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+    if t is not None:
+      return int(t)
+
+
+def _check_vocab(ids: Sequence[Sequence[int]], pm: checkpoint.Pretrained) -> None:
+  top = max((max(r) for r in ids if r), default=-1)
+  if top >= pm.config.vocab_size:
+    raise checkpoint.CheckpointError(
+        f'{pm.source or "the PM"}: token id {top} is outside its vocabulary of {pm.config.vocab_size}; '
+        'the tokenizer does not belong to this model')
+
+
+# ---- loss --------------------------------------------------------------------------------------
+
+
+def preference_loss(r_a, r_b, p_a, weight=None):
+  """Weighted mean cross-entropy between sigmoid(r_a - r_b) and the label p_a.
+
+  -[p log sigmoid(d) + (1 - p) log sigmoid(-d)] with d = r_a - r_b, written with softplus so
+  large |d| stays finite. Returns (loss, aux) with accuracy against the argmax label (pairs
+  labelled exactly 0.5 have no argmax and are left out of it).
+  """
+  d = (r_a - r_b).astype(jnp.float32)
+  p_a = jnp.asarray(p_a, jnp.float32)
+  weight = jnp.ones_like(d) if weight is None else jnp.asarray(weight, jnp.float32)
+  per_pair = p_a * jax.nn.softplus(-d) + (1.0 - p_a) * jax.nn.softplus(d)
+  loss = jnp.sum(weight * per_pair) / jnp.maximum(jnp.sum(weight), 1e-9)
+  decided = (weight > 0) & (p_a != 0.5)
+  correct = jnp.where(p_a > 0.5, d > 0, d < 0)
+  accuracy = jnp.sum(decided * correct) / jnp.maximum(jnp.sum(decided), 1)
+  gap = jnp.sum(weight * jnp.abs(d)) / jnp.maximum(jnp.sum(weight), 1e-9)
+  return loss, {'accuracy': accuracy, 'reward_gap': gap}
+
+
+def training_label(p_a: float, label_type: str) -> float:
+  """The target of the loss: the soft label itself, or its argmax for the hard-label ablation."""
+  if label_type == 'soft':
+    return float(p_a)
+  if label_type == 'hard':
+    return labels.hard_label(p_a)
+  raise ValueError(f'preference.label_type must be one of {LABEL_TYPES}, got {label_type!r}')
+
+
+def pair_loss(model: ScalarHeadModel, batch: dict):
+  """Loss of a batch of B pairs run as 2B sequences (rows [a_0..a_B-1, b_0..b_B-1]) in one forward."""
+  rewards = model(batch['tokens'], batch['read_index'])
+  r_a, r_b = jnp.split(rewards, 2)
+  return preference_loss(r_a, r_b, batch['p_a'], batch['weight'])
+
+
+# ---- scoring -----------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _rewards(graphdef, params, tokens, read_index):
+  rewards = nnx.merge(graphdef, params)(tokens, read_index)
+  return sharding.constrain(rewards, (None,))  # replicated: every host reads all rewards
+
+
+def _to_device(x: np.ndarray, names: tuple):
+  if sharding.current_mesh() is None:
+    return jnp.asarray(x)
+  sh = sharding.named_sharding(names + (None,) * (x.ndim - len(names)), x.shape)
+  return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
+
+
+def _score_rows(graphdef, params, rows: Sequence[Sequence[int]], *, pad_id: int, batch_size: int,
+                max_len: int, min_bucket: int, progress: bool = False) -> np.ndarray:
+  """Rewards [N] of token rows, longest first so each batch pads to a tight bucket."""
+  n_batch = sharding.batch_axis_size()
+  batch_size = -(-batch_size // n_batch) * n_batch  # every batch splits evenly over the mesh
+  order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+  out = np.zeros((len(rows),), np.float32)
+  starts = range(0, len(order), batch_size)
+  bar = train_lib.progress(len(starts), desc='score') if progress else None
+  for s in starts:
+    idx = order[s:s + batch_size]
+    length = bucket_length(max(len(rows[i]) for i in idx), max(max_len, min_bucket), min_bucket)
+    tokens, read_index = pack([rows[i][-length:] for i in idx], length, pad_id, batch_size)
+    r = _rewards(graphdef, params, _to_device(tokens, ('batch', 'length')),
+                 _to_device(read_index, ('batch',)))
+    out[idx] = np.asarray(jax.device_get(r))[:len(idx)]
+    if bar is not None:
+      bar.update(1)
+  if bar is not None:
+    bar.close()
+  return out
+
+
+def score_token_rows(pm: checkpoint.Pretrained, rows: Sequence[Sequence[int]], *, batch_size: int = 16,
+                     max_len: int | None = None, min_bucket: int = 32, progress: bool = False) -> np.ndarray:
+  """Rewards [N] float32 of conversations already tokenized by `encode` (each ending in EOS)."""
+  if not isinstance(pm.model, ScalarHeadModel):
+    raise TypeError('scoring needs a preference model: load it with scalar_head=True')
+  if not rows:
+    return np.zeros((0,), np.float32)
+  _check_vocab(rows, pm)
+  graphdef, params = nnx.split(pm.model)
+  return _score_rows(graphdef, params, rows, pad_id=_pad_id(pm.tokenizer), batch_size=batch_size,
+                     max_len=max_len or max(len(r) for r in rows), min_bucket=min_bucket,
+                     progress=progress)
+
+
+def score_conversations(pm: checkpoint.Pretrained, conversations: Sequence[Any], *, fmt: str,
+                        batch_size: int = 16, max_len: int = 1024, min_bucket: int = 32,
+                        progress: bool = False) -> np.ndarray:
+  """The PM's reward for each conversation, as float32 [N].
+
+  Each conversation is a list of (role, text) turns or a (prompt, response) pair of strings
+  (see `as_turns`). It is rendered in `fmt` without a generation prompt, EOS appended, and read
+  at the EOS; at most `max_len` tokens (the end) are kept. Batches are bucketed by length.
+  """
+  rows = [encode(as_turns(c), pm.tokenizer, fmt, max_len) for c in conversations]
+  return score_token_rows(pm, rows, batch_size=batch_size, max_len=max_len, min_bucket=min_bucket,
+                          progress=progress)
+
+
+def pair_metrics(rewards_a, rewards_b, p_a, n_bins: int = 10) -> dict[str, float]:
+  """Loss, accuracy against the argmax label, and calibration of sigmoid(r_a - r_b).
+
+  `ece` compares the PM's probability with the argmax outcome (0.5 for a tie); `ece_soft` with
+  the soft label itself.
+  """
+  d = np.asarray(rewards_a, np.float64) - np.asarray(rewards_b, np.float64)
+  p = np.asarray(p_a, np.float64)
+  prob = 1.0 / (1.0 + np.exp(-d))
+  hard = np.array([labels.hard_label(x) for x in p])
+  decided = hard != 0.5
+  correct = np.where(hard > 0.5, d > 0, d < 0)
+  return {'loss': float(np.mean(p * np.logaddexp(0.0, -d) + (1.0 - p) * np.logaddexp(0.0, d))),
+          'accuracy': float(np.mean(correct[decided])) if decided.any() else float('nan'),
+          'ece': labels.expected_calibration_error(prob, hard, n_bins),
+          'ece_soft': labels.expected_calibration_error(prob, p, n_bins),
+          'mean_abs_gap': float(np.mean(np.abs(d))),
+          'pairs': int(len(p))}
+
+
+# ---- the stage -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedPair:
+  """A comparison as token rows: `a` and `b` each end in EOS; `target` is the loss's label."""
+
+  a: tuple[int, ...]
+  b: tuple[int, ...]
+  p_a: float  # the label as the feedback stage gave it (accuracy and calibration use this)
+  target: float  # what the loss fits: p_a, or its hard label in the ablation
+  weight: float
+  pool: str
+
+
+def check_config(cfg) -> None:
+  """Fails fast, before any loading, on preference settings that cannot work."""
+  problems = []
+  if cfg.label_type not in LABEL_TYPES:
+    problems.append(f'label_type must be one of {LABEL_TYPES}, got {cfg.label_type!r}')
+  if not 0.0 <= cfg.eval_fraction < 1.0:
+    problems.append(f'eval_fraction must be in [0, 1), got {cfg.eval_fraction}')
+  if cfg.batch_size < 1 or cfg.eval_batch_size < 1:
+    problems.append(f'batch_size and eval_batch_size must be positive, got {cfg.batch_size}, {cfg.eval_batch_size}')
+  if cfg.helpful_mix.path and cfg.helpful_mix.weight < 0:
+    problems.append(f'helpful_mix.weight must be >= 0, got {cfg.helpful_mix.weight}')
+  if problems:
+    raise stages.StageError('preference config: ' + '; '.join(problems))
+
+
+def _init_source(ctx: stages.Context) -> str:
+  """'' = the pretrained model (the paper's choice), 'sl_cai' = the SFT stage's export, else a source."""
+  init = ctx.config.preference.init_from
+  if init in ('', 'helpful'):
+    return ctx.model_source('helpful')
+  if init == 'sl_cai':
+    ctx.require('sft', 'preference (preference.init_from=sl_cai)')
+    return ctx.model_source('sl_cai')
+  return init
+
+
+def initial_pm(ctx: stages.Context, source: str) -> checkpoint.Pretrained:
+  """The PM before training: the trunk of `source` with a fresh scalar head (or its own head if
+  `source` is an exported PM). train_lib copies the parameters, so nothing loaded is modified."""
+  if source == ctx.config.model.source:
+    # The pretrained model main.py has already loaded: share its trunk instead of reading it again.
+    lm = ctx.load(source)
+    head = ScalarHeadModel(lm.config, rngs=nnx.Rngs(params=ctx.config.seed), trunk=lm.model)
+    return checkpoint.Pretrained(sharding.shard_module(head), lm.tokenizer, lm.config, source)
+  return ctx.load(source, scalar_head=True, cache=False)
+
+
+def load_comparisons(ctx: stages.Context) -> tuple[list[Comparison], dict]:
+  """The feedback stage's labelled pairs plus the optional helpfulness mix, and their counts."""
+  cfg = ctx.config.preference
+  path = ctx.require('feedback', 'preference') / SAMPLES_FILE
+  if not path.exists():
+    raise PreferenceDataError(f'{path} is missing: the feedback stage writes it')
+  records = data.read_json_records(path)
+  labelled = [r for r in records if r.get('p_a') is not None]  # null: skipped by the feedback stage
+  pairs = feedback_comparisons(labelled, str(path))
+  # Identical responses (p_a = 0.5 by construction) give r_a = r_b: no signal, only cost.
+  comparisons = [c for c in pairs if c.a[-1][1].strip() != c.b[-1][1].strip()]
+  counts = {'feedback_pairs': len(comparisons), 'unlabelled': len(records) - len(labelled),
+            'identical': len(pairs) - len(comparisons)}
+  if not comparisons:  # a helpfulness mix alone would not teach harmlessness: also an error
+    raise PreferenceDataError(f'no labelled pairs to train the preference model on in {path}: '
+                              f'{len(records)} records, {counts["unlabelled"]} without a p_a label, '
+                              f'{counts["identical"]} with identical responses')
+  if cfg.helpful_mix.path:
+    helpful = helpful_comparisons(cfg.helpful_mix.path, weight=cfg.helpful_mix.weight,
+                                  max_pairs=cfg.helpful_mix.max_pairs)
+    comparisons += helpful
+    counts['helpful_pairs'] = len(helpful)
+  return comparisons, counts
+
+
+def encode_pairs(comparisons: Sequence[Comparison], tokenizer, fmt: str, max_len: int,
+                 label_type: str) -> list[EncodedPair]:
+  return [EncodedPair(tuple(encode(c.a, tokenizer, fmt, max_len)), tuple(encode(c.b, tokenizer, fmt, max_len)),
+                      c.p_a, training_label(c.p_a, label_type), c.weight, c.pool)
+          for c in comparisons]
+
+
+def pack_pairs(pairs: Sequence[EncodedPair], rows: Sequence[int], length: int, pad_id: int
+               ) -> dict[str, np.ndarray]:
+  """B pairs as 2B right-padded sequences [a_0..a_B-1, b_0..b_B-1]; filler rows (-1) weigh 0."""
+  seqs = [pairs[i].a if i >= 0 else () for i in rows] + [pairs[i].b if i >= 0 else () for i in rows]
+  tokens, read_index = pack(seqs, length, pad_id)
+  return {'tokens': tokens, 'read_index': read_index,
+          'p_a': np.array([pairs[i].target if i >= 0 else 0.5 for i in rows], np.float32),
+          'weight': np.array([pairs[i].weight if i >= 0 else 0.0 for i in rows], np.float32)}
+
+
+def evaluate_pools(graphdef, params, pairs: Sequence[EncodedPair], *, pad_id: int, batch_size: int,
+                   max_len: int, min_bucket: int, n_bins: int) -> dict[str, float]:
+  """Held-out metrics per pool: 'eval_<metric>' for feedback pairs, 'eval_helpful_<metric>'."""
+  out = {}
+  for pool in sorted({p.pool for p in pairs}):
+    mine = [p for p in pairs if p.pool == pool]
+    rewards = _score_rows(graphdef, params, [r for p in mine for r in (p.a, p.b)], pad_id=pad_id,
+                          batch_size=batch_size, max_len=max_len, min_bucket=min_bucket)
+    prefix = 'eval_' if pool == 'feedback' else f'eval_{pool}_'
+    metrics = pair_metrics(rewards[0::2], rewards[1::2], [p.p_a for p in mine], n_bins)
+    out.update({prefix + k: v for k, v in metrics.items()})
+  return out
+
+
+def run(ctx: stages.Context, stage_dir: Path) -> dict:
+  config, cfg = ctx.config, ctx.config.preference
+  sharding.check_batch_size(cfg.batch_size, 'preference.batch_size')
+  if cfg.batch_size % jax.process_count():
+    raise sharding.ShardingError(f'preference.batch_size {cfg.batch_size} is not divisible by the '
+                                 f'{jax.process_count()} processes')
+  check_config(cfg)
+  comparisons, counts = load_comparisons(ctx)
+  source = _init_source(ctx)
+  pm = initial_pm(ctx, source)
+  tok, fmt = pm.tokenizer, config.conversation_format
+  pad_id = _pad_id(tok)
+  max_len = min(cfg.max_len, config.model.max_len) if cfg.max_len > 0 else config.model.max_len
+  train, held_out = split_held_out(comparisons, cfg.eval_fraction, config.seed)
+  if not train:
+    raise PreferenceDataError(f'all {len(comparisons)} pairs are held out '
+                              f'(preference.eval_fraction={cfg.eval_fraction}); nothing to train on')
+  train = encode_pairs(train, tok, fmt, max_len, cfg.label_type)
+  held_out = encode_pairs(held_out, tok, fmt, max_len, cfg.label_type)
+  _check_vocab([r for p in train + held_out for r in (p.a, p.b)], pm)
+  counts.update(train=len(train), held_out=len(held_out))
+  logging.info('preference data: %s (init from %s)', counts, source)
+  if not held_out:
+    logging.warning('preference: no held-out pairs (eval_fraction=%s): no accuracy or calibration',
+                    cfg.eval_fraction)
+
+  lengths = [max(len(p.a), len(p.b)) for p in train]
+  plan = lambda epoch: epoch_batches(lengths, cfg.batch_size, config.seed, epoch, max_len=max_len,
+                                     min_bucket=cfg.min_bucket)
+  steps_per_epoch = len(plan(0))
+  total_steps = cfg.num_steps if cfg.num_steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
+
+  tx, schedule = train_lib.make_optimizer(cfg.optimizer, total_steps)
+  graphdef, state, shardings = train_lib.init_state(pm.model, tx)
+  model_config = pm.config
+  del pm  # the train state holds a copy of its parameters
+  train_step = train_lib.make_train_step(graphdef, tx, pair_loss, shardings, schedule)
+  # checkpoint_every = 0: no checkpoints (the demo saves its seconds; an interrupted run restarts).
+  ckpt = train_lib.Checkpointer(stage_dir / 'checkpoints', save_every=cfg.checkpoint_every,
+                                max_to_keep=cfg.max_to_keep) if cfg.checkpoint_every > 0 else None
+  restored = ckpt.restore_latest(state, shardings) if ckpt else None
+  if restored is not None:
+    state = restored
+    logging.info('preference: resumed from the checkpoint at step %d', int(state.step))
+  start = int(state.step)
+  writer = train_lib.MetricsWriter(stage_dir, resume_step=start)
+  evaluate = lambda params: evaluate_pools(
+      graphdef, params, held_out, pad_id=pad_id, batch_size=cfg.eval_batch_size, max_len=max_len,
+      min_bucket=cfg.min_bucket, n_bins=cfg.ece_bins) if held_out else {}
+
+  bar = train_lib.progress(total_steps, start, 'preference')
+  metrics, eval_metrics, epoch, batches, t0 = {}, {}, -1, [], time.time()
+  try:
+    for step in range(start, total_steps):
+      if step // steps_per_epoch != epoch:
+        epoch = step // steps_per_epoch
+        batches = plan(epoch)
+      length, rows = batches[step % steps_per_epoch]
+      batch = sharding.global_batch(local_rows(pack_pairs(train, rows, length, pad_id)))
+      state, metrics = train_step(state, batch)
+      metrics = train_lib.host_metrics(metrics)
+      done = step + 1
+      evaluated = done == total_steps or (cfg.eval_every and done % cfg.eval_every == 0)
+      if evaluated:
+        eval_metrics = evaluate(state.params)
+        metrics.update(eval_metrics)
+      if evaluated or done % cfg.log_every == 0:
+        writer.write(done, metrics)
+      if ckpt:
+        ckpt.save(done, state, force=done == total_steps)
+      bar.update(1)
+      bar.set_postfix(loss=f'{metrics["loss"]:.3f}', acc=f'{metrics["accuracy"]:.2f}')
+  finally:  # an interrupted run still finishes its pending checkpoint, so a rerun resumes from it
+    bar.close()
+    if ckpt:
+      ckpt.close()
+    writer.close()
+  seconds = time.time() - t0
+  if start == total_steps and held_out:  # resumed after the last step: report the final metrics again
+    eval_metrics = evaluate(state.params)
+
+  model = nnx.merge(graphdef, train_lib.gather_params(state.params))
+  export = stage_dir / 'export'
+  checkpoint.save_pretrained(checkpoint.Pretrained(model, tok, model_config), str(export))
+  return {**counts, 'init_from': source, 'label_type': cfg.label_type, 'steps': total_steps,
+          'steps_per_epoch': steps_per_epoch, 'train_seconds': seconds,
+          'final_loss': metrics.get('loss'), 'final_accuracy': metrics.get('accuracy'),
+          **eval_metrics, 'export': str(export)}

@@ -1,0 +1,58 @@
+"""Preference-model training on the feedback stage's (A)/(B) soft labels (paper section 4.1).
+
+Read by `cai_jax.preference.run`. The PM (LM trunk + scalar head) starts from the pretrained
+model, as in the paper; `init_from='sl_cai'` starts from the SL-CAI model instead. The hard-label
+ablation: --config.preference.label_type=hard.
+
+`helpful_mix` adds helpfulness comparisons (the paper mixes in human helpfulness labels), each
+record either {'prompt' (or 'conversation': turns or a transcript), 'chosen', 'rejected'} with
+the last replies as strings, or HH-RLHF's {'chosen', 'rejected'} full transcripts.
+"""
+
+import ml_collections
+
+# Per variant: (pairs per step, epochs, num_steps, learning rate, warmup, tokens per conversation,
+# checkpoint interval). The demo's budget is ~60 s on 2 CPU cores: 4 steps of 2 pairs x 96 tokens
+# after a ~25 s compilation, and no checkpoints (writing SmolLM2's train state costs ~5 s).
+_SIZES = {
+    'tiny': (8, 3.0, -1, 1e-3, 2, 256, 50),
+    'demo': (2, 1.0, 4, 2e-5, 1, 96, 0),
+    'full': (64, 1.0, -1, 1e-5, 50, 1024, 200),
+}
+
+
+def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
+  batch_size, epochs, num_steps, lr, warmup, max_len, checkpoint_every = _SIZES[variant]
+  c = ml_collections.ConfigDict()
+  c.init_from = ''  # PM start: '' = pretrained (config.model.source, paper) | 'sl_cai' | any loadable source
+  c.label_type = 'soft'  # loss target: 'soft' = p_a itself (paper) | 'hard' = labels.hard_label(p_a) (ablation)
+  c.eval_fraction = 0.1 if variant == 'full' else 0.2  # share of pairs held out for accuracy and calibration (seeded per-pair coin)
+  c.eval_every = 0  # held-out accuracy / ECE every N steps; 0 = only at the end
+  c.ece_bins = 10  # equal-width bins of the held-out expected calibration error
+  c.max_len = max_len  # tokens per rendered conversation incl. EOS (the start is cut); capped by model.max_len
+  c.min_bucket = {'tiny': 32, 'demo': max_len, 'full': 128}[variant]  # shortest padded length; longer pad to powers of two (demo: one shape, one compile)
+
+  c.batch_size = batch_size  # pairs per step (global); a step runs the 2 x batch_size sequences in one forward
+  c.epochs = epochs  # passes over the training pairs (fractional allowed) when num_steps is -1
+  c.num_steps = num_steps  # total optimizer steps; -1 = epochs decide
+  c.eval_batch_size = max(8, 2 * batch_size)  # conversations per forward pass when scoring held-out pairs
+  c.checkpoint_every = checkpoint_every  # orbax checkpoint every N steps and at the end (resume starts there); 0 = none
+  c.max_to_keep = 2  # orbax max_to_keep
+  c.log_every = 1  # train metrics (metrics.jsonl, TensorBoard) every N steps; eval rows always
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = lr  # peak learning rate
+  c.optimizer.warmup_steps = warmup  # linear warmup steps up to the peak
+  c.optimizer.schedule = 'cosine'  # decay after warmup: 'cosine' | 'linear' | 'constant'
+  c.optimizer.end_lr_fraction = 0.1  # learning rate at the last step, as a fraction of the peak
+  c.optimizer.weight_decay = 0.0 if variant == 'tiny' else 0.01  # AdamW decoupled weight decay (matrices only)
+  c.optimizer.b1 = 0.9  # Adam beta1
+  c.optimizer.b2 = 0.95  # Adam beta2
+  c.optimizer.eps = 1e-8  # Adam epsilon
+  c.optimizer.grad_clip = 1.0  # clip the global gradient norm to this; 0 = no clipping
+
+  c.helpful_mix = ml_collections.ConfigDict()
+  c.helpful_mix.path = ''  # JSONL(.gz) of helpfulness comparisons mixed into training (format above); '' = none
+  c.helpful_mix.weight = 1.0  # loss weight of a helpfulness pair relative to a feedback pair
+  c.helpful_mix.max_pairs = -1  # most helpfulness pairs read from the file (its first N); -1 = all
+  return c
