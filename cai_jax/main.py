@@ -5,6 +5,7 @@ evaluate); finished stages are reused, unfinished ones resume. See cai_jax/stage
 """
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,9 @@ def main(argv):
   from cai_jax.data import DataSourceError
 
   config = _CONFIG.value
+  if config.compilation_cache_dir:
+    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(config.compilation_cache_dir))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   try:
     sharding.maybe_initialize_distributed(config.distributed)
     stages.parse_stage_list(config.stages)

@@ -21,6 +21,7 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   # Stages to run, comma-separated, in pipeline order (see cai_jax/stages.py for the list).
   c.stages = 'critique_revision,sft,feedback,preference,ppo,evaluate'
   c.force = ''  # comma-separated stages to redo (each redoes everything after it too)
+  c.compilation_cache_dir = '~/.cache/cai_jax/xla'  # persistent XLA compile cache ('' = off): reruns skip compiles
   c.conversation_format = 'transcript'  # 'transcript' (paper: Human:/Assistant:) | 'chat_template'
   c.constitution = 'default'  # 'default' | 'tiny' | path to our JSON | dir of the paper's release
 
