@@ -1,0 +1,349 @@
+"""Stage `sft`: supervised fine-tuning on the revisions, which makes the SL-CAI model (paper section 3).
+
+The pretrained helpful model is fine-tuned on (red-team prompt, final revision) pairs from the
+`critique_revision` stage, mixed with (helpful prompt, helpful response) pairs, with the loss on
+the response tokens only. The SL-CAI model is exported as an HF directory, `sft/export`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cai_jax import checkpoint, conversation, sharding, stages, train_lib
+from cai_jax.conversation import HUMAN
+
+SAMPLES_FILE = 'samples.jsonl'  # critique_revision: {id, prompt, initial_response, rounds, revision}
+HELPFUL_FILE = 'helpful.jsonl'  # critique_revision: {id, prompt, response}
+
+
+class SFTDataError(stages.StageError):
+  """Training data that cannot be used (missing files, malformed records, no examples at all)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  """One tokenized conversation: the prompt's tokens, then the target (response) tokens."""
+
+  id: str
+  source: str  # 'revision' | 'helpful'
+  tokens: tuple[int, ...]
+  n_prompt: int  # the loss covers tokens[n_prompt:]
+
+
+# ---- data ----------------------------------------------------------------------------------------
+
+
+def read_jsonl(path: Path) -> list[dict]:
+  if not path.exists():
+    raise SFTDataError(f'{path} is missing: the critique_revision stage writes it')
+  rows = []
+  for i, line in enumerate(path.read_text().splitlines()):
+    if not line.strip():
+      continue
+    try:
+      rows.append(json.loads(line))
+    except ValueError as e:
+      raise SFTDataError(f'{path}:{i + 1}: not JSON ({e})') from None
+  return rows
+
+
+def pairs_from_records(records: Sequence[dict], response_key: str, where: str
+                       ) -> tuple[list[tuple[str, str, str]], int]:
+  """(id, prompt, response) for every record with a non-empty response; and how many were empty."""
+  pairs, empty = [], 0
+  for i, r in enumerate(records):
+    if 'prompt' not in r or response_key not in r:
+      raise SFTDataError(f'{where}: record {i} lacks "prompt" or "{response_key}"')
+    response = (r[response_key] or '').strip()
+    if not response:
+      empty += 1
+      continue
+    pairs.append((str(r.get('id', i)), r['prompt'], response))
+  return pairs, empty
+
+
+def mix(revisions: list, helpful: list, helpful_ratio: float, seed: int) -> list:
+  """Revisions plus round(helpful_ratio * len(revisions)) helpful pairs (seeded draw, repeated if
+  there are too few); a negative ratio keeps every helpful pair."""
+  if helpful_ratio < 0 or not helpful:
+    return revisions + helpful
+  want = int(round(helpful_ratio * len(revisions)))
+  order = np.random.default_rng([seed, 1]).permutation(len(helpful))
+  return revisions + [helpful[order[i % len(helpful)]] for i in range(want)]
+
+
+def is_held_out(example_id: str, source: str, fraction: float, seed: int) -> bool:
+  """A seeded per-example coin on its id: the split is stable as the data grows."""
+  u = int(hashlib.sha1(f'{seed}:{source}:{example_id}'.encode()).hexdigest()[:16], 16) / 2.0**64
+  return u < fraction
+
+
+def target_text(response: str, fmt: str, tokenizer) -> str:
+  """What the model learns to write after the prompt, including the marker that ends its turn.
+
+  Transcript: " " + response + EOS (the prompt ends in "Assistant:"). Chat template: the
+  response + the template's end-of-turn marker.
+  """
+  if conversation.check_format(fmt) == 'transcript':
+    if tokenizer.eos_token is None:
+      raise SFTDataError('the tokenizer has no EOS token to end the responses with')
+    return ' ' + response.strip() + tokenizer.eos_token
+  return response.strip() + conversation.stop_strings(fmt, tokenizer)[0]
+
+
+def encode(prompt: str, response: str, tokenizer, fmt: str, max_len: int
+           ) -> tuple[tuple[int, ...], int] | None:
+  """(tokens, n_prompt) of one example cut to max_len; None if no target token survives the cut.
+
+  Prompt and target are tokenized separately, as the sampler sees them (prompt, then generation).
+  """
+  prompt_text = conversation.render([(HUMAN, prompt)], fmt, tokenizer)
+  p = list(tokenizer(prompt_text, add_special_tokens=False)['input_ids'])
+  t = list(tokenizer(target_text(response, fmt, tokenizer), add_special_tokens=False)['input_ids'])
+  ids = (p + t)[:max_len]
+  if len(ids) <= len(p):
+    return None
+  return tuple(ids), len(p)
+
+
+def bucket_length(n: int, max_len: int, min_bucket: int) -> int:
+  """Pads a length to a power of two (at least min_bucket, at most max_len): few compilations."""
+  return min(max_len, max(min_bucket, 1 << max(0, n - 1).bit_length()))
+
+
+def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, *,
+                  max_len: int, min_bucket: int, shuffle: bool = True) -> list[tuple[int, list[int]]]:
+  """This epoch's batches as (padded length, example indices; -1 = an empty filler row).
+
+  Examples are shuffled by (seed, epoch), grouped by padded length, cut into batches, and the
+  batches shuffled again: the order is a pure function of (seed, epoch), so a resumed run that
+  knows its step knows its next batch. The number of batches is the same every epoch.
+  """
+  rng = np.random.default_rng([seed, epoch])
+  order = rng.permutation(len(lengths)) if shuffle else np.arange(len(lengths))
+  buckets: dict[int, list[int]] = {}
+  for i in order:
+    buckets.setdefault(bucket_length(lengths[i], max_len, min_bucket), []).append(int(i))
+  batches = []
+  for length in sorted(buckets):
+    rows = buckets[length]
+    for start in range(0, len(rows), batch_size):
+      chunk = rows[start:start + batch_size]
+      batches.append((length, chunk + [-1] * (batch_size - len(chunk))))
+  if shuffle:
+    batches = [batches[i] for i in rng.permutation(len(batches))]
+  return batches
+
+
+def pack(examples: Sequence[Example], rows: Sequence[int], length: int, pad_id: int
+         ) -> dict[str, np.ndarray]:
+  """Right-padded `tokens` [N, length] int32 and `loss_mask` [N, length] (1 on target tokens)."""
+  tokens = np.full((len(rows), length), pad_id, np.int32)
+  loss_mask = np.zeros((len(rows), length), np.int32)
+  for r, i in enumerate(rows):
+    if i < 0:
+      continue
+    ex = examples[i]
+    tokens[r, :len(ex.tokens)] = ex.tokens
+    loss_mask[r, ex.n_prompt:len(ex.tokens)] = 1
+  return {'tokens': tokens, 'loss_mask': loss_mask}
+
+
+def local_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """This process's slice of a global batch (multi-host: each process feeds its own rows)."""
+  n, p = jax.process_count(), jax.process_index()
+  return {k: np.split(v, n)[p] for k, v in batch.items()}
+
+
+# ---- loss ----------------------------------------------------------------------------------------
+
+
+def sft_loss(logits, tokens, loss_mask):
+  """Mean next-token cross-entropy over the target tokens, in float32.
+
+  Args:
+    logits: [B, T, V]; logits[:, t] predict tokens[:, t + 1].
+    tokens: [B, T] int.
+    loss_mask: [B, T]; 1 where tokens[b, t] is a target (response) token.
+  Returns:
+    (loss, {'tokens': number of target tokens}).
+  """
+  logits = logits[:, :-1].astype(jnp.float32)
+  targets = tokens[:, 1:]
+  weights = loss_mask[:, 1:].astype(jnp.float32)
+  nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+  n = weights.sum()
+  return (nll * weights).sum() / jnp.maximum(n, 1.0), {'tokens': n.astype(jnp.int32)}
+
+
+def chunked_nll_sum(model, hidden, targets, weights, chunk: int):
+  """sum(weights * nll) with logits made `chunk` positions at a time and rematerialized in the
+  backward pass, so the [B, T, V] float32 logits never exist at once."""
+  b, t, d = hidden.shape
+  pad = -t % chunk
+  if pad:
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    weights = jnp.pad(weights, ((0, 0), (0, pad)))
+  n = (t + pad) // chunk
+  split = lambda x: jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
+
+  @jax.checkpoint
+  def one(h, y, w):
+    logits = model.logits_from_hidden(h)  # float32 [B, C, V]
+    nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, y[..., None], -1)[..., 0]
+    return (nll * w).sum()
+
+  def body(total, xs):
+    return total + one(*xs), None
+
+  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (split(hidden), split(targets), split(weights)))
+  return total
+
+
+def make_loss_fn(loss_chunk: int = 0):
+  """loss_fn(model, batch) -> (loss, aux) for train_lib; chunked cross-entropy when loss_chunk > 0."""
+
+  def loss_fn(model, batch):
+    tokens, loss_mask = batch['tokens'], batch['loss_mask']
+    if not loss_chunk or loss_chunk >= tokens.shape[1] - 1:
+      logits, _ = model(tokens)  # right-padded rows: the causal mask alone keeps pads out of view
+      return sft_loss(logits, tokens, loss_mask)
+    hidden, _ = model.hidden(tokens)
+    weights = loss_mask[:, 1:].astype(jnp.float32)
+    n = weights.sum()
+    total = chunked_nll_sum(model, hidden[:, :-1], tokens[:, 1:], weights, loss_chunk)
+    return total / jnp.maximum(n, 1.0), {'tokens': n.astype(jnp.int32)}
+
+  return loss_fn
+
+
+def evaluate(eval_step, params, examples: Sequence[Example], batches, pad_id: int) -> float:
+  """Token-weighted mean loss over `batches` (from epoch_batches) of held-out `examples`."""
+  nll, n = 0.0, 0
+  for length, rows in batches:
+    loss, aux = eval_step(params, sharding.global_batch(local_rows(pack(examples, rows, length, pad_id))))
+    k = int(aux['tokens'])
+    nll, n = nll + float(loss) * k, n + k
+  return nll / max(n, 1)
+
+
+# ---- the stage -----------------------------------------------------------------------------------
+
+
+def build_examples(ctx: stages.Context, tokenizer) -> tuple[list[Example], list[Example], dict]:
+  """(train, held_out, counts) from the critique_revision stage's files."""
+  config, cfg = ctx.config, ctx.config.sft
+  upstream = ctx.require('critique_revision', 'sft')
+  revisions, no_revision = pairs_from_records(read_jsonl(upstream / SAMPLES_FILE), 'revision',
+                                              str(upstream / SAMPLES_FILE))
+  helpful_path = upstream / HELPFUL_FILE
+  helpful, no_response = ([], 0)
+  if helpful_path.exists():
+    helpful, no_response = pairs_from_records(read_jsonl(helpful_path), 'response', str(helpful_path))
+  tagged = mix([('revision',) + p for p in revisions], [('helpful',) + p for p in helpful],
+               float(cfg.helpful_ratio), config.seed)
+  train, held_out, too_long = [], [], 0
+  for source, ex_id, prompt, response in tagged:
+    enc = encode(prompt, response, tokenizer, config.conversation_format, config.model.max_len)
+    if enc is None:
+      too_long += 1
+      continue
+    ex = Example(ex_id, source, *enc)
+    (held_out if is_held_out(ex_id, source, cfg.eval_fraction, config.seed) else train).append(ex)
+  counts = {'revisions': len(revisions), 'empty_revisions': no_revision, 'helpful': len(helpful),
+            'empty_helpful': no_response, 'too_long': too_long, 'train': len(train),
+            'held_out': len(held_out)}
+  if not train:
+    raise SFTDataError(f'no training examples in {upstream}: {counts} (every revision empty, or all '
+                       f'held out by sft.eval_fraction={cfg.eval_fraction})')
+  return train, held_out, counts
+
+
+def run(ctx: stages.Context, stage_dir: Path) -> dict:
+  """Fine-tunes the helpful model into the SL-CAI model; resumes from `stage_dir/checkpoints`.
+
+  Writes metrics.jsonl (one row per step), tb/ (TensorBoard), checkpoints/ and export/ (HF).
+  """
+  config, cfg = ctx.config, ctx.config.sft
+  sharding.check_batch_size(cfg.batch_size, 'sft.batch_size')
+  if cfg.batch_size % jax.process_count():
+    raise sharding.ShardingError(f'sft.batch_size {cfg.batch_size} is not divisible by the '
+                                 f'{jax.process_count()} processes')
+  helpful = ctx.load(config.model.source)
+  tok = helpful.tokenizer
+  pad_id = next(t for t in (tok.pad_token_id, tok.eos_token_id, 0) if t is not None)
+  train, held_out, counts = build_examples(ctx, tok)
+  logging.info('sft data: %s', counts)
+
+  max_len, min_bucket = config.model.max_len, cfg.min_bucket
+  lengths = [len(e.tokens) for e in train]
+  plan = lambda epoch: epoch_batches(lengths, cfg.batch_size, config.seed, epoch, max_len=max_len,
+                                     min_bucket=min_bucket)
+  steps_per_epoch = len(plan(0))
+  total_steps = cfg.num_steps if cfg.num_steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
+  eval_batches = epoch_batches([len(e.tokens) for e in held_out], cfg.batch_size, config.seed, 0,
+                               max_len=max_len, min_bucket=min_bucket, shuffle=False)
+
+  tx, schedule = train_lib.make_optimizer(cfg.optimizer, total_steps)
+  graphdef, state, shardings = train_lib.init_state(helpful.model, tx)
+  loss_fn = make_loss_fn(cfg.loss_chunk)
+  train_step = train_lib.make_train_step(graphdef, tx, loss_fn, shardings, schedule)
+  eval_step = train_lib.make_eval_step(graphdef, loss_fn, None if shardings is None else shardings.params)
+
+  ckpt = train_lib.Checkpointer(stage_dir / 'checkpoints', save_every=cfg.checkpoint_every,
+                                max_to_keep=cfg.max_to_keep)
+  restored = ckpt.restore_latest(state, shardings)
+  if restored is not None:
+    state = restored
+    logging.info('sft: resumed from the checkpoint at step %d', int(state.step))
+  start = int(state.step)
+  writer = train_lib.MetricsWriter(stage_dir, resume_step=start)
+
+  bar = train_lib.progress(total_steps, start, 'sft')
+  metrics, eval_loss, epoch, batches, t0, tokens_seen = {}, None, -1, [], time.time(), 0
+  for step in range(start, total_steps):
+    if step // steps_per_epoch != epoch:
+      epoch = step // steps_per_epoch
+      batches = plan(epoch)
+    length, rows = batches[step % steps_per_epoch]
+    batch = sharding.global_batch(local_rows(pack(train, rows, length, pad_id)))
+    state, metrics = train_step(state, batch)
+    metrics = train_lib.host_metrics(metrics)
+    done = step + 1
+    tokens_seen += metrics['tokens']
+    if done == total_steps or (cfg.eval_every and done % cfg.eval_every == 0):
+      if eval_batches:
+        eval_loss = metrics['eval_loss'] = evaluate(eval_step, state.params, held_out, eval_batches, pad_id)
+    writer.write(done, metrics)
+    ckpt.save(done, state, force=done == total_steps)
+    bar.update(1)
+    bar.set_postfix(loss=f'{metrics["loss"]:.3f}')
+  bar.close()
+  seconds = time.time() - t0
+  ckpt.close()
+  writer.close()
+
+  params = train_lib.gather_params(state.params)
+  model = nnx.merge(graphdef, params)  # the SL-CAI model (the cached helpful model is untouched)
+  export = stage_dir / 'export'
+  checkpoint.save_pretrained(checkpoint.Pretrained(model, tok, helpful.config), str(export))
+  if not metrics and jax.process_index() == 0:  # resumed after the last step: report from the log
+    metrics = (train_lib.read_metrics(writer.path) or [{}])[-1]
+    eval_loss = metrics.get('eval_loss')
+  return {**counts, 'steps': total_steps, 'steps_run': total_steps - start,
+          'steps_per_epoch': steps_per_epoch, 'final_loss': metrics.get('loss'), 'eval_loss': eval_loss,
+          'tokens_per_second': tokens_seen / seconds if seconds and tokens_seen else None,
+          'export': str(export)}

@@ -1,0 +1,328 @@
+"""Training machinery shared by the sft, preference and ppo stages.
+
+An optimizer from a config block, a train state `(params, opt_state, step)` laid out by the
+logical-axis rules, a pure jitted train step with donation, orbax checkpoints with automatic
+resume, and metrics as JSONL + TensorBoard. Typical use (see cai_jax/sft.py):
+
+  tx, schedule = train_lib.make_optimizer(cfg.optimizer, total_steps)
+  graphdef, state, shardings = train_lib.init_state(model, tx)
+  step_fn = train_lib.make_train_step(graphdef, tx, loss_fn, shardings, schedule)
+  ckpt = train_lib.Checkpointer(stage_dir / 'checkpoints', save_every=.., max_to_keep=..)
+  state = ckpt.restore_latest(state, shardings) or state          # resume
+  for step in range(int(state.step), total_steps):
+    state, metrics = step_fn(state, sharding.global_batch(local_rows))
+    ckpt.save(int(state.step), state)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from cai_jax import sharding
+
+SCHEDULES = ('cosine', 'linear', 'constant')
+
+# loss_fn(model, batch) -> (scalar loss, dict of scalar metrics); with a seed it also gets rng=.
+LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+
+
+# ---- optimizer ---------------------------------------------------------------------------------
+
+
+def make_schedule(cfg, total_steps: int) -> optax.Schedule:
+  """Linear warmup to `cfg.learning_rate`, then `cfg.schedule` decay over the remaining steps.
+
+  Warmup starts at lr / (warmup + 1), not 0, so that no step is wasted on a zero update.
+  Decay ends at `cfg.end_lr_fraction` (default 0) of the peak.
+  """
+  lr = float(cfg.learning_rate)
+  kind = cfg.get('schedule', 'cosine')
+  if kind not in SCHEDULES:
+    raise ValueError(f'optimizer.schedule must be one of {SCHEDULES}, got {kind!r}')
+  warmup = max(0, min(int(cfg.get('warmup_steps', 0)), total_steps))
+  end = lr * float(cfg.get('end_lr_fraction', 0.0))
+  decay_steps = max(1, total_steps - warmup)
+  if kind == 'cosine':
+    decay = optax.cosine_decay_schedule(lr, decay_steps, alpha=end / lr if lr else 0.0)
+  elif kind == 'linear':
+    decay = optax.linear_schedule(lr, end, decay_steps)
+  else:
+    decay = optax.constant_schedule(lr)
+  if not warmup:
+    return decay
+  ramp = optax.linear_schedule(lr / (warmup + 1), lr, warmup)
+  return optax.join_schedules([ramp, decay], [warmup])
+
+
+def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """clip_by_global_norm + AdamW(schedule) from an `optimizer` config block.
+
+  Fields: learning_rate, warmup_steps, schedule, end_lr_fraction (optional), weight_decay, b1, b2,
+  eps (optional), grad_clip (0 = off). Weight decay skips vectors and scalars (norms, biases).
+  """
+  schedule = make_schedule(cfg, total_steps)
+  adamw = optax.adamw(schedule, b1=float(cfg.get('b1', 0.9)), b2=float(cfg.get('b2', 0.999)),
+                      eps=float(cfg.get('eps', 1e-8)), weight_decay=float(cfg.get('weight_decay', 0.0)),
+                      mask=lambda params: jax.tree.map(lambda x: x.ndim >= 2, params))
+  clip = float(cfg.get('grad_clip', 0.0))
+  return optax.chain(optax.clip_by_global_norm(clip) if clip > 0 else optax.identity(), adamw), schedule
+
+
+# ---- train state and its layout ----------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class TrainState:
+  params: Any  # nnx.State of the model's nnx.Params
+  opt_state: Any  # optax state; its parameter-shaped parts are nnx.Params with the same names
+  step: jax.Array  # int32 scalar: optimizer updates applied so far (= batches consumed)
+
+
+def _is_variable(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def shardings_of(tree, mesh=None):
+  """NamedShardings for an (abstract) tree: nnx Variables by their logical names, the rest replicated.
+
+  The optimizer's moments are Variables carrying the parameter's names (optax maps over the
+  params' pytree), so they are laid out exactly like the parameters they track.
+  """
+  mesh = mesh if mesh is not None else concrete_mesh()
+  if mesh is None:
+    return None
+
+  def one(x):
+    if _is_variable(x):
+      shape = x.get_value().shape
+      return x.replace(NamedSharding(mesh, sharding.logical_to_spec(sharding.variable_names(x), shape, mesh)))
+    return NamedSharding(mesh, P())
+
+  return jax.tree.map(one, tree, is_leaf=_is_variable)
+
+
+def concrete_mesh():
+  """The mesh set by `sharding.use_mesh` (with its devices), or None outside one."""
+  mesh = jax.sharding.get_mesh()
+  return None if mesh is None or mesh.empty else mesh
+
+
+def replicated(mesh=None):
+  mesh = mesh if mesh is not None else concrete_mesh()
+  return None if mesh is None else NamedSharding(mesh, P())
+
+
+def init_state(model, tx: optax.GradientTransformation):
+  """(graphdef, TrainState, shardings) for training `model`'s nnx.Params with `tx`.
+
+  The parameters are *copied* into the state (never donated from the model), so a model that a
+  stage Context has cached stays intact while its copy is trained.
+  """
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  if jax.tree.leaves(rest):
+    raise ValueError('train_lib trains nnx.Param state only; the model has other state: '
+                     f'{jax.tree.map(jnp.shape, rest)}')
+
+  def build(p):
+    p = jax.tree.map(jnp.copy, p)
+    return TrainState(p, tx.init(p), jnp.zeros((), jnp.int32))
+
+  shardings = shardings_of(jax.eval_shape(build, params))
+  state = jax.jit(build, out_shardings=shardings)(params)
+  return graphdef, state, shardings
+
+
+def abstract_state(state: TrainState, shardings=None):
+  """ShapeDtypeStructs (with shardings) of `state`: the restore target of a checkpoint."""
+  if shardings is None:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)),
+                        state)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
+# ---- steps ---------------------------------------------------------------------------------------
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: LossFn, shardings=None,
+                    schedule: optax.Schedule | None = None, *, seed: int | None = None,
+                    donate: bool = True):
+  """The jitted pure step `(state, batch) -> (state, metrics)`.
+
+  metrics: loss, grad_norm (before clipping), lr (with a schedule), and loss_fn's aux. With
+  `seed`, loss_fn gets `rng=fold_in(key(seed), step)`. The batch keeps the sharding it was built
+  with (`sharding.global_batch`: rows over ('data', 'fsdp')). The state is donated.
+  """
+  base_rng = None if seed is None else jax.random.key(seed)
+
+  def step(state: TrainState, batch):
+    kwargs = {} if base_rng is None else {'rng': jax.random.fold_in(base_rng, state.step)}
+
+    def compute(params):
+      return loss_fn(nnx.merge(graphdef, params), batch, **kwargs)
+
+    (loss, aux), grads = jax.value_and_grad(compute, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), **aux}
+    if schedule is not None:
+      metrics['lr'] = schedule(state.step)
+    return TrainState(params, opt_state, state.step + 1), metrics
+
+  rep = replicated()
+  return jax.jit(step, in_shardings=(shardings, None) if shardings is not None else None,
+                 out_shardings=(shardings, rep) if shardings is not None else None,
+                 donate_argnums=(0,) if donate else ())
+
+
+def make_eval_step(graphdef, loss_fn: LossFn, param_shardings=None):
+  """The jitted `(params, batch) -> (loss, aux)`, outputs replicated."""
+
+  def evaluate(params, batch):
+    return loss_fn(nnx.merge(graphdef, params), batch)
+
+  if param_shardings is None:
+    return jax.jit(evaluate)
+  return jax.jit(evaluate, in_shardings=(param_shardings, None), out_shardings=replicated())
+
+
+def host_metrics(metrics: dict) -> dict[str, float]:
+  """Device scalars -> Python floats (ints stay ints) for logging."""
+  out = {}
+  for k, v in jax.device_get(metrics).items():
+    v = np.asarray(v)
+    out[k] = int(v) if np.issubdtype(v.dtype, np.integer) else float(v)
+  return out
+
+
+def gather_params(params, mesh=None):
+  """The params replicated on every device, so any process can read them (for export)."""
+  rep = replicated(mesh)
+  if rep is None or jax.process_count() == 1:
+    return params
+  return jax.jit(lambda p: p, out_shardings=rep)(params)
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------
+
+
+class Checkpointer:
+  """orbax CheckpointManager with resume: `restore_latest` reads the newest finished checkpoint."""
+
+  def __init__(self, directory: str | Path, *, save_every: int, max_to_keep: int,
+               async_save: bool = True):
+    import orbax.checkpoint as ocp
+
+    self._ocp = ocp
+    self.save_every = max(1, int(save_every))
+    options = ocp.CheckpointManagerOptions(max_to_keep=max(1, int(max_to_keep)),
+                                           save_interval_steps=max(1, int(save_every)), create=True,
+                                           enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def restore_latest(self, like, shardings=None):
+    """The newest checkpoint restored into the layout of `like` (a state or its abstract form), or None."""
+    step = self.manager.latest_step()
+    if step is None:
+      return None
+    target = abstract_state(like, shardings)
+    return self.manager.restore(step, args=self._ocp.args.StandardRestore(target))
+
+  def save(self, step: int, state, *, force: bool = False) -> bool:
+    """Saves if `step` is a multiple of `save_every` (or forced); returns whether it saved."""
+    if (step % self.save_every and not force) or self.manager.latest_step() == step:
+      return False
+    return self.manager.save(step, args=self._ocp.args.StandardSave(state), force=force)
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+# ---- metrics --------------------------------------------------------------------------------------
+
+
+class MetricsWriter:
+  """One JSON object per line in `metrics.jsonl` plus TensorBoard scalars; process 0 writes.
+
+  Resuming at `resume_step` drops the lines (and TensorBoard events) of later steps that the
+  interrupted run had written past its last checkpoint, so the log reads as one run.
+  """
+
+  def __init__(self, directory: str | Path, *, resume_step: int = 0, filename: str = 'metrics.jsonl',
+               tensorboard: bool = True):
+    self.enabled = jax.process_index() == 0
+    self.path = Path(directory) / filename
+    self._tb = None
+    if not self.enabled:
+      return
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    if self.path.exists():
+      kept = [line for line in self.path.read_text().splitlines()
+              if line.strip() and _line_step(line) <= resume_step]
+      self.path.write_text(''.join(line + '\n' for line in kept))
+    self._file = self.path.open('a')
+    if tensorboard:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(str(Path(directory) / 'tb'),
+                               purge_step=resume_step + 1 if resume_step else None)
+
+  def write(self, step: int, metrics: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    row = {'step': int(step), **metrics}
+    self._file.write(json.dumps(row) + '\n')
+    self._file.flush()
+    if self._tb is not None:
+      for k, v in metrics.items():
+        if isinstance(v, (int, float)) and math.isfinite(v):
+          self._tb.add_scalar(k, v, step)
+
+  def close(self) -> None:
+    if not self.enabled:
+      return
+    self._file.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _line_step(line: str) -> float:
+  try:
+    return json.loads(line).get('step', math.inf)
+  except ValueError:  # a line cut short by a kill
+    return math.inf
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+  """The rows of a metrics.jsonl (a line cut short by a kill or still being written is skipped)."""
+  path = Path(path)
+  if not path.exists():
+    return []
+  rows = []
+  for line in path.read_text().splitlines():
+    try:
+      rows.append(json.loads(line))
+    except ValueError:
+      continue
+  return rows
+
+
+def progress(total: int, initial: int = 0, desc: str = ''):
+  """A tqdm bar on process 0 (a silent one elsewhere)."""
+  from tqdm.auto import tqdm
+
+  return tqdm(total=total, initial=initial, desc=desc, disable=jax.process_index() != 0,
+              dynamic_ncols=True, mininterval=1.0)

@@ -1,0 +1,42 @@
+"""Supervised fine-tuning of the helpful model on the final revisions (SL-CAI, paper section 3).
+
+Read by `cai_jax.sft.run`. The paper fine-tunes for one epoch on revisions mixed with helpful
+samples; the small variants take a fixed number of steps instead.
+"""
+
+import ml_collections
+
+# Per variant: (sequences per step, epochs, num_steps, learning rate, warmup, eval/checkpoint interval).
+_SIZES = {
+    'tiny': (8, 1.0, 30, 3e-3, 3, 10),
+    'demo': (4, 2.0, -1, 1e-5, 1, 5),
+    'full': (128, 1.0, -1, 2e-5, 50, 200),
+}
+
+
+def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
+  batch_size, epochs, num_steps, lr, warmup, every = _SIZES[variant]
+  c = ml_collections.ConfigDict()
+  c.helpful_ratio = -1.0  # helpful examples per revision in the mix (drawn/repeated by seed); -1 = all as generated
+  c.eval_fraction = 0.2 if variant != 'full' else 0.02  # share of examples held out for eval loss (seeded per-id coin)
+  c.min_bucket = 32 if variant != 'full' else 128  # shortest padded length; longer rows pad to powers of two (<= model.max_len)
+
+  c.batch_size = batch_size  # sequences per step (global, over all processes); divisible by data x fsdp
+  c.epochs = epochs  # passes over the training examples (fractional allowed) when num_steps is -1
+  c.num_steps = num_steps  # total optimizer steps; -1 = epochs decide
+  c.eval_every = every  # held-out eval loss every N steps (and at the end); 0 = only at the end
+  c.checkpoint_every = every  # orbax checkpoint every N steps (and at the end); resume starts from the latest
+  c.max_to_keep = 2  # orbax max_to_keep
+  c.loss_chunk = 0 if variant == 'tiny' else 512  # tokens per chunk of the fused float32 cross-entropy; 0 = one shot
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = lr  # peak learning rate
+  c.optimizer.warmup_steps = warmup  # linear warmup steps up to the peak
+  c.optimizer.schedule = 'cosine'  # decay after warmup: 'cosine' | 'linear' | 'constant'
+  c.optimizer.end_lr_fraction = 0.1  # learning rate at the last step, as a fraction of the peak
+  c.optimizer.weight_decay = 0.0 if variant == 'tiny' else 0.01  # AdamW decoupled weight decay (matrices only)
+  c.optimizer.b1 = 0.9  # Adam beta1
+  c.optimizer.b2 = 0.95  # Adam beta2
+  c.optimizer.eps = 1e-8  # Adam epsilon
+  c.optimizer.grad_clip = 1.0  # clip the global gradient norm to this; 0 = no clipping
+  return c

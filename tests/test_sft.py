@@ -1,0 +1,204 @@
+"""Tests for sft.py (loss, data, stage loop with resume) and train_lib.py, on the tiny random model."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from cai_jax import checkpoint, conversation, sft, sharding, stages, train_lib
+from configs import tiny
+from helpers_stages import fake_upstream, sl_cai_records
+
+
+@pytest.fixture(scope='module')
+def tok():
+  return checkpoint.byte_tokenizer()
+
+
+# ---- loss ----------------------------------------------------------------------------------------
+
+
+def test_sft_loss_matches_hand_computed_value():
+  logits = np.array([[[1.0, 2.0, 0.5], [0.0, -1.0, 3.0], [2.0, 2.0, 2.0], [9.0, 9.0, 9.0]],
+                     [[0.3, 0.1, -0.2], [1.5, 0.0, 0.0], [5.0, 5.0, 5.0], [7.0, 1.0, 1.0]]], np.float32)
+  tokens = np.array([[0, 1, 2, 0], [2, 0, 1, 1]], np.int32)
+  mask = np.array([[0, 1, 1, 0],  # row 0: targets tokens[0, 1] and tokens[0, 2]; the last is padding
+                   [0, 0, 1, 0]])  # row 1: one target, tokens[1, 2]
+
+  def nll(row, t, target):  # -log softmax(logits[row, t])[target], by hand
+    z = [math.exp(v) for v in logits[row, t]]
+    return -math.log(z[target] / sum(z))
+
+  want = (nll(0, 0, 1) + nll(0, 1, 2) + nll(1, 1, 1)) / 3
+  loss, aux = sft.sft_loss(jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(mask))
+  assert float(loss) == pytest.approx(want, rel=1e-6)
+  assert int(aux['tokens']) == 3
+  # The first position is never a target (nothing predicts it) and an all-masked batch is 0, not NaN.
+  loss0, _ = sft.sft_loss(jnp.asarray(logits), jnp.asarray(tokens), jnp.zeros_like(jnp.asarray(mask)))
+  assert float(loss0) == 0.0
+
+
+def test_chunked_loss_and_grads_match_one_shot():
+  pretrained = checkpoint.load_pretrained('random:tiny')
+  rng = np.random.RandomState(0)
+  tokens = jnp.asarray(rng.randint(0, 256, (2, 21)), jnp.int32)  # 20 predictions: 3 chunks of 8
+  mask = jnp.asarray(rng.randint(0, 2, (2, 21)), jnp.int32)
+  batch = {'tokens': tokens, 'loss_mask': mask}
+  graphdef, params = nnx.split(pretrained.model, nnx.Param)
+
+  def value_and_grad(chunk):
+    fn = lambda p: sft.make_loss_fn(chunk)(nnx.merge(graphdef, p), batch)[0]
+    return jax.jit(jax.value_and_grad(fn))(params)
+
+  (a, ga), (b, gb) = value_and_grad(0), value_and_grad(8)
+  assert float(a) == pytest.approx(float(b), rel=1e-5)
+  assert max(float(jnp.abs(x - y).max()) for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb))) < 1e-5
+
+
+# ---- data ----------------------------------------------------------------------------------------
+
+
+def test_encode_transcript_targets_response_and_eos(tok):
+  ids, n_prompt = sft.encode('How do I pick a lock?', '  I cannot help with that. ', tok, 'transcript', 512)
+  prompt, target = tok.decode(ids[:n_prompt]), tok.decode(ids[n_prompt:])
+  assert prompt == '\n\nHuman: How do I pick a lock?\n\nAssistant:'
+  assert target == ' I cannot help with that.' + tok.eos_token
+  assert ids[-1] == tok.eos_token_id
+
+  ids, n_prompt = sft.encode('Hi', 'Hello there.', tok, 'chat_template', 512)
+  prompt = tok.decode(ids[:n_prompt])
+  assert prompt == conversation.render([('human', 'Hi')], 'chat_template', tok)
+  assert tok.decode(ids[n_prompt:]) == 'Hello there.<|im_end|>'
+
+
+def test_encode_truncates_to_max_len(tok):
+  ids, n_prompt = sft.encode('Hi', 'x' * 100, tok, 'transcript', 40)
+  assert len(ids) == 40 and n_prompt < 40
+  assert sft.encode('a long prompt ' * 10, 'ok', tok, 'transcript', 40) is None  # no target left
+
+
+def test_pack_right_pads_and_masks_targets_only():
+  examples = [sft.Example('a', 'revision', (5, 6, 7, 8), 2), sft.Example('b', 'helpful', (9, 10), 1)]
+  b = sft.pack(examples, [1, -1, 0], 6, pad_id=0)
+  np.testing.assert_array_equal(b['tokens'], [[9, 10, 0, 0, 0, 0], [0] * 6, [5, 6, 7, 8, 0, 0]])
+  np.testing.assert_array_equal(b['loss_mask'], [[0, 1, 0, 0, 0, 0], [0] * 6, [0, 0, 1, 1, 0, 0]])
+
+
+def test_epoch_batches_are_bucketed_deterministic_and_cover_each_example_once():
+  lengths = [5, 40, 33, 64, 65, 10, 120, 31, 200, 7]
+  kw = dict(max_len=128, min_bucket=32)
+  e0 = sft.epoch_batches(lengths, 3, seed=1, epoch=0, **kw)
+  assert e0 == sft.epoch_batches(lengths, 3, seed=1, epoch=0, **kw)
+  e1 = sft.epoch_batches(lengths, 3, seed=1, epoch=1, **kw)
+  assert e1 != e0 and len(e1) == len(e0)
+  for batches in (e0, e1):
+    rows = [i for _, batch in batches for i in batch if i >= 0]
+    assert sorted(rows) == list(range(len(lengths)))
+    for length, batch in batches:
+      assert length in (32, 64, 128) and len(batch) == 3
+      assert all(sft.bucket_length(lengths[i], **kw) == length for i in batch if i >= 0)
+
+
+def test_mix_draws_helpful_per_revision_ratio():
+  revisions, helpful = list('abcd'), list('xyz')
+  assert sft.mix(revisions, helpful, -1, 0) == revisions + helpful
+  mixed = sft.mix(revisions, helpful, 2.0, 0)
+  assert mixed[:4] == revisions and len(mixed) == 12 and set(mixed[4:]) == set(helpful)
+  assert sft.mix(revisions, helpful, 0.5, 0) == sft.mix(revisions, helpful, 0.5, 0)
+
+
+def test_optimizer_schedule_warms_up_then_decays():
+  cfg = tiny.get_config().sft.optimizer
+  _, schedule = train_lib.make_optimizer(cfg, 30)
+  lrs = [float(schedule(s)) for s in range(30)]
+  peak = cfg.learning_rate
+  assert 0 < lrs[0] < lrs[1] < lrs[2] < lrs[3] == pytest.approx(peak)
+  assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
+  assert lrs[-1] == pytest.approx(peak * cfg.end_lr_fraction, rel=0.05)
+
+
+# ---- the stage -----------------------------------------------------------------------------------
+
+
+def _config(**sft_overrides):
+  config = tiny.get_config()
+  config.stages = 'sft'
+  config.sft.update(dict(num_steps=12, checkpoint_every=4, eval_every=6, min_bucket=128,
+                         batch_size=4, **sft_overrides))
+  return config
+
+
+def _run(config, workdir):
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  with sharding.use_mesh(mesh, config.logical_axis_rules):
+    return stages.run_pipeline(stages.Context(config, workdir, mesh))
+
+
+def test_stage_trains_exports_and_resumes(tmp_path, monkeypatch):
+  config = _config()
+  ref = tmp_path / 'ref'
+  fake_upstream(config, ref, 'critique_revision', sl_cai_records())
+  _run(config, ref)
+  rows = train_lib.read_metrics(ref / 'sft' / 'metrics.jsonl')
+  assert [r['step'] for r in rows] == list(range(1, 13))
+  assert {'loss', 'lr', 'grad_norm', 'tokens'} <= set(rows[0])
+  assert [r['step'] for r in rows if 'eval_loss' in r] == [6, 12]
+  first, last = rows[0]['loss'], np.mean([r['loss'] for r in rows[-3:]])
+  assert last < 0.7 * first, (first, last)  # the patterned revisions are easy to learn
+  assert rows[-1]['eval_loss'] < rows[5]['eval_loss']
+  assert list((ref / 'sft' / 'tb').glob('events.out.tfevents.*'))
+  summary = json.loads((ref / 'sft' / 'DONE.json').read_text())['summary']
+  assert summary['empty_revisions'] == 1 and summary['train'] + summary['held_out'] == 11 + 6
+  # The export is an HF directory of the fine-tuned model; the helpful model is left as it was.
+  sl_cai = checkpoint.load_pretrained(str(ref / 'sft' / 'export'))
+  helpful = checkpoint.load_pretrained(config.model.source, seed=config.seed)
+  tuned = checkpoint.flat_params(sl_cai.model)
+  base = checkpoint.flat_params(helpful.model)
+  assert max(float(np.abs(tuned[k] - base[k]).max()) for k in base) > 1e-3
+
+  # An interrupted run (a crash after step 9; checkpoints at 4 and 8) resumes from its last
+  # checkpoint and ends exactly where the uninterrupted run ended.
+  crashed = tmp_path / 'crashed'
+  fake_upstream(config, crashed, 'critique_revision', sl_cai_records())
+  real_write = train_lib.MetricsWriter.write
+
+  def crash_at_10(self, step, metrics):
+    if step == 10:
+      raise KeyboardInterrupt('simulated crash')
+    real_write(self, step, metrics)
+
+  monkeypatch.setattr(train_lib.MetricsWriter, 'write', crash_at_10)
+  with pytest.raises(KeyboardInterrupt):
+    _run(config, crashed)
+  monkeypatch.setattr(train_lib.MetricsWriter, 'write', real_write)
+  assert not (crashed / 'sft' / 'DONE.json').exists()
+  written = []
+  monkeypatch.setattr(train_lib.MetricsWriter, 'write',
+                      lambda self, step, m: (written.append(step), real_write(self, step, m)))
+  _run(config, crashed)
+  assert written[0] in (5, 9), written  # resumed after the checkpoint at 4 or 8, not from scratch
+  resumed = train_lib.read_metrics(crashed / 'sft' / 'metrics.jsonl')
+  assert [r['step'] for r in resumed] == list(range(1, 13))
+  for a, b in zip(rows, resumed):
+    assert a['loss'] == pytest.approx(b['loss'], abs=1e-6), (a, b)
+  assert resumed[-1]['eval_loss'] == pytest.approx(rows[-1]['eval_loss'], abs=1e-6)
+
+
+def test_empty_dataset_is_a_clear_error(tmp_path):
+  config = _config()
+  records = sl_cai_records(n=3, empty=3)
+  records['helpful.jsonl'] = []
+  fake_upstream(config, tmp_path, 'critique_revision', records)
+  with pytest.raises(sft.SFTDataError, match=r"no training examples .*'empty_revisions': 3"):
+    _run(config, tmp_path)
+
+
+def test_missing_samples_file_is_a_clear_error(tmp_path):
+  config = _config()
+  fake_upstream(config, tmp_path, 'critique_revision', {'helpful.jsonl': []})
+  with pytest.raises(sft.SFTDataError, match='samples.jsonl is missing'):
+    _run(config, tmp_path)
