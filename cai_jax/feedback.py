@@ -1,0 +1,739 @@
+"""Stages `feedback` and `evaluate_feedback`: AI feedback as (A)/(B) soft labels (paper section 4.1).
+
+`feedback`: for each red-team prompt the SL-CAI model samples two responses; the feedback model
+(by default the pretrained helpful model, as in the paper) reads the multiple-choice prompt of
+`constitution.render_feedback_prompt` -- few-shot examples, the conversation, a sampled principle,
+"Options: (A) ... (B) ...", "The answer is:" -- and the label is
+
+    p_a = softmax(log P(" (A)"), log P(" (B)"))[0],
+
+optionally averaged over K sampled principles (ensemble), over both option orders (debias), read
+after generated chain-of-thought reasoning (cot), and clamped (clamp, paper: 40-60% with CoT).
+`evaluate_feedback` measures the same configuration's accuracy and calibration on labeled
+comparisons (by default the paper's 438 HHH comparisons).
+
+Outputs of `feedback` (STAGE_DIR):
+
+* ``samples.jsonl`` -- one object per prompt, in prompt order::
+
+    {"id", "source", "prompt", "response_a", "response_b",
+     "p_a",        # P(response_a is better); 0.5 for identical responses; null when skipped
+     "flags",      # subset of ["identical", "empty_a", "empty_b", "skipped"]
+     "finish_reasons": [a, b],
+     "details": [  # one entry per scoring: K principles x (1 or 2 orders)
+        {"k", "principle", "order",   # order 0: response_a shown as (A); 1: as (B)
+         "prompt",                    # the exact text scored (CoT: with reasoning and answer turn)
+         "option_logprobs": {" (A)": float, " (B)": float},
+         "p_option_a",                # softmax over the two options, of (A)
+         "cot",                       # the generated reasoning (null without CoT)
+         "truncated_tokens",          # prompt tokens dropped on the left to fit model.max_len
+         "boundary_tokens"}]}         # prompt tokens scored inside the options (see below)
+
+* ``tfds/`` -- the labeled pairs (flag "skipped" left out) as TFDS dataset ``preferences``,
+  split ``train``: ``{id, prompt, response_a, response_b, p_a, flags}``; read with
+  `load_preferences(stage_dir)`.
+
+Outputs of `evaluate_feedback` (STAGE_DIR):
+
+* ``records.jsonl`` -- one object per comparison, in file order: ``{"id", "correct" (1.0, 0.0,
+  or 0.5 for an exact tie), "p_chosen", "chosen_first", "scorings": [detail as above +
+  "chosen_option"]}``; response_a of the pair is the chosen reply, so p_chosen is its label.
+* ``summary.json`` -- ``accuracy``, ``n``, ``ece`` (`labels.expected_calibration_error` of
+  P(first-shown reply is better) against the truth), reliability bins, position-bias numbers,
+  malformed lines, the options evaluated and ``seconds``; ``reliability.png`` plots the bins.
+
+Which reply is shown first is a seeded coin per comparison (rendered prompts), so a preference
+for position (A) cannot inflate accuracy. With debias the label is symmetric in the order anyway;
+the coin is still thrown so the calibration diagram has both outcomes. The paper's file
+(``format='hhh_mc'``) is either rendered with our constitution and options (``hhh_prompt=
+'render'``) or its prompt text scored as-is (``'file'``: zero-shot, its one principle, its A/B
+order -- already balanced -- and, for debias, the same text with the two options swapped).
+
+Bad input: identical responses (after stripping) get p_a = 0.5 by construction, unscored, flag
+"identical". An empty response is flagged "empty_a"/"empty_b"; with
+``feedback.empty_response='score'`` (default) it is labeled like any other pair -- the feedback
+model then judges an empty reply against a real one, which is a legitimate preference -- and with
+'skip' the pair gets flag "skipped", p_a null, and stays out of the dataset.
+
+Option tokenization: each option is scored as the tokens of ``tokenize(prompt + option)`` after
+the longest token prefix it shares with ``tokenize(prompt)`` (the shortest such prefix over both
+options, so both are scored after the very same prompt tokens). Normally that prefix is the whole
+prompt; if a tokenizer merges the prompt's last characters with the option's first (a BPE merge
+across the boundary), the merged token(s) are part of both options' scored spans, and their
+count is recorded as ``boundary_tokens``. A multi-token option scores the sum of its tokens'
+log-probs.
+
+Resuming and multiple hosts: pairs are processed in fixed chunks (``chunk_size``) in a fixed
+order, each chunk with seeds derived from (seed, chunk index) only, appended and fsynced when
+finished; a restart drops a torn last line and redoes only chunks with missing ids, so the
+result equals an uninterrupted run's. Each process takes its contiguous share of the chunks
+(`data.shard_for_process`) into ``samples.<process>.jsonl``; process 0 merges them in order.
+`evaluate_feedback` writes ``records.jsonl`` the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from cai_jax import constitution as constitution_lib
+from cai_jax import conversation, data, labels, sampling, sl_cai
+from cai_jax.conversation import ASSISTANT, HUMAN, Turn
+from cai_jax.stages import StageError, _barrier
+
+STAGE = 'feedback'
+EVAL_STAGE = 'evaluate_feedback'
+DATASET = 'preferences'  # TFDS dataset name under STAGE_DIR/tfds
+OPTIONS = constitution_lib.OPTION_STRINGS  # (' (A)', ' (B)')
+_RESPONSE_STREAM, _EVAL_STREAM = 10, 11  # seed streams (disjoint from sl_cai's 0 and 1)
+PAPER_HHH = Path(__file__).resolve().parents[2] / 'shared/data/anthropic_cai/evals/438HHHEvaluations.jsonl'
+
+
+# ----------------------------------------------------------------------------------------------
+# The label layer: pure functions of the scored option log-probs.
+
+def scoring_probability(scoring: Mapping) -> float:
+  """P(option (A)) of one scoring: the two options' log-probs renormalized."""
+  lp = scoring['option_logprobs']
+  return labels.option_probability(lp[OPTIONS[0]], lp[OPTIONS[1]])
+
+
+def label_from_logprobs(scorings: Sequence[Mapping], cfg: Any) -> float:
+  """P(response_a is better) from a pair's scorings (the `details` of a samples.jsonl record).
+
+  Each scoring has ``option_logprobs``, ``order`` (0: response_a was option (A), 1: it was (B))
+  and ``k`` (which sampled principle). Per principle, two orders are combined with
+  `labels.debias` and one order is read directly; the principles are averaged
+  (`labels.ensemble`); the result is clamped to [cfg.clamp_lo, cfg.clamp_hi] if cfg.clamp.
+  """
+  if not scorings:
+    raise ValueError('label_from_logprobs needs at least one scoring')
+  by_k: dict[int, dict[int, float]] = {}
+  for s in scorings:
+    order = int(s.get('order', 0))
+    if order not in (0, 1):
+      raise ValueError(f'scoring order must be 0 or 1, got {order}')
+    orders = by_k.setdefault(int(s.get('k', 0)), {})
+    if order in orders:
+      raise ValueError(f'two scorings of principle k={s.get("k", 0)} in order {order}')
+    orders[order] = scoring_probability(s)
+  per_principle = []
+  for orders in by_k.values():
+    if len(orders) == 2:
+      per_principle.append(labels.debias(orders[0], orders[1]))
+    else:
+      ((order, q),) = orders.items()
+      per_principle.append(q if order == 0 else 1.0 - q)
+  p = labels.ensemble(per_principle)
+  if _get(cfg, 'clamp', False):
+    p = labels.clamp(p, _get(cfg, 'clamp_lo', 0.4), _get(cfg, 'clamp_hi', 0.6))
+  return float(p)
+
+
+def _get(cfg, name, default):
+  if isinstance(cfg, Mapping):
+    return cfg.get(name, default)
+  return getattr(cfg, name, default)
+
+
+# ----------------------------------------------------------------------------------------------
+# Option tokenization.
+
+def encode(tokenizer, text: str, fmt: str) -> list[int]:
+  """Token ids of a rendered prompt, as `sampling.generate_responses` encodes them (a rendered
+  chat template already holds its special tokens)."""
+  return list(tokenizer.encode(text, add_special_tokens=fmt == 'transcript'))
+
+
+def option_tokens(tokenizer, prompt: str, options: Sequence[str] = OPTIONS,
+                  fmt: str = 'transcript') -> tuple[list[int], list[list[int]], int]:
+  """(prompt tokens, per-option continuation tokens, boundary_tokens) to score the options.
+
+  Tokenizes ``prompt + option`` whole and splits it after the longest token prefix shared with
+  ``tokenize(prompt)`` (the shortest over the options, so all are scored in the same context).
+  `boundary_tokens` counts prompt tokens that a cross-boundary merge moved into the scored span.
+  """
+  p = encode(tokenizer, prompt, fmt)
+  fulls = [encode(tokenizer, prompt + o, fmt) for o in options]
+  k = min(_common_prefix(p, f) for f in fulls)
+  conts = [f[k:] for f in fulls]
+  if any(not c for c in conts):
+    raise ValueError(f'an option adds no tokens after the prompt: {options!r}')
+  return p[:k], conts, len(p) - k
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+  n = 0
+  for x, y in zip(a, b):
+    if x != y:
+      break
+    n += 1
+  return n
+
+
+# ----------------------------------------------------------------------------------------------
+# Labeling pairs with the feedback model.
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+  """Two responses to one conversation; the label is P(response_a is better)."""
+  id: str
+  conversation: tuple[Turn, ...]  # ends with the human's turn
+  response_a: str
+  response_b: str
+  primary_order: int = 0  # order of the first scoring: 0 shows response_a as (A)
+  # hhh_mc 'file' mode: the given prompt text for order 0 and order 1 (no rendering).
+  file_prompts: tuple[str, str] | None = None
+  file_principle: str = ''
+
+
+@dataclasses.dataclass
+class Labeler:
+  """Scores pairs under the feedback configuration (`config.feedback`)."""
+  pretrained: Any  # checkpoint.Pretrained of the feedback model
+  constitution: constitution_lib.Constitution
+  cfg: Any  # config.feedback
+  fmt: str  # config.conversation_format
+  max_len: int  # longest token sequence built (config.model.max_len)
+  seed: int
+  stage: str  # principle draws are seeded by (seed, pair id, stage)
+  scored_tokens: int = 0  # prompt + option tokens scored so far (throughput)
+
+  def principles(self, pair: Pair) -> list[str]:
+    if pair.file_prompts is not None:
+      return [pair.file_principle]
+    rng = constitution_lib.principle_rng(self.seed, pair.id, self.stage)
+    return constitution_lib.sample_feedback_principles(
+        self.constitution, self.cfg.num_principles, rng, replace=self.cfg.principle_replace)
+
+  def scorings(self, pair: Pair) -> list[dict]:
+    """The scorings of a pair before any model call: principle, order, prompt text."""
+    orders = [pair.primary_order] + ([1 - pair.primary_order] if self.cfg.debias else [])
+    out = []
+    for k, principle in enumerate(self.principles(pair)):
+      for order in orders:
+        if pair.file_prompts is not None:
+          prompt = pair.file_prompts[order]
+        else:
+          a, b = ((pair.response_a, pair.response_b) if order == 0
+                  else (pair.response_b, pair.response_a))
+          prompt = constitution_lib.render_feedback_prompt(
+              self.constitution, pair.conversation, principle, a, b, cot=self.cfg.cot,
+              fmt=self.fmt, tokenizer=self.pretrained.tokenizer)
+        out.append(dict(k=k, principle=principle, order=order, prompt=prompt, cot=None))
+    return out
+
+  def label(self, pairs: Sequence[Pair], seed: int) -> list[list[dict]]:
+    """Scorings (with option log-probs) of every pair; `seed` seeds the CoT sampling."""
+    jobs = [self.scorings(p) for p in pairs]
+    flat = [s for js in jobs for s in js]
+    if self.cfg.cot:
+      self._reason(flat, seed)
+    self._score(flat)
+    return jobs
+
+  def _reason(self, scorings: list[dict], seed: int) -> None:
+    tok = self.pretrained.tokenizer
+    responses = sampling.generate_responses(
+        self.pretrained, [s['prompt'] for s in scorings], fmt=self.fmt,
+        max_new_tokens=self.cfg.cot_max_new_tokens, temperature=self.cfg.cot_temperature,
+        batch_size=self.cfg.batch_size, seed=seed,
+        stop_strings=constitution_lib.feedback_cot_stop_strings(self.fmt, tok),
+        max_prompt_len=self.max_len - self.cfg.cot_max_new_tokens, truncate='left')
+    for s, r in zip(scorings, responses):
+      s['cot'] = r.text.strip()
+      s['prompt'] += constitution_lib.render_feedback_answer_suffix(r.text, self.fmt)
+
+  def _score(self, scorings: list[dict]) -> None:
+    tok, model = self.pretrained.tokenizer, self.pretrained.model
+    limit = min(self.max_len, model.cfg.max_positions)
+    rows = []  # (scoring index, option, prompt ids, continuation ids)
+    for i, s in enumerate(scorings):
+      prompt_ids, conts, boundary = option_tokens(tok, s['prompt'], OPTIONS, self.fmt)
+      keep = limit - max(len(c) for c in conts)
+      if keep < 1:
+        raise StageError(f'model.max_len={self.max_len} leaves no room for a feedback prompt')
+      s['truncated_tokens'] = max(0, len(prompt_ids) - keep)
+      if s['truncated_tokens']:
+        logging.warning('%s: feedback prompt of %d tokens loses its first %d (model.max_len %d)',
+                        self.stage, len(prompt_ids), s['truncated_tokens'], self.max_len)
+        prompt_ids = prompt_ids[-keep:]
+      s['boundary_tokens'] = boundary
+      rows += [(i, o, prompt_ids, c) for o, c in zip(OPTIONS, conts)]
+    # Longest first, so each scoring call holds rows of similar length (tight buckets).
+    rows.sort(key=lambda r: -(len(r[2]) + len(r[3])))
+    logprobs: dict[tuple[int, str], float] = {}
+    step = max(1, int(self.cfg.score_batch_size))
+    for lo in range(0, len(rows), step):
+      batch = rows[lo:lo + step]
+      out = sampling.score(model, [r[2] for r in batch], [r[3] for r in batch])
+      for (i, o, p, c), total in zip(batch, out.total):
+        logprobs[(i, o)] = float(total)
+        self.scored_tokens += len(p) + len(c)
+    for i, s in enumerate(scorings):
+      s['option_logprobs'] = {o: logprobs[(i, o)] for o in OPTIONS}
+      s['p_option_a'] = scoring_probability(s)
+
+
+def feedback_model(ctx):
+  """The feedback model: config.feedback.model_source, '' = the pretrained (helpful) model."""
+  return ctx.load(ctx.config.feedback.model_source or ctx.model_source('helpful'))
+
+
+def check_feedback_config(cfg, what: str = 'config.feedback') -> None:
+  problems = []
+  if cfg.num_principles < 1:
+    problems.append(f'num_principles must be >= 1, got {cfg.num_principles}')
+  if not 0.0 <= cfg.clamp_lo <= cfg.clamp_hi <= 1.0:
+    problems.append(f'need 0 <= clamp_lo <= clamp_hi <= 1, got {cfg.clamp_lo}, {cfg.clamp_hi}')
+  if cfg.empty_response not in ('score', 'skip'):
+    problems.append(f"empty_response must be 'score' or 'skip', got {cfg.empty_response!r}")
+  for field in ('chunk_size', 'batch_size', 'score_batch_size', 'max_new_tokens',
+                'cot_max_new_tokens'):
+    if cfg[field] < 1:
+      problems.append(f'{field} must be >= 1, got {cfg[field]}')
+  if problems:
+    raise StageError(f'{what}: ' + '; '.join(problems))
+
+
+def load_feedback_constitution(ctx, cfg) -> constitution_lib.Constitution:
+  """The constitution with only its first `num_few_shots` feedback few-shots (-1: all)."""
+  c = constitution_lib.load_constitution(ctx.config.constitution)
+  if cfg.num_few_shots >= 0:
+    c = dataclasses.replace(c, feedback_few_shots=c.feedback_few_shots[:cfg.num_few_shots],
+                            feedback_cot_few_shots=c.feedback_cot_few_shots[:cfg.num_few_shots])
+  if not cfg.principle_replace and cfg.num_principles > len(c.feedback_principles):
+    raise StageError(f'config.feedback.num_principles={cfg.num_principles} but the constitution '
+                     f'has {len(c.feedback_principles)} feedback principles; lower it or set '
+                     'config.feedback.principle_replace=True')
+  return c
+
+
+# ----------------------------------------------------------------------------------------------
+# Resumable chunked processing into jsonl files (one per process, merged by process 0).
+
+def _append(f, records: Sequence[dict]) -> None:
+  f.write(''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in records))
+  f.flush()
+  os.fsync(f.fileno())
+
+
+def process_in_chunks(items: Sequence[Any], ids: Sequence[str], path: Path,
+                      fn: Callable[[Sequence[Any], int], list[dict]], *, chunk_size: int,
+                      desc: str, progress: bool = True,
+                      postfix: Callable[[], dict] | None = None) -> dict:
+  """Runs fn(chunk, chunk_index) over this process's chunks, appending its records to `path`.
+
+  Records carry an 'id'; chunks whose ids are all in `path` are skipped, a partly written chunk
+  is redone in full (same inputs, same seeds) and only its missing records are appended.
+  """
+  chunks = [(c, list(range(i, min(i + chunk_size, len(items)))))
+            for c, i in enumerate(range(0, len(items), chunk_size))]
+  mine = data.shard_for_process(chunks)
+  done = {r['id'] for r in sl_cai.read_jsonl(path, repair=True)}
+  total = sum(len(idx) for _, idx in mine)
+  resumed = sum(ids[i] in done for _, idx in mine for i in idx)
+  bar = tqdm(total=total, initial=resumed, desc=desc, unit='pair', dynamic_ncols=True,
+             disable=not progress or total == 0 or jax.process_index() != 0)
+  new = 0
+  with open(path, 'a', encoding='utf-8') as f:
+    for c, idx in mine:
+      missing = [i for i in idx if ids[i] not in done]
+      if not missing:
+        continue
+      results = fn([items[i] for i in idx], c)
+      _append(f, [r for r in results if r['id'] not in done])
+      done.update(r['id'] for r in results)
+      new += len(missing)
+      bar.update(len(missing))
+      if postfix is not None:
+        bar.set_postfix(postfix())
+  bar.close()
+  return {'resumed': resumed, 'new': new}
+
+
+def _part_path(stage_dir: Path, name: str) -> Path:
+  pc = jax.process_count()
+  return stage_dir / (f'{name}.jsonl' if pc == 1 else f'{name}.{jax.process_index()}.jsonl')
+
+
+def merge_parts(stage_dir: Path, name: str, ids: Sequence[str], stage: str) -> list[dict]:
+  """Gathers `name`.jsonl / `name`.<p>.jsonl into `ids` order and writes `name`.jsonl."""
+  pc = jax.process_count()
+  files = ([stage_dir / f'{name}.jsonl'] if pc == 1 else
+           [stage_dir / f'{name}.{p}.jsonl' for p in range(pc)])
+  by_id = {}
+  for path in files:
+    for r in sl_cai.read_jsonl(path):
+      by_id.setdefault(r['id'], r)
+  missing = [i for i in ids if i not in by_id]
+  if missing:
+    raise StageError(f'{stage}: {len(missing)} records missing from {name}.jsonl '
+                     f'(e.g. {missing[0]!r}); rerun the same command to resume')
+  merged = [by_id[i] for i in ids]
+  tmp = stage_dir / f'{name}.jsonl.tmp{os.getpid()}'
+  tmp.write_text(''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in merged),
+                 encoding='utf-8')
+  os.replace(tmp, stage_dir / f'{name}.jsonl')
+  return merged
+
+
+def _throughput(labeler: Labeler, t0: float) -> Callable[[], dict]:
+  return lambda: {'scored_tok_s': f'{labeler.scored_tokens / max(time.time() - t0, 1e-9):.0f}'}
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage `feedback`.
+
+def label_chunk(records: Sequence[dict], chunk: int, *, policy, labeler: Labeler, cfg, fmt: str,
+                seed: int) -> list[dict]:
+  """Two sampled responses per prompt, then their labels."""
+  def chunk_seed(step):
+    return sl_cai.chunk_seed(seed, _RESPONSE_STREAM, chunk, step)
+
+  convs = [[(HUMAN, r['prompt'])] for r in records]
+  samples = [sampling.generate_responses(
+      policy, convs, fmt=fmt, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+      top_k=cfg.top_k or None, top_p=cfg.top_p if cfg.top_p < 1.0 else None,
+      batch_size=cfg.batch_size, seed=chunk_seed(step),
+      max_prompt_len=labeler.max_len - cfg.max_new_tokens) for step in (0, 1)]
+  out, pairs = [], []
+  for r, conv, a, b in zip(records, convs, *samples):
+    text_a, text_b = a.text.strip(), b.text.strip()
+    flags = ([] if text_a != text_b else ['identical']) + (['empty_a'] if not text_a else []) + (
+        ['empty_b'] if not text_b else [])
+    if (not text_a or not text_b) and 'identical' not in flags and cfg.empty_response == 'skip':
+      flags.append('skipped')
+    rec = dict(id=r['id'], source=r.get('source', ''), prompt=r['prompt'], response_a=text_a,
+               response_b=text_b, p_a=None, flags=flags,
+               finish_reasons=[a.finish_reason, b.finish_reason], details=[])
+    if 'identical' in flags:
+      rec['p_a'] = 0.5  # by construction: nothing to prefer
+    elif 'skipped' not in flags:
+      pairs.append((rec, Pair(r['id'], tuple(conv), text_a, text_b)))
+    out.append(rec)
+  scored = labeler.label([p for _, p in pairs], chunk_seed(2))
+  for (rec, _), scorings in zip(pairs, scored):
+    rec['details'] = scorings
+    rec['p_a'] = label_from_logprobs(scorings, cfg)
+  return out
+
+
+def load_preferences(stage_dir: str | os.PathLike) -> list[dict]:
+  """The labeled pairs of a finished feedback stage: {id, prompt, response_a, response_b, p_a,
+  flags}, from the TFDS dataset (or samples.jsonl when it was not written)."""
+  stage_dir = Path(stage_dir)
+  if (data.dataset_dir(DATASET, stage_dir / 'tfds') / 'dataset_info.json').is_file():
+    return data.read_records_dataset(DATASET, stage_dir / 'tfds', split='train')
+  return [_preference(r) for r in sl_cai.read_jsonl(stage_dir / 'samples.jsonl')
+          if 'skipped' not in r['flags']]
+
+
+def _preference(r: dict) -> dict:
+  return {k: r[k] for k in ('id', 'prompt', 'response_a', 'response_b', 'p_a', 'flags')}
+
+
+def run(ctx, stage_dir: Path) -> dict:
+  t0 = time.time()
+  cfg = ctx.config.feedback
+  check_feedback_config(cfg)
+  ctx.require('sft', STAGE)
+  if cfg.num_prompts == 0 or cfg.num_prompts < -1 or cfg.prompt_offset < 0:
+    raise StageError(f'config.{STAGE}: num_prompts must be -1 (all) or >= 1 and prompt_offset '
+                     f'>= 0, got {cfg.num_prompts}, {cfg.prompt_offset}')
+  constitution = load_feedback_constitution(ctx, cfg)
+  prompts = sl_cai.redteam_prompts(ctx)['train'][cfg.prompt_offset:]
+  prompts = prompts if cfg.num_prompts < 0 else prompts[:cfg.num_prompts]
+  if not prompts:
+    raise StageError(f'{STAGE}: no red-team train prompts after prompt_offset={cfg.prompt_offset}')
+
+  fmt, seed = ctx.config.conversation_format, ctx.config.seed
+  policy = ctx.load(ctx.model_source('sl_cai'))
+  labeler = Labeler(feedback_model(ctx), constitution, cfg, fmt, ctx.config.model.max_len, seed,
+                    STAGE)
+  stage_dir.mkdir(parents=True, exist_ok=True)
+  ids = [r['id'] for r in prompts]
+  progress = process_in_chunks(
+      prompts, ids, _part_path(stage_dir, 'samples'),
+      lambda chunk, c: label_chunk(chunk, c, policy=policy, labeler=labeler, cfg=cfg, fmt=fmt,
+                                   seed=seed),
+      chunk_size=cfg.chunk_size, desc='feedback',
+      progress=cfg.progress, postfix=_throughput(labeler, t0))
+  _barrier(f'{STAGE}-labeled')
+  if jax.process_index() != 0:
+    _barrier(f'{STAGE}-merged')
+    return {}
+  samples = merge_parts(stage_dir, 'samples', ids, STAGE)
+  labeled = [_preference(r) for r in samples if 'skipped' not in r['flags']]
+  if cfg.write_tfds:
+    data.write_records_dataset({'train': labeled}, DATASET, stage_dir / 'tfds',
+                               description='AI-feedback preference pairs (p_a = P(a is better))')
+  _barrier(f'{STAGE}-merged')
+  p = np.array([r['p_a'] for r in labeled], np.float64)
+  count = lambda flag: sum(flag in r['flags'] for r in samples)  # noqa: E731
+  summary = dict(
+      pairs=len(samples), labeled=len(labeled), identical=count('identical'),
+      empty=sum(bool({'empty_a', 'empty_b'} & set(r['flags'])) for r in samples),
+      skipped=count('skipped'),
+      mean_p_a=round(float(p.mean()), 4) if p.size else None,
+      frac_a_preferred=round(float(np.mean(p > 0.5)), 4) if p.size else None,
+      scorings=sum(len(r['details']) for r in samples), resumed_pairs=progress['resumed'],
+      seconds=round(time.time() - t0, 2))
+  print(f'{STAGE}: ' + ', '.join(f'{k} {v}' for k, v in summary.items()), flush=True)
+  return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage `evaluate_feedback`: labeled comparisons.
+
+_HHH_OPTIONS = re.compile(r'( \(A\) \[\[\[)(.*?)(\]\]\]\n \(B\) \[\[\[)(.*?)(\]\]\])', re.S)
+_HHH_PRINCIPLE = re.compile(r'\n\n\n?([^\n]*?)\s*Options:\n \(A\)')
+
+
+class MalformedLine(ValueError):
+  pass
+
+
+def _turns(value: Any) -> tuple[Turn, ...]:
+  if isinstance(value, str):
+    turns = conversation.parse_transcript(value)
+    if not turns and value.strip():
+      turns = [(HUMAN, value.strip())]  # a bare request without transcript labels
+  elif isinstance(value, list):
+    turns = []
+    for t in value:
+      if not (isinstance(t, (list, tuple)) and len(t) == 2 and t[0] in (HUMAN, ASSISTANT)
+              and isinstance(t[1], str)):
+        raise MalformedLine(f'conversation turn {t!r} is not ["human"|"assistant", text]')
+      turns.append((t[0], t[1].strip()))
+  else:
+    raise MalformedLine('"conversation" must be a transcript string or a list of turns')
+  if not turns or turns[-1][0] != HUMAN:
+    raise MalformedLine('the conversation must end with the human\'s turn (the responses '
+                        'answer it)')
+  return tuple(turns)
+
+
+def _string(record: dict, key: str) -> str:
+  if not isinstance(record.get(key), str) or not record[key].strip():
+    raise MalformedLine(f'"{key}" must be a non-empty string')
+  return record[key]
+
+
+def parse_generic(record: dict, line: int) -> Pair:
+  """{"conversation": transcript | [[role, text], ...], "chosen": str, "rejected": str}."""
+  turns = _turns(record.get('conversation'))
+  chosen, rejected = _string(record, 'chosen').strip(), _string(record, 'rejected').strip()
+  if chosen == rejected:
+    raise MalformedLine('"chosen" and "rejected" are identical')
+  return Pair(str(record.get('id', f'line{line}')), turns, chosen, rejected)
+
+
+def parse_hhh(record: dict, line: int, mode: str) -> Pair:
+  """The paper's 438HHHEvaluations.jsonl: prompt, corrects, incorrects, text_correct/incorrect.
+
+  response_a is the correct (chosen) reply. 'render' rebuilds the conversation and replies from
+  text_correct/text_incorrect for our prompts; 'file' scores the given prompt as-is (order of
+  the file), and its options swapped for debiasing.
+  """
+  correct, incorrect = record.get('corrects'), record.get('incorrects')
+  if (not isinstance(correct, list) or not isinstance(incorrect, list)
+          or sorted(correct + incorrect) != sorted(OPTIONS)):
+    raise MalformedLine(f'"corrects"/"incorrects" must be [" (A)"]/[" (B)"] or the reverse, got '
+                        f'{correct!r}/{incorrect!r}')
+  ta = conversation.parse_transcript(_string(record, 'text_correct'))
+  tb = conversation.parse_transcript(_string(record, 'text_incorrect'))
+  if len(ta) < 2 or len(tb) < 2 or ta[-1][0] != ASSISTANT or tb[-1][0] != ASSISTANT:
+    raise MalformedLine('text_correct/text_incorrect must be transcripts ending with the '
+                        'assistant\'s reply')
+  if ta[:-1] != tb[:-1]:
+    raise MalformedLine('text_correct and text_incorrect differ before their last reply')
+  primary = 0 if correct == [OPTIONS[0]] else 1
+  pair = Pair(f'line{line}', tuple(ta[:-1]), ta[-1][1], tb[-1][1], primary)
+  if mode == 'render':
+    return pair
+  prompt = _string(record, 'prompt')
+  m, principle = _HHH_OPTIONS.search(prompt), _HHH_PRINCIPLE.search(prompt)
+  if not m or not principle:
+    raise MalformedLine('"prompt" lacks the "<principle> Options:\\n (A) [[[...]]]\\n (B) '
+                        '[[[...]]]" layout')
+  swapped = prompt[:m.start()] + m[1] + m[4] + m[3] + m[2] + m[5] + prompt[m.end():]
+  # Order 0 shows response_a (correct) as (A).
+  prompts = (prompt, swapped) if primary == 0 else (swapped, prompt)
+  return dataclasses.replace(pair, file_prompts=prompts, file_principle=principle[1].strip())
+
+
+def read_comparisons(path: str | os.PathLike, fmt: str, *, limit: int = 0,
+                     on_malformed: str = 'fail', hhh_prompt: str = 'render'
+                     ) -> tuple[list[Pair], list[dict]]:
+  """(the first `limit` comparisons (0: all), malformed lines [{line, error}])."""
+  if fmt not in ('generic', 'hhh_mc'):
+    raise StageError(f"config.{EVAL_STAGE}.format must be 'generic' or 'hhh_mc', got {fmt!r}")
+  if on_malformed not in ('skip', 'fail'):
+    raise StageError(f"config.{EVAL_STAGE}.on_malformed must be 'skip' or 'fail', got "
+                     f'{on_malformed!r}')
+  if hhh_prompt not in ('render', 'file'):
+    raise StageError(f"config.{EVAL_STAGE}.hhh_prompt must be 'render' or 'file', got "
+                     f'{hhh_prompt!r}')
+  pairs, malformed = [], []
+  with open(path, encoding='utf-8') as f:
+    for line_no, line in enumerate(f, start=1):
+      if limit and len(pairs) >= limit:
+        break
+      if not line.strip():
+        continue
+      try:
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise MalformedLine(f'not JSON ({e})') from None
+        if not isinstance(record, dict):
+          raise MalformedLine(f'expected a JSON object, got {type(record).__name__}')
+        pair = (parse_generic(record, line_no) if fmt == 'generic'
+                else parse_hhh(record, line_no, hhh_prompt))
+      except MalformedLine as e:
+        if on_malformed == 'fail':
+          raise StageError(f'{path}:{line_no}: malformed {fmt} comparison: {e} (set '
+                           f"config.{EVAL_STAGE}.on_malformed=skip to skip such lines)") from None
+        logging.warning('%s:%d: skipping malformed %s comparison: %s', path, line_no, fmt, e)
+        malformed.append({'line': line_no, 'error': str(e)})
+        continue
+      pairs.append(pair)
+  ids = [p.id for p in pairs]
+  if len(set(ids)) != len(ids):
+    raise StageError(f'{path}: comparison ids are not unique')
+  return pairs, malformed
+
+
+def comparisons_path(cfg) -> Path:
+  if cfg.comparisons:
+    path = Path(cfg.comparisons)
+    if not path.is_file():
+      raise StageError(f'config.{EVAL_STAGE}.comparisons: no such file {path}')
+    return path
+  if not PAPER_HHH.is_file():
+    raise StageError(f"config.{EVAL_STAGE}.comparisons is '' (the paper's HHH comparisons), but "
+                     f'{PAPER_HHH} does not exist; pass a JSONL file with '
+                     f'--config.{EVAL_STAGE}.comparisons=PATH (and .format=generic for '
+                     '{"conversation", "chosen", "rejected"} records)')
+  return PAPER_HHH
+
+
+def evaluate_chunk(pairs: Sequence[Pair], chunk: int, *, labeler: Labeler, seed: int
+                   ) -> list[dict]:
+  out = []
+  scored = labeler.label(pairs, sl_cai.chunk_seed(seed, _EVAL_STREAM, chunk, 0))
+  for pair, scorings in zip(pairs, scored):
+    p_chosen = label_from_logprobs(scorings, labeler.cfg)  # response_a is the chosen reply
+    for s in scorings:
+      s['chosen_option'] = OPTIONS[s['order']]
+    out.append(dict(id=pair.id, correct=labels.hard_label(p_chosen), p_chosen=p_chosen,
+                    chosen_first=pair.primary_order == 0, scorings=scorings))
+  return out
+
+
+def _randomize_sides(pairs: Sequence[Pair], seed: int) -> list[Pair]:
+  """A seeded coin per comparison puts the chosen reply first or second (rendered prompts)."""
+  return [dataclasses.replace(p, primary_order=int(
+      constitution_lib.principle_rng(seed, p.id, f'{EVAL_STAGE}/side').integers(2)))
+      for p in pairs]
+
+
+def run_evaluate_feedback(ctx, stage_dir: Path) -> dict:
+  t0 = time.time()
+  ecfg, cfg = ctx.config.evaluate_feedback, ctx.config.feedback
+  check_feedback_config(cfg)
+  path = comparisons_path(ecfg)
+  file_mode = ecfg.format == 'hhh_mc' and ecfg.hhh_prompt == 'file'
+  if file_mode and (cfg.cot or cfg.num_principles > 1):
+    raise StageError(f"config.{EVAL_STAGE}.hhh_prompt='file' scores the file's own zero-shot "
+                     'prompt (one principle, no chain of thought); use hhh_prompt=render for '
+                     'feedback.num_principles > 1 or feedback.cot')
+  pairs, malformed = read_comparisons(path, ecfg.format, limit=ecfg.limit,
+                                      on_malformed=ecfg.on_malformed, hhh_prompt=ecfg.hhh_prompt)
+  if not pairs:
+    raise StageError(f'{EVAL_STAGE}: no usable comparisons in {path}')
+  if not file_mode:
+    # The file's own order is kept in 'file' mode (the paper's file balances A/B already).
+    pairs = _randomize_sides(pairs, ctx.config.seed)
+  constitution = (constitution_lib.load_constitution(ctx.config.constitution) if file_mode
+                  else load_feedback_constitution(ctx, cfg))
+  labeler = Labeler(feedback_model(ctx), constitution, cfg, ctx.config.conversation_format,
+                    ctx.config.model.max_len, ctx.config.seed, EVAL_STAGE)
+  stage_dir.mkdir(parents=True, exist_ok=True)
+  ids = [p.id for p in pairs]
+  process_in_chunks(
+      pairs, ids, _part_path(stage_dir, 'records'),
+      lambda chunk, c: evaluate_chunk(chunk, c, labeler=labeler, seed=ctx.config.seed),
+      chunk_size=ecfg.chunk_size, desc='evaluate_feedback', progress=cfg.progress, postfix=_throughput(labeler, t0))
+  _barrier(f'{EVAL_STAGE}-scored')
+  if jax.process_index() != 0:
+    _barrier(f'{EVAL_STAGE}-merged')
+    return {}
+  records = merge_parts(stage_dir, 'records', ids, EVAL_STAGE)
+  summary = summarize(records, n_bins=ecfg.ece_bins)
+  summary.update(
+      comparisons=str(path), format=ecfg.format, hhh_prompt=ecfg.hhh_prompt,
+      n_malformed=len(malformed), malformed=malformed[:50],
+      feedback_model=cfg.model_source or ctx.config.model.source,
+      options=dict(num_principles=cfg.num_principles, debias=cfg.debias, cot=cfg.cot,
+                   clamp=cfg.clamp, clamp_range=[cfg.clamp_lo, cfg.clamp_hi]),
+      seconds=round(time.time() - t0, 2))
+  plot_reliability(summary, stage_dir / 'reliability.png')
+  (stage_dir / 'summary.json').write_text(json.dumps(summary, indent=1) + '\n')
+  _barrier(f'{EVAL_STAGE}-merged')
+  print(f'{EVAL_STAGE}: accuracy {summary["accuracy"]:.4f} (n {summary["n"]}), ECE '
+        f'{summary["ece"]:.4f}, {summary["seconds"]:.0f} s', flush=True)
+  return {k: summary[k] for k in ('accuracy', 'n', 'ece', 'n_malformed', 'seconds')}
+
+
+def summarize(records: Sequence[dict], n_bins: int = 10) -> dict:
+  """Accuracy (ties count 1/2), and calibration of P(first-shown reply is better) against the
+  truth. Using the first-shown reply (not the chosen one) keeps both outcomes in the diagram."""
+  p_chosen = np.array([r['p_chosen'] for r in records], np.float64)
+  first = np.array([r['chosen_first'] for r in records], bool)
+  p_first = np.where(first, p_chosen, 1.0 - p_chosen)
+  outcome = first.astype(np.float64)
+  bins = labels.reliability_bins(p_first, outcome, n_bins)
+  return dict(
+      accuracy=float(np.mean([r['correct'] for r in records])), n=len(records),
+      ece=labels.expected_calibration_error(p_first, outcome, n_bins), ece_bins=n_bins,
+      mean_p_chosen=float(p_chosen.mean()),
+      # Position bias: how often the first-shown reply is preferred (truth: mean of outcome).
+      frac_first_preferred=float(np.mean(p_first > 0.5)), frac_chosen_first=float(outcome.mean()),
+      reliability=[dict(mean_p=None if c == 0 else m, frac=None if c == 0 else f, count=c)
+                   for m, f, c in bins])
+
+
+def plot_reliability(summary: dict, path: Path) -> None:
+  """Reliability diagram: observed frequency against mean predicted probability per bin."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  bins = [b for b in summary['reliability'] if b['count']]
+  fig, ax = plt.subplots(figsize=(4.5, 4.5))
+  ax.plot([0, 1], [0, 1], ls='--', c='gray', lw=1, label='perfect calibration')
+  if bins:
+    ax.plot([b['mean_p'] for b in bins], [b['frac'] for b in bins], marker='o', label='labels')
+    for b in bins:
+      ax.annotate(str(b['count']), (b['mean_p'], b['frac']), fontsize=7,
+                  textcoords='offset points', xytext=(3, 3))
+  ax.set(xlim=(0, 1), ylim=(0, 1), xlabel='P(first-shown reply is better)',
+         ylabel='fraction where it is',
+         title=f'accuracy {summary["accuracy"]:.3f}, ECE {summary["ece"]:.3f}, n {summary["n"]}')
+  ax.legend(loc='upper left', fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

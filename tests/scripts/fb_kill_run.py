@@ -1,0 +1,41 @@
+"""Runs `python -m cai_jax.main ARGS...` and kill -9s itself halfway through writing chunk N.
+
+  python tests/scripts/fb_kill_run.py N --config configs/tiny.py --workdir W ...
+
+Used by tests/test_feedback.py: the process dies by SIGKILL (no cleanup, no atexit) after the
+first N - 1 chunks were appended and fsynced and half of chunk N's text reached the file, which
+is the worst case a resumed run must repair (a torn last line).
+"""
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from absl import app  # noqa: E402
+
+from cai_jax import feedback, main  # noqa: E402
+
+
+def _append_then_die(kill_at: int):
+  calls = [0]
+  append = feedback._append
+
+  def wrapped(f, records):
+    calls[0] += 1
+    if calls[0] < kill_at:
+      return append(f, records)
+    text = ''.join(feedback.json.dumps(r, ensure_ascii=False) + '\n' for r in records)
+    f.write(text[:len(text) // 2])
+    f.flush()
+    os.fsync(f.fileno())
+    os.kill(os.getpid(), signal.SIGKILL)
+
+  return wrapped
+
+
+if __name__ == '__main__':
+  feedback._append = _append_then_die(int(sys.argv[1]))
+  app.run(main.main, argv=[sys.argv[0]] + sys.argv[2:])
