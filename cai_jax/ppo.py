@@ -1,0 +1,557 @@
+"""Stage `ppo`: RL-CAI, PPO of the SL-CAI policy against the preference model (paper section 4).
+
+One PPO step follows a batch of prompts from sampling to update:
+
+1. prompts: red-team and helpful train prompts, mixed by `ppo.helpful_fraction`, rendered in
+   `config.conversation_format`;
+2. rollout: `sampling.generate` samples a response per prompt from the current policy;
+3. reward: the PM scores each rendered (prompt, response) (or the toy synthetic reward), with
+   a penalty for responses cut at `max_new_tokens`, optionally normalized and clipped;
+4. one jitted forward gives the policy's log-probs (the "old" log-probs), the frozen reference's
+   log-probs and the value estimates; the per-token reward is -beta * KL(policy || reference)
+   plus the score at the last token (rl.per_token_rewards); GAE and whitening give advantages;
+5. `epochs` x `minibatches` jitted updates of the clipped policy loss, the clipped value loss
+   and an entropy bonus, with separate AdamW optimizers for the policy and the value function;
+6. the adaptive KL controller (if on) moves beta toward its target.
+
+Old log-probs are recomputed by a training-layout forward rather than taken from the sampler:
+the sampler's values come from the cached decode (a different computation order, and the raw
+logits before temperature), so the first update's ratio would not be exactly 1. The forward
+is needed for the values and reference log-probs anyway; `logprob_gap` in the metrics reports
+how far the sampler's log-probs were from it (at temperature 1).
+
+Outputs in the stage directory: `metrics.jsonl` + `tb/` (per step), `samples.jsonl` (every
+`sample_every` steps), `checkpoints/` (orbax; resumed automatically) and `export/` (the
+RL-CAI policy as an HF directory).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from cai_jax import checkpoint, conversation, rl, sampling, sharding, stages, train_lib
+from cai_jax.conversation import HUMAN
+from cai_jax.model import Decoder, ScalarHeadModel
+
+SAMPLES_FILE = 'samples.jsonl'
+_REDTEAM_STREAM, _HELPFUL_STREAM, _SAMPLING_STREAM = 0, 1, 2  # seed streams
+
+
+class PPOError(stages.StageError):
+  """A PPO run that cannot go on: bad models or config, no prompts, a non-finite loss."""
+
+
+# ---- prompts -------------------------------------------------------------------------------------
+
+
+def step_prompts(redteam: Sequence[dict], helpful: Sequence[dict], step: int, batch_size: int,
+                 helpful_fraction: float, seed: int) -> list[dict]:
+  """The prompt records of PPO step `step`: a pure function of the step, so resuming is free.
+
+  Each stream (red-team, helpful) is read in order of a fresh seeded permutation per pass.
+  """
+  n_helpful = int(round(batch_size * helpful_fraction))
+  out = []
+  for stream, items, n in ((_REDTEAM_STREAM, redteam, batch_size - n_helpful),
+                           (_HELPFUL_STREAM, helpful, n_helpful)):
+    for i in range(step * n, (step + 1) * n):
+      epoch, j = divmod(i, len(items))
+      order = np.random.default_rng([seed, stream, epoch]).permutation(len(items))
+      out.append(items[order[j]])
+  return out
+
+
+def encode_prompt(prompt: str, tokenizer, fmt: str, max_tokens: int) -> list[int]:
+  """The rendered one-turn prompt's ids (as the sft stage encodes them); long prompts keep their end."""
+  text = conversation.render([(HUMAN, prompt)], fmt, tokenizer)
+  return list(tokenizer(text, add_special_tokens=False)['input_ids'])[-max_tokens:]
+
+
+# ---- rewards -------------------------------------------------------------------------------------
+
+
+def synthetic_scores(responses: Sequence[Sequence[int]], token_id: int, max_new_tokens: int
+                     ) -> np.ndarray:
+  """The toy reward: the share of the response budget spent on one chosen token, in [0, 1]."""
+  return np.array([sum(t == token_id for t in r) / max_new_tokens for r in responses], np.float32)
+
+
+def shape_scores(scores: np.ndarray, truncated: np.ndarray, cfg, reward_stats: dict
+                 ) -> tuple[np.ndarray, dict]:
+  """Scores -> the reward at each response's last token, and the updated running stats.
+
+  Normalization (running mean/std) and clipping act on the score; the truncation penalty is
+  applied after them, so it is in the same units whatever the PM's scale.
+  """
+  rewards = jnp.asarray(scores, jnp.float32)
+  if cfg.reward_normalize:
+    rewards, reward_stats = rl.normalize_rewards(rewards, reward_stats)
+  rewards = rl.clip_rewards(rewards, cfg.reward_clip if cfg.reward_clip > 0 else None)
+  rewards = np.asarray(rewards, np.float32)
+  if cfg.truncation_mode == 'add':
+    rewards = rewards + np.float32(cfg.truncation_penalty) * truncated
+  elif cfg.truncation_mode == 'replace':
+    rewards = np.where(truncated, np.float32(cfg.truncation_penalty), rewards)
+  return rewards.astype(np.float32), reward_stats
+
+
+# ---- the learner ---------------------------------------------------------------------------------
+
+
+def response_logits(policy: Decoder, tokens, positions, key_mask, prompt_len: int,
+                    temperature: float, hidden=None):
+  """Logits [B, R, V] / temperature that predict the response tokens tokens[:, prompt_len:].
+
+  Only the R response positions go through the LM head (the [B, T, V] logits never exist).
+  """
+  if hidden is None:
+    hidden, _ = policy.hidden(tokens, positions, key_mask)
+  return policy.logits_from_hidden(hidden[:, prompt_len - 1:-1]) / temperature
+
+
+def token_logprobs(logits, targets):
+  """log softmax(logits)[targets]: [B, R, V], [B, R] -> [B, R] (float32)."""
+  logits = logits.astype(jnp.float32)
+  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+class ActorCritic(nnx.Module):
+  """The PPO learner: the policy LM and the value function V(prefix).
+
+  The value function is its own ScalarHeadModel, or (`shared_trunk`) a head on the policy's
+  trunk: then `value.trunk is policy`, and nnx keeps the shared parameters once, under 'policy',
+  so the 'value' part of the parameters is only the head.
+  """
+
+  def __init__(self, policy: Decoder, value: ScalarHeadModel):
+    self.policy = policy
+    self.value = value
+
+  def __call__(self, tokens, positions, key_mask, prompt_len: int, temperature: float):
+    """(logits [B, R, V] of the response tokens, values [B, R] of the states before them)."""
+    hidden, _ = self.policy.hidden(tokens, positions, key_mask)
+    logits = response_logits(self.policy, tokens, positions, key_mask, prompt_len, temperature,
+                             hidden)
+    if self.value.trunk is self.policy:
+      values = self.value.values_from_hidden(hidden)
+    else:
+      values = self.value.values(tokens, positions, key_mask)
+    return logits, values[:, prompt_len - 1:-1]
+
+
+def per_model_optimizer(txs: dict[str, optax.GradientTransformation]) -> optax.GradientTransformation:
+  """One optax optimizer per top-level part of the parameters ('policy', 'value').
+
+  Unlike optax.multi_transform, each part's state holds only its own parameters, so it is laid
+  out (and checkpointed) like them.
+  """
+
+  def init(params):
+    return {k: tx.init(params[k]) for k, tx in txs.items()}
+
+  def update(grads, state, params=None):
+    updates, new_state = nnx.State({}), {}
+    for k, tx in txs.items():
+      updates[k], new_state[k] = tx.update(grads[k], state[k], None if params is None else params[k])
+    return updates, new_state
+
+  return optax.GradientTransformation(init, update)
+
+
+def make_loss_fn(cfg):
+  """The per-update loss `(ActorCritic, minibatch) -> (loss, aux)` for train_lib.make_train_step.
+
+  minibatch: tokens, positions, key_mask [B, P + R] (left-padded prompt, right-padded response);
+  response_mask, old_logp, old_values, advantages, returns [B, R].
+  """
+  temperature = float(cfg.temperature)
+
+  def loss_fn(ac: ActorCritic, batch):
+    mask = batch['response_mask']
+    prompt_len = batch['tokens'].shape[1] - mask.shape[1]
+    logits, values = ac(batch['tokens'], batch['positions'], batch['key_mask'], prompt_len,
+                        temperature)
+    logp = token_logprobs(logits, batch['tokens'][:, prompt_len:])
+    policy_loss, policy_aux = rl.ppo_policy_loss(logp, batch['old_logp'], batch['advantages'],
+                                                 mask, cfg.clip_eps)
+    value_loss, value_aux = rl.ppo_value_loss(values, batch['old_values'], batch['returns'], mask,
+                                              cfg.value_clip_eps)
+    entropy = rl.entropy_from_logits(logits, mask)
+    loss = policy_loss + cfg.value_coef * value_loss - cfg.entropy_coef * entropy
+    return loss, dict(policy_loss=policy_loss, value_loss=value_loss, entropy=entropy,
+                      **policy_aux, **value_aux)
+
+  return loss_fn
+
+
+def make_rollout_fn(graphdef, ref_graphdef, cfg):
+  """The jitted rollout forward: old log-probs, reference log-probs, values, rewards, advantages.
+
+  `(params, ref_params, batch, final_rewards [B], kl_coef) -> dict` of [B, R] arrays and scalars.
+  """
+  temperature = float(cfg.temperature)
+
+  @jax.jit
+  def rollout_fn(params, ref_params, batch, final_rewards, kl_coef):
+    mask = batch['response_mask']
+    prompt_len = batch['tokens'].shape[1] - mask.shape[1]
+    targets = batch['tokens'][:, prompt_len:]
+    inputs = (batch['tokens'], batch['positions'], batch['key_mask'])
+    logits, values = nnx.merge(graphdef, params)(*inputs, prompt_len, temperature)
+    logp = token_logprobs(logits, targets)
+    ref_logits = response_logits(nnx.merge(ref_graphdef, ref_params), *inputs, prompt_len,
+                                 temperature)
+    ref_logp = token_logprobs(ref_logits, targets)
+    rewards = rl.per_token_rewards(final_rewards, logp, ref_logp, mask, kl_coef, cfg.kl.estimator)
+    advantages, returns = rl.gae(rewards, values, mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+      advantages = rl.masked_whiten(advantages, mask)
+    # KL per response (sum over its tokens), averaged over responses: k3 (>= 0) is reported and
+    # steers the adaptive controller; the penalty is what the reward actually subtracted.
+    kl_per_response = rl.masked_sum(rl.kl_penalty(logp, ref_logp, 'k3'), mask, axis=1)
+    kl_penalty = kl_coef * rl.masked_sum(rl.kl_penalty(logp, ref_logp, cfg.kl.estimator), mask,
+                                         axis=1).mean()
+    return dict(old_logp=logp * mask, old_values=values * mask, advantages=advantages,
+                returns=returns, kl=kl_per_response.mean(), kl_per_response=kl_per_response,
+                kl_penalty=kl_penalty,
+                explained_variance=rl.explained_variance(values, returns, mask),
+                value_mean=rl.masked_mean(values, mask), return_mean=rl.masked_mean(returns, mask))
+
+  return rollout_fn
+
+
+# ---- rollouts ------------------------------------------------------------------------------------
+
+
+def pack_rollout(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *,
+                 prompt_len: int, response_len: int, pad_id: int) -> dict[str, np.ndarray]:
+  """The training layout of a rollout batch: [left-padded prompt | right-padded response].
+
+  tokens, positions (cumsum of the mask - 1, so a row's first real token is at 0), key_mask
+  [B, prompt_len + response_len]; response_mask [B, response_len] (1 on generated tokens,
+  including the stop token that ended the response: choosing to stop is an action too).
+  """
+  b = len(prompts)
+  tokens = np.full((b, prompt_len + response_len), pad_id, np.int32)
+  key_mask = np.zeros(tokens.shape, bool)
+  for i, (p, r) in enumerate(zip(prompts, responses)):
+    tokens[i, prompt_len - len(p):prompt_len] = p
+    tokens[i, prompt_len:prompt_len + len(r)] = r
+    key_mask[i, prompt_len - len(p):prompt_len + len(r)] = True
+  positions = np.maximum(np.cumsum(key_mask, axis=1) - 1, 0).astype(np.int32)
+  return dict(tokens=tokens, positions=positions, key_mask=key_mask,
+              response_mask=key_mask[:, prompt_len:].astype(np.float32))
+
+
+def _local_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  n, p = jax.process_count(), jax.process_index()
+  return {k: np.split(v, n)[p] for k, v in batch.items()}
+
+
+def _device_batch(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+  return sharding.global_batch(_local_rows(batch))
+
+
+def _seed(*parts: int) -> int:
+  return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+# ---- setup ---------------------------------------------------------------------------------------
+
+
+def _check_config(cfg, max_len: int) -> int:
+  """Problems with config.ppo as one error; returns the prompt token budget."""
+  problems = []
+  if cfg.reward not in ('pm', 'synthetic'):
+    problems.append(f"reward must be 'pm' or 'synthetic', got {cfg.reward!r}")
+  if cfg.truncation_mode not in ('add', 'replace', 'none'):
+    problems.append(f"truncation_mode must be 'add', 'replace' or 'none', got {cfg.truncation_mode!r}")
+  for field in ('steps', 'batch_size', 'max_new_tokens', 'epochs', 'minibatches', 'max_prompt_tokens'):
+    if cfg[field] < 1:
+      problems.append(f'{field} must be >= 1, got {cfg[field]}')
+  if cfg.minibatches >= 1 and cfg.batch_size % cfg.minibatches:
+    problems.append(f'batch_size {cfg.batch_size} does not split into {cfg.minibatches} minibatches')
+  if not 0.0 <= cfg.helpful_fraction <= 1.0:
+    problems.append(f'helpful_fraction must be in [0, 1], got {cfg.helpful_fraction}')
+  if not cfg.temperature > 0:
+    problems.append(f'temperature must be > 0 (PPO samples from the policy), got {cfg.temperature}')
+  if cfg.kl.adaptive and not (cfg.kl.target > 0 and cfg.kl.horizon > 0):
+    problems.append('an adaptive KL controller needs kl.target > 0 and kl.horizon > 0')
+  max_prompt_tokens = min(cfg.max_prompt_tokens, max_len - cfg.max_new_tokens)
+  if max_prompt_tokens < 1:
+    problems.append(f'max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in '
+                    f'config.model.max_len={max_len}')
+  if problems:
+    raise PPOError('config.ppo: ' + '; '.join(problems))
+  return max_prompt_tokens
+
+
+def _prompt_pools(ctx, cfg) -> tuple[list[dict], list[dict]]:
+  """The red-team and helpful train splits (only those the mix draws from)."""
+  from cai_jax import sl_cai  # the stage module that owns config.data's prompt splits
+
+  redteam = sl_cai.redteam_prompts(ctx)['train'] if cfg.helpful_fraction < 1 else []
+  helpful = sl_cai.helpful_prompts(ctx)['train'] if cfg.helpful_fraction > 0 else []
+  n_helpful = int(round(cfg.batch_size * cfg.helpful_fraction))
+  for name, items, n in (('red-team', redteam, cfg.batch_size - n_helpful), ('helpful', helpful, n_helpful)):
+    if n and not items:
+      raise PPOError(f'ppo: the {name} train split is empty, but ppo.helpful_fraction='
+                     f'{cfg.helpful_fraction} asks for {n} {name} prompts per step (see config.data)')
+  return redteam, helpful
+
+
+def check_same_tokenizer(policy: checkpoint.Pretrained, pm: checkpoint.Pretrained, where: str) -> None:
+  """The PM must read the policy's tokens as the policy means them (and a value net built
+  from the PM must share the policy's vocabulary)."""
+  a, b = policy.tokenizer.get_vocab(), pm.tokenizer.get_vocab()
+  if a != b or policy.config.vocab_size != pm.config.vocab_size:
+    differ = sum(1 for k in set(a) | set(b) if a.get(k) != b.get(k))
+    raise PPOError(f'the preference model ({where}) does not match the policy\'s tokenizer: '
+                   f'{len(b)} vs {len(a)} tokens ({differ} differ), model vocabularies '
+                   f'{pm.config.vocab_size} vs {policy.config.vocab_size}; train the PM from the '
+                   'same base model as the policy')
+
+
+def _load_pm(ctx, policy: checkpoint.Pretrained, needed_by: str) -> checkpoint.Pretrained:
+  ctx.require('preference', needed_by)
+  pm = ctx.load(ctx.model_source('pm'), scalar_head=True)
+  check_same_tokenizer(policy, pm, ctx.model_source('pm'))
+  return pm
+
+
+def _value_model(ctx, cfg, policy: checkpoint.Pretrained) -> ScalarHeadModel:
+  new_head = lambda trunk: ScalarHeadModel(policy.config, rngs=nnx.Rngs(params=ctx.config.seed + 1),
+                                           trunk=trunk)
+  if cfg.value.shared_trunk:
+    return new_head(policy.model)
+  if cfg.value.init == 'pm':  # the PM's trunk and head (the stage's PM itself stays untouched)
+    return _load_pm(ctx, policy, 'ppo (ppo.value.init=pm)').model
+  if cfg.value.init == 'policy':  # a copy of the policy's trunk, not shared with it
+    return new_head(nnx.clone(policy.model))
+  value = ctx.load(cfg.value.init, scalar_head=True)
+  if value.config.vocab_size != policy.config.vocab_size:
+    raise PPOError(f'ppo.value.init={cfg.value.init!r}: vocabulary {value.config.vocab_size} '
+                   f'differs from the policy\'s {policy.config.vocab_size}')
+  return value.model
+
+
+class _Scorer:
+  """The score of each (prompt, response): the PM's, or the toy synthetic reward."""
+
+  def __init__(self, ctx, cfg, policy: checkpoint.Pretrained, max_prompt_tokens: int):
+    self.cfg, self.fmt = cfg, ctx.config.conversation_format
+    if cfg.reward == 'pm':
+      self.pm = _load_pm(ctx, policy, 'ppo')
+      # Every conversation pads to one length that holds a full prompt and response.
+      self.bucket = min(cfg.pm_max_len,
+                        1 << (max_prompt_tokens + cfg.max_new_tokens + 8 - 1).bit_length())
+    else:
+      ids = policy.tokenizer(cfg.synthetic_text, add_special_tokens=False)['input_ids']
+      if not ids:
+        raise PPOError(f'ppo.synthetic_text={cfg.synthetic_text!r} encodes to no token')
+      self.token_id = int(ids[0])
+
+  def __call__(self, step: int, records, responses: list[str], response_tokens) -> np.ndarray:
+    cfg = self.cfg
+    if cfg.reward == 'pm':
+      from cai_jax import preference  # the stage module that owns PM scoring
+      return preference.score_conversations(
+          self.pm, [(r['prompt'], text) for r, text in zip(records, responses)], fmt=self.fmt,
+          batch_size=min(cfg.pm_batch_size, cfg.batch_size), max_len=cfg.pm_max_len,
+          min_bucket=self.bucket)
+    scores = synthetic_scores(response_tokens, self.token_id, cfg.max_new_tokens)
+    return np.full_like(scores, np.nan) if step == cfg.synthetic_nan_step else scores
+
+
+# ---- the stage -----------------------------------------------------------------------------------
+
+
+def run(ctx: stages.Context, stage_dir: Path) -> dict:
+  config, cfg = ctx.config, ctx.config.ppo
+  max_prompt_tokens = _check_config(cfg, config.model.max_len)
+  sharding.check_batch_size(cfg.batch_size // cfg.minibatches, 'ppo minibatch size')
+  fmt, seed = config.conversation_format, config.seed + cfg.seed_offset
+  redteam, helpful = _prompt_pools(ctx, cfg)
+
+  # The policy starts as SL-CAI, which also stays frozen as the KL reference.
+  policy_source = cfg.policy_source or ctx.model_source('sl_cai')
+  policy = ctx.load(policy_source)
+  tok = policy.tokenizer
+  pad_id = next(int(t) for t in (tok.pad_token_id, tok.eos_token_id, 0) if t is not None)
+  score = _Scorer(ctx, cfg, policy, max_prompt_tokens)
+  ref_graphdef, ref_params = nnx.split(policy.model)  # the cached model is never trained
+
+  # The learner, with separate AdamW optimizers (and schedules) for the policy and the value.
+  n_updates = cfg.steps * cfg.epochs * cfg.minibatches
+  policy_tx, policy_lr = train_lib.make_optimizer(cfg.policy_optimizer, n_updates)
+  value_tx, value_lr = train_lib.make_optimizer(cfg.value_optimizer, n_updates)
+  tx = per_model_optimizer({'policy': policy_tx, 'value': value_tx})
+  graphdef, train_state, shardings = train_lib.init_state(
+      ActorCritic(policy.model, _value_model(ctx, cfg, policy)), tx)
+  train_step = train_lib.make_train_step(graphdef, tx, make_loss_fn(cfg), shardings, policy_lr)
+  rollout_fn = make_rollout_fn(graphdef, ref_graphdef, cfg)
+
+  # A checkpoint holds the learner, the KL coefficient and the reward statistics; the step is
+  # the data position (a step's prompts and samples are functions of it).
+  kl_ctl = rl.kl_controller_init(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon, cfg.kl.adaptive)
+  state = dict(train=train_state, kl_coef=jnp.float32(kl_ctl['coef']),
+               reward_stats={k: jnp.float32(v) for k, v in rl.running_stats_init().items()})
+  ckpt = train_lib.Checkpointer(stage_dir / 'checkpoints', save_every=cfg.checkpoint_every,
+                                max_to_keep=cfg.max_to_keep)
+  start = ckpt.latest_step() or 0
+  if start:
+    state = ckpt.restore_latest(state)
+    logging.info('ppo: resumed from the checkpoint after step %d', start)
+  writer = train_lib.MetricsWriter(stage_dir, resume_step=start)
+  _truncate_samples(stage_dir / SAMPLES_FILE, start)
+
+  stops = conversation.stop_strings(fmt, tok)
+  bar = train_lib.progress(cfg.steps, start, 'ppo')
+  t_start = time.time()
+  for step in range(start + 1, cfg.steps + 1):  # 1-based, as in metrics.jsonl and checkpoints
+    t0 = time.time()
+    # 1. Prompts, and one padded prompt length for sampling and training (few compilations).
+    records = step_prompts(redteam, helpful, step - 1, cfg.batch_size, cfg.helpful_fraction, seed)
+    prompt_ids = [encode_prompt(r['prompt'], tok, fmt, max_prompt_tokens) for r in records]
+    prompt_len = sampling.length_bucket(max(len(p) for p in prompt_ids), cfg.min_prompt_bucket)
+
+    # 2. Rollout from the current policy.
+    out = sampling.generate(nnx.merge(graphdef, state['train'].params).policy, prompt_ids,
+                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                            stop_strings=stops, tokenizer=tok, seed=_seed(seed, _SAMPLING_STREAM, step),
+                            min_prompt_bucket=prompt_len)
+    t_sample = time.time() - t0
+    responses = [t.lstrip() if fmt == 'transcript' else t for t in out.texts]
+    truncated = np.array([f == 'length' for f in out.finish_reason], np.float32)
+
+    # 3. Reward at the last token.
+    scores = score(step, records, responses, out.tokens)
+    final_rewards, reward_stats = shape_scores(scores, truncated, cfg, state['reward_stats'])
+    state['reward_stats'] = {k: jnp.float32(v) for k, v in reward_stats.items()}
+
+    # 4. Old and reference log-probs, values, KL-penalized rewards, advantages.
+    rollout = pack_rollout(prompt_ids, out.tokens, prompt_len=prompt_len,
+                           response_len=cfg.max_new_tokens, pad_id=pad_id)
+    stats = jax.device_get(rollout_fn(state['train'].params, ref_params, _device_batch(rollout),
+                                      jnp.asarray(final_rewards), state['kl_coef']))
+    rollout.update({k: np.asarray(stats[k]) for k in ('old_logp', 'old_values', 'advantages', 'returns')})
+
+    # 5. epochs x minibatches updates of the policy and the value function.
+    t1 = time.time()
+    state['train'], updates = _train_on(state['train'], train_step, rollout, cfg, seed, step)
+    t_train = time.time() - t1
+    _stop_if_not_finite(updates, scores, step, ckpt, stage_dir, bar, writer)
+
+    # 6. The KL controller sees this step's KL; the next rollout uses the new coefficient.
+    kl_coef = float(state['kl_coef'])
+    kl_ctl = rl.kl_controller_update(dict(kl_ctl, coef=kl_coef), float(stats['kl']), cfg.batch_size)
+    state['kl_coef'] = jnp.float32(kl_ctl['coef'])
+
+    metrics = _step_metrics(scores, final_rewards, stats, updates, out, truncated, rollout, cfg)
+    metrics.update(kl_coef=kl_coef, lr=updates[-1]['lr'],
+                   value_lr=float(value_lr(int(state['train'].step) - 1)), sample_seconds=t_sample,
+                   train_seconds=t_train, step_seconds=time.time() - t0)
+    writer.write(step, metrics)
+    if cfg.sample_every and step % cfg.sample_every == 0 and jax.process_index() == 0:
+      _write_samples(stage_dir / SAMPLES_FILE, step, records, responses, scores, final_rewards,
+                     stats['kl_per_response'], out.finish_reason, cfg.num_samples)
+    ckpt.save(step, state, force=step == cfg.steps)
+    bar.update(1)
+    bar.set_postfix(score=f'{metrics["score_mean"]:.3f}', kl=f'{metrics["kl"]:.3f}')
+  bar.close()
+  ckpt.close()
+  writer.close()
+
+  export = stage_dir / 'export'
+  rl_cai = nnx.merge(graphdef, train_lib.gather_params(state['train'].params)).policy
+  checkpoint.save_pretrained(checkpoint.Pretrained(rl_cai, tok, policy.config, str(export)), str(export))
+  history = train_lib.read_metrics(stage_dir / 'metrics.jsonl')
+  mean = lambda rows, k: float(np.mean([r[k] for r in rows])) if rows else None
+  return {'steps': cfg.steps, 'resumed_from': start, 'seconds': time.time() - t_start,
+          'score_mean_first10': mean(history[:10], 'score_mean'),
+          'score_mean_last10': mean(history[-10:], 'score_mean'),
+          'kl_last': history[-1]['kl'] if history else None, 'policy_source': policy_source,
+          'export': str(export)}
+
+
+def _train_on(train_state, train_step, rollout: dict[str, np.ndarray], cfg, seed: int, step: int):
+  """`epochs` passes over the rollout batch in `minibatches` seeded random minibatches."""
+  updates, size = [], cfg.batch_size // cfg.minibatches
+  for epoch in range(cfg.epochs):
+    order = np.random.default_rng([seed, 3, step, epoch]).permutation(cfg.batch_size)
+    for k in range(cfg.minibatches):
+      rows = order[k * size:(k + 1) * size]
+      train_state, m = train_step(train_state, _device_batch({n: v[rows] for n, v in rollout.items()}))
+      updates.append(m)
+  return train_state, [train_lib.host_metrics(m) for m in updates]
+
+
+def _stop_if_not_finite(updates, scores, step, ckpt, stage_dir, bar, writer) -> None:
+  """A NaN/inf loss ends the run without saving its state; the last good checkpoint stays."""
+  bad = {k: v for m in updates for k, v in m.items()
+         if k in ('loss', 'policy_loss', 'value_loss') and not math.isfinite(v)}
+  if not bad:
+    return
+  bar.close()
+  ckpt.close()  # waits for the last good save, if one is in flight
+  writer.close()
+  raise PPOError(f'ppo: non-finite loss at step {step} '
+                 f'({", ".join(f"{k}={v}" for k, v in sorted(bad.items()))}; score mean '
+                 f'{float(np.mean(scores))}); stopped without saving this state. The last good '
+                 f'checkpoint (step {ckpt.latest_step()}) is in {stage_dir / "checkpoints"}; lower '
+                 'the learning rates or check the rewards, then rerun to resume from it')
+
+
+def _step_metrics(scores, final_rewards, stats, updates, out, truncated, rollout, cfg) -> dict:
+  metrics = {
+      'reward_mean': float(final_rewards.mean()), 'reward_std': float(final_rewards.std()),
+      'score_mean': float(np.mean(scores)), 'score_std': float(np.std(scores)),
+      'kl': float(stats['kl']), 'kl_penalty': float(stats['kl_penalty']),
+      **{k: float(np.mean([m[k] for m in updates]))
+         for k in ('entropy', 'clipfrac', 'approx_kl', 'ratio', 'policy_loss', 'value_loss',
+                   'value_clipfrac', 'loss', 'grad_norm')},
+      'explained_variance': float(stats['explained_variance']),
+      'value_mean': float(stats['value_mean']), 'return_mean': float(stats['return_mean']),
+      'response_length': float(np.mean([len(t) for t in out.tokens])),
+      'truncated_fraction': float(truncated.mean()),
+  }
+  if cfg.temperature == 1.0:  # how far the sampler's log-probs were from the training forward's
+    metrics['logprob_gap'] = max((float(np.max(np.abs(lp - rollout['old_logp'][i, :len(lp)])))
+                                  for i, lp in enumerate(out.logprobs) if len(lp)), default=0.0)
+  return metrics
+
+
+def _write_samples(path: Path, step: int, records, responses, scores, rewards, kls,
+                   finish_reasons, n: int) -> None:
+  with path.open('a') as f:
+    for i in range(min(n, len(records))):
+      f.write(json.dumps({'step': step, 'id': records[i]['id'], 'source': records[i].get('source'),
+                          'prompt': records[i]['prompt'], 'response': responses[i],
+                          'score': float(scores[i]), 'reward': float(rewards[i]),
+                          'kl': float(kls[i]), 'finish_reason': finish_reasons[i]}) + '\n')
+
+
+def _truncate_samples(path: Path, resume_step: int) -> None:
+  """Drops samples of steps after the checkpoint a resumed run restarts from."""
+  if jax.process_index() != 0 or not path.exists():
+    return
+  keep = []
+  for line in path.read_text().splitlines():
+    try:
+      if json.loads(line)['step'] <= resume_step:
+        keep.append(line + '\n')
+    except (ValueError, KeyError):  # a line cut short by a kill
+      continue
+  path.write_text(''.join(keep))

@@ -1,0 +1,88 @@
+"""Stage `ppo` (RL-CAI, paper section 4): PPO of the SL-CAI policy against the preference model.
+
+Read by `cai_jax.ppo.run`. Each PPO step samples one rollout batch (red-team + helpful prompts),
+scores it with the PM, subtracts beta * KL to the frozen SL-CAI reference per token, and makes
+`epochs` x `minibatches` clipped updates of the policy and the value function.
+"""
+
+import ml_collections
+
+# Per variant: (PPO steps, prompts per rollout, new tokens, epochs, minibatches, policy lr, value lr).
+_SIZES = {
+    'tiny': (4, 8, 16, 2, 2, 3e-4, 1e-3),
+    'demo': (3, 4, 24, 1, 1, 1e-6, 1e-5),
+    'full': (1000, 64, 256, 4, 4, 1e-6, 5e-6),
+}
+# Per variant: (longest prompt, shortest padded prompt) in tokens. Equal values compile each
+# jitted function once (the tiny model's byte-level prompts; SmolLM2's red-team prompts are
+# 15-51 tokens in the transcript format).
+_PROMPT_TOKENS = {'tiny': (128, 128), 'demo': (48, 48), 'full': (512, 128)}
+
+
+def _optimizer(lr: float, variant: str) -> ml_collections.ConfigDict:
+  o = ml_collections.ConfigDict()
+  o.learning_rate = lr  # peak learning rate
+  o.warmup_steps = 0 if variant != 'full' else 20  # linear warmup, in optimizer updates
+  o.schedule = 'constant'  # decay after warmup: 'constant' | 'cosine' | 'linear'
+  o.end_lr_fraction = 0.0  # learning rate at the last update as a fraction of the peak (cosine/linear)
+  o.weight_decay = 0.0  # AdamW decoupled weight decay (matrices only)
+  o.b1 = 0.9  # Adam beta1
+  o.b2 = 0.95  # Adam beta2
+  o.eps = 1e-8  # Adam epsilon
+  o.grad_clip = 1.0  # clip this model's global gradient norm to this; 0 = no clipping
+  return o
+
+
+def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
+  steps, batch_size, max_new_tokens, epochs, minibatches, policy_lr, value_lr = _SIZES[variant]
+  max_prompt_tokens, min_prompt_bucket = _PROMPT_TOKENS[variant]
+  c = ml_collections.ConfigDict()
+  c.steps = steps  # PPO steps; each samples one rollout batch and trains on it
+  c.batch_size = batch_size  # prompts (= sampled responses) per rollout batch; divisible by data x fsdp
+  c.helpful_fraction = 0.5  # share of each rollout batch from the helpful prompts, the rest red-team (the paper trains on both)
+  c.policy_source = ''  # initial policy and frozen reference: '' = the sft export (SL-CAI); any loadable source skips the sft stage
+  c.max_prompt_tokens = max_prompt_tokens  # longer rendered prompts keep their last tokens (capped by model.max_len - max_new_tokens)
+  c.min_prompt_bucket = min_prompt_bucket  # shortest padded prompt length; longer ones pad to sampling.length_bucket sizes
+  c.max_new_tokens = max_new_tokens  # response length limit (tokens); every rollout pads to it
+  c.temperature = 1.0  # sampling temperature; the trained policy is softmax(logits / temperature)
+
+  c.reward = 'pm'  # 'pm': the preference model's score of (prompt, response) | 'synthetic': the toy reward below
+  c.pm_batch_size = 16  # conversations per PM forward when scoring rollouts
+  c.pm_max_len = 512 if variant != 'full' else 1024  # tokens per rendered conversation the PM reads (the end is kept)
+  c.synthetic_text = 'e'  # synthetic reward: the share of response tokens equal to this text's first token
+  c.synthetic_nan_step = -1  # synthetic reward is NaN at this PPO step (1-based; exercises the NaN stop); -1 = never
+  c.truncation_penalty = -1.0  # reward change for responses that hit max_new_tokens without a stop
+  c.truncation_mode = 'add'  # 'add': score + penalty | 'replace': score = penalty | 'none'
+  c.reward_normalize = False  # divide scores by their running std (after subtracting the running mean)
+  c.reward_clip = 0.0  # clip (normalized) scores to [-c, c]; 0 = no clipping
+
+  c.kl = ml_collections.ConfigDict()
+  c.kl.coef = 0.05 if variant != 'full' else 0.001  # beta: weight of the per-token KL penalty (initial value if adaptive)
+  c.kl.estimator = 'k1'  # per-token KL estimate in the reward: 'k1' (log ratio) | 'k3' | 'abs' | 'mse'
+  c.kl.adaptive = False  # adapt beta toward kl.target (Ziegler et al. 2019); False = fixed beta
+  c.kl.target = 6.0  # adaptive target: KL(policy || reference) per response, nats (k3 estimate)
+  c.kl.horizon = 10000  # adaptive horizon: responses over which beta moves by at most 20%
+
+  c.gamma = 1.0  # GAE discount
+  c.lam = 0.95  # GAE lambda
+  c.whiten_advantages = True  # normalize advantages to zero mean, unit variance per rollout batch
+  c.clip_eps = 0.2  # policy ratio clip range (1 +- clip_eps)
+  c.value_clip_eps = 0.2  # value clip range around the rollout's values
+  c.value_coef = 0.5  # weight of the value loss (with separate trunks it only scales the value gradients)
+  c.entropy_coef = 0.0  # entropy bonus weight (0 = none)
+  c.epochs = epochs  # passes over each rollout batch
+  c.minibatches = minibatches  # optimizer updates per pass; batch_size must divide into them
+
+  c.value = ml_collections.ConfigDict()
+  c.value.init = 'pm' if variant != 'tiny' else 'policy'  # value net starts from: 'pm' (trunk and head) | 'policy' (trunk, new head) | a source; unused when shared
+  c.value.shared_trunk = variant == 'demo'  # a new value head on the policy's trunk (one network, joint loss) instead of its own net; demo: one 135M net to compile and train on CPU
+
+  c.policy_optimizer = _optimizer(policy_lr, variant)  # AdamW of the policy (and of a shared trunk)
+  c.value_optimizer = _optimizer(value_lr, variant)  # AdamW of the value function (head only when shared)
+
+  c.sample_every = 1 if variant != 'full' else 10  # write rollouts to samples.jsonl every N steps
+  c.num_samples = 4  # rollouts (prompt, response, reward) written each time
+  c.checkpoint_every = 2 if variant != 'full' else 20  # orbax checkpoint every N PPO steps (and at the end)
+  c.max_to_keep = 2  # orbax max_to_keep
+  c.seed_offset = 0  # rollout seed = config.seed + seed_offset (prompt order and sampling)
+  return c
