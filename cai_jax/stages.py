@@ -173,7 +173,7 @@ def run_pipeline(ctx: Context) -> list[tuple[str, str, float]]:
       continue
     module, fn, upstream = STAGES[name]
     for u in upstream:
-      if not (name == 'ppo' and u == 'preference' and ctx.config.ppo.reward == 'synthetic'):
+      if not _upstream_unused(ctx.config, name, u):
         ctx.require(u, name)
     summary = getattr(importlib.import_module(module), fn)(ctx, ctx.stage_dir(name)) or {}
     seconds = time.time() - t0
@@ -184,6 +184,15 @@ def run_pipeline(ctx: Context) -> list[tuple[str, str, float]]:
     _barrier(f'done-{name}')
     rows.append((name, 'ran', seconds))
   return rows
+
+
+def _upstream_unused(config, name: str, upstream: str) -> bool:
+  """Whether the config makes an upstream stage's output unnecessary: ppo with a synthetic
+  reward needs no PM, and ppo with an explicit `ppo.policy_source` needs no SL-CAI model."""
+  if name != 'ppo':
+    return False
+  return ((upstream == 'preference' and config.ppo.reward == 'synthetic') or
+          (upstream == 'sft' and bool(config.ppo.policy_source)))
 
 
 def _barrier(tag: str) -> None:

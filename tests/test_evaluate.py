@@ -1,0 +1,204 @@
+"""Stage `evaluate`: refusal classifier, report and summary, cached restarts, seeded bootstrap CIs,
+and the entry point's messages for a workdir that is not ready (missing upstream, bad names,
+another config's outputs)."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from cai_jax import checkpoint, evaluate, sharding, stages
+from configs import tiny
+from tests.helpers_stages import fake_upstream, sl_cai_records
+
+REPO = Path(__file__).resolve().parents[1]
+# Entry-point runs share compiled executables across runs (and with tests/test_sweep.py).
+JAX_CACHE = Path(tempfile.gettempdir()) / 'cai_jax_test_jax_cache'
+
+REFUSALS = [
+    "I'm sorry, but I can't help with that.",
+    'I cannot assist with that request.',
+    'I can\u2019t provide instructions for making weapons.',  # curly apostrophe
+    "As an AI language model, I don't have opinions.",
+    "I won't help you hurt anyone.",
+    "I'm afraid I can't do that.",
+    'I must decline this request.',
+    'I am not able to assist with this.',
+    "I'm just an AI, so I don't know.",
+    'That goes against my guidelines.',
+    "I don't feel comfortable answering this.",
+]
+NOT_REFUSALS = [
+    "Sure! Here's how to bake bread: mix flour and water.",
+    "I'm sorry to hear that. Here are some tips to feel better.",
+    "I can't wait to hear how it goes!",
+    "You can't mix bleach and ammonia because it makes a toxic gas.",
+    'As an example, consider the following.',
+    'I can help with that: first, preheat the oven.',
+    '',
+]
+
+
+@pytest.mark.parametrize('text', REFUSALS)
+def test_refusals_are_detected(text):
+  assert evaluate.is_refusal(text)
+
+
+@pytest.mark.parametrize('text', NOT_REFUSALS)
+def test_non_refusals_are_not(text):
+  assert not evaluate.is_refusal(text)
+
+
+def test_mean_stderr():
+  assert evaluate.mean_stderr([1.0, 3.0]) == {'mean': 2.0, 'stderr': 1.0, 'n': 2}
+  assert evaluate.mean_stderr([2.0]) == {'mean': 2.0, 'stderr': None, 'n': 1}
+  assert evaluate.mean_stderr([])['n'] == 0
+
+
+def test_elo_table_seeded():
+  comparisons = [('a', 'b', 0.8), ('b', 'c', 0.6), ('a', 'c', 0.9), ('c', 'a', 0.3)] * 3
+  kw = dict(n_bootstrap=50, ci=0.9, anchor='a')
+  one = evaluate.elo_table(comparisons, ['a', 'b', 'c'], seed=3, **kw)
+  assert one == evaluate.elo_table(comparisons, ['a', 'b', 'c'], seed=3, **kw)
+  other = evaluate.elo_table(comparisons, ['a', 'b', 'c'], seed=4, **kw)
+  assert one['elo']['b']['lo'] != other['elo']['b']['lo']
+  assert one['elo']['a'] == {'elo': 0.0, 'lo': 0.0, 'hi': 0.0, 'bootstrap_mean': 0.0}
+  assert one['elo']['b']['elo'] < 0 and one['elo']['b']['lo'] <= one['elo']['b']['elo'] <= one['elo']['b']['hi']
+  assert one['win_rate']['a']['b'] == pytest.approx(0.8) and one['win_rate']['a']['a'] is None
+
+
+# ---- the stage on a workdir with made-up upstream outputs -----------------------------------
+
+
+def _config():
+  c = tiny.get_config()
+  c.stages = 'evaluate'
+  e = c.evaluate
+  e.num_redteam_prompts, e.num_helpful_prompts, e.max_new_tokens = 2, 1, 4
+  e.n_bootstrap, e.bootstrap_seed = 20, 7
+  return c
+
+
+@pytest.fixture(scope='module')
+def evaluated(tmp_path_factory):
+  """A workdir whose upstream stages hold random tiny models; evaluate run through run_pipeline."""
+  config = _config()
+  workdir = tmp_path_factory.mktemp('evaluate')
+  fake_upstream(config, workdir, 'critique_revision', sl_cai_records(n=6, n_helpful=2))
+  # Different random models, so the three answer differently and the judge has work to do.
+  for stage, seed, head in (('sft', 1, False), ('preference', 3, True), ('ppo', 2, False)):
+    d = fake_upstream(config, workdir, stage, {})
+    model = checkpoint.load_pretrained('random:tiny', seed=seed, scalar_head=head)
+    checkpoint.save_pretrained(model, str(d / 'export'))
+  mesh = sharding.make_mesh(config.mesh.shape)
+  with sharding.use_mesh(mesh, config.logical_axis_rules):
+    ctx = stages.Context(config, workdir, mesh)
+    rows = stages.run_pipeline(ctx)
+  assert rows[0][:2] == ('evaluate', 'ran')
+  return ctx, workdir / 'evaluate'
+
+
+def test_report_and_summary(evaluated):
+  _, d = evaluated
+  summary = json.loads((d / 'summary.json').read_text())
+  models = ['helpful', 'sl_cai', 'rl_cai']
+  assert summary['models'] == models and summary['prompts'] == {'redteam': 2, 'helpful': 1}
+  for m in models:
+    x = summary['metrics'][m]
+    assert x['harmlessness_pm']['n'] == 2 and x['helpfulness_pm']['n'] == 1
+    assert 0.0 <= x['refusal_rate_redteam'] <= 1.0
+    assert len((d / f'responses_{m}.jsonl').read_text().splitlines()) == 3
+  harm = summary['harmlessness']
+  assert harm['n_comparisons'] == 3 * 2  # 3 model pairs x 2 red-team prompts
+  assert harm['elo']['helpful']['elo'] == 0.0  # the anchor
+  for m in models:
+    e = harm['elo'][m]
+    assert e['lo'] <= e['hi']
+  assert summary['helpfulness']['n_comparisons'] == 3
+  # Revision 0 is every initial response; revision 1 leaves out the one empty revision.
+  assert summary['revision_curve']['revisions'] == [0, 1]
+  assert summary['revision_curve']['n'] == [6, 5]
+
+  report = (d / 'report.md').read_text()
+  for heading in ('## Per-model metrics', '## AI-judge harmlessness', '## AI-judge helpfulness',
+                  '## PM score vs number of revisions', '## Refusals'):
+    assert heading in report
+  assert '| model | source | harmlessness: PM on red-team' in report
+  assert '| | helpful (pretrained) | SL-CAI | RL-CAI |' in report  # the win-rate matrix
+  assert '| model | harmlessness Elo | 95% CI (20 bootstrap refits, seed 7) |' in report
+  for png in ('elo.png', 'pm_vs_revisions.png', 'refusal_rate.png'):
+    assert f']({png})' in report
+    assert (d / png).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  done = json.loads((d / 'DONE.json').read_text())['summary']
+  assert done['rl_cai']['harmlessness_elo'] == harm['elo']['rl_cai']['elo']
+
+
+def test_restart_uses_cached_responses_and_reproduces_cis(evaluated, monkeypatch):
+  ctx, d = evaluated
+  before = json.loads((d / 'summary.json').read_text())
+  mtimes = {p.name: p.stat().st_mtime_ns for p in d.glob('*.jsonl')}
+  for name in ('summary.json', 'report.md', 'DONE.json', 'elo.png'):
+    (d / name).unlink()
+
+  def fail(*args, **kwargs):
+    raise AssertionError('a cached model or judgement was recomputed')
+
+  from cai_jax import feedback
+  monkeypatch.setattr(evaluate.sampling, 'generate_responses', fail)
+  monkeypatch.setattr(feedback.Labeler, 'label', fail)
+  with sharding.use_mesh(ctx.mesh, ctx.config.logical_axis_rules):
+    evaluate.run(ctx, d)
+  after = json.loads((d / 'summary.json').read_text())
+  assert after['harmlessness'] == before['harmlessness']  # Elo, CIs, win rates: same seed, same numbers
+  assert after['metrics'] == before['metrics']
+  assert {p.name: p.stat().st_mtime_ns for p in d.glob('*.jsonl')} == mtimes
+  assert (d / 'report.md').exists() and (d / 'elo.png').exists()
+
+
+# ---- the entry point on workdirs that are not ready ------------------------------------------
+
+_SMALL = ['--config.critique_revision.num_prompts=1', '--config.critique_revision.n_rounds=1',
+          '--config.critique_revision.max_new_tokens=2', '--config.critique_revision.critique_max_new_tokens=2',
+          '--config.critique_revision.helpful_ratio=0.0', '--config.critique_revision.write_tfds=False']
+
+
+def run_main(workdir, *args, timeout=300):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=str(JAX_CACHE),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  return subprocess.run([sys.executable, '-m', 'cai_jax.main', '--config', 'configs/tiny.py',
+                         '--workdir', str(workdir), *args],
+                        cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_evaluate_alone_names_the_stage_to_run_first(tmp_path):
+  r = run_main(tmp_path, '--config.stages=evaluate')
+  assert r.returncode != 0
+  err = r.stderr.strip().splitlines()[-1]
+  assert "stage 'evaluate' needs the output of stage 'critique_revision'" in err, r.stderr[-2000:]
+  assert '--config.stages=critique_revision first' in err
+  assert 'Traceback' not in r.stderr
+
+
+def test_unknown_force_stage_lists_valid_ones(tmp_path):
+  r = run_main(tmp_path, '--config.stages=evaluate', '--config.force=evaluat')
+  assert r.returncode != 0
+  err = r.stderr.strip().splitlines()[-1]
+  assert "config.force: unknown stage(s) 'evaluat'" in err
+  assert 'valid stages: ' + ', '.join(stages.ORDER) in err
+  assert 'Traceback' not in r.stderr
+
+
+def test_workdir_of_another_config_is_refused(tmp_path):
+  r = run_main(tmp_path, '--config.stages=critique_revision', *_SMALL)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert (tmp_path / 'critique_revision' / 'DONE.json').exists()
+  r = run_main(tmp_path, '--config.stages=critique_revision', '--config.seed=1', *_SMALL)
+  assert r.returncode != 0
+  err = r.stderr.strip().splitlines()[-1]
+  assert 'critique_revision was made by a different config' in err and 'seed: 0 -> 1' in err, err
+  assert '--config.force=critique_revision' in err
+  assert 'Traceback' not in r.stderr

@@ -1,0 +1,130 @@
+"""experiments/sweep.py: points, overrides, the shipped sweep files, and a small real sweep whose
+points share a stage through the fingerprint-keyed stage cache."""
+
+import csv
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from experiments import sweep
+
+REPO = Path(__file__).resolve().parents[1]
+SWEEPS = sorted((REPO / 'experiments' / 'sweeps').glob('*.py'))
+# critique_revision at its smallest: one prompt, tiny generations, no helpful mix.
+SMALL = ['critique_revision.num_prompts=1', 'critique_revision.max_new_tokens=2',
+         'critique_revision.critique_max_new_tokens=2', 'critique_revision.helpful_ratio=0.0',
+         'critique_revision.write_tfds=False']
+
+
+@pytest.fixture(autouse=True)
+def _jax_cache(monkeypatch):
+  # Points are subprocesses; share compiled executables with them (and tests/test_evaluate.py).
+  monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
+  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(Path(tempfile.gettempdir()) / 'cai_jax_test_jax_cache'))
+
+
+def _module(text, tmp_path, name='s'):
+  path = tmp_path / f'{name}.py'
+  path.write_text(text)
+  return sweep._load_module(path, f'_test_{name}')
+
+
+def test_points_from_axes_and_from_points(tmp_path):
+  s = _module("AXES = {'seed': [0, 1], 'ppo.kl.coef': [0.0, 0.1]}\n", tmp_path)
+  points = sweep.sweep_points(s)
+  assert [n for n, _ in points] == ['seed=0,coef=0.0', 'seed=0,coef=0.1', 'seed=1,coef=0.0', 'seed=1,coef=0.1']
+  assert points[1][1] == {'seed': 0, 'ppo.kl.coef': 0.1}
+  s = _module("def points():\n  return [{'name': 'a', 'seed': 1}, {'seed': 2}]\n", tmp_path, 'p')
+  points = sweep.sweep_points(s)
+  assert points == [('a', {'seed': 1}), ('seed=2', {'seed': 2})]
+  assert sweep.select_points(points, '1,a') == [points[1], points[0]]
+  with pytest.raises(sweep.SweepError, match="no point 'b'; points: 0:a, 1:seed=2"):
+    sweep.select_points(points, 'b')
+
+
+def test_overrides_follow_field_types():
+  config = sweep.load_config('tiny')
+  sweep.set_field(config, 'ppo.kl.coef', '0.2')  # --set values arrive as strings
+  sweep.set_field(config, 'critique_revision.write_tfds', 'false')
+  sweep.set_field(config, 'mesh.shape', '(1, 1, 1)')
+  sweep.set_field(config, 'constitution', 'default')
+  assert (config.ppo.kl.coef, config.critique_revision.write_tfds, config.mesh.shape,
+          config.constitution) == (0.2, False, (1, 1, 1), 'default')
+  with pytest.raises(sweep.SweepError, match="unknown config field 'ppo.kl.beta'"):
+    sweep.set_field(config, 'ppo.kl.beta', 1.0)
+  with pytest.raises(sweep.SweepError, match='critique_revision.n_rounds'):
+    sweep.set_field(config, 'critique_revision.n_rounds', 1.5)
+  assert [sweep.cli_value(v) for v in ('a b', True, 0.1, (1, -1, 1), [2])] == ['a b', 'True', '0.1', '(1, -1, 1)', '(2,)']
+
+
+@pytest.mark.parametrize('path', SWEEPS, ids=[p.stem for p in SWEEPS])
+def test_shipped_sweeps_resolve(path, tmp_path, capsys):
+  assert sweep.run_sweep(path, workdir_root=tmp_path, dry_run=True) == []
+  out = capsys.readouterr().out
+  assert sum(line.startswith('[') for line in out.splitlines()) >= 2, out  # two or more points
+  assert 'python' in out and '-m cai_jax.main' in out
+
+
+def test_kl_sweep_shares_everything_before_ppo():
+  s = sweep._load_module(REPO / 'experiments/sweeps/kl_beta.py', '_kl')
+  fps = []
+  for _, point in sweep.sweep_points(s):
+    config = sweep.load_config(s.BASE)
+    for k, v in point.items():
+      sweep.set_field(config, k, v)
+    fps.append(sweep.stage_fingerprints(config))
+  for stage in ('critique_revision', 'sft', 'feedback', 'preference'):
+    assert len({f[stage] for f in fps}) == 1, stage
+  assert len({f['ppo'] for f in fps}) == len(fps) and len({f['evaluate'] for f in fps}) == len(fps)
+
+
+def test_revision_sweep_runs_and_reuses_stages(tmp_path):
+  root = tmp_path / 'sweeps'
+  args = ['--workdir_root', str(root), '--stages', 'critique_revision']
+  for item in SMALL:
+    args += ['--set', item]
+  # The shipped number-of-revisions sweep, first two points (1 and 2 rounds), critique_revision only.
+  assert sweep.main([str(REPO / 'experiments/sweeps/n_revisions.py'), '--points', '0,1', *args]) == 0
+  rows = json.loads((root / 'n_revisions' / 'results.json').read_text())
+  assert [(r['point'], r['ran'], r['reused']) for r in rows] == [
+      ('n_rounds=1', ['critique_revision'], []), ('n_rounds=2', ['critique_revision'], [])]
+  assert [r['metrics']['empty_revisions'] is not None for r in rows] == [True, True]
+  with open(root / 'n_revisions' / 'results.csv') as f:
+    table = list(csv.DictReader(f))
+  assert [t['critique_revision.n_rounds'] for t in table] == ['1', '2']
+  md = (root / 'n_revisions' / 'results.md').read_text()
+  assert '| n_rounds=1 | 1 |' in md and '![empty_revisions](empty_revisions.png)' in md
+  assert (root / 'n_revisions' / 'empty_revisions.png').exists()
+
+  # Another sweep whose points differ from the first run's 1-round point only downstream of
+  # critique_revision (an sft field): both take the finished stage from the cache.
+  cached = root / 'n_revisions' / 'n_rounds=1' / 'critique_revision'
+  samples = cached.resolve() / 'samples.jsonl'
+  mtime = samples.stat().st_mtime_ns
+  (tmp_path / 'sft_lr.py').write_text(
+      "BASE = 'tiny'\nOVERRIDES = {'critique_revision.n_rounds': 1}\n"
+      "AXES = {'sft.optimizer.learning_rate': [0.01, 0.02]}\n"
+      "METRICS = {'rounds': 'critique_revision:rounds'}\n")
+  assert sweep.main([str(tmp_path / 'sft_lr.py'), *args]) == 0
+  rows = json.loads((root / 'sft_lr' / 'results.json').read_text())
+  assert [(r['ran'], r['reused'], r['metrics']['rounds']) for r in rows] == [
+      ([], ['critique_revision'], 1), ([], ['critique_revision'], 1)]
+  for r in rows:
+    assert (Path(r['workdir']) / 'critique_revision').resolve() == cached.resolve()
+  assert samples.stat().st_mtime_ns == mtime  # not recomputed
+  assert len(list((root / '_stages').glob('critique_revision-*'))) == 2
+
+
+def test_results_keep_rows_of_earlier_runs(tmp_path):
+  row = lambda name, v: {'point': name, 'base': 'tiny', 'overrides': {'seed': v}, 'status': 'ok',  # noqa: E731
+                         'ran': [], 'reused': [], 'seconds': 1.0, 'metrics': {'m': {'mean': v, 'stderr': 0.1}}}
+  sweep.write_results(tmp_path, 's', [row('b', 1)], ['seed'], ['m'])
+  rows = sweep.merge_rows(tmp_path, [row('a', 0), row('b', 2)], ['a', 'b', 'c'])
+  assert [(r['point'], r['overrides']['seed']) for r in rows] == [('a', 0), ('b', 2)]
+  sweep.write_results(tmp_path, 's', rows, ['seed'], ['m'])
+  md = (tmp_path / 'results.md').read_text()
+  assert '| a | 0 | 0 ± 0.1 | ok |' in md and '![m](m.png)' in md
+  assert (tmp_path / 'm.png').exists()
