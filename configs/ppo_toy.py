@@ -5,9 +5,9 @@
 Only the `ppo` stage runs: the policy (and the frozen KL reference) is the random tiny model
 itself (`ppo.policy_source`, so no sft stage), and the reward is synthetic (the share of the 8
 response tokens that are 'e'; no preference model). A random model says 'e' about once in 320
-tokens; the mean score (`score_mean` in metrics.jsonl) climbs from ~0.01 to ~0.9 over the 40
-steps while the KL to the reference (`kl`, nats per response) levels off in the tens: the KL
-penalty is what keeps the policy from collapsing onto 'e' completely.
+tokens; the mean score (`score_mean` in metrics.jsonl) climbs from ~0.01 to ~0.8 over the 60
+steps and levels off there, while the KL to the reference (`kl`, nats per response) levels off
+near 30: the KL penalty is what keeps the policy from collapsing onto 'e' completely.
 """
 
 from configs import tiny
@@ -21,7 +21,7 @@ def get_config():
   c.ppo.synthetic_text = 'e'  # the token the policy is rewarded for
   c.ppo.truncation_mode = 'none'  # almost every random response runs to max_new_tokens; no penalty
   c.ppo.value.init = 'policy'  # value net: the random trunk and a new head (there is no PM)
-  c.ppo.steps = 40  # PPO steps (one rollout batch each)
+  c.ppo.steps = 60  # PPO steps (one rollout batch each)
   c.ppo.batch_size = 16  # prompts per rollout
   c.ppo.max_new_tokens = 8  # response length (and the synthetic reward's denominator)
   c.ppo.max_prompt_tokens = 64  # byte-level prompts keep their last 64 bytes
