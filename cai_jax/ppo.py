@@ -18,7 +18,8 @@ Old log-probs are recomputed by a training-layout forward rather than taken from
 the sampler's values come from the cached decode (a different computation order, and the raw
 logits before temperature), so the first update's ratio would not be exactly 1. The forward
 is needed for the values and reference log-probs anyway; `logprob_gap` in the metrics reports
-how far the sampler's log-probs were from it (at temperature 1).
+how far the sampler's log-probs were from it at temperature 1 (float32: ~1e-6 on the tiny model,
+~5e-5 on SmolLM2-135M).
 
 Outputs in the stage directory: `metrics.jsonl` + `tb/` (per step), `samples.jsonl` (every
 `sample_every` steps), `checkpoints/` (orbax; resumed automatically) and `export/` (the
@@ -40,12 +41,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from cai_jax import checkpoint, conversation, rl, sampling, sharding, stages, train_lib
+from cai_jax import checkpoint, conversation, rl, sampling, sft, sharding, stages, train_lib
 from cai_jax.conversation import HUMAN
 from cai_jax.model import Decoder, ScalarHeadModel
 
 SAMPLES_FILE = 'samples.jsonl'
-_REDTEAM_STREAM, _HELPFUL_STREAM, _SAMPLING_STREAM = 0, 1, 2  # seed streams
+_REDTEAM_STREAM, _HELPFUL_STREAM, _SAMPLING_STREAM, _MINIBATCH_STREAM = 0, 1, 2, 3  # seed streams
 
 
 class PPOError(stages.StageError):
@@ -57,7 +58,7 @@ class PPOError(stages.StageError):
 
 def step_prompts(redteam: Sequence[dict], helpful: Sequence[dict], step: int, batch_size: int,
                  helpful_fraction: float, seed: int) -> list[dict]:
-  """The prompt records of PPO step `step`: a pure function of the step, so resuming is free.
+  """The prompt records of the `step`-th rollout (0-based): a pure function of it, so resuming is free.
 
   Each stream (red-team, helpful) is read in order of a fresh seeded permutation per pass.
   """
@@ -255,13 +256,9 @@ def pack_rollout(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[
               response_mask=key_mask[:, prompt_len:].astype(np.float32))
 
 
-def _local_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  n, p = jax.process_count(), jax.process_index()
-  return {k: np.split(v, n)[p] for k, v in batch.items()}
-
-
 def _device_batch(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-  return sharding.global_batch(_local_rows(batch))
+  """A host batch (the same on every process) as global arrays, rows over ('data', 'fsdp')."""
+  return sharding.global_batch(sft.local_rows(batch))
 
 
 def _seed(*parts: int) -> int:
@@ -490,7 +487,7 @@ def _train_on(train_state, train_step, rollout: dict[str, np.ndarray], cfg, seed
   """`epochs` passes over the rollout batch in `minibatches` seeded random minibatches."""
   updates, size = [], cfg.batch_size // cfg.minibatches
   for epoch in range(cfg.epochs):
-    order = np.random.default_rng([seed, 3, step, epoch]).permutation(cfg.batch_size)
+    order = np.random.default_rng([seed, _MINIBATCH_STREAM, step, epoch]).permutation(cfg.batch_size)
     for k in range(cfg.minibatches):
       rows = order[k * size:(k + 1) * size]
       train_state, m = train_step(train_state, _device_batch({n: v[rows] for n, v in rollout.items()}))

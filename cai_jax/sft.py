@@ -8,6 +8,7 @@ the response tokens only. The SL-CAI model is exported as an HF directory, `sft/
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -188,43 +189,100 @@ def sft_loss(logits, tokens, loss_mask):
   return (nll * weights).sum() / jnp.maximum(n, 1.0), {'tokens': n.astype(jnp.int32)}
 
 
-def chunked_nll_sum(model, hidden, targets, weights, chunk: int):
-  """sum(weights * nll) with logits made `chunk` positions at a time and rematerialized in the
-  backward pass, so the [B, T, V] float32 logits never exist at once."""
+def output_weight(model) -> tuple[jax.Array, str]:
+  """The matrix that turns final hidden states into logits, and its layout: the embedding
+  itself ('VD') when tied, the LM head ('DV') otherwise. Used as stored: no transposed copy."""
+  if model.cfg.tie_embeddings:
+    return model.embed[...], 'VD'
+  return model.lm_head[...], 'DV'
+
+
+def fused_nll_sum(hidden, w, targets, weights, chunk: int, softcap: float | None = None,
+                  layout: str = 'DV'):
+  """sum(weights * nll) for logits = hidden @ w (float32, optionally soft-capped), `chunk`
+  positions at a time; the same pass forms the gradient (softmax - one_hot), so no [B, T, V]
+  logits are ever stored and nothing is recomputed in the backward pass.
+
+  Args:
+    hidden: [B, T, D] final hidden states; w: [D, V] ('DV') or [V, D] ('VD');
+    targets: [B, T] int; weights: [B, T] float.
+  """
+  return _fused_nll(chunk, softcap, layout, hidden, w, targets, weights)
+
+
+def _nll_and_grads(chunk, softcap, layout, hidden, w, targets, weights, with_grads=True):
   b, t, d = hidden.shape
   pad = -t % chunk
-  if pad:
+  if pad:  # padded positions carry weight 0
     hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
     targets = jnp.pad(targets, ((0, 0), (0, pad)))
     weights = jnp.pad(weights, ((0, 0), (0, pad)))
   n = (t + pad) // chunk
   split = lambda x: jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
+  wc = w.astype(hidden.dtype)
+  w_names = ('vocab', 'embed') if layout == 'VD' else ('embed', 'vocab')
 
-  @jax.checkpoint
-  def one(h, y, w):
-    logits = model.logits_from_hidden(h)  # float32 [B, C, V]
-    nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, y[..., None], -1)[..., 0]
-    return (nll * w).sum()
+  def body(carry, xs):
+    total, dw = carry
+    h, y, wt = xs
+    z = jnp.einsum(f'BCD,{layout}->BCV', h, wc).astype(jnp.float32)
+    z = sharding.constrain(z, ('batch', 'length', 'vocab'))
+    if softcap is not None:
+      capped = jnp.tanh(z / softcap)
+      z = capped * softcap
+    lse = jax.nn.logsumexp(z, -1)
+    nll = lse - jnp.take_along_axis(z, y[..., None], -1)[..., 0]
+    total = total + (nll * wt).sum()
+    if not with_grads:
+      return (total, dw), None
+    g = jnp.exp(z - lse[..., None]) - jax.nn.one_hot(y, z.shape[-1], dtype=jnp.float32)
+    g = g * wt[..., None]
+    if softcap is not None:
+      g = g * (1.0 - capped * capped)
+    dh = jnp.einsum(f'BCV,{layout}->BCD', g.astype(h.dtype), wc)
+    dw = dw + jnp.einsum(f'BCD,BCV->{layout}', h.astype(jnp.float32), g)
+    return (total, sharding.constrain(dw, w_names)), dh
 
-  def body(total, xs):
-    return total + one(*xs), None
+  dw0 = sharding.constrain(jnp.zeros(w.shape, jnp.float32), w_names) if with_grads else None
+  (total, dw), dh = jax.lax.scan(body, (jnp.zeros((), jnp.float32), dw0),
+                                 (split(hidden), split(targets), split(weights)))
+  if not with_grads:
+    return total, None
+  dh = jnp.moveaxis(dh, 0, 1).reshape(b, n * chunk, d)[:, :t]
+  return total, (dh.astype(hidden.dtype), dw.astype(w.dtype))
 
-  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (split(hidden), split(targets), split(weights)))
-  return total
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _fused_nll(chunk, softcap, layout, hidden, w, targets, weights):
+  return _nll_and_grads(chunk, softcap, layout, hidden, w, targets, weights, with_grads=False)[0]
+
+
+def _fused_nll_fwd(chunk, softcap, layout, hidden, w, targets, weights):
+  return _nll_and_grads(chunk, softcap, layout, hidden, w, targets, weights)
+
+
+def _fused_nll_bwd(chunk, softcap, layout, grads, g):
+  dh, dw = grads
+  return g * dh, g * dw, None, None
+
+
+_fused_nll.defvjp(_fused_nll_fwd, _fused_nll_bwd)
 
 
 def make_loss_fn(loss_chunk: int = 0):
-  """loss_fn(model, batch) -> (loss, aux) for train_lib; chunked cross-entropy when loss_chunk > 0."""
+  """loss_fn(model, batch) -> (loss, aux) for train_lib; fused chunked cross-entropy when loss_chunk > 0."""
 
   def loss_fn(model, batch):
     tokens, loss_mask = batch['tokens'], batch['loss_mask']
-    if not loss_chunk or loss_chunk >= tokens.shape[1] - 1:
+    if not loss_chunk:
       logits, _ = model(tokens)  # right-padded rows: the causal mask alone keeps pads out of view
       return sft_loss(logits, tokens, loss_mask)
     hidden, _ = model.hidden(tokens)
     weights = loss_mask[:, 1:].astype(jnp.float32)
     n = weights.sum()
-    total = chunked_nll_sum(model, hidden[:, :-1], tokens[:, 1:], weights, loss_chunk)
+    w, layout = output_weight(model)
+    total = fused_nll_sum(hidden[:, :-1], w, tokens[:, 1:], weights, min(loss_chunk, tokens.shape[1] - 1),
+                          model.cfg.final_softcap, layout)
     return total / jnp.maximum(n, 1.0), {'tokens': n.astype(jnp.int32)}
 
   return loss_fn

@@ -284,3 +284,26 @@ def test_resume_after_kill_9_continues_from_the_last_checkpoint(tmp_path):
   samples = [json.loads(line)['step'] for line in (d / 'samples.jsonl').read_text().splitlines()]
   assert samples == sorted(samples) and sorted(set(samples)) == [1, 2, 3, 4, 5]
   assert len(samples) == 5 * 4  # num_samples rows per step, none duplicated by the rerun
+
+
+def test_smollm2_demo_config_runs_ppo_steps(tmp_path, smollm2):
+  """configs/demo.py's ppo stage on SmolLM2 (policy, reference and PM trunk), at its smallest."""
+  from configs import demo
+
+  c = demo.get_config()
+  c.stages = 'ppo'
+  c.ppo.steps, c.ppo.batch_size, c.ppo.max_new_tokens = 2, 2, 8
+  fake_upstream(c, tmp_path, 'sft', {})
+  fake_upstream(c, tmp_path, 'preference', {})
+  pm = checkpoint.Pretrained(ScalarHeadModel(smollm2.config, rngs=nnx.Rngs(params=0), trunk=smollm2.model),
+                             smollm2.tokenizer, smollm2.config)
+  mesh = sharding.make_mesh(c.mesh.shape)
+  with sharding.use_mesh(mesh, c.logical_axis_rules):
+    ctx = stages.Context(c, tmp_path, mesh)
+    ctx._models[(ctx.model_source('sl_cai'), False)] = smollm2  # stand-ins for the upstream exports
+    ctx._models[(ctx.model_source('pm'), True)] = pm
+    stages.run_pipeline(ctx)
+  rows = train_lib.read_metrics(tmp_path / 'ppo' / 'metrics.jsonl')
+  assert [r['step'] for r in rows] == [1, 2]
+  assert all(math.isfinite(r['policy_loss']) and r['kl'] >= 0 and r['logprob_gap'] < 1e-3 for r in rows)
+  assert (tmp_path / 'ppo' / 'export' / 'model.safetensors').exists()

@@ -42,8 +42,8 @@ def test_sft_loss_matches_hand_computed_value():
   assert float(loss0) == 0.0
 
 
-def test_chunked_loss_and_grads_match_one_shot():
-  pretrained = checkpoint.load_pretrained('random:tiny')
+def test_fused_chunked_loss_and_grads_match_one_shot():
+  pretrained = checkpoint.load_pretrained('random:tiny-gemma2')  # tied embeddings, soft-capped logits
   rng = np.random.RandomState(0)
   tokens = jnp.asarray(rng.randint(0, 256, (2, 21)), jnp.int32)  # 20 predictions: 3 chunks of 8
   mask = jnp.asarray(rng.randint(0, 2, (2, 21)), jnp.int32)
@@ -57,6 +57,8 @@ def test_chunked_loss_and_grads_match_one_shot():
   (a, ga), (b, gb) = value_and_grad(0), value_and_grad(8)
   assert float(a) == pytest.approx(float(b), rel=1e-5)
   assert max(float(jnp.abs(x - y).max()) for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb))) < 1e-5
+  eval_loss = jax.jit(lambda p: sft.make_loss_fn(8)(nnx.merge(graphdef, p), batch)[0])(params)
+  assert float(eval_loss) == pytest.approx(float(a), rel=1e-5)
 
 
 # ---- data ----------------------------------------------------------------------------------------

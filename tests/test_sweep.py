@@ -3,7 +3,6 @@ points share a stage through the fingerprint-keyed stage cache."""
 
 import csv
 import json
-import os
 import tempfile
 from pathlib import Path
 

@@ -17,24 +17,27 @@ _SIZES = {
 def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   batch_size, epochs, num_steps, lr, warmup, every = _SIZES[variant]
   c = ml_collections.ConfigDict()
-  c.helpful_ratio = -1.0  # helpful examples per revision in the mix (drawn/repeated by seed); -1 = all as generated
-  c.eval_fraction = 0.2 if variant != 'full' else 0.02  # share of examples held out for eval loss (seeded per-id coin)
-  c.min_bucket = 32 if variant != 'full' else 128  # shortest padded length; longer rows pad to powers of two (<= model.max_len)
+  # Helpful examples per revision in the mix (a seeded draw, repeated if short); -1 = all of them.
+  c.helpful_ratio = -1.0
+  c.eval_fraction = 0.2 if variant != 'full' else 0.02  # share held out for the eval loss (per-id coin)
+  # Shortest padded length; longer rows pad to powers of two (at most model.max_len).
+  c.min_bucket = {'tiny': 32, 'demo': 128, 'full': 128}[variant]
 
-  c.batch_size = batch_size  # sequences per step (global, over all processes); divisible by data x fsdp
-  c.epochs = epochs  # passes over the training examples (fractional allowed) when num_steps is -1
+  c.batch_size = batch_size  # sequences per step, over all processes; divisible by data x fsdp
+  c.epochs = epochs  # passes over the training examples (fractional allowed) if num_steps is -1
   c.num_steps = num_steps  # total optimizer steps; -1 = epochs decide
   c.eval_every = every  # held-out eval loss every N steps (and at the end); 0 = only at the end
-  c.checkpoint_every = every  # orbax checkpoint every N steps (and at the end); resume starts from the latest
+  c.checkpoint_every = every  # orbax checkpoint every N steps (and at the end); reruns resume
   c.max_to_keep = 2  # orbax max_to_keep
-  c.loss_chunk = 0 if variant == 'tiny' else 512  # tokens per chunk of the fused float32 cross-entropy; 0 = one shot
+  # Positions per chunk of the fused float32 cross-entropy; 0 = whole logits, then the loss.
+  c.loss_chunk = {'tiny': 16, 'demo': 64, 'full': 256}[variant]
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = lr  # peak learning rate
   c.optimizer.warmup_steps = warmup  # linear warmup steps up to the peak
   c.optimizer.schedule = 'cosine'  # decay after warmup: 'cosine' | 'linear' | 'constant'
   c.optimizer.end_lr_fraction = 0.1  # learning rate at the last step, as a fraction of the peak
-  c.optimizer.weight_decay = 0.0 if variant == 'tiny' else 0.01  # AdamW decoupled weight decay (matrices only)
+  c.optimizer.weight_decay = 0.0 if variant == 'tiny' else 0.01  # AdamW decay (matrices only)
   c.optimizer.b1 = 0.9  # Adam beta1
   c.optimizer.b2 = 0.95  # Adam beta2
   c.optimizer.eps = 1e-8  # Adam epsilon

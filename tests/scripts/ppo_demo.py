@@ -1,6 +1,6 @@
 """Times the ppo stage of configs/demo.py (SmolLM2 policy and PM) on stand-in upstream outputs.
 
-  python tests/scripts/ppo_demo.py WORKDIR [--pm PM_EXPORT_DIR] [--config.ppo.FIELD=VALUE ...]
+  python tests/scripts/ppo_demo.py WORKDIR [--pm PM_EXPORT_DIR] [--config.FIELD=VALUE ...]
 
 WORKDIR/sft/export is the pretrained SmolLM2 (standing in for the SL-CAI model) and
 WORKDIR/preference/export is PM_EXPORT_DIR (e.g. a real preference stage's export) or, without
@@ -54,6 +54,10 @@ def main(argv):
       checkpoint.save_pretrained(checkpoint.load_pretrained('smollm2-135m', scalar_head=True), str(pm_export))
   shutil.rmtree(workdir / 'ppo', ignore_errors=True)
 
+  if c.compilation_cache_dir:  # as cai_jax.main does
+    import jax
+    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(c.compilation_cache_dir))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   t0, cpu0 = time.time(), time.process_time()
   mesh = sharding.make_mesh(c.mesh.shape)
   with sharding.use_mesh(mesh, c.logical_axis_rules):
