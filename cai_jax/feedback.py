@@ -258,7 +258,7 @@ class Labeler:
   def _score(self, scorings: list[dict]) -> None:
     tok, model = self.pretrained.tokenizer, self.pretrained.model
     limit = min(self.max_len, model.cfg.max_positions)
-    rows = []  # (scoring index, option, prompt ids, continuation ids)
+    rows = []  # (scoring index, prompt ids, per-option continuation ids)
     for i, s in enumerate(scorings):
       prompt_ids, conts, boundary = option_tokens(tok, s['prompt'], OPTIONS, self.fmt)
       keep = limit - max(len(c) for c in conts)
@@ -270,17 +270,19 @@ class Labeler:
                         self.stage, len(prompt_ids), s['truncated_tokens'], self.max_len)
         prompt_ids = prompt_ids[-keep:]
       s['boundary_tokens'] = boundary
-      rows += [(i, o, prompt_ids, c) for o, c in zip(OPTIONS, conts)]
-    # Longest first, so each scoring call holds rows of similar length (tight buckets).
-    rows.sort(key=lambda r: -(len(r[2]) + len(r[3])))
+      rows.append((i, prompt_ids, conts))
+    # Longest first, so each scoring call holds rows of similar length (tight buckets); the
+    # prompt runs once per call and both options read its KV cache.
+    rows.sort(key=lambda r: -len(r[1]))
     logprobs: dict[tuple[int, str], float] = {}
     step = max(1, int(self.cfg.score_batch_size))
     for lo in range(0, len(rows), step):
       batch = rows[lo:lo + step]
-      out = sampling.score(model, [r[2] for r in batch], [r[3] for r in batch])
-      for (i, o, p, c), total in zip(batch, out.total):
-        logprobs[(i, o)] = float(total)
-        self.scored_tokens += len(p) + len(c)
+      totals = sampling.score_options(model, [r[1] for r in batch], [r[2] for r in batch])
+      for (i, p, conts), row in zip(batch, totals):
+        for o, total in zip(OPTIONS, row):
+          logprobs[(i, o)] = float(total)
+        self.scored_tokens += len(p) + sum(len(c) for c in conts)
     for i, s in enumerate(scorings):
       s['option_logprobs'] = {o: logprobs[(i, o)] for o in OPTIONS}
       s['p_option_a'] = scoring_probability(s)

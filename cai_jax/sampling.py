@@ -188,6 +188,9 @@ def _jitted(kind: str, graphdef, strategy: _Strategy | None = None):
     elif kind == 'decode':
       fn = jax.jit(functools.partial(_decode, graphdef, strategy), donate_argnums=(1,),
                    compiler_options=_compiler_options())
+    elif kind == 'score_options':
+      fn = jax.jit(functools.partial(_score_options_fn, graphdef), donate_argnums=(4,),
+                   compiler_options=_compiler_options())
     else:
       fn = jax.jit(functools.partial(_score_fn, graphdef), static_argnums=(3,),
                    compiler_options=_compiler_options())
@@ -619,3 +622,77 @@ def score(model, prompt_tokens: Sequence[Sequence[int]],
       params, _put_batch(tokens), _put_batch(mask), n_cont)))
   per_token = [lp[i, n_cont - len(c):].astype(np.float32) for i, c in enumerate(conts)]
   return ScoreOutput(np.array([x.sum() for x in per_token], np.float32), per_token)
+
+
+def _score_options_fn(graphdef, params, tokens, mask, options, cache):
+  """Per-token log-probs [B, O, C] of each option options[:, o] (right-padded) after its prompt
+  (tokens [B, P], left-padded): the prompt runs once into `cache` (zeros, P + C slots) that
+  every option then reads."""
+  compile_counts['score_options'] += 1
+  model = nnx.merge(graphdef, params)
+  b, p = tokens.shape
+  n_opt, c = options.shape[1], options.shape[2]
+  positions = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
+  small = [{k: x[k][:, :, :p] for k in ('k', 'v')} for x in cache]
+  hidden, small = model.hidden(tokens, positions, mask, small, 0)
+  cache = [{k: jax.lax.dynamic_update_slice_in_dim(x[k], y[k], 0, 2) for k in ('k', 'v')}
+           for x, y in zip(cache, small)]
+  first = jax.nn.log_softmax(model.logits_from_hidden(hidden[:, -1:])[:, 0], axis=-1)  # [B, V]
+  key_mask = jnp.concatenate([mask, jnp.ones((b, c), bool)], axis=1)
+  cont_positions = positions[:, -1:] + 1 + jnp.arange(c - 1, dtype=jnp.int32)[None]
+  out = []
+  for o in range(n_opt):
+    toks = options[:, o]
+    lp = [jnp.take_along_axis(first, toks[:, :1], axis=-1)]
+    if c > 1:  # option token t is predicted from the cache + option tokens before it
+      h, _ = model.hidden(toks[:, :-1], cont_positions, key_mask, cache, p)
+      logits = jax.nn.log_softmax(model.logits_from_hidden(h), axis=-1)
+      lp.append(jnp.take_along_axis(logits, toks[:, 1:, None], axis=-1)[..., 0])
+    out.append(jnp.concatenate(lp, axis=1))
+  return jnp.stack(out, axis=1)
+
+
+def score_options(model, prompt_tokens: Sequence[Sequence[int]],
+                  options: Sequence[Sequence[Sequence[int]]]) -> np.ndarray:
+  """Total log-prob [N, O] of each of a row's O continuations after its prompt.
+
+  Equals `score` on every (prompt, option) pair, at the cost of one pass over each prompt: the
+  prompt fills a KV cache once and each option is a short pass that reads it (the (A)/(B)
+  labels of AI feedback score two options after one long prompt).
+  """
+  cfg = model.cfg
+  if len(prompt_tokens) != len(options):
+    raise ValueError(f'{len(prompt_tokens)} prompts but {len(options)} option lists')
+  if not prompt_tokens:
+    return np.zeros((0, 0), np.float32)
+  prompts, _ = _prepare_prompts(prompt_tokens, cfg.vocab_size, cfg.max_positions, 'error')
+  n_opt = len(options[0])
+  conts = []
+  for i, row in enumerate(options):
+    if len(row) != n_opt or not n_opt:
+      raise ValueError(f'row {i} has {len(row)} options; every row needs the same number (>= 1)')
+    row = [[int(t) for t in np.asarray(c, dtype=np.int64).reshape(-1)] for c in row]
+    for c in row:
+      if not c:
+        raise ValueError(f'row {i} has an empty option')
+      if any(not 0 <= t < cfg.vocab_size for t in c):
+        raise ValueError(f'row {i}: an option has token ids outside [0, {cfg.vocab_size})')
+      if len(prompts[i]) + len(c) > cfg.max_positions:
+        raise ValueError(f'row {i}: prompt + option = {len(prompts[i]) + len(c)} tokens, '
+                         f'more than the model context of {cfg.max_positions}')
+    conts.append(row)
+  c = length_bucket(max(len(x) for row in conts for x in row), 4)
+  t = length_bucket(max(len(x) for x in prompts))
+  b = batch_bucket(len(prompts))
+  pad_id = int(cfg.pad_token_id or 0)
+  tokens, mask = _left_pad(prompts, b, t, pad_id)
+  opts = np.full((b, n_opt, c), pad_id, np.int32)
+  for i, row in enumerate(conts):
+    for o, x in enumerate(row):
+      opts[i, o, :len(x)] = x
+  graphdef, params = nnx.split(model)
+  lp = np.asarray(jax.device_get(_jitted('score_options', graphdef)(
+      params, _put_batch(tokens), _put_batch(mask), _put_batch(opts),
+      model_lib.init_cache(cfg, b, t + c))))
+  return np.array([[lp[i, o, :len(x)].astype(np.float32).sum() for o, x in enumerate(row)]
+                   for i, row in enumerate(conts)], np.float32)

@@ -24,7 +24,7 @@ def tpu_config(*, model_dir: str, architecture: str, tpu: str, mesh_shape: tuple
   c.distributed.enabled = multi_host  # multi-host slice: jax.distributed.initialize from the TPU env
   c.critique_revision.batch_size = batch_size  # sequences per sampler call (divisible by data x fsdp)
   c.feedback.batch_size = batch_size  # sequences per sampler call
-  c.feedback.score_batch_size = batch_size  # (prompt + option) sequences per scoring call
+  c.feedback.score_batch_size = batch_size  # prompts per scoring call (each scores all its options)
   c.sft.batch_size = batch_size  # sequences per SFT step
   c.preference.batch_size = batch_size // 2  # pairs per PM step (batch_size sequences)
   c.ppo.batch_size = batch_size  # rollouts per PPO step

@@ -152,21 +152,21 @@ def fb_cfg(**kw):
 
 @pytest.fixture
 def fake_engine(monkeypatch):
-  """sampling.score / generate_responses stand-ins that record what they were given."""
+  """sampling.score_options / generate_responses stand-ins that record what they were given."""
   calls = {'score': [], 'generate': []}
 
-  def score(model, prompt_tokens, continuation_tokens):
-    calls['score'] += list(zip(prompt_tokens, continuation_tokens))
+  def score_options(model, prompt_tokens, options):
     tok = checkpoint.byte_tokenizer()
-    total = [-1.0 if tok.decode(c) == A else -2.0 for c in continuation_tokens]
-    return sampling.ScoreOutput(np.array(total, np.float32), [])
+    calls['score'] += [(p, c) for p, row in zip(prompt_tokens, options) for c in row]
+    return np.array([[-1.0 if tok.decode(c) == A else -2.0 for c in row] for row in options],
+                    np.float32)
 
   def generate_responses(pretrained, prompts, **kw):
     calls['generate'].append((list(prompts), kw))
     return [sampling.Response('Both are fine.', [], np.zeros(0), 'stop', [])
             for _ in prompts]
 
-  monkeypatch.setattr(feedback.sampling, 'score', score)
+  monkeypatch.setattr(feedback.sampling, 'score_options', score_options)
   monkeypatch.setattr(feedback.sampling, 'generate_responses', generate_responses)
   return calls
 

@@ -88,6 +88,22 @@ def test_score_batched_equals_one_at_a_time(tiny):
                                    np.arange(len(conts[i])), conts[i]], atol=1e-5)
 
 
+def test_score_options_equals_score_per_option(tiny):
+  """One prompt pass + cached option passes = a full pass per (prompt, option)."""
+  prompts = encode(tiny, PROMPTS)
+  options = [encode(tiny, [' (A)', ' (B)']), encode(tiny, [' yes', ' no thanks at all']),
+             encode(tiny, ['!', '?']), encode(tiny, [' a much longer continuation here', ' b'])]
+  totals = sampling.score_options(tiny.model, prompts, options)
+  assert totals.shape == (4, 2)
+  for o in range(2):
+    ref = sampling.score(tiny.model, prompts, [row[o] for row in options]).total
+    np.testing.assert_allclose(totals[:, o], ref, atol=1e-4)
+  with pytest.raises(ValueError, match='same number'):
+    sampling.score_options(tiny.model, prompts[:2], [options[0], options[1][:1]])
+  with pytest.raises(ValueError, match='empty option'):
+    sampling.score_options(tiny.model, prompts[:1], [[options[0][0], []]])
+
+
 def test_temperature_one_matches_softmax(peaked):
   prompt = encode(peaked, ['Human: hi'])[0]
   probs = next_token_probs(peaked.model, prompt)

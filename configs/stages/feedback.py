@@ -28,7 +28,7 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   c.top_k = 0  # response sampling: keep the k most likely tokens; 0 = no cut
   c.top_p = 1.0  # response sampling: nucleus mass; 1.0 = no cut
   c.batch_size = batch_size  # sequences per sampler call (responses and CoT reasoning)
-  c.score_batch_size = score_batch_size  # sequences (prompt + option) per scoring call
+  c.score_batch_size = score_batch_size  # prompts per scoring call (each scores all its options)
   c.num_few_shots = -1  # feedback few-shots shown (plain or CoT ones); -1 = all of the constitution
   c.num_principles = 1  # K: principles sampled per pair whose p(A) are averaged (ensemble); paper: 1 per label
   c.principle_replace = False  # draw the K principles with replacement (needed when K > #principles)
