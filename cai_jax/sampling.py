@@ -189,7 +189,7 @@ def _jitted(kind: str, graphdef, strategy: _Strategy | None = None):
       fn = jax.jit(functools.partial(_decode, graphdef, strategy), donate_argnums=(1,),
                    compiler_options=_compiler_options())
     elif kind == 'score_options':
-      fn = jax.jit(functools.partial(_score_options_fn, graphdef), donate_argnums=(4,),
+      fn = jax.jit(functools.partial(_score_options_fn, graphdef),
                    compiler_options=_compiler_options())
     else:
       fn = jax.jit(functools.partial(_score_fn, graphdef), static_argnums=(3,),

@@ -10,7 +10,7 @@ import ml_collections
 # Per variant: (PPO steps, prompts per rollout, new tokens, epochs, minibatches, policy lr, value lr).
 _SIZES = {
     'tiny': (4, 8, 16, 2, 2, 3e-4, 1e-3),
-    'demo': (3, 4, 24, 1, 1, 1e-6, 1e-5),
+    'demo': (3, 4, 24, 1, 1, 2e-5, 1e-4),  # larger steps than 'full': 3 steps must move the policy
     'full': (1000, 64, 256, 4, 4, 1e-6, 5e-6),
 }
 # Per variant: (longest prompt, shortest padded prompt) in tokens. Equal values compile each
