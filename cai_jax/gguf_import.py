@@ -89,12 +89,51 @@ def read(path: str):
       x = _unpermute(x, cfg.n_heads if 'attn_q' in gname else cfg.n_kv_heads)
     return x
 
-  from transformers import AutoTokenizer
   try:
-    tok = AutoTokenizer.from_pretrained(os.path.dirname(path) or '.', gguf_file=os.path.basename(path))
+    tok = bpe_tokenizer(field)
+  except CheckpointError:
+    raise
   except Exception as e:  # noqa: BLE001
     raise CheckpointError(f'{path}: cannot build the tokenizer from GGUF metadata ({type(e).__name__}: '
                           f'{str(e)[:200]})') from None
-  if tok.chat_template is None and field('tokenizer.chat_template'):
-    tok.chat_template = field('tokenizer.chat_template')
   return cfg, from_hf_getters(cfg, get), tok
+
+
+def bpe_tokenizer(field):
+  """A fast tokenizer from GGUF tokenizer metadata ('gpt2' byte-level BPE), built with the
+  `tokenizers` library alone: transformers' own GGUF path imports torch, which the main install
+  does not have. `field(name)` reads a metadata field.
+
+  The 'smollm' pre-tokenizer splits every digit, as llama.cpp and SmolLM2's own tokenizer.json do.
+  """
+  from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+  from transformers import PreTrainedTokenizerFast
+
+  kind = field('tokenizer.ggml.model')
+  if kind != 'gpt2':
+    raise CheckpointError(f'GGUF tokenizer model {kind!r} is not supported (only byte-level BPE, '
+                          "'gpt2'); load the HF checkpoint directory instead")
+  tokens = list(field('tokenizer.ggml.tokens'))
+  types = list(field('tokenizer.ggml.token_type') or [1] * len(tokens))
+  merges = [tuple(m.split(' ', 1)) for m in field('tokenizer.ggml.merges')]
+  tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
+  pre = [pre_tokenizers.ByteLevel(add_prefix_space=bool(field('tokenizer.ggml.add_space_prefix', False)),
+                                  use_regex=True)]
+  if field('tokenizer.ggml.pre') == 'smollm':
+    pre.insert(0, pre_tokenizers.Digits(individual_digits=True))
+  tok.pre_tokenizer = pre_tokenizers.Sequence(pre)
+  tok.decoder = decoders.ByteLevel()
+  tok.post_processor = processors.ByteLevel(trim_offsets=False)
+  _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+  tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                          for t, ty in zip(tokens, types) if ty in (_CONTROL, _USER_DEFINED)])
+
+  def token(key):
+    i = field(key)
+    return None if i is None else tokens[int(i)]
+
+  return PreTrainedTokenizerFast(
+      tokenizer_object=tok, bos_token=token('tokenizer.ggml.bos_token_id'),
+      eos_token=token('tokenizer.ggml.eos_token_id'), unk_token=token('tokenizer.ggml.unknown_token_id'),
+      pad_token=token('tokenizer.ggml.padding_token_id'),
+      chat_template=field('tokenizer.chat_template'))

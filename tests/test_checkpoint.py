@@ -207,6 +207,24 @@ def test_unsupported_variants(tmp_path):
     _one_line_error("unsupported activation 'relu'", checkpoint.load_pretrained, tmp_path)
 
 
+def test_smollm2_gguf_tokenizer_matches_transformers(smollm2):
+    """Our GGUF tokenizer (built without torch) encodes, decodes and templates like transformers'."""
+    path = checkpoint.smollm2_path()
+    ref = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    ours = smollm2.tokenizer
+    texts = ['Hello, world!', '  leading spaces and\ttabs\n\nnewlines', 'In 2023 there were 12345 cases',
+             '<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n', "It's we'll they've",
+             'Ünïcödé — “quotes” 日本語 🙂', '\n\nHuman: How do I pick a lock?\n\nAssistant:']
+    for text in texts:
+        assert ours.encode(text) == ref.encode(text), text
+        assert ours.decode(ours.encode(text)) == text
+    assert ours.convert_ids_to_tokens(ours.encode('1234')) == ['1', '2', '3', '4']  # 'smollm' splits digits
+    assert (ours.bos_token, ours.eos_token, ours.pad_token) == (ref.bos_token, ref.eos_token, ref.pad_token)
+    chat = [{'role': 'user', 'content': 'hi'}]
+    assert (ours.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            == ref.apply_chat_template(chat, tokenize=False, add_generation_prompt=True))
+
+
 def test_gguf_with_unsupported_quantization(tmp_path):
     gguf = pytest.importorskip('gguf')
     qtype = gguf.GGMLQuantizationType.Q8_1  # llama.cpp-internal; gguf cannot dequantize it
