@@ -41,3 +41,13 @@ def test_missing_model_path_is_one_clear_line(tmp_path):
   r = run_main('--workdir', str(tmp_path), '--config.stages=', f'--config.model.source={tmp_path}/nope')
   assert r.returncode != 0
   assert 'does not exist' in r.stderr and 'Traceback' not in r.stderr
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+  """README's first lines are the two commands (main job, tests); .ci/run ends with the second."""
+  readme = (REPO / 'README.md').read_text().splitlines()
+  block = readme[readme.index('```bash') + 1:readme.index('```', readme.index('```bash') + 1)]
+  assert len(block) == 2 and 'python -m cai_jax.main --config configs/demo.py' in block[0]
+  assert 'python -m pytest' in block[1]
+  ci = [line for line in (REPO / '.ci' / 'run').read_text().splitlines() if line and not line.startswith('#')]
+  assert ci[-1] == block[1]
