@@ -104,7 +104,10 @@ def bpe_tokenizer(field):
   `tokenizers` library alone: transformers' own GGUF path imports torch, which the main install
   does not have. `field(name)` reads a metadata field.
 
-  The 'smollm' pre-tokenizer splits every digit, as llama.cpp and SmolLM2's own tokenizer.json do.
+  The 'smollm' pre-tokenizer splits off every digit before the byte-level split, as llama.cpp
+  and SmolLM2's own tokenizer.json (Digits, then ByteLevel) do. transformers' GGUF loader keeps
+  only the byte-level split, so it differs where whitespace precedes a digit ('\n\n1': ours
+  'ĊĊ', '1'; theirs 'Ċ', 'Ċ', '1').
   """
   from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
   from transformers import PreTrainedTokenizerFast

@@ -2,6 +2,11 @@
 of the comparisons in file order, written a chunk at a time).
 
   python tests/scripts/fb_summarize.py WORKDIR [WORKDIR ...]
+  python tests/scripts/fb_summarize.py --primary_order_only DEBIAS_WORKDIR
+
+--primary_order_only recomputes every label from each principle's first scoring alone: a
+debiased run's primary-order scorings are exactly the prompts a single-order run scores, so
+this gives the single-principle, not-debiased accuracy of the same comparisons.
 """
 
 import json
@@ -11,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from cai_jax import feedback  # noqa: E402
+from cai_jax import feedback, labels  # noqa: E402
 
 
 def complete_records(path: Path) -> list[dict]:
@@ -19,7 +24,18 @@ def complete_records(path: Path) -> list[dict]:
   return [json.loads(line) for line in lines[:-1] if line.strip()]  # the last piece may be torn
 
 
+def primary_order_only(record: dict) -> dict:
+  firsts = {}
+  for sc in record['scorings']:
+    firsts.setdefault(sc['k'], sc)
+  p = feedback.label_from_logprobs(list(firsts.values()), {})
+  return dict(record, p_chosen=p, correct=labels.hard_label(p), scorings=list(firsts.values()))
+
+
 def main(workdirs):
+  primary = workdirs and workdirs[0] == '--primary_order_only'
+  if primary:
+    workdirs = workdirs[1:]
   print('| run | n | accuracy (95% CI) | ECE | mean p_chosen | P(first preferred) | finished | seconds |')
   print('|---|---:|---|---:|---:|---:|---|---:|')
   for w in workdirs:
@@ -28,12 +44,14 @@ def main(workdirs):
     if not records:
       print(f'| {w} | 0 | | | | | no | |')
       continue
+    if primary:
+      records = [primary_order_only(r) for r in records]
     s = feedback.summarize(records)
     n, acc = s['n'], s['accuracy']
     half = 1.96 * math.sqrt(max(acc * (1 - acc), 1e-12) / n)
     done = d / 'DONE.json'
     seconds = json.loads(done.read_text())['seconds'] if done.exists() else float('nan')
-    print(f'| {Path(w).name} | {n} | {acc:.3f} ({acc - half:.3f}-{acc + half:.3f}) | {s["ece"]:.3f} | '
+    print(f'| {Path(w).name}{" (primary order only)" if primary else ""} | {n} | {acc:.3f} ({acc - half:.3f}-{acc + half:.3f}) | {s["ece"]:.3f} | '
           f'{s["mean_p_chosen"]:.3f} | {s["frac_first_preferred"]:.3f} | '
           f'{"yes" if done.exists() else "no"} | {seconds:.0f} |')
 
