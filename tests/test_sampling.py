@@ -324,7 +324,7 @@ _SHARDED_SCRIPT = textwrap.dedent('''
 
 def test_sharded_greedy_equals_unsharded():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8 --xla_cpu_collective_call_terminate_timeout_seconds=900', JAX_PLATFORMS='cpu',
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu',
              PYTHONPATH=root + os.pathsep + os.environ.get('PYTHONPATH', ''))
   proc = subprocess.run([sys.executable, '-c', _SHARDED_SCRIPT], env=env, cwd=root,
                         capture_output=True, text=True, timeout=300)

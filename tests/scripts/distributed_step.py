@@ -12,7 +12,7 @@ import sys
 
 num_processes, process_id, port, local_devices = map(int, sys.argv[1:5])
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           f' --xla_force_host_platform_device_count={local_devices} --xla_cpu_collective_call_terminate_timeout_seconds=900').strip()
+                           f' --xla_force_host_platform_device_count={local_devices}').strip()
 os.environ['JAX_PLATFORMS'] = 'cpu'  # maybe_initialize_distributed then picks gloo collectives
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
 

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8 --xla_cpu_collective_call_terminate_timeout_seconds=900').strip()
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
 
 import jax  # noqa: E402
