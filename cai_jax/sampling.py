@@ -590,6 +590,17 @@ def _score_fn(graphdef, params, tokens, mask, n_cont):
   return jax.lax.map(one, (hc, tc)).swapaxes(0, 1).reshape(b, n_cont)
 
 
+def _continuation(tokens, row: int, prompt_len: int, cfg, what: str) -> list[int]:
+  """A continuation's token ids as ints, checked against the vocabulary and the context."""
+  c = [int(t) for t in np.asarray(tokens, dtype=np.int64).reshape(-1)]
+  if any(not 0 <= t < cfg.vocab_size for t in c):
+    raise ValueError(f'row {row}: a {what} has token ids outside [0, {cfg.vocab_size})')
+  if prompt_len + len(c) > cfg.max_positions:
+    raise ValueError(f'row {row}: prompt + {what} = {prompt_len + len(c)} tokens, '
+                     f'more than the model context of {cfg.max_positions}')
+  return c
+
+
 def score(model, prompt_tokens: Sequence[Sequence[int]],
           continuation_tokens: Sequence[Sequence[int]]) -> ScoreOutput:
   """Log-probs of each continuation after its prompt; rows of any lengths in one forward pass."""
@@ -597,15 +608,8 @@ def score(model, prompt_tokens: Sequence[Sequence[int]],
   if len(prompt_tokens) != len(continuation_tokens):
     raise ValueError(f'{len(prompt_tokens)} prompts but {len(continuation_tokens)} continuations')
   prompts, _ = _prepare_prompts(prompt_tokens, cfg.vocab_size, cfg.max_positions, 'error')
-  conts = []
-  for i, c in enumerate(continuation_tokens):
-    c = [int(t) for t in np.asarray(c, dtype=np.int64).reshape(-1)]
-    if any(not 0 <= t < cfg.vocab_size for t in c):
-      raise ValueError(f'continuation {i} has token ids outside [0, {cfg.vocab_size})')
-    if len(prompts[i]) + len(c) > cfg.max_positions:
-      raise ValueError(f'row {i}: prompt + continuation = {len(prompts[i]) + len(c)} tokens, '
-                       f'more than the model context of {cfg.max_positions}')
-    conts.append(c)
+  conts = [_continuation(c, i, len(prompts[i]), cfg, 'continuation')
+           for i, c in enumerate(continuation_tokens)]
   if not prompts:
     return ScoreOutput(np.zeros((0,), np.float32), [])
   n_cont = length_bucket(max(max(len(c) for c in conts), 1), 8)
@@ -671,15 +675,9 @@ def score_options(model, prompt_tokens: Sequence[Sequence[int]],
   for i, row in enumerate(options):
     if len(row) != n_opt or not n_opt:
       raise ValueError(f'row {i} has {len(row)} options; every row needs the same number (>= 1)')
-    row = [[int(t) for t in np.asarray(c, dtype=np.int64).reshape(-1)] for c in row]
-    for c in row:
-      if not c:
-        raise ValueError(f'row {i} has an empty option')
-      if any(not 0 <= t < cfg.vocab_size for t in c):
-        raise ValueError(f'row {i}: an option has token ids outside [0, {cfg.vocab_size})')
-      if len(prompts[i]) + len(c) > cfg.max_positions:
-        raise ValueError(f'row {i}: prompt + option = {len(prompts[i]) + len(c)} tokens, '
-                         f'more than the model context of {cfg.max_positions}')
+    row = [_continuation(c, i, len(prompts[i]), cfg, 'option') for c in row]
+    if not all(row):
+      raise ValueError(f'row {i} has an empty option')
     conts.append(row)
   c = length_bucket(max(len(x) for row in conts for x in row), 4)
   t = length_bucket(max(len(x) for x in prompts))
