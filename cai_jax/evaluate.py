@@ -317,6 +317,16 @@ def _elo(x: float) -> str:
   return f'{x + 0.0:+.1f}' if abs(x) >= 0.05 else '0.0'  # no '-0.0'
 
 
+def _save(fig, stage_dir: Path, name: str) -> str:
+  """Writes `fig` to stage_dir/name (100 dpi), closes it and returns the name for report.md."""
+  import matplotlib.pyplot as plt
+
+  fig.tight_layout()
+  fig.savefig(stage_dir / name, dpi=100)
+  plt.close(fig)
+  return name
+
+
 def plot_elo(stage_dir: Path, summary: dict) -> str | None:
   import matplotlib
   matplotlib.use('Agg')
@@ -339,10 +349,7 @@ def plot_elo(stage_dir: Path, summary: dict) -> str | None:
   ax.set_ylabel(f'Elo ({int(100 * summary[kinds[0]]["ci"])}% bootstrap CI)')
   ax.set_title('AI-judge Elo')
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(stage_dir / 'elo.png', dpi=100)
-  plt.close(fig)
-  return 'elo.png'
+  return _save(fig, stage_dir, 'elo.png')
 
 
 def plot_revision_curve(stage_dir: Path, curve: dict | None) -> str | None:
@@ -361,10 +368,7 @@ def plot_revision_curve(stage_dir: Path, curve: dict | None) -> str | None:
   ax.set_xlabel('number of revisions')
   ax.set_ylabel('PM score (mean ± stderr)')
   ax.set_title('Harmlessness PM score vs revisions')
-  fig.tight_layout()
-  fig.savefig(stage_dir / 'pm_vs_revisions.png', dpi=100)
-  plt.close(fig)
-  return 'pm_vs_revisions.png'
+  return _save(fig, stage_dir, 'pm_vs_revisions.png')
 
 
 def plot_refusals(stage_dir: Path, summary: dict) -> str:
@@ -382,10 +386,7 @@ def plot_refusals(stage_dir: Path, summary: dict) -> str:
   ax.set_ylabel('refusal rate')
   ax.set_title('Refusals (keyword classifier)')
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(stage_dir / 'refusal_rate.png', dpi=100)
-  plt.close(fig)
-  return 'refusal_rate.png'
+  return _save(fig, stage_dir, 'refusal_rate.png')
 
 
 def report_markdown(summary: dict, plots: dict[str, str | None], examples: dict[str, list[dict]]) -> str:
