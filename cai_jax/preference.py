@@ -460,13 +460,9 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
       min_bucket=cfg.min_bucket, n_bins=cfg.ece_bins) if held_out else {}
 
   bar = train_lib.progress(total_steps, start, 'preference')
-  metrics, eval_metrics, epoch, batches, t0 = {}, {}, -1, [], time.time()
+  metrics, eval_metrics, t0 = {}, {}, time.time()
   try:
-    for step in range(start, total_steps):
-      if step // steps_per_epoch != epoch:
-        epoch = step // steps_per_epoch
-        batches = plan(epoch)
-      length, rows = batches[step % steps_per_epoch]
+    for step, length, rows in train_lib.planned_batches(plan, steps_per_epoch, start, total_steps):
       batch = sharding.global_batch(local_rows(pack_pairs(train, rows, length, pad_id)))
       state, metrics = train_step(state, batch)
       metrics = train_lib.host_metrics(metrics)

@@ -371,12 +371,8 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
   writer = train_lib.MetricsWriter(stage_dir, resume_step=start)
 
   bar = train_lib.progress(total_steps, start, 'sft')
-  metrics, eval_loss, epoch, batches, t0, tokens_seen = {}, None, -1, [], time.time(), 0
-  for step in range(start, total_steps):
-    if step // steps_per_epoch != epoch:
-      epoch = step // steps_per_epoch
-      batches = plan(epoch)
-    length, rows = batches[step % steps_per_epoch]
+  metrics, eval_loss, t0, tokens_seen = {}, None, time.time(), 0
+  for step, length, rows in train_lib.planned_batches(plan, steps_per_epoch, start, total_steps):
     batch = sharding.global_batch(local_rows(pack(train, rows, length, pad_id)))
     state, metrics = train_step(state, batch)
     metrics = train_lib.host_metrics(metrics)

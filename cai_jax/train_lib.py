@@ -326,3 +326,15 @@ def progress(total: int, initial: int = 0, desc: str = ''):
 
   return tqdm(total=total, initial=initial, desc=desc, disable=jax.process_index() != 0,
               dynamic_ncols=True, mininterval=1.0)
+
+
+def planned_batches(plan, steps_per_epoch: int, start: int, total_steps: int):
+  """(step, length, rows) for steps start .. total_steps - 1, from `plan(epoch)` (a list of
+  (length, rows) per step of that epoch), made once per epoch: resuming mid-epoch is free."""
+  epoch, batches = -1, []
+  for step in range(start, total_steps):
+    if step // steps_per_epoch != epoch:
+      epoch = step // steps_per_epoch
+      batches = plan(epoch)
+    length, rows = batches[step % steps_per_epoch]
+    yield step, length, rows
