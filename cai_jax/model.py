@@ -227,6 +227,37 @@ class Attention(nnx.Module):
     if cfg.out_bias:
       self.o_bias = _param(rngs, (d,), ('norm',), pd, 'zeros')
 
+  def _allowed(self, t, s, key_mask, cache_index):
+    # Causality is on cache slots; see docs/DESIGN.md.
+    q_slot = cache_index + jnp.arange(t)[:, None]
+    k_slot = jnp.arange(s)[None, :]
+    allowed = k_slot <= q_slot
+    if self.cfg.is_sliding(self.layer):
+      allowed &= (q_slot - k_slot) < self.cfg.sliding_window
+    return allowed[None] & key_mask[:, None, :]
+
+  def _mask_logits(self, logits, allowed):
+    """Soft-caps float32 logits [B, K, G, T, S] and masks the slots `allowed` [B, T, S] forbids."""
+    if self.cfg.attn_softcap is not None:
+      logits = jnp.tanh(logits / self.cfg.attn_softcap) * self.cfg.attn_softcap
+    return jnp.where(allowed[:, None, None], logits, jnp.finfo(jnp.float32).min)
+
+  def _decode_attention(self, q, k_cache, v_cache, allowed, dt):
+    """One new token per row (q [B, 1, K, G, H]) against the cache, as two reductions.
+
+    A batched dot here is B x K tiny matrix products that XLA:CPU runs one after another on one
+    thread; the multiply-and-reduce forms are loop fusions it vectorizes along the contiguous
+    axis (S for the keys, H for the values) and splits over threads: about half the time.
+    """
+    f32 = jnp.float32
+    q = q[:, 0].astype(f32)  # [B, K, G, H]
+    logits = jnp.sum(q[..., None] * k_cache.astype(f32)[:, :, None], axis=-2)  # [B, K, G, S]
+    logits = self._mask_logits(logits[:, :, :, None], allowed)[:, :, :, 0]
+    # A fusion barrier: otherwise XLA recomputes the softmax inside the value reduction.
+    probs = jax.lax.optimization_barrier(jax.nn.softmax(logits, axis=-1))
+    out = jnp.sum(probs[..., None] * v_cache.astype(f32)[:, :, None], axis=-2)  # [B, K, G, H]
+    return out[:, None].astype(dt)
+
   def __call__(self, x, positions, key_mask, cache, cache_index, inv_freq):
     cfg, dt = self.cfg, x.dtype
     q = jnp.einsum('BTD,DNH->BTNH', x, self.q[...].astype(dt))
@@ -240,33 +271,31 @@ class Attention(nnx.Module):
     q = sharding.constrain(q, ('batch', 'length', 'heads', 'head_dim'))
 
     t = x.shape[1]
-    # Keys/values as [B, K, S, H] (the cache layout): the attention dots then read the cache in
-    # place; [B, S, K, H] made XLA:CPU transpose the whole cache in every decode step.
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    if cache is not None:
-      k = jax.lax.dynamic_update_slice_in_dim(cache['k'], k.astype(cache['k'].dtype), cache_index, 2)
-      v = jax.lax.dynamic_update_slice_in_dim(cache['v'], v.astype(cache['v'].dtype), cache_index, 2)
-      cache = {'k': k, 'v': v}
-      k, v = k.astype(dt), v.astype(dt)
-    s = k.shape[2]
-
-    # Causality is on cache slots; see docs/DESIGN.md.
-    q_slot = cache_index + jnp.arange(t)[:, None]
-    k_slot = jnp.arange(s)[None, :]
-    allowed = k_slot <= q_slot
-    if cfg.is_sliding(self.layer):
-      allowed &= (q_slot - k_slot) < cfg.sliding_window
-    allowed = allowed[None] & key_mask[:, None, :]  # [B, T, S]
-
     b, n, kh = x.shape[0], cfg.n_heads, cfg.n_kv_heads
-    q = q.reshape(b, t, kh, n // kh, cfg.head_dim)
     scale = cfg.query_scale if cfg.query_scale is not None else cfg.head_dim ** -0.5
-    logits = jnp.einsum('BTKGH,BKSH->BKGTS', q * jnp.asarray(scale, dt), k).astype(jnp.float32)
-    if cfg.attn_softcap is not None:
-      logits = jnp.tanh(logits / cfg.attn_softcap) * cfg.attn_softcap
-    logits = jnp.where(allowed[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-    out = jnp.einsum('BKGTS,BKSH->BTKGH', probs, v).reshape(b, t, n, cfg.head_dim)
+    q = q.reshape(b, t, kh, n // kh, cfg.head_dim) * jnp.asarray(scale, dt)
+    if cache is not None:
+      # The cache layout (see init_cache): keys [B, K, H, S], values [B, K, S, H].
+      k = jax.lax.dynamic_update_slice_in_dim(
+          cache['k'], k.transpose(0, 2, 3, 1).astype(cache['k'].dtype), cache_index, 3)
+      v = jax.lax.dynamic_update_slice_in_dim(
+          cache['v'], v.transpose(0, 2, 1, 3).astype(cache['v'].dtype), cache_index, 2)
+      cache = {'k': k, 'v': v}
+      s = v.shape[2]
+    else:
+      # [B, K, S, H]: the layout whose forward and backward dots XLA runs without transposes.
+      k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+      s = t
+    allowed = self._allowed(t, s, key_mask, cache_index)  # [B, T, S]
+
+    if cache is not None and t == 1:
+      out = self._decode_attention(q, k, v, allowed, dt)
+    else:
+      spec = 'BTKGH,BKHS->BKGTS' if cache is not None else 'BTKGH,BKSH->BKGTS'
+      logits = jnp.einsum(spec, q, k.astype(dt)).astype(jnp.float32)
+      probs = jax.nn.softmax(self._mask_logits(logits, allowed), axis=-1).astype(dt)
+      out = jnp.einsum('BKGTS,BKSH->BTKGH', probs, v.astype(dt))
+    out = out.reshape(b, t, n, cfg.head_dim)
     # 'BTNH,NHD->BTD' by dot_general: jnp.einsum contracts (H, N) in that order, which made
     # XLA transpose the weight in every call.
     out = jax.lax.dot_general(out, self.o[...].astype(dt), (((2, 3), (0, 1)), ((), ())))
@@ -351,7 +380,7 @@ class Decoder(nnx.Module):
     if positions is None:
       positions = jnp.broadcast_to(cache_index + jnp.arange(t, dtype=jnp.int32), (b, t))
     if key_mask is None:
-      s = t if cache is None else cache[0]['k'].shape[2]
+      s = t if cache is None else cache_length(cache)
       key_mask = jnp.ones((b, s), bool)
     x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
     if cfg.embed_scale:
@@ -384,13 +413,36 @@ class Decoder(nnx.Module):
     return self.logits_from_hidden(h), cache
 
 
+# The KV cache: per layer, keys [B, K, H, S] and values [B, K, S, H], slots (S) minor for the
+# keys so that decoding's query-key reduction runs along contiguous memory.
+CACHE_SLOT_AXIS = {'k': 3, 'v': 2}
+_CACHE_NAMES = {'k': ('batch', 'kv_heads', 'head_dim', 'length'),
+                'v': ('batch', 'kv_heads', 'length', 'head_dim')}
+
+
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> list[dict]:
-  """Zeroed KV cache, one {'k', 'v'} of [B, K, S, H] per layer, laid out by the mesh rules."""
+  """Zeroed KV cache of `length` slots (layout above), placed by the mesh rules."""
   dtype = jnp.dtype(dtype or cfg.dtype)
-  shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
-  names = ('batch', 'kv_heads', 'length', 'head_dim')
-  return [{'k': sharding.zeros(shape, dtype, names), 'v': sharding.zeros(shape, dtype, names)}
+  shapes = {'k': (batch, cfg.n_kv_heads, cfg.head_dim, length),
+            'v': (batch, cfg.n_kv_heads, length, cfg.head_dim)}
+  return [{kv: sharding.zeros(shapes[kv], dtype, _CACHE_NAMES[kv]) for kv in ('k', 'v')}
           for _ in range(cfg.n_layers)]
+
+
+def cache_length(cache: list[dict]) -> int:
+  return cache[0]['v'].shape[CACHE_SLOT_AXIS['v']]
+
+
+def cache_prefix(cache: list[dict], length: int) -> list[dict]:
+  """The first `length` slots of every layer's keys and values."""
+  return [{kv: jax.lax.slice_in_dim(c[kv], 0, length, axis=CACHE_SLOT_AXIS[kv]) for kv in c}
+          for c in cache]
+
+
+def cache_write_prefix(cache: list[dict], prefix: list[dict]) -> list[dict]:
+  """`cache` with its first slots replaced by `prefix` (e.g. a prefill's cache_prefix)."""
+  return [{kv: jax.lax.dynamic_update_slice_in_dim(c[kv], p[kv], 0, CACHE_SLOT_AXIS[kv])
+           for kv in c} for c, p in zip(cache, prefix)]
 
 
 class ScalarHeadModel(nnx.Module):

@@ -206,19 +206,30 @@ def _is_stop(tokens, stop_ids):
   return jnp.any(tokens[:, None] == stop_ids[None, :], axis=-1)
 
 
+def _prompt_positions(mask):
+  """Positions of left-padded prompts [B, P]: 0 at each row's first real token."""
+  return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def _run_prompt(model, tokens, positions, mask, cache):
+  """Hidden states of the prompts [B, P] and `cache` with them in its first P slots.
+
+  Attends over the P prompt slots only, then writes them into the full-length cache.
+  """
+  hidden, prefix = model.hidden(tokens, positions, mask,
+                                model_lib.cache_prefix(cache, tokens.shape[1]), 0)
+  return hidden, model_lib.cache_write_prefix(cache, prefix)
+
+
 def _prefill(graphdef, strategy, params, tokens, prompt_mask, cache, row_ids, seed, temperature,
              top_p, max_new, stop_ids, pad_rows):
   """Runs the prompt [B, P] through the model, fills the cache and picks the first token."""
   compile_counts['prefill'] += 1
   model = nnx.merge(graphdef, params)
   b, p = tokens.shape
-  n = cache[0]['k'].shape[2] - p
-  positions = jnp.maximum(jnp.cumsum(prompt_mask.astype(jnp.int32), axis=1) - 1, 0)
-  # Attend over the P prompt slots only, then write them into the full-length cache.
-  small = [{k: c[k][:, :, :p] for k in ('k', 'v')} for c in cache]
-  hidden, small = model.hidden(tokens, positions, prompt_mask, small, 0)
-  cache = [{k: jax.lax.dynamic_update_slice_in_dim(c[k], s[k], 0, 2) for k in ('k', 'v')}
-           for c, s in zip(cache, small)]
+  n = model_lib.cache_length(cache) - p
+  positions = _prompt_positions(prompt_mask)
+  hidden, cache = _run_prompt(model, tokens, positions, prompt_mask, cache)
   logits = model.logits_from_hidden(hidden[:, -1:])[:, 0]
   base = jax.random.key(seed)
   row_keys = jax.vmap(jax.random.fold_in, (None, 0))(base, row_ids)
@@ -572,7 +583,7 @@ def _score_fn(graphdef, params, tokens, mask, n_cont):
   """log p(tokens[:, t] | tokens[:, :t]) for the last n_cont positions [B, n_cont]."""
   compile_counts['score'] += 1
   model = nnx.merge(graphdef, params)
-  positions = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
+  positions = _prompt_positions(mask)
   hidden, _ = model.hidden(tokens, positions, mask)
   hidden = hidden[:, -n_cont - 1:-1]  # predicts tokens[:, -n_cont:]
   targets = tokens[:, -n_cont:]
@@ -636,11 +647,8 @@ def _score_options_fn(graphdef, params, tokens, mask, options, cache):
   model = nnx.merge(graphdef, params)
   b, p = tokens.shape
   n_opt, c = options.shape[1], options.shape[2]
-  positions = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
-  small = [{k: x[k][:, :, :p] for k in ('k', 'v')} for x in cache]
-  hidden, small = model.hidden(tokens, positions, mask, small, 0)
-  cache = [{k: jax.lax.dynamic_update_slice_in_dim(x[k], y[k], 0, 2) for k in ('k', 'v')}
-           for x, y in zip(cache, small)]
+  positions = _prompt_positions(mask)
+  hidden, cache = _run_prompt(model, tokens, positions, mask, cache)
   first = jax.nn.log_softmax(model.logits_from_hidden(hidden[:, -1:])[:, 0], axis=-1)  # [B, V]
   key_mask = jnp.concatenate([mask, jnp.ones((b, c), bool)], axis=1)
   cont_positions = positions[:, -1:] + 1 + jnp.arange(c - 1, dtype=jnp.int32)[None]
