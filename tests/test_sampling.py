@@ -1,4 +1,4 @@
-"""Tests for cai_jax/sampling.py on tiny random models (byte tokenizer, vocab 320)."""
+"""Tests for cai_jax.sampling on tiny random models (byte tokenizer, vocab 320)."""
 
 import os
 import subprocess

@@ -1,4 +1,4 @@
-"""Real-model parity of cai_jax/sampling.py with transformers on the embedded SmolLM2-135M."""
+"""Real-model parity of cai_jax.sampling with transformers on the embedded SmolLM2-135M."""
 
 import functools
 import os

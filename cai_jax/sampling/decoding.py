@@ -1,18 +1,9 @@
-"""Batched generation and scoring: the engine every CAI stage samples and scores with.
-
-`generate` left-pads prompts into bucketed shapes, runs one jitted prefill and a jitted
-`lax.while_loop` decode (state donated, params passed as arguments), and stops each row on its
-own at a stop token, a stop string or `max_new_tokens`. `score` gives log-probs of given
-continuations. `generate_batched` feeds long prompt lists through in batches with a progress
-bar; `generate_responses` takes conversations or rendered prompts and returns stripped replies,
-so stages never see padding or buckets.
-"""
+"""Generation: jitted prefill, a `lax.while_loop` decode over the KV cache, per-row stops, and
+the batched and conversation-level helpers every stage samples with."""
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import functools
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -21,41 +12,18 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from flax import nnx
 
 from cai_jax import conversation
 from cai_jax import model as model_lib
 from cai_jax import sharding
-
-# Every trace of a jitted sampling function bumps its counter: tests assert that a second call
-# whose shapes fall in the same buckets compiles nothing.
-compile_counts: collections.Counter = collections.Counter()
+from cai_jax.sampling.common import (MIN_LEN_BUCKET, batch_bucket, compile_counts, jitted,
+                                     left_pad, length_bucket, prepare_prompts, prompt_positions,
+                                     put_batch, run_prompt)
 
 STOP_CHUNK = 16  # decode steps between host checks for stop strings
-_MIN_LEN_BUCKET = 16
 _STOP_ID_SLOTS = 8  # stop-token ids are padded to a multiple of this (one compile for most uses)
 _TOP_P_CANDIDATES = 64  # top-p looks at this many best tokens first; a full sort only if needed
-_SCORE_CHUNK = 128  # positions per LM-head chunk in `score` (bounds the [B, T, V] logits)
-
-# ---- buckets --------------------------------------------------------------------------------
-
-
-def length_bucket(n: int, minimum: int = _MIN_LEN_BUCKET) -> int:
-  """Smallest of minimum, 2^k or 3 * 2^k that holds n (at most a third is padding)."""
-  b = minimum
-  while b < n:
-    b = b * 3 // 2 if b & (b - 1) == 0 else b * 4 // 3
-  return b
-
-
-def batch_bucket(n: int) -> int:
-  """A power of two, and a multiple of the mesh's data x fsdp size so rows shard evenly."""
-  b = 1
-  while b < n:
-    b *= 2
-  shards = sharding.batch_axis_size()
-  return max(b, shards) if shards & (shards - 1) == 0 else -(-b // shards) * shards
 
 
 # ---- outputs --------------------------------------------------------------------------------
@@ -68,12 +36,6 @@ class GenerateOutput:
   finish_reason: list[str]  # 'stop' or 'length'
   texts: list[str] | None = None  # decoded, stop string / stop token removed (with a tokenizer)
   num_truncated: list[int] | None = None  # prompt tokens dropped on the left per row
-
-
-@dataclasses.dataclass
-class ScoreOutput:
-  total: np.ndarray  # [B] sum of the continuation's log-probs
-  per_token: list[np.ndarray]  # log-prob of each continuation token
 
 
 @dataclasses.dataclass
@@ -166,59 +128,12 @@ def _step_keys(row_keys, step):
 # ---- jitted prefill and decode --------------------------------------------------------------
 
 
-def _compiler_options():
-  # XLA:CPU's YNN fusions run the small decode matmuls at about half the speed of its default
-  # dot emitter on AVX2 machines (see experiments/benchmarks/sampling.py).
-  if jax.default_backend() == 'cpu':
-    return {'xla_cpu_experimental_ynn_fusion_type': ''}
-  return None
-
-
-_JIT_CACHE: dict = {}
-
-
-def _jitted(kind: str, graphdef, strategy: _Strategy | None = None):
-  """One jitted function per (kind, model structure, strategy, mesh, rules); jax caches shapes."""
-  key = (kind, graphdef, strategy, sharding.current_mesh(), sharding._rules)
-  fn = _JIT_CACHE.get(key)
-  if fn is None:
-    if kind == 'prefill':
-      fn = jax.jit(functools.partial(_prefill, graphdef, strategy), donate_argnums=(3,),
-                   compiler_options=_compiler_options())
-    elif kind == 'decode':
-      fn = jax.jit(functools.partial(_decode, graphdef, strategy), donate_argnums=(1,),
-                   compiler_options=_compiler_options())
-    elif kind == 'score_options':
-      fn = jax.jit(functools.partial(_score_options_fn, graphdef),
-                   compiler_options=_compiler_options())
-    else:
-      fn = jax.jit(functools.partial(_score_fn, graphdef), static_argnums=(3,),
-                   compiler_options=_compiler_options())
-    _JIT_CACHE[key] = fn
-  return fn
-
-
 def _batch_constrain(x):
   return sharding.constrain(x, ('batch',) + (None,) * (x.ndim - 1))
 
 
 def _is_stop(tokens, stop_ids):
   return jnp.any(tokens[:, None] == stop_ids[None, :], axis=-1)
-
-
-def _prompt_positions(mask):
-  """Positions of left-padded prompts [B, P]: 0 at each row's first real token."""
-  return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
-
-
-def _run_prompt(model, tokens, positions, mask, cache):
-  """Hidden states of the prompts [B, P] and `cache` with them in its first P slots.
-
-  Attends over the P prompt slots only, then writes them into the full-length cache.
-  """
-  hidden, prefix = model.hidden(tokens, positions, mask,
-                                model_lib.cache_prefix(cache, tokens.shape[1]), 0)
-  return hidden, model_lib.cache_write_prefix(cache, prefix)
 
 
 def _prefill(graphdef, strategy, params, tokens, prompt_mask, cache, row_ids, seed, temperature,
@@ -228,8 +143,8 @@ def _prefill(graphdef, strategy, params, tokens, prompt_mask, cache, row_ids, se
   model = nnx.merge(graphdef, params)
   b, p = tokens.shape
   n = model_lib.cache_length(cache) - p
-  positions = _prompt_positions(prompt_mask)
-  hidden, cache = _run_prompt(model, tokens, positions, prompt_mask, cache)
+  positions = prompt_positions(prompt_mask)
+  hidden, cache = run_prompt(model, tokens, positions, prompt_mask, cache)
   logits = model.logits_from_hidden(hidden[:, -1:])[:, 0]
   base = jax.random.key(seed)
   row_keys = jax.vmap(jax.random.fold_in, (None, 0))(base, row_ids)
@@ -278,51 +193,8 @@ def _decode(graphdef, strategy, params, state: DecodeState, until, temperature, 
   return jax.lax.while_loop(cond, body, state)
 
 
-# ---- input checks ---------------------------------------------------------------------------
 
-
-def _prepare_prompts(prompt_tokens, vocab_size, limit, truncate):
-  if truncate not in ('error', 'left'):
-    raise ValueError(f"truncate must be 'error' or 'left', got {truncate!r}")
-  prompts, dropped = [], []
-  for i, p in enumerate(prompt_tokens):
-    p = [int(t) for t in np.asarray(p, dtype=np.int64).reshape(-1)]
-    if not p:
-      raise ValueError(f'prompt {i} is empty; every prompt needs at least one token')
-    bad = [t for t in p if not 0 <= t < vocab_size]
-    if bad:
-      raise ValueError(f'prompt {i} has token ids outside [0, {vocab_size}): {bad[:5]}')
-    if len(p) > limit:
-      if truncate == 'error':
-        raise ValueError(f'prompt {i} has {len(p)} tokens, more than the limit of {limit} '
-                         "(max_prompt_len / model context minus max_new_tokens); pass "
-                         "truncate='left' to drop its oldest tokens")
-      logging.warning('prompt %d: dropped its first %d of %d tokens (limit %d)', i,
-                      len(p) - limit, len(p), limit)
-      dropped.append(len(p) - limit)
-      p = p[-limit:]
-    else:
-      dropped.append(0)
-    prompts.append(p)
-  return prompts, dropped
-
-
-def _left_pad(rows, batch, length, pad_id):
-  tokens = np.full((batch, length), pad_id, np.int32)
-  mask = np.zeros((batch, length), bool)
-  for i, r in enumerate(rows):
-    tokens[i, length - len(r):] = r
-    mask[i, length - len(r):] = True
-  mask[len(rows):, -1] = True  # batch-padding rows see one (pad) token: no empty softmax
-  return tokens, mask
-
-
-def _put_batch(x):
-  """Places a [B, ...] host array with its batch axis sharded by the mesh rules."""
-  if sharding.current_mesh() is None:
-    return jnp.asarray(x)
-  names = ('batch',) + (None,) * (x.ndim - 1)
-  return jax.device_put(x, sharding.named_sharding(names, x.shape))
+# ---- stops ----------------------------------------------------------------------------------
 
 
 def _default_stop_tokens(model, tokenizer):
@@ -384,7 +256,7 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]], *, max_new_tokens: i
              stop_tokens: Sequence[int] | None = None, stop_strings: Sequence[str] | None = None,
              tokenizer=None, seed: int = 0, row_ids: Sequence[int] | None = None,
              max_prompt_len: int | None = None, truncate: str = 'error',
-             stop_chunk: int = STOP_CHUNK, min_prompt_bucket: int = _MIN_LEN_BUCKET) -> GenerateOutput:
+             stop_chunk: int = STOP_CHUNK, min_prompt_bucket: int = MIN_LEN_BUCKET) -> GenerateOutput:
   """Samples continuations of a batch of token-id prompts of any lengths.
 
   Args:
@@ -420,7 +292,7 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]], *, max_new_tokens: i
     if max_prompt_len <= 0:
       raise ValueError(f'max_prompt_len must be positive, got {max_prompt_len}')
     limit = min(limit, int(max_prompt_len))
-  prompts, dropped = _prepare_prompts(prompt_tokens, cfg.vocab_size, limit, truncate)
+  prompts, dropped = prepare_prompts(prompt_tokens, cfg.vocab_size, limit, truncate)
   if not prompts:
     return GenerateOutput([], [], [], [] if tokenizer is not None else None, [])
   if row_ids is not None and len(row_ids) != len(prompts):
@@ -442,7 +314,7 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]], *, max_new_tokens: i
   n = length_bucket(int(max_new_tokens))
   pad_id = int(cfg.pad_token_id if cfg.pad_token_id is not None else
                getattr(tokenizer, 'pad_token_id', None) or 0)
-  tokens, mask = _left_pad(prompts, b, p, pad_id)
+  tokens, mask = left_pad(prompts, b, p, pad_id)
   ids = np.arange(b, dtype=np.int32) if row_ids is None else np.concatenate(
       [np.asarray(row_ids, np.int32), np.arange(n_rows, b, dtype=np.int32) + 2**30])
   stop_arr = np.full((-(-max(len(stop_ids), 1) // _STOP_ID_SLOTS) * _STOP_ID_SLOTS,), -1, np.int32)
@@ -453,11 +325,11 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]], *, max_new_tokens: i
              top_p=jnp.float32(top_p if use_top_p else 1.0),
              max_new=jnp.int32(max_new_tokens), stop_ids=jnp.asarray(stop_arr))
   cache = model_lib.init_cache(cfg, b, p + n)
-  state = _jitted('prefill', graphdef, strategy)(
-      params, _put_batch(tokens), _put_batch(mask), cache,
-      _put_batch(ids), jnp.uint32(seed % 2**32), dyn['temperature'], dyn['top_p'],
-      dyn['max_new'], dyn['stop_ids'], _put_batch(np.arange(b) >= n_rows))
-  decode = _jitted('decode', graphdef, strategy)
+  state = jitted(_prefill, graphdef, strategy, donate_argnums=(3,))(
+      params, put_batch(tokens), put_batch(mask), cache,
+      put_batch(ids), jnp.uint32(seed % 2**32), dyn['temperature'], dyn['top_p'],
+      dyn['max_new'], dyn['stop_ids'], put_batch(np.arange(b) >= n_rows))
+  decode = jitted(_decode, graphdef, strategy, donate_argnums=(1,))
 
   # Rows are final once the host has seen their end (stop token / length on device, or a
   # stop string found in their decoded text).
@@ -489,7 +361,7 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]], *, max_new_tokens: i
     if len(final) == n_rows or step >= min(n, max_new_tokens):
       break
     if newly_done.any():
-      state = state.replace(done=state.done | _put_batch(newly_done))
+      state = state.replace(done=state.done | put_batch(newly_done))
 
   host_lp = np.asarray(jax.device_get(state.logprobs))
   out = GenerateOutput([], [], [], [] if tokenizer is not None else None, dropped)
@@ -575,130 +447,3 @@ def generate_responses(pretrained, prompts: Sequence[str | Sequence[conversation
           for t, toks, lp, fr, pr, d in zip(out.texts, out.tokens, out.logprobs,
                                             out.finish_reason, encoded, out.num_truncated)]
 
-
-# ---- score ----------------------------------------------------------------------------------
-
-
-def _score_fn(graphdef, params, tokens, mask, n_cont):
-  """log p(tokens[:, t] | tokens[:, :t]) for the last n_cont positions [B, n_cont]."""
-  compile_counts['score'] += 1
-  model = nnx.merge(graphdef, params)
-  positions = _prompt_positions(mask)
-  hidden, _ = model.hidden(tokens, positions, mask)
-  hidden = hidden[:, -n_cont - 1:-1]  # predicts tokens[:, -n_cont:]
-  targets = tokens[:, -n_cont:]
-  chunk = min(n_cont, _SCORE_CHUNK)
-  b, _, d = hidden.shape
-  hc = hidden.reshape(b, n_cont // chunk, chunk, d).swapaxes(0, 1)
-  tc = targets.reshape(b, n_cont // chunk, chunk).swapaxes(0, 1)
-
-  def one(args):
-    h, t = args
-    logits = model.logits_from_hidden(h)
-    picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-    return picked - jax.nn.logsumexp(logits, axis=-1)
-
-  return jax.lax.map(one, (hc, tc)).swapaxes(0, 1).reshape(b, n_cont)
-
-
-def _continuation(tokens, row: int, prompt_len: int, cfg, what: str) -> list[int]:
-  """A continuation's token ids as ints, checked against the vocabulary and the context."""
-  c = [int(t) for t in np.asarray(tokens, dtype=np.int64).reshape(-1)]
-  if any(not 0 <= t < cfg.vocab_size for t in c):
-    raise ValueError(f'row {row}: a {what} has token ids outside [0, {cfg.vocab_size})')
-  if prompt_len + len(c) > cfg.max_positions:
-    raise ValueError(f'row {row}: prompt + {what} = {prompt_len + len(c)} tokens, '
-                     f'more than the model context of {cfg.max_positions}')
-  return c
-
-
-def score(model, prompt_tokens: Sequence[Sequence[int]],
-          continuation_tokens: Sequence[Sequence[int]]) -> ScoreOutput:
-  """Log-probs of each continuation after its prompt; rows of any lengths in one forward pass."""
-  cfg = model.cfg
-  if len(prompt_tokens) != len(continuation_tokens):
-    raise ValueError(f'{len(prompt_tokens)} prompts but {len(continuation_tokens)} continuations')
-  prompts, _ = _prepare_prompts(prompt_tokens, cfg.vocab_size, cfg.max_positions, 'error')
-  conts = [_continuation(c, i, len(prompts[i]), cfg, 'continuation')
-           for i, c in enumerate(continuation_tokens)]
-  if not prompts:
-    return ScoreOutput(np.zeros((0,), np.float32), [])
-  n_cont = length_bucket(max(max(len(c) for c in conts), 1), 8)
-  if n_cont > _SCORE_CHUNK:
-    n_cont = -(-n_cont // _SCORE_CHUNK) * _SCORE_CHUNK
-  rows = [p + c for p, c in zip(prompts, conts)]
-  # Continuations end at the last slot; at least n_cont + 1 slots so every target has a context.
-  t = length_bucket(max(max(len(r) for r in rows), n_cont + 1))
-  b = batch_bucket(len(rows))
-  pad_id = int(cfg.pad_token_id or 0)
-  tokens, mask = _left_pad(rows, b, t, pad_id)
-  graphdef, params = nnx.split(model)
-  lp = np.asarray(jax.device_get(_jitted('score', graphdef)(
-      params, _put_batch(tokens), _put_batch(mask), n_cont)))
-  per_token = [lp[i, n_cont - len(c):].astype(np.float32) for i, c in enumerate(conts)]
-  return ScoreOutput(np.array([x.sum() for x in per_token], np.float32), per_token)
-
-
-def _score_options_fn(graphdef, params, tokens, mask, options, cache):
-  """Per-token log-probs [B, O, C] of each option options[:, o] (right-padded) after its prompt
-  (tokens [B, P], left-padded): the prompt runs once into `cache` (zeros, P + C slots) that
-  every option then reads."""
-  compile_counts['score_options'] += 1
-  model = nnx.merge(graphdef, params)
-  b, p = tokens.shape
-  n_opt, c = options.shape[1], options.shape[2]
-  positions = _prompt_positions(mask)
-  hidden, cache = _run_prompt(model, tokens, positions, mask, cache)
-  first = jax.nn.log_softmax(model.logits_from_hidden(hidden[:, -1:])[:, 0], axis=-1)  # [B, V]
-  key_mask = jnp.concatenate([mask, jnp.ones((b, c), bool)], axis=1)
-  cont_positions = positions[:, -1:] + 1 + jnp.arange(c - 1, dtype=jnp.int32)[None]
-  out = []
-  for o in range(n_opt):
-    toks = options[:, o]
-    lp = [jnp.take_along_axis(first, toks[:, :1], axis=-1)]
-    if c > 1:  # option token t is predicted from the cache + option tokens before it
-      h, _ = model.hidden(toks[:, :-1], cont_positions, key_mask, cache, p)
-      logits = jax.nn.log_softmax(model.logits_from_hidden(h), axis=-1)
-      lp.append(jnp.take_along_axis(logits, toks[:, 1:, None], axis=-1)[..., 0])
-    out.append(jnp.concatenate(lp, axis=1))
-  return jnp.stack(out, axis=1)
-
-
-def score_options(model, prompt_tokens: Sequence[Sequence[int]],
-                  options: Sequence[Sequence[Sequence[int]]]) -> np.ndarray:
-  """Total log-prob [N, O] of each of a row's O continuations after its prompt.
-
-  Equals `score` on every (prompt, option) pair, at the cost of one pass over each prompt: the
-  prompt fills a KV cache once and each option is a short pass that reads it (the (A)/(B)
-  labels of AI feedback score two options after one long prompt).
-  """
-  cfg = model.cfg
-  if len(prompt_tokens) != len(options):
-    raise ValueError(f'{len(prompt_tokens)} prompts but {len(options)} option lists')
-  if not prompt_tokens:
-    return np.zeros((0, 0), np.float32)
-  prompts, _ = _prepare_prompts(prompt_tokens, cfg.vocab_size, cfg.max_positions, 'error')
-  n_opt = len(options[0])
-  conts = []
-  for i, row in enumerate(options):
-    if len(row) != n_opt or not n_opt:
-      raise ValueError(f'row {i} has {len(row)} options; every row needs the same number (>= 1)')
-    row = [_continuation(c, i, len(prompts[i]), cfg, 'option') for c in row]
-    if not all(row):
-      raise ValueError(f'row {i} has an empty option')
-    conts.append(row)
-  c = length_bucket(max(len(x) for row in conts for x in row), 4)
-  t = length_bucket(max(len(x) for x in prompts))
-  b = batch_bucket(len(prompts))
-  pad_id = int(cfg.pad_token_id or 0)
-  tokens, mask = _left_pad(prompts, b, t, pad_id)
-  opts = np.full((b, n_opt, c), pad_id, np.int32)
-  for i, row in enumerate(conts):
-    for o, x in enumerate(row):
-      opts[i, o, :len(x)] = x
-  graphdef, params = nnx.split(model)
-  lp = np.asarray(jax.device_get(_jitted('score_options', graphdef)(
-      params, _put_batch(tokens), _put_batch(mask), _put_batch(opts),
-      model_lib.init_cache(cfg, b, t + c))))
-  return np.array([[lp[i, o, :len(x)].astype(np.float32).sum() for o, x in enumerate(row)]
-                   for i, row in enumerate(conts)], np.float32)
