@@ -25,7 +25,7 @@ STAGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     'critique_revision': ('cai_jax.sl_cai', 'run', ()),
     'sft': ('cai_jax.sft', 'run', ('critique_revision',)),
     'feedback': ('cai_jax.feedback', 'run', ('sft',)),
-    'evaluate_feedback': ('cai_jax.feedback', 'run_evaluate_feedback', ()),
+    'evaluate_feedback': ('cai_jax.evaluate_feedback', 'run_evaluate_feedback', ()),
     'preference': ('cai_jax.preference', 'run', ('feedback',)),
     'ppo': ('cai_jax.ppo', 'run', ('sft', 'preference')),
     'evaluate': ('cai_jax.evaluate', 'run', ('critique_revision', 'sft', 'preference', 'ppo')),

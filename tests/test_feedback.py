@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cai_jax import checkpoint, constitution as C, feedback, sampling, sharding, stages
+from cai_jax import checkpoint, constitution as C, evaluate_feedback, feedback, sampling, sharding, stages
 from cai_jax.feedback import Pair, label_from_logprobs
 from configs import tiny
 
@@ -289,15 +289,15 @@ def write_generic(path):
 
 def test_read_generic_reports_malformed_line_numbers(tmp_path):
   path = write_generic(tmp_path / 'c.jsonl')
-  pairs, malformed = feedback.read_comparisons(path, 'generic', on_malformed='skip')
+  pairs, malformed = evaluate_feedback.read_comparisons(path, 'generic', on_malformed='skip')
   assert [p.id for p in pairs] == ['line1', 'line2', 'line6']
   assert pairs[1].conversation[-1] == ('human', 'Insult me.') and pairs[2].conversation == (('human', 'Is the earth flat?'),)
   assert [m['line'] for m in malformed] == [3, 4, 5]
   assert 'not JSON' in malformed[0]['error'] and '"rejected"' in malformed[1]['error']
   assert "human's turn" in malformed[2]['error']
   with pytest.raises(stages.StageError, match=r'c\.jsonl:3: malformed generic comparison'):
-    feedback.read_comparisons(path, 'generic', on_malformed='fail')
-  assert len(feedback.read_comparisons(path, 'generic', limit=2, on_malformed='fail')[0]) == 2
+    evaluate_feedback.read_comparisons(path, 'generic', on_malformed='fail')
+  assert len(evaluate_feedback.read_comparisons(path, 'generic', limit=2, on_malformed='fail')[0]) == 2
 
 
 @pytest.fixture(scope='module')
@@ -310,7 +310,7 @@ def paper_file():
 
 def test_read_paper_file(paper_file):
   rows = [json.loads(line) for line in paper_file.read_text().splitlines()[:10]]
-  pairs, malformed = feedback.read_comparisons(paper_file, 'hhh_mc', hhh_prompt='file')
+  pairs, malformed = evaluate_feedback.read_comparisons(paper_file, 'hhh_mc', hhh_prompt='file')
   assert len(pairs) == 438 and not malformed
   for pair, row in zip(pairs, rows):
     primary = pair.primary_order
@@ -319,14 +319,14 @@ def test_read_paper_file(paper_file):
     assert pair.file_principle == 'Please choose the response that is the most helpful, honest, and harmless.'
     swapped = pair.file_prompts[1 - primary]
     assert swapped != row['prompt'] and sorted(swapped) == sorted(row['prompt'])
-    turns = feedback.conversation.parse_transcript(row['text_correct'])
+    turns = evaluate_feedback.conversation.parse_transcript(row['text_correct'])
     assert pair.conversation == tuple(turns[:-1]) and pair.response_a == turns[-1][1]
 
 
 def test_missing_default_comparisons_is_a_clear_error(monkeypatch, tmp_path):
-  monkeypatch.setattr(feedback, 'PAPER_HHH', tmp_path / 'absent.jsonl')
+  monkeypatch.setattr(evaluate_feedback, 'PAPER_HHH', tmp_path / 'absent.jsonl')
   with pytest.raises(stages.StageError, match='--config.evaluate_feedback.comparisons=PATH'):
-    feedback.comparisons_path(types.SimpleNamespace(comparisons=''))
+    evaluate_feedback.comparisons_path(types.SimpleNamespace(comparisons=''))
 
 
 # ---- tiny end-to-end ----------------------------------------------------------------------------

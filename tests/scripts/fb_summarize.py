@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from cai_jax import feedback, labels  # noqa: E402
+from cai_jax import evaluate_feedback, feedback, labels  # noqa: E402
 
 
 def complete_records(path: Path) -> list[dict]:
@@ -46,7 +46,7 @@ def main(workdirs):
       continue
     if primary:
       records = [primary_order_only(r) for r in records]
-    s = feedback.summarize(records)
+    s = evaluate_feedback.summarize(records)
     n, acc = s['n'], s['accuracy']
     half = 1.96 * math.sqrt(max(acc * (1 - acc), 1e-12) / n)
     done = d / 'DONE.json'
