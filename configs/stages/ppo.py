@@ -7,6 +7,8 @@ scores it with the PM, subtracts beta * KL to the frozen SL-CAI reference per to
 
 import ml_collections
 
+from configs.stages import optimizer
+
 # Per variant: (PPO steps, prompts per rollout, new tokens, epochs, minibatches, policy lr, value lr).
 _SIZES = {
     'tiny': (4, 8, 16, 2, 2, 3e-4, 1e-3),
@@ -20,17 +22,8 @@ _PROMPT_TOKENS = {'tiny': (128, 128), 'demo': (48, 48), 'full': (512, 128)}
 
 
 def _optimizer(lr: float, variant: str) -> ml_collections.ConfigDict:
-  o = ml_collections.ConfigDict()
-  o.learning_rate = lr  # peak learning rate
-  o.warmup_steps = 0 if variant != 'full' else 20  # linear warmup, in optimizer updates
-  o.schedule = 'constant'  # decay after warmup: 'constant' | 'cosine' | 'linear'
-  o.end_lr_fraction = 0.0  # learning rate at the last update as a fraction of the peak (cosine/linear)
-  o.weight_decay = 0.0  # AdamW decoupled weight decay (matrices only)
-  o.b1 = 0.9  # Adam beta1
-  o.b2 = 0.95  # Adam beta2
-  o.eps = 1e-8  # Adam epsilon
-  o.grad_clip = 1.0  # clip this model's global gradient norm to this; 0 = no clipping
-  return o
+  return optimizer.adamw(lr, warmup_steps=0 if variant != 'full' else 20, schedule='constant',
+                         end_lr_fraction=0.0, weight_decay=0.0)
 
 
 def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:

@@ -11,6 +11,8 @@ the last replies as strings, or HH-RLHF's {'chosen', 'rejected'} full transcript
 
 import ml_collections
 
+from configs.stages import optimizer
+
 # Per variant: (pairs per step, epochs, num_steps, learning rate, warmup, tokens per conversation,
 # checkpoint interval). The demo's budget is ~60 s on 2 CPU cores: 4 steps of 2 pairs x 96 tokens
 # after a ~25 s compilation, and no checkpoints (writing SmolLM2's train state costs ~5 s).
@@ -40,16 +42,8 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   c.max_to_keep = 2  # orbax max_to_keep
   c.log_every = 1  # train metrics (metrics.jsonl, TensorBoard) every N steps; eval rows always
 
-  c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.learning_rate = lr  # peak learning rate
-  c.optimizer.warmup_steps = warmup  # linear warmup steps up to the peak
-  c.optimizer.schedule = 'cosine'  # decay after warmup: 'cosine' | 'linear' | 'constant'
-  c.optimizer.end_lr_fraction = 0.1  # learning rate at the last step, as a fraction of the peak
-  c.optimizer.weight_decay = 0.0 if variant == 'tiny' else 0.01  # AdamW decoupled weight decay (matrices only)
-  c.optimizer.b1 = 0.9  # Adam beta1
-  c.optimizer.b2 = 0.95  # Adam beta2
-  c.optimizer.eps = 1e-8  # Adam epsilon
-  c.optimizer.grad_clip = 1.0  # clip the global gradient norm to this; 0 = no clipping
+  c.optimizer = optimizer.adamw(lr, warmup_steps=warmup, schedule='cosine', end_lr_fraction=0.1,
+                                weight_decay=0.0 if variant == 'tiny' else 0.01)
 
   c.helpful_mix = ml_collections.ConfigDict()
   c.helpful_mix.path = ''  # JSONL(.gz) of helpfulness comparisons mixed into training (format above); '' = none

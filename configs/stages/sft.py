@@ -6,6 +6,8 @@ samples; the small variants take a fixed number of steps instead.
 
 import ml_collections
 
+from configs.stages import optimizer
+
 # Per variant: (sequences per step, epochs, num_steps, learning rate, warmup, eval/checkpoint interval).
 _SIZES = {
     'tiny': (8, 1.0, 30, 3e-3, 3, 10),
@@ -34,14 +36,6 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   # deadlocked XLA:CPU (devices reached two all-reduces in different orders).
   c.loss_chunk = {'tiny': 0, 'demo': 64, 'full': 256}[variant]
 
-  c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.learning_rate = lr  # peak learning rate
-  c.optimizer.warmup_steps = warmup  # linear warmup steps up to the peak
-  c.optimizer.schedule = 'cosine'  # decay after warmup: 'cosine' | 'linear' | 'constant'
-  c.optimizer.end_lr_fraction = 0.1  # learning rate at the last step, as a fraction of the peak
-  c.optimizer.weight_decay = 0.0 if variant == 'tiny' else 0.01  # AdamW decay (matrices only)
-  c.optimizer.b1 = 0.9  # Adam beta1
-  c.optimizer.b2 = 0.95  # Adam beta2
-  c.optimizer.eps = 1e-8  # Adam epsilon
-  c.optimizer.grad_clip = 1.0  # clip the global gradient norm to this; 0 = no clipping
+  c.optimizer = optimizer.adamw(lr, warmup_steps=warmup, schedule='cosine', end_lr_fraction=0.1,
+                                weight_decay=0.0 if variant == 'tiny' else 0.01)
   return c
