@@ -41,7 +41,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from cai_jax import checkpoint, conversation, rl, sampling, sft, sharding, stages, train_lib
+from cai_jax import checkpoint, conversation, rl, sampling, sharding, stages, train_lib
 from cai_jax.conversation import HUMAN
 from cai_jax.model import Decoder, ScalarHeadModel
 
@@ -258,7 +258,7 @@ def pack_rollout(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[
 
 def _device_batch(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
   """A host batch (the same on every process) as global arrays, rows over ('data', 'fsdp')."""
-  return sharding.global_batch(sft.local_rows(batch))
+  return sharding.global_batch(train_lib.local_rows(batch))
 
 
 def _seed(*parts: int) -> int:

@@ -119,35 +119,6 @@ def encode(prompt: str, response: str, tokenizer, fmt: str, max_len: int
   return tuple(ids), len(p)
 
 
-def bucket_length(n: int, max_len: int, min_bucket: int) -> int:
-  """Pads a length to a power of two (at least min_bucket, at most max_len): few compilations."""
-  return min(max_len, max(min_bucket, 1 << max(0, n - 1).bit_length()))
-
-
-def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, *,
-                  max_len: int, min_bucket: int, shuffle: bool = True) -> list[tuple[int, list[int]]]:
-  """This epoch's batches as (padded length, example indices; -1 = an empty filler row).
-
-  Examples are shuffled by (seed, epoch), grouped by padded length, cut into batches, and the
-  batches shuffled again: the order is a pure function of (seed, epoch), so a resumed run that
-  knows its step knows its next batch. The number of batches is the same every epoch.
-  """
-  rng = np.random.default_rng([seed, epoch])
-  order = rng.permutation(len(lengths)) if shuffle else np.arange(len(lengths))
-  buckets: dict[int, list[int]] = {}
-  for i in order:
-    buckets.setdefault(bucket_length(lengths[i], max_len, min_bucket), []).append(int(i))
-  batches = []
-  for length in sorted(buckets):
-    rows = buckets[length]
-    for start in range(0, len(rows), batch_size):
-      chunk = rows[start:start + batch_size]
-      batches.append((length, chunk + [-1] * (batch_size - len(chunk))))
-  if shuffle:
-    batches = [batches[i] for i in rng.permutation(len(batches))]
-  return batches
-
-
 def pack(examples: Sequence[Example], rows: Sequence[int], length: int, pad_id: int
          ) -> dict[str, np.ndarray]:
   """Right-padded `tokens` [N, length] int32 and `loss_mask` [N, length] (1 on target tokens)."""
@@ -160,12 +131,6 @@ def pack(examples: Sequence[Example], rows: Sequence[int], length: int, pad_id: 
     tokens[r, :len(ex.tokens)] = ex.tokens
     loss_mask[r, ex.n_prompt:len(ex.tokens)] = 1
   return {'tokens': tokens, 'loss_mask': loss_mask}
-
-
-def local_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """This process's slice of a global batch (multi-host: each process feeds its own rows)."""
-  n, p = jax.process_count(), jax.process_index()
-  return {k: np.split(v, n)[p] for k, v in batch.items()}
 
 
 # ---- loss ----------------------------------------------------------------------------------------
@@ -289,10 +254,10 @@ def make_loss_fn(loss_chunk: int = 0):
 
 
 def evaluate(eval_step, params, examples: Sequence[Example], batches, pad_id: int) -> float:
-  """Token-weighted mean loss over `batches` (from epoch_batches) of held-out `examples`."""
+  """Token-weighted mean loss over `batches` (from train_lib.epoch_batches) of held-out `examples`."""
   nll, n = 0.0, 0
   for length, rows in batches:
-    loss, aux = eval_step(params, sharding.global_batch(local_rows(pack(examples, rows, length, pad_id))))
+    loss, aux = eval_step(params, sharding.global_batch(train_lib.local_rows(pack(examples, rows, length, pad_id))))
     k = int(aux['tokens'])
     nll, n = nll + float(loss) * k, n + k
   return nll / max(n, 1)
@@ -348,11 +313,11 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
 
   max_len, min_bucket = config.model.max_len, cfg.min_bucket
   lengths = [len(e.tokens) for e in train]
-  plan = lambda epoch: epoch_batches(lengths, cfg.batch_size, config.seed, epoch, max_len=max_len,
+  plan = lambda epoch: train_lib.epoch_batches(lengths, cfg.batch_size, config.seed, epoch, max_len=max_len,
                                      min_bucket=min_bucket)
   steps_per_epoch = len(plan(0))
   total_steps = cfg.num_steps if cfg.num_steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
-  eval_batches = epoch_batches([len(e.tokens) for e in held_out], cfg.batch_size, config.seed, 0,
+  eval_batches = train_lib.epoch_batches([len(e.tokens) for e in held_out], cfg.batch_size, config.seed, 0,
                                max_len=max_len, min_bucket=min_bucket, shuffle=False)
 
   tx, schedule = train_lib.make_optimizer(cfg.optimizer, total_steps)
@@ -373,7 +338,7 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
   bar = train_lib.progress(total_steps, start, 'sft')
   metrics, eval_loss, t0, tokens_seen = {}, None, time.time(), 0
   for step, length, rows in train_lib.planned_batches(plan, steps_per_epoch, start, total_steps):
-    batch = sharding.global_batch(local_rows(pack(train, rows, length, pad_id)))
+    batch = sharding.global_batch(train_lib.local_rows(pack(train, rows, length, pad_id)))
     state, metrics = train_step(state, batch)
     metrics = train_lib.host_metrics(metrics)
     done = step + 1

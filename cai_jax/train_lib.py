@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
 
@@ -326,6 +327,44 @@ def progress(total: int, initial: int = 0, desc: str = ''):
 
   return tqdm(total=total, initial=initial, desc=desc, disable=jax.process_index() != 0,
               dynamic_ncols=True, mininterval=1.0)
+
+
+# ---- batches ------------------------------------------------------------------------------------
+
+
+def bucket_length(n: int, max_len: int, min_bucket: int) -> int:
+  """Pads a length to a power of two (at least min_bucket, at most max_len): few compilations."""
+  return min(max_len, max(min_bucket, 1 << max(0, n - 1).bit_length()))
+
+
+def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, *,
+                  max_len: int, min_bucket: int, shuffle: bool = True) -> list[tuple[int, list[int]]]:
+  """This epoch's batches as (padded length, example indices; -1 = an empty filler row).
+
+  Examples are shuffled by (seed, epoch), grouped by padded length, cut into batches, and the
+  batches shuffled again: the order is a pure function of (seed, epoch), so a resumed run that
+  knows its step knows its next batch. The number of batches is the same every epoch.
+  """
+  rng = np.random.default_rng([seed, epoch])
+  order = rng.permutation(len(lengths)) if shuffle else np.arange(len(lengths))
+  buckets: dict[int, list[int]] = {}
+  for i in order:
+    buckets.setdefault(bucket_length(lengths[i], max_len, min_bucket), []).append(int(i))
+  batches = []
+  for length in sorted(buckets):
+    rows = buckets[length]
+    for start in range(0, len(rows), batch_size):
+      chunk = rows[start:start + batch_size]
+      batches.append((length, chunk + [-1] * (batch_size - len(chunk))))
+  if shuffle:
+    batches = [batches[i] for i in rng.permutation(len(batches))]
+  return batches
+
+
+def local_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """This process's slice of a global batch (multi-host: each process feeds its own rows)."""
+  n, p = jax.process_count(), jax.process_index()
+  return {k: np.split(v, n)[p] for k, v in batch.items()}
 
 
 def planned_batches(plan, steps_per_epoch: int, start: int, total_steps: int):

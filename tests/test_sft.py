@@ -93,16 +93,16 @@ def test_pack_right_pads_and_masks_targets_only():
 def test_epoch_batches_are_bucketed_deterministic_and_cover_each_example_once():
   lengths = [5, 40, 33, 64, 65, 10, 120, 31, 200, 7]
   kw = dict(max_len=128, min_bucket=32)
-  e0 = sft.epoch_batches(lengths, 3, seed=1, epoch=0, **kw)
-  assert e0 == sft.epoch_batches(lengths, 3, seed=1, epoch=0, **kw)
-  e1 = sft.epoch_batches(lengths, 3, seed=1, epoch=1, **kw)
+  e0 = train_lib.epoch_batches(lengths, 3, seed=1, epoch=0, **kw)
+  assert e0 == train_lib.epoch_batches(lengths, 3, seed=1, epoch=0, **kw)
+  e1 = train_lib.epoch_batches(lengths, 3, seed=1, epoch=1, **kw)
   assert e1 != e0 and len(e1) == len(e0)
   for batches in (e0, e1):
     rows = [i for _, batch in batches for i in batch if i >= 0]
     assert sorted(rows) == list(range(len(lengths)))
     for length, batch in batches:
       assert length in (32, 64, 128) and len(batch) == 3
-      assert all(sft.bucket_length(lengths[i], **kw) == length for i in batch if i >= 0)
+      assert all(train_lib.bucket_length(lengths[i], **kw) == length for i in batch if i >= 0)
 
 
 def test_mix_draws_helpful_per_revision_ratio():

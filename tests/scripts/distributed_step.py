@@ -2,7 +2,7 @@
 
   python tests/scripts/distributed_step.py NUM_PROCESSES PROCESS_ID PORT LOCAL_DEVICES
 
-Each process feeds only its own rows of every global batch (sft.local_rows), as on a multi-host
+Each process feeds only its own rows of every global batch (train_lib.local_rows), as on a multi-host
 pod; process 0 prints the losses and grad norms as one JSON line. Run by tests/test_distributed.py.
 """
 
@@ -43,7 +43,7 @@ def main():
     step = train_lib.make_train_step(graphdef, tx, sft.make_loss_fn(0), shardings, schedule)
     losses, grad_norms = [], []
     for b in batches():
-      state, m = step(state, sharding.global_batch(sft.local_rows(b)))
+      state, m = step(state, sharding.global_batch(train_lib.local_rows(b)))
       m = train_lib.host_metrics(m)
       losses.append(m['loss'])
       grad_norms.append(m['grad_norm'])
