@@ -256,11 +256,6 @@ def pack_rollout(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[
               response_mask=key_mask[:, prompt_len:].astype(np.float32))
 
 
-def _device_batch(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-  """A host batch (the same on every process) as global arrays, rows over ('data', 'fsdp')."""
-  return sharding.global_batch(train_lib.local_rows(batch))
-
-
 def _seed(*parts: int) -> int:
   return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
@@ -441,7 +436,7 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
     # 4. Old and reference log-probs, values, KL-penalized rewards, advantages.
     rollout = pack_rollout(prompt_ids, out.tokens, prompt_len=prompt_len,
                            response_len=cfg.max_new_tokens, pad_id=pad_id)
-    stats = jax.device_get(rollout_fn(state['train'].params, ref_params, _device_batch(rollout),
+    stats = jax.device_get(rollout_fn(state['train'].params, ref_params, train_lib.device_batch(rollout),
                                       jnp.asarray(final_rewards), state['kl_coef']))
     rollout.update({k: np.asarray(stats[k]) for k in ('old_logp', 'old_values', 'advantages', 'returns')})
 
@@ -490,7 +485,7 @@ def _train_on(train_state, train_step, rollout: dict[str, np.ndarray], cfg, seed
     order = np.random.default_rng([seed, _MINIBATCH_STREAM, step, epoch]).permutation(cfg.batch_size)
     for k in range(cfg.minibatches):
       rows = order[k * size:(k + 1) * size]
-      train_state, m = train_step(train_state, _device_batch({n: v[rows] for n, v in rollout.items()}))
+      train_state, m = train_step(train_state, train_lib.device_batch({n: v[rows] for n, v in rollout.items()}))
       updates.append(m)
   return train_state, [train_lib.host_metrics(m) for m in updates]
 

@@ -240,7 +240,8 @@ def _score_rows(graphdef, params, rows: Sequence[Sequence[int]], *, pad_id: int,
   bar = train_lib.progress(len(starts), desc='score') if progress else None
   for s in starts:
     idx = order[s:s + batch_size]
-    length = train_lib.bucket_length(max(len(rows[i]) for i in idx), max(max_len, min_bucket), min_bucket)
+    length = train_lib.bucket_length(max(len(rows[i]) for i in idx), max(max_len, min_bucket),
+                                     min_bucket)
     tokens, read_index = pack([rows[i][-length:] for i in idx], length, pad_id, batch_size)
     r = _rewards(graphdef, params, _to_device(tokens, ('batch', 'length')),
                  _to_device(read_index, ('batch',)))
@@ -435,8 +436,8 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
                     cfg.eval_fraction)
 
   lengths = [max(len(p.a), len(p.b)) for p in train]
-  plan = lambda epoch: train_lib.epoch_batches(lengths, cfg.batch_size, config.seed, epoch, max_len=max_len,
-                                     min_bucket=cfg.min_bucket)
+  plan = lambda epoch: train_lib.epoch_batches(lengths, cfg.batch_size, config.seed, epoch,
+                                               max_len=max_len, min_bucket=cfg.min_bucket)
   steps_per_epoch = len(plan(0))
   total_steps = cfg.num_steps if cfg.num_steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
@@ -462,7 +463,7 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
   metrics, eval_metrics, t0 = {}, {}, time.time()
   try:
     for step, length, rows in train_lib.planned_batches(plan, steps_per_epoch, start, total_steps):
-      batch = sharding.global_batch(train_lib.local_rows(pack_pairs(train, rows, length, pad_id)))
+      batch = train_lib.device_batch(pack_pairs(train, rows, length, pad_id))
       state, metrics = train_step(state, batch)
       metrics = train_lib.host_metrics(metrics)
       done = step + 1

@@ -254,10 +254,10 @@ def make_loss_fn(loss_chunk: int = 0):
 
 
 def evaluate(eval_step, params, examples: Sequence[Example], batches, pad_id: int) -> float:
-  """Token-weighted mean loss over `batches` (from train_lib.epoch_batches) of held-out `examples`."""
+  """Token-weighted mean loss over `batches` (train_lib.epoch_batches) of held-out `examples`."""
   nll, n = 0.0, 0
   for length, rows in batches:
-    loss, aux = eval_step(params, sharding.global_batch(train_lib.local_rows(pack(examples, rows, length, pad_id))))
+    loss, aux = eval_step(params, train_lib.device_batch(pack(examples, rows, length, pad_id)))
     k = int(aux['tokens'])
     nll, n = nll + float(loss) * k, n + k
   return nll / max(n, 1)
@@ -313,12 +313,13 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
 
   max_len, min_bucket = config.model.max_len, cfg.min_bucket
   lengths = [len(e.tokens) for e in train]
-  plan = lambda epoch: train_lib.epoch_batches(lengths, cfg.batch_size, config.seed, epoch, max_len=max_len,
-                                     min_bucket=min_bucket)
+  plan = lambda epoch: train_lib.epoch_batches(lengths, cfg.batch_size, config.seed, epoch,
+                                               max_len=max_len, min_bucket=min_bucket)
   steps_per_epoch = len(plan(0))
   total_steps = cfg.num_steps if cfg.num_steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
-  eval_batches = train_lib.epoch_batches([len(e.tokens) for e in held_out], cfg.batch_size, config.seed, 0,
-                               max_len=max_len, min_bucket=min_bucket, shuffle=False)
+  eval_batches = train_lib.epoch_batches([len(e.tokens) for e in held_out], cfg.batch_size,
+                                         config.seed, 0, max_len=max_len, min_bucket=min_bucket,
+                                         shuffle=False)
 
   tx, schedule = train_lib.make_optimizer(cfg.optimizer, total_steps)
   graphdef, state, shardings = train_lib.init_state(helpful.model, tx)
@@ -338,7 +339,7 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
   bar = train_lib.progress(total_steps, start, 'sft')
   metrics, eval_loss, t0, tokens_seen = {}, None, time.time(), 0
   for step, length, rows in train_lib.planned_batches(plan, steps_per_epoch, start, total_steps):
-    batch = sharding.global_batch(train_lib.local_rows(pack(train, rows, length, pad_id)))
+    batch = train_lib.device_batch(pack(train, rows, length, pad_id))
     state, metrics = train_step(state, batch)
     metrics = train_lib.host_metrics(metrics)
     done = step + 1

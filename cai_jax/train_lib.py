@@ -10,7 +10,7 @@ resume, and metrics as JSONL + TensorBoard. Typical use (see cai_jax/sft.py):
   ckpt = train_lib.Checkpointer(stage_dir / 'checkpoints', save_every=.., max_to_keep=..)
   state = ckpt.restore_latest(state, shardings) or state          # resume
   for step in range(int(state.step), total_steps):
-    state, metrics = step_fn(state, sharding.global_batch(local_rows))
+    state, metrics = step_fn(state, train_lib.device_batch(host_batch))
     ckpt.save(int(state.step), state)
 """
 
@@ -365,6 +365,11 @@ def local_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """This process's slice of a global batch (multi-host: each process feeds its own rows)."""
   n, p = jax.process_count(), jax.process_index()
   return {k: np.split(v, n)[p] for k, v in batch.items()}
+
+
+def device_batch(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+  """A host batch (the same on every process) as global arrays, rows over ('data', 'fsdp')."""
+  return sharding.global_batch(local_rows(batch))
 
 
 def planned_batches(plan, steps_per_epoch: int, start: int, total_steps: int):

@@ -43,7 +43,7 @@ def main():
     step = train_lib.make_train_step(graphdef, tx, sft.make_loss_fn(0), shardings, schedule)
     losses, grad_norms = [], []
     for b in batches():
-      state, m = step(state, sharding.global_batch(train_lib.local_rows(b)))
+      state, m = step(state, train_lib.device_batch(b))
       m = train_lib.host_metrics(m)
       losses.append(m['loss'])
       grad_norms.append(m['grad_norm'])
