@@ -6,7 +6,6 @@ RoPE layout (interleaved pairs); we undo that so the weights match transformers'
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from cai_jax.checkpoint import CheckpointError, from_hf_getters

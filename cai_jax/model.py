@@ -276,12 +276,12 @@ class Attention(nnx.Module):
     q = q.reshape(b, t, kh, n // kh, cfg.head_dim) * jnp.asarray(scale, dt)
     if cache is not None:
       # The cache layout (see init_cache): keys [B, K, H, S], values [B, K, S, H].
-      k = jax.lax.dynamic_update_slice_in_dim(
-          cache['k'], k.transpose(0, 2, 3, 1).astype(cache['k'].dtype), cache_index, 3)
-      v = jax.lax.dynamic_update_slice_in_dim(
-          cache['v'], v.transpose(0, 2, 1, 3).astype(cache['v'].dtype), cache_index, 2)
-      cache = {'k': k, 'v': v}
-      s = v.shape[2]
+      new = {'k': k.transpose(0, 2, 3, 1), 'v': v.transpose(0, 2, 1, 3)}
+      cache = {kv: jax.lax.dynamic_update_slice_in_dim(
+          cache[kv], new[kv].astype(cache[kv].dtype), cache_index, CACHE_SLOT_AXIS[kv])
+          for kv in ('k', 'v')}
+      k, v = cache['k'], cache['v']
+      s = cache_length([cache])
     else:
       # [B, K, S, H]: the layout whose forward and backward dots XLA runs without transposes.
       k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)

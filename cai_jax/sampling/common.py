@@ -84,7 +84,6 @@ def run_prompt(model, tokens, positions, mask, cache):
   return hidden, model_lib.cache_write_prefix(cache, prefix)
 
 
-
 def prepare_prompts(prompt_tokens, vocab_size, limit, truncate):
   if truncate not in ('error', 'left'):
     raise ValueError(f"truncate must be 'error' or 'left', got {truncate!r}")
@@ -127,4 +126,3 @@ def put_batch(x):
     return jnp.asarray(x)
   names = ('batch',) + (None,) * (x.ndim - 1)
   return jax.device_put(x, sharding.named_sharding(names, x.shape))
-

@@ -59,7 +59,7 @@ class _Strategy:
 class DecodeState:
   tokens: jax.Array  # [B, N] int32 generated tokens; pad after a row is done
   logprobs: jax.Array  # [B, N] float32
-  cache: Any  # list of {'k', 'v'} [B, K, P + N, H]
+  cache: Any  # model.init_cache of P + N slots
   key_mask: jax.Array  # [B, P + N] bool: valid cache slots
   last: jax.Array  # [B] int32: newest token, fed at the next step
   prompt_lens: jax.Array  # [B] int32
@@ -191,7 +191,6 @@ def _decode(graphdef, strategy, params, state: DecodeState, until, temperature, 
                      lengths=lengths, done=done, step=s.step + 1)
 
   return jax.lax.while_loop(cond, body, state)
-
 
 
 # ---- stops ----------------------------------------------------------------------------------
