@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cai_jax.checkpoint import CheckpointError, from_hf_getters
+from cai_jax.hf_format import CheckpointError, from_hf_getters
 from cai_jax.model import ModelConfig
 
 SUPPORTED_ARCHS = ('llama', 'qwen2')

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cai_jax import checkpoint, sharding
+from cai_jax import checkpoint, hf_format, sharding
 from cai_jax.checkpoint import CheckpointError
 from cai_jax.model import FULL, SLIDING
 from helpers import (HF_CASES, hf_logits, hf_reference, max_abs_diff, our_logits, padded_batch,
@@ -193,7 +193,7 @@ def test_directory_without_config(tmp_path):
 def test_unsupported_model_type(tmp_path):
     (tmp_path / 'config.json').write_text(json.dumps({'model_type': 'bert', 'vocab_size': 320}))
     msg = _one_line_error("unsupported model_type 'bert'", checkpoint.load_pretrained, tmp_path)
-    for family in checkpoint.HF_MODEL_TYPES:
+    for family in hf_format.HF_MODEL_TYPES:
         assert family in msg
 
 
@@ -291,16 +291,16 @@ def test_truncated_or_corrupt_safetensors(tmp_path, exported):
 
 def test_missing_or_misshapen_tensor(tmp_path, exported):
     d = _copy_dir(exported, tmp_path / 'missing')
-    tensors = checkpoint.SafetensorsFile(d / 'model.safetensors')
+    tensors = hf_format.SafetensorsFile(d / 'model.safetensors')
     arrays = {k: np.array(tensors.get(k)) for k in tensors.keys()}
     del tensors
     name = 'model.layers.1.mlp.up_proj.weight'
-    checkpoint.write_safetensors(d / 'model.safetensors',
+    hf_format.write_safetensors(d / 'model.safetensors',
                                  {k: v for k, v in arrays.items() if k != name})
     _one_line_error(f'missing tensor {name}', checkpoint.load_pretrained, d)
 
     arrays[name] = arrays[name][:, :-1]
-    checkpoint.write_safetensors(d / 'model.safetensors', arrays)
+    hf_format.write_safetensors(d / 'model.safetensors', arrays)
     _one_line_error(r'layers\.1\.mlp\.up has shape \(63, 128\), expected \(64, 128\)',
                     checkpoint.load_pretrained, d)
 
