@@ -34,6 +34,7 @@ def main(argv):
   try:
     sharding.maybe_initialize_distributed(config.distributed)
     stages.parse_stage_list(config.stages)
+    stages.check_precision(config.model)
     if config.force:
       stages.parse_stage_list(config.force, 'config.force')
     mesh = sharding.make_mesh(config.mesh.shape)
@@ -43,11 +44,13 @@ def main(argv):
       ctx = stages.Context(config, workdir, mesh)
       if jax.process_index() == 0:
         print(config, flush=True)
-      helpful = ctx.load(config.model.source)
+      helpful = ctx.load(config.model.source, frozen=True)
       cfg = helpful.config
       print(f'model {config.model.source}: {cfg.family}, {cfg.num_params() / 1e6:.1f}M params, '
-            f'{cfg.n_layers} layers, param dtype {cfg.param_dtype}, compute dtype {cfg.dtype}, '
-            f'{jax.device_count()} {jax.devices()[0].platform} device(s), mesh {dict(mesh.shape)}', flush=True)
+            f'{cfg.n_layers} layers, params {config.model.param_dtype} (trained) / '
+            f'{stages.frozen_param_dtype(config.model)} (frozen), compute {cfg.dtype}, '
+            f'remat {cfg.remat}, {jax.device_count()} {jax.devices()[0].platform} device(s), '
+            f'mesh {dict(mesh.shape)}', flush=True)
       t0 = time.time()
       rows = stages.run_pipeline(ctx)
   except (stages.StageError, checkpoint.CheckpointError, sharding.ShardingError, ConstitutionError,

@@ -42,6 +42,7 @@ import optax
 from flax import nnx
 
 from cai_jax import checkpoint, conversation, rl, sampling, sharding, stages, train_lib
+from cai_jax import model as model_lib
 from cai_jax.conversation import HUMAN
 from cai_jax.model import Decoder, ScalarHeadModel
 
@@ -316,9 +317,10 @@ def check_same_tokenizer(policy: checkpoint.Pretrained, pm: checkpoint.Pretraine
                    'same base model as the policy')
 
 
-def _load_pm(ctx, policy: checkpoint.Pretrained, needed_by: str) -> checkpoint.Pretrained:
+def _load_pm(ctx, policy: checkpoint.Pretrained, needed_by: str, *, frozen: bool
+             ) -> checkpoint.Pretrained:
   ctx.require('preference', needed_by)
-  pm = ctx.load(ctx.model_source('pm'), scalar_head=True)
+  pm = ctx.load(ctx.model_source('pm'), scalar_head=True, frozen=frozen)
   check_same_tokenizer(policy, pm, ctx.model_source('pm'))
   return pm
 
@@ -329,7 +331,7 @@ def _value_model(ctx, cfg, policy: checkpoint.Pretrained) -> ScalarHeadModel:
   if cfg.value.shared_trunk:
     return new_head(policy.model)
   if cfg.value.init == 'pm':  # the PM's trunk and head (the stage's PM itself stays untouched)
-    return _load_pm(ctx, policy, 'ppo (ppo.value.init=pm)').model
+    return _load_pm(ctx, policy, 'ppo (ppo.value.init=pm)', frozen=False).model
   if cfg.value.init == 'policy':  # a copy of the policy's trunk, not shared with it
     return new_head(nnx.clone(policy.model))
   value = ctx.load(cfg.value.init, scalar_head=True)
@@ -345,7 +347,7 @@ class _Scorer:
   def __init__(self, ctx, cfg, policy: checkpoint.Pretrained, max_prompt_tokens: int):
     self.cfg, self.fmt = cfg, ctx.config.conversation_format
     if cfg.reward == 'pm':
-      self.pm = _load_pm(ctx, policy, 'ppo')
+      self.pm = _load_pm(ctx, policy, 'ppo', frozen=True)
       # Every conversation pads to one length that holds a full prompt and response.
       self.bucket = min(cfg.pm_max_len,
                         1 << (max_prompt_tokens + cfg.max_new_tokens + 8 - 1).bit_length())
@@ -383,7 +385,9 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
   tok = policy.tokenizer
   pad_id = next(int(t) for t in (tok.pad_token_id, tok.eos_token_id, 0) if t is not None)
   score = _Scorer(ctx, cfg, policy, max_prompt_tokens)
-  ref_graphdef, ref_params = nnx.split(policy.model)  # the cached model is never trained
+  # The frozen KL reference, in model.frozen_param_dtype (the cached model is never trained).
+  ref_graphdef, ref_params = nnx.split(
+      model_lib.with_param_dtype(policy.model, stages.frozen_param_dtype(config.model)))
 
   # The learner, with separate AdamW optimizers (and schedules) for the policy and the value.
   n_updates = cfg.steps * cfg.epochs * cfg.minibatches

@@ -227,8 +227,11 @@ def _fused_nll_fwd(chunk, softcap, layout, hidden, w, targets, weights):
 
 
 def _fused_nll_bwd(chunk, softcap, layout, grads, g):
+  # Cotangents in the primals' dtypes (bf16 hidden states, float32 master weights): the float32
+  # loss cotangent `g` must not promote a bf16 gradient to float32.
   dh, dw = grads
-  return g * dh, g * dw, None, None
+  scale = lambda x: (g * x.astype(jnp.float32)).astype(x.dtype)
+  return scale(dh), scale(dw), None, None
 
 
 _fused_nll.defvjp(_fused_nll_fwd, _fused_nll_bwd)

@@ -316,7 +316,7 @@ def run(ctx, stage_dir: Path) -> dict:
     logging.warning('%s: helpful_ratio asks for %d helpful prompts, the train split has %d',
                     STAGE, n_helpful, len(helpful))
 
-  sample = _Sampler(ctx.load(ctx.config.model.source), cfg, ctx.config.conversation_format,
+  sample = _Sampler(ctx.load(ctx.config.model.source, frozen=True), cfg, ctx.config.conversation_format,
                     ctx.config.model.max_len)
   pi, pc = jax.process_index(), jax.process_count()
   suffix = '' if pc == 1 else f'.{pi}'
