@@ -472,6 +472,11 @@ def write_report(stage_dir: Path, summary: dict, examples: dict[str, list[dict]]
 # ---- the stage --------------------------------------------------------------------------------
 
 
+def check_config(config) -> None:
+  """Fails on evaluate settings that cannot work (run before anything is written)."""
+  _models(config.evaluate)
+
+
 def _models(cfg) -> list[str]:
   models = [m.strip() for m in cfg.models.split(',') if m.strip()]
   unknown = [m for m in models if m not in MODEL_TITLES]

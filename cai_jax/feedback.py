@@ -289,6 +289,11 @@ def check_feedback_config(cfg, what: str = 'config.feedback') -> None:
     raise StageError(f'{what}: ' + '; '.join(problems))
 
 
+def check_config(config) -> None:
+  """Fails on feedback settings that cannot work (run before anything is written)."""
+  check_feedback_config(config.feedback)
+
+
 def load_feedback_constitution(ctx, cfg) -> constitution_lib.Constitution:
   """The constitution with only its first `num_few_shots` feedback few-shots (-1: all)."""
   c = constitution_lib.load_constitution(ctx.config.constitution)

@@ -264,8 +264,9 @@ def _seed(*parts: int) -> int:
 # ---- setup ---------------------------------------------------------------------------------------
 
 
-def _check_config(cfg, max_len: int) -> int:
+def check_config(config) -> int:
   """Problems with config.ppo as one error; returns the prompt token budget."""
+  cfg, max_len = config.ppo, config.model.max_len
   problems = []
   if cfg.reward not in ('pm', 'synthetic'):
     problems.append(f"reward must be 'pm' or 'synthetic', got {cfg.reward!r}")
@@ -374,7 +375,7 @@ class _Scorer:
 
 def run(ctx: stages.Context, stage_dir: Path) -> dict:
   config, cfg = ctx.config, ctx.config.ppo
-  max_prompt_tokens = _check_config(cfg, config.model.max_len)
+  max_prompt_tokens = check_config(config)
   sharding.check_batch_size(cfg.batch_size // cfg.minibatches, 'ppo minibatch size')
   fmt, seed = config.conversation_format, config.seed + cfg.seed_offset
   redteam, helpful = _prompt_pools(ctx, cfg)
@@ -448,7 +449,7 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
     t1 = time.time()
     state['train'], updates = _train_on(state['train'], train_step, rollout, cfg, seed, step)
     t_train = time.time() - t1
-    _stop_if_not_finite(updates, scores, step, ckpt, stage_dir, bar, writer)
+    _stop_if_not_finite(updates, step, ckpt, bar, writer)
 
     # 6. The KL controller sees this step's KL; the next rollout uses the new coefficient.
     kl_coef = float(state['kl_coef'])
@@ -494,20 +495,14 @@ def _train_on(train_state, train_step, rollout: dict[str, np.ndarray], cfg, seed
   return train_state, [train_lib.host_metrics(m) for m in updates]
 
 
-def _stop_if_not_finite(updates, scores, step, ckpt, stage_dir, bar, writer) -> None:
+def _stop_if_not_finite(updates, step, ckpt, bar, writer) -> None:
   """A NaN/inf loss ends the run without saving its state; the last good checkpoint stays."""
-  bad = {k: v for m in updates for k, v in m.items()
-         if k in ('loss', 'policy_loss', 'value_loss') and not math.isfinite(v)}
-  if not bad:
+  if all(math.isfinite(v) for m in updates for k, v in m.items() if k in train_lib.FINITE_KEYS):
     return
   bar.close()
   ckpt.close()  # waits for the last good save, if one is in flight
   writer.close()
-  raise PPOError(f'ppo: non-finite loss at step {step} '
-                 f'({", ".join(f"{k}={v}" for k, v in sorted(bad.items()))}; score mean '
-                 f'{float(np.mean(scores))}); stopped without saving this state. The last good '
-                 f'checkpoint (step {ckpt.latest_step()}) is in {stage_dir / "checkpoints"}; lower '
-                 'the learning rates or check the rewards, then rerun to resume from it')
+  train_lib.check_finite('ppo', step, updates, ckpt)
 
 
 def _step_metrics(scores, final_rewards, stats, updates, out, truncated, rollout, cfg) -> dict:

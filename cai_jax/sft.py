@@ -346,6 +346,11 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
     state, metrics = train_step(state, batch)
     metrics = train_lib.host_metrics(metrics)
     done = step + 1
+    if not all(math.isfinite(metrics[k]) for k in ('loss', 'grad_norm')):
+      bar.close()
+      ckpt.close()  # waits for the last good save, if one is in flight
+      writer.close()
+      train_lib.check_finite('sft', done, metrics, ckpt)
     tokens_seen += metrics['tokens']
     if done == total_steps or (cfg.eval_every and done % cfg.eval_every == 0):
       if eval_batches:
