@@ -70,7 +70,7 @@ from absl import logging
 from tqdm import tqdm
 
 from cai_jax import constitution as constitution_lib
-from cai_jax import data, labels, sampling, sl_cai
+from cai_jax import conversation, data, labels, sampling, sl_cai
 from cai_jax.conversation import HUMAN, Turn
 from cai_jax.stages import StageError, _barrier
 
@@ -130,22 +130,16 @@ def _get(cfg, name, default):
 # ----------------------------------------------------------------------------------------------
 # Option tokenization.
 
-def encode(tokenizer, text: str, fmt: str) -> list[int]:
-  """Token ids of a rendered prompt, as `sampling.generate_responses` encodes them (a rendered
-  chat template already holds its special tokens)."""
-  return list(tokenizer.encode(text, add_special_tokens=fmt == 'transcript'))
-
-
-def option_tokens(tokenizer, prompt: str, options: Sequence[str] = OPTIONS,
-                  fmt: str = 'transcript') -> tuple[list[int], list[list[int]], int]:
+def option_tokens(tokenizer, prompt: str, options: Sequence[str] = OPTIONS
+                  ) -> tuple[list[int], list[list[int]], int]:
   """(prompt tokens, per-option continuation tokens, boundary_tokens) to score the options.
 
   Tokenizes ``prompt + option`` whole and splits it after the longest token prefix shared with
   ``tokenize(prompt)`` (the shortest over the options, so all are scored in the same context).
   `boundary_tokens` counts prompt tokens that a cross-boundary merge moved into the scored span.
   """
-  p = encode(tokenizer, prompt, fmt)
-  fulls = [encode(tokenizer, prompt + o, fmt) for o in options]
+  p, _ = conversation.encode(tokenizer, prompt)  # as `sampling.generate_responses` encodes it
+  fulls = [conversation.encode(tokenizer, prompt + o)[0] for o in options]
   k = min(_common_prefix(p, f) for f in fulls)
   conts = [f[k:] for f in fulls]
   if any(not c for c in conts):
@@ -240,7 +234,7 @@ class Labeler:
     limit = min(self.max_len, model.cfg.max_positions)
     rows = []  # (scoring index, prompt ids, per-option continuation ids)
     for i, s in enumerate(scorings):
-      prompt_ids, conts, boundary = option_tokens(tok, s['prompt'], OPTIONS, self.fmt)
+      prompt_ids, conts, boundary = option_tokens(tok, s['prompt'], OPTIONS)
       keep = limit - max(len(c) for c in conts)
       if keep < 1:
         raise StageError(f'model.max_len={self.max_len} leaves no room for a feedback prompt')
@@ -248,7 +242,7 @@ class Labeler:
       if s['truncated_tokens']:
         logging.warning('%s: feedback prompt of %d tokens loses its first %d (model.max_len %d)',
                         self.stage, len(prompt_ids), s['truncated_tokens'], self.max_len)
-        prompt_ids = prompt_ids[-keep:]
+        prompt_ids = conversation.keep_last(prompt_ids, keep, tok)
       s['boundary_tokens'] = boundary
       rows.append((i, prompt_ids, conts))
     # Longest first, so each scoring call holds rows of similar length (tight buckets); the

@@ -75,9 +75,11 @@ def step_prompts(redteam: Sequence[dict], helpful: Sequence[dict], step: int, ba
 
 
 def encode_prompt(prompt: str, tokenizer, fmt: str, max_tokens: int) -> list[int]:
-  """The rendered one-turn prompt's ids (as the sft stage encodes them); long prompts keep their end."""
+  """The rendered one-turn prompt's ids (`conversation.encode`, as sft and the sampler encode
+  them); long prompts keep their end and their BOS."""
   text = conversation.render([(HUMAN, prompt)], fmt, tokenizer)
-  return list(tokenizer(text, add_special_tokens=False)['input_ids'])[-max_tokens:]
+  ids, _ = conversation.encode(tokenizer, text)
+  return conversation.keep_last(ids, max_tokens, tokenizer)
 
 
 # ---- rewards -------------------------------------------------------------------------------------
@@ -353,6 +355,7 @@ class _Scorer:
       self.bucket = min(cfg.pm_max_len,
                         1 << (max_prompt_tokens + cfg.max_new_tokens + 8 - 1).bit_length())
     else:
+      # Not a prompt: the id of a token the policy may generate, so no BOS belongs in front.
       ids = policy.tokenizer(cfg.synthetic_text, add_special_tokens=False)['input_ids']
       if not ids:
         raise PPOError(f'ppo.synthetic_text={cfg.synthetic_text!r} encodes to no token')
@@ -384,7 +387,7 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
   policy_source = cfg.policy_source or ctx.model_source('sl_cai')
   policy = ctx.load(policy_source)
   tok = policy.tokenizer
-  pad_id = next(int(t) for t in (tok.pad_token_id, tok.eos_token_id, 0) if t is not None)
+  pad_id = conversation.pad_id(tok, policy.config)
   score = _Scorer(ctx, cfg, policy, max_prompt_tokens)
   # The frozen KL reference, in model.frozen_param_dtype (the cached model is never trained).
   ref_graphdef, ref_params = nnx.split(
