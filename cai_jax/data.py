@@ -27,10 +27,12 @@ Prompts are deduplicated on normalized text, split into train/test by a seeded h
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import importlib.resources
 import importlib.util
+import io
 import json
 import os
 import re
@@ -41,6 +43,7 @@ from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 
 from cai_jax import conversation
 
@@ -336,6 +339,16 @@ class RecordsSource(Sequence):
         return (self[i] for i in range(len(self)))
 
 
+def _quietly(prepare) -> None:
+    """Runs a TFDS build with its console prints ("Downloading and preparing dataset ...") sent
+    to the log: nothing is downloaded, the records are ours."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        prepare()
+    if out.getvalue().strip():
+        logging.info('tfds: %s', ' '.join(out.getvalue().split()))
+
+
 def dataset_dir(name: str, data_dir: str | os.PathLike) -> Path:
     return Path(data_dir) / RecordsBuilder.name / name / str(RecordsBuilder.VERSION)
 
@@ -352,7 +365,7 @@ def write_records_dataset(records: Sequence[dict] | Mapping[str, Sequence[dict]]
                              description=description)
     # TFDS reuses an existing dataset silently; a rerun of a stage must replace it instead.
     shutil.rmtree(Path(data_dir) / RecordsBuilder.name / name, ignore_errors=True)
-    builder.download_and_prepare()
+    _quietly(builder.download_and_prepare)
     return dataset_dir(name, data_dir)
 
 
@@ -390,7 +403,7 @@ def _prompts(kind, sources, seed, test_fraction, paths, data_dir):
         return build_prompt_splits(sources, seed=seed, test_fraction=test_fraction, paths=paths)
     builder = PromptsBuilder(kind=kind, sources=sources, seed=seed, test_fraction=test_fraction,
                              paths=paths, data_dir=data_dir)
-    builder.download_and_prepare()  # A no-op when this exact dataset exists.
+    _quietly(builder.download_and_prepare)  # A no-op when this exact dataset exists.
     return {split: list(source) for split, source in _sources(builder).items()}
 
 

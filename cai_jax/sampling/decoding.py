@@ -443,11 +443,11 @@ def generate_responses(pretrained, prompts: Sequence[str | Sequence[conversation
     limit = pretrained.model.cfg.max_positions - max_new_tokens
     limit = limit if max_prompt_len is None else min(limit, max_prompt_len)
     if limit > 0:
-      for i, e in enumerate(encoded):
-        if len(e) > limit:
-          logging.warning('prompt %d: dropped %d of its %d tokens (limit %d)', i,
-                          len(e) - limit, len(e), limit)
-          encoded[i] = conversation.keep_last(e, limit, tok)
+      cut = [len(e) - limit for e in encoded if len(e) > limit]
+      if cut:  # one line per call: the oldest text (few-shots first) is what goes
+        logging.warning('%d of %d prompts lost their oldest tokens (%d to %d of them; limit %d '
+                        'tokens)', len(cut), len(encoded), min(cut), max(cut), limit)
+      encoded = [conversation.keep_last(e, limit, tok) for e in encoded]
   stops = list(conversation.stop_strings(fmt, tok)) + list(stop_strings or [])
   out = generate_batched(pretrained.model, encoded, batch_size=batch_size, progress=progress,
                          max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
