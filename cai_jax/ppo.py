@@ -29,7 +29,6 @@ RL-CAI policy as an HF directory).
 from __future__ import annotations
 
 import json
-import logging
 import math
 import time
 from collections.abc import Sequence
@@ -413,7 +412,7 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
   start = ckpt.latest_step() or 0
   if start:
     state = ckpt.restore_latest(state)
-    logging.info('ppo: resumed from the checkpoint after step %d', start)
+    train_lib.announce(f'ppo: resumed from the checkpoint after step {start}')
   writer = train_lib.MetricsWriter(stage_dir, resume_step=start)
   _truncate_samples(stage_dir / SAMPLES_FILE, start)
 

@@ -334,7 +334,7 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
   restored = ckpt.restore_latest(state, shardings)
   if restored is not None:
     state = restored
-    logging.info('sft: resumed from the checkpoint at step %d', int(state.step))
+    train_lib.announce(f'sft: resumed from the checkpoint at step {int(state.step)}')
   start = int(state.step)
   writer = train_lib.MetricsWriter(stage_dir, resume_step=start)
 

@@ -32,10 +32,13 @@ def errors(proc) -> list[str]:
   return [line for line in proc.stderr.splitlines() if line.startswith('cai_jax: error:')]
 
 
+RUN_FILES = (stages.LOCK_FILE, 'config.txt', 'log.txt')  # about the latest command, not a stage
+
+
 def tree_digest(root: Path) -> dict[str, str]:
-  """sha256 of every file under `root` (the lock file aside)."""
+  """sha256 of every stage output under `root`."""
   return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-          for p in sorted(root.rglob('*')) if p.is_file() and p.name != stages.LOCK_FILE}
+          for p in sorted(root.rglob('*')) if p.is_file() and p.name not in RUN_FILES}
 
 
 @pytest.fixture(scope='module')
