@@ -40,7 +40,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from cai_jax import checkpoint, conversation, rl, sampling, sharding, stages, train_lib
+from cai_jax import checkpoint, conversation, data, rl, sampling, sharding, stages, train_lib
 from cai_jax import model as model_lib
 from cai_jax.conversation import HUMAN
 from cai_jax.model import Decoder, ScalarHeadModel
@@ -295,10 +295,8 @@ def check_config(config) -> int:
 
 def _prompt_pools(ctx, cfg) -> tuple[list[dict], list[dict]]:
   """The red-team and helpful train splits (only those the mix draws from)."""
-  from cai_jax import sl_cai  # the stage module that owns config.data's prompt splits
-
-  redteam = sl_cai.redteam_prompts(ctx)['train'] if cfg.helpful_fraction < 1 else []
-  helpful = sl_cai.helpful_prompts(ctx)['train'] if cfg.helpful_fraction > 0 else []
+  redteam = data.stage_prompts(ctx, 'redteam')['train'] if cfg.helpful_fraction < 1 else []
+  helpful = data.stage_prompts(ctx, 'helpful')['train'] if cfg.helpful_fraction > 0 else []
   n_helpful = int(round(cfg.batch_size * cfg.helpful_fraction))
   for name, items, n in (('red-team', redteam, cfg.batch_size - n_helpful), ('helpful', helpful, n_helpful)):
     if n and not items:

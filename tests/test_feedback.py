@@ -248,7 +248,7 @@ def test_identical_and_empty_responses(tiny_model, monkeypatch):
   texts = {0: ['Same.', '', 'Yes.', ''], 1: [' Same. ', 'Fine.', 'No.', '']}
 
   def generate_responses(pretrained, prompts, *, seed, **kw):
-    step = [s for s in (0, 1) if feedback.sl_cai.chunk_seed(0, feedback._RESPONSE_STREAM, 0, s) == seed][0]
+    step = [s for s in (0, 1) if feedback.critique_revision.chunk_seed(0, feedback._RESPONSE_STREAM, 0, s) == seed][0]
     return [sampling.Response(t, [], np.zeros(0), 'stop', []) for t in texts[step]]
 
   monkeypatch.setattr(feedback.sampling, 'generate_responses', generate_responses)

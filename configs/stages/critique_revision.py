@@ -2,7 +2,7 @@
 
 Each red-team prompt gets the helpful model's response, then `n_rounds` rounds of critique and
 revision under a freshly sampled principle; helpful prompts get plain responses (the helpful
-mix of the SL data). See cai_jax/sl_cai.py.
+mix of the SL data). See cai_jax/critique_revision.py.
 
 The demo (SmolLM2-135M on a 2-core CPU, ~1.5 min for this stage) uses no few-shots: each one
 adds ~350 tokens to every critique and revision prompt, and prefill dominates the time. It also
