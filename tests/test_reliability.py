@@ -17,6 +17,8 @@ import pytest
 
 from cai_jax import stages, train_lib
 
+pytestmark = pytest.mark.slow  # subprocess runs of the pipeline: minutes in all
+
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ['--config.critique_revision.num_prompts=4', '--config.sft.num_steps=6',
          '--config.sft.checkpoint_every=2', '--config.sft.eval_every=3']
