@@ -14,7 +14,6 @@ import functools
 import hashlib
 import logging
 import math
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -443,51 +442,25 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
   model_config = pm.config
   del pm  # the train state holds a copy of its parameters
   train_step = train_lib.make_train_step(graphdef, tx, pair_loss, shardings, schedule)
-  # checkpoint_every = 0: no checkpoints (the demo saves its seconds; an interrupted run restarts).
-  ckpt = train_lib.Checkpointer(stage_dir / 'checkpoints', save_every=cfg.checkpoint_every,
-                                max_to_keep=cfg.max_to_keep) if cfg.checkpoint_every > 0 else None
-  restored = ckpt.restore_latest(state, shardings) if ckpt else None
-  if restored is not None:
-    state = restored
-    train_lib.announce(f'preference: resumed from the checkpoint at step {int(state.step)}')
-  start = int(state.step)
-  writer = train_lib.MetricsWriter(stage_dir, resume_step=start)
   evaluate = lambda params: evaluate_pools(
       graphdef, params, held_out, pad_id=pad_id, batch_size=cfg.eval_batch_size, max_len=max_len,
       min_bucket=cfg.min_bucket, n_bins=cfg.ece_bins) if held_out else {}
-
-  bar = train_lib.progress(total_steps, start, 'preference')
-  metrics, eval_metrics, t0 = {}, {}, time.time()
-  try:
-    for step, length, rows in train_lib.planned_batches(plan, steps_per_epoch, start, total_steps):
-      batch = train_lib.device_batch(pack_pairs(train, rows, length, pad_id))
-      state, metrics = train_step(state, batch)
-      metrics = train_lib.host_metrics(metrics)
-      done = step + 1
-      train_lib.check_finite('preference', done, metrics, ckpt)  # the finally below closes ckpt
-      evaluated = done == total_steps or (cfg.eval_every and done % cfg.eval_every == 0)
-      if evaluated:
-        eval_metrics = evaluate(state.params)
-        metrics.update(eval_metrics)
-      if evaluated or done % cfg.log_every == 0:
-        writer.write(done, metrics)
-      if ckpt:
-        ckpt.save(done, state, force=done == total_steps)
-      bar.update(1)
-      bar.set_postfix(loss=f'{metrics["loss"]:.3f}', acc=f'{metrics["accuracy"]:.2f}')
-  finally:  # an interrupted run still finishes its pending checkpoint, so a rerun resumes from it
-    bar.close()
-    if ckpt:
-      ckpt.close()
-    writer.close()
-  seconds = time.time() - t0
-  if start == total_steps and held_out:  # resumed after the last step: report the final metrics again
+  # checkpoint_every = 0: no checkpoints (the demo saves its seconds; an interrupted run restarts).
+  result = train_lib.fit(
+      stage='preference', stage_dir=stage_dir, state=state, shardings=shardings,
+      train_step=train_step, plan=plan, steps_per_epoch=steps_per_epoch,
+      make_batch=lambda length, rows: pack_pairs(train, rows, length, pad_id),
+      total_steps=total_steps, checkpoint_every=cfg.checkpoint_every,
+      max_to_keep=cfg.max_to_keep, evaluate=evaluate, eval_every=cfg.eval_every,
+      log_every=cfg.log_every, postfix={'loss': '{loss:.3f}', 'acc': '{accuracy:.2f}'})
+  state, metrics, eval_metrics = result.state, result.metrics, result.eval_metrics
+  if result.start == total_steps and held_out:  # resumed after the last step: evaluate again
     eval_metrics = evaluate(state.params)
 
   model = nnx.merge(graphdef, train_lib.gather_params(state.params))
   export = stage_dir / 'export'
   checkpoint.save_pretrained(checkpoint.Pretrained(model, tok, model_config), str(export))
   return {**counts, 'init_from': source, 'label_type': cfg.label_type, 'steps': total_steps,
-          'steps_per_epoch': steps_per_epoch, 'train_seconds': seconds,
+          'steps_per_epoch': steps_per_epoch, 'train_seconds': result.seconds,
           'final_loss': metrics.get('loss'), 'final_accuracy': metrics.get('accuracy'),
           **eval_metrics, 'export': str(export)}

@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import math
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -300,7 +299,8 @@ def build_examples(ctx: stages.Context, tokenizer) -> tuple[list[Example], list[
 def run(ctx: stages.Context, stage_dir: Path) -> dict:
   """Fine-tunes the helpful model into the SL-CAI model; resumes from `stage_dir/checkpoints`.
 
-  Writes metrics.jsonl (one row per step), tb/ (TensorBoard), checkpoints/ and export/ (HF).
+  Writes metrics.jsonl (one row per step), tb/ (TensorBoard), checkpoints/ (none when
+  sft.checkpoint_every is 0) and export/ (HF).
   """
   config, cfg = ctx.config, ctx.config.sft
   sharding.check_batch_size(cfg.batch_size, 'sft.batch_size')
@@ -329,48 +329,26 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
   train_step = train_lib.make_train_step(graphdef, tx, loss_fn, shardings, schedule)
   eval_step = train_lib.make_eval_step(graphdef, loss_fn, None if shardings is None else shardings.params)
 
-  ckpt = train_lib.Checkpointer(stage_dir / 'checkpoints', save_every=cfg.checkpoint_every,
-                                max_to_keep=cfg.max_to_keep)
-  restored = ckpt.restore_latest(state, shardings)
-  if restored is not None:
-    state = restored
-    train_lib.announce(f'sft: resumed from the checkpoint at step {int(state.step)}')
-  start = int(state.step)
-  writer = train_lib.MetricsWriter(stage_dir, resume_step=start)
-
-  bar = train_lib.progress(total_steps, start, 'sft')
-  metrics, eval_loss, t0, tokens_seen = {}, None, time.time(), 0
-  for step, length, rows in train_lib.planned_batches(plan, steps_per_epoch, start, total_steps):
-    batch = train_lib.device_batch(pack(train, rows, length, pad_id))
-    state, metrics = train_step(state, batch)
-    metrics = train_lib.host_metrics(metrics)
-    done = step + 1
-    if not all(math.isfinite(metrics[k]) for k in ('loss', 'grad_norm')):
-      bar.close()
-      ckpt.close()  # waits for the last good save, if one is in flight
-      writer.close()
-      train_lib.check_finite('sft', done, metrics, ckpt)
-    tokens_seen += metrics['tokens']
-    if done == total_steps or (cfg.eval_every and done % cfg.eval_every == 0):
-      if eval_batches:
-        eval_loss = metrics['eval_loss'] = evaluate(eval_step, state.params, held_out, eval_batches, pad_id)
-    writer.write(done, metrics)
-    ckpt.save(done, state, force=done == total_steps)
-    bar.update(1)
-    bar.set_postfix(loss=f'{metrics["loss"]:.3f}')
-  bar.close()
-  seconds = time.time() - t0
-  ckpt.close()
-  writer.close()
+  held_out_loss = lambda params: {
+      'eval_loss': evaluate(eval_step, params, held_out, eval_batches, pad_id)}
+  result = train_lib.fit(
+      stage='sft', stage_dir=stage_dir, state=state, shardings=shardings, train_step=train_step,
+      plan=plan, steps_per_epoch=steps_per_epoch,
+      make_batch=lambda length, rows: pack(train, rows, length, pad_id), total_steps=total_steps,
+      checkpoint_every=cfg.checkpoint_every, max_to_keep=cfg.max_to_keep,
+      evaluate=held_out_loss if eval_batches else None, eval_every=cfg.eval_every,
+      postfix={'loss': '{loss:.3f}'})
+  state, metrics, seconds = result.state, result.metrics, result.seconds
+  eval_loss = result.eval_metrics.get('eval_loss')
 
   params = train_lib.gather_params(state.params)
   model = nnx.merge(graphdef, params)  # the SL-CAI model (the cached helpful model is untouched)
   export = stage_dir / 'export'
   checkpoint.save_pretrained(checkpoint.Pretrained(model, tok, helpful.config), str(export))
   if not metrics and jax.process_index() == 0:  # resumed after the last step: report from the log
-    metrics = (train_lib.read_metrics(writer.path) or [{}])[-1]
+    metrics = (train_lib.read_metrics(stage_dir / 'metrics.jsonl') or [{}])[-1]
     eval_loss = metrics.get('eval_loss')
-  return {**counts, 'steps': total_steps, 'steps_run': total_steps - start,
+  return {**counts, 'steps': total_steps, 'steps_run': total_steps - result.start,
           'steps_per_epoch': steps_per_epoch, 'final_loss': metrics.get('loss'), 'eval_loss': eval_loss,
-          'tokens_per_second': tokens_seen / seconds if seconds and tokens_seen else None,
+          'tokens_per_second': result.tokens / seconds if seconds and result.tokens else None,
           'export': str(export)}

@@ -2,16 +2,15 @@
 
 An optimizer from a config block, a train state `(params, opt_state, step)` laid out by the
 logical-axis rules, a pure jitted train step with donation, orbax checkpoints with automatic
-resume, and metrics as JSONL + TensorBoard. Typical use (see cai_jax/sft.py):
+resume, metrics as JSONL + TensorBoard, and the loop that ties them together, `fit`. Typical
+use (see cai_jax/sft.py):
 
   tx, schedule = train_lib.make_optimizer(cfg.optimizer, total_steps)
   graphdef, state, shardings = train_lib.init_state(model, tx)
   step_fn = train_lib.make_train_step(graphdef, tx, loss_fn, shardings, schedule)
-  ckpt = train_lib.Checkpointer(stage_dir / 'checkpoints', save_every=.., max_to_keep=..)
-  state = ckpt.restore_latest(state, shardings) or state          # resume
-  for step in range(int(state.step), total_steps):
-    state, metrics = step_fn(state, train_lib.device_batch(host_batch))
-    ckpt.save(int(state.step), state)
+  result = train_lib.fit(stage='sft', stage_dir=stage_dir, state=state, shardings=shardings,
+                         train_step=step_fn, plan=plan, steps_per_epoch=.., make_batch=..,
+                         total_steps=total_steps, checkpoint_every=.., max_to_keep=..)
 """
 
 from __future__ import annotations
@@ -22,9 +21,10 @@ import math
 import os
 import re
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax
 import jax
@@ -471,3 +471,65 @@ def planned_batches(plan, steps_per_epoch: int, start: int, total_steps: int):
       batches = plan(epoch)
     length, rows = batches[step % steps_per_epoch]
     yield step, length, rows
+
+
+# ---- the train loop -----------------------------------------------------------------------------
+
+
+class Fit(NamedTuple):
+  state: TrainState
+  metrics: dict  # the last step's host metrics; {} when resumed after the last step
+  eval_metrics: dict  # the last evaluation's; {} when none ran
+  start: int  # the step the run began at: 0, or the checkpoint it resumed from
+  seconds: float  # wall time of the steps run (the wait for the last checkpoint write aside)
+  tokens: int  # sum of the steps' 'tokens' metric (0 when the loss reports none)
+
+
+def fit(*, stage: str, stage_dir: Path, state: TrainState, shardings, train_step, plan,
+        steps_per_epoch: int, make_batch, total_steps: int, checkpoint_every: int,
+        max_to_keep: int, evaluate=None, eval_every: int = 0, log_every: int = 1,
+        postfix: dict[str, str] | None = None) -> Fit:
+  """The train loop of the sft and preference stages, written once (big_vision's train.py shape).
+
+  Resumes from the newest checkpoint in stage_dir/checkpoints, then trains on
+  `make_batch(length, rows)` (a host batch) of `planned_batches(plan, ...)` up to total_steps.
+  A non-finite step stops the run before its state is saved. `evaluate(params) -> dict` runs every
+  eval_every steps and at the end, into that step's row; rows are written every log_every steps
+  and at every evaluation; checkpoints every checkpoint_every steps and at the end (0 = none).
+  postfix: bar label -> format over the step's metrics, e.g. {'loss': '{loss:.3f}'}. However
+  the loop ends, the pending checkpoint is finished, so a rerun resumes from it.
+  """
+  ckpt = Checkpointer(Path(stage_dir) / 'checkpoints', save_every=checkpoint_every,
+                      max_to_keep=max_to_keep) if checkpoint_every > 0 else None
+  restored = ckpt.restore_latest(state, shardings) if ckpt else None
+  if restored is not None:
+    state = restored
+    announce(f'{stage}: resumed from the checkpoint at step {int(state.step)}')
+  start = int(state.step)
+  writer = MetricsWriter(stage_dir, resume_step=start)
+  bar = progress(total_steps, start, stage)
+  metrics, eval_metrics, tokens, t0 = {}, {}, 0, time.time()
+  try:
+    for step, length, rows in planned_batches(plan, steps_per_epoch, start, total_steps):
+      state, metrics = train_step(state, device_batch(make_batch(length, rows)))
+      metrics = host_metrics(metrics)
+      done = step + 1
+      check_finite(stage, done, metrics, ckpt)  # the finally below closes ckpt
+      tokens += metrics.get('tokens', 0)
+      evaluated = done == total_steps or (eval_every and done % eval_every == 0)
+      if evaluated and evaluate is not None:
+        eval_metrics = evaluate(state.params)
+        metrics.update(eval_metrics)
+      if evaluated or done % log_every == 0:
+        writer.write(done, metrics)
+      if ckpt:
+        ckpt.save(done, state, force=done == total_steps)
+      bar.update(1)
+      bar.set_postfix({label: f.format_map(metrics) for label, f in (postfix or {}).items()})
+    seconds = time.time() - t0
+  finally:
+    bar.close()
+    if ckpt:
+      ckpt.close()  # waits for the pending save
+    writer.close()
+  return Fit(state, metrics, eval_metrics, start, seconds, tokens)

@@ -129,8 +129,8 @@ def test_optimizer_schedule_warms_up_then_decays():
 def _config(**sft_overrides):
   config = tiny.get_config()
   config.stages = 'sft'
-  config.sft.update(dict(num_steps=12, checkpoint_every=4, eval_every=6, min_bucket=128,
-                         batch_size=4, **sft_overrides))
+  config.sft.update(dict(dict(num_steps=12, checkpoint_every=4, eval_every=6, min_bucket=128,
+                              batch_size=4), **sft_overrides))
   return config
 
 
@@ -188,6 +188,18 @@ def test_stage_trains_exports_and_resumes(tmp_path, monkeypatch):
   for a, b in zip(rows, resumed):
     assert a['loss'] == pytest.approx(b['loss'], abs=1e-6), (a, b)
   assert resumed[-1]['eval_loss'] == pytest.approx(rows[-1]['eval_loss'], abs=1e-6)
+
+
+def test_checkpoint_every_zero_trains_without_checkpoints(tmp_path):
+  """sft.checkpoint_every = 0 (as preference's): no checkpoints, the same rows and eval steps."""
+  config = _config(checkpoint_every=0)
+  fake_upstream(config, tmp_path, 'critique_revision', sl_cai_records())
+  _run(config, tmp_path)
+  rows = train_lib.read_metrics(tmp_path / 'sft' / 'metrics.jsonl')
+  assert [r['step'] for r in rows] == list(range(1, 13))
+  assert [r['step'] for r in rows if 'eval_loss' in r] == [6, 12]
+  assert not list((tmp_path / 'sft').glob('checkpoints/*'))
+  assert (tmp_path / 'sft' / 'DONE.json').exists() and (tmp_path / 'sft' / 'export').is_dir()
 
 
 def test_empty_dataset_is_a_clear_error(tmp_path):

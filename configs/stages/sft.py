@@ -27,7 +27,7 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   c.epochs = epochs  # passes over the training examples (fractional allowed) if num_steps is -1
   c.num_steps = num_steps  # total optimizer steps; -1 = epochs decide
   c.eval_every = every  # held-out eval loss every N steps (and at the end); 0 = only at the end
-  c.checkpoint_every = every  # orbax checkpoint every N steps (and at the end); reruns resume
+  c.checkpoint_every = every  # orbax checkpoint every N steps and at the end (resume); 0 = none
   c.max_to_keep = 2  # orbax max_to_keep
   # Positions per chunk of the fused float32 cross-entropy; 0 = whole logits, then the loss.
   # tiny: 0, because on fake multi-device CPU meshes the chunk scan's per-chunk all-reduces
