@@ -56,7 +56,7 @@ RULES = (
     ('*.max_to_keep', _int_at_least(1)),
     ('*.checkpoint_every', _int_at_least(0)),
     ('*.eval_every', _int_at_least(0)),
-    ('*.log_every', _int_at_least(0)),
+    ('*.log_every', _int_at_least(1)),
     ('*.min_bucket', _int_at_least(1)),
     ('*.min_prompt_bucket', _int_at_least(1)),
     ('*.ece_bins', _int_at_least(1)),
