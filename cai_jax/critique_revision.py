@@ -34,26 +34,25 @@ fsynced) when finished. A restart drops a torn last line and redoes only the chu
 ids, so a killed run, restarted, ends with the same records as an uninterrupted one.
 Multi-process: each process takes its contiguous share of the chunks into
 ``samples.<process>.jsonl`` / ``helpful.<process>.jsonl``; process 0 merges them in order.
+The engine is `records.process_in_chunks`, shared with the feedback stages; the record keys are
+`records.REVISIONS` and `records.HELPFUL`.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 from absl import logging
-from tqdm import tqdm
 
 from cai_jax import constitution as constitution_lib
 from cai_jax import conversation, data, sampling
+from cai_jax import records as records_lib
 from cai_jax.stages import StageError, barrier
 
 STAGE = 'critique_revision'
@@ -63,11 +62,6 @@ _REDTEAM_STREAM, _HELPFUL_STREAM = 0, 1  # seed streams of the two kinds of chun
 
 # ----------------------------------------------------------------------------------------------
 # Sampling one chunk.
-
-def chunk_seed(seed: int, stream: int, chunk: int, step: int = 0) -> int:
-  """The sampling seed of one generation call: a function of its place in the stage only."""
-  return int(np.random.SeedSequence([seed, stream, chunk, step]).generate_state(1)[0])
-
 
 @dataclasses.dataclass
 class _Sampler:
@@ -150,96 +144,6 @@ def helpful_chunk(records: Sequence[dict], seed: Callable[[int], int], *,
 
 
 # ----------------------------------------------------------------------------------------------
-# Resumable chunked processing into a jsonl file.
-
-def read_jsonl(path: Path, *, repair: bool = False) -> list[dict]:
-  """Records of a jsonl file. With `repair`, a torn tail (a run killed mid-write) is cut off."""
-  if not path.exists():
-    return []
-  raw = path.read_bytes()
-  records, good = [], 0
-  for line in raw.split(b'\n'):
-    end = good + len(line) + 1
-    if end > len(raw):  # the last piece has no newline: an unfinished write
-      break
-    if not line.strip():
-      good = end
-      continue
-    try:
-      records.append(json.loads(line))
-    except json.JSONDecodeError:
-      break
-    good = end
-  if good < len(raw):
-    if not repair:
-      raise ValueError(f'{path}: unreadable line at byte {good}')
-    logging.warning('%s: dropping %d bytes of an unfinished write', path, len(raw) - good)
-    os.truncate(path, good)
-  return records
-
-
-def process_in_chunks(items: Sequence[dict], path: Path, fn: Callable, *, chunk_size: int,
-                      seed: int, stream: int, desc: str,
-                      tokens: Callable[[], int] = lambda: 0,
-                      process_index: int | None = None, process_count: int | None = None) -> dict:
-  """Runs fn(chunk, seed_of_step) over this process's chunks, appending results to `path`.
-
-  Chunk k is items[k * chunk_size:(k + 1) * chunk_size], sampled with seeds
-  chunk_seed(seed, stream, k, step) whichever process runs it; processes take contiguous runs
-  of chunks (data.shard_for_process). Chunks whose ids are all in `path` already are skipped;
-  a partly written chunk is redone and only its missing records appended. `tokens` reports
-  the generated-token count for the progress bar. Returns {'resumed': n, 'new': n}.
-  """
-  chunks = [(k, items[i:i + chunk_size]) for k, i in enumerate(range(0, len(items), chunk_size))]
-  mine = data.shard_for_process(chunks, process_index, process_count)
-  done = {r['id'] for r in read_jsonl(path, repair=True)}
-  total = sum(len(chunk) for _, chunk in mine)
-  resumed = sum(r['id'] in done for _, chunk in mine for r in chunk)
-  bar = tqdm(total=total, initial=resumed, desc=desc, unit='prompt', dynamic_ncols=True,
-             disable=total == 0)
-  t0, tokens0, new = time.time(), tokens(), 0
-  with open(path, 'a', encoding='utf-8') as f:
-    for k, chunk in mine:
-      missing = [r for r in chunk if r['id'] not in done]
-      if not missing:
-        continue
-      results = fn(chunk, lambda step, k=k: chunk_seed(seed, stream, k, step))
-      text = ''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in results
-                     if r['id'] not in done)
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-      done.update(r['id'] for r in results)
-      new += len(missing)
-      bar.update(len(missing))
-      bar.set_postfix(tok_s=f'{(tokens() - tokens0) / (time.time() - t0):.1f}')
-  bar.close()
-  return {'resumed': resumed, 'new': new}
-
-
-def merge_outputs(stage_dir: Path, name: str, items: Sequence[dict], process_count: int
-                  ) -> list[dict]:
-  """Gathers `name`.<p>.jsonl (or `name`.jsonl) into item order; every id exactly once."""
-  files = ([stage_dir / f'{name}.jsonl'] if process_count == 1 else
-           [stage_dir / f'{name}.{p}.jsonl' for p in range(process_count)])
-  by_id = {}
-  for path in files:
-    for r in read_jsonl(path):
-      by_id.setdefault(r['id'], r)
-  missing = [r['id'] for r in items if r['id'] not in by_id]
-  if missing:
-    raise StageError(f'{STAGE}: {len(missing)} {name} records missing after sampling '
-                     f'(e.g. {missing[0]!r}); rerun the same command to resume')
-  merged = [by_id[r['id']] for r in items]
-  if process_count > 1:
-    tmp = stage_dir / f'{name}.jsonl.tmp{os.getpid()}'
-    tmp.write_text(''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in merged),
-                   encoding='utf-8')
-    os.replace(tmp, stage_dir / f'{name}.jsonl')
-  return merged
-
-
-# ----------------------------------------------------------------------------------------------
 # The stage.
 
 def load_constitution(source: str, num_few_shots: int) -> constitution_lib.Constitution:
@@ -288,27 +192,26 @@ def run(ctx, stage_dir: Path) -> dict:
 
   sample = _Sampler(ctx.load(ctx.config.model.source, frozen=True), cfg, ctx.config.conversation_format,
                     ctx.config.model.max_len)
-  pi, pc = jax.process_index(), jax.process_count()
-  suffix = '' if pc == 1 else f'.{pi}'
   stage_dir.mkdir(parents=True, exist_ok=True)
   seed = ctx.config.seed
-  red = process_in_chunks(
-      prompts, stage_dir / f'samples{suffix}.jsonl',
+  red = records_lib.process_in_chunks(
+      prompts, records_lib.part_path(stage_dir, 'samples'),
       lambda chunk, s: revise_chunk(chunk, s, sample=sample, constitution=constitution,
                                     n_rounds=cfg.n_rounds, principle_seed=seed),
       chunk_size=cfg.chunk_size, seed=seed, stream=_REDTEAM_STREAM, desc='critique/revision',
-      tokens=lambda: sample.tokens)
-  helped = process_in_chunks(
-      helpful, stage_dir / f'helpful{suffix}.jsonl',
+      unit='prompt', postfix=records_lib.throughput('tok_s', lambda: sample.tokens, 1))
+  helped = records_lib.process_in_chunks(
+      helpful, records_lib.part_path(stage_dir, 'helpful'),
       lambda chunk, s: helpful_chunk(chunk, s, sample=sample),
       chunk_size=cfg.chunk_size, seed=seed, stream=_HELPFUL_STREAM, desc='helpful mix',
-      tokens=lambda: sample.tokens)
+      unit='prompt', postfix=records_lib.throughput('tok_s', lambda: sample.tokens, 1))
   barrier(f'{STAGE}-sampled')
-  if pi != 0:
+  if jax.process_index() != 0:
     barrier(f'{STAGE}-merged')
     return {}
-  samples = merge_outputs(stage_dir, 'samples', prompts, pc)
-  helpful_records = merge_outputs(stage_dir, 'helpful', helpful, pc)
+  samples = records_lib.merge_parts(stage_dir, 'samples', [r['id'] for r in prompts], STAGE)
+  helpful_records = records_lib.merge_parts(stage_dir, 'helpful', [r['id'] for r in helpful],
+                                            STAGE)
   if cfg.write_tfds:
     data.write_records_dataset({'revisions': samples, 'helpful': helpful_records}, DATASET,
                                stage_dir / 'tfds', description='SL-CAI revisions and helpful mix')

@@ -27,7 +27,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import re
 import time
 from collections.abc import Sequence
@@ -40,6 +39,7 @@ import numpy as np
 from absl import logging
 
 from cai_jax import data, elo, preference, sampling
+from cai_jax import records as records_lib
 from cai_jax.conversation import HUMAN
 from cai_jax.stages import StageError
 
@@ -115,15 +115,8 @@ def elo_table(comparisons: Sequence[tuple[str, str, float]], models: Sequence[st
 
 def _write_jsonl(path: Path, records: Sequence[dict]) -> None:
   """Whole file at once (tmp + rename): a cache file either exists complete or not at all."""
-  if jax.process_index() != 0:
-    return
-  tmp = path.with_suffix(path.suffix + f'.tmp{os.getpid()}')
-  tmp.write_text(''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in records), encoding='utf-8')
-  os.replace(tmp, path)
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-  return [json.loads(line) for line in path.read_text(encoding='utf-8').splitlines() if line.strip()]
+  if jax.process_index() == 0:
+    records_lib.write_jsonl(path, records)
 
 
 def _clean(x: Any) -> Any:
@@ -166,7 +159,7 @@ def model_responses(ctx, role: str, prompts: dict[str, list[dict]], stage_dir: P
   path = stage_dir / f'responses_{role}.jsonl'
   items = [(kind, r) for kind in KINDS for r in prompts[kind]]
   if path.exists():
-    cached = _read_jsonl(path)
+    cached = records_lib.read_jsonl(path)
     if [(c['kind'], c['id']) for c in cached] == [(k, r['id']) for k, r in items]:
       print(f'{STAGE}: {role}: {len(cached)} responses from {path.name}', flush=True)
       return cached
@@ -213,8 +206,7 @@ def model_metrics(records: Sequence[dict], rewards: np.ndarray) -> dict:
 def revision_pairs(stage_dir_cr: Path, max_samples: int) -> tuple[list[tuple[str, str]], list[int], int]:
   """(prompt, text) of critique_revision's initial responses (revision 0) and of each round's
   revision, each text's revision number, and how many samples they come from."""
-  path = stage_dir_cr / 'samples.jsonl'
-  samples = _read_jsonl(path) if path.exists() else []
+  samples = records_lib.read_jsonl(records_lib.REVISIONS.path(stage_dir_cr), records_lib.REVISIONS)
   if max_samples >= 0:
     samples = samples[:max_samples]
   pairs, where = [], []
@@ -254,7 +246,7 @@ def judge_comparisons(ctx, kind: str, principle: str, records: dict[str, list[di
       items.append(dict(model_a=a, model_b=b, id=x['id'], prompt=x['prompt'],
                         response_a=x['response'], response_b=y['response']))
   if path.exists():
-    cached = _read_jsonl(path)
+    cached = records_lib.read_jsonl(path)
     if [(c['model_a'], c['model_b'], c['id']) for c in cached] == [
         (i['model_a'], i['model_b'], i['id']) for i in items]:
       return cached

@@ -17,7 +17,8 @@ the coin is still thrown so the calibration diagram has both outcomes. The paper
 'render'``) or its prompt text scored as-is (``'file'``: zero-shot, its one principle, its A/B
 order -- already balanced -- and, for debias, the same text with the two options swapped).
 
-Chunks are resumable and shared across processes exactly as in `feedback` (cai_jax/feedback.py).
+Chunks are resumable and shared across processes exactly as in `feedback`: both run through
+`records.process_in_chunks`; the record keys are `records.FEEDBACK_EVAL`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +37,11 @@ import numpy as np
 from absl import logging
 
 from cai_jax import constitution as constitution_lib
-from cai_jax import conversation, critique_revision, labels
+from cai_jax import conversation, labels
+from cai_jax import records as records_lib
 from cai_jax.conversation import ASSISTANT, HUMAN, Turn
 from cai_jax.feedback import (EVAL_STREAM, OPTIONS, Labeler, Pair, check_feedback_config,
-                              feedback_model, label_from_logprobs, load_feedback_constitution,
-                              merge_parts, part_path, process_in_chunks, throughput)
+                              feedback_model, label_from_logprobs, load_feedback_constitution)
 from cai_jax.stages import StageError, barrier
 
 EVAL_STAGE = 'evaluate_feedback'
@@ -191,10 +192,10 @@ def comparisons_path(cfg) -> Path:
   return PAPER_HHH
 
 
-def evaluate_chunk(pairs: Sequence[Pair], chunk: int, *, labeler: Labeler, seed: int
+def evaluate_chunk(pairs: Sequence[Pair], chunk_seed: Callable[[int], int], *, labeler: Labeler
                    ) -> list[dict]:
   out = []
-  scored = labeler.label(pairs, critique_revision.chunk_seed(seed, EVAL_STREAM, chunk, 0))
+  scored = labeler.label(pairs, chunk_seed(0))
   for pair, scorings in zip(pairs, scored):
     p_chosen = label_from_logprobs(scorings, labeler.cfg)  # response_a is the chosen reply
     for s in scorings:
@@ -234,15 +235,17 @@ def run(ctx, stage_dir: Path) -> dict:
                     ctx.config.model.max_len, ctx.config.seed, EVAL_STAGE)
   stage_dir.mkdir(parents=True, exist_ok=True)
   ids = [p.id for p in pairs]
-  process_in_chunks(
-      pairs, ids, part_path(stage_dir, 'records'),
-      lambda chunk, c: evaluate_chunk(chunk, c, labeler=labeler, seed=ctx.config.seed),
-      chunk_size=ecfg.chunk_size, desc='evaluate_feedback', progress=cfg.progress, postfix=throughput(labeler, t0))
+  records_lib.process_in_chunks(
+      pairs, records_lib.part_path(stage_dir, 'records'),
+      lambda chunk, s: evaluate_chunk(chunk, s, labeler=labeler),
+      chunk_size=ecfg.chunk_size, seed=ctx.config.seed, stream=EVAL_STREAM,
+      desc='evaluate_feedback', ids=ids, unit='pair', progress=cfg.progress,
+      postfix=records_lib.throughput('scored_tok_s', lambda: labeler.scored_tokens))
   barrier(f'{EVAL_STAGE}-scored')
   if jax.process_index() != 0:
     barrier(f'{EVAL_STAGE}-merged')
     return {}
-  records = merge_parts(stage_dir, 'records', ids, EVAL_STAGE)
+  records = records_lib.merge_parts(stage_dir, 'records', ids, EVAL_STAGE)
   summary = summarize(records, n_bins=ecfg.ece_bins)
   summary.update(
       comparisons=str(path), format=ecfg.format, hhh_prompt=ecfg.hhh_prompt,

@@ -52,12 +52,12 @@ order, each chunk with seeds derived from (seed, chunk index) only, appended and
 finished; a restart drops a torn last line and redoes only chunks with missing ids, so the
 result equals an uninterrupted run's. Each process takes its contiguous share of the chunks
 (`data.shard_for_process`) into ``samples.<process>.jsonl``; process 0 merges them in order.
+The engine is `records.process_in_chunks`; the record keys are `records.FEEDBACK`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -67,10 +67,10 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
-from tqdm import tqdm
 
 from cai_jax import constitution as constitution_lib
-from cai_jax import conversation, critique_revision, data, labels, sampling
+from cai_jax import conversation, data, labels, sampling
+from cai_jax import records as records_lib
 from cai_jax.conversation import HUMAN, Turn
 from cai_jax.stages import StageError, barrier
 
@@ -302,87 +302,11 @@ def load_feedback_constitution(ctx, cfg) -> constitution_lib.Constitution:
 
 
 # ----------------------------------------------------------------------------------------------
-# Resumable chunked processing into jsonl files (one per process, merged by process 0).
-
-def _append(f, records: Sequence[dict]) -> None:
-  f.write(''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in records))
-  f.flush()
-  os.fsync(f.fileno())
-
-
-def process_in_chunks(items: Sequence[Any], ids: Sequence[str], path: Path,
-                      fn: Callable[[Sequence[Any], int], list[dict]], *, chunk_size: int,
-                      desc: str, progress: bool = True,
-                      postfix: Callable[[], dict] | None = None) -> dict:
-  """Runs fn(chunk, chunk_index) over this process's chunks, appending its records to `path`.
-
-  Records carry an 'id'; chunks whose ids are all in `path` are skipped, a partly written chunk
-  is redone in full (same inputs, same seeds) and only its missing records are appended.
-  """
-  chunks = [(c, list(range(i, min(i + chunk_size, len(items)))))
-            for c, i in enumerate(range(0, len(items), chunk_size))]
-  mine = data.shard_for_process(chunks)
-  done = {r['id'] for r in critique_revision.read_jsonl(path, repair=True)}
-  total = sum(len(idx) for _, idx in mine)
-  resumed = sum(ids[i] in done for _, idx in mine for i in idx)
-  bar = tqdm(total=total, initial=resumed, desc=desc, unit='pair', dynamic_ncols=True,
-             disable=not progress or total == 0 or jax.process_index() != 0)
-  new = 0
-  with open(path, 'a', encoding='utf-8') as f:
-    for c, idx in mine:
-      missing = [i for i in idx if ids[i] not in done]
-      if not missing:
-        continue
-      results = fn([items[i] for i in idx], c)
-      _append(f, [r for r in results if r['id'] not in done])
-      done.update(r['id'] for r in results)
-      new += len(missing)
-      bar.update(len(missing))
-      if postfix is not None:
-        bar.set_postfix(postfix())
-  bar.close()
-  return {'resumed': resumed, 'new': new}
-
-
-def part_path(stage_dir: Path, name: str) -> Path:
-  pc = jax.process_count()
-  return stage_dir / (f'{name}.jsonl' if pc == 1 else f'{name}.{jax.process_index()}.jsonl')
-
-
-def merge_parts(stage_dir: Path, name: str, ids: Sequence[str], stage: str) -> list[dict]:
-  """Gathers `name`.jsonl / `name`.<p>.jsonl into `ids` order and writes `name`.jsonl."""
-  pc = jax.process_count()
-  files = ([stage_dir / f'{name}.jsonl'] if pc == 1 else
-           [stage_dir / f'{name}.{p}.jsonl' for p in range(pc)])
-  by_id = {}
-  for path in files:
-    for r in critique_revision.read_jsonl(path):
-      by_id.setdefault(r['id'], r)
-  missing = [i for i in ids if i not in by_id]
-  if missing:
-    raise StageError(f'{stage}: {len(missing)} records missing from {name}.jsonl '
-                     f'(e.g. {missing[0]!r}); rerun the same command to resume')
-  merged = [by_id[i] for i in ids]
-  tmp = stage_dir / f'{name}.jsonl.tmp{os.getpid()}'
-  tmp.write_text(''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in merged),
-                 encoding='utf-8')
-  os.replace(tmp, stage_dir / f'{name}.jsonl')
-  return merged
-
-
-def throughput(labeler: Labeler, t0: float) -> Callable[[], dict]:
-  return lambda: {'scored_tok_s': f'{labeler.scored_tokens / max(time.time() - t0, 1e-9):.0f}'}
-
-
-# ----------------------------------------------------------------------------------------------
 # Stage `feedback`.
 
-def label_chunk(records: Sequence[dict], chunk: int, *, policy, labeler: Labeler, cfg, fmt: str,
-                seed: int) -> list[dict]:
-  """Two sampled responses per prompt, then their labels."""
-  def chunk_seed(step):
-    return critique_revision.chunk_seed(seed, _RESPONSE_STREAM, chunk, step)
-
+def label_chunk(records: Sequence[dict], chunk_seed: Callable[[int], int], *, policy,
+                labeler: Labeler, cfg, fmt: str) -> list[dict]:
+  """Two sampled responses per prompt (seed steps 0, 1), then their labels (step 2)."""
   convs = [[(HUMAN, r['prompt'])] for r in records]
   samples = [sampling.generate_responses(
       policy, convs, fmt=fmt, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
@@ -417,7 +341,8 @@ def load_preferences(stage_dir: str | os.PathLike) -> list[dict]:
   stage_dir = Path(stage_dir)
   if (data.dataset_dir(DATASET, stage_dir / 'tfds') / 'dataset_info.json').is_file():
     return data.read_records_dataset(DATASET, stage_dir / 'tfds', split='train')
-  return [_preference(r) for r in critique_revision.read_jsonl(stage_dir / 'samples.jsonl')
+  return [_preference(r) for r in records_lib.read_jsonl(records_lib.FEEDBACK.path(stage_dir),
+                                                         records_lib.FEEDBACK)
           if 'skipped' not in r['flags']]
 
 
@@ -445,17 +370,17 @@ def run(ctx, stage_dir: Path) -> dict:
                     STAGE)
   stage_dir.mkdir(parents=True, exist_ok=True)
   ids = [r['id'] for r in prompts]
-  progress = process_in_chunks(
-      prompts, ids, part_path(stage_dir, 'samples'),
-      lambda chunk, c: label_chunk(chunk, c, policy=policy, labeler=labeler, cfg=cfg, fmt=fmt,
-                                   seed=seed),
-      chunk_size=cfg.chunk_size, desc='feedback',
-      progress=cfg.progress, postfix=throughput(labeler, t0))
+  progress = records_lib.process_in_chunks(
+      prompts, records_lib.part_path(stage_dir, 'samples'),
+      lambda chunk, s: label_chunk(chunk, s, policy=policy, labeler=labeler, cfg=cfg, fmt=fmt),
+      chunk_size=cfg.chunk_size, seed=seed, stream=_RESPONSE_STREAM, desc='feedback',
+      ids=ids, unit='pair', progress=cfg.progress,
+      postfix=records_lib.throughput('scored_tok_s', lambda: labeler.scored_tokens))
   barrier(f'{STAGE}-labeled')
   if jax.process_index() != 0:
     barrier(f'{STAGE}-merged')
     return {}
-  samples = merge_parts(stage_dir, 'samples', ids, STAGE)
+  samples = records_lib.merge_parts(stage_dir, 'samples', ids, STAGE)
   labeled = [_preference(r) for r in samples if 'skipped' not in r['flags']]
   if cfg.write_tfds:
     data.write_records_dataset({'train': labeled}, DATASET, stage_dir / 'tfds',

@@ -42,10 +42,10 @@ from flax import nnx
 
 from cai_jax import checkpoint, conversation, data, rl, sampling, sharding, stages, train_lib
 from cai_jax import model as model_lib
+from cai_jax import records as records_lib
 from cai_jax.conversation import HUMAN
 from cai_jax.model import Decoder, ScalarHeadModel
 
-SAMPLES_FILE = 'samples.jsonl'
 _REDTEAM_STREAM, _HELPFUL_STREAM, _SAMPLING_STREAM, _MINIBATCH_STREAM = 0, 1, 2, 3  # seed streams
 
 
@@ -412,7 +412,8 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
     state = ckpt.restore_latest(state)
     train_lib.announce(f'ppo: resumed from the checkpoint after step {start}')
   writer = train_lib.MetricsWriter(stage_dir, resume_step=start)
-  _truncate_samples(stage_dir / SAMPLES_FILE, start)
+  samples_path = records_lib.PPO_SAMPLES.path(stage_dir)
+  _truncate_samples(samples_path, start)
 
   stops = conversation.stop_strings(fmt, tok)
   bar = train_lib.progress(cfg.steps, start, 'ppo')
@@ -462,7 +463,7 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
                    train_seconds=t_train, step_seconds=time.time() - t0)
     writer.write(step, metrics)
     if cfg.sample_every and step % cfg.sample_every == 0 and jax.process_index() == 0:
-      _write_samples(stage_dir / SAMPLES_FILE, step, records, responses, scores, final_rewards,
+      _write_samples(samples_path, step, records, responses, scores, final_rewards,
                      stats['kl_per_response'], out.finish_reason, cfg.num_samples)
     ckpt.save(step, state, force=step == cfg.steps)
     bar.update(1)
@@ -535,7 +536,11 @@ def _write_samples(path: Path, step: int, records, responses, scores, rewards, k
 
 
 def _truncate_samples(path: Path, resume_step: int) -> None:
-  """Drops samples of steps after the checkpoint a resumed run restarts from."""
+  """Drops samples of steps after the checkpoint a resumed run restarts from.
+
+  A line filter rather than `records.read_jsonl`: the kept lines stay byte for byte as written,
+  and an unreadable line (cut short by a kill) is dropped wherever it is.
+  """
   if jax.process_index() != 0 or not path.exists():
     return
   keep = []

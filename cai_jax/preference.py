@@ -24,11 +24,11 @@ import numpy as np
 from flax import nnx
 
 from cai_jax import checkpoint, conversation, data, labels, sharding, stages, train_lib
+from cai_jax import records as records_lib
 from cai_jax.conversation import ASSISTANT, HUMAN, Turn
 from cai_jax.model import ScalarHeadModel
 
 LABEL_TYPES = ('soft', 'hard')
-SAMPLES_FILE = 'samples.jsonl'  # feedback: {id, prompt, response_a, response_b, p_a, ...}
 
 
 class PreferenceDataError(stages.StageError):
@@ -352,10 +352,10 @@ def initial_pm(ctx: stages.Context, source: str) -> checkpoint.Pretrained:
 def load_comparisons(ctx: stages.Context) -> tuple[list[Comparison], dict]:
   """The feedback stage's labelled pairs plus the optional helpfulness mix, and their counts."""
   cfg = ctx.config.preference
-  path = ctx.require('feedback', 'preference') / SAMPLES_FILE
+  path = records_lib.FEEDBACK.path(ctx.require('feedback', 'preference'))
   if not path.exists():
     raise PreferenceDataError(f'{path} is missing: the feedback stage writes it')
-  records = data.read_json_records(path)
+  records = records_lib.read_jsonl(path, records_lib.FEEDBACK)
   labelled = [r for r in records if r.get('p_a') is not None]  # null: skipped by the feedback stage
   pairs = feedback_comparisons(labelled, str(path))
   # Identical responses (p_a = 0.5 by construction) give r_a = r_b: no signal, only cost.

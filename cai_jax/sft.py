@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -22,10 +21,9 @@ import numpy as np
 from flax import nnx
 
 from cai_jax import checkpoint, conversation, sharding, stages, train_lib
+from cai_jax import records as records_lib
 from cai_jax.conversation import HUMAN
 
-SAMPLES_FILE = 'samples.jsonl'  # critique_revision: {id, prompt, initial_response, rounds, revision}
-HELPFUL_FILE = 'helpful.jsonl'  # critique_revision: {id, prompt, response}
 
 
 class SFTDataError(stages.StageError):
@@ -45,18 +43,11 @@ class Example:
 # ---- data ----------------------------------------------------------------------------------------
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_records(path: Path, schema: records_lib.Schema) -> list[dict]:
+  """critique_revision's records at `path`; a missing file is an SFTDataError, never empty data."""
   if not path.exists():
     raise SFTDataError(f'{path} is missing: the critique_revision stage writes it')
-  rows = []
-  for i, line in enumerate(path.read_text().splitlines()):
-    if not line.strip():
-      continue
-    try:
-      rows.append(json.loads(line))
-    except ValueError as e:
-      raise SFTDataError(f'{path}:{i + 1}: not JSON ({e})') from None
-  return rows
+  return records_lib.read_jsonl(path, schema)
 
 
 def pairs_from_records(records: Sequence[dict], response_key: str, where: str
@@ -271,12 +262,14 @@ def build_examples(ctx: stages.Context, tokenizer) -> tuple[list[Example], list[
   """(train, held_out, counts) from the critique_revision stage's files."""
   config, cfg = ctx.config, ctx.config.sft
   upstream = ctx.require('critique_revision', 'sft')
-  revisions, no_revision = pairs_from_records(read_jsonl(upstream / SAMPLES_FILE), 'revision',
-                                              str(upstream / SAMPLES_FILE))
-  helpful_path = upstream / HELPFUL_FILE
+  samples_path = records_lib.REVISIONS.path(upstream)
+  revisions, no_revision = pairs_from_records(read_records(samples_path, records_lib.REVISIONS),
+                                              'revision', str(samples_path))
+  helpful_path = records_lib.HELPFUL.path(upstream)
   helpful, no_response = ([], 0)
   if helpful_path.exists():
-    helpful, no_response = pairs_from_records(read_jsonl(helpful_path), 'response', str(helpful_path))
+    helpful, no_response = pairs_from_records(read_records(helpful_path, records_lib.HELPFUL),
+                                              'response', str(helpful_path))
   tagged = mix([('revision',) + p for p in revisions], [('helpful',) + p for p in helpful],
                float(cfg.helpful_ratio), config.seed)
   train, held_out, too_long = [], [], 0

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cai_jax import checkpoint, constitution as C, evaluate_feedback, feedback, sampling, sharding, stages
+from cai_jax import checkpoint, constitution as C, evaluate_feedback, feedback, records, sampling
+from cai_jax import sharding, stages
 from cai_jax.feedback import Pair, label_from_logprobs
 from configs import tiny
 
@@ -248,15 +249,16 @@ def test_identical_and_empty_responses(tiny_model, monkeypatch):
   texts = {0: ['Same.', '', 'Yes.', ''], 1: [' Same. ', 'Fine.', 'No.', '']}
 
   def generate_responses(pretrained, prompts, *, seed, **kw):
-    step = [s for s in (0, 1) if feedback.critique_revision.chunk_seed(0, feedback._RESPONSE_STREAM, 0, s) == seed][0]
+    step = [s for s in (0, 1) if records.chunk_seed(0, feedback._RESPONSE_STREAM, 0, s) == seed][0]
     return [sampling.Response(t, [], np.zeros(0), 'stop', []) for t in texts[step]]
 
   monkeypatch.setattr(feedback.sampling, 'generate_responses', generate_responses)
-  records = [{'id': f'r{i}', 'prompt': f'Prompt {i}?'} for i in range(4)]
+  prompts = [{'id': f'r{i}', 'prompt': f'Prompt {i}?'} for i in range(4)]
   for mode in ('score', 'skip'):
     cfg = fb_cfg(empty_response=mode)
     lab = feedback.Labeler(tiny_model, HANDMADE, cfg, 'transcript', 512, 0, 'feedback')
-    out = feedback.label_chunk(records, 0, policy=None, labeler=lab, cfg=cfg, fmt='transcript', seed=0)
+    seeds = lambda step: records.chunk_seed(0, feedback._RESPONSE_STREAM, 0, step)  # noqa: E731
+    out = feedback.label_chunk(prompts, seeds, policy=None, labeler=lab, cfg=cfg, fmt='transcript')
     identical, empty, normal, both_empty = out
     assert identical['flags'] == ['identical'] and identical['p_a'] == 0.5 and not identical['details']
     assert normal['flags'] == [] and 0 < normal['p_a'] < 1 and len(normal['details']) == 1

@@ -16,18 +16,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from absl import app  # noqa: E402
 
-from cai_jax import feedback, main  # noqa: E402
+from cai_jax import main, records  # noqa: E402
 
 
 def _append_then_die(kill_at: int):
   calls = [0]
-  append = feedback._append
+  append = records._append
 
-  def wrapped(f, records):
+  def wrapped(f, chunk_records):
     calls[0] += 1
     if calls[0] < kill_at:
-      return append(f, records)
-    text = ''.join(feedback.json.dumps(r, ensure_ascii=False) + '\n' for r in records)
+      return append(f, chunk_records)
+    text = records.dumps(chunk_records)
     f.write(text[:len(text) // 2])
     f.flush()
     os.fsync(f.fileno())
@@ -37,5 +37,5 @@ def _append_then_die(kill_at: int):
 
 
 if __name__ == '__main__':
-  feedback._append = _append_then_die(int(sys.argv[1]))
+  records._append = _append_then_die(int(sys.argv[1]))
   app.run(main.main, argv=[sys.argv[0]] + sys.argv[2:])
