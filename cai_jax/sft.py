@@ -228,7 +228,7 @@ def _fused_nll_fwd(chunk, softcap, layout, hidden, w, targets, weights):
 
 def _fused_nll_bwd(chunk, softcap, layout, grads, g):
   dh, dw = grads
-  return g * dh, g * dw, None, None
+  return g.astype(dh.dtype) * dh, g.astype(dw.dtype) * dw, None, None
 
 
 _fused_nll.defvjp(_fused_nll_fwd, _fused_nll_bwd)
