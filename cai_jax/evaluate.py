@@ -176,7 +176,7 @@ def model_responses(ctx, role: str, prompts: dict[str, list[dict]], stage_dir: P
   cfg, fmt = ctx.config.evaluate, ctx.config.conversation_format
   source = ctx.model_source(role)
   t0 = time.time()
-  pretrained = ctx.load(source, cache=role == 'helpful')
+  pretrained = ctx.load(source, cache=role == 'helpful', frozen=True)
   responses = sampling.generate_responses(
       pretrained, [[(HUMAN, r['prompt'])] for _, r in items], fmt=fmt,
       max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, batch_size=cfg.batch_size,
@@ -283,7 +283,7 @@ def _judge(ctx, principle: str, items: Sequence[dict]) -> list[float]:
   # A constitution whose only feedback principle is the judge's: the labeler then "samples" it.
   constitution = dataclasses.replace(feedback.load_feedback_constitution(ctx, judge_cfg),
                                      feedback_principles=(principle,))
-  labeler = feedback.Labeler(ctx.load(_judge_source(ctx)), constitution, judge_cfg,
+  labeler = feedback.Labeler(ctx.load(_judge_source(ctx), frozen=True), constitution, judge_cfg,
                              ctx.config.conversation_format, ctx.config.model.max_len,
                              ctx.config.seed, STAGE)
   p_a = [0.5] * len(items)  # identical responses tie without asking (as the feedback stage does)
@@ -472,6 +472,11 @@ def write_report(stage_dir: Path, summary: dict, examples: dict[str, list[dict]]
 # ---- the stage --------------------------------------------------------------------------------
 
 
+def check_config(config) -> None:
+  """Fails on evaluate settings that cannot work (run before anything is written)."""
+  _models(config.evaluate)
+
+
 def _models(cfg) -> list[str]:
   models = [m.strip() for m in cfg.models.split(',') if m.strip()]
   unknown = [m for m in models if m not in MODEL_TITLES]
@@ -495,7 +500,7 @@ def run(ctx, stage_dir: Path) -> dict:
   timings['responses'] = time.time() - t0
 
   t = time.time()
-  pm = ctx.load(ctx.model_source('pm'), scalar_head=True, cache=False)
+  pm = ctx.load(ctx.model_source('pm'), scalar_head=True, cache=False, frozen=True)
   curve_pairs, curve_where, n_samples = (revision_pairs(ctx.stage_dir('critique_revision'),
                                                         cfg.max_revision_samples)
                                          if cfg.revision_curve else ([], [], 0))

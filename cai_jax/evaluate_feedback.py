@@ -166,6 +166,17 @@ def read_comparisons(path: str | os.PathLike, fmt: str, *, limit: int = 0,
   return pairs, malformed
 
 
+def check_config(config) -> None:
+  """Fails on evaluate_feedback settings that cannot work (run before anything is written)."""
+  ecfg = config[EVAL_STAGE]
+  check_feedback_config(config.feedback)
+  for field, valid in (('format', ('generic', 'hhh_mc')), ('on_malformed', ('skip', 'fail')),
+                       ('hhh_prompt', ('render', 'file'))):
+    if ecfg[field] not in valid:
+      raise StageError(f'config.{EVAL_STAGE}.{field} must be one of {valid}, got {ecfg[field]!r}')
+  comparisons_path(ecfg)
+
+
 def comparisons_path(cfg) -> Path:
   if cfg.comparisons:
     path = Path(cfg.comparisons)

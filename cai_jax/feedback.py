@@ -270,7 +270,7 @@ class Labeler:
 
 def feedback_model(ctx):
   """The feedback model: config.feedback.model_source, '' = the pretrained (helpful) model."""
-  return ctx.load(ctx.config.feedback.model_source or ctx.model_source('helpful'))
+  return ctx.load(ctx.config.feedback.model_source or ctx.model_source('helpful'), frozen=True)
 
 
 def check_feedback_config(cfg, what: str = 'config.feedback') -> None:
@@ -287,6 +287,11 @@ def check_feedback_config(cfg, what: str = 'config.feedback') -> None:
       problems.append(f'{field} must be >= 1, got {cfg[field]}')
   if problems:
     raise StageError(f'{what}: ' + '; '.join(problems))
+
+
+def check_config(config) -> None:
+  """Fails on feedback settings that cannot work (run before anything is written)."""
+  check_feedback_config(config.feedback)
 
 
 def load_feedback_constitution(ctx, cfg) -> constitution_lib.Constitution:
@@ -441,7 +446,7 @@ def run(ctx, stage_dir: Path) -> dict:
     raise StageError(f'{STAGE}: no red-team train prompts after prompt_offset={cfg.prompt_offset}')
 
   fmt, seed = ctx.config.conversation_format, ctx.config.seed
-  policy = ctx.load(ctx.model_source('sl_cai'))
+  policy = ctx.load(ctx.model_source('sl_cai'), frozen=True)
   labeler = Labeler(feedback_model(ctx), constitution, cfg, fmt, ctx.config.model.max_len, seed,
                     STAGE)
   stage_dir.mkdir(parents=True, exist_ok=True)

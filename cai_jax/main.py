@@ -4,6 +4,7 @@ Runs `config.stages` in pipeline order (critique_revision, sft, feedback, prefer
 evaluate); finished stages are reused, unfinished ones resume. See cai_jax/stages.py.
 """
 
+import errno
 import json
 import os
 import sys
@@ -23,7 +24,7 @@ def main(argv):
   del argv
   import jax
 
-  from cai_jax import checkpoint, sharding, stages
+  from cai_jax import checkpoint, sharding, stages, validate
   from cai_jax.constitution import ConstitutionError
   from cai_jax.data import DataSourceError
 
@@ -33,32 +34,54 @@ def main(argv):
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   try:
     sharding.maybe_initialize_distributed(config.distributed)
-    stages.parse_stage_list(config.stages)
-    if config.force:
-      stages.parse_stage_list(config.force, 'config.force')
-    mesh = sharding.make_mesh(config.mesh.shape)
     workdir = Path(_WORKDIR.value)
+    # Everything is checked before the workdir is touched: a bad value costs nothing.
+    problems = validate.problems(config, workdir)
+    if problems:
+      sys.exit('\n'.join(f'cai_jax: error: {p}' for p in problems))
+    mesh = sharding.make_mesh(config.mesh.shape)
     workdir.mkdir(parents=True, exist_ok=True)
-    with sharding.use_mesh(mesh, config.logical_axis_rules):
+    with stages.workdir_lock(workdir), sharding.use_mesh(mesh, config.logical_axis_rules):
       ctx = stages.Context(config, workdir, mesh)
       if jax.process_index() == 0:
         print(config, flush=True)
-      helpful = ctx.load(config.model.source)
+      helpful = ctx.load(config.model.source, frozen=True)
       cfg = helpful.config
       print(f'model {config.model.source}: {cfg.family}, {cfg.num_params() / 1e6:.1f}M params, '
-            f'{cfg.n_layers} layers, param dtype {cfg.param_dtype}, compute dtype {cfg.dtype}, '
-            f'{jax.device_count()} {jax.devices()[0].platform} device(s), mesh {dict(mesh.shape)}', flush=True)
+            f'{cfg.n_layers} layers, params {config.model.param_dtype} (trained) / '
+            f'{stages.frozen_param_dtype(config.model)} (frozen), compute {cfg.dtype}, '
+            f'remat {cfg.remat}, {jax.device_count()} {jax.devices()[0].platform} device(s), '
+            f'mesh {dict(mesh.shape)}', flush=True)
       t0 = time.time()
       rows = stages.run_pipeline(ctx)
   except (stages.StageError, checkpoint.CheckpointError, sharding.ShardingError, ConstitutionError,
           DataSourceError) as e:
     sys.exit(f'cai_jax: error: {e}')
+  except OSError as e:
+    _exit_on_io_error(e, Path(_WORKDIR.value))
   if rows and jax.process_index() == 0:
     table = stages.timing_table(rows, time.time() - t0)
     print(table)
     (workdir / 'timings.md').write_text(table + '\n')
     (workdir / 'timings.json').write_text(json.dumps(rows))
   logging.info('done')
+
+
+def _exit_on_io_error(e: OSError, workdir: Path) -> None:
+  """A full disk or an I/O error: one line naming the path and the free space, then exit at once
+  (background checkpoint and metrics writers may still hold threads that would never finish)."""
+  import shutil
+
+  where = e.filename or workdir
+  try:
+    free = f'{shutil.disk_usage(workdir).free / 2**20:.1f} MiB free on its filesystem'
+  except OSError:
+    free = 'free space unknown'
+  what = 'no space left on device' if e.errno == errno.ENOSPC else (e.strerror or str(e))
+  print(f'cai_jax: error: {what} writing {where} ({free}); free space or use another --workdir, '
+        'then rerun the same command to resume', file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(1)
 
 
 if __name__ == '__main__':

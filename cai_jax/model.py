@@ -19,6 +19,19 @@ from cai_jax import sharding
 
 FAMILIES = ('llama', 'mistral', 'qwen2', 'gemma2', 'gpt2')
 SLIDING, FULL = 'sliding_attention', 'full_attention'
+DTYPES = ('float32', 'bfloat16', 'float16')
+
+# Rematerialization: which of a decoder layer's intermediates the backward pass may keep.
+# Without remat a layer keeps every activation (the attention probabilities [B, N, T, T] and the
+# MLP's [B, T, F] among them) from the forward pass until its gradient is formed, and a full-size
+# model at 2k tokens does not fit a TPU's HBM that way. 'full' keeps only each layer's input and
+# recomputes the layer in the backward pass (about one extra forward: +33% FLOPs); 'dots' keeps
+# the outputs of the weight matmuls and recomputes the cheap rest (norms, activations, softmax).
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +70,7 @@ class ModelConfig:
   pad_token_id: int | None = None
   param_dtype: str = 'float32'
   dtype: str = 'float32'  # compute dtype
+  remat: str = 'none'  # what a decoder layer keeps for the backward pass; see REMAT_POLICIES
 
   def __post_init__(self):
     if self.family not in FAMILIES:
@@ -65,6 +79,11 @@ class ModelConfig:
       raise ValueError(f'n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}')
     if self.layer_types is not None and len(self.layer_types) != self.n_layers:
       raise ValueError(f'layer_types has {len(self.layer_types)} entries for {self.n_layers} layers')
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f'unknown remat {self.remat!r}; valid: {", ".join(REMAT_POLICIES)}')
+    for field in ('dtype', 'param_dtype'):
+      if getattr(self, field) not in DTYPES:
+        raise ValueError(f'unknown {field} {getattr(self, field)!r}; valid: {", ".join(DTYPES)}')
 
   def replace(self, **kw) -> ModelConfig:
     return dataclasses.replace(self, **kw)
@@ -389,6 +408,13 @@ class Decoder(nnx.Module):
       x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(dt)
     x = sharding.constrain(x, ('batch', 'length', 'embed'))
     inv_freq = jnp.asarray(rope_inv_freq(cfg)) if cfg.positions == 'rope' else None
+    if cache is None and cfg.remat != 'none':
+      # Remat only matters for passes that are differentiated, which never carry a cache.
+      layer = nnx.remat(lambda block, x: block(x, positions, key_mask, None, cache_index, inv_freq)[0],
+                        policy=REMAT_POLICIES[cfg.remat])
+      for block in self.layers:
+        x = layer(block, x)
+      return self.final_norm(x), None
     new_cache = [] if cache is not None else None
     for i, block in enumerate(self.layers):
       x, layer_cache = block(x, positions, key_mask, None if cache is None else cache[i],
@@ -469,6 +495,22 @@ class ScalarHeadModel(nnx.Module):
     """The scalar read at `read_index` [B] (e.g. the last real token), shape [B]."""
     v = self.values(tokens, positions, key_mask)
     return jnp.take_along_axis(v, read_index[:, None].astype(jnp.int32), axis=1)[:, 0]
+
+
+def with_param_dtype(module: nnx.Module, dtype: str) -> nnx.Module:
+  """`module` with its floating-point parameters stored in `dtype`, each in its own layout.
+
+  Mixed precision keeps trained models in float32 (master weights) and may keep frozen copies,
+  such as PPO's KL reference, in bfloat16: half the HBM, and the matmuls cast to the compute
+  dtype anyway. The module itself when it already is in `dtype` (no copy).
+  """
+  dtype = jnp.dtype(dtype)
+  graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+  floats = [x for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)]
+  if all(x.dtype == dtype for x in floats):
+    return module
+  cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+  return nnx.merge(graphdef, jax.tree.map(cast, params), rest)
 
 
 def create(cfg: ModelConfig, seed: int = 0, *, scalar_head: bool = False):

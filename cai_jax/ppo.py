@@ -42,6 +42,7 @@ import optax
 from flax import nnx
 
 from cai_jax import checkpoint, conversation, rl, sampling, sharding, stages, train_lib
+from cai_jax import model as model_lib
 from cai_jax.conversation import HUMAN
 from cai_jax.model import Decoder, ScalarHeadModel
 
@@ -263,8 +264,9 @@ def _seed(*parts: int) -> int:
 # ---- setup ---------------------------------------------------------------------------------------
 
 
-def _check_config(cfg, max_len: int) -> int:
+def check_config(config) -> int:
   """Problems with config.ppo as one error; returns the prompt token budget."""
+  cfg, max_len = config.ppo, config.model.max_len
   problems = []
   if cfg.reward not in ('pm', 'synthetic'):
     problems.append(f"reward must be 'pm' or 'synthetic', got {cfg.reward!r}")
@@ -316,9 +318,10 @@ def check_same_tokenizer(policy: checkpoint.Pretrained, pm: checkpoint.Pretraine
                    'same base model as the policy')
 
 
-def _load_pm(ctx, policy: checkpoint.Pretrained, needed_by: str) -> checkpoint.Pretrained:
+def _load_pm(ctx, policy: checkpoint.Pretrained, needed_by: str, *, frozen: bool
+             ) -> checkpoint.Pretrained:
   ctx.require('preference', needed_by)
-  pm = ctx.load(ctx.model_source('pm'), scalar_head=True)
+  pm = ctx.load(ctx.model_source('pm'), scalar_head=True, frozen=frozen)
   check_same_tokenizer(policy, pm, ctx.model_source('pm'))
   return pm
 
@@ -329,7 +332,7 @@ def _value_model(ctx, cfg, policy: checkpoint.Pretrained) -> ScalarHeadModel:
   if cfg.value.shared_trunk:
     return new_head(policy.model)
   if cfg.value.init == 'pm':  # the PM's trunk and head (the stage's PM itself stays untouched)
-    return _load_pm(ctx, policy, 'ppo (ppo.value.init=pm)').model
+    return _load_pm(ctx, policy, 'ppo (ppo.value.init=pm)', frozen=False).model
   if cfg.value.init == 'policy':  # a copy of the policy's trunk, not shared with it
     return new_head(nnx.clone(policy.model))
   value = ctx.load(cfg.value.init, scalar_head=True)
@@ -345,7 +348,7 @@ class _Scorer:
   def __init__(self, ctx, cfg, policy: checkpoint.Pretrained, max_prompt_tokens: int):
     self.cfg, self.fmt = cfg, ctx.config.conversation_format
     if cfg.reward == 'pm':
-      self.pm = _load_pm(ctx, policy, 'ppo')
+      self.pm = _load_pm(ctx, policy, 'ppo', frozen=True)
       # Every conversation pads to one length that holds a full prompt and response.
       self.bucket = min(cfg.pm_max_len,
                         1 << (max_prompt_tokens + cfg.max_new_tokens + 8 - 1).bit_length())
@@ -372,7 +375,7 @@ class _Scorer:
 
 def run(ctx: stages.Context, stage_dir: Path) -> dict:
   config, cfg = ctx.config, ctx.config.ppo
-  max_prompt_tokens = _check_config(cfg, config.model.max_len)
+  max_prompt_tokens = check_config(config)
   sharding.check_batch_size(cfg.batch_size // cfg.minibatches, 'ppo minibatch size')
   fmt, seed = config.conversation_format, config.seed + cfg.seed_offset
   redteam, helpful = _prompt_pools(ctx, cfg)
@@ -383,7 +386,9 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
   tok = policy.tokenizer
   pad_id = next(int(t) for t in (tok.pad_token_id, tok.eos_token_id, 0) if t is not None)
   score = _Scorer(ctx, cfg, policy, max_prompt_tokens)
-  ref_graphdef, ref_params = nnx.split(policy.model)  # the cached model is never trained
+  # The frozen KL reference, in model.frozen_param_dtype (the cached model is never trained).
+  ref_graphdef, ref_params = nnx.split(
+      model_lib.with_param_dtype(policy.model, stages.frozen_param_dtype(config.model)))
 
   # The learner, with separate AdamW optimizers (and schedules) for the policy and the value.
   n_updates = cfg.steps * cfg.epochs * cfg.minibatches
@@ -444,7 +449,7 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
     t1 = time.time()
     state['train'], updates = _train_on(state['train'], train_step, rollout, cfg, seed, step)
     t_train = time.time() - t1
-    _stop_if_not_finite(updates, scores, step, ckpt, stage_dir, bar, writer)
+    _stop_if_not_finite(updates, step, ckpt, bar, writer)
 
     # 6. The KL controller sees this step's KL; the next rollout uses the new coefficient.
     kl_coef = float(state['kl_coef'])
@@ -490,20 +495,14 @@ def _train_on(train_state, train_step, rollout: dict[str, np.ndarray], cfg, seed
   return train_state, [train_lib.host_metrics(m) for m in updates]
 
 
-def _stop_if_not_finite(updates, scores, step, ckpt, stage_dir, bar, writer) -> None:
+def _stop_if_not_finite(updates, step, ckpt, bar, writer) -> None:
   """A NaN/inf loss ends the run without saving its state; the last good checkpoint stays."""
-  bad = {k: v for m in updates for k, v in m.items()
-         if k in ('loss', 'policy_loss', 'value_loss') and not math.isfinite(v)}
-  if not bad:
+  if all(math.isfinite(v) for m in updates for k, v in m.items() if k in train_lib.FINITE_KEYS):
     return
   bar.close()
   ckpt.close()  # waits for the last good save, if one is in flight
   writer.close()
-  raise PPOError(f'ppo: non-finite loss at step {step} '
-                 f'({", ".join(f"{k}={v}" for k, v in sorted(bad.items()))}; score mean '
-                 f'{float(np.mean(scores))}); stopped without saving this state. The last good '
-                 f'checkpoint (step {ckpt.latest_step()}) is in {stage_dir / "checkpoints"}; lower '
-                 'the learning rates or check the rewards, then rerun to resume from it')
+  train_lib.check_finite('ppo', step, updates, ckpt)
 
 
 def _step_metrics(scores, final_rewards, stats, updates, out, truncated, rollout, cfg) -> dict:

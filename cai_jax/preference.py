@@ -316,8 +316,9 @@ class EncodedPair:
   pool: str
 
 
-def check_config(cfg) -> None:
+def check_config(config) -> None:
   """Fails fast, before any loading, on preference settings that cannot work."""
+  cfg = config.preference
   problems = []
   if cfg.label_type not in LABEL_TYPES:
     problems.append(f'label_type must be one of {LABEL_TYPES}, got {cfg.label_type!r}')
@@ -415,7 +416,7 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
   if cfg.batch_size % jax.process_count():
     raise sharding.ShardingError(f'preference.batch_size {cfg.batch_size} is not divisible by the '
                                  f'{jax.process_count()} processes')
-  check_config(cfg)
+  check_config(ctx.config)
   comparisons, counts = load_comparisons(ctx)
   source = _init_source(ctx)
   pm = initial_pm(ctx, source)
@@ -467,6 +468,7 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
       state, metrics = train_step(state, batch)
       metrics = train_lib.host_metrics(metrics)
       done = step + 1
+      train_lib.check_finite('preference', done, metrics, ckpt)  # the finally below closes ckpt
       evaluated = done == total_steps or (cfg.eval_every and done % cfg.eval_every == 0)
       if evaluated:
         eval_metrics = evaluate(state.params)

@@ -227,8 +227,11 @@ def _fused_nll_fwd(chunk, softcap, layout, hidden, w, targets, weights):
 
 
 def _fused_nll_bwd(chunk, softcap, layout, grads, g):
+  # Cotangents in the primals' dtypes (bf16 hidden states, float32 master weights): the float32
+  # loss cotangent `g` must not promote a bf16 gradient to float32.
   dh, dw = grads
-  return g.astype(dh.dtype) * dh, g.astype(dw.dtype) * dw, None, None
+  scale = lambda x: (g * x.astype(jnp.float32)).astype(x.dtype)
+  return scale(dh), scale(dw), None, None
 
 
 _fused_nll.defvjp(_fused_nll_fwd, _fused_nll_bwd)
@@ -343,6 +346,11 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
     state, metrics = train_step(state, batch)
     metrics = train_lib.host_metrics(metrics)
     done = step + 1
+    if not all(math.isfinite(metrics[k]) for k in ('loss', 'grad_norm')):
+      bar.close()
+      ckpt.close()  # waits for the last good save, if one is in flight
+      writer.close()
+      train_lib.check_finite('sft', done, metrics, ckpt)
     tokens_seen += metrics['tokens']
     if done == total_steps or (cfg.eval_every and done % cfg.eval_every == 0):
       if eval_batches:

@@ -282,7 +282,9 @@ def load_constitution(source: str, num_few_shots: int) -> constitution_lib.Const
   return c
 
 
-def _check_config(cfg, max_len: int) -> None:
+def check_config(config) -> None:
+  """Fails on critique_revision settings that cannot work (run before anything is written)."""
+  cfg, max_len = config[STAGE], config.model.max_len
   problems = []
   if cfg.n_rounds < 1:
     problems.append(f'n_rounds must be >= 1 (the paper uses 4), got {cfg.n_rounds}')
@@ -304,7 +306,7 @@ def _check_config(cfg, max_len: int) -> None:
 def run(ctx, stage_dir: Path) -> dict:
   t0 = time.time()
   cfg = ctx.config.critique_revision
-  _check_config(cfg, ctx.config.model.max_len)
+  check_config(ctx.config)
   constitution = load_constitution(ctx.config.constitution, cfg.num_few_shots)
   prompts = redteam_prompts(ctx)['train']
   prompts = prompts if cfg.num_prompts < 0 else prompts[:cfg.num_prompts]
@@ -316,7 +318,7 @@ def run(ctx, stage_dir: Path) -> dict:
     logging.warning('%s: helpful_ratio asks for %d helpful prompts, the train split has %d',
                     STAGE, n_helpful, len(helpful))
 
-  sample = _Sampler(ctx.load(ctx.config.model.source), cfg, ctx.config.conversation_format,
+  sample = _Sampler(ctx.load(ctx.config.model.source, frozen=True), cfg, ctx.config.conversation_format,
                     ctx.config.model.max_len)
   pi, pc = jax.process_index(), jax.process_count()
   suffix = '' if pc == 1 else f'.{pi}'

@@ -7,12 +7,15 @@ finished stage, resumes an unfinished one, and refuses to mix outputs of differe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib
 import json
+import logging
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -87,10 +90,16 @@ class Context:
     return (self.stage_dir(name) / 'DONE.json').exists()
 
   def require(self, name: str, needed_by: str) -> Path:
-    """The finished output dir of `name`, or a clear error naming the stage to run first."""
+    """The finished output dir of `name`, made by this config; else an error naming what to run."""
     if not self.is_done(name):
       raise StageError(f"stage '{needed_by}' needs the output of stage '{name}', which has not finished "
                        f"in {self.workdir}: run --config.stages={name} first (same config and workdir)")
+    recorded = json.loads((self.stage_dir(name) / 'fingerprint.json').read_text())
+    if recorded['fingerprint'] != self.fingerprint(name):
+      diffs = diff_fields(recorded['fields'], self.stage_config_fingerprint(name))
+      raise StageError(f"stage '{needed_by}' needs stage '{name}', whose output in {self.workdir} was "
+                       f"made by a different config or inputs ({'; '.join(diffs[:4])}): run "
+                       f'--config.stages={name} (or --config.force={name}) first')
     return self.stage_dir(name)
 
   def model_source(self, role: str) -> str:
@@ -100,16 +109,23 @@ class Context:
     stage = {'sl_cai': 'sft', 'pm': 'preference', 'rl_cai': 'ppo'}[role]
     return str(self.stage_dir(stage) / 'export')
 
-  def load(self, source: str, *, scalar_head: bool = False, cache: bool = True):
-    """load_pretrained with the config's dtypes, memoized per (source, head) within the run."""
+  def load(self, source: str, *, scalar_head: bool = False, cache: bool = True,
+           frozen: bool = False):
+    """load_pretrained with the config's dtypes, memoized per (source, head, dtype) within the run.
+
+    A model that a stage trains keeps its parameters in `model.param_dtype` (float32 master
+    weights); a `frozen` one (sampled or scored from, never updated) in `model.frozen_param_dtype`.
+    """
     from cai_jax import checkpoint
 
-    key = (source, scalar_head)
+    m = self.config.model
+    param_dtype = frozen_param_dtype(m) if frozen else m.param_dtype
+    key = (source, scalar_head, param_dtype)
     if cache and key in self._models:
       return self._models[key]
-    m = self.config.model
-    pretrained = checkpoint.load_pretrained(source, dtype=m.dtype, param_dtype=m.param_dtype,
-                                            seed=self.config.seed, scalar_head=scalar_head)
+    pretrained = checkpoint.load_pretrained(source, dtype=m.dtype, param_dtype=param_dtype,
+                                            seed=self.config.seed, scalar_head=scalar_head,
+                                            model_overrides={'remat': m.get('remat', 'none')})
     if cache:
       self._models[key] = pretrained
     return pretrained
@@ -121,6 +137,7 @@ class Context:
       fields[name] = _plain(c[name])
     if name == 'evaluate_feedback' and 'feedback' in c:
       fields['feedback'] = _plain(c.feedback)  # evaluates the feedback configuration
+    fields['inputs'] = input_fingerprints(c, name)
     fields['upstream'] = {u: self.fingerprint(u) for u in STAGES[name][2]}
     return fields
 
@@ -129,19 +146,133 @@ class Context:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def check_precision(model_config) -> None:
+  """Validates the model's dtype and remat fields; warns when trained parameters are bf16.
+
+  A bf16 parameter has 8 bits of mantissa: an AdamW update smaller than 2^-8 of the weight
+  rounds away. One step at lr 1e-6 on N(0, 0.02) weights changes ~2% of them, at 2e-5 ~30%:
+  a bf16-master run barely trains. Trained models therefore keep float32 master weights and
+  compute in `model.dtype`; only frozen models are worth storing in bf16.
+  """
+  from cai_jax.model import DTYPES, REMAT_POLICIES
+
+  for field in ('dtype', 'param_dtype', 'frozen_param_dtype'):
+    value = model_config.get(field, '')
+    if (value or field != 'frozen_param_dtype') and value not in DTYPES:
+      raise StageError(f'model.{field}={value!r} is not a dtype we run; valid: {", ".join(DTYPES)}')
+  remat = model_config.get('remat', 'none')
+  if remat not in REMAT_POLICIES:
+    raise StageError(f'model.remat={remat!r}; valid: {", ".join(REMAT_POLICIES)}')
+  if model_config.param_dtype != 'float32':
+    logging.warning(
+        'model.param_dtype=%s keeps the TRAINED models\' parameters and AdamW moments in %s: '
+        'most small updates round away (one step at lr 1e-6 changes ~2%% of N(0, 0.02) weights) '
+        'and training barely moves them. Use model.param_dtype=float32 (master weights; compute '
+        'stays in model.dtype) and model.frozen_param_dtype=%s for the frozen models.',
+        model_config.param_dtype, model_config.param_dtype, model_config.param_dtype)
+
+
+def frozen_param_dtype(model_config) -> str:
+  """The parameter dtype of frozen models: `model.frozen_param_dtype`, or `param_dtype` if ''."""
+  return model_config.get('frozen_param_dtype', '') or model_config.param_dtype
+
+
+# ---- input files: their contents are part of a stage's fingerprint ----------------------------
+
+_HASHED: dict[tuple, str] = {}
+
+
+def _file_digest(path: Path) -> str:
+  """sha256 of a file's bytes (memoized on path, size and mtime); a directory hashes its files."""
+  path = Path(path).expanduser()
+  if path.is_dir():
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob('*') if p.is_file()):
+      h.update(f'{f.relative_to(path)}:{_file_digest(f)}\n'.encode())
+    return h.hexdigest()[:16]
+  st = path.stat()
+  key = (str(path.absolute()), st.st_size, st.st_mtime_ns)
+  if key not in _HASHED:
+    h = hashlib.sha256()
+    with path.open('rb') as f:
+      for block in iter(lambda: f.read(1 << 20), b''):
+        h.update(block)
+    _HASHED[key] = h.hexdigest()[:16]
+  return _HASHED[key]
+
+
+def input_fingerprints(config, name: str) -> dict[str, str]:
+  """{what: content hash} of every file `name` reads besides upstream outputs: the constitution,
+  the prompt sources (ours, the wheels', the user's), comparison and helpfulness files. An edit to
+  any of them changes the stage's fingerprint, so the stage and what follows it are redone."""
+  from cai_jax import constitution, data
+
+  out = {}
+  if 'constitution' in config:
+    c = str(config.constitution)
+    path = constitution.bundled_path(c) if c in constitution.BUNDLED else Path(c)
+    if path.exists():
+      out['constitution'] = _file_digest(path)
+  if 'data' in config:
+    d = config.data
+    for kind in ('redteam_sources', 'helpful_sources'):
+      for source, count in sorted(d.get(kind, {}).items()):
+        if count == 0:
+          continue
+        try:
+          files = data.source_files(source, d.get('paths'))
+        except data.DataSourceError:
+          continue  # the stage that reads it reports the missing source
+        out[f'data.{source}'] = hashlib.sha256(
+            ''.join(_file_digest(f) for f in files).encode()).hexdigest()[:16]
+  extra = {'preference': ('preference.helpful_mix.path',),
+           'evaluate_feedback': ('evaluate_feedback.comparisons',)}.get(name, ())
+  for field in extra:
+    section, *keys = field.split('.')
+    value = config[section]
+    for k in keys:
+      value = value[k]
+    if value and Path(value).expanduser().exists():
+      out[field] = _file_digest(Path(value))
+  return out
+
+
+def _reusable(ctx: Context, name: str) -> bool:
+  d = ctx.stage_dir(name)
+  if not (d / 'DONE.json').exists() or not (d / 'fingerprint.json').exists():
+    return False
+  return json.loads((d / 'fingerprint.json').read_text())['fingerprint'] == ctx.fingerprint(name)
+
+
+def _only_inputs_changed(diffs: list[str]) -> bool:
+  return all(d.startswith(('inputs.', 'upstream.')) for d in diffs)
+
+
 def _check_or_claim(ctx: Context, name: str) -> str:
-  """'reuse' for a finished stage with our fingerprint, 'run' otherwise; refuses foreign outputs."""
+  """'reuse' for a finished stage with our fingerprint, 'run' otherwise; refuses foreign outputs.
+
+  A stage whose config is unchanged but whose input files (or upstream outputs) changed is redone:
+  its old outputs move to the trash. A stage dir holding only a fingerprint (a run that was
+  refused before it produced anything) is claimed anew.
+  """
   d = ctx.stage_dir(name)
   fields = ctx.stage_config_fingerprint(name)
   fp = ctx.fingerprint(name)
   fp_file = d / 'fingerprint.json'
   if fp_file.exists():
     old = json.loads(fp_file.read_text())
-    if old['fingerprint'] != fp:
-      diffs = diff_fields(old['fields'], fields)
-      raise StageError(f"{d} was made by a different config ({'; '.join(diffs[:8]) or 'upstream changed'}); "
+    if old['fingerprint'] == fp:
+      return 'reuse' if (d / 'DONE.json').exists() else 'run'
+    diffs = diff_fields(old['fields'], fields)
+    if _only_inputs_changed(diffs) or [p.name for p in d.iterdir()] == ['fingerprint.json']:
+      logging.warning('stage %s: %s; redoing it (old outputs in %s)', name,
+                      '; '.join(diffs[:8]) or 'nothing produced yet', ctx.workdir / TRASH)
+      if jax.process_index() == 0:
+        _move_to_trash(ctx.workdir, name)
+      _barrier(f'trash-{name}')
+    else:
+      raise StageError(f"{d} was made by a different config ({'; '.join(diffs[:8])}); "
                        f'use another --workdir or --config.force={name}')
-    return 'reuse' if (d / 'DONE.json').exists() else 'run'
   if d.exists() and any(d.iterdir()):
     raise StageError(f'{d} exists without a fingerprint; move it away or use --config.force={name}')
   if jax.process_index() == 0:
@@ -156,25 +287,120 @@ def _atomic_write(path: Path, text: str) -> None:
   os.replace(tmp, path)
 
 
+# ---- one run per workdir -------------------------------------------------------------------------
+
+LOCK_FILE = 'LOCK'
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # alive, owned by someone else
+    return True
+  return True
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: Path):
+  """Holds WORKDIR/LOCK (pid, host, start time) while a run uses the workdir.
+
+  A second run refuses with the holder's pid and host. A lock whose process is gone (kill -9, a
+  crash) on this host is stale and taken over. Multi-host runs lock on process 0 only.
+  """
+  if jax.process_index() != 0:
+    yield
+    return
+  path = Path(workdir) / LOCK_FILE
+  me = {'pid': os.getpid(), 'host': socket.gethostname(),
+        'started': time.strftime('%Y-%m-%d %H:%M:%S')}
+  for _ in range(3):
+    try:
+      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      try:
+        holder = json.loads(path.read_text())
+      except (OSError, ValueError):  # being written, or torn by a crash
+        time.sleep(0.2)
+        holder = None
+      if holder is None or (holder.get('host') == me['host'] and not _pid_alive(holder['pid'])):
+        logging.warning('taking over the stale lock %s (%s)', path, holder or 'unreadable')
+        path.unlink(missing_ok=True)
+        continue
+      raise StageError(f"{workdir} is in use by pid {holder['pid']} on {holder['host']} (since "
+                       f"{holder.get('started')}; {path}): wait for that run to end, or delete "
+                       'the lock file if that process is gone') from None
+    with os.fdopen(fd, 'w') as f:
+      f.write(json.dumps(me))
+    break
+  else:
+    raise StageError(f'could not take the lock {path}; another run keeps replacing it')
+  try:
+    yield
+  finally:
+    try:
+      if json.loads(path.read_text()).get('pid') == me['pid']:
+        path.unlink()
+    except (OSError, ValueError):
+      pass
+
+
+# ---- the trash: what `force` and changed inputs replace, kept until the redo has finished -------
+
+TRASH = '.trash'
+
+
+def _move_to_trash(workdir: Path, name: str) -> Path | None:
+  src = workdir / name
+  if not src.exists():
+    return None
+  dst = workdir / TRASH / f'{name}-{time.strftime("%Y%m%d-%H%M%S")}-{os.getpid()}'
+  dst.parent.mkdir(parents=True, exist_ok=True)
+  os.replace(src, dst)
+  return dst
+
+
 def run_pipeline(ctx: Context) -> list[tuple[str, str, float]]:
-  """Runs config.stages in order; returns (stage, 'ran'|'reused', seconds) rows."""
+  """Runs config.stages in order; returns (stage, 'ran'|'reused', seconds) rows.
+
+  `config.force` moves the forced stages (and everything after them) to WORKDIR/.trash; they are
+  deleted once the whole run has finished, and moved back if it fails.
+  """
   stages = parse_stage_list(ctx.config.stages)
   forced = parse_stage_list(ctx.config.force, 'config.force') if ctx.config.force else []
+  moved = {}
   if forced and jax.process_index() == 0:
     first = min(ORDER.index(f) for f in forced)
     for name in ORDER[first:]:  # the forced stage and everything after it
-      shutil.rmtree(ctx.stage_dir(name), ignore_errors=True)
+      moved[name] = _move_to_trash(ctx.workdir, name)
   _barrier('force')
+  try:
+    rows = _run_stages(ctx, stages)
+  except BaseException:
+    if jax.process_index() == 0:
+      for name, trashed in moved.items():  # each forced stage as it was before this run
+        shutil.rmtree(ctx.stage_dir(name), ignore_errors=True)
+        if trashed is not None:
+          os.replace(trashed, ctx.stage_dir(name))
+    raise
+  if jax.process_index() == 0:
+    shutil.rmtree(ctx.workdir / TRASH, ignore_errors=True)
+  return rows
+
+
+def _run_stages(ctx: Context, stages: list[str]) -> list[tuple[str, str, float]]:
   rows = []
   for name in stages:
     t0 = time.time()
+    module, fn, upstream = STAGES[name]
+    if not _reusable(ctx, name):  # a stage that cannot start writes nothing
+      for u in upstream:
+        if not _upstream_unused(ctx.config, name, u):
+          ctx.require(u, name)
     if _check_or_claim(ctx, name) == 'reuse':
       rows.append((name, 'reused', 0.0))
       continue
-    module, fn, upstream = STAGES[name]
-    for u in upstream:
-      if not _upstream_unused(ctx.config, name, u):
-        ctx.require(u, name)
     summary = getattr(importlib.import_module(module), fn)(ctx, ctx.stage_dir(name)) or {}
     seconds = time.time() - t0
     if jax.process_index() == 0:

@@ -16,9 +16,13 @@ resume, and metrics as JSONL + TensorBoard. Typical use (see cai_jax/sft.py):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
+import os
+import re
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
@@ -31,7 +35,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from cai_jax import sharding
+from cai_jax import sharding, stages
 
 SCHEDULES = ('cosine', 'linear', 'constant')
 
@@ -215,6 +219,34 @@ def host_metrics(metrics: dict) -> dict[str, float]:
   return out
 
 
+class NonFiniteError(stages.StageError):
+  """A training step produced a NaN/inf loss or gradient norm; its state was not saved."""
+
+
+FINITE_KEYS = ('loss', 'grad_norm', 'policy_loss', 'value_loss')
+
+
+def check_finite(stage: str, step: int, metrics: list[dict] | dict, ckpt=None) -> None:
+  """Raises NonFiniteError at the first step whose loss or gradient norm is not finite.
+
+  Called before the step's state is checkpointed, so the last checkpoint on disk is the last good
+  one; the stage then ends without an export or DONE.json. The message names the step, the
+  values, that checkpoint and what to change.
+  """
+  rows = metrics if isinstance(metrics, list) else [metrics]
+  bad = {k: v for m in rows for k, v in m.items()
+         if k in FINITE_KEYS and isinstance(v, float) and not math.isfinite(v)}
+  if not bad:
+    return
+  last = ckpt.latest_step() if ckpt is not None else None
+  kept = (f'the last good checkpoint (step {last}) is kept in {ckpt.directory}' if last is not None
+          else 'no checkpoint had been saved')
+  raise NonFiniteError(f'{stage}: non-finite {", ".join(f"{k}={v}" for k, v in sorted(bad.items()))} '
+                       f'at step {step}; stopped without saving this state or exporting a model, '
+                       f'{kept}. Lower the learning rate and rerun with --config.force={stage}, or check the '
+                       'data and rerun as is to resume')
+
+
 def gather_params(params, mesh=None):
   """The params replicated on every device, so any process can read them (for export)."""
   rep = replicated(mesh)
@@ -238,7 +270,8 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=max(1, int(max_to_keep)),
                                            save_interval_steps=max(1, int(save_every)), create=True,
                                            enable_async_checkpointing=async_save)
-    self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+    self.directory = Path(directory).absolute()
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -252,14 +285,59 @@ class Checkpointer:
     return self.manager.restore(step, args=self._ocp.args.StandardRestore(target))
 
   def save(self, step: int, state, *, force: bool = False) -> bool:
-    """Saves if `step` is a multiple of `save_every` (or forced); returns whether it saved."""
-    if (step % self.save_every and not force) or self.manager.latest_step() == step:
-      return False
-    return self.manager.save(step, args=self._ocp.args.StandardSave(state), force=force)
+    """Saves if `step` is a multiple of `save_every` (or forced); returns whether it saved.
+
+    Every call also surfaces a failure of the previous background save (a full disk) at once,
+    rather than at the next save.
+    """
+    with self._os_errors():
+      raise_background_io_error()
+      self.manager.check_for_errors()
+      if (step % self.save_every and not force) or self.manager.latest_step() == step:
+        return False
+      return self.manager.save(step, args=self._ocp.args.StandardSave(state), force=force)
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    with self._os_errors():
+      self.manager.wait_until_finished()
+      self.manager.close()
+
+  @contextlib.contextmanager
+  def _os_errors(self):
+    """orbax reports a failed write (a full disk, say) from its background threads as a
+    ValueError carrying `os_error_code='N'`; it becomes the OSError it is, naming the directory,
+    so the entry point reports it in one line."""
+    try:
+      yield
+    except (ValueError, RuntimeError) as e:
+      code = re.search(r"os_error_code='(\d+)'", str(e))
+      if code is None:
+        raise
+      raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(self.directory)) from e
+
+
+# ---- I/O errors in background threads ----------------------------------------------------------
+
+# tensorboardX writes events from a thread: when the disk fills, that thread dies with an
+# OSError and the next add_scalar blocks forever on its full queue (a run that hangs). Every
+# OSError that kills a background thread is kept here and raised in the main thread instead.
+_BACKGROUND_IO_ERRORS: list[OSError] = []
+_previous_excepthook = threading.excepthook
+
+
+def _keep_io_errors(args) -> None:
+  if isinstance(args.exc_value, OSError):
+    _BACKGROUND_IO_ERRORS.append(args.exc_value)
+  _previous_excepthook(args)
+
+
+threading.excepthook = _keep_io_errors
+
+
+def raise_background_io_error() -> None:
+  """Raises the first OSError that ended a background writer thread, if any."""
+  if _BACKGROUND_IO_ERRORS:
+    raise _BACKGROUND_IO_ERRORS[0]
 
 
 # ---- metrics --------------------------------------------------------------------------------------
@@ -293,6 +371,7 @@ class MetricsWriter:
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     if not self.enabled:
       return
+    raise_background_io_error()
     row = {'step': int(step), **metrics}
     self._file.write(json.dumps(row) + '\n')
     self._file.flush()
@@ -305,7 +384,7 @@ class MetricsWriter:
     if not self.enabled:
       return
     self._file.close()
-    if self._tb is not None:
+    if self._tb is not None and not _BACKGROUND_IO_ERRORS:  # a dead writer thread never drains
       self._tb.close()
 
 

@@ -27,8 +27,16 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.source = 'smollm2-135m'  # HF dir | .gguf | 'smollm2-135m' | 'random:<preset>'
-  c.model.dtype = 'float32'  # compute dtype: float32 | bfloat16
-  c.model.param_dtype = 'float32'  # parameter (and optimizer state) dtype
+  c.model.dtype = 'float32'  # compute dtype (activations, matmuls): float32 | bfloat16
+  # Trained models' (SFT policy, PM, PPO policy and value) parameters and AdamW moments: keep
+  # float32 master weights; bfloat16 drops most small updates (a warning says so).
+  c.model.param_dtype = 'float32'
+  # Frozen models' parameters (PPO's reference and PM, the feedback, sampling and judge models):
+  # '' = model.param_dtype; 'bfloat16' halves their memory at no cost to training.
+  c.model.frozen_param_dtype = ''
+  # Rematerialization per decoder layer in differentiated passes: 'none' (keep all activations),
+  # 'full' (keep each layer's input, recompute the rest: ~+33% FLOPs) or 'dots' (keep matmul outputs).
+  c.model.remat = 'none'
   c.model.max_len = 2048  # longest token sequence any stage builds (prompt + response)
   c.model.architecture = ''  # ModelConfig preset matching source ('gemma2_2b', ...); only for memory checks
 

@@ -17,7 +17,9 @@ def tpu_config(*, model_dir: str, architecture: str, tpu: str, topology: str, me
   c.model.source = os.path.expanduser(model_dir)  # HF directory (safetensors), downloaded beforehand
   c.model.architecture = architecture  # ModelConfig preset of that checkpoint (for cai_jax.aot)
   c.model.dtype = 'bfloat16'  # bf16 matmuls: the MXU's native type
-  c.model.param_dtype = 'bfloat16'  # bf16 params and AdamW moments keep PPO's 4 models in HBM
+  c.model.param_dtype = 'float32'  # trained models: float32 master weights and AdamW moments
+  c.model.frozen_param_dtype = 'bfloat16'  # PPO's reference and PM, feedback and sampling models
+  c.model.remat = 'full'  # recompute each layer in the backward pass: activations fit HBM at 2k tokens
   c.model.max_len = 2048  # prompt + response tokens
   c.conversation_format = 'chat_template'  # instruct models answer best in their own template
   c.mesh.shape = mesh_shape  # ('data', 'fsdp', 'tensor') over the slice's devices

@@ -14,13 +14,14 @@ def run_main(*args, timeout=180):
                         cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def test_no_stages_prints_config_and_model_summary(tmp_path):
-  r = run_main('--workdir', str(tmp_path), '--config.stages=')
+def test_prints_config_and_model_summary(tmp_path):
+  r = run_main('--workdir', str(tmp_path), '--config.stages=critique_revision',
+               '--config.critique_revision.num_prompts=1', '--config.critique_revision.n_rounds=1')
   assert r.returncode == 0, r.stderr
   assert 'source: random:tiny' in r.stdout  # the resolved config
   summary = [l for l in r.stdout.splitlines() if l.startswith('model random:tiny')]
   assert len(summary) == 1, r.stdout
-  assert 'M params' in summary[0] and 'float32' in summary[0] and 'cpu device' in summary[0]
+  assert 'M params' in summary[0] and 'float32 (trained)' in summary[0] and 'cpu device' in summary[0]
 
 
 def test_unknown_stage_lists_valid_ones(tmp_path):
@@ -32,15 +33,19 @@ def test_unknown_stage_lists_valid_ones(tmp_path):
 
 
 def test_bad_mesh_shape_is_one_clear_line(tmp_path):
-  r = run_main('--workdir', str(tmp_path), '--config.stages=', '--config.mesh.shape=(-1,-1,1)')
+  r = run_main('--workdir', str(tmp_path), '--config.stages=sft', '--config.mesh.shape=(-1,-1,1)')
   assert r.returncode != 0
   assert 'at most one is allowed' in r.stderr and 'Traceback' not in r.stderr
 
 
 def test_missing_model_path_is_one_clear_line(tmp_path):
-  r = run_main('--workdir', str(tmp_path), '--config.stages=', f'--config.model.source={tmp_path}/nope')
+  r = run_main('--workdir', str(tmp_path / 'w'), '--config.stages=sft',
+               f'--config.model.source={tmp_path}/nope')
   assert r.returncode != 0
-  assert 'does not exist' in r.stderr and 'Traceback' not in r.stderr
+  assert r.stderr.strip().splitlines()[-1] == (
+      f"cai_jax: error: config.model.source='{tmp_path}/nope': no such file or directory (expected "
+      "an HF directory, a .gguf file, 'smollm2-135m' or 'random:<preset>')")
+  assert 'Traceback' not in r.stderr and not (tmp_path / 'w').exists()
 
 
 def test_ci_runs_exactly_the_readme_test_command():

@@ -201,7 +201,7 @@ def _run_stage(config, workdir, tiny):
   mesh = sharding.make_mesh(config.mesh.shape)
   with sharding.use_mesh(mesh, config.logical_axis_rules):
     ctx = stages.Context(config, Path(workdir), mesh)
-    ctx._models[(config.ppo.policy_source, False)] = tiny  # the random tiny model, made once
+    ctx._models[(config.ppo.policy_source, False, 'float32')] = tiny  # the random tiny model, made once
     return stages.run_pipeline(ctx)
 
 
@@ -250,7 +250,8 @@ def test_toy_run_raises_the_synthetic_reward(tmp_path, tiny):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny):
   c = _toy_config(steps=4, synthetic_nan_step=3, checkpoint_every=1, batch_size=4, minibatches=1,
                   epochs=1, max_new_tokens=4)
-  with pytest.raises(ppo.PPOError, match=r'non-finite loss at step 3 .*last good checkpoint \(step 2\)'):
+  with pytest.raises(train_lib.NonFiniteError,
+                     match=r'ppo: non-finite .*loss=nan.* at step 3;.*last good checkpoint \(step 2\)'):
     _run_stage(c, tmp_path, tiny)
   d = tmp_path / 'ppo'
   assert sorted(int(p.name) for p in (d / 'checkpoints').iterdir() if p.name.isdigit()) == [1, 2]
@@ -300,8 +301,8 @@ def test_smollm2_demo_config_runs_ppo_steps(tmp_path, smollm2):
   mesh = sharding.make_mesh(c.mesh.shape)
   with sharding.use_mesh(mesh, c.logical_axis_rules):
     ctx = stages.Context(c, tmp_path, mesh)
-    ctx._models[(ctx.model_source('sl_cai'), False)] = smollm2  # stand-ins for the upstream exports
-    ctx._models[(ctx.model_source('pm'), True)] = pm
+    ctx._models[(ctx.model_source('sl_cai'), False, 'float32')] = smollm2  # stand-ins for the exports
+    ctx._models[(ctx.model_source('pm'), True, 'float32')] = pm
     stages.run_pipeline(ctx)
   rows = train_lib.read_metrics(tmp_path / 'ppo' / 'metrics.jsonl')
   assert [r['step'] for r in rows] == [1, 2]

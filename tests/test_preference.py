@@ -288,7 +288,7 @@ def test_empty_feedback_is_a_clear_error(setup, tmp_path):
   bad = config.copy_and_resolve_references()
   bad.preference.label_type, bad.preference.eval_fraction = 'argmax', 1.0
   with pytest.raises(stages.StageError, match="label_type must be one of .* eval_fraction must be"):
-    preference.check_config(bad.preference)
+    preference.check_config(bad)
 
 
 def test_scoring_checks_the_model(setup):
@@ -302,3 +302,14 @@ def test_scoring_checks_the_model(setup):
   small = checkpoint.Pretrained(pm.model, pm.tokenizer, pm.config.replace(vocab_size=256), 'small')
   with pytest.raises(checkpoint.CheckpointError, match='outside its vocabulary'):
     preference.score_conversations(small, [('Hi', 'Hello')], fmt='transcript')
+
+
+def test_a_non_finite_step_stops_training_and_exports_nothing(setup, tmp_path):
+  _, config = setup
+  bad = config.copy_and_resolve_references()
+  bad.preference.optimizer.learning_rate = 1e6
+  fake_upstream(bad, tmp_path, 'feedback', {'samples.jsonl': synthetic_records(N_PAIRS)})
+  with pytest.raises(train_lib.NonFiniteError, match=r'^preference: non-finite .* at step \d+; '):
+    run_stage(bad, tmp_path)
+  d = tmp_path / 'preference'
+  assert not (d / 'DONE.json').exists() and not (d / 'export').exists()

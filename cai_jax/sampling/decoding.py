@@ -4,6 +4,7 @@ the batched and conversation-level helpers every stage samples with."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -277,11 +278,11 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]], *, max_new_tokens: i
   cfg: model_lib.ModelConfig = model.cfg
   if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
     raise ValueError(f'max_new_tokens must be a positive integer, got {max_new_tokens!r}')
-  if temperature is None or temperature < 0:
-    raise ValueError(f'temperature must be >= 0, got {temperature!r}')
+  if temperature is None or not math.isfinite(temperature) or temperature < 0:
+    raise ValueError(f'temperature must be a finite number >= 0, got {temperature!r}')
   if top_k is not None and (int(top_k) != top_k or top_k <= 0):
     raise ValueError(f'top_k must be a positive integer or None, got {top_k!r}')
-  if top_p is not None and not 0.0 < top_p <= 1.0:
+  if top_p is not None and not 0.0 < top_p <= 1.0:  # NaN fails this too
     raise ValueError(f'top_p must be in (0, 1] or None, got {top_p!r}')
   if max_new_tokens >= cfg.max_positions:
     raise ValueError(f'max_new_tokens={max_new_tokens} leaves no room for a prompt in the '

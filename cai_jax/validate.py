@@ -1,0 +1,197 @@
+"""The pre-flight check: the whole config, before anything in the workdir is written or deleted.
+
+A value a stage would reject hours into a run (or after `force` has deleted finished work) is
+found here first, with every other problem, as one list of one-line errors. Generic range rules
+cover the fields that share a meaning across stages (batch sizes, learning rates, fractions);
+each stage module's `check_config(config)` adds what only that stage knows.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+import math
+import os
+from pathlib import Path
+
+import ml_collections
+
+from cai_jax import stages
+
+_MODEL_KEYWORDS = ('smollm2-135m',)
+
+
+def _int_at_least(low):
+  return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low,
+          f'an integer >= {low}')
+
+
+def _number(low=-math.inf, high=math.inf, low_open=False, high_open=False):
+  def ok(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+      return False
+    return (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+  lo, hi = '(' if low_open else '[', ')' if high_open else ']'
+  return ok, f'a finite number in {lo}{low}, {high}{hi}'
+
+
+def _one_of(*values):
+  return (lambda v: v in values), f'one of {", ".join(map(repr, values))}'
+
+
+# (dotted-field pattern, (predicate, expectation)); the first matching pattern decides.
+RULES = (
+    ('*.optimizer.learning_rate', _number(0, low_open=True)),
+    ('*_optimizer.learning_rate', _number(0, low_open=True)),
+    ('*.warmup_steps', _int_at_least(0)),
+    ('*.b1', _number(0, 1, high_open=True)),
+    ('*.b2', _number(0, 1, high_open=True)),
+    ('*.eps', _number(0, low_open=True)),
+    ('*.grad_clip', _number(0)),
+    ('*.weight_decay', _number(0)),
+    ('*.end_lr_fraction', _number(0, 1)),
+    ('*.schedule', _one_of('cosine', 'linear', 'constant')),
+    ('*batch_size', _int_at_least(1)),
+    ('*.chunk_size', _int_at_least(1)),
+    ('*max_new_tokens', _int_at_least(1)),
+    ('*.max_to_keep', _int_at_least(1)),
+    ('*.checkpoint_every', _int_at_least(0)),
+    ('*.eval_every', _int_at_least(0)),
+    ('*.log_every', _int_at_least(0)),
+    ('*.min_bucket', _int_at_least(1)),
+    ('*.min_prompt_bucket', _int_at_least(1)),
+    ('*.ece_bins', _int_at_least(1)),
+    ('sft.loss_chunk', _int_at_least(0)),
+    ('sft.epochs', _number(0, low_open=True)),
+    ('preference.epochs', _number(0, low_open=True)),
+    ('preference.max_len', _int_at_least(2)),
+    ('ppo.pm_max_len', _int_at_least(2)),
+    ('*.eval_fraction', _number(0, 1, high_open=True)),
+    ('*.helpful_fraction', _number(0, 1)),
+    ('data.test_fraction', _number(0, 1, high_open=True)),
+    ('*.temperature', _number(0)),
+    ('*.cot_temperature', _number(0)),
+    ('*.top_p', _number(0, 1, low_open=True)),
+    ('*.top_k', _int_at_least(0)),
+    ('ppo.kl.coef', _number(0)),
+    ('ppo.clip_eps', _number(0, low_open=True)),
+    ('ppo.value_clip_eps', _number(0)),
+    ('ppo.gamma', _number(0, 1)),
+    ('ppo.lam', _number(0, 1)),
+    ('ppo.kl.estimator', _one_of('k1', 'k3', 'abs', 'mse')),
+    ('evaluate.ci', _number(0, 1, low_open=True, high_open=True)),
+    ('evaluate.n_bootstrap', _int_at_least(0)),
+    ('model.max_len', _int_at_least(2)),
+)
+
+
+def _leaves(d: ml_collections.ConfigDict, prefix: str = ''):
+  for k, v in d.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      yield from _leaves(v, f'{prefix}{k}.')
+    else:
+      yield f'{prefix}{k}', v
+
+
+def _rule_problems(config, sections) -> list[str]:
+  problems = []
+  for section in sections:
+    if section not in config:
+      continue
+    node = config[section]
+    leaves = _leaves(node, f'{section}.') if isinstance(node, ml_collections.ConfigDict) else [
+        (section, node)]
+    for name, value in leaves:
+      for pattern, (ok, expected) in RULES:
+        if fnmatch.fnmatchcase(name, pattern):
+          if not ok(value):
+            problems.append(f'config.{name}={value!r}: expected {expected}')
+          break
+  return problems
+
+
+def _source_problem(field: str, source: str) -> str | None:
+  """A model source is a keyword, 'random:<preset>', a .gguf file or an HF directory."""
+  if not source or source in _MODEL_KEYWORDS or source.startswith('random:'):
+    return None
+  if not os.path.exists(os.path.expanduser(source)):
+    return (f'config.{field}={source!r}: no such file or directory (expected an HF directory, a '
+            ".gguf file, 'smollm2-135m' or 'random:<preset>')")
+  return None
+
+
+def _path_problems(config, names: list[str]) -> list[str]:
+  problems = []
+  sources = [('model.source', config.model.source)]
+  if 'feedback' in names or 'evaluate_feedback' in names:
+    sources.append(('feedback.model_source', config.feedback.model_source))
+  if 'ppo' in names:
+    sources.append(('ppo.policy_source', config.ppo.policy_source))
+    if config.ppo.value.init not in ('pm', 'policy'):
+      sources.append(('ppo.value.init', config.ppo.value.init))
+  if 'evaluate' in names:
+    sources.append(('evaluate.judge_model', config.evaluate.judge_model))
+  problems += [p for p in (_source_problem(f, s) for f, s in sources) if p]
+  files = list(_leaves(config.data, 'data.')) if 'data' in config else []
+  if 'preference' in names:
+    files.append(('preference.helpful_mix.path', config.preference.helpful_mix.path))
+  for name, value in files:
+    if (name.endswith('.path') or '.paths.' in name) and isinstance(value, str) and value:
+      for path in value.split(','):
+        if not os.path.exists(os.path.expanduser(path.strip())):
+          problems.append(f'config.{name}: no such file or directory {path.strip()!r}')
+  return problems
+
+
+def _workdir_problem(workdir: Path) -> str | None:
+  """The workdir, or its nearest existing parent, must be a writable directory."""
+  path = Path(workdir).absolute()
+  while not path.exists():
+    path = path.parent
+  if not path.is_dir():
+    return f'--workdir {workdir}: {path} is not a directory'
+  if not os.access(path, os.W_OK | os.X_OK):
+    return f'--workdir {workdir}: {path} is not writable'
+  return None
+
+
+def problems(config, workdir: Path) -> list[str]:
+  """Every problem with running `config.stages` (and `config.force`) in `workdir`; [] if none."""
+  from cai_jax import constitution, conversation
+
+  out = []
+  try:
+    names = stages.parse_stage_list(config.stages)
+    if not names:
+      out.append(f'config.stages is empty: name one or more of {", ".join(stages.ORDER)}')
+    if config.force:
+      stages.parse_stage_list(config.force, 'config.force')
+  except stages.StageError as e:
+    return [str(e)]
+  try:
+    stages.check_precision(config.model)
+  except stages.StageError as e:
+    out.append(str(e))
+  if config.conversation_format not in conversation.FORMATS:
+    out.append(f'config.conversation_format={config.conversation_format!r}: expected one of '
+               f'{", ".join(conversation.FORMATS)}')
+  if {'critique_revision', 'feedback', 'evaluate_feedback', 'evaluate'} & set(names):
+    try:
+      constitution.load_constitution(config.constitution)
+    except constitution.ConstitutionError as e:
+      out.append(f'config.constitution: {e}')
+  out += _rule_problems(config, ['model', 'data', *names])
+  out += _path_problems(config, names)
+  problem = _workdir_problem(workdir)
+  if problem:
+    out.append(problem)
+  for name in names:
+    module = importlib.import_module(stages.STAGES[name][0])
+    check = getattr(module, 'check_config', None)
+    if check is None or any(p.startswith(f'config.{name}.') for p in out):
+      continue  # the generic rules have named this stage's bad values already
+    try:
+      check(config)
+    except Exception as e:  # noqa: BLE001 -- each stage's own error class; all are reported
+      out.append(str(e))
+  return out

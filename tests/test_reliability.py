@@ -1,0 +1,255 @@
+"""Nothing lost, ever: bad input is refused before the workdir is touched, `force` keeps what it
+replaces until the redo has finished, trainers stop at the first non-finite step, one run holds a
+workdir at a time, a full disk ends the run in seconds with one line, and an edited input file
+redoes exactly the stages that read it."""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cai_jax import stages, train_lib
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ['--config.critique_revision.num_prompts=4', '--config.sft.num_steps=6',
+         '--config.sft.checkpoint_every=2', '--config.sft.eval_every=3']
+
+
+def run_main(workdir, *args, timeout=600):
+  cmd = [sys.executable, '-m', 'cai_jax.main', '--config', str(REPO / 'configs' / 'tiny.py'),
+         '--workdir', str(workdir), *SMALL, *args]
+  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def errors(proc) -> list[str]:
+  return [line for line in proc.stderr.splitlines() if line.startswith('cai_jax: error:')]
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+  """sha256 of every file under `root` (the lock file aside)."""
+  return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(root.rglob('*')) if p.is_file() and p.name != stages.LOCK_FILE}
+
+
+@pytest.fixture(scope='module')
+def finished(tmp_path_factory) -> Path:
+  """A workdir where critique_revision and sft have finished."""
+  workdir = tmp_path_factory.mktemp('reliability') / 'run'
+  proc = run_main(workdir, '--config.stages=critique_revision,sft')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir
+
+
+@pytest.fixture
+def copy_of(finished, tmp_path) -> Path:
+  shutil.copytree(finished, tmp_path / 'run')
+  return tmp_path / 'run'
+
+
+# ---- validation before anything is written --------------------------------------------------
+
+
+def test_every_bad_value_is_reported_at_once_and_nothing_is_written(tmp_path):
+  workdir = tmp_path / 'never'
+  proc = run_main(workdir, '--config.sft.batch_size=-5', '--config.critique_revision.n_rounds=0',
+                  '--config.model.dtype=float7', '--config.conversation_format=bogus',
+                  '--config.sft.optimizer.learning_rate=nan', '--config.ppo.temperature=-1.0')
+  assert proc.returncode != 0
+  assert errors(proc) == [
+      "cai_jax: error: model.dtype='float7' is not a dtype we run; valid: float32, bfloat16, float16",
+      "cai_jax: error: config.conversation_format='bogus': expected one of transcript, chat_template",
+      'cai_jax: error: config.sft.batch_size=-5: expected an integer >= 1',
+      'cai_jax: error: config.sft.optimizer.learning_rate=nan: expected a finite number in (0, inf]',
+      'cai_jax: error: config.ppo.temperature=-1.0: expected a finite number in [0, inf]',
+      'cai_jax: error: config.critique_revision: n_rounds must be >= 1 (the paper uses 4), got 0',
+  ]
+  assert 'Traceback' not in proc.stderr
+  assert not workdir.exists()
+
+
+def test_empty_stage_list_and_missing_paths_are_errors(tmp_path):
+  proc = run_main(tmp_path / 'w', '--config.stages=')
+  assert proc.returncode != 0 and errors(proc) == [
+      'cai_jax: error: config.stages is empty: name one or more of critique_revision, sft, '
+      'feedback, evaluate_feedback, preference, ppo, evaluate']
+  proc = run_main(tmp_path / 'w', '--config.stages=preference',
+                  '--config.preference.helpful_mix.path=/nonexistent/helpful.jsonl',
+                  '--config.constitution=/nonexistent/c.json')
+  assert proc.returncode != 0
+  assert errors(proc) == ["cai_jax: error: config.preference.helpful_mix.path: no such file or "
+                          "directory '/nonexistent/helpful.jsonl'"]
+  assert not (tmp_path / 'w').exists()
+
+
+def test_a_rejected_value_in_a_finished_workdir_changes_nothing(copy_of):
+  before = tree_digest(copy_of)
+  proc = run_main(copy_of, '--config.force=sft', '--config.stages=sft', '--config.sft.batch_size=0')
+  assert proc.returncode != 0
+  assert errors(proc) == ['cai_jax: error: config.sft.batch_size=0: expected an integer >= 1']
+  assert tree_digest(copy_of) == before
+
+
+def test_force_keeps_what_it_replaces_until_the_redo_has_finished(copy_of):
+  before = tree_digest(copy_of)
+  # evaluate needs every stage that force=critique_revision moves aside: the redo fails...
+  proc = run_main(copy_of, '--config.force=critique_revision', '--config.stages=evaluate')
+  assert proc.returncode != 0
+  assert errors(proc) == [
+      f"cai_jax: error: stage 'evaluate' needs the output of stage 'critique_revision', which has "
+      f'not finished in {copy_of}: run --config.stages=critique_revision first (same config and '
+      'workdir)']
+  # ... and both finished stages are back, byte for byte.
+  assert tree_digest(copy_of) == before
+  # A redo that succeeds replaces the stage and empties the trash.
+  proc = run_main(copy_of, '--config.force=sft', '--config.stages=sft')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert not (copy_of / stages.TRASH).exists()
+  assert (copy_of / 'sft' / 'DONE.json').exists()
+
+
+# ---- non-finite losses ------------------------------------------------------------------------
+
+
+def test_sft_stops_at_the_first_non_finite_step_and_exports_nothing(copy_of):
+  shutil.rmtree(copy_of / 'sft')
+  proc = run_main(copy_of, '--config.stages=sft', '--config.sft.optimizer.learning_rate=1e6')
+  assert proc.returncode != 0
+  (line,) = errors(proc)
+  assert line.startswith('cai_jax: error: sft: non-finite ') and ' at step ' in line
+  assert 'without saving this state or exporting a model' in line
+  assert not (copy_of / 'sft' / 'DONE.json').exists() and not (copy_of / 'sft' / 'export').exists()
+  step = int(line.split(' at step ')[1].split(';')[0])
+  saved = [int(p.name) for p in (copy_of / 'sft' / 'checkpoints').iterdir() if p.name.isdigit()]
+  assert all(s < step for s in saved)  # only steps before the bad one were checkpointed
+
+
+def test_check_finite_names_the_step_and_the_last_good_checkpoint():
+  train_lib.check_finite('sft', 3, {'loss': 1.0, 'grad_norm': 2.0})  # finite: nothing happens
+  with pytest.raises(train_lib.NonFiniteError,
+                     match=r'^sft: non-finite loss=nan at step 7; .*no checkpoint had been saved'):
+    train_lib.check_finite('sft', 7, {'loss': float('nan'), 'grad_norm': 1.0})
+
+
+# ---- the workdir lock -------------------------------------------------------------------------
+
+
+def test_a_second_run_on_a_busy_workdir_is_refused_and_a_stale_lock_taken_over(copy_of):
+  holder = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])
+  try:
+    lock = copy_of / stages.LOCK_FILE
+    lock.write_text(json.dumps({'pid': holder.pid, 'host': os.uname().nodename,
+                                'started': '2026-01-01 00:00:00'}))
+    before = tree_digest(copy_of)
+    proc = run_main(copy_of, '--config.stages=critique_revision,sft')
+    assert proc.returncode != 0
+    (line,) = errors(proc)
+    assert line.startswith(f'cai_jax: error: {copy_of} is in use by pid {holder.pid} on ')
+    assert tree_digest(copy_of) == before and lock.exists()
+  finally:
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+  # The holder is gone (kill -9): its lock is stale; the next run takes it over and reuses both.
+  proc = run_main(copy_of, '--config.stages=critique_revision,sft')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'taking over the stale lock' in proc.stderr
+  assert '| critique_revision | reused |' in proc.stdout and '| sft | reused |' in proc.stdout
+  assert not lock.exists()
+
+
+def test_two_runs_started_together_one_refuses(tmp_path):
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'cai_jax.main', '--config', str(REPO / 'configs' / 'tiny.py'),
+       '--workdir', str(tmp_path / 'w'), *SMALL, '--config.stages=critique_revision'],
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  codes = sorted(p.returncode for p in procs)
+  assert codes[0] == 0 and codes[1] != 0, outs
+  refused = next(err for p, (_, err) in zip(procs, outs) if p.returncode)
+  assert ' is in use by pid ' in refused and 'Traceback' not in refused
+
+
+# ---- a full disk --------------------------------------------------------------------------------
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+  if os.geteuid() != 0:
+    return False
+  path.mkdir(parents=True, exist_ok=True)
+  return subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(path)],
+                        capture_output=True).returncode == 0
+
+
+def test_a_full_disk_ends_the_run_in_seconds_and_a_rerun_with_space_resumes(tmp_path, finished):
+  mnt = tmp_path / 'small'
+  if not _mount_tmpfs(mnt, '2m'):
+    pytest.skip('mounting a tmpfs needs root (the simulated ENOSPC test below runs instead)')
+  try:
+    workdir = mnt / 'run'
+    shutil.copytree(finished / 'critique_revision', workdir / 'critique_revision')
+    t0 = time.time()
+    proc = run_main(workdir, '--config.stages=critique_revision,sft', timeout=300)
+    assert proc.returncode != 0 and time.time() - t0 < 120
+    (line,) = errors(proc)
+    assert line.startswith('cai_jax: error: no space left on device writing ')
+    assert 'MiB free on its filesystem' in line
+    assert not (workdir / 'sft' / 'DONE.json').exists()
+    subprocess.run(['mount', '-o', 'remount,size=256m', str(mnt)], check=True)
+    proc = run_main(workdir, '--config.stages=critique_revision,sft')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = lambda w: [json.loads(x) for x in (w / 'sft' / 'metrics.jsonl').read_text().splitlines()]
+    strip = lambda rs: [{k: v for k, v in r.items() if 'seconds' not in k} for r in rs]
+    assert strip(rows(workdir)) == strip(rows(finished))
+    assert (tree_digest(workdir / 'sft' / 'export') == tree_digest(finished / 'sft' / 'export'))
+  finally:
+    subprocess.run(['umount', '-l', str(mnt)], capture_output=True)
+
+
+def test_a_writer_thread_killed_by_enospc_is_raised_not_waited_on(tmp_path):
+  """What keeps the run above from hanging: the OSError that ends tensorboardX's writer thread
+  is raised in the main thread at the next write."""
+  import threading
+
+  def dies():
+    raise OSError(28, 'No space left on device')
+
+  t = threading.Thread(target=dies)
+  t.start()
+  t.join()
+  writer = train_lib.MetricsWriter(tmp_path, tensorboard=False)
+  try:
+    with pytest.raises(OSError, match='No space left on device'):
+      writer.write(1, {'loss': 1.0})
+  finally:
+    train_lib._BACKGROUND_IO_ERRORS.clear()
+    writer.close()
+
+
+# ---- input files are part of the fingerprint ------------------------------------------------
+
+
+def test_an_edited_constitution_redoes_exactly_the_stages_that_read_it(tmp_path):
+  constitution = tmp_path / 'constitution.json'
+  shutil.copy(REPO / 'cai_jax' / 'assets' / 'constitutions' / 'tiny.json', constitution)
+  args = ['--config.stages=critique_revision,sft', f'--config.constitution={constitution}']
+  workdir = tmp_path / 'run'
+  assert run_main(workdir, *args).returncode == 0
+  proc = run_main(workdir, *args)  # unchanged: everything reused
+  assert proc.returncode == 0
+  assert '| critique_revision | reused |' in proc.stdout and '| sft | reused |' in proc.stdout
+  data = json.loads(constitution.read_text())
+  data['critique_revision'][0]['critique_request'] += ' Be specific.'
+  constitution.write_text(json.dumps(data, indent=1))
+  proc = run_main(workdir, *args)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert '| critique_revision | ran |' in proc.stdout and '| sft | ran |' in proc.stdout
+  assert 'stage critique_revision: inputs.constitution:' in proc.stderr
+  rounds = [json.loads(x)['rounds'] for x in
+            (workdir / 'critique_revision' / 'samples.jsonl').read_text().splitlines()]
+  assert any('Be specific.' in r['critique_request'] for rs in rounds for r in rs)
