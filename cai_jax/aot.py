@@ -14,10 +14,11 @@ smaller buckets are not compiled. Prompt lengths are bounded by what the stage's
 lowered text is identical (e.g. feedback's and evaluate's sampler) compile once.
 
 Memory per device = the compiled program (arguments + temporaries + outputs - aliased) plus the
-state that stays resident during its stage without being one of its arguments: every model a
-stage Context has cached (a whole pipeline runs in one process and `Context.load` keeps what
-it loads), and in PPO the learner's state. Not counted: the sampler's host-side buffers and
-XLA's fragmentation. The HBM is what libtpu reports as available (it says so when a program
+state that stays resident during its stage without being one of its arguments: what a
+`--config.stages=<stage>` run holds, i.e. main.py's helpful model, every model the stage's
+Context has cached (`Context.load` keeps what it loads) and in PPO the learner's state. A
+one-process run of several stages also keeps the models earlier stages cached; that is not
+counted. Not counted either: XLA's fragmentation, hence the 10% margin. The HBM is what libtpu reports as available (it says so when a program
 does not fit); the FLOPs and seconds are the compiler's cost model for one device.
 """
 
@@ -112,7 +113,9 @@ def available_hbm(mesh) -> tuple[int, str]:
 
 
 def model_config(config, *, frozen: bool = False):
-  """The ModelConfig preset `config.model.architecture` with the config's dtypes."""
+  """The ModelConfig preset `config.model.architecture` with the config's dtypes and remat, as
+  `Context.load` builds it (frozen: model.frozen_param_dtype)."""
+  from cai_jax import stages
   from cai_jax.model import ModelConfig
 
   m = config.model
@@ -120,11 +123,8 @@ def model_config(config, *, frozen: bool = False):
   if preset is None or not isinstance(preset, Callable):
     raise AotError(f'config.model.architecture={m.architecture!r} is not a ModelConfig preset '
                    '(e.g. gemma2_2b, llama3_2_3b, qwen2_5_7b)')
-  param_dtype = m.get('frozen_param_dtype', '') if frozen else ''
-  kw = dict(dtype=m.dtype, param_dtype=param_dtype or m.param_dtype)
-  if m.get('remat', None) is not None:
-    kw['remat'] = m.remat
-  return preset(**kw)
+  param_dtype = stages.frozen_param_dtype(m) if frozen else m.param_dtype
+  return preset(dtype=m.dtype, param_dtype=param_dtype, remat=m.get('remat', 'none'))
 
 
 def abstract_module(ctor: Callable[[], Any], mesh):
@@ -317,11 +317,14 @@ def stage_programs(config, mesh) -> list[Program]:
   m = config.model
   cfg, frozen_cfg = model_config(config), model_config(config, frozen=True)
   max_len = m.max_len
-  helpful = decoder(frozen_cfg, mesh)  # main.py loads it first; the Context keeps it all run
-  sl_cai = decoder(frozen_cfg, mesh)  # the sft export, sampled by feedback, PPO's reference
-  pm = scalar_head_model(frozen_cfg, mesh)  # the preference export, as PPO and evaluate load it
+  # Frozen models (model.frozen_param_dtype): main.py's helpful model, which the Context keeps
+  # for the whole run; the sft export as feedback samples it; the PM as PPO and evaluate score.
+  helpful = decoder(frozen_cfg, mesh)
+  sl_cai = decoder(frozen_cfg, mesh)
+  pm = scalar_head_model(frozen_cfg, mesh)
+  # Trained models load in model.param_dtype and stay cached while the train state holds a copy.
   size = {'helpful': tree_bytes(helpful[1]), 'SL-CAI': tree_bytes(sl_cai[1]),
-          'PM': tree_bytes(pm[1])}
+          'PM': tree_bytes(pm[1]), f'helpful {m.param_dtype}': tree_bytes(decoder(cfg, mesh)[1])}
   keep = lambda *names: {n: size[n] for n in names}
   wanted = stages_lib.parse_stage_list(config.stages)
   if _PROGRAMS.value:
@@ -345,7 +348,8 @@ def stage_programs(config, mesh) -> list[Program]:
     graphdef, params = decoder(cfg, mesh)
     batch = {k: rows(mesh, (sc.batch_size, max_len), jnp.int32) for k in ('tokens', 'loss_mask')}
     program, _, _ = train_program('sft', 'SL-CAI', graphdef, params, tx,
-                                  sft.make_loss_fn(sc.loss_chunk), batch, keep('helpful'), schedule)
+                                  sft.make_loss_fn(sc.loss_chunk), batch,
+                                  keep('helpful', f'helpful {m.param_dtype}'), schedule)
     program.shape += f' loss_chunk={sc.loss_chunk}'
     out.append(program)
 
@@ -375,8 +379,9 @@ def stage_programs(config, mesh) -> list[Program]:
              'read_index': rows(mesh, (2 * pc.batch_size,), jnp.int32),
              'p_a': rows(mesh, (pc.batch_size,), jnp.float32),
              'weight': rows(mesh, (pc.batch_size,), jnp.float32)}
+    # initial_pm puts a new head on the cached pretrained model (param_dtype) and copies it.
     program, _, _ = train_program('preference', 'PM', graphdef, params, tx, preference.pair_loss,
-                                  batch, keep('helpful', 'SL-CAI'), schedule)
+                                  batch, keep('helpful', f'helpful {m.param_dtype}'), schedule)
     out.append(program)
 
   if 'ppo' in wanted:
@@ -384,17 +389,18 @@ def stage_programs(config, mesh) -> list[Program]:
 
   if 'evaluate' in wanted:
     ev, pc = config.evaluate, config.preference
-    # The model under evaluation is loaded afresh (cache=False) beside the cached ones.
+    # Each model under evaluation is loaded afresh (cache=False) beside the cached helpful one;
+    # then the judge (the helpful model) and a fresh PM, each alone.
     out += sampler_programs('evaluate', 'evaluated model', frozen_cfg, sl_cai, mesh,
-                            keep('helpful', 'SL-CAI', 'PM'), batch_size=ev.batch_size,
+                            keep('helpful'), batch_size=ev.batch_size,
                             max_new_tokens=ev.max_new_tokens,
                             max_prompt_len=max_len - ev.max_new_tokens,
                             temperature=ev.temperature)
     out.append(score_options_program(
-        'evaluate', 'judge', frozen_cfg, helpful, mesh, keep('SL-CAI', 'PM'),
+        'evaluate', 'judge', frozen_cfg, helpful, mesh, {},
         batch_size=config.feedback.score_batch_size, max_len=max_len))
     pm_len = min(pc.max_len, max_len) if pc.max_len > 0 else max_len
-    out.append(rewards_program('evaluate', 'PM', pm, mesh, keep('helpful', 'SL-CAI'),
+    out.append(rewards_program('evaluate', 'PM', pm, mesh, keep('helpful'),
                                batch_size=ev.batch_size,
                                length=train_lib.bucket_length(pm_len, max(pm_len, pc.min_bucket),
                                                               pc.min_bucket)))
@@ -434,9 +440,16 @@ def ppo_programs(config, cfg, mesh, helpful, reference, pm, size) -> list[Progra
   state = placed(abstract, shardings)
   state_bytes, param_bytes = tree_bytes(state), tree_bytes(state.params)
   policy_bytes = tree_bytes(state.params['policy'])
-  cached = {'helpful': size['helpful'], 'reference': size['SL-CAI']}
+  # What the stage's Context holds beside the learner: main.py's helpful model, the policy source
+  # as loaded (param_dtype; the train state copies it), its frozen-dtype copy as the KL
+  # reference, the PM that scores (frozen) and the PM the value net starts from (param_dtype).
+  trained_size = tree_bytes(decoder(cfg, mesh)[1])
+  cached = {'helpful': size['helpful'], f'SL-CAI {cfg.param_dtype}': trained_size,
+            'reference': size['SL-CAI']}
   if pp.reward == 'pm':
     cached['PM'] = size['PM']
+  if not pp.value.shared_trunk and pp.value.init == 'pm':
+    cached[f'PM {cfg.param_dtype}'] = tree_bytes(scalar_head_model(cfg, mesh)[1])
   out = []
 
   # 1. Rollouts: generate() on the policy's parameters inside the train state.
