@@ -18,8 +18,10 @@ state that stays resident during its stage without being one of its arguments: w
 `--config.stages=<stage>` run holds, i.e. main.py's helpful model, every model the stage's
 Context has cached (`Context.load` keeps what it loads) and in PPO the learner's state. A
 one-process run of several stages also keeps the models earlier stages cached; that is not
-counted. Not counted either: XLA's fragmentation, hence the 10% margin. The HBM is what libtpu reports as available (it says so when a program
-does not fit); the FLOPs and seconds are the compiler's cost model for one device.
+counted. Not counted either: XLA's fragmentation, hence the 10% margin. The HBM is what libtpu
+reports as available (it says so when a program does not fit); FLOPs and seconds are the
+compiler's cost model for one device, and MFU = FLOPs / seconds / the chip's peak (for the
+decode loop the model sees one pass of its body).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 import dataclasses  # noqa: E402
 import hashlib  # noqa: E402
 import importlib.util  # noqa: E402
+import json  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -52,6 +55,8 @@ _MEGACORE = ('v4',)
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).',
                                           lock_config=True)
+_JSON = flags.DEFINE_string('json', '', 'Also write every program\'s bytes, FLOPs and seconds '
+                            'to this JSON file')
 _PROGRAMS = flags.DEFINE_string('programs', '', 'Comma-separated stages to compile (e.g. '
                                 '"sft,ppo"); "" = every stage in config.stages')
 
@@ -520,6 +525,13 @@ class Result:
     return int(float(found.group(1)) * 1024 ** ('KMGT'.index(found.group(2)) + 1)) if found else 0
 
 
+def as_json(r: Result) -> dict:
+  p = r.program
+  return {'stage': p.stage, 'program': p.name, 'shape': p.shape, 'compile_seconds': r.seconds,
+          'same_as': r.same_as, 'memory': r.memory, 'resident': p.resident, 'total': r.total,
+          'flops': r.flops, 'estimated_seconds': r.est_seconds, 'error': r.error}
+
+
 def compile_all(programs: list[Program], log=print) -> list[Result]:
   import jax
 
@@ -554,8 +566,11 @@ def compile_all(programs: list[Program], log=print) -> list[Result]:
         result = Result(program, time.time() - t0, mem, cost.get('flops'),
                         seconds if seconds and seconds > 0 else None)
       seen[key] = (result, compiled)
+    memory = (f'{result.memory["program"] / GIB:.2f} GiB' if result.memory else
+              f'out of memory ({result.error})')
     log(f'aot: {label} [{program.shape}] compiled in {result.seconds:.1f}s'
-        + (f' (same program as {result.same_as})' if result.same_as else ''))
+        + (f' (same program as {result.same_as})' if result.same_as else '')
+        + f': {memory} + {result.resident / GIB:.2f} GiB resident per device')
     results.append(result)
     if program.then is not None and compiled is not None:
       queue[0:0] = program.then(lowered, compiled)
@@ -566,8 +581,8 @@ def table(results: list[Result], hbm: int, kind: str) -> str:
   from cai_jax import memory
 
   peak = memory.PEAK_FLOPS.get(kind)
-  head = ('| stage | program | shape | compile s | args | temp | out-alias | program | resident '
-          '(not args) | total | % HBM | TFLOP | est. ms | MFU |')
+  head = ('| stage | program | shape | compile s | args GiB | temp GiB | out-alias GiB '
+          '| program GiB | resident GiB (not args) | total GiB | % HBM | TFLOP | est. ms | MFU |')
   lines = [head, '|' + '---|' * (head.count('|') - 1)]
   g = lambda b: f'{b / GIB:.2f}'
   for r in results:
@@ -610,13 +625,15 @@ def check(config) -> tuple[list[Result], list[str], str]:
     programs = stage_programs(config, mesh)
     results = compile_all(programs, log=lambda s: print(s, flush=True))
   errors = []
+  remedies = ([] if config.model.get('remat', 'none') == 'full' else ['--config.model.remat=full'])
+  remedies += ['a smaller batch', 'a bigger mesh']
   for r in results:
     if r.total > (1 - FREE_FRACTION) * hbm:
       errors.append(f'aot: error: {r.program.stage}/{r.program.name} [{r.program.shape}] needs '
-                    f'{r.total / GIB:.2f} GiB per device ({r.total} bytes, of which '
-                    f'{r.resident / GIB:.2f} GiB resident state) of {hbm / GIB:.2f} GiB HBM, '
-                    f'leaving under {FREE_FRACTION:.0%} free; try --config.model.remat=full, a '
-                    'smaller batch, or a bigger mesh')
+                    f'{"" if r.memory else "at least "}{r.total / GIB:.2f} GiB per device '
+                    f'({r.total} bytes, of which {r.resident / GIB:.2f} GiB resident state) of '
+                    f'{hbm / GIB:.2f} GiB HBM, leaving under {FREE_FRACTION:.0%} free; try '
+                    + ', '.join(remedies[:-1]) + f' or {remedies[-1]}')
   peak = max((r.total for r in results), default=0)
   summary = (f'aot: {len(results)} programs compiled for {topology}, peak {peak / GIB:.1f} GiB of '
              f'{hbm / GIB:.1f} GiB HBM per device')
@@ -632,6 +649,9 @@ def main(argv):
     results, errors, summary = check(_CONFIG.value)
   except (AotError, sharding.ShardingError, stages.StageError) as e:
     sys.exit(f'aot: error: {e}')
+  if _JSON.value:
+    with open(_JSON.value, 'w') as f:
+      json.dump([as_json(r) for r in results], f, indent=1)
   for e in errors:
     print(e, file=sys.stderr, flush=True)
   print(f'aot: compile time {sum(r.seconds for r in results):.0f}s', flush=True)

@@ -6,6 +6,7 @@ tiny architecture (every program, every stage, the config's mesh and shardings);
 configs' tables are in the commit that sized them.
 """
 
+import json
 import re
 import subprocess
 import sys
@@ -80,53 +81,62 @@ def _rows(stdout):
 
 
 @pytest.fixture(scope='module')
-def tiny_v5e():
-  r = run_aot('--config', GEMMA_V5E, *TINY)
+def tiny_v5e(tmp_path_factory):
+  out = tmp_path_factory.mktemp('aot') / 'programs.json'
+  r = run_aot('--config', GEMMA_V5E, *TINY, f'--json={out}')
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-  return r.stdout
+  return r.stdout, {f"{p['stage']}/{p['program']}": p for p in json.loads(out.read_text())}
 
 
 def test_every_stage_program_compiles_and_fits(tiny_v5e):
-  last = tiny_v5e.strip().splitlines()[-1]
+  stdout, programs = tiny_v5e
+  last = stdout.strip().splitlines()[-1]
   found = re.fullmatch(r'aot: (\d+) programs compiled for v5e:2x4, peak ([\d.]+) GiB of '
                        r'15\.8 GiB HBM per device', last)
   assert found, last
-  rows = _rows(tiny_v5e)
-  assert int(found.group(1)) == len(rows)
+  rows = _rows(stdout)
+  assert int(found.group(1)) == len(rows) == len(programs)
   for name in ('critique_revision/helpful prefill', 'critique_revision/helpful decode',
                'sft/SL-CAI train step', 'feedback/SL-CAI prefill',
                'feedback/feedback-model score_options', 'preference/PM train step',
                'ppo/policy prefill', 'ppo/policy decode', 'ppo/PM rewards', 'ppo/rollout forward',
                'ppo/learner train step', 'evaluate/evaluated model decode',
                'evaluate/judge score_options', 'evaluate/PM rewards'):
-    assert name in rows, (name, sorted(rows))
-  # The stage shapes: the largest buckets of the 'full' stage configs at model.max_len=512.
-  assert rows['critique_revision/helpful prefill']['shape'] == 'B=64 P=256 N=256'
+    assert name in rows and name in programs, (name, sorted(rows))
+    assert programs[name]['memory']['program'] > 0 and programs[name]['error'] is None
+  # The stage shapes: the largest buckets of the 'full' stage configs at model.max_len=512
+  # (critiques: 192 new tokens after a prompt of up to 320, bucketed to 384).
+  assert rows['critique_revision/helpful prefill']['shape'] == 'B=64 P=384 N=192'
   assert rows['sft/SL-CAI train step']['shape'].startswith('B=64 T=512')
   assert rows['ppo/learner train step']['shape'].startswith('B=16 T=512')  # 64 / 4 minibatches
-  # Identical programs compile once: feedback samples exactly as critique_revision does.
-  assert '(= critique_revision/helpful prefill)' in rows['feedback/SL-CAI prefill']['compile s']
+  # Identical programs compile once: evaluate samples exactly as feedback does.
+  assert '(= feedback/SL-CAI prefill)' in rows['evaluate/evaluated model prefill']['compile s']
 
 
 def test_memory_is_what_the_arguments_hold(tiny_v5e):
-  """The train steps' arguments hold at least the params and two AdamW moments, 1/8 each."""
+  """Train steps' arguments hold the float32 params and two AdamW moments, 1/8 of them each."""
   sys.path.insert(0, str(REPO))
   from cai_jax.model import ModelConfig
 
-  params = ModelConfig.tiny().num_params() * 2  # bfloat16
-  rows = _rows(tiny_v5e)
-  sft_args = float(rows['sft/SL-CAI train step']['args']) * 2**30
-  assert sft_args >= 3 * params / 8
-  # PPO's learner holds the policy, the value net and their moments (4 models' worth).
-  assert float(rows['ppo/learner train step']['args']) * 2**30 >= 2 * sft_args * 0.9
-  # While the learner runs, the helpful model, the reference and the PM stay resident.
-  assert 'helpful' in rows['ppo/learner train step']['resident (not args)']
-  assert 'reference' in rows['ppo/learner train step']['resident (not args)']
+  params = ModelConfig.tiny().num_params() * 4  # float32 master weights
+  _, programs = tiny_v5e
+  sft = programs['sft/SL-CAI train step']['memory']
+  assert sft['argument'] >= 3 * params / 8
+  assert sft['argument'] < 3 * params  # sharded, not replicated
+  # PPO's learner holds the policy, the value net and their moments: twice SFT's state.
+  learner = programs['ppo/learner train step']
+  assert learner['memory']['argument'] >= 2 * 3 * params / 8
+  # While it runs, the helpful model, the reference and the PM stay resident, in bfloat16
+  # (the PM's scalar head adds d_model + 1 parameters).
+  for name in ('helpful', 'reference', 'PM'):
+    assert params / 2 / 8 <= learner['resident'][name] <= 1.01 * params / 2
+  assert learner['total'] == learner['memory']['program'] + sum(learner['resident'].values())
 
 
 def test_a_program_that_does_not_fit_fails_naming_it():
   r = run_aot('--config', GEMMA_V5E, *TINY, '--programs=sft', '--config.model.max_len=4096',
-              '--config.sft.loss_chunk=0', '--config.sft.batch_size=8192')
+              '--config.sft.loss_chunk=0', '--config.sft.batch_size=8192',
+              '--config.model.remat=none')
   assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
   assert r.stdout.strip().splitlines()[-1].startswith('aot: 1 programs compiled for v5e:2x4')
   error = [line for line in r.stderr.splitlines() if line.startswith('aot: error: ')]
