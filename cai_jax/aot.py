@@ -35,6 +35,7 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # the host runs jax on CPU; libtp
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 import dataclasses  # noqa: E402
+import gc  # noqa: E402
 import hashlib  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
@@ -224,7 +225,7 @@ class Program:
   shape: str  # the bucket it is compiled at, in words
   lower: Callable[[], Any]  # -> jax.stages.Lowered
   resident: dict[str, int]  # other state on the device meanwhile: name -> bytes
-  then: Callable[[Any, Any], list[Program]] | None = None  # (lowered, compiled) -> follow-ups
+  then: Callable[[Any, Any], list[Program]] | None = None  # (out_info, out_shardings) -> more
 
 
 def _strategy(temperature, top_k, top_p):
@@ -259,9 +260,9 @@ def sampler_programs(stage, who, cfg, model, mesh, resident, *, batch_size, max_
         kv_cache(cfg, mesh, b, p + n), rows(mesh, (b,), jnp.int32),
         replicated(mesh, (), jnp.uint32), f32, f32, i32, stop_ids, rows(mesh, (b,), bool))
 
-  def decode(lowered, compiled):
+  def decode(out_info, out_shardings):
     state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                         lowered.out_info, compiled.output_shardings)
+                         out_info, out_shardings)
     lower = lambda: common.jitted(decoding._decode, graphdef, strategy, donate_argnums=(1,)).lower(
         params, state, i32, f32, f32, i32, stop_ids, i32)
     return [Program(stage, f'{who} decode', shape, lower, resident)]
@@ -542,8 +543,9 @@ def compile_all(programs: list[Program], log=print) -> list[Result]:
     lowered = program.lower()
     key = hashlib.sha1(lowered.as_text().encode()).hexdigest()
     label = f'{program.stage}/{program.name}'
+    compiled = None
     if key in seen:
-      first, compiled = seen[key]
+      first, follow = seen[key]
       result = dataclasses.replace(first, program=program, seconds=time.time() - t0,
                                    same_as=f'{first.program.stage}/{first.program.name}')
     else:
@@ -565,15 +567,23 @@ def compile_all(programs: list[Program], log=print) -> list[Result]:
         seconds = cost.get('optimal_seconds')
         result = Result(program, time.time() - t0, mem, cost.get('flops'),
                         seconds if seconds and seconds > 0 else None)
-      seen[key] = (result, compiled)
+      # Follow-ups need only the output layout; executables are dropped at once (a full-size
+      # PPO learner's compile alone takes most of a 24 GiB host).
+      follow = None
+      if program.then is not None and compiled is not None:
+        out = (lowered.out_info, compiled.output_shardings)
+        follow = lambda p, out=out: p.then(*out)
+      seen[key] = (result, follow)
+      del compiled
+      gc.collect()
     memory = (f'{result.memory["program"] / GIB:.2f} GiB' if result.memory else
               f'out of memory ({result.error})')
     log(f'aot: {label} [{program.shape}] compiled in {result.seconds:.1f}s'
         + (f' (same program as {result.same_as})' if result.same_as else '')
         + f': {memory} + {result.resident / GIB:.2f} GiB resident per device')
     results.append(result)
-    if program.then is not None and compiled is not None:
-      queue[0:0] = program.then(lowered, compiled)
+    if program.then is not None and follow is not None:
+      queue[0:0] = follow(program)
   return results
 
 
