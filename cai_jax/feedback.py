@@ -70,14 +70,14 @@ from absl import logging
 from tqdm import tqdm
 
 from cai_jax import constitution as constitution_lib
-from cai_jax import data, labels, sampling, sl_cai
+from cai_jax import conversation, critique_revision, data, labels, sampling
 from cai_jax.conversation import HUMAN, Turn
-from cai_jax.stages import StageError, _barrier
+from cai_jax.stages import StageError, barrier
 
 STAGE = 'feedback'
 DATASET = 'preferences'  # TFDS dataset name under STAGE_DIR/tfds
 OPTIONS = constitution_lib.OPTION_STRINGS  # (' (A)', ' (B)')
-_RESPONSE_STREAM, _EVAL_STREAM = 10, 11  # seed streams (disjoint from sl_cai's 0 and 1)
+_RESPONSE_STREAM, EVAL_STREAM = 10, 11  # seed streams (disjoint from critique_revision's 0 and 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,22 +130,16 @@ def _get(cfg, name, default):
 # ----------------------------------------------------------------------------------------------
 # Option tokenization.
 
-def encode(tokenizer, text: str, fmt: str) -> list[int]:
-  """Token ids of a rendered prompt, as `sampling.generate_responses` encodes them (a rendered
-  chat template already holds its special tokens)."""
-  return list(tokenizer.encode(text, add_special_tokens=fmt == 'transcript'))
-
-
-def option_tokens(tokenizer, prompt: str, options: Sequence[str] = OPTIONS,
-                  fmt: str = 'transcript') -> tuple[list[int], list[list[int]], int]:
+def option_tokens(tokenizer, prompt: str, options: Sequence[str] = OPTIONS
+                  ) -> tuple[list[int], list[list[int]], int]:
   """(prompt tokens, per-option continuation tokens, boundary_tokens) to score the options.
 
   Tokenizes ``prompt + option`` whole and splits it after the longest token prefix shared with
   ``tokenize(prompt)`` (the shortest over the options, so all are scored in the same context).
   `boundary_tokens` counts prompt tokens that a cross-boundary merge moved into the scored span.
   """
-  p = encode(tokenizer, prompt, fmt)
-  fulls = [encode(tokenizer, prompt + o, fmt) for o in options]
+  p, _ = conversation.encode(tokenizer, prompt)  # as `sampling.generate_responses` encodes it
+  fulls = [conversation.encode(tokenizer, prompt + o)[0] for o in options]
   k = min(_common_prefix(p, f) for f in fulls)
   conts = [f[k:] for f in fulls]
   if any(not c for c in conts):
@@ -240,7 +234,7 @@ class Labeler:
     limit = min(self.max_len, model.cfg.max_positions)
     rows = []  # (scoring index, prompt ids, per-option continuation ids)
     for i, s in enumerate(scorings):
-      prompt_ids, conts, boundary = option_tokens(tok, s['prompt'], OPTIONS, self.fmt)
+      prompt_ids, conts, boundary = option_tokens(tok, s['prompt'], OPTIONS)
       keep = limit - max(len(c) for c in conts)
       if keep < 1:
         raise StageError(f'model.max_len={self.max_len} leaves no room for a feedback prompt')
@@ -248,7 +242,7 @@ class Labeler:
       if s['truncated_tokens']:
         logging.warning('%s: feedback prompt of %d tokens loses its first %d (model.max_len %d)',
                         self.stage, len(prompt_ids), s['truncated_tokens'], self.max_len)
-        prompt_ids = prompt_ids[-keep:]
+        prompt_ids = conversation.keep_last(prompt_ids, keep, tok)
       s['boundary_tokens'] = boundary
       rows.append((i, prompt_ids, conts))
     # Longest first, so each scoring call holds rows of similar length (tight buckets); the
@@ -328,7 +322,7 @@ def process_in_chunks(items: Sequence[Any], ids: Sequence[str], path: Path,
   chunks = [(c, list(range(i, min(i + chunk_size, len(items)))))
             for c, i in enumerate(range(0, len(items), chunk_size))]
   mine = data.shard_for_process(chunks)
-  done = {r['id'] for r in sl_cai.read_jsonl(path, repair=True)}
+  done = {r['id'] for r in critique_revision.read_jsonl(path, repair=True)}
   total = sum(len(idx) for _, idx in mine)
   resumed = sum(ids[i] in done for _, idx in mine for i in idx)
   bar = tqdm(total=total, initial=resumed, desc=desc, unit='pair', dynamic_ncols=True,
@@ -350,7 +344,7 @@ def process_in_chunks(items: Sequence[Any], ids: Sequence[str], path: Path,
   return {'resumed': resumed, 'new': new}
 
 
-def _part_path(stage_dir: Path, name: str) -> Path:
+def part_path(stage_dir: Path, name: str) -> Path:
   pc = jax.process_count()
   return stage_dir / (f'{name}.jsonl' if pc == 1 else f'{name}.{jax.process_index()}.jsonl')
 
@@ -362,7 +356,7 @@ def merge_parts(stage_dir: Path, name: str, ids: Sequence[str], stage: str) -> l
            [stage_dir / f'{name}.{p}.jsonl' for p in range(pc)])
   by_id = {}
   for path in files:
-    for r in sl_cai.read_jsonl(path):
+    for r in critique_revision.read_jsonl(path):
       by_id.setdefault(r['id'], r)
   missing = [i for i in ids if i not in by_id]
   if missing:
@@ -376,7 +370,7 @@ def merge_parts(stage_dir: Path, name: str, ids: Sequence[str], stage: str) -> l
   return merged
 
 
-def _throughput(labeler: Labeler, t0: float) -> Callable[[], dict]:
+def throughput(labeler: Labeler, t0: float) -> Callable[[], dict]:
   return lambda: {'scored_tok_s': f'{labeler.scored_tokens / max(time.time() - t0, 1e-9):.0f}'}
 
 
@@ -387,7 +381,7 @@ def label_chunk(records: Sequence[dict], chunk: int, *, policy, labeler: Labeler
                 seed: int) -> list[dict]:
   """Two sampled responses per prompt, then their labels."""
   def chunk_seed(step):
-    return sl_cai.chunk_seed(seed, _RESPONSE_STREAM, chunk, step)
+    return critique_revision.chunk_seed(seed, _RESPONSE_STREAM, chunk, step)
 
   convs = [[(HUMAN, r['prompt'])] for r in records]
   samples = [sampling.generate_responses(
@@ -423,7 +417,7 @@ def load_preferences(stage_dir: str | os.PathLike) -> list[dict]:
   stage_dir = Path(stage_dir)
   if (data.dataset_dir(DATASET, stage_dir / 'tfds') / 'dataset_info.json').is_file():
     return data.read_records_dataset(DATASET, stage_dir / 'tfds', split='train')
-  return [_preference(r) for r in sl_cai.read_jsonl(stage_dir / 'samples.jsonl')
+  return [_preference(r) for r in critique_revision.read_jsonl(stage_dir / 'samples.jsonl')
           if 'skipped' not in r['flags']]
 
 
@@ -440,7 +434,7 @@ def run(ctx, stage_dir: Path) -> dict:
     raise StageError(f'config.{STAGE}: num_prompts must be -1 (all) or >= 1 and prompt_offset '
                      f'>= 0, got {cfg.num_prompts}, {cfg.prompt_offset}')
   constitution = load_feedback_constitution(ctx, cfg)
-  prompts = sl_cai.redteam_prompts(ctx)['train'][cfg.prompt_offset:]
+  prompts = data.stage_prompts(ctx, 'redteam')['train'][cfg.prompt_offset:]
   prompts = prompts if cfg.num_prompts < 0 else prompts[:cfg.num_prompts]
   if not prompts:
     raise StageError(f'{STAGE}: no red-team train prompts after prompt_offset={cfg.prompt_offset}')
@@ -452,21 +446,21 @@ def run(ctx, stage_dir: Path) -> dict:
   stage_dir.mkdir(parents=True, exist_ok=True)
   ids = [r['id'] for r in prompts]
   progress = process_in_chunks(
-      prompts, ids, _part_path(stage_dir, 'samples'),
+      prompts, ids, part_path(stage_dir, 'samples'),
       lambda chunk, c: label_chunk(chunk, c, policy=policy, labeler=labeler, cfg=cfg, fmt=fmt,
                                    seed=seed),
       chunk_size=cfg.chunk_size, desc='feedback',
-      progress=cfg.progress, postfix=_throughput(labeler, t0))
-  _barrier(f'{STAGE}-labeled')
+      progress=cfg.progress, postfix=throughput(labeler, t0))
+  barrier(f'{STAGE}-labeled')
   if jax.process_index() != 0:
-    _barrier(f'{STAGE}-merged')
+    barrier(f'{STAGE}-merged')
     return {}
   samples = merge_parts(stage_dir, 'samples', ids, STAGE)
   labeled = [_preference(r) for r in samples if 'skipped' not in r['flags']]
   if cfg.write_tfds:
     data.write_records_dataset({'train': labeled}, DATASET, stage_dir / 'tfds',
                                description='AI-feedback preference pairs (p_a = P(a is better))')
-  _barrier(f'{STAGE}-merged')
+  barrier(f'{STAGE}-merged')
   p = np.array([r['p_a'] for r in labeled], np.float64)
   count = lambda flag: sum(flag in r['flags'] for r in samples)  # noqa: E731
   summary = dict(

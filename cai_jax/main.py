@@ -29,6 +29,7 @@ def main(argv):
   from cai_jax.data import DataSourceError
 
   config = _CONFIG.value
+  _quiet_console()
   if config.compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir', os.path.expanduser(config.compilation_cache_dir))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
@@ -41,10 +42,12 @@ def main(argv):
       sys.exit('\n'.join(f'cai_jax: error: {p}' for p in problems))
     mesh = sharding.make_mesh(config.mesh.shape)
     workdir.mkdir(parents=True, exist_ok=True)
+    _log_to_workdir(workdir)
     with stages.workdir_lock(workdir), sharding.use_mesh(mesh, config.logical_axis_rules):
       ctx = stages.Context(config, workdir, mesh)
       if jax.process_index() == 0:
-        print(config, flush=True)
+        (workdir / 'config.txt').write_text(str(config))
+        print(f'config: {workdir / "config.txt"}; full log: {workdir / "log.txt"}', flush=True)
       helpful = ctx.load(config.model.source, frozen=True)
       cfg = helpful.config
       print(f'model {config.model.source}: {cfg.family}, {cfg.num_params() / 1e6:.1f}M params, '
@@ -65,6 +68,32 @@ def main(argv):
     (workdir / 'timings.md').write_text(table + '\n')
     (workdir / 'timings.json').write_text(json.dumps(rows))
   logging.info('done')
+
+
+def _quiet_console() -> None:
+  """The console keeps the progress bars, one summary per stage, warnings and errors; absl,
+  orbax and TFDS INFO go to WORKDIR/log.txt only (`_log_to_workdir`). `--verbosity=1` brings
+  INFO back to the console."""
+  import logging as std
+
+  import tensorflow_datasets as tfds
+
+  if flags.FLAGS.verbosity < 1:
+    console = logging.get_absl_handler()
+    console.setLevel(std.WARNING)
+    # TFDS warns on every read of our own named builder configs; the log keeps it.
+    console.addFilter(lambda r: not str(r.msg).startswith('Using custom data configuration'))
+    tfds.disable_progress_bar()
+
+
+def _log_to_workdir(workdir: Path) -> None:
+  """Everything logged from here on, INFO included, also goes to WORKDIR/log.txt."""
+  import logging as std
+
+  handler = std.FileHandler(workdir / 'log.txt')
+  handler.setFormatter(std.Formatter('%(asctime)s %(levelname)s %(name)s: %(message)s'))
+  handler.setLevel(std.DEBUG)
+  std.getLogger().addHandler(handler)
 
 
 def _exit_on_io_error(e: OSError, workdir: Path) -> None:

@@ -29,7 +29,6 @@ RL-CAI policy as an HF directory).
 from __future__ import annotations
 
 import json
-import logging
 import math
 import time
 from collections.abc import Sequence
@@ -41,7 +40,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from cai_jax import checkpoint, conversation, rl, sampling, sharding, stages, train_lib
+from cai_jax import checkpoint, conversation, data, rl, sampling, sharding, stages, train_lib
 from cai_jax import model as model_lib
 from cai_jax.conversation import HUMAN
 from cai_jax.model import Decoder, ScalarHeadModel
@@ -75,9 +74,11 @@ def step_prompts(redteam: Sequence[dict], helpful: Sequence[dict], step: int, ba
 
 
 def encode_prompt(prompt: str, tokenizer, fmt: str, max_tokens: int) -> list[int]:
-  """The rendered one-turn prompt's ids (as the sft stage encodes them); long prompts keep their end."""
+  """The rendered one-turn prompt's ids (`conversation.encode`, as sft and the sampler encode
+  them); long prompts keep their end and their BOS."""
   text = conversation.render([(HUMAN, prompt)], fmt, tokenizer)
-  return list(tokenizer(text, add_special_tokens=False)['input_ids'])[-max_tokens:]
+  ids, _ = conversation.encode(tokenizer, text)
+  return conversation.keep_last(ids, max_tokens, tokenizer)
 
 
 # ---- rewards -------------------------------------------------------------------------------------
@@ -294,10 +295,8 @@ def check_config(config) -> int:
 
 def _prompt_pools(ctx, cfg) -> tuple[list[dict], list[dict]]:
   """The red-team and helpful train splits (only those the mix draws from)."""
-  from cai_jax import sl_cai  # the stage module that owns config.data's prompt splits
-
-  redteam = sl_cai.redteam_prompts(ctx)['train'] if cfg.helpful_fraction < 1 else []
-  helpful = sl_cai.helpful_prompts(ctx)['train'] if cfg.helpful_fraction > 0 else []
+  redteam = data.stage_prompts(ctx, 'redteam')['train'] if cfg.helpful_fraction < 1 else []
+  helpful = data.stage_prompts(ctx, 'helpful')['train'] if cfg.helpful_fraction > 0 else []
   n_helpful = int(round(cfg.batch_size * cfg.helpful_fraction))
   for name, items, n in (('red-team', redteam, cfg.batch_size - n_helpful), ('helpful', helpful, n_helpful)):
     if n and not items:
@@ -353,6 +352,7 @@ class _Scorer:
       self.bucket = min(cfg.pm_max_len,
                         1 << (max_prompt_tokens + cfg.max_new_tokens + 8 - 1).bit_length())
     else:
+      # Not a prompt: the id of a token the policy may generate, so no BOS belongs in front.
       ids = policy.tokenizer(cfg.synthetic_text, add_special_tokens=False)['input_ids']
       if not ids:
         raise PPOError(f'ppo.synthetic_text={cfg.synthetic_text!r} encodes to no token')
@@ -384,7 +384,7 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
   policy_source = cfg.policy_source or ctx.model_source('sl_cai')
   policy = ctx.load(policy_source)
   tok = policy.tokenizer
-  pad_id = next(int(t) for t in (tok.pad_token_id, tok.eos_token_id, 0) if t is not None)
+  pad_id = conversation.pad_id(tok, policy.config)
   score = _Scorer(ctx, cfg, policy, max_prompt_tokens)
   # The frozen KL reference, in model.frozen_param_dtype (the cached model is never trained).
   ref_graphdef, ref_params = nnx.split(
@@ -410,7 +410,7 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
   start = ckpt.latest_step() or 0
   if start:
     state = ckpt.restore_latest(state)
-    logging.info('ppo: resumed from the checkpoint after step %d', start)
+    train_lib.announce(f'ppo: resumed from the checkpoint after step {start}')
   writer = train_lib.MetricsWriter(stage_dir, resume_step=start)
   _truncate_samples(stage_dir / SAMPLES_FILE, start)
 

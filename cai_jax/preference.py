@@ -138,15 +138,17 @@ def as_turns(conv: Any) -> tuple[Turn, ...]:
 def encode(turns: Sequence[Turn], tokenizer, fmt: str, max_len: int) -> list[int]:
   """Token ids of the rendered conversation plus EOS, whose position the PM reads.
 
-  Too-long conversations lose their *start*: the reward must see the reply's end.
+  Too-long conversations lose their *start* (but keep the BOS): the reward must see the reply's
+  end. The whole conversation is one text here, so its prompt part equals the sampler's prompt
+  ids wherever the tokenizer merges nothing across the prompt/reply boundary.
   """
   text = conversation.render(list(turns), fmt, tokenizer, add_generation_prompt=False)
-  ids = list(tokenizer(text, add_special_tokens=False)['input_ids'])
+  ids, _ = conversation.encode(tokenizer, text)
   eos = tokenizer.eos_token_id
   if eos is None:
     raise PreferenceDataError('the PM tokenizer has no EOS token to read the reward at')
   ids.append(eos)
-  return ids[-max_len:]
+  return conversation.keep_last(ids, max_len, tokenizer)
 
 
 def pack(rows: Sequence[Sequence[int]], length: int, pad_id: int, n_rows: int | None = None
@@ -159,12 +161,6 @@ def pack(rows: Sequence[Sequence[int]], length: int, pad_id: int, n_rows: int | 
     tokens[i, :len(ids)] = ids
     read_index[i] = max(len(ids) - 1, 0)
   return tokens, read_index
-
-
-def _pad_id(tokenizer) -> int:
-  for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-    if t is not None:
-      return int(t)
 
 
 def _check_vocab(ids: Sequence[Sequence[int]], pm: checkpoint.Pretrained) -> None:
@@ -262,9 +258,9 @@ def score_token_rows(pm: checkpoint.Pretrained, rows: Sequence[Sequence[int]], *
     return np.zeros((0,), np.float32)
   _check_vocab(rows, pm)
   graphdef, params = nnx.split(pm.model)
-  return _score_rows(graphdef, params, rows, pad_id=_pad_id(pm.tokenizer), batch_size=batch_size,
-                     max_len=max_len or max(len(r) for r in rows), min_bucket=min_bucket,
-                     progress=progress)
+  return _score_rows(graphdef, params, rows, pad_id=conversation.pad_id(pm.tokenizer, pm.config),
+                     batch_size=batch_size, max_len=max_len or max(len(r) for r in rows),
+                     min_bucket=min_bucket, progress=progress)
 
 
 def score_conversations(pm: checkpoint.Pretrained, conversations: Sequence[Any], *, fmt: str,
@@ -421,7 +417,7 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
   source = _init_source(ctx)
   pm = initial_pm(ctx, source)
   tok, fmt = pm.tokenizer, config.conversation_format
-  pad_id = _pad_id(tok)
+  pad_id = conversation.pad_id(tok, pm.config)
   max_len = min(cfg.max_len, config.model.max_len) if cfg.max_len > 0 else config.model.max_len
   train, held_out = split_held_out(comparisons, cfg.eval_fraction, config.seed)
   if not train:
@@ -453,7 +449,7 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
   restored = ckpt.restore_latest(state, shardings) if ckpt else None
   if restored is not None:
     state = restored
-    logging.info('preference: resumed from the checkpoint at step %d', int(state.step))
+    train_lib.announce(f'preference: resumed from the checkpoint at step {int(state.step)}')
   start = int(state.step)
   writer = train_lib.MetricsWriter(stage_dir, resume_step=start)
   evaluate = lambda params: evaluate_pools(

@@ -108,15 +108,14 @@ def encode(prompt: str, response: str, tokenizer, fmt: str, max_len: int
            ) -> tuple[tuple[int, ...], int] | None:
   """(tokens, n_prompt) of one example cut to max_len; None if no target token survives the cut.
 
-  Prompt and target are tokenized separately, as the sampler sees them (prompt, then generation).
+  Prompt and target are tokenized apart, as the sampler sees them (`conversation.encode`).
   """
   prompt_text = conversation.render([(HUMAN, prompt)], fmt, tokenizer)
-  p = list(tokenizer(prompt_text, add_special_tokens=False)['input_ids'])
-  t = list(tokenizer(target_text(response, fmt, tokenizer), add_special_tokens=False)['input_ids'])
-  ids = (p + t)[:max_len]
-  if len(ids) <= len(p):
+  ids, n_prompt = conversation.encode(tokenizer, prompt_text, target_text(response, fmt, tokenizer))
+  ids = ids[:max_len]
+  if len(ids) <= n_prompt:
     return None
-  return tuple(ids), len(p)
+  return tuple(ids), n_prompt
 
 
 def pack(examples: Sequence[Example], rows: Sequence[int], length: int, pad_id: int
@@ -310,7 +309,7 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
                                  f'{jax.process_count()} processes')
   helpful = ctx.load(config.model.source)
   tok = helpful.tokenizer
-  pad_id = next(t for t in (tok.pad_token_id, tok.eos_token_id, 0) if t is not None)
+  pad_id = conversation.pad_id(tok, helpful.config)
   train, held_out, counts = build_examples(ctx, tok)
   logging.info('sft data: %s', counts)
 
@@ -335,7 +334,7 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
   restored = ckpt.restore_latest(state, shardings)
   if restored is not None:
     state = restored
-    logging.info('sft: resumed from the checkpoint at step %d', int(state.step))
+    train_lib.announce(f'sft: resumed from the checkpoint at step {int(state.step)}')
   start = int(state.step)
   writer = train_lib.MetricsWriter(stage_dir, resume_step=start)
 

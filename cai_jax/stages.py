@@ -23,18 +23,25 @@ from typing import Any
 import jax
 import ml_collections
 
-# name -> (module, function, upstream stages whose outputs it reads)
-STAGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    'critique_revision': ('cai_jax.sl_cai', 'run', ()),
-    'sft': ('cai_jax.sft', 'run', ('critique_revision',)),
-    'feedback': ('cai_jax.feedback', 'run', ('sft',)),
-    'evaluate_feedback': ('cai_jax.evaluate_feedback', 'run_evaluate_feedback', ()),
-    'preference': ('cai_jax.preference', 'run', ('feedback',)),
-    'ppo': ('cai_jax.ppo', 'run', ('sft', 'preference')),
-    'evaluate': ('cai_jax.evaluate', 'run', ('critique_revision', 'sft', 'preference', 'ppo')),
+# The pipeline in order: stage name -> the stages whose outputs it reads. Each stage is the module
+# cai_jax/<name>.py, entered through its `run(ctx, stage_dir)` (and checked, before anything runs,
+# by its `check_config(config)` where it has one).
+STAGES: dict[str, tuple[str, ...]] = {
+    'critique_revision': (),
+    'sft': ('critique_revision',),
+    'feedback': ('sft',),
+    'evaluate_feedback': (),
+    'preference': ('feedback',),
+    'ppo': ('sft', 'preference'),
+    'evaluate': ('critique_revision', 'sft', 'preference', 'ppo'),
 }
 ORDER = tuple(STAGES)
 GLOBAL_FIELDS = ('seed', 'model', 'constitution', 'conversation_format', 'data')
+
+
+def stage_module(name: str):
+  """The module of stage `name` (imported here, not above: every stage module imports this one)."""
+  return importlib.import_module(f'cai_jax.{name}')
 
 
 class StageError(RuntimeError):
@@ -138,7 +145,7 @@ class Context:
     if name == 'evaluate_feedback' and 'feedback' in c:
       fields['feedback'] = _plain(c.feedback)  # evaluates the feedback configuration
     fields['inputs'] = input_fingerprints(c, name)
-    fields['upstream'] = {u: self.fingerprint(u) for u in STAGES[name][2]}
+    fields['upstream'] = {u: self.fingerprint(u) for u in STAGES[name]}
     return fields
 
   def fingerprint(self, name: str) -> str:
@@ -269,7 +276,7 @@ def _check_or_claim(ctx: Context, name: str) -> str:
                       '; '.join(diffs[:8]) or 'nothing produced yet', ctx.workdir / TRASH)
       if jax.process_index() == 0:
         _move_to_trash(ctx.workdir, name)
-      _barrier(f'trash-{name}')
+      barrier(f'trash-{name}')
     else:
       raise StageError(f"{d} was made by a different config ({'; '.join(diffs[:8])}); "
                        f'use another --workdir or --config.force={name}')
@@ -374,7 +381,7 @@ def run_pipeline(ctx: Context) -> list[tuple[str, str, float]]:
     first = min(ORDER.index(f) for f in forced)
     for name in ORDER[first:]:  # the forced stage and everything after it
       moved[name] = _move_to_trash(ctx.workdir, name)
-  _barrier('force')
+  barrier('force')
   try:
     rows = _run_stages(ctx, stages)
   except BaseException:
@@ -393,21 +400,20 @@ def _run_stages(ctx: Context, stages: list[str]) -> list[tuple[str, str, float]]
   rows = []
   for name in stages:
     t0 = time.time()
-    module, fn, upstream = STAGES[name]
     if not _reusable(ctx, name):  # a stage that cannot start writes nothing
-      for u in upstream:
+      for u in STAGES[name]:
         if not _upstream_unused(ctx.config, name, u):
           ctx.require(u, name)
     if _check_or_claim(ctx, name) == 'reuse':
       rows.append((name, 'reused', 0.0))
       continue
-    summary = getattr(importlib.import_module(module), fn)(ctx, ctx.stage_dir(name)) or {}
+    summary = stage_module(name).run(ctx, ctx.stage_dir(name)) or {}
     seconds = time.time() - t0
     if jax.process_index() == 0:
       _atomic_write(ctx.stage_dir(name) / 'DONE.json',
                     json.dumps({'fingerprint': ctx.fingerprint(name), 'seconds': seconds,
                                 'summary': summary}, indent=1, default=str))
-    _barrier(f'done-{name}')
+    barrier(f'done-{name}')
     rows.append((name, 'ran', seconds))
   return rows
 
@@ -421,7 +427,7 @@ def _upstream_unused(config, name: str, upstream: str) -> bool:
           (upstream == 'sft' and bool(config.ppo.policy_source)))
 
 
-def _barrier(tag: str) -> None:
+def barrier(tag: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(tag)

@@ -409,6 +409,16 @@ def read_metrics(path: str | Path) -> list[dict]:
   return rows
 
 
+def announce(message: str) -> None:
+  """A line worth the console (a resume, say): stderr on process 0, and the log."""
+  import logging
+  import sys
+
+  logging.getLogger('cai_jax').info(message)
+  if jax.process_index() == 0:
+    print(message, file=sys.stderr, flush=True)
+
+
 def progress(total: int, initial: int = 0, desc: str = ''):
   """A tqdm bar on process 0 (a silent one elsewhere)."""
   from tqdm.auto import tqdm

@@ -9,7 +9,6 @@ each stage module's `check_config(config)` adds what only that stage knows.
 from __future__ import annotations
 
 import fnmatch
-import importlib
 import math
 import os
 from pathlib import Path
@@ -186,7 +185,7 @@ def problems(config, workdir: Path) -> list[str]:
   if problem:
     out.append(problem)
   for name in names:
-    module = importlib.import_module(stages.STAGES[name][0])
+    module = stages.stage_module(name)
     check = getattr(module, 'check_config', None)
     if check is None or any(p.startswith(f'config.{name}.') for p in out):
       continue  # the generic rules have named this stage's bad values already

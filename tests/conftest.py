@@ -9,6 +9,10 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_VERBOSITY', 'error')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 os.environ.setdefault('HF_HUB_DISABLE_PROGRESS_BARS', '1')
+# The suite runs on the CPU (CI has no accelerator). With libtpu installed (the test extra, for
+# the AOT compiler) jax would also try to open a TPU at every start; the AOT tests compile for a
+# TPU topology without opening one, which works under this setting too.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # Persistent XLA cache (the one tests/test_evaluate.py gives its subprocesses): eager model code
 # compiles one small program per op and shape, tens of seconds per fresh process on CPU.
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',

@@ -5,6 +5,9 @@ from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
+import pytest
+
+pytestmark = pytest.mark.slow  # executes the whole walkthrough notebook
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocess runs of the pipeline: minutes in all
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / 'tests' / 'scripts' / 'distributed_step.py'
 TIMEOUT = 240  # seconds; a hung collective fails the test instead of hanging the suite

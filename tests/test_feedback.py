@@ -248,7 +248,7 @@ def test_identical_and_empty_responses(tiny_model, monkeypatch):
   texts = {0: ['Same.', '', 'Yes.', ''], 1: [' Same. ', 'Fine.', 'No.', '']}
 
   def generate_responses(pretrained, prompts, *, seed, **kw):
-    step = [s for s in (0, 1) if feedback.sl_cai.chunk_seed(0, feedback._RESPONSE_STREAM, 0, s) == seed][0]
+    step = [s for s in (0, 1) if feedback.critique_revision.chunk_seed(0, feedback._RESPONSE_STREAM, 0, s) == seed][0]
     return [sampling.Response(t, [], np.zeros(0), 'stop', []) for t in texts[step]]
 
   monkeypatch.setattr(feedback.sampling, 'generate_responses', generate_responses)
@@ -354,7 +354,7 @@ def run_stages(config, workdir, models=()):
 
 def evaluate(tmp_path, tiny_model, **overrides):
   config = tiny_config(stages='evaluate_feedback', **overrides)
-  run_stages(config, tmp_path, {('random:tiny', False): tiny_model})
+  run_stages(config, tmp_path, {('random:tiny', False, 'float32'): tiny_model})
   d = tmp_path / 'evaluate_feedback'
   records = [json.loads(line) for line in (d / 'records.jsonl').read_text().splitlines()]
   return json.loads((d / 'summary.json').read_text()), records
@@ -428,7 +428,7 @@ def test_feedback_stage_resumes_after_kill_9(tmp_path, tiny_model):
   whole, killed = tmp_path / 'whole', tmp_path / 'killed'
   upstream(whole)
   upstream(killed)
-  run_stages(config, whole, {('random:tiny', False): tiny_model})
+  run_stages(config, whole, {('random:tiny', False, 'float32'): tiny_model})
   expected = (whole / 'feedback/samples.jsonl').read_text()
 
   # Killed halfway through writing the second chunk.
@@ -443,7 +443,7 @@ def test_feedback_stage_resumes_after_kill_9(tmp_path, tiny_model):
   assert not torn.endswith('\n') and complete in (2, 3)
   assert not (killed / 'feedback/DONE.json').exists()
 
-  rows = run_stages(config, killed, {('random:tiny', False): tiny_model})
+  rows = run_stages(config, killed, {('random:tiny', False, 'float32'): tiny_model})
   assert rows[0][:2] == ('feedback', 'ran')
   assert (killed / 'feedback/samples.jsonl').read_text() == expected
   done = json.loads((killed / 'feedback/DONE.json').read_text())
@@ -458,3 +458,15 @@ def test_feedback_stage_resumes_after_kill_9(tmp_path, tiny_model):
     if s['details']:
       assert sorted(d['order'] for d in s['details']) == [0, 1]
       assert s['p_a'] == pytest.approx(label_from_logprobs(s['details'], config.feedback), abs=1e-12)
+
+
+def test_a_comparisons_file_that_grew_is_evaluated_again(tmp_path, tiny_model):
+  """Input files are fingerprinted by content: 3 comparisons, then 5, in one workdir."""
+  path = tmp_path / 'c.jsonl'
+  rows = [{'conversation': f'Question {i}?', 'chosen': 'A fine answer.', 'rejected': 'No.'}
+          for i in range(5)]
+  overrides = {'evaluate_feedback.comparisons': str(path), 'evaluate_feedback.format': 'generic'}
+  path.write_text(''.join(json.dumps(r) + '\n' for r in rows[:3]))
+  assert evaluate(tmp_path / 'w', tiny_model, **overrides)[0]['n'] == 3
+  path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  assert evaluate(tmp_path / 'w', tiny_model, **overrides)[0]['n'] == 5

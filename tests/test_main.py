@@ -18,7 +18,9 @@ def test_prints_config_and_model_summary(tmp_path):
   r = run_main('--workdir', str(tmp_path), '--config.stages=critique_revision',
                '--config.critique_revision.num_prompts=1', '--config.critique_revision.n_rounds=1')
   assert r.returncode == 0, r.stderr
-  assert 'source: random:tiny' in r.stdout  # the resolved config
+  assert 'source: random:tiny' in (tmp_path / 'config.txt').read_text()  # the resolved config
+  assert 'Closing _NonBlockingMetadataStore' not in r.stderr  # orbax INFO: in log.txt only
+  assert 'INFO' in (tmp_path / 'log.txt').read_text()
   summary = [l for l in r.stdout.splitlines() if l.startswith('model random:tiny')]
   assert len(summary) == 1, r.stdout
   assert 'M params' in summary[0] and 'float32 (trained)' in summary[0] and 'cpu device' in summary[0]

@@ -10,6 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # subprocess runs of the pipeline: minutes in all
+
 REPO = Path(__file__).resolve().parents[1]
 # Smaller than tiny's defaults where it only saves time; every stage still runs.
 OVERRIDES = ['--config.critique_revision.num_prompts=6', '--config.critique_revision.chunk_size=2',

@@ -151,6 +151,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_remat_cuts_the_backward_pass_temporaries_on_tpu():
   """What remat is for, in the TPU compiler's own count of an SFT gradient's temporaries (no TPU
   needed: libtpu compiles for a v5e topology). XLA:CPU's count does not show it: its buffer
@@ -181,6 +182,7 @@ def test_bad_precision_fields_are_one_line_errors_and_bf16_masters_warn(caplog):
   assert 'barely moves them' in caplog.text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('remat', ['none', 'full'])
 def test_tiny_pipeline_runs_in_bf16_with_the_fused_loss(tmp_path, remat):
   """Every stage, bf16 compute, float32 masters, bf16 frozen models, chunked SFT loss."""

@@ -307,7 +307,7 @@ def test_scoring_checks_the_model(setup):
 def test_a_non_finite_step_stops_training_and_exports_nothing(setup, tmp_path):
   _, config = setup
   bad = config.copy_and_resolve_references()
-  bad.preference.optimizer.learning_rate = 1e6
+  bad.preference.optimizer.learning_rate = 1e30  # weights overflow float32 within a step or two
   fake_upstream(bad, tmp_path, 'feedback', {'samples.jsonl': synthetic_records(N_PAIRS)})
   with pytest.raises(train_lib.NonFiniteError, match=r'^preference: non-finite .* at step \d+; '):
     run_stage(bad, tmp_path)

@@ -17,6 +17,8 @@ import pytest
 
 from cai_jax import stages, train_lib
 
+pytestmark = pytest.mark.slow  # subprocess runs of the pipeline: minutes in all
+
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ['--config.critique_revision.num_prompts=4', '--config.sft.num_steps=6',
          '--config.sft.checkpoint_every=2', '--config.sft.eval_every=3']
@@ -32,10 +34,13 @@ def errors(proc) -> list[str]:
   return [line for line in proc.stderr.splitlines() if line.startswith('cai_jax: error:')]
 
 
+RUN_FILES = (stages.LOCK_FILE, 'config.txt', 'log.txt')  # about the latest command, not a stage
+
+
 def tree_digest(root: Path) -> dict[str, str]:
-  """sha256 of every file under `root` (the lock file aside)."""
+  """sha256 of every stage output under `root`."""
   return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-          for p in sorted(root.rglob('*')) if p.is_file() and p.name != stages.LOCK_FILE}
+          for p in sorted(root.rglob('*')) if p.is_file() and p.name not in RUN_FILES}
 
 
 @pytest.fixture(scope='module')

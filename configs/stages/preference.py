@@ -13,18 +13,17 @@ import ml_collections
 
 from configs.stages import optimizer
 
-# Per variant: (pairs per step, epochs, num_steps, learning rate, warmup, tokens per conversation,
-# checkpoint interval). The demo's budget is ~60 s on 2 CPU cores: 4 steps of 2 pairs x 96 tokens
-# after a ~25 s compilation, and no checkpoints (writing SmolLM2's train state costs ~5 s).
-_SIZES = {
-    'tiny': (8, 3.0, -1, 1e-3, 2, 256, 50),
-    'demo': (2, 1.0, 4, 2e-5, 1, 96, 0),
-    'full': (64, 1.0, -1, 1e-5, 50, 1024, 200),
-}
-
 
 def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
-  batch_size, epochs, num_steps, lr, warmup, max_len, checkpoint_every = _SIZES[variant]
+  # The demo's budget is ~60 s on 2 CPU cores: 4 steps of 2 pairs x 96 tokens after a ~25 s
+  # compilation, and no checkpoints (writing SmolLM2's train state costs ~5 s).
+  batch_size = dict(tiny=8, demo=2, full=64)[variant]
+  epochs = dict(tiny=3.0, demo=1.0, full=1.0)[variant]
+  num_steps = dict(tiny=-1, demo=4, full=-1)[variant]
+  lr = dict(tiny=0.001, demo=2e-05, full=1e-05)[variant]
+  warmup = dict(tiny=2, demo=1, full=50)[variant]
+  max_len = dict(tiny=256, demo=96, full=1024)[variant]
+  checkpoint_every = dict(tiny=50, demo=0, full=200)[variant]
   c = ml_collections.ConfigDict()
   c.init_from = ''  # PM start: '' = pretrained (config.model.source, paper) | 'sl_cai' | any loadable source
   c.label_type = 'soft'  # loss target: 'soft' = p_a itself (paper) | 'hard' = labels.hard_label(p_a) (ablation)

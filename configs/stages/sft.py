@@ -8,16 +8,14 @@ import ml_collections
 
 from configs.stages import optimizer
 
-# Per variant: (sequences per step, epochs, num_steps, learning rate, warmup, eval/checkpoint interval).
-_SIZES = {
-    'tiny': (8, 1.0, 30, 3e-3, 3, 10),
-    'demo': (4, 2.0, -1, 1e-5, 1, 5),
-    'full': (128, 1.0, -1, 2e-5, 50, 200),
-}
-
 
 def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
-  batch_size, epochs, num_steps, lr, warmup, every = _SIZES[variant]
+  batch_size = dict(tiny=8, demo=4, full=128)[variant]
+  epochs = dict(tiny=1.0, demo=2.0, full=1.0)[variant]
+  num_steps = dict(tiny=30, demo=-1, full=-1)[variant]
+  lr = dict(tiny=0.003, demo=1e-05, full=2e-05)[variant]
+  warmup = dict(tiny=3, demo=1, full=50)[variant]
+  every = dict(tiny=10, demo=5, full=200)[variant]
   c = ml_collections.ConfigDict()
   # Helpful examples per revision in the mix (a seeded draw, repeated if short); -1 = all of them.
   c.helpful_ratio = -1.0

@@ -1,6 +1,6 @@
 """Runs stage critique_revision of the demo config (SmolLM2-135M on CPU) and shows its output.
 
-  python tests/scripts/cr_demo.py [WORKDIR] [--config.field=value ...]
+  python experiments/demo_runs/cr_demo.py [WORKDIR] [--config.field=value ...]
 
 Prints the wall and CPU time of the run, the stage summary and the first two records of
 samples.jsonl. WORKDIR defaults to /tmp/demo_cr and is wiped first, so the timing is that of

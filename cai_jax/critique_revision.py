@@ -54,43 +54,11 @@ from tqdm import tqdm
 
 from cai_jax import constitution as constitution_lib
 from cai_jax import conversation, data, sampling
-from cai_jax.stages import StageError, _barrier
+from cai_jax.stages import StageError, barrier
 
 STAGE = 'critique_revision'
 DATASET = 'critique_revision'  # TFDS dataset name under STAGE_DIR/tfds
 _REDTEAM_STREAM, _HELPFUL_STREAM = 0, 1  # seed streams of the two kinds of chunks
-
-
-# ----------------------------------------------------------------------------------------------
-# Prompts (from config.data). Shared by every stage that reads the red-team / helpful prompts.
-
-def _prompts(ctx, kind: str) -> dict[str, list[dict]]:
-  d = ctx.config.data
-  sources = data._as_dict(d[f'{kind}_sources'])
-  if not any(count != 0 for count in sources.values()):
-    raise StageError(f'config.data.{kind}_sources: every count is 0, so there are no {kind} '
-                     f'prompts; set at least one of {sorted(sources)} to -1 (all) or N')
-  kwargs = dict(sources=sources, seed=ctx.config.seed + d.seed_offset,
-                test_fraction=d.test_fraction, data_dir=d.data_dir or str(ctx.workdir / 'data'),
-                paths=data._as_dict(d.paths))
-  fn = data.redteam_prompts if kind == 'redteam' else data.helpful_prompts
-  try:
-    # Process 0 materializes the TFDS dataset; the others read it once it exists.
-    splits = fn(**kwargs) if jax.process_index() == 0 else None
-    _barrier(f'{kind}-prompts')
-    return splits if splits is not None else fn(**kwargs)
-  except data.DataSourceError as e:
-    raise StageError(f'config.data.{kind}_sources: {e}') from None
-
-
-def redteam_prompts(ctx) -> dict[str, list[dict]]:
-  """{'train', 'test'} red-team prompt records ({id, prompt, source}) per `config.data`."""
-  return _prompts(ctx, 'redteam')
-
-
-def helpful_prompts(ctx) -> dict[str, list[dict]]:
-  """{'train', 'test'} helpful prompt records ({id, prompt, source}) per `config.data`."""
-  return _prompts(ctx, 'helpful')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -308,12 +276,12 @@ def run(ctx, stage_dir: Path) -> dict:
   cfg = ctx.config.critique_revision
   check_config(ctx.config)
   constitution = load_constitution(ctx.config.constitution, cfg.num_few_shots)
-  prompts = redteam_prompts(ctx)['train']
+  prompts = data.stage_prompts(ctx, 'redteam')['train']
   prompts = prompts if cfg.num_prompts < 0 else prompts[:cfg.num_prompts]
   if not prompts:
     raise StageError(f'{STAGE}: the train split of config.data.redteam_sources is empty')
   n_helpful = round(cfg.helpful_ratio * len(prompts))
-  helpful = helpful_prompts(ctx)['train'][:n_helpful] if n_helpful else []
+  helpful = data.stage_prompts(ctx, 'helpful')['train'][:n_helpful] if n_helpful else []
   if len(helpful) < n_helpful:
     logging.warning('%s: helpful_ratio asks for %d helpful prompts, the train split has %d',
                     STAGE, n_helpful, len(helpful))
@@ -335,16 +303,16 @@ def run(ctx, stage_dir: Path) -> dict:
       lambda chunk, s: helpful_chunk(chunk, s, sample=sample),
       chunk_size=cfg.chunk_size, seed=seed, stream=_HELPFUL_STREAM, desc='helpful mix',
       tokens=lambda: sample.tokens)
-  _barrier(f'{STAGE}-sampled')
+  barrier(f'{STAGE}-sampled')
   if pi != 0:
-    _barrier(f'{STAGE}-merged')
+    barrier(f'{STAGE}-merged')
     return {}
   samples = merge_outputs(stage_dir, 'samples', prompts, pc)
   helpful_records = merge_outputs(stage_dir, 'helpful', helpful, pc)
   if cfg.write_tfds:
     data.write_records_dataset({'revisions': samples, 'helpful': helpful_records}, DATASET,
                                stage_dir / 'tfds', description='SL-CAI revisions and helpful mix')
-  _barrier(f'{STAGE}-merged')
+  barrier(f'{STAGE}-merged')
   rounds = [r for s in samples for r in s['rounds']]
   finish = collections.Counter(
       reason for s in samples for reasons in (

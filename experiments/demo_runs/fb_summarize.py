@@ -1,8 +1,8 @@
 """Accuracy / ECE of an evaluate_feedback run so far, finished or not (records.jsonl is a prefix
 of the comparisons in file order, written a chunk at a time).
 
-  python tests/scripts/fb_summarize.py WORKDIR [WORKDIR ...]
-  python tests/scripts/fb_summarize.py --primary_order_only DEBIAS_WORKDIR
+  python experiments/demo_runs/fb_summarize.py WORKDIR [WORKDIR ...]
+  python experiments/demo_runs/fb_summarize.py --primary_order_only DEBIAS_WORKDIR
 
 --primary_order_only recomputes every label from each principle's first scoring alone: a
 debiased run's primary-order scorings are exactly the prompts a single-order run scores, so

@@ -2,7 +2,7 @@
 # The demo's ppo stage (SmolLM2 policy, the PM its preference stage trained), killed with
 # SIGKILL once step 2's checkpoint is written, rerun with the same command; compares its
 # metrics with those of the uninterrupted run already in WORKDIR (a finished demo workdir).
-#   tests/scripts/ppo_demo_kill.sh WORKDIR
+#   experiments/demo_runs/ppo_demo_kill.sh WORKDIR
 set -u
 W=${1:?usage: $0 DEMO_WORKDIR}
 cd "$(dirname "$0")/../.."

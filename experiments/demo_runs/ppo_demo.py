@@ -1,6 +1,6 @@
 """Times the ppo stage of configs/demo.py (SmolLM2 policy and PM) on stand-in upstream outputs.
 
-  python tests/scripts/ppo_demo.py WORKDIR [--pm PM_EXPORT_DIR] [--config.FIELD=VALUE ...]
+  python experiments/demo_runs/ppo_demo.py WORKDIR [--pm PM_EXPORT_DIR] [--config.FIELD=VALUE ...]
 
 WORKDIR/sft/export is the pretrained SmolLM2 (standing in for the SL-CAI model) and
 WORKDIR/preference/export is PM_EXPORT_DIR (e.g. a real preference stage's export) or, without
@@ -18,7 +18,7 @@ from pathlib import Path
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / 'tests'))  # helpers_stages
 
 from cai_jax import checkpoint, sharding, stages, train_lib  # noqa: E402
 from configs import demo  # noqa: E402

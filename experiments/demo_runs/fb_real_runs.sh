@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The measured accuracy of the AI-feedback labels of SmolLM2-135M (configs/demo.py) on the
 # paper's 438 HHH comparisons, one configuration at a time (each resumable: rerun to continue).
-#   nohup tests/scripts/fb_real_runs.sh /tmp/fb_real [LIMIT [RUN ...]] > /tmp/fb_real.log 2>&1 &
+#   nohup experiments/demo_runs/fb_real_runs.sh /tmp/fb_real [LIMIT [RUN ...]] > /tmp/fb_real.log 2>&1 &
 # LIMIT: the first N comparisons (0 = all 438); RUN: single debias ensemble4 cot_clamp (default
-# all). Summarize finished or partial runs with tests/scripts/fb_summarize.py ROOT/*.
+# all). Summarize finished or partial runs with experiments/demo_runs/fb_summarize.py ROOT/*.
 set -u
 ROOT=${1:-/tmp/fb_real}
 LIMIT=${2:-0}

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cai_jax import checkpoint, data, sharding, sl_cai, stages
+from cai_jax import checkpoint, critique_revision, data, sharding, stages
 from cai_jax import constitution as constitution_lib
 from cai_jax.constitution import ConstitutionError
 from configs import tiny
@@ -117,7 +117,7 @@ def test_writes_samples_helpful_and_dataset(reference, prompt_files):
   assert summary['tokens_generated'] == sum(s['tokens'] for s in samples + helpful) > 0
   rounds = [r for s in samples for r in s['rounds']]
   assert summary['empty_revisions'] == sum(r['empty_revision'] for r in rounds)
-  tfds = data.read_records_dataset(sl_cai.DATASET, reference / 'tfds')
+  tfds = data.read_records_dataset(critique_revision.DATASET, reference / 'tfds')
   assert tfds == {'revisions': samples, 'helpful': helpful}
 
 
@@ -200,20 +200,20 @@ def test_processes_split_chunks_and_merge_in_order(tmp_path):
     return [{'id': r['id'], 'revision': r['prompt'] * 2} for r in chunk]
 
   for p in (1, 0):
-    sl_cai.process_in_chunks(items, tmp_path / f'samples.{p}.jsonl', fn, chunk_size=2, seed=3,
+    critique_revision.process_in_chunks(items, tmp_path / f'samples.{p}.jsonl', fn, chunk_size=2, seed=3,
                              stream=0, desc='test', process_index=p, process_count=2)
   assert [r['id'] for r in read(tmp_path, 'samples.0.jsonl')] == ['p0', 'p1', 'p2', 'p3']
-  assert seeds['p4'] == sl_cai.chunk_seed(3, 0, 2, 0)  # chunk 2, whichever process runs it
-  merged = sl_cai.merge_outputs(tmp_path, 'samples', items, 2)
+  assert seeds['p4'] == critique_revision.chunk_seed(3, 0, 2, 0)  # chunk 2, whichever process runs it
+  merged = critique_revision.merge_outputs(tmp_path, 'samples', items, 2)
   assert merged == read(tmp_path, 'samples.jsonl')
   assert [r['id'] for r in merged] == [r['id'] for r in items]
   # A rerun finds everything done; a missing shard is an error, never a silent gap.
-  assert sl_cai.process_in_chunks(items, tmp_path / 'samples.0.jsonl', fn, chunk_size=2, seed=3,
+  assert critique_revision.process_in_chunks(items, tmp_path / 'samples.0.jsonl', fn, chunk_size=2, seed=3,
                                   stream=0, desc='test', process_index=0, process_count=2
                                   ) == {'resumed': 4, 'new': 0}
   (tmp_path / 'samples.1.jsonl').unlink()
   with pytest.raises(stages.StageError, match='3 samples records missing'):
-    sl_cai.merge_outputs(tmp_path, 'samples', items, 2)
+    critique_revision.merge_outputs(tmp_path, 'samples', items, 2)
 
 
 @pytest.mark.parametrize('extra, message', [
