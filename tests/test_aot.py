@@ -88,6 +88,7 @@ def tiny_v5e(tmp_path_factory):
   return r.stdout, {f"{p['stage']}/{p['program']}": p for p in json.loads(out.read_text())}
 
 
+@pytest.mark.slow
 def test_every_stage_program_compiles_and_fits(tiny_v5e):
   stdout, programs = tiny_v5e
   last = stdout.strip().splitlines()[-1]
@@ -113,6 +114,7 @@ def test_every_stage_program_compiles_and_fits(tiny_v5e):
   assert '(= feedback/SL-CAI prefill)' in rows['evaluate/evaluated model prefill']['compile s']
 
 
+@pytest.mark.slow
 def test_memory_is_what_the_arguments_hold(tiny_v5e):
   """Train steps' arguments hold the float32 params and two AdamW moments, 1/8 of them each."""
   sys.path.insert(0, str(REPO))
