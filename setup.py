@@ -41,6 +41,8 @@ setup(
     extras_require={
         # The parity reference: a CPU build of torch (2.13.0 is the one on local disk here; an
         # unpinned torch would pull a multi-GB CUDA build) and accelerate for transformers' GGUF loader.
-        'test': ['pytest', 'torch==2.13.0', 'accelerate', 'nbclient', 'nbformat', 'ipykernel'],
+        # jax[tpu] brings libtpu, whose compiler tests/test_aot.py runs without a TPU.
+        'test': ['pytest', 'torch==2.13.0', 'accelerate', 'nbclient', 'nbformat', 'ipykernel',
+                 'jax[tpu]==0.10.2'],
     },
 )

@@ -16,6 +16,7 @@ use (see cai_jax/sft.py):
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -139,13 +140,21 @@ def init_state(model, tx: optax.GradientTransformation):
     raise ValueError('train_lib trains nnx.Param state only; the model has other state: '
                      f'{jax.tree.map(jnp.shape, rest)}')
 
-  def build(p):
-    p = jax.tree.map(jnp.copy, p)
-    return TrainState(p, tx.init(p), jnp.zeros((), jnp.int32))
-
-  shardings = shardings_of(jax.eval_shape(build, params))
-  state = jax.jit(build, out_shardings=shardings)(params)
+  _, shardings = abstract_train_state(params, tx)
+  state = jax.jit(functools.partial(_build_state, tx), out_shardings=shardings)(params)
   return graphdef, state, shardings
+
+
+def _build_state(tx, params) -> TrainState:
+  params = jax.tree.map(jnp.copy, params)
+  return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
+
+
+def abstract_train_state(params, tx: optax.GradientTransformation):
+  """(abstract TrainState, its shardings) for (possibly abstract) params: what `init_state`
+  builds, without building it (cai_jax/aot.py compiles train steps from this alone)."""
+  abstract = jax.eval_shape(functools.partial(_build_state, tx), params)
+  return abstract, shardings_of(abstract)
 
 
 def abstract_state(state: TrainState, shardings=None):

@@ -41,6 +41,7 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   c.model.architecture = ''  # ModelConfig preset matching source ('gemma2_2b', ...); only for memory checks
 
   c.tpu = ''  # accelerator kind the config is sized for ('v4', 'v5e', 'v5p', ...); '' = any
+  c.tpu_topology = ''  # TPU slice for `python -m cai_jax.aot` (e.g. 'v5e:2x4'); '' = none
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (1, -1, 1)  # sizes of mesh axes ('data', 'fsdp', 'tensor'); one -1 = the rest
   c.logical_axis_rules = sharding.DEFAULT_RULES  # logical axis name -> mesh axis (or axes / None)

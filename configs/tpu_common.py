@@ -2,7 +2,8 @@
 
 Each configs/tpu_*.py names its checkpoint, chip and mesh and calls `tpu_config`. Download the
 model on every host first (the hub is not reached at run time), then run the same command on
-every host. tests/test_tpu_configs.py checks on fake CPU devices that PPO's state fits HBM.
+every host. `python -m cai_jax.aot --config configs/tpu_<x>.py` compiles every program for the
+slice with libtpu (no TPU needed) and checks that each fits HBM; tests/test_aot.py runs it.
 """
 
 import os
@@ -10,11 +11,11 @@ import os
 from configs import base
 
 
-def tpu_config(*, model_dir: str, architecture: str, tpu: str, mesh_shape: tuple, multi_host: bool,
-               batch_size: int = 64):
+def tpu_config(*, model_dir: str, architecture: str, tpu: str, topology: str, mesh_shape: tuple,
+               multi_host: bool, batch_size: int = 64):
   c = base.get_config('full')
   c.model.source = os.path.expanduser(model_dir)  # HF directory (safetensors), downloaded beforehand
-  c.model.architecture = architecture  # ModelConfig preset of that checkpoint (for the HBM-fit check)
+  c.model.architecture = architecture  # ModelConfig preset of that checkpoint (for cai_jax.aot)
   c.model.dtype = 'bfloat16'  # bf16 matmuls: the MXU's native type
   c.model.param_dtype = 'float32'  # trained models: float32 master weights and AdamW moments
   c.model.frozen_param_dtype = 'bfloat16'  # PPO's reference and PM, feedback and sampling models
@@ -22,7 +23,8 @@ def tpu_config(*, model_dir: str, architecture: str, tpu: str, mesh_shape: tuple
   c.model.max_len = 2048  # prompt + response tokens
   c.conversation_format = 'chat_template'  # instruct models answer best in their own template
   c.mesh.shape = mesh_shape  # ('data', 'fsdp', 'tensor') over the slice's devices
-  c.tpu = tpu  # chip kind, for the HBM-fit check (cai_jax.memory.HBM_GIB)
+  c.tpu = tpu  # chip kind (cai_jax.memory.HBM_GIB)
+  c.tpu_topology = topology  # the slice `python -m cai_jax.aot` compiles every program for
   c.distributed.enabled = multi_host  # multi-host slice: jax.distributed.initialize from the TPU env
   c.critique_revision.batch_size = batch_size  # sequences per sampler call (divisible by data x fsdp)
   c.feedback.batch_size = batch_size  # sequences per sampler call

@@ -9,4 +9,4 @@ from configs.tpu_common import tpu_config
 
 def get_config():
   return tpu_config(model_dir='~/models/gemma-2-2b-it', architecture='gemma2_2b', tpu='v5e',
-                    mesh_shape=(1, 8, 1), multi_host=False)
+                    topology='v5e:2x4', mesh_shape=(1, 8, 1), multi_host=False)

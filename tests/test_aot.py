@@ -1,0 +1,147 @@
+"""cai_jax.aot on libtpu without a TPU: bad input fails in one line, and a TPU config's programs
+all compile for its slice with plausible per-device memory.
+
+The full-size models take minutes per program on a 2-core CPU, so the compile test swaps in the
+tiny architecture (every program, every stage, the config's mesh and shardings); the real
+configs' tables are in the commit that sized them.
+"""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+GEMMA_V5E = 'configs/tpu_gemma2_2b_v5e8.py'
+TINY = ['--config.model.architecture=tiny', '--config.model.max_len=512']
+
+
+def run_aot(*args, timeout=600, prelude='pass'):
+  code = (f'import sys, runpy; {prelude}; sys.argv = ["cai_jax.aot", *{list(args)!r}]; '
+          'runpy.run_module("cai_jax.aot", run_name="__main__")')
+  return subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                        timeout=timeout, cwd=REPO)
+
+
+def one_line_error(r, *needles):
+  assert r.returncode != 0, r.stdout[-2000:]
+  assert 'Traceback' not in r.stderr, r.stderr[-3000:]
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith('aot: error: '), r.stderr[-2000:]
+  for needle in needles:
+    assert needle in last, last
+  return last
+
+
+def test_unknown_topology_lists_valid_ones():
+  r = run_aot('--config', GEMMA_V5E, '--config.tpu_topology=v9z:2x4')
+  last = one_line_error(r, 'v9z:2x4', 'v5e:2x4', 'v4:2x2x1', 'v5p:2x2x2', 'v6e:2x4')
+  assert 'unknown TPU topology' in last
+
+
+def test_config_without_topology():
+  one_line_error(run_aot('--config', GEMMA_V5E, '--config.tpu_topology='), 'tpu_topology is empty')
+
+
+def test_mesh_that_does_not_cover_the_slice():
+  one_line_error(run_aot('--config', GEMMA_V5E, '--config.mesh.shape=(1,4,1)'),
+                 '4 slots', '8 devices', 'v5e:2x4')
+
+
+def test_libtpu_not_installed():
+  # None in sys.modules makes `import libtpu` fail as if the package were absent.
+  r = run_aot('--config', GEMMA_V5E, prelude='sys.modules["libtpu"] = None')
+  one_line_error(r, 'pip install "jax[tpu]==0.10.2"')
+
+
+def test_every_listed_topology_exists():
+  code = ('from cai_jax import aot\n'
+          'for name in aot.VALID_TOPOLOGIES:\n'
+          '  print(name, len(aot.topology_devices(name)))')
+  r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300,
+                     cwd=REPO)
+  assert r.returncode == 0, r.stderr[-3000:]
+  counts = dict(line.split() for line in r.stdout.strip().splitlines())
+  # Megacore v4 and v5p: one device per chip, as on a TPU VM (a v4-8 is 4 chips).
+  assert counts == {'v4:2x2x1': '4', 'v5e:2x4': '8', 'v5p:2x2x2': '8', 'v6e:2x4': '8'}
+
+
+def _rows(stdout):
+  """The table's rows: {'stage/program': {column: cell}}."""
+  lines = [line for line in stdout.splitlines() if line.startswith('| ')]
+  head = [c.strip() for c in lines[0].strip('|').split('|')]
+  out = {}
+  for line in lines[1:]:
+    cells = dict(zip(head, (c.strip() for c in line.strip('|').split('|'))))
+    out[f"{cells['stage']}/{cells['program']}"] = cells
+  return out
+
+
+@pytest.fixture(scope='module')
+def tiny_v5e(tmp_path_factory):
+  out = tmp_path_factory.mktemp('aot') / 'programs.json'
+  r = run_aot('--config', GEMMA_V5E, *TINY, f'--json={out}')
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  return r.stdout, {f"{p['stage']}/{p['program']}": p for p in json.loads(out.read_text())}
+
+
+@pytest.mark.slow
+def test_every_stage_program_compiles_and_fits(tiny_v5e):
+  stdout, programs = tiny_v5e
+  last = stdout.strip().splitlines()[-1]
+  found = re.fullmatch(r'aot: (\d+) programs compiled for v5e:2x4, peak ([\d.]+) GiB of '
+                       r'15\.8 GiB HBM per device', last)
+  assert found, last
+  rows = _rows(stdout)
+  assert int(found.group(1)) == len(rows) == len(programs)
+  for name in ('critique_revision/helpful prefill', 'critique_revision/helpful decode',
+               'sft/SL-CAI train step', 'feedback/SL-CAI prefill',
+               'feedback/feedback-model score_options', 'preference/PM train step',
+               'ppo/policy prefill', 'ppo/policy decode', 'ppo/PM rewards', 'ppo/rollout forward',
+               'ppo/learner train step', 'evaluate/evaluated model decode',
+               'evaluate/judge score_options', 'evaluate/PM rewards'):
+    assert name in rows and name in programs, (name, sorted(rows))
+    assert programs[name]['memory']['program'] > 0 and programs[name]['error'] is None
+  # The stage shapes: the largest buckets of the 'full' stage configs at model.max_len=512
+  # (critiques: 192 new tokens after a prompt of up to 320, bucketed to 384).
+  assert rows['critique_revision/helpful prefill']['shape'] == 'B=64 P=384 N=192'
+  assert rows['sft/SL-CAI train step']['shape'].startswith('B=64 T=512')
+  assert rows['ppo/learner train step']['shape'].startswith('B=16 T=512')  # 64 / 4 minibatches
+  # Identical programs compile once: evaluate samples exactly as feedback does.
+  assert '(= feedback/SL-CAI prefill)' in rows['evaluate/evaluated model prefill']['compile s']
+
+
+@pytest.mark.slow
+def test_memory_is_what_the_arguments_hold(tiny_v5e):
+  """Train steps' arguments hold the float32 params and two AdamW moments, 1/8 of them each."""
+  sys.path.insert(0, str(REPO))
+  from cai_jax.model import ModelConfig
+
+  params = ModelConfig.tiny().num_params() * 4  # float32 master weights
+  _, programs = tiny_v5e
+  sft = programs['sft/SL-CAI train step']['memory']
+  assert sft['argument'] >= 3 * params / 8
+  assert sft['argument'] < 3 * params  # sharded, not replicated
+  # PPO's learner holds the policy, the value net and their moments: twice SFT's state.
+  learner = programs['ppo/learner train step']
+  assert learner['memory']['argument'] >= 2 * 3 * params / 8
+  # While it runs, the helpful model, the reference and the PM stay resident, in bfloat16
+  # (the PM's scalar head adds d_model + 1 parameters).
+  for name in ('helpful', 'reference', 'PM'):
+    assert params / 2 / 8 <= learner['resident'][name] <= 1.01 * params / 2
+  assert learner['total'] == learner['memory']['program'] + sum(learner['resident'].values())
+
+
+def test_a_program_that_does_not_fit_fails_naming_it():
+  r = run_aot('--config', GEMMA_V5E, *TINY, '--programs=sft', '--config.model.max_len=4096',
+              '--config.sft.loss_chunk=0', '--config.sft.batch_size=8192',
+              '--config.model.remat=none')
+  assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+  assert r.stdout.strip().splitlines()[-1].startswith('aot: 1 programs compiled for v5e:2x4')
+  error = [line for line in r.stderr.splitlines() if line.startswith('aot: error: ')]
+  assert len(error) == 1, r.stderr[-3000:]
+  assert 'sft/SL-CAI train step' in error[0] and '15.75 GiB HBM' in error[0]
+  assert '--config.model.remat=full' in error[0]
