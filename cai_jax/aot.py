@@ -14,11 +14,10 @@ smaller buckets are not compiled. Prompt lengths are bounded by what the stage's
 lowered text is identical (e.g. feedback's and evaluate's sampler) compile once.
 
 Memory per device = the compiled program (arguments + temporaries + outputs - aliased) plus the
-state that stays resident during its stage without being one of its arguments: what a
-`--config.stages=<stage>` run holds, i.e. main.py's helpful model, every model the stage's
-Context has cached (`Context.load` keeps what it loads) and in PPO the learner's state. A
-one-process run of several stages also keeps the models earlier stages cached; that is not
-counted. Not counted either: XLA's fragmentation, hence the 10% margin. The HBM is what libtpu
+state that stays resident during its stage without being one of its arguments: the frozen
+models the stage's Context keeps (`Context.load` caches them for the stage; a trained model's
+loaded copy is dropped once the train state holds its copy, and the cache is emptied between
+stages) and in PPO the learner's state. Not counted: XLA's fragmentation, hence the 10% margin. The HBM is what libtpu
 reports as available (it says so when a program does not fit); FLOPs and seconds are the
 compiler's cost model for one device, and MFU = FLOPs / seconds / the chip's peak (for the
 decode loop the model sees one pass of its body).
@@ -323,14 +322,14 @@ def stage_programs(config, mesh) -> list[Program]:
   m = config.model
   cfg, frozen_cfg = model_config(config), model_config(config, frozen=True)
   max_len = m.max_len
-  # Frozen models (model.frozen_param_dtype): main.py's helpful model, which the Context keeps
-  # for the whole run; the sft export as feedback samples it; the PM as PPO and evaluate score.
+  # Frozen models (model.frozen_param_dtype): the helpful model as critique_revision samples it
+  # and feedback and evaluate judge with it; the sft export as feedback samples it; the PM as PPO
+  # and evaluate score. Trained models exist only as their train state.
   helpful = decoder(frozen_cfg, mesh)
   sl_cai = decoder(frozen_cfg, mesh)
   pm = scalar_head_model(frozen_cfg, mesh)
-  # Trained models load in model.param_dtype and stay cached while the train state holds a copy.
   size = {'helpful': tree_bytes(helpful[1]), 'SL-CAI': tree_bytes(sl_cai[1]),
-          'PM': tree_bytes(pm[1]), f'helpful {m.param_dtype}': tree_bytes(decoder(cfg, mesh)[1])}
+          'PM': tree_bytes(pm[1])}
   keep = lambda *names: {n: size[n] for n in names}
   wanted = stages_lib.parse_stage_list(config.stages)
   if _PROGRAMS.value:
@@ -354,8 +353,7 @@ def stage_programs(config, mesh) -> list[Program]:
     graphdef, params = decoder(cfg, mesh)
     batch = {k: rows(mesh, (sc.batch_size, max_len), jnp.int32) for k in ('tokens', 'loss_mask')}
     program, _, _ = train_program('sft', 'SL-CAI', graphdef, params, tx,
-                                  sft.make_loss_fn(sc.loss_chunk), batch,
-                                  keep('helpful', f'helpful {m.param_dtype}'), schedule)
+                                  sft.make_loss_fn(sc.loss_chunk), batch, {}, schedule)
     program.shape += f' loss_chunk={sc.loss_chunk}'
     out.append(program)
 
@@ -385,9 +383,9 @@ def stage_programs(config, mesh) -> list[Program]:
              'read_index': rows(mesh, (2 * pc.batch_size,), jnp.int32),
              'p_a': rows(mesh, (pc.batch_size,), jnp.float32),
              'weight': rows(mesh, (pc.batch_size,), jnp.float32)}
-    # initial_pm puts a new head on the cached pretrained model (param_dtype) and copies it.
+    # initial_pm puts a new head on the pretrained model; the train state holds the only copy.
     program, _, _ = train_program('preference', 'PM', graphdef, params, tx, preference.pair_loss,
-                                  batch, keep('helpful', f'helpful {m.param_dtype}'), schedule)
+                                  batch, {}, schedule)
     out.append(program)
 
   if 'ppo' in wanted:
@@ -446,16 +444,12 @@ def ppo_programs(config, cfg, mesh, helpful, reference, pm, size) -> list[Progra
   state = placed(abstract, shardings)
   state_bytes, param_bytes = tree_bytes(state), tree_bytes(state.params)
   policy_bytes = tree_bytes(state.params['policy'])
-  # What the stage's Context holds beside the learner: main.py's helpful model, the policy source
-  # as loaded (param_dtype; the train state copies it), its frozen-dtype copy as the KL
-  # reference, the PM that scores (frozen) and the PM the value net starts from (param_dtype).
-  trained_size = tree_bytes(decoder(cfg, mesh)[1])
-  cached = {'helpful': size['helpful'], f'SL-CAI {cfg.param_dtype}': trained_size,
-            'reference': size['SL-CAI']}
+  # What the stage holds beside the learner: the policy's frozen-dtype copy as the KL reference
+  # and the PM that scores (frozen). The policy and value as loaded are dropped once the train
+  # state holds their copies.
+  cached = {'reference': size['SL-CAI']}
   if pp.reward == 'pm':
     cached['PM'] = size['PM']
-  if not pp.value.shared_trunk and pp.value.init == 'pm':
-    cached[f'PM {cfg.param_dtype}'] = tree_bytes(scalar_head_model(cfg, mesh)[1])
   out = []
 
   # 1. Rollouts: generate() on the policy's parameters inside the train state.

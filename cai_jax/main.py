@@ -48,7 +48,7 @@ def main(argv):
       if jax.process_index() == 0:
         (workdir / 'config.txt').write_text(str(config))
         print(f'config: {workdir / "config.txt"}; full log: {workdir / "log.txt"}', flush=True)
-      helpful = ctx.load(config.model.source, frozen=True)
+      helpful = ctx.load(config.model.source, frozen=True, cache=False)
       cfg = helpful.config
       print(f'model {config.model.source}: {cfg.family}, {cfg.num_params() / 1e6:.1f}M params, '
             f'{cfg.n_layers} layers, params {config.model.param_dtype} (trained) / '

@@ -28,6 +28,7 @@ RL-CAI policy as an HF directory).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -320,7 +321,9 @@ def check_same_tokenizer(policy: checkpoint.Pretrained, pm: checkpoint.Pretraine
 def _load_pm(ctx, policy: checkpoint.Pretrained, needed_by: str, *, frozen: bool
              ) -> checkpoint.Pretrained:
   ctx.require('preference', needed_by)
-  pm = ctx.load(ctx.model_source('pm'), scalar_head=True, frozen=frozen)
+  # A frozen PM scores the whole stage; a trained one (the value net's start) is copied into the
+  # train state, so it is not kept.
+  pm = ctx.load(ctx.model_source('pm'), scalar_head=True, frozen=frozen, cache=frozen)
   check_same_tokenizer(policy, pm, ctx.model_source('pm'))
   return pm
 
@@ -334,7 +337,7 @@ def _value_model(ctx, cfg, policy: checkpoint.Pretrained) -> ScalarHeadModel:
     return _load_pm(ctx, policy, 'ppo (ppo.value.init=pm)', frozen=False).model
   if cfg.value.init == 'policy':  # a copy of the policy's trunk, not shared with it
     return new_head(nnx.clone(policy.model))
-  value = ctx.load(cfg.value.init, scalar_head=True)
+  value = ctx.load(cfg.value.init, scalar_head=True, cache=False)
   if value.config.vocab_size != policy.config.vocab_size:
     raise PPOError(f'ppo.value.init={cfg.value.init!r}: vocabulary {value.config.vocab_size} '
                    f'differs from the policy\'s {policy.config.vocab_size}')
@@ -382,11 +385,11 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
 
   # The policy starts as SL-CAI, which also stays frozen as the KL reference.
   policy_source = cfg.policy_source or ctx.model_source('sl_cai')
-  policy = ctx.load(policy_source)
+  policy = ctx.load(policy_source, cache=False)  # the train state holds the trained copy
   tok = policy.tokenizer
   pad_id = conversation.pad_id(tok, policy.config)
   score = _Scorer(ctx, cfg, policy, max_prompt_tokens)
-  # The frozen KL reference, in model.frozen_param_dtype (the cached model is never trained).
+  # The frozen KL reference, in model.frozen_param_dtype (the learner trains a copy of the policy).
   ref_graphdef, ref_params = nnx.split(
       model_lib.with_param_dtype(policy.model, stages.frozen_param_dtype(config.model)))
 
@@ -397,6 +400,7 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
   tx = per_model_optimizer({'policy': policy_tx, 'value': value_tx})
   graphdef, train_state, shardings = train_lib.init_state(
       ActorCritic(policy.model, _value_model(ctx, cfg, policy)), tx)
+  policy = dataclasses.replace(policy, model=None)  # frees the loaded copy (HBM) for the learner
   train_step = train_lib.make_train_step(graphdef, tx, make_loss_fn(cfg), shardings, policy_lr)
   rollout_fn = make_rollout_fn(graphdef, ref_graphdef, cfg)
 

@@ -342,8 +342,8 @@ def initial_pm(ctx: stages.Context, source: str) -> checkpoint.Pretrained:
   """The PM before training: the trunk of `source` with a fresh scalar head (or its own head if
   `source` is an exported PM). train_lib copies the parameters, so nothing loaded is modified."""
   if source == ctx.config.model.source:
-    # The pretrained model main.py has already loaded: share its trunk instead of reading it again.
-    lm = ctx.load(source)
+    # The pretrained model with a new head; train_lib copies it into the train state.
+    lm = ctx.load(source, cache=False)
     head = ScalarHeadModel(lm.config, rngs=nnx.Rngs(params=ctx.config.seed), trunk=lm.model)
     return checkpoint.Pretrained(sharding.shard_module(head), lm.tokenizer, lm.config, source)
   return ctx.load(source, scalar_head=True, cache=False)

@@ -300,7 +300,7 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
   if cfg.batch_size % jax.process_count():
     raise sharding.ShardingError(f'sft.batch_size {cfg.batch_size} is not divisible by the '
                                  f'{jax.process_count()} processes')
-  helpful = ctx.load(config.model.source)
+  helpful = ctx.load(config.model.source, cache=False)  # the train state holds the only copy
   tok = helpful.tokenizer
   pad_id = conversation.pad_id(tok, helpful.config)
   train, held_out, counts = build_examples(ctx, tok)
@@ -318,6 +318,7 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
 
   tx, schedule = train_lib.make_optimizer(cfg.optimizer, total_steps)
   graphdef, state, shardings = train_lib.init_state(helpful.model, tx)
+  helpful = dataclasses.replace(helpful, model=None)  # frees the loaded copy (HBM) for training
   loss_fn = make_loss_fn(cfg.loss_chunk)
   train_step = train_lib.make_train_step(graphdef, tx, loss_fn, shardings, schedule)
   eval_step = train_lib.make_eval_step(graphdef, loss_fn, None if shardings is None else shardings.params)
@@ -335,7 +336,7 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
   eval_loss = result.eval_metrics.get('eval_loss')
 
   params = train_lib.gather_params(state.params)
-  model = nnx.merge(graphdef, params)  # the SL-CAI model (the cached helpful model is untouched)
+  model = nnx.merge(graphdef, params)  # the SL-CAI model
   export = stage_dir / 'export'
   checkpoint.save_pretrained(checkpoint.Pretrained(model, tok, helpful.config), str(export))
   if not metrics and jax.process_index() == 0:  # resumed after the last step: report from the log

@@ -118,17 +118,20 @@ class Context:
 
   def load(self, source: str, *, scalar_head: bool = False, cache: bool = True,
            frozen: bool = False):
-    """load_pretrained with the config's dtypes, memoized per (source, head, dtype) within the run.
+    """load_pretrained with the config's dtypes, memoized per (source, head, dtype) for the stage.
 
     A model that a stage trains keeps its parameters in `model.param_dtype` (float32 master
     weights); a `frozen` one (sampled or scored from, never updated) in `model.frozen_param_dtype`.
+    `cache=False` keeps no reference: a trained model's parameters are copied into the train
+    state, and the loaded copy must not stay in HBM beside it. The cache is emptied after each
+    stage, so a stage holds only the models it loaded.
     """
     from cai_jax import checkpoint
 
     m = self.config.model
     param_dtype = frozen_param_dtype(m) if frozen else m.param_dtype
     key = (source, scalar_head, param_dtype)
-    if cache and key in self._models:
+    if key in self._models:
       return self._models[key]
     pretrained = checkpoint.load_pretrained(source, dtype=m.dtype, param_dtype=param_dtype,
                                             seed=self.config.seed, scalar_head=scalar_head,
@@ -407,7 +410,10 @@ def _run_stages(ctx: Context, stages: list[str]) -> list[tuple[str, str, float]]
     if _check_or_claim(ctx, name) == 'reuse':
       rows.append((name, 'reused', 0.0))
       continue
-    summary = stage_module(name).run(ctx, ctx.stage_dir(name)) or {}
+    try:
+      summary = stage_module(name).run(ctx, ctx.stage_dir(name)) or {}
+    finally:
+      ctx._models.clear()  # the next stage starts with the device memory to itself
     seconds = time.time() - t0
     if jax.process_index() == 0:
       _atomic_write(ctx.stage_dir(name) / 'DONE.json',

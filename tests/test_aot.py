@@ -128,11 +128,14 @@ def test_memory_is_what_the_arguments_hold(tiny_v5e):
   # PPO's learner holds the policy, the value net and their moments: twice SFT's state.
   learner = programs['ppo/learner train step']
   assert learner['memory']['argument'] >= 2 * 3 * params / 8
-  # While it runs, the helpful model, the reference and the PM stay resident, in bfloat16
-  # (the PM's scalar head adds d_model + 1 parameters).
-  for name in ('helpful', 'reference', 'PM'):
+  # While it runs, only the frozen reference and the PM stay resident, in bfloat16 (the PM's
+  # scalar head adds d_model + 1 parameters); the loaded float32 policy and PM are dropped once
+  # the train state holds their copies, and SFT keeps nothing beside its train state.
+  assert set(learner['resident']) == {'reference', 'PM'}
+  for name in ('reference', 'PM'):
     assert params / 2 / 8 <= learner['resident'][name] <= 1.01 * params / 2
   assert learner['total'] == learner['memory']['program'] + sum(learner['resident'].values())
+  assert programs['sft/SL-CAI train step']['resident'] == {}
 
 
 def test_a_program_that_does_not_fit_fails_naming_it():
