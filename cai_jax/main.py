@@ -106,9 +106,12 @@ def _exit_on_io_error(e: OSError, workdir: Path) -> None:
     free = f'{shutil.disk_usage(workdir).free / 2**20:.1f} MiB free on its filesystem'
   except OSError:
     free = 'free space unknown'
-  what = 'no space left on device' if e.errno == errno.ENOSPC else (e.strerror or str(e))
-  print(f'cai_jax: error: {what} writing {where} ({free}); free space or use another --workdir, '
-        'then rerun the same command to resume', file=sys.stderr, flush=True)
+  if e.errno == errno.ENOSPC:
+    print(f'cai_jax: error: no space left on device writing {where} ({free}); free space or use '
+          'another --workdir, then rerun the same command to resume', file=sys.stderr, flush=True)
+  else:
+    print(f'cai_jax: error: {e.strerror or e} at {where}; check that path (or use another '
+          '--workdir), then rerun the same command to resume', file=sys.stderr, flush=True)
   sys.stdout.flush()
   os._exit(1)
 
