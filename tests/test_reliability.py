@@ -168,16 +168,28 @@ def test_a_second_run_on_a_busy_workdir_is_refused_and_a_stale_lock_taken_over(c
   assert not lock.exists()
 
 
-def test_two_runs_started_together_one_refuses(tmp_path):
-  procs = [subprocess.Popen(
+def test_a_second_run_while_the_first_is_running_refuses(tmp_path):
+  """The race the lock closes: two runs in one workdir at once (they used to train side by side,
+  or one died on a TFDS rename)."""
+  workdir = tmp_path / 'w'
+  args = ['--config.stages=critique_revision,sft', '--config.sft.num_steps=300']
+  first = subprocess.Popen(
       [sys.executable, '-m', 'cai_jax.main', '--config', str(REPO / 'configs' / 'tiny.py'),
-       '--workdir', str(tmp_path / 'w'), *SMALL, '--config.stages=critique_revision'],
-      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-  outs = [p.communicate(timeout=600) for p in procs]
-  codes = sorted(p.returncode for p in procs)
-  assert codes[0] == 0 and codes[1] != 0, outs
-  refused = next(err for p, (_, err) in zip(procs, outs) if p.returncode)
-  assert ' is in use by pid ' in refused and 'Traceback' not in refused
+       '--workdir', str(workdir), *SMALL, *args],
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 120
+  while not (workdir / stages.LOCK_FILE).exists() and time.time() < deadline:
+    time.sleep(0.05)
+  second = run_main(workdir, *args)
+  still_running = first.poll() is None
+  out, err = first.communicate(timeout=600)
+  assert still_running, 'the first run ended before the second started: the test proves nothing'
+  assert first.returncode == 0, err[-3000:]
+  assert second.returncode != 0 and 'Traceback' not in second.stderr
+  (line,) = errors(second)
+  assert line.startswith(f'cai_jax: error: {workdir} is in use by pid {first.pid} on ')
+  rows = train_lib.read_metrics(workdir / 'sft' / 'metrics.jsonl')
+  assert [r['step'] for r in rows] == list(range(1, 301))  # one run's rows, once each
 
 
 # ---- a full disk --------------------------------------------------------------------------------
