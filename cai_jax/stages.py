@@ -101,8 +101,8 @@ class Context:
     if not self.is_done(name):
       raise StageError(f"stage '{needed_by}' needs the output of stage '{name}', which has not finished "
                        f"in {self.workdir}: run --config.stages={name} first (same config and workdir)")
-    recorded = json.loads((self.stage_dir(name) / 'fingerprint.json').read_text())
-    if recorded['fingerprint'] != self.fingerprint(name):
+    if not _reusable(self, name):
+      recorded = json.loads((self.stage_dir(name) / 'fingerprint.json').read_text())
       diffs = diff_fields(recorded['fields'], self.stage_config_fingerprint(name))
       raise StageError(f"stage '{needed_by}' needs stage '{name}', whose output in {self.workdir} was "
                        f"made by a different config or inputs ({'; '.join(diffs[:4])}): run "
@@ -248,6 +248,7 @@ def input_fingerprints(config, name: str) -> dict[str, str]:
 
 
 def _reusable(ctx: Context, name: str) -> bool:
+  """Whether `name` finished in this workdir with the fingerprint this config gives it."""
   d = ctx.stage_dir(name)
   if not (d / 'DONE.json').exists() or not (d / 'fingerprint.json').exists():
     return False
@@ -258,8 +259,9 @@ def _only_inputs_changed(diffs: list[str]) -> bool:
   return all(d.startswith(('inputs.', 'upstream.')) for d in diffs)
 
 
-def _check_or_claim(ctx: Context, name: str) -> str:
-  """'reuse' for a finished stage with our fingerprint, 'run' otherwise; refuses foreign outputs.
+def _claim(ctx: Context, name: str) -> None:
+  """Makes `name`'s dir ours to run in (a finished one with our fingerprint is reused before
+  this is called); an unfinished one with our fingerprint is resumed; refuses foreign outputs.
 
   A stage whose config is unchanged but whose input files (or upstream outputs) changed is redone:
   its old outputs move to the trash. A stage dir holding only a fingerprint (a run that was
@@ -272,7 +274,7 @@ def _check_or_claim(ctx: Context, name: str) -> str:
   if fp_file.exists():
     old = json.loads(fp_file.read_text())
     if old['fingerprint'] == fp:
-      return 'reuse' if (d / 'DONE.json').exists() else 'run'
+      return
     diffs = diff_fields(old['fields'], fields)
     if _only_inputs_changed(diffs) or [p.name for p in d.iterdir()] == ['fingerprint.json']:
       logging.warning('stage %s: %s; redoing it (old outputs in %s)', name,
@@ -288,7 +290,6 @@ def _check_or_claim(ctx: Context, name: str) -> str:
   if jax.process_index() == 0:
     d.mkdir(parents=True, exist_ok=True)
     _atomic_write(fp_file, json.dumps({'fingerprint': fp, 'fields': fields}, indent=1, default=str))
-  return 'run'
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -403,13 +404,13 @@ def _run_stages(ctx: Context, stages: list[str]) -> list[tuple[str, str, float]]
   rows = []
   for name in stages:
     t0 = time.time()
-    if not _reusable(ctx, name):  # a stage that cannot start writes nothing
-      for u in STAGES[name]:
-        if not _upstream_unused(ctx.config, name, u):
-          ctx.require(u, name)
-    if _check_or_claim(ctx, name) == 'reuse':
+    if _reusable(ctx, name):
       rows.append((name, 'reused', 0.0))
       continue
+    for u in STAGES[name]:  # before the claim: a stage that cannot start writes nothing
+      if not _upstream_unused(ctx.config, name, u):
+        ctx.require(u, name)
+    _claim(ctx, name)
     try:
       summary = stage_module(name).run(ctx, ctx.stage_dir(name)) or {}
     finally:
