@@ -156,32 +156,6 @@ class Context:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def check_precision(model_config) -> None:
-  """Validates the model's dtype and remat fields; warns when trained parameters are bf16.
-
-  A bf16 parameter has 8 bits of mantissa: an AdamW update smaller than 2^-8 of the weight
-  rounds away. One step at lr 1e-6 on N(0, 0.02) weights changes ~2% of them, at 2e-5 ~30%:
-  a bf16-master run barely trains. Trained models therefore keep float32 master weights and
-  compute in `model.dtype`; only frozen models are worth storing in bf16.
-  """
-  from cai_jax.model import DTYPES, REMAT_POLICIES
-
-  for field in ('dtype', 'param_dtype', 'frozen_param_dtype'):
-    value = model_config.get(field, '')
-    if (value or field != 'frozen_param_dtype') and value not in DTYPES:
-      raise StageError(f'model.{field}={value!r} is not a dtype we run; valid: {", ".join(DTYPES)}')
-  remat = model_config.get('remat', 'none')
-  if remat not in REMAT_POLICIES:
-    raise StageError(f'model.remat={remat!r}; valid: {", ".join(REMAT_POLICIES)}')
-  if model_config.param_dtype != 'float32':
-    logging.warning(
-        'model.param_dtype=%s keeps the TRAINED models\' parameters and AdamW moments in %s: '
-        'most small updates round away (one step at lr 1e-6 changes ~2%% of N(0, 0.02) weights) '
-        'and training barely moves them. Use model.param_dtype=float32 (master weights; compute '
-        'stays in model.dtype) and model.frozen_param_dtype=%s for the frozen models.',
-        model_config.param_dtype, model_config.param_dtype, model_config.param_dtype)
-
-
 def frozen_param_dtype(model_config) -> str:
   """The parameter dtype of frozen models: `model.frozen_param_dtype`, or `param_dtype` if ''."""
   return model_config.get('frozen_param_dtype', '') or model_config.param_dtype

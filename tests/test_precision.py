@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cai_jax import checkpoint, ppo, sft, stages, train_lib
+from cai_jax import checkpoint, ppo, sft, stages, train_lib, validate
 from cai_jax import model as model_lib
 from cai_jax.model import ScalarHeadModel
 from configs import tpu_gemma2_2b_v5e8
@@ -170,15 +170,15 @@ def test_remat_cuts_the_backward_pass_temporaries_on_tpu():
 
 def test_bad_precision_fields_are_one_line_errors_and_bf16_masters_warn(caplog):
   cfg = tpu_gemma2_2b_v5e8.get_config().model
-  stages.check_precision(cfg)  # the shipped TPU config passes silently
+  validate.check_precision(cfg)  # the shipped TPU config passes silently
   for field, value in (('dtype', 'float7'), ('param_dtype', 'int8'), ('remat', 'some')):
     bad = tpu_gemma2_2b_v5e8.get_config().model
     bad[field] = value
     with pytest.raises(stages.StageError, match=f'model.{field}'):
-      stages.check_precision(bad)
+      validate.check_precision(bad)
   cfg.param_dtype = 'bfloat16'
   with caplog.at_level(logging.WARNING):
-    stages.check_precision(cfg)
+    validate.check_precision(cfg)
   assert 'barely moves them' in caplog.text
 
 
