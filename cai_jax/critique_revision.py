@@ -190,8 +190,8 @@ def run(ctx, stage_dir: Path) -> dict:
     logging.warning('%s: helpful_ratio asks for %d helpful prompts, the train split has %d',
                     STAGE, n_helpful, len(helpful))
 
-  sample = _Sampler(ctx.load(ctx.config.model.source, frozen=True), cfg, ctx.config.conversation_format,
-                    ctx.config.model.max_len)
+  sample = _Sampler(ctx.load(ctx.config.model.source, frozen=True), cfg,
+                    ctx.config.conversation_format, ctx.config.model.max_len)
   stage_dir.mkdir(parents=True, exist_ok=True)
   seed = ctx.config.seed
   red = records_lib.process_in_chunks(

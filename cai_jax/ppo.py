@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -502,7 +501,7 @@ def _train_on(train_state, train_step, rollout: dict[str, np.ndarray], cfg, seed
 
 def _stop_if_not_finite(updates, step, ckpt, bar, writer) -> None:
   """A NaN/inf loss ends the run without saving its state; the last good checkpoint stays."""
-  if all(math.isfinite(v) for m in updates for k, v in m.items() if k in train_lib.FINITE_KEYS):
+  if not train_lib.non_finite(updates):
     return
   bar.close()
   ckpt.close()  # waits for the last good save, if one is in flight

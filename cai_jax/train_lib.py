@@ -226,6 +226,13 @@ class NonFiniteError(stages.StageError):
 FINITE_KEYS = ('loss', 'grad_norm', 'policy_loss', 'value_loss')
 
 
+def non_finite(metrics: list[dict] | dict) -> dict[str, float]:
+  """The losses and gradient norms (FINITE_KEYS) among host metrics that are NaN or inf."""
+  rows = metrics if isinstance(metrics, list) else [metrics]
+  return {k: v for m in rows for k, v in m.items()
+          if k in FINITE_KEYS and isinstance(v, float) and not math.isfinite(v)}
+
+
 def check_finite(stage: str, step: int, metrics: list[dict] | dict, ckpt=None) -> None:
   """Raises NonFiniteError at the first step whose loss or gradient norm is not finite.
 
@@ -233,18 +240,16 @@ def check_finite(stage: str, step: int, metrics: list[dict] | dict, ckpt=None) -
   one; the stage then ends without an export or DONE.json. The message names the step, the
   values, that checkpoint and what to change.
   """
-  rows = metrics if isinstance(metrics, list) else [metrics]
-  bad = {k: v for m in rows for k, v in m.items()
-         if k in FINITE_KEYS and isinstance(v, float) and not math.isfinite(v)}
+  bad = non_finite(metrics)
   if not bad:
     return
   last = ckpt.latest_step() if ckpt is not None else None
   kept = (f'the last good checkpoint (step {last}) is kept in {ckpt.directory}' if last is not None
           else 'no checkpoint had been saved')
-  raise NonFiniteError(f'{stage}: non-finite {", ".join(f"{k}={v}" for k, v in sorted(bad.items()))} '
-                       f'at step {step}; stopped without saving this state or exporting a model, '
-                       f'{kept}. Lower the learning rate and rerun with --config.force={stage}, or check the '
-                       'data and rerun as is to resume')
+  values = ', '.join(f'{k}={v}' for k, v in sorted(bad.items()))
+  raise NonFiniteError(f'{stage}: non-finite {values} at step {step}; stopped without saving this '
+                       f'state or exporting a model, {kept}. Lower the learning rate and rerun '
+                       f'with --config.force={stage}, or check the data and rerun as is to resume')
 
 
 def gather_params(params, mesh=None):
