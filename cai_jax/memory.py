@@ -4,9 +4,6 @@ cai_jax/aot.py reads these to judge the programs it compiles. A v4 or v5p chip's
 TensorCores run as one JAX device (megacore), so every figure here is per chip.
 """
 
-# Nominal HBM per chip, GiB.
-HBM_GIB = {'v4': 32, 'v5e': 16, 'v5p': 95, 'v6e': 32, 'h100': 80, 'h200': 141}
-
 # HBM libtpu 0.0.42 lets one program use, GiB (what its out-of-memory errors report as
 # available); aot.py asks the compiler itself first and falls back to this table.
 AVAILABLE_HBM_GIB = {'v4': 30.75, 'v5e': 15.75, 'v5p': 95.74, 'v6e': 31.25}

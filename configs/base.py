@@ -40,7 +40,6 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   c.model.max_len = 2048  # longest token sequence any stage builds (prompt + response)
   c.model.architecture = ''  # ModelConfig preset matching source ('gemma2_2b', ...); only for memory checks
 
-  c.tpu = ''  # accelerator kind the config is sized for ('v4', 'v5e', 'v5p', ...); '' = any
   c.tpu_topology = ''  # TPU slice for `python -m cai_jax.aot` (e.g. 'v5e:2x4'); '' = none
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (1, -1, 1)  # sizes of mesh axes ('data', 'fsdp', 'tensor'); one -1 = the rest

@@ -11,7 +11,7 @@ import os
 from configs import base
 
 
-def tpu_config(*, model_dir: str, architecture: str, tpu: str, topology: str, mesh_shape: tuple,
+def tpu_config(*, model_dir: str, architecture: str, topology: str, mesh_shape: tuple,
                multi_host: bool, batch_size: int = 64):
   c = base.get_config('full')
   c.model.source = os.path.expanduser(model_dir)  # HF directory (safetensors), downloaded beforehand
@@ -23,7 +23,6 @@ def tpu_config(*, model_dir: str, architecture: str, tpu: str, topology: str, me
   c.model.max_len = 2048  # prompt + response tokens
   c.conversation_format = 'chat_template'  # instruct models answer best in their own template
   c.mesh.shape = mesh_shape  # ('data', 'fsdp', 'tensor') over the slice's devices
-  c.tpu = tpu  # chip kind (cai_jax.memory.HBM_GIB)
   c.tpu_topology = topology  # the slice `python -m cai_jax.aot` compiles every program for
   c.distributed.enabled = multi_host  # multi-host slice: jax.distributed.initialize from the TPU env
   c.critique_revision.batch_size = batch_size  # sequences per sampler call (divisible by data x fsdp)

@@ -8,7 +8,7 @@ from configs.tpu_common import tpu_config
 
 
 def get_config():
-  c = tpu_config(model_dir='~/models/gemma-2-2b-it', architecture='gemma2_2b', tpu='v5e',
+  c = tpu_config(model_dir='~/models/gemma-2-2b-it', architecture='gemma2_2b',
                  topology='v5e:2x4', mesh_shape=(1, 8, 1), multi_host=False)
   # The value head shares the policy's trunk. With a trunk of its own, the learner holds float32
   # master weights and AdamW moments of two 2.6B models (7.3 GiB per device) and the rollout

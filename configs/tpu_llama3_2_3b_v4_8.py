@@ -8,5 +8,5 @@ from configs.tpu_common import tpu_config
 
 
 def get_config():
-  return tpu_config(model_dir='~/models/Llama-3.2-3B-Instruct', architecture='llama3_2_3b', tpu='v4',
+  return tpu_config(model_dir='~/models/Llama-3.2-3B-Instruct', architecture='llama3_2_3b',
                     topology='v4:2x2x1', mesh_shape=(1, 4, 1), multi_host=False)

@@ -8,5 +8,5 @@ from configs.tpu_common import tpu_config
 
 
 def get_config():
-  return tpu_config(model_dir='~/models/Qwen2.5-7B-Instruct', architecture='qwen2_5_7b', tpu='v5p',
+  return tpu_config(model_dir='~/models/Qwen2.5-7B-Instruct', architecture='qwen2_5_7b',
                     topology='v5p:2x2x2', mesh_shape=(1, 4, 2), multi_host=True)
