@@ -1,0 +1,408 @@
+"""The programs `python -m cai_jax.aot` compiles: every jitted function the stages run, built
+from the same functions the stages call, on abstract models and placed abstract arguments.
+
+Each program is built from the function its stage calls (the sampler's `_prefill`/`_decode`
+and `_score_options_fn` through `sampling.common.jitted`, `train_lib.make_train_step` with the
+stage's loss, `preference._rewards`, `ppo.make_rollout_fn`) on abstract models (the
+`ModelConfig` preset named by `config.model.architecture`) and abstract arguments carrying the
+NamedShardings that the logical-axis rules give on the topology's mesh. Shapes are the
+largest buckets a stage can reach: the peak of a bucketed program is at its largest shape, so
+smaller buckets are not compiled. Prompt lengths are bounded by what the stage's code allows
+(`model.max_len - max_new_tokens`; evaluate's prompts by the same bound).
+
+Each program also names the state that stays resident during its stage without being one of its
+arguments: the frozen models the stage's Context keeps (`Context.load` caches them for the
+stage; a trained model's loaded copy is dropped once the train state holds its copy, and the
+cache is emptied between stages) and in PPO the learner's state.
+
+Nothing here imports jax at module level: cai_jax/aot.py sets libtpu's environment first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+
+class AotError(Exception):
+  """Bad input: a config, topology or installation the check cannot run with."""
+
+
+# ---- abstract models and arguments -----------------------------------------------------------
+
+
+def model_config(config, *, frozen: bool = False):
+  """The ModelConfig preset `config.model.architecture` with the config's dtypes and remat, as
+  `Context.load` builds it (frozen: model.frozen_param_dtype)."""
+  from cai_jax import stages
+  from cai_jax.model import ModelConfig
+
+  m = config.model
+  preset = getattr(ModelConfig, m.architecture, None) if m.architecture else None
+  if preset is None or not isinstance(preset, Callable):
+    raise AotError(f'config.model.architecture={m.architecture!r} is not a ModelConfig preset '
+                   '(e.g. gemma2_2b, llama3_2_3b, qwen2_5_7b)')
+  param_dtype = stages.frozen_param_dtype(m) if frozen else m.param_dtype
+  return preset(dtype=m.dtype, param_dtype=param_dtype, remat=m.get('remat', 'none'))
+
+
+def abstract_module(ctor: Callable[[], Any], mesh):
+  """(graphdef, params): the module's state as ShapeDtypeStructs placed by the logical rules."""
+  import jax
+  from flax import nnx
+
+  from cai_jax import sharding
+
+  box = {}
+
+  def build():
+    box['graphdef'], state = nnx.split(ctor())
+    return state
+
+  with nnx.use_eager_sharding(False):
+    state = jax.eval_shape(build)
+  placed = sharding.state_shardings(state, mesh)
+  params = jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(
+      v.get_value().shape, v.get_value().dtype, sharding=s.get_value())), state, placed,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return box['graphdef'], params
+
+
+def decoder(cfg, mesh):
+  from flax import nnx
+
+  from cai_jax.model import Decoder
+
+  return abstract_module(lambda: Decoder(cfg, rngs=nnx.Rngs(0)), mesh)
+
+
+def scalar_head_model(cfg, mesh):
+  from flax import nnx
+
+  from cai_jax.model import ScalarHeadModel
+
+  return abstract_module(lambda: ScalarHeadModel(cfg, rngs=nnx.Rngs(0)), mesh)
+
+
+def rows(mesh, shape, dtype, names=('batch', 'length')):
+  """A [B, ...] argument with its rows over the mesh's batch axes (as the stages place them)."""
+  import jax
+  from jax.sharding import NamedSharding
+
+  from cai_jax import sharding
+
+  names = tuple(names[:len(shape)]) + (None,) * (len(shape) - len(names))
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(
+      mesh, sharding.logical_to_spec(names, shape, mesh)))
+
+
+def replicated(mesh, shape, dtype):
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, P()))
+
+
+def kv_cache(cfg, mesh, batch: int, length: int):
+  """The sampler's KV cache (`model.init_cache`) as placed arguments, laid out by its axis names."""
+  import jax.numpy as jnp
+
+  from cai_jax import model as model_lib
+
+  size = {'batch': batch, 'kv_heads': cfg.n_kv_heads, 'head_dim': cfg.head_dim, 'length': length}
+  names = model_lib._CACHE_NAMES  # init_cache's layout; it places through a concrete mesh only
+  return [{kv: rows(mesh, tuple(size[n] for n in names[kv]), jnp.dtype(cfg.dtype), names[kv])
+           for kv in ('k', 'v')} for _ in range(cfg.n_layers)]
+
+
+def placed(abstract, shardings):
+  from cai_jax import train_lib
+
+  return train_lib.abstract_state(abstract, shardings)
+
+
+def tree_bytes(tree) -> int:
+  """Bytes the most loaded device holds of a tree of placed ShapeDtypeStructs."""
+  from cai_jax import sharding
+
+  return sharding.per_device_bytes(tree)['max']
+
+
+# ---- programs ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Program:
+  stage: str
+  name: str
+  shape: str  # the bucket it is compiled at, in words
+  lower: Callable[[], Any]  # -> jax.stages.Lowered
+  resident: dict[str, int]  # other state on the device meanwhile: name -> bytes
+  then: Callable[[Any, Any], list[Program]] | None = None  # (out_info, out_shardings) -> more
+
+
+def _strategy(temperature, top_k, top_p):
+  from cai_jax.sampling import decoding
+
+  greedy = temperature == 0.0
+  return decoding._Strategy(greedy=greedy, top_k=None if greedy or not top_k else int(top_k),
+                            top_p=bool(top_p is not None and top_p < 1.0 and not greedy))
+
+
+def sampler_programs(stage, who, cfg, model, mesh, resident, *, batch_size, max_new_tokens,
+                     max_prompt_len, temperature, top_k=None, top_p=None, min_prompt_bucket=None):
+  """`sampling.generate`'s prefill and decode at the largest (batch, prompt, new-token) bucket."""
+  import jax
+  import jax.numpy as jnp
+
+  from cai_jax.sampling import common, decoding
+
+  graphdef, params = model
+  b = common.batch_bucket(batch_size)
+  limit = min(max_prompt_len, cfg.max_positions - max_new_tokens)
+  p = common.length_bucket(limit, min_prompt_bucket or common.MIN_LEN_BUCKET)
+  n = common.length_bucket(max_new_tokens)
+  strategy = _strategy(temperature, top_k, top_p)
+  stop_ids = replicated(mesh, (decoding._STOP_ID_SLOTS,), jnp.int32)
+  f32, i32 = (replicated(mesh, (), t) for t in (jnp.float32, jnp.int32))
+  shape = f'B={b} P={p} N={n}'
+
+  def prefill():
+    return common.jitted(decoding._prefill, graphdef, strategy, donate_argnums=(3,)).lower(
+        params, rows(mesh, (b, p), jnp.int32, ('batch',)), rows(mesh, (b, p), bool, ('batch',)),
+        kv_cache(cfg, mesh, b, p + n), rows(mesh, (b,), jnp.int32),
+        replicated(mesh, (), jnp.uint32), f32, f32, i32, stop_ids, rows(mesh, (b,), bool))
+
+  def decode(out_info, out_shardings):
+    state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                         out_info, out_shardings)
+    lower = lambda: common.jitted(decoding._decode, graphdef, strategy, donate_argnums=(1,)).lower(
+        params, state, i32, f32, f32, i32, stop_ids, i32)
+    return [Program(stage, f'{who} decode', shape, lower, resident)]
+
+  return [Program(stage, f'{who} prefill', shape, prefill, resident, then=decode)]
+
+
+def score_options_program(stage, who, cfg, model, mesh, resident, *, batch_size, max_len):
+  """`sampling.score_options` (the (A)/(B) labels) at its largest bucket: prompts that fill
+  max_len but for the option tokens, two options of at most 4 tokens."""
+  import jax.numpy as jnp
+
+  from cai_jax.sampling import common, scoring
+
+  graphdef, params = model
+  b = common.batch_bucket(batch_size)
+  c = common.length_bucket(3, 4)  # ' (A)' / ' (B)': a few tokens in every tokenizer
+  t = common.length_bucket(min(max_len, cfg.max_positions) - 1)
+  lower = lambda: common.jitted(scoring._score_options_fn, graphdef).lower(
+      params, rows(mesh, (b, t), jnp.int32, ('batch',)), rows(mesh, (b, t), bool, ('batch',)),
+      rows(mesh, (b, 2, c), jnp.int32, ('batch',)), kv_cache(cfg, mesh, b, t + c))
+  return Program(stage, f'{who} score_options', f'B={b} T={t} options=2x{c}', lower, resident)
+
+
+def rewards_program(stage, who, model, mesh, resident, *, batch_size, length):
+  """`preference._rewards`: the PM's reward of each conversation (scoring, no gradients)."""
+  import jax.numpy as jnp
+
+  from cai_jax import preference, sharding
+
+  graphdef, params = model
+  n = sharding.batch_axis_size(mesh)
+  b = -(-batch_size // n) * n
+  lower = lambda: preference._rewards.lower(graphdef, params, rows(mesh, (b, length), jnp.int32),
+                                            rows(mesh, (b,), jnp.int32))
+  return Program(stage, f'{who} rewards', f'B={b} T={length}', lower, resident)
+
+
+def train_program(stage, who, graphdef, params, tx, loss_fn, batch, resident, schedule=None,
+                  seed=None):
+  """`train_lib.make_train_step` as the stage builds it, on the abstract train state."""
+  from cai_jax import train_lib
+
+  abstract, shardings = train_lib.abstract_train_state(params, tx)
+  step = train_lib.make_train_step(graphdef, tx, loss_fn, shardings, schedule, seed=seed)
+  b, t = batch['tokens'].shape
+  shape = f'B={b} T={t}'
+  lower = lambda: step.lower(placed(abstract, shardings), batch)
+  return Program(stage, f'{who} train step', shape, lower, resident), abstract, shardings
+
+
+def stage_programs(config, mesh, only: str = '') -> list[Program]:
+  """Every stage's programs (`only`: comma-separated stages, '' = config.stages), with the
+  state each stage keeps resident beside them."""
+  import jax.numpy as jnp
+
+  from cai_jax import preference, sft, stages as stages_lib, train_lib
+
+  m = config.model
+  cfg, frozen_cfg = model_config(config), model_config(config, frozen=True)
+  max_len = m.max_len
+  # Frozen models (model.frozen_param_dtype): the helpful model as critique_revision samples it
+  # and feedback and evaluate judge with it; the sft export as feedback samples it; the PM as PPO
+  # and evaluate score. Trained models exist only as their train state.
+  helpful = decoder(frozen_cfg, mesh)
+  sl_cai = decoder(frozen_cfg, mesh)
+  pm = scalar_head_model(frozen_cfg, mesh)
+  size = {'helpful': tree_bytes(helpful[1]), 'SL-CAI': tree_bytes(sl_cai[1]),
+          'PM': tree_bytes(pm[1])}
+  keep = lambda *names: {n: size[n] for n in names}
+  wanted = stages_lib.parse_stage_list(config.stages)
+  if only:
+    wanted = [s for s in wanted if s in only.split(',')]
+  out = []
+
+  if 'critique_revision' in wanted:
+    cr = config.critique_revision
+    # Responses and revisions get max_new_tokens, critiques critique_max_new_tokens: the larger
+    # cache (prompt bucket + new tokens) is the peak.
+    new = max((cr.max_new_tokens, cr.critique_max_new_tokens),
+              key=lambda k: _padded(cfg, max_len - k) + _padded(cfg, k))
+    out += sampler_programs('critique_revision', 'helpful', frozen_cfg, helpful, mesh, {},
+                            batch_size=cr.batch_size, max_new_tokens=new,
+                            max_prompt_len=max_len - new, temperature=cr.temperature,
+                            top_k=cr.top_k, top_p=cr.top_p)
+
+  if 'sft' in wanted:
+    sc = config.sft
+    tx, schedule = train_lib.make_optimizer(sc.optimizer, 1000)
+    graphdef, params = decoder(cfg, mesh)
+    batch = {k: rows(mesh, (sc.batch_size, max_len), jnp.int32) for k in ('tokens', 'loss_mask')}
+    program, _, _ = train_program('sft', 'SL-CAI', graphdef, params, tx,
+                                  sft.make_loss_fn(sc.loss_chunk), batch, {}, schedule)
+    program.shape += f' loss_chunk={sc.loss_chunk}'
+    out.append(program)
+
+  if 'feedback' in wanted:
+    fb = config.feedback
+    out += sampler_programs('feedback', 'SL-CAI', frozen_cfg, sl_cai, mesh, keep('helpful'),
+                            batch_size=fb.batch_size, max_new_tokens=fb.max_new_tokens,
+                            max_prompt_len=max_len - fb.max_new_tokens, temperature=fb.temperature,
+                            top_k=fb.top_k, top_p=fb.top_p)
+    if fb.cot:
+      out += sampler_programs('feedback', 'feedback-model CoT', frozen_cfg, helpful, mesh,
+                              keep('SL-CAI'), batch_size=fb.batch_size,
+                              max_new_tokens=fb.cot_max_new_tokens,
+                              max_prompt_len=max_len - fb.cot_max_new_tokens,
+                              temperature=fb.cot_temperature)
+    out.append(score_options_program('feedback', 'feedback-model', frozen_cfg, helpful, mesh,
+                                      keep('SL-CAI'), batch_size=fb.score_batch_size,
+                                      max_len=max_len))
+
+  if 'preference' in wanted:
+    pc = config.preference
+    pm_len = min(pc.max_len, max_len) if pc.max_len > 0 else max_len
+    length = train_lib.bucket_length(pm_len, pm_len, pc.min_bucket)
+    tx, schedule = train_lib.make_optimizer(pc.optimizer, 1000)
+    graphdef, params = scalar_head_model(cfg, mesh)
+    batch = {'tokens': rows(mesh, (2 * pc.batch_size, length), jnp.int32),
+             'read_index': rows(mesh, (2 * pc.batch_size,), jnp.int32),
+             'p_a': rows(mesh, (pc.batch_size,), jnp.float32),
+             'weight': rows(mesh, (pc.batch_size,), jnp.float32)}
+    # initial_pm puts a new head on the pretrained model; the train state holds the only copy.
+    program, _, _ = train_program('preference', 'PM', graphdef, params, tx, preference.pair_loss,
+                                  batch, {}, schedule)
+    out.append(program)
+
+  if 'ppo' in wanted:
+    out += ppo_programs(config, cfg, mesh, helpful, sl_cai, pm, size)
+
+  if 'evaluate' in wanted:
+    ev, pc = config.evaluate, config.preference
+    # Each model under evaluation is loaded afresh (cache=False) beside the cached helpful one;
+    # then the judge (the helpful model) and a fresh PM, each alone.
+    out += sampler_programs('evaluate', 'evaluated model', frozen_cfg, sl_cai, mesh,
+                            keep('helpful'), batch_size=ev.batch_size,
+                            max_new_tokens=ev.max_new_tokens,
+                            max_prompt_len=max_len - ev.max_new_tokens,
+                            temperature=ev.temperature)
+    out.append(score_options_program(
+        'evaluate', 'judge', frozen_cfg, helpful, mesh, {},
+        batch_size=config.feedback.score_batch_size, max_len=max_len))
+    pm_len = min(pc.max_len, max_len) if pc.max_len > 0 else max_len
+    out.append(rewards_program('evaluate', 'PM', pm, mesh, keep('helpful'),
+                               batch_size=ev.batch_size,
+                               length=train_lib.bucket_length(pm_len, max(pm_len, pc.min_bucket),
+                                                              pc.min_bucket)))
+  return out
+
+
+def _padded(cfg, n):
+  from cai_jax.sampling import common
+
+  return common.length_bucket(min(n, cfg.max_positions))
+
+
+def ppo_programs(config, cfg, mesh, helpful, reference, pm, size) -> list[Program]:
+  """PPO's rollout sampler, PM scoring, rollout forward and learner step (cai_jax/ppo.py)."""
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from cai_jax import ppo, train_lib
+  from cai_jax.model import Decoder, ScalarHeadModel
+  from cai_jax.sampling import common
+
+  pp, max_len = config.ppo, config.model.max_len
+  max_prompt_tokens = min(pp.max_prompt_tokens, max_len - pp.max_new_tokens)
+  prompt_len = common.length_bucket(max_prompt_tokens, pp.min_prompt_bucket)
+
+  def actor_critic():
+    policy = Decoder(cfg, rngs=nnx.Rngs(0))
+    value = ScalarHeadModel(cfg, rngs=nnx.Rngs(1), trunk=policy if pp.value.shared_trunk else None)
+    return ppo.ActorCritic(policy, value)
+
+  graphdef, params = abstract_module(actor_critic, mesh)
+  n_updates = pp.steps * pp.epochs * pp.minibatches
+  policy_tx, policy_lr = train_lib.make_optimizer(pp.policy_optimizer, n_updates)
+  value_tx, _ = train_lib.make_optimizer(pp.value_optimizer, n_updates)
+  tx = ppo.per_model_optimizer({'policy': policy_tx, 'value': value_tx})
+  abstract, shardings = train_lib.abstract_train_state(params, tx)
+  state = placed(abstract, shardings)
+  state_bytes, param_bytes = tree_bytes(state), tree_bytes(state.params)
+  policy_bytes = tree_bytes(state.params['policy'])
+  # What the stage holds beside the learner: the policy's frozen-dtype copy as the KL reference
+  # and the PM that scores (frozen). The policy and value as loaded are dropped once the train
+  # state holds their copies.
+  cached = {'reference': size['SL-CAI']}
+  if pp.reward == 'pm':
+    cached['PM'] = size['PM']
+  out = []
+
+  # 1. Rollouts: generate() on the policy's parameters inside the train state.
+  policy = (decoder(cfg, mesh)[0], state.params['policy'])
+  out += sampler_programs('ppo', 'policy', cfg, policy, mesh,
+                          {**cached, 'learner state - policy': state_bytes - policy_bytes},
+                          batch_size=pp.batch_size, max_new_tokens=pp.max_new_tokens,
+                          max_prompt_len=max_prompt_tokens, temperature=pp.temperature,
+                          min_prompt_bucket=prompt_len)
+  # 2. The PM's scores of the rendered (prompt, response) conversations.
+  if pp.reward == 'pm':
+    bucket = min(pp.pm_max_len, 1 << (max_prompt_tokens + pp.max_new_tokens + 8 - 1).bit_length())
+    length = train_lib.bucket_length(pp.pm_max_len, max(pp.pm_max_len, bucket), bucket)
+    out.append(rewards_program('ppo', 'PM', pm, mesh,
+                               {k: v for k, v in cached.items() if k != 'PM'} |
+                               {'learner state': state_bytes},
+                               batch_size=min(pp.pm_batch_size, pp.batch_size), length=length))
+  # 3. Old and reference log-probs, values and advantages of the rollout batch.
+  total = prompt_len + pp.max_new_tokens
+
+  def rollout_batch(b):
+    return {'tokens': rows(mesh, (b, total), jnp.int32),
+            'positions': rows(mesh, (b, total), jnp.int32),
+            'key_mask': rows(mesh, (b, total), bool),
+            'response_mask': rows(mesh, (b, pp.max_new_tokens), jnp.float32)}
+
+  rollout_fn = ppo.make_rollout_fn(graphdef, reference[0], pp)
+  lower = lambda: rollout_fn.lower(state.params, reference[1], rollout_batch(pp.batch_size),
+                                   replicated(mesh, (pp.batch_size,), jnp.float32),
+                                   replicated(mesh, (), jnp.float32))
+  out.append(Program('ppo', 'rollout forward', f'B={pp.batch_size} T={total}', lower,
+                     {k: v for k, v in cached.items() if k != 'reference'} |
+                     {'learner state - params': state_bytes - param_bytes}))
+  # 4. One learner update on a minibatch.
+  mb = pp.batch_size // pp.minibatches
+  batch = rollout_batch(mb) | {k: rows(mesh, (mb, pp.max_new_tokens), jnp.float32)
+                               for k in ('old_logp', 'old_values', 'advantages', 'returns')}
+  program, _, _ = train_program('ppo', 'learner', graphdef, params, tx, ppo.make_loss_fn(pp), batch,
+                                cached, policy_lr)
+  out.append(program)
+  return out
