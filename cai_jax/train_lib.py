@@ -18,9 +18,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import math
 import os
 import re
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -416,9 +418,6 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 def announce(message: str) -> None:
   """A line worth the console (a resume, say): stderr on process 0, and the log."""
-  import logging
-  import sys
-
   logging.getLogger('cai_jax').info(message)
   if jax.process_index() == 0:
     print(message, file=sys.stderr, flush=True)
