@@ -324,13 +324,15 @@ def load_feedback_constitution(ctx, cfg) -> constitution_lib.Constitution:
   if cfg.num_few_shots >= 0:
     c = dataclasses.replace(c, feedback_few_shots=c.feedback_few_shots[:cfg.num_few_shots],
                             feedback_cot_few_shots=c.feedback_cot_few_shots[:cfg.num_few_shots])
-  n = min(len(c.feedback_principles), len(c.helpfulness_principles))
-  if not cfg.principle_replace and cfg.num_principles > n:
-    raise StageError(f'config.feedback.num_principles={cfg.num_principles} but the constitution '
-                     f'has {len(c.feedback_principles)} feedback and '
-                     f'{len(c.helpfulness_principles)} helpfulness principles; lower it or set '
-                     'config.feedback.principle_replace=True')
+  _check_principle_count(cfg, c.feedback_principles, 'feedback')
   return c
+
+
+def _check_principle_count(cfg, principles: Sequence[str], what: str) -> None:
+  if not cfg.principle_replace and cfg.num_principles > len(principles):
+    raise StageError(f'config.feedback.num_principles={cfg.num_principles} but the constitution '
+                     f'has {len(principles)} {what} principles; lower it or set '
+                     'config.feedback.principle_replace=True')
 
 
 def labels_helpfulness(config) -> bool:
@@ -426,6 +428,8 @@ def run(ctx, stage_dir: Path) -> dict:
   if labels_helpfulness(ctx.config) and not helpful:
     raise StageError(f'{STAGE}: no helpful train prompts to label (see config.data.helpful_sources)'
                      '; or set config.feedback.num_helpful_prompts=0')
+  if helpful:
+    _check_principle_count(cfg, constitution.helpfulness_principles, 'helpfulness')
 
   fmt, seed = ctx.config.conversation_format, ctx.config.seed
   policy = ctx.load(ctx.model_source('sl_cai'), frozen=True)
