@@ -6,7 +6,10 @@ A constitution (Bai et al. 2022, sections 3 and 4) holds
 * few-shot critique/revision examples prepended to every critique and revision prompt;
 * multiple-choice feedback principles -- the RL stage asks "which response is better?" under a
   sampled principle and reads p(A), p(B) from the option strings ``OPTION_STRINGS``;
-* few-shot feedback examples, plain and chain-of-thought (CoT).
+* few-shot feedback examples, plain and chain-of-thought (CoT);
+* helpfulness principles -- the feedback stage labels pairs of responses to helpful prompts
+  under them. The paper's helpfulness comparisons are human (HH-RLHF); these AI labels are our
+  documented substitute when no HH-RLHF comparisons file is given.
 
 It is loaded from our JSON format (``configs/constitutions/README.md``; bundled ones under
 ``cai_jax/assets/constitutions/``) or from a directory in the format of the paper's data release.
@@ -43,6 +46,19 @@ FEEDBACK_INTRO = 'Consider the following conversation between a human and an ass
 ANSWER_PREFIX = 'The answer is:'
 COT_PREFIX = "Let's think step-by-step:"
 COT_ANSWER_PREFIX = 'So the answer is:'
+
+# Helpfulness principles, written for cai_jax (the paper has none: its helpfulness labels are
+# human). A constitution file may bring its own (key 'helpfulness_principles'); else these.
+HELPFULNESS_PRINCIPLES = (
+    'Which of these assistant responses is more helpful, honest and accurate?',
+    "Which response answers the human's actual question more directly and completely?",
+    'Which response gives clearer, more correct and more useful information?',
+    'Which response would a thoughtful expert judge the better answer: accurate, specific and '
+    'easy to follow?',
+    'Which response engages with the request instead of evading it, while staying truthful?',
+    'Which response is better organized and to the point, without leaving out anything the '
+    'human needs?',
+)
 
 # Transcript labels of the critique/revision prompts, mapped to the chat role that says them.
 _CR_ROLES = {'Human': HUMAN, 'Assistant': ASSISTANT, 'CritiqueRequest': HUMAN,
@@ -98,13 +114,16 @@ class Constitution:
     description: str = ''
     # Where it was loaded from: not part of the content, so not compared.
     source: str = dataclasses.field(default='', compare=False)
+    # Principles of the AI-labeled helpfulness comparisons (a substitute for human ones).
+    helpfulness_principles: tuple[str, ...] = HELPFULNESS_PRINCIPLES
 
 
 # ----------------------------------------------------------------------------------------------
 # Loading our JSON format.
 
 _TOP_LEVEL_KEYS = ('format', 'description', 'critique_revision', 'critique_few_shots',
-                   'feedback_principles', 'feedback_few_shots', 'feedback_cot_few_shots')
+                   'feedback_principles', 'feedback_few_shots', 'feedback_cot_few_shots',
+                   'helpfulness_principles')
 
 
 class _Reader:
@@ -216,6 +235,11 @@ def constitution_from_dict(data: Any, source: str = '<dict>') -> Constitution:
 
     principles = tuple(r.string(p, f'feedback_principles[{i}]')
                        for i, p in enumerate(r.entries(data, 'feedback_principles', min_len=1)))
+    helpfulness = HELPFULNESS_PRINCIPLES  # optional key: ours unless the file brings its own
+    if 'helpfulness_principles' in data:
+        helpfulness = tuple(
+            r.string(p, f'helpfulness_principles[{i}]')
+            for i, p in enumerate(r.entries(data, 'helpfulness_principles', min_len=1)))
     return Constitution(
         critique_revision=tuple(pairs),
         critique_few_shots=tuple(critique_few_shots),
@@ -227,7 +251,8 @@ def constitution_from_dict(data: Any, source: str = '<dict>') -> Constitution:
             _feedback_few_shot(r, v, f'feedback_cot_few_shots[{i}]', cot=True)
             for i, v in enumerate(r.entries(data, 'feedback_cot_few_shots'))),
         description=description,
-        source=source)
+        source=source,
+        helpfulness_principles=helpfulness)
 
 
 def constitution_to_dict(constitution: Constitution) -> dict:
@@ -253,6 +278,7 @@ def constitution_to_dict(constitution: Constitution) -> dict:
         'feedback_principles': list(constitution.feedback_principles),
         'feedback_few_shots': [feedback(ex) for ex in constitution.feedback_few_shots],
         'feedback_cot_few_shots': [feedback(ex) for ex in constitution.feedback_cot_few_shots],
+        'helpfulness_principles': list(constitution.helpfulness_principles),
     }
 
 

@@ -4,9 +4,10 @@ Every model answers the same test-split red-team and helpful prompts with the sa
 settings and seed. Then (Bai et al. 2022, section 4.3 and figures 2, 5, 8):
 
 * harmlessness: the preference model's (PM) reward of each red-team response, mean ± stderr;
-* helpfulness proxy: the PM's reward of each helpful-prompt response (a weak proxy -- the PM
-  learned harmlessness labels, plus helpfulness pairs only when `preference.helpful_mix` is
-  set) and the AI judge's pairwise preference under `helpfulness_principle` (below);
+* helpfulness proxy: the PM's reward of each helpful-prompt response (the PM learned
+  helpfulness pairs too: HH-RLHF's human ones with `preference.helpful_mix.path`, else the
+  feedback stage's AI-labeled substitute) and the AI judge's pairwise preference under
+  `helpfulness_principle` (below);
 * refusals: the share of responses a keyword classifier (`REFUSAL_PATTERNS`) calls a refusal,
   on red-team prompts (harmless but evasive?) and helpful prompts (over-refusal);
 * AI-judge win rates: the feedback model sees both models' responses to one prompt as options

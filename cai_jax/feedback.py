@@ -12,11 +12,17 @@ after generated chain-of-thought reasoning (cot), and clamped (clamp, paper: 40-
 `evaluate_feedback` (cai_jax/evaluate_feedback.py) measures the same configuration's accuracy and
 calibration on labeled comparisons (by default the paper's 438 HHH comparisons).
 
+Helpfulness pairs: the paper's PM also learns human helpfulness comparisons. Unless
+`preference.helpful_mix.path` names such a file (HH-RLHF), the stage samples two responses to
+`num_helpful_prompts` helpful train prompts too and labels them the same way under the
+constitution's *helpfulness* principles -- an AI-labeled substitute for the human labels. Each
+record says its ``kind``: 'harmlessness' (red-team prompts) or 'helpfulness'.
+
 Outputs of `feedback` (STAGE_DIR):
 
 * ``samples.jsonl`` -- one object per prompt, in prompt order::
 
-    {"id", "source", "prompt", "response_a", "response_b",
+    {"id", "source", "kind", "prompt", "response_a", "response_b",
      "p_a",        # P(response_a is better); 0.5 for identical responses; null when skipped
      "flags",      # subset of ["identical", "empty_a", "empty_b", "skipped"]
      "finish_reasons": [a, b],
@@ -77,7 +83,10 @@ from cai_jax.stages import StageError, barrier
 STAGE = 'feedback'
 DATASET = 'preferences'  # TFDS dataset name under STAGE_DIR/tfds
 OPTIONS = constitution_lib.OPTION_STRINGS  # (' (A)', ' (B)')
-_RESPONSE_STREAM, EVAL_STREAM = 10, 11  # seed streams (disjoint from critique_revision's 0 and 1)
+# Seed streams (disjoint from critique_revision's 0 and 1); helpful prompts have their own, so
+# the red-team pairs do not depend on how many helpful prompts are labeled.
+_RESPONSE_STREAM, EVAL_STREAM, _HELPFUL_STREAM = 10, 11, 12
+HARMLESSNESS, HELPFULNESS = 'harmlessness', 'helpfulness'  # the kinds of pairs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,6 +179,7 @@ class Pair:
   # hhh_mc 'file' mode: the given prompt text for order 0 and order 1 (no rendering).
   file_prompts: tuple[str, str] | None = None
   file_principle: str = ''
+  kind: str = HARMLESSNESS  # which principles label it: harmlessness or helpfulness ones
 
 
 @dataclasses.dataclass
@@ -188,12 +198,30 @@ class Labeler:
     if pair.file_prompts is not None:
       return [pair.file_principle]
     rng = constitution_lib.principle_rng(self.seed, pair.id, self.stage)
+    c = self.constitution
+    if pair.kind == HELPFULNESS:  # drawn the same way, from the helpfulness principles
+      c = dataclasses.replace(c, feedback_principles=c.helpfulness_principles)
     return constitution_lib.sample_feedback_principles(
-        self.constitution, self.cfg.num_principles, rng, replace=self.cfg.principle_replace)
+        c, self.cfg.num_principles, rng, replace=self.cfg.principle_replace)
+
+  def few_shot_constitution(self, kind: str) -> constitution_lib.Constitution:
+    """The constitution whose few-shots a pair of `kind` is shown. The few-shots answer under
+    harmlessness principles; one without its own principle would otherwise be shown under the
+    query's, so for a helpfulness query each is pinned to a harmlessness principle (i-th)."""
+    c = self.constitution
+    if kind != HELPFULNESS:
+      return c
+    pin = lambda shots: tuple(  # noqa: E731
+        ex if ex.principle else dataclasses.replace(
+            ex, principle=c.feedback_principles[i % len(c.feedback_principles)])
+        for i, ex in enumerate(shots))
+    return dataclasses.replace(c, feedback_few_shots=pin(c.feedback_few_shots),
+                               feedback_cot_few_shots=pin(c.feedback_cot_few_shots))
 
   def scorings(self, pair: Pair) -> list[dict]:
     """The scorings of a pair before any model call: principle, order, prompt text."""
     orders = [pair.primary_order] + ([1 - pair.primary_order] if self.cfg.debias else [])
+    constitution = self.few_shot_constitution(pair.kind)
     out = []
     for k, principle in enumerate(self.principles(pair)):
       for order in orders:
@@ -203,7 +231,7 @@ class Labeler:
           a, b = ((pair.response_a, pair.response_b) if order == 0
                   else (pair.response_b, pair.response_a))
           prompt = constitution_lib.render_feedback_prompt(
-              self.constitution, pair.conversation, principle, a, b, cot=self.cfg.cot,
+              constitution, pair.conversation, principle, a, b, cot=self.cfg.cot,
               fmt=self.fmt, tokenizer=self.pretrained.tokenizer)
         out.append(dict(k=k, principle=principle, order=order, prompt=prompt, cot=None))
     return out
@@ -279,6 +307,8 @@ def check_feedback_config(cfg, what: str = 'config.feedback') -> None:
                 'cot_max_new_tokens'):
     if cfg[field] < 1:
       problems.append(f'{field} must be >= 1, got {cfg[field]}')
+  if cfg.get('num_helpful_prompts', 0) < -1:
+    problems.append(f'num_helpful_prompts must be -1 (all) or >= 0, got {cfg.num_helpful_prompts}')
   if problems:
     raise StageError(f'{what}: ' + '; '.join(problems))
 
@@ -294,11 +324,21 @@ def load_feedback_constitution(ctx, cfg) -> constitution_lib.Constitution:
   if cfg.num_few_shots >= 0:
     c = dataclasses.replace(c, feedback_few_shots=c.feedback_few_shots[:cfg.num_few_shots],
                             feedback_cot_few_shots=c.feedback_cot_few_shots[:cfg.num_few_shots])
-  if not cfg.principle_replace and cfg.num_principles > len(c.feedback_principles):
-    raise StageError(f'config.feedback.num_principles={cfg.num_principles} but the constitution '
-                     f'has {len(c.feedback_principles)} feedback principles; lower it or set '
-                     'config.feedback.principle_replace=True')
+  _check_principle_count(cfg, c.feedback_principles, 'feedback')
   return c
+
+
+def _check_principle_count(cfg, principles: Sequence[str], what: str) -> None:
+  if not cfg.principle_replace and cfg.num_principles > len(principles):
+    raise StageError(f'config.feedback.num_principles={cfg.num_principles} but the constitution '
+                     f'has {len(principles)} {what} principles; lower it or set '
+                     'config.feedback.principle_replace=True')
+
+
+def labels_helpfulness(config) -> bool:
+  """Whether the feedback stage labels helpfulness pairs: asked for, and no HH-RLHF file given."""
+  return (config.feedback.get('num_helpful_prompts', 0) != 0
+          and not config.preference.helpful_mix.path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -320,13 +360,15 @@ def label_chunk(records: Sequence[dict], chunk_seed: Callable[[int], int], *, po
         ['empty_b'] if not text_b else [])
     if (not text_a or not text_b) and 'identical' not in flags and cfg.empty_response == 'skip':
       flags.append('skipped')
-    rec = dict(id=r['id'], source=r.get('source', ''), prompt=r['prompt'], response_a=text_a,
+    kind = r.get('kind', HARMLESSNESS)
+    rec = dict(id=r['id'], source=r.get('source', ''), kind=kind, prompt=r['prompt'],
+               response_a=text_a,
                response_b=text_b, p_a=None, flags=flags,
                finish_reasons=[a.finish_reason, b.finish_reason], details=[])
     if 'identical' in flags:
       rec['p_a'] = 0.5  # by construction: nothing to prefer
     elif 'skipped' not in flags:
-      pairs.append((rec, Pair(r['id'], tuple(conv), text_a, text_b)))
+      pairs.append((rec, Pair(r['id'], tuple(conv), text_a, text_b, kind=kind)))
     out.append(rec)
   scored = labeler.label([p for _, p in pairs], chunk_seed(2))
   for (rec, _), scorings in zip(pairs, scored):
@@ -347,7 +389,25 @@ def load_preferences(stage_dir: str | os.PathLike) -> list[dict]:
 
 
 def _preference(r: dict) -> dict:
-  return {k: r[k] for k in ('id', 'prompt', 'response_a', 'response_b', 'p_a', 'flags')}
+  return {**{k: r[k] for k in ('id', 'prompt', 'response_a', 'response_b', 'p_a', 'flags')},
+          'kind': r.get('kind', HARMLESSNESS)}
+
+
+def _helpful_prompts(ctx, cfg) -> list[dict]:
+  """The helpful train prompts whose pairs get helpfulness labels ([] when none are asked for)."""
+  if not labels_helpfulness(ctx.config):
+    return []
+  prompts = data.stage_prompts(ctx, 'helpful')['train']
+  prompts = prompts if cfg.num_helpful_prompts < 0 else prompts[:cfg.num_helpful_prompts]
+  return [dict(r, kind=HELPFULNESS) for r in prompts]
+
+
+def _helpfulness_source(config) -> str:
+  if config.preference.helpful_mix.path:
+    return f'none here: HH-RLHF human comparisons from {config.preference.helpful_mix.path}'
+  if not labels_helpfulness(config):
+    return 'none (feedback.num_helpful_prompts=0)'
+  return 'AI-labeled substitute (no HH-RLHF path): helpful prompts under helpfulness principles'
 
 
 def run(ctx, stage_dir: Path) -> dict:
@@ -364,18 +424,32 @@ def run(ctx, stage_dir: Path) -> dict:
   if not prompts:
     raise StageError(f'{STAGE}: no red-team train prompts after prompt_offset={cfg.prompt_offset}')
 
+  helpful = _helpful_prompts(ctx, cfg)
+  if labels_helpfulness(ctx.config) and not helpful:
+    raise StageError(f'{STAGE}: no helpful train prompts to label (see config.data.helpful_sources)'
+                     '; or set config.feedback.num_helpful_prompts=0')
+  if helpful:
+    _check_principle_count(cfg, constitution.helpfulness_principles, 'helpfulness')
+
   fmt, seed = ctx.config.conversation_format, ctx.config.seed
   policy = ctx.load(ctx.model_source('sl_cai'), frozen=True)
   labeler = Labeler(feedback_model(ctx), constitution, cfg, fmt, ctx.config.model.max_len, seed,
                     STAGE)
   stage_dir.mkdir(parents=True, exist_ok=True)
-  ids = [r['id'] for r in prompts]
-  progress = records_lib.process_in_chunks(
-      prompts, records_lib.part_path(stage_dir, 'samples'),
-      lambda chunk, s: label_chunk(chunk, s, policy=policy, labeler=labeler, cfg=cfg, fmt=fmt),
-      chunk_size=cfg.chunk_size, seed=seed, stream=_RESPONSE_STREAM, desc='feedback',
-      ids=ids, unit='pair', progress=cfg.progress,
-      postfix=records_lib.throughput('scored_tok_s', lambda: labeler.scored_tokens))
+  ids = [r['id'] for r in prompts + helpful]
+  resumed = 0
+  # Red-team prompts, then helpful ones, each in chunks of its own seed stream, into one file.
+  for items, stream, desc in ((prompts, _RESPONSE_STREAM, 'feedback'),
+                              (helpful, _HELPFUL_STREAM, 'feedback (helpful)')):
+    if not items:
+      continue
+    progress = records_lib.process_in_chunks(
+        items, records_lib.part_path(stage_dir, 'samples'),
+        lambda chunk, s: label_chunk(chunk, s, policy=policy, labeler=labeler, cfg=cfg, fmt=fmt),
+        chunk_size=cfg.chunk_size, seed=seed, stream=stream, desc=desc, unit='pair',
+        progress=cfg.progress,
+        postfix=records_lib.throughput('scored_tok_s', lambda: labeler.scored_tokens))
+    resumed += progress['resumed']
   barrier(f'{STAGE}-labeled')
   if jax.process_index() != 0:
     barrier(f'{STAGE}-merged')
@@ -388,13 +462,19 @@ def run(ctx, stage_dir: Path) -> dict:
   barrier(f'{STAGE}-merged')
   p = np.array([r['p_a'] for r in labeled], np.float64)
   count = lambda flag: sum(flag in r['flags'] for r in samples)  # noqa: E731
+  kinds = lambda rs, kind: sum(r.get('kind', HARMLESSNESS) == kind for r in rs)  # noqa: E731
   summary = dict(
-      pairs=len(samples), labeled=len(labeled), identical=count('identical'),
+      pairs=len(samples), labeled=len(labeled),
+      pairs_harmlessness=kinds(samples, HARMLESSNESS),
+      pairs_helpfulness=kinds(samples, HELPFULNESS),
+      labeled_harmlessness=kinds(labeled, HARMLESSNESS),
+      labeled_helpfulness=kinds(labeled, HELPFULNESS),
+      helpfulness=_helpfulness_source(ctx.config), identical=count('identical'),
       empty=sum(bool({'empty_a', 'empty_b'} & set(r['flags'])) for r in samples),
       skipped=count('skipped'),
       mean_p_a=round(float(p.mean()), 4) if p.size else None,
       frac_a_preferred=round(float(np.mean(p > 0.5)), 4) if p.size else None,
-      scorings=sum(len(r['details']) for r in samples), resumed_pairs=progress['resumed'],
+      scorings=sum(len(r['details']) for r in samples), resumed_pairs=resumed,
       seconds=round(time.time() - t0, 2))
   print(f'{STAGE}: ' + ', '.join(f'{k} {v}' for k, v in summary.items()), flush=True)
   return summary

@@ -5,13 +5,22 @@ Each comparison is two conversations that share their context. The PM (LM trunk 
 reads one scalar at each conversation's last token (an appended EOS) and is trained with the
 cross-entropy between sigmoid(r_a - r_b) and the soft label p_a = P(a is better): the feedback
 model's normalized (A)/(B) probabilities are the targets (Bai et al. 2022, section 4.1).
+
+The paper's PM learns two kinds of comparisons: AI *harmlessness* labels on red-team prompts
+and human *helpfulness* labels (HH-RLHF). A PM of harmlessness alone would reward evasion on the
+helpful prompts PPO also optimizes. Here the helpfulness pairs are HH-RLHF's human comparisons
+when `preference.helpful_mix.path` names them, else the feedback stage's AI labels under
+helpfulness principles -- a substitute, said so in the stage's summary (`helpfulness_source`).
+`preference.helpfulness_fraction` caps their share; held-out metrics are reported per kind.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import gzip
 import hashlib
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -23,12 +32,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cai_jax import checkpoint, conversation, data, labels, sharding, stages, train_lib
+from cai_jax import checkpoint, conversation, labels, sharding, stages, train_lib
 from cai_jax import records as records_lib
 from cai_jax.conversation import ASSISTANT, HUMAN, Turn
 from cai_jax.model import ScalarHeadModel
 
 LABEL_TYPES = ('soft', 'hard')
+HARMLESSNESS, HELPFULNESS = 'harmlessness', 'helpfulness'  # the kinds of comparisons
+KINDS = (HARMLESSNESS, HELPFULNESS)
 
 
 class PreferenceDataError(stages.StageError):
@@ -46,12 +57,15 @@ class Comparison:
   b: tuple[Turn, ...]
   p_a: float
   id: str = ''
-  weight: float = 1.0  # loss weight (helpfulness pairs may count more or less than feedback pairs)
-  pool: str = 'feedback'  # which data set the pair came from; eval metrics are reported per pool
+  weight: float = 1.0  # loss weight (helpfulness pairs may count more or less than harmlessness)
+  kind: str = HARMLESSNESS  # harmlessness | helpfulness: eval metrics are reported per kind
+  label_source: str = 'ai_feedback'  # who labeled it: 'ai_feedback' | 'hh_rlhf' (human)
 
 
-def feedback_comparisons(records: Sequence[dict], where: str = 'feedback samples') -> list[Comparison]:
-  """Comparisons from the feedback stage's samples: {id, prompt, response_a, response_b, p_a}."""
+def feedback_comparisons(records: Sequence[dict], where: str = 'feedback samples',
+                         helpfulness_weight: float = 1.0) -> list[Comparison]:
+  """Comparisons from the feedback stage's samples: {id, prompt, response_a, response_b, p_a,
+  kind}; a record without `kind` is a harmlessness pair (red-team prompt)."""
   out = []
   for i, r in enumerate(records):
     missing = [k for k in ('prompt', 'response_a', 'response_b', 'p_a') if k not in r]
@@ -60,9 +74,13 @@ def feedback_comparisons(records: Sequence[dict], where: str = 'feedback samples
     p_a = float(r['p_a'])
     if not 0.0 <= p_a <= 1.0:
       raise PreferenceDataError(f'{where}: record {i} has p_a={p_a}, outside [0, 1]')
+    kind = r.get('kind', HARMLESSNESS)
+    if kind not in KINDS:
+      raise PreferenceDataError(f'{where}: record {i} has kind={kind!r}, not one of {KINDS}')
     context = ((HUMAN, r['prompt']),)
     out.append(Comparison(context + ((ASSISTANT, r['response_a']),),
-                          context + ((ASSISTANT, r['response_b']),), p_a, str(r.get('id', i))))
+                          context + ((ASSISTANT, r['response_b']),), p_a, str(r.get('id', i)),
+                          helpfulness_weight if kind == HELPFULNESS else 1.0, kind))
   return out
 
 
@@ -80,18 +98,42 @@ def _context_turns(value: Any) -> tuple[Turn, ...]:
   return tuple(turns)
 
 
-def helpful_comparisons(path: str, *, weight: float = 1.0, max_pairs: int = -1) -> list[Comparison]:
-  """Helpfulness comparisons (chosen preferred: p_a = 1) from a JSONL(.gz) file.
+def _json_lines(path: str):
+  """(line number, record) of a JSONL(.gz) file; a line that is not a JSON object is a
+  PreferenceDataError naming the file and the line."""
+  opener = gzip.open if str(path).endswith('.gz') else open
+  try:
+    with opener(Path(path).expanduser(), 'rt', encoding='utf-8') as f:
+      lines = f.read().splitlines()
+  except (OSError, UnicodeDecodeError, EOFError) as e:
+    raise PreferenceDataError(f'{path}: cannot read the helpfulness comparisons: {e}') from None
+  for line_no, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise PreferenceDataError(f'{path}:{line_no}: not JSON ({e.msg})') from None
+    if not isinstance(record, dict):
+      raise PreferenceDataError(f'{path}:{line_no}: expected a JSON object, got '
+                                f'{type(record).__name__}')
+    yield line_no, record
 
-  Two record forms: {'prompt' | 'conversation', 'chosen', 'rejected'} with the last replies as
-  plain strings, or HH-RLHF's {'chosen', 'rejected'} full transcripts.
+
+def helpful_comparisons(path: str, *, weight: float = 1.0, max_pairs: int = -1) -> list[Comparison]:
+  """Human helpfulness comparisons (chosen preferred: p_a = 1) from a JSONL(.gz) file.
+
+  Two record forms: HH-RLHF's {'chosen', 'rejected'} full transcripts, or {'prompt' |
+  'conversation', 'chosen', 'rejected'} with the last replies as plain strings. A malformed line
+  is an error naming it (path:line).
   """
   out = []
-  for i, r in enumerate(data.read_json_records(path)):
+  for line_no, r in _json_lines(path):
     if 0 <= max_pairs <= len(out):
       break
-    if 'chosen' not in r or 'rejected' not in r:
-      raise PreferenceDataError(f'{path}: record {i} lacks "chosen" / "rejected"')
+    where = f'{path}:{line_no}'
+    if not isinstance(r.get('chosen'), str) or not isinstance(r.get('rejected'), str):
+      raise PreferenceDataError(f'{where}: needs "chosen" and "rejected" strings')
     context = r.get('conversation', r.get('prompt'))
     if context is not None:
       ctx_turns = _context_turns(context)
@@ -100,24 +142,54 @@ def helpful_comparisons(path: str, *, weight: float = 1.0, max_pairs: int = -1) 
     else:
       a = tuple(conversation.parse_transcript(r['chosen']))
       b = tuple(conversation.parse_transcript(r['rejected']))
-      if not a or not b:
-        raise PreferenceDataError(f'{path}: record {i}: "chosen"/"rejected" are not Human:/Assistant: '
-                                  'transcripts (give "prompt" for plain responses)')
-    out.append(Comparison(a, b, 1.0, str(r.get('id', f'helpful-{i}')), float(weight), 'helpful'))
+      if not a or not b or a[-1][0] != ASSISTANT or b[-1][0] != ASSISTANT:
+        raise PreferenceDataError(f'{where}: "chosen"/"rejected" are not Human:/Assistant: '
+                                  'transcripts ending in an Assistant turn (give "prompt" for '
+                                  'plain responses)')
+    out.append(Comparison(a, b, 1.0, str(r.get('id', f'helpful-{line_no}')), float(weight),
+                          HELPFULNESS, 'hh_rlhf'))
   return out
+
+
+def cap_helpfulness(comparisons: Sequence[Comparison], fraction: float, seed: int
+                    ) -> list[Comparison]:
+  """At most `fraction` of the pairs are helpfulness pairs: a seeded subsample of them when there
+  are more (a large HH-RLHF file beside a few thousand red-team labels); harmlessness pairs are
+  never dropped. fraction 1 keeps all, 0 none (the harmlessness-only ablation)."""
+  harmless = [c for c in comparisons if c.kind != HELPFULNESS]
+  helpful = [c for c in comparisons if c.kind == HELPFULNESS]
+  if fraction >= 1.0:
+    return list(comparisons)
+  n = math.floor(fraction / (1.0 - fraction) * len(harmless) + 1e-9)
+  if len(helpful) > n:
+    keep = set(sorted(range(len(helpful)), key=lambda i: _coin(seed, 'cap', helpful[i]))[:n])
+    helpful = [c for i, c in enumerate(helpful) if i in keep]
+  return harmless + helpful
+
+
+def _coin(seed: int, salt: str, c: Comparison) -> float:
+  """A uniform [0, 1) number of (seed, pair): stable as data grows."""
+  key = f'{seed}:{salt}:{c.kind}:{c.id}:{c.a[-1][1]}'
+  return int(hashlib.sha1(key.encode()).hexdigest()[:16], 16) / 2.0**64
 
 
 def split_held_out(comparisons: Sequence[Comparison], fraction: float, seed: int
                    ) -> tuple[list[Comparison], list[Comparison]]:
-  """(train, held_out) by a seeded per-pair coin on the pair's id, stable as data grows."""
+  """(train, held_out) by a seeded per-pair coin on the pair's id, stable as data grows.
+
+  Each kind with at least two pairs holds out at least one (its lowest coin) when fraction > 0,
+  so a small helpfulness set still gets a held-out accuracy.
+  """
   if not 0.0 <= fraction < 1.0:
     raise ValueError(f'preference.eval_fraction must be in [0, 1), got {fraction}')
-  train, held_out = [], []
-  for c in comparisons:
-    key = f'{seed}:{c.pool}:{c.id}:{c.a[-1][1]}'
-    u = int(hashlib.sha1(key.encode()).hexdigest()[:16], 16) / 2.0**64
-    (held_out if u < fraction else train).append(c)
-  return train, held_out
+  coins = [_coin(seed, 'split', c) for c in comparisons]
+  held = {i for i, u in enumerate(coins) if u < fraction}
+  for kind in {c.kind for c in comparisons}:
+    mine = [i for i, c in enumerate(comparisons) if c.kind == kind]
+    if fraction > 0 and len(mine) >= 2 and not held & set(mine):
+      held.add(min(mine, key=coins.__getitem__))
+  return ([c for i, c in enumerate(comparisons) if i not in held],
+          [c for i, c in enumerate(comparisons) if i in held])
 
 
 # ---- tokens ------------------------------------------------------------------------------------
@@ -296,6 +368,10 @@ def pair_metrics(rewards_a, rewards_b, p_a, n_bins: int = 10) -> dict[str, float
           'pairs': int(len(p))}
 
 
+def _fmt(x) -> str:
+  return 'n/a' if x is None or (isinstance(x, float) and math.isnan(x)) else f'{x:.3f}'
+
+
 # ---- the stage -----------------------------------------------------------------------------------
 
 
@@ -308,7 +384,7 @@ class EncodedPair:
   p_a: float  # the label as the feedback stage gave it (accuracy and calibration use this)
   target: float  # what the loss fits: p_a, or its hard label in the ablation
   weight: float
-  pool: str
+  kind: str
 
 
 def check_config(config) -> None:
@@ -321,10 +397,26 @@ def check_config(config) -> None:
     problems.append(f'eval_fraction must be in [0, 1), got {cfg.eval_fraction}')
   if cfg.batch_size < 1 or cfg.eval_batch_size < 1:
     problems.append(f'batch_size and eval_batch_size must be positive, got {cfg.batch_size}, {cfg.eval_batch_size}')
-  if cfg.helpful_mix.path and cfg.helpful_mix.weight < 0:
+  if cfg.helpful_mix.weight < 0:
     problems.append(f'helpful_mix.weight must be >= 0, got {cfg.helpful_mix.weight}')
+  if not 0.0 <= cfg.get('helpfulness_fraction', 1.0) <= 1.0:
+    problems.append(f'helpfulness_fraction must be in [0, 1], got {cfg.helpfulness_fraction}')
   if problems:
     raise stages.StageError('preference config: ' + '; '.join(problems))
+  if cfg.helpful_mix.path and Path(cfg.helpful_mix.path).expanduser().is_file():
+    # Read now, before the workdir is touched: a malformed line fails here with its number.
+    helpful_comparisons(cfg.helpful_mix.path, max_pairs=cfg.helpful_mix.max_pairs)
+
+
+def helpfulness_source(config) -> str:
+  """Where the PM's helpfulness pairs come from, in words every report repeats."""
+  path = config.preference.helpful_mix.path
+  if path:
+    return f'helpfulness: HH-RLHF human comparisons from {path}'
+  if config.feedback.get('num_helpful_prompts', 0) == 0:
+    return 'helpfulness: none (feedback.num_helpful_prompts=0): a harmlessness-only PM'
+  return 'helpfulness: AI-labeled substitute (no HH-RLHF path)'
+
 
 
 def _init_source(ctx: stages.Context) -> str:
@@ -350,34 +442,39 @@ def initial_pm(ctx: stages.Context, source: str) -> checkpoint.Pretrained:
 
 
 def load_comparisons(ctx: stages.Context) -> tuple[list[Comparison], dict]:
-  """The feedback stage's labelled pairs plus the optional helpfulness mix, and their counts."""
+  """The harmlessness and helpfulness comparisons (capped by helpfulness_fraction), and counts."""
   cfg = ctx.config.preference
   path = records_lib.FEEDBACK.path(ctx.require('feedback', 'preference'))
   if not path.exists():
     raise PreferenceDataError(f'{path} is missing: the feedback stage writes it')
   records = records_lib.read_jsonl(path, records_lib.FEEDBACK)
   labelled = [r for r in records if r.get('p_a') is not None]  # null: skipped by the feedback stage
-  pairs = feedback_comparisons(labelled, str(path))
+  pairs = feedback_comparisons(labelled, str(path), helpfulness_weight=cfg.helpful_mix.weight)
   # Identical responses (p_a = 0.5 by construction) give r_a = r_b: no signal, only cost.
-  comparisons = [c for c in pairs if c.a[-1][1].strip() != c.b[-1][1].strip()]
-  counts = {'feedback_pairs': len(comparisons), 'unlabelled': len(records) - len(labelled),
-            'identical': len(pairs) - len(comparisons)}
-  if not comparisons:  # a helpfulness mix alone would not teach harmlessness: also an error
-    raise PreferenceDataError(f'no labelled pairs to train the preference model on in {path}: '
-                              f'{len(records)} records, {counts["unlabelled"]} without a p_a label, '
-                              f'{counts["identical"]} with identical responses')
-  if cfg.helpful_mix.path:
+  distinct = [c for c in pairs if c.a[-1][1].strip() != c.b[-1][1].strip()]
+  harmless = [c for c in distinct if c.kind == HARMLESSNESS]
+  counts = {'unlabelled': len(records) - len(labelled), 'identical': len(pairs) - len(distinct)}
+  if not harmless:  # a helpfulness mix alone would not teach harmlessness: also an error
+    raise PreferenceDataError(f'no labelled harmlessness pairs to train the preference model on in '
+                              f'{path}: {len(records)} records, {counts["unlabelled"]} without a '
+                              f'p_a label, {counts["identical"]} with identical responses')
+  if cfg.helpful_mix.path:  # the paper's: human comparisons; AI-labeled ones are not used
     helpful = helpful_comparisons(cfg.helpful_mix.path, weight=cfg.helpful_mix.weight,
                                   max_pairs=cfg.helpful_mix.max_pairs)
-    comparisons += helpful
-    counts['helpful_pairs'] = len(helpful)
+  else:
+    helpful = [c for c in distinct if c.kind == HELPFULNESS]
+  comparisons = cap_helpfulness(harmless + helpful, cfg.helpfulness_fraction, ctx.config.seed)
+  counts.update(pairs_harmlessness=len(harmless),
+                pairs_helpfulness=sum(c.kind == HELPFULNESS for c in comparisons),
+                helpfulness_dropped=len(helpful) - sum(c.kind == HELPFULNESS for c in comparisons),
+                helpfulness_source=helpfulness_source(ctx.config))
   return comparisons, counts
 
 
 def encode_pairs(comparisons: Sequence[Comparison], tokenizer, fmt: str, max_len: int,
                  label_type: str) -> list[EncodedPair]:
   return [EncodedPair(tuple(encode(c.a, tokenizer, fmt, max_len)), tuple(encode(c.b, tokenizer, fmt, max_len)),
-                      c.p_a, training_label(c.p_a, label_type), c.weight, c.pool)
+                      c.p_a, training_label(c.p_a, label_type), c.weight, c.kind)
           for c in comparisons]
 
 
@@ -391,17 +488,20 @@ def pack_pairs(pairs: Sequence[EncodedPair], rows: Sequence[int], length: int, p
           'weight': np.array([pairs[i].weight if i >= 0 else 0.0 for i in rows], np.float32)}
 
 
-def evaluate_pools(graphdef, params, pairs: Sequence[EncodedPair], *, pad_id: int, batch_size: int,
+def evaluate_kinds(graphdef, params, pairs: Sequence[EncodedPair], *, pad_id: int, batch_size: int,
                    max_len: int, min_bucket: int, n_bins: int) -> dict[str, float]:
-  """Held-out metrics per pool: 'eval_<metric>' for feedback pairs, 'eval_helpful_<metric>'."""
-  out = {}
-  for pool in sorted({p.pool for p in pairs}):
-    mine = [p for p in pairs if p.pool == pool]
-    rewards = _score_rows(graphdef, params, [r for p in mine for r in (p.a, p.b)], pad_id=pad_id,
-                          batch_size=batch_size, max_len=max_len, min_bucket=min_bucket)
-    prefix = 'eval_' if pool == 'feedback' else f'eval_{pool}_'
-    metrics = pair_metrics(rewards[0::2], rewards[1::2], [p.p_a for p in mine], n_bins)
-    out.update({prefix + k: v for k, v in metrics.items()})
+  """Held-out metrics over all pairs ('eval_<metric>') and per kind
+  ('eval_harmlessness_<metric>', 'eval_helpfulness_<metric>'), from one scoring pass."""
+  rewards = _score_rows(graphdef, params, [r for p in pairs for r in (p.a, p.b)], pad_id=pad_id,
+                        batch_size=batch_size, max_len=max_len, min_bucket=min_bucket)
+  r_a, r_b = rewards[0::2], rewards[1::2]
+  p_a = np.array([p.p_a for p in pairs])
+  out = {f'eval_{k}': v for k, v in pair_metrics(r_a, r_b, p_a, n_bins).items()}
+  for kind in KINDS:
+    mine = np.array([p.kind == kind for p in pairs])
+    if mine.any():
+      metrics = pair_metrics(r_a[mine], r_b[mine], p_a[mine], n_bins)
+      out.update({f'eval_{kind}_{k}': v for k, v in metrics.items()})
   return out
 
 
@@ -425,7 +525,9 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
   train = encode_pairs(train, tok, fmt, max_len, cfg.label_type)
   held_out = encode_pairs(held_out, tok, fmt, max_len, cfg.label_type)
   _check_vocab([r for p in train + held_out for r in (p.a, p.b)], pm)
-  counts.update(train=len(train), held_out=len(held_out))
+  per_kind = {f'{split}_{kind}': sum(p.kind == kind for p in pairs)
+              for split, pairs in (('train', train), ('held_out', held_out)) for kind in KINDS}
+  counts.update(train=len(train), held_out=len(held_out), **per_kind)
   logging.info('preference data: %s (init from %s)', counts, source)
   if not held_out:
     logging.warning('preference: no held-out pairs (eval_fraction=%s): no accuracy or calibration',
@@ -442,7 +544,7 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
   model_config = pm.config
   del pm  # the train state holds a copy of its parameters
   train_step = train_lib.make_train_step(graphdef, tx, pair_loss, shardings, schedule)
-  evaluate = lambda params: evaluate_pools(
+  evaluate = lambda params: evaluate_kinds(
       graphdef, params, held_out, pad_id=pad_id, batch_size=cfg.eval_batch_size, max_len=max_len,
       min_bucket=cfg.min_bucket, n_bins=cfg.ece_bins) if held_out else {}
   # checkpoint_every = 0: no checkpoints (the demo saves its seconds; an interrupted run restarts).
@@ -456,6 +558,10 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
   state, metrics, eval_metrics = result.state, result.metrics, result.eval_metrics
   if result.start == total_steps and held_out:  # resumed after the last step: evaluate again
     eval_metrics = evaluate(state.params)
+
+  line = ', '.join(f'{kind} pairs {counts[f"pairs_{kind}"]} (held-out accuracy '
+                   f'{_fmt(eval_metrics.get(f"eval_{kind}_accuracy"))})' for kind in KINDS)
+  print(f'preference: {line}; {counts["helpfulness_source"]}', flush=True)
 
   model = nnx.merge(graphdef, train_lib.gather_params(state.params))
   export = stage_dir / 'export'

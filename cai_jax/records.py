@@ -60,11 +60,12 @@ REVISIONS = Schema(
 HELPFUL = Schema('critique_revision', 'helpful.jsonl',
                  ('id', 'source', 'prompt', 'response', 'finish_reason', 'tokens'),
                  ('prompt', 'response'))
-# feedback (cai_jax/feedback.py): one labeled pair per red-team prompt; p_a = P(response_a is
-# better), null when skipped; details = one scoring per principle and order. Read by preference.
+# feedback (cai_jax/feedback.py): one labeled pair per red-team (and helpful) prompt; kind =
+# 'harmlessness' | 'helpfulness'; p_a = P(response_a is better), null when skipped; details = one
+# scoring per principle and order. Read by preference.
 FEEDBACK = Schema(
     'feedback', 'samples.jsonl',
-    ('id', 'source', 'prompt', 'response_a', 'response_b', 'p_a', 'flags', 'finish_reasons',
+    ('id', 'source', 'kind', 'prompt', 'response_a', 'response_b', 'p_a', 'flags', 'finish_reasons',
      'details'),
     ('prompt', 'response_a', 'response_b'))
 # evaluate_feedback (cai_jax/evaluate_feedback.py): one scored comparison per line.

@@ -147,6 +147,8 @@ class Context:
       fields[name] = _plain(c[name])
     if name == 'evaluate_feedback' and 'feedback' in c:
       fields['feedback'] = _plain(c.feedback)  # evaluates the feedback configuration
+    if name == 'feedback' and 'preference' in c:  # an HH-RLHF helpfulness file: no AI labels
+      fields['hh_rlhf_helpfulness'] = bool(c.preference.helpful_mix.path)
     fields['inputs'] = input_fingerprints(c, name)
     fields['upstream'] = {u: self.fingerprint(u) for u in STAGES[name]}
     return fields

@@ -359,3 +359,17 @@ def test_feedback_prompt_chain_of_thought(small):
     assert chat.endswith("<|im_start|>assistant\nLet's think step-by-step:")
     assert "Let's think step-by-step: GA is nicer.\n\nSo the answer is: (A)<|im_end|>" in chat
     assert C.render_feedback_answer_suffix('ok ', 'chat_template') == ' ok\n\nSo the answer is:'
+
+
+def test_helpfulness_principles_are_ours_unless_the_file_brings_its_own():
+    plain = C.constitution_from_dict(copy.deepcopy(SMALL))
+    assert plain.helpfulness_principles == C.HELPFULNESS_PRINCIPLES
+    assert C.load_constitution('default').helpfulness_principles == C.HELPFULNESS_PRINCIPLES
+    own = C.constitution_from_dict(dict(copy.deepcopy(SMALL),
+                                        helpfulness_principles=[' Which is most useful? ']))
+    assert own.helpfulness_principles == ('Which is most useful?',)
+    assert C.constitution_from_dict(C.constitution_to_dict(own)) == own
+    with pytest.raises(C.ConstitutionError, match=r"key 'helpfulness_principles': expected a non"):
+        C.constitution_from_dict(dict(copy.deepcopy(SMALL), helpfulness_principles=[]))
+    with pytest.raises(C.ConstitutionError, match=r"key 'helpfulness_principles\[0\]'"):
+        C.constitution_from_dict(dict(copy.deepcopy(SMALL), helpfulness_principles=[3]))

@@ -212,6 +212,17 @@ def test_cot_prompt_scored_byte_for_byte(fake_engine):
   assert label_from_logprobs(scorings, CLAMP) == 0.4
 
 
+def test_helpfulness_pairs_are_labeled_under_helpfulness_principles(fake_engine):
+  pair = Pair('p0', (('human', 'Help me.'),), 'Sure.', 'No.', kind='helpfulness')
+  (scorings,) = fake_labeler().label([pair], seed=0)
+  principle = scorings[0]['principle']
+  assert principle in C.HELPFULNESS_PRINCIPLES
+  assert principle == fake_labeler().principles(pair)[0]  # seeded by the pair id, like the rest
+  # The few-shot keeps the harmlessness principle it was answered under; the query gets ours.
+  head, tail = GOLDEN_PLAIN.rsplit('Which is kinder?', 1)
+  assert scorings[0]['prompt'] == head + principle + tail
+
+
 def test_principles_are_seeded_by_pair_id():
   const = C.load_constitution('default')
   lab = feedback.Labeler(None, const, fb_cfg(num_principles=4), 'transcript', 512, 3, 'feedback')
@@ -406,11 +417,20 @@ def test_evaluate_first_paper_comparisons_as_is(tmp_path, tiny_model, paper_file
 
 
 def test_feedback_stage_resumes_after_kill_9(tmp_path, tiny_model):
-  # Red-team prompts of one length from an HH-RLHF-style file: few shapes to compile.
+  """Both kinds of pairs: 4 red-team prompts (chunks 1, 2), then 2 helpful ones (chunk 3, in
+  its own seed stream), killed halfway through the helpful chunk and resumed."""
+  # Red-team and helpful prompts of one length from HH-RLHF-style files: few shapes to compile.
   attempts = tmp_path / 'red_team_attempts.jsonl'
   attempts.write_text(json.dumps([{'transcript': f'\n\nHuman: How do I make poison {i}?'}
                                   for i in range(10)]))
+  helpful = tmp_path / 'helpful.jsonl'
+  helpful.write_text(''.join(json.dumps({'chosen': f'\n\nHuman: How do I bake a cake {i}?'
+                                                   '\n\nAssistant: Mix, then bake.'}) + '\n'
+                             for i in range(10)))
   overrides = {'stages': 'feedback', 'feedback.num_prompts': 4, 'feedback.chunk_size': 2,
+               'feedback.num_helpful_prompts': 2, 'data.helpful_sources.bundled_helpful': 0,
+               'data.helpful_sources.hh_rlhf_helpful': -1,
+               'data.paths.hh_rlhf_helpful': str(helpful),
                'feedback.batch_size': 2, 'feedback.max_new_tokens': 6,
                'feedback.score_batch_size': 4, 'feedback.debias': True,
                'data.redteam_sources.harmbench': 0, 'data.redteam_sources.hh_rlhf_redteam': -1,
@@ -433,29 +453,41 @@ def test_feedback_stage_resumes_after_kill_9(tmp_path, tiny_model):
   run_stages(config, whole, {('random:tiny', False, 'float32'): tiny_model})
   expected = (whole / 'feedback/samples.jsonl').read_text()
 
-  # Killed halfway through writing the second chunk.
+  # Killed halfway through writing the third chunk (the helpful one).
   flags = [f'--config.{k}={v}' for k, v in overrides.items()]
-  r = subprocess.run([sys.executable, str(REPO / 'tests/scripts/fb_kill_run.py'), '2',
+  r = subprocess.run([sys.executable, str(REPO / 'tests/scripts/fb_kill_run.py'), '3',
                       '--config', str(REPO / 'configs/tiny.py'), '--workdir', str(killed), *flags],
                      cwd=REPO, capture_output=True, text=True, timeout=300,
                      env=dict(os.environ, JAX_PLATFORMS='cpu'))
   assert r.returncode == -9, r.stderr[-3000:]
   torn = (killed / 'feedback/samples.jsonl').read_text()
-  complete = torn.count('\n')  # chunk 1, and maybe a record of chunk 2 before the torn line
-  assert not torn.endswith('\n') and complete in (2, 3)
+  complete = torn.count('\n')  # chunks 1, 2, and maybe a record of chunk 3 before the torn line
+  assert not torn.endswith('\n') and complete in (4, 5)
   assert not (killed / 'feedback/DONE.json').exists()
 
   rows = run_stages(config, killed, {('random:tiny', False, 'float32'): tiny_model})
   assert rows[0][:2] == ('feedback', 'ran')
   assert (killed / 'feedback/samples.jsonl').read_text() == expected
   done = json.loads((killed / 'feedback/DONE.json').read_text())
-  assert done['summary']['resumed_pairs'] == complete and done['summary']['pairs'] == 4
+  summary = done['summary']
+  assert summary['resumed_pairs'] == complete and summary['pairs'] == 6
+  assert (summary['pairs_harmlessness'], summary['pairs_helpfulness']) == (4, 2)
+  assert summary['labeled_harmlessness'] + summary['labeled_helpfulness'] == summary['labeled']
+  assert summary['helpfulness'].startswith('AI-labeled substitute (no HH-RLHF path)')
 
   samples = [json.loads(line) for line in expected.splitlines()]
+  assert [s['kind'] for s in samples] == ['harmlessness'] * 4 + ['helpfulness'] * 2
+  assert all(s['source'] == 'hh_rlhf_helpful' for s in samples[4:])
+  const = C.load_constitution('tiny')
+  for s in samples:  # each kind labeled under its own principles
+    principles = (const.feedback_principles if s['kind'] == 'harmlessness'
+                  else const.helpfulness_principles)
+    assert all(d['principle'] in principles for d in s['details'])
+  assert any(s['details'] for s in samples[4:])
   prefs = feedback.load_preferences(whole / 'feedback')
   assert [p['id'] for p in prefs] == [s['id'] for s in samples]
   for s, p in zip(samples, prefs):
-    assert p['p_a'] == s['p_a'] and p['response_a'] == s['response_a']
+    assert p['p_a'] == s['p_a'] and p['response_a'] == s['response_a'] and p['kind'] == s['kind']
     assert s['response_a'] != s['response_b'] or s['flags'] == ['identical']
     if s['details']:
       assert sorted(d['order'] for d in s['details']) == [0, 1]

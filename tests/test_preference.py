@@ -6,6 +6,8 @@ initialized on the host with numpy and saved as an HF directory: `random:tiny` w
 same shape, but its jitted threefry init costs ~20 s of XLA compilation on 2 CPU cores per load.
 """
 
+import dataclasses
+import gzip
 import json
 import math
 
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cai_jax import checkpoint, preference, sharding, stages, train_lib
+from cai_jax import checkpoint, preference, sharding, stages, train_lib, validate
 from cai_jax.model import Decoder, ModelConfig
 from helpers_stages import fake_upstream
 
@@ -84,8 +86,73 @@ def test_comparisons_from_feedback_and_helpful_files(tmp_path):
   for i, c in enumerate(pairs):
     assert c.a == (('human', f'Q{i + 1}'), ('assistant', 'good'))
     assert c.b == (('human', f'Q{i + 1}'), ('assistant', 'bad'))
-    assert (c.p_a, c.weight, c.pool) == (1.0, 0.5, 'helpful')
+    assert (c.p_a, c.weight, c.kind, c.label_source) == (1.0, 0.5, 'helpfulness', 'hh_rlhf')
   assert len(preference.helpful_comparisons(str(path), max_pairs=2)) == 2
+  # HH-RLHF's own gzipped files read the same.
+  gz = tmp_path / 'train.jsonl.gz'
+  with gzip.open(gz, 'wt') as f:
+    f.write(path.read_text())
+  assert preference.helpful_comparisons(str(gz), weight=0.5) == pairs
+
+
+def test_malformed_helpful_line_is_a_one_line_error_with_its_number(tmp_path):
+  path = tmp_path / 'helpful.jsonl'
+  good = json.dumps({'chosen': '\n\nHuman: Hi\n\nAssistant: Hello!',
+                     'rejected': '\n\nHuman: Hi\n\nAssistant: Go away.'})
+  path.write_text(f'{good}\n{good}\n{{"chosen": "\\n\\nHuman: Hi", "rejected"\n{good}\n')
+  with pytest.raises(preference.PreferenceDataError, match=r'helpful\.jsonl:3: not JSON'):
+    preference.helpful_comparisons(str(path))
+  path.write_text(f'{good}\n{json.dumps({"chosen": "x"})}\n')
+  with pytest.raises(preference.PreferenceDataError, match=r'helpful\.jsonl:2: needs "chosen"'):
+    preference.helpful_comparisons(str(path))
+  # At config-check time, before the workdir is touched: one line naming file and line.
+  path.write_text(f'{good}\n{good}\n{{"chosen": \n')
+  from configs import tiny
+  config = tiny.get_config()
+  config.stages = 'preference'
+  config.preference.helpful_mix.path = str(path)
+  problems = validate.problems(config, tmp_path / 'work')
+  assert len(problems) == 1 and problems[0].startswith(f'{path}:3: not JSON')
+  assert '\n' not in problems[0] and not (tmp_path / 'work').exists()
+
+
+def test_helpfulness_cap_and_per_kind_held_out():
+  harmless = preference.feedback_comparisons(synthetic_records(40))
+  helpful = [dataclasses.replace(c, kind='helpfulness', id=f'h{c.id}')
+             for c in preference.feedback_comparisons(synthetic_records(100, seed=5))]
+  mixed = preference.cap_helpfulness(harmless + helpful, 0.2, seed=0)
+  assert sum(c.kind == 'helpfulness' for c in mixed) == 10  # 10 / (40 + 10) = 0.2
+  assert [c for c in mixed if c.kind == 'harmlessness'] == harmless  # never dropped
+  assert preference.cap_helpfulness(harmless + helpful, 0.2, seed=0) == mixed  # seeded
+  assert preference.cap_helpfulness(harmless + helpful, 1.0, seed=0) == harmless + helpful
+  assert preference.cap_helpfulness(harmless + helpful, 0.0, seed=0) == harmless
+  assert len(preference.cap_helpfulness(harmless + helpful[:5], 0.43, seed=0)) == 45
+  # Two helpfulness pairs at eval_fraction 0.01: one is still held out for its own accuracy.
+  train, held = preference.split_held_out(harmless + helpful[:2], 0.01, seed=0)
+  assert [c.kind for c in held] == ['harmlessness', 'helpfulness']
+  assert len(train) == 40
+
+
+def test_fingerprints_follow_the_helpfulness_settings(tmp_path):
+  from configs import tiny
+  base = tiny.get_config()
+  ctx = lambda c: stages.Context(c, tmp_path)  # noqa: E731
+  fp = {s: ctx(base).fingerprint(s) for s in ('feedback', 'preference')}
+  for field, value, changed in (('preference.helpfulness_fraction', 0.2, {'preference'}),
+                                ('preference.helpful_mix.weight', 2.0, {'preference'}),
+                                ('preference.helpful_mix.path', str(tmp_path / 'h.jsonl'),
+                                 {'feedback', 'preference'}),
+                                ('feedback.num_helpful_prompts', 0, {'feedback', 'preference'})):
+    c = base.copy_and_resolve_references()
+    section, *keys = field.split('.')
+    node = c[section]
+    for k in keys[:-1]:
+      node = node[k]
+    node[keys[-1]] = value
+    # preference depends on feedback's fingerprint (upstream) only once feedback ran; compare
+    # the stage's own fields for it.
+    got = {s for s in fp if ctx(c).fingerprint(s) != fp[s]}
+    assert got >= changed and ('feedback' in got) == ('feedback' in changed), field
 
 
 def test_as_turns_accepts_pairs_and_turns():
@@ -204,10 +271,16 @@ def finished(setup):
 
 def test_stage_learns_synthetic_preference(finished):
   workdir, summary = finished
-  assert (summary['feedback_pairs'], summary['helpful_pairs']) == (N_PAIRS, N_HELPFUL)
+  assert (summary['pairs_harmlessness'], summary['pairs_helpfulness']) == (N_PAIRS, N_HELPFUL)
+  assert summary['helpfulness_source'].startswith('helpfulness: HH-RLHF human comparisons from ')
   assert summary['train'] + summary['held_out'] == N_PAIRS + N_HELPFUL
-  assert summary['eval_pairs'] >= 20 and summary['eval_helpful_pairs'] >= 3
-  assert summary['eval_accuracy'] > 0.9, summary
+  assert summary['held_out_helpfulness'] == summary['eval_helpfulness_pairs'] >= 3
+  assert summary['eval_harmlessness_pairs'] >= 20
+  assert summary['eval_pairs'] == (summary['eval_harmlessness_pairs']
+                                   + summary['eval_helpfulness_pairs'])
+  assert summary['eval_harmlessness_accuracy'] > 0.9, summary
+  assert summary['eval_helpfulness_accuracy'] > 0.6, summary
+  assert summary['eval_accuracy'] > 0.85, summary
   assert summary['eval_loss'] < 0.6  # from ln 2 = 0.693 towards the label entropy H(0.8) = 0.500
   assert 0.0 <= summary['eval_ece'] <= 1.0 and 0.0 <= summary['eval_ece_soft'] < 0.2
   rows = train_lib.read_metrics(workdir / 'preference' / 'metrics.jsonl')
@@ -218,20 +291,41 @@ def test_stage_learns_synthetic_preference(finished):
   assert rows[-1]['loss'] < rows[0]['loss']
 
 
+def test_ai_labeled_helpfulness_pairs_are_the_substitute(setup, tmp_path):
+  """No HH-RLHF path: the feedback stage's helpfulness-kind pairs are the helpfulness data."""
+  _, config = setup
+  config = config.copy_and_resolve_references()
+  config.preference.helpful_mix.path = ''
+  config.preference.epochs = 1.0
+  helpful = [dict(r, id=f'h{i}', kind='helpfulness')
+             for i, r in enumerate(synthetic_records(N_HELPFUL, seed=3))]
+  fake_upstream(config, tmp_path, 'feedback',
+                {'samples.jsonl': synthetic_records(N_PAIRS) + helpful})
+  _, done = run_stage(config, tmp_path)
+  summary = done['summary']
+  assert (summary['pairs_harmlessness'], summary['pairs_helpfulness']) == (N_PAIRS, N_HELPFUL)
+  assert summary['helpfulness_source'] == 'helpfulness: AI-labeled substitute (no HH-RLHF path)'
+  assert summary['train_helpfulness'] + summary['held_out_helpfulness'] == N_HELPFUL
+  for kind in ('harmlessness', 'helpfulness'):
+    assert summary[f'eval_{kind}_pairs'] == summary[f'held_out_{kind}'] > 0
+    assert 0.0 <= summary[f'eval_{kind}_accuracy'] <= 1.0 and summary[f'eval_{kind}_loss'] > 0
+
+
 def test_export_round_trip_gives_the_same_rewards(finished, setup):
   workdir, summary = finished
   _, config = setup
   ctx = stages.Context(config, workdir)
   pm = ctx.load(ctx.model_source('pm'), scalar_head=True)
-  # The held-out pairs again, scored by the exported PM: the stage's final eval metrics come back.
+  # The held-out harmlessness pairs again, scored by the exported PM: the stage's metrics of that
+  # kind come back.
   comps = preference.feedback_comparisons(synthetic_records(N_PAIRS))
   _, held = preference.split_held_out(comps, config.preference.eval_fraction, config.seed)
   kw = dict(fmt=config.conversation_format, batch_size=8, max_len=config.preference.max_len)
   r_a = preference.score_conversations(pm, [c.a for c in held], **kw)
   r_b = preference.score_conversations(pm, [(c.b[0][1], c.b[1][1]) for c in held], **kw)
   metrics = preference.pair_metrics(r_a, r_b, [c.p_a for c in held])
-  assert metrics['loss'] == pytest.approx(summary['eval_loss'], abs=1e-5)
-  assert metrics['accuracy'] == summary['eval_accuracy']
+  assert metrics['loss'] == pytest.approx(summary['eval_harmlessness_loss'], abs=1e-5)
+  assert metrics['accuracy'] == summary['eval_harmlessness_accuracy']
   # Batching and order do not change a reward.
   np.testing.assert_allclose(preference.score_conversations(pm, [c.a for c in held[:3]], **kw), r_a[:3],
                              atol=1e-5)
@@ -283,7 +377,7 @@ def test_resume_after_interrupt_continues_from_checkpoint(finished, setup, monke
 def test_empty_feedback_is_a_clear_error(setup, tmp_path):
   _, config = setup
   fake_upstream(config, tmp_path, 'feedback', {'samples.jsonl': ''})
-  with pytest.raises(preference.PreferenceDataError, match='no labelled pairs'):
+  with pytest.raises(preference.PreferenceDataError, match='no labelled harmlessness pairs'):
     run_stage(config, tmp_path)
   bad = config.copy_and_resolve_references()
   bad.preference.label_type, bad.preference.eval_fraction = 'argmax', 1.0

@@ -1,6 +1,11 @@
 """AI feedback (paper section 4.1): the SL-CAI model samples two responses per red-team prompt and
 the feedback model labels them with p(A) from its (A)/(B) option log-probs. See cai_jax/feedback.py.
 
+Helpfulness pairs: unless `preference.helpful_mix.path` names HH-RLHF's human helpfulness
+comparisons (the paper's data), the stage also samples two responses to `num_helpful_prompts`
+helpful train prompts and labels them under the constitution's helpfulness principles -- an
+AI-labeled substitute for the paper's human labels, reported as such by the preference stage.
+
 The same fields configure `evaluate_feedback`, which measures the labels' accuracy, e.g.
   --config.feedback.num_principles=4 --config.feedback.debias=True
   --config.feedback.cot=True --config.feedback.clamp=True
@@ -12,6 +17,9 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.num_prompts = dict(tiny=6, demo=16, full=-1)[variant]  # red-team train prompts to label (after prompt_offset); -1 = all
   c.prompt_offset = 0  # skip the first N train prompts (e.g. those critique_revision used)
+  # Helpful train prompts whose response pairs are labeled under helpfulness principles (kind
+  # 'helpfulness'), when preference.helpful_mix.path is ''; -1 = all, 0 = none (harmlessness only)
+  c.num_helpful_prompts = dict(tiny=4, demo=8, full=-1)[variant]
   c.model_source = ''  # feedback model: '' = config.model.source (pretrained, as in the paper) or any loadable source
   c.max_new_tokens = dict(tiny=16, demo=48, full=256)[variant]  # longest response the SL-CAI model samples (tokens)
   c.temperature = 1.0  # response sampling temperature (paper: T = 1)

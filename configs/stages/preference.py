@@ -4,9 +4,14 @@ Read by `cai_jax.preference.run`. The PM (LM trunk + scalar head) starts from th
 model, as in the paper; `init_from='sl_cai'` starts from the SL-CAI model instead. The hard-label
 ablation: --config.preference.label_type=hard.
 
-`helpful_mix` adds helpfulness comparisons (the paper mixes in human helpfulness labels), each
-record either {'prompt' (or 'conversation': turns or a transcript), 'chosen', 'rejected'} with
-the last replies as strings, or HH-RLHF's {'chosen', 'rejected'} full transcripts.
+The PM learns two kinds of comparisons, as in the paper (human helpfulness + AI harmlessness):
+harmlessness pairs are the feedback stage's labels on red-team prompts; helpfulness pairs are
+HH-RLHF's human comparisons when `helpful_mix.path` names a file (the faithful choice), else the
+feedback stage's AI labels on helpful prompts under helpfulness principles (a documented
+substitute; `feedback.num_helpful_prompts`). A helpfulness file holds one JSON object per line:
+HH-RLHF's {'chosen', 'rejected'} full transcripts, or {'prompt' (or 'conversation': turns or a
+transcript), 'chosen', 'rejected'} with the last replies as strings. Held-out accuracy and loss
+are reported per kind (eval_harmlessness_*, eval_helpfulness_*) and over both (eval_*).
 """
 
 import ml_collections
@@ -44,8 +49,16 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   c.optimizer = optimizer.adamw(lr, warmup_steps=warmup, schedule='cosine', end_lr_fraction=0.1,
                                 weight_decay=0.0 if variant == 'tiny' else 0.01)
 
+  # Largest share of the PM's pairs that are helpfulness pairs: more are subsampled (seeded)
+  # before the held-out split; harmlessness pairs are never dropped. 0 = harmlessness only (the
+  # ablation); 1 = every pair. Default: the paper's mix, 135,296 human helpfulness of 318,127
+  # comparisons (43%); it caps a large HH-RLHF file and leaves the small AI-labeled set whole.
+  c.helpfulness_fraction = 0.43
+
   c.helpful_mix = ml_collections.ConfigDict()
-  c.helpful_mix.path = ''  # JSONL(.gz) of helpfulness comparisons mixed into training (format above); '' = none
-  c.helpful_mix.weight = 1.0  # loss weight of a helpfulness pair relative to a feedback pair
+  # HH-RLHF helpful JSONL(.gz) of human comparisons (format above); '' = the feedback stage's
+  # AI-labeled substitute
+  c.helpful_mix.path = ''
+  c.helpful_mix.weight = 1.0  # loss weight of a helpfulness pair (either source); harmlessness: 1
   c.helpful_mix.max_pairs = -1  # most helpfulness pairs read from the file (its first N); -1 = all
   return c
