@@ -10,6 +10,7 @@ Outputs in the stage directory:
 * ``samples.jsonl`` -- one object per red-team prompt, in prompt order::
 
     {"id", "source", "prompt", "initial_response",
+     "conversation",      # only for a multi-turn prompt: its turns, ending with `prompt`
      "rounds": [{"principle", "critique_request", "critique", "revision_request", "revision",
                  "empty_revision",
                  "few_shots": [critique, revision],      # few-shots each prompt kept
@@ -110,7 +111,8 @@ def revise_chunk(records: Sequence[dict], seed: Callable[[int], int], *, sample:
   out = [dict(id=r['id'], source=r.get('source', ''), prompt=r['prompt'],
               initial_response=resp.text.strip(), rounds=[], revision='', revised=False,
               empty_revisions=0, tokens=len(resp.tokens),
-              finish_reasons=dict(initial_response=resp.finish_reason, critique=[], revision=[]))
+              finish_reasons=dict(initial_response=resp.finish_reason, critique=[], revision=[]),
+              **({'conversation': r['conversation']} if r.get('conversation') else {}))
          for r, resp in zip(records, initial)]
   # A fresh pair per round, drawn from (seed, prompt id): the same whatever chunk or host.
   pairs = [constitution_lib.sample_critique_revision_pairs(
