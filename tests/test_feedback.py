@@ -1,6 +1,7 @@
 """Stages `feedback` and `evaluate_feedback`: the label layer, the exact text scored, option
 tokenization, and tiny end-to-end runs (resume after kill -9, malformed input, the paper's file)."""
 
+import dataclasses
 import json
 import math
 import os
@@ -451,6 +452,11 @@ def test_feedback_stage_resumes_after_kill_9(tmp_path, tiny_model):
   assert (killed / 'feedback/samples.jsonl').read_text() == expected
   done = json.loads((killed / 'feedback/DONE.json').read_text())
   assert done['summary']['resumed_pairs'] == complete and done['summary']['pairs'] == 4
+  details = [d for line in expected.splitlines() for d in json.loads(line)['details']]
+  kept = [d['few_shots'] for d in details]
+  assert (done['summary']['few_shots_min'], done['summary']['few_shots_mean'],
+          done['summary']['prompts_lost_turns']) == (
+      min(kept), round(sum(kept) / len(kept), 3), sum(bool(d['turns_dropped']) for d in details))
 
   samples = [json.loads(line) for line in expected.splitlines()]
   prefs = feedback.load_preferences(whole / 'feedback')
@@ -473,3 +479,23 @@ def test_a_comparisons_file_that_grew_is_evaluated_again(tmp_path, tiny_model):
   assert evaluate(tmp_path / 'w', tiny_model, **overrides)[0]['n'] == 3
   path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
   assert evaluate(tmp_path / 'w', tiny_model, **overrides)[0]['n'] == 5
+
+
+def test_few_shots_shown_under_independently_drawn_principles():
+  principles = tuple(f'Which reply is better by rule {i}?' for i in range(6))
+  few = tuple(C.FeedbackFewShot((('human', f'Q{i}?'),), 'x', 'y', 'AB'[i % 2]) for i in range(4))
+  labeler = fake_labeler(debias=True)
+  labeler.constitution = dataclasses.replace(HANDMADE, feedback_principles=principles,
+                                             feedback_few_shots=few)
+  drawn = [labeler.few_shot_principles(Pair(f'p{i}', PAIR.conversation, 'a', 'b'), 0)
+           for i in range(10)]
+  assert all(len(d) == 4 for d in drawn) and len({tuple(d) for d in drawn}) > 1
+  assert any(len(set(d)) > 1 for d in drawn)  # examples of one prompt differ in principle
+  pair = Pair('p3', PAIR.conversation, 'a', 'b')
+  order0, order1 = labeler.scorings(pair)
+  expected = C.render_feedback_prompt(labeler.constitution, pair.conversation,
+                                      order0['principle'], 'a', 'b', cot=False,
+                                      few_shot_principles=drawn[3])
+  assert order0['prompt'] == expected and order0['few_shots'] == 4
+  # Both option orders share the few-shots' principles: debiasing swaps only the options.
+  assert order1['prompt'] == expected.replace('(A) a\n (B) b', '(A) b\n (B) a')
