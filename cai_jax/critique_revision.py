@@ -107,7 +107,8 @@ def revise_chunk(records: Sequence[dict], seed: Callable[[int], int], *, sample:
   convs = [data.prompt_turns(r) for r in records]
   cr_stops = constitution_lib.critique_revision_stop_strings(fmt, tok)
 
-  initial = sample(convs, max_new_tokens=cfg.max_new_tokens, seed=seed(0))
+  initial = sample([conversation.fit_turns(c, fmt, tok, sample.budget(cfg.max_new_tokens))
+                    for c in convs], max_new_tokens=cfg.max_new_tokens, seed=seed(0))
   out = [dict(id=r['id'], source=r.get('source', ''), prompt=r['prompt'],
               initial_response=resp.text.strip(), rounds=[], revision='', revised=False,
               empty_revisions=0, tokens=len(resp.tokens),

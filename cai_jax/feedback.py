@@ -358,8 +358,10 @@ def label_chunk(records: Sequence[dict], chunk_seed: Callable[[int], int], *, po
                 labeler: Labeler, cfg, fmt: str) -> list[dict]:
   """Two sampled responses per prompt (seed steps 0, 1), then their labels (step 2)."""
   convs = [data.prompt_turns(r) for r in records]
+  budget = labeler.max_len - cfg.max_new_tokens
+  fitted = [conversation.fit_turns(c, fmt, policy.tokenizer, budget) for c in convs]
   samples = [sampling.generate_responses(
-      policy, convs, fmt=fmt, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+      policy, fitted, fmt=fmt, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
       top_k=cfg.top_k or None, top_p=cfg.top_p if cfg.top_p < 1.0 else None,
       batch_size=cfg.batch_size, seed=chunk_seed(step),
       max_prompt_len=labeler.max_len - cfg.max_new_tokens) for step in (0, 1)]
