@@ -359,7 +359,8 @@ def label_chunk(records: Sequence[dict], chunk_seed: Callable[[int], int], *, po
   """Two sampled responses per prompt (seed steps 0, 1), then their labels (step 2)."""
   convs = [data.prompt_turns(r) for r in records]
   budget = labeler.max_len - cfg.max_new_tokens
-  fitted = [conversation.fit_turns(c, fmt, policy.tokenizer, budget) for c in convs]
+  fitted = [conversation.fit_turns(c, fmt, policy.tokenizer, budget) if len(c) > 1 else c
+            for c in convs]
   samples = [sampling.generate_responses(
       policy, fitted, fmt=fmt, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
       top_k=cfg.top_k or None, top_p=cfg.top_p if cfg.top_p < 1.0 else None,
