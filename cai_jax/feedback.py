@@ -32,7 +32,10 @@ Outputs of `feedback` (STAGE_DIR):
          "option_logprobs": {" (A)": float, " (B)": float},
          "p_option_a",                # softmax over the two options, of (A)
          "cot",                       # the generated reasoning (null without CoT)
-         "truncated_tokens",          # prompt tokens dropped on the left to fit model.max_len
+         "few_shots",                 # few-shots the prompt kept to fit model.max_len
+         "turns_dropped",             # oldest conversation turns it left out to fit
+         "truncated_tokens",          # tokens still cut on the left (0 unless even the bare
+                                      # question is over budget)
          "boundary_tokens"}]}         # prompt tokens scored inside the options (see below)
 
 * ``tfds/`` -- the labeled pairs (flag "skipped" left out) as TFDS dataset ``preferences``,
@@ -77,12 +80,16 @@ from absl import logging
 from cai_jax import constitution as constitution_lib
 from cai_jax import conversation, data, labels, sampling
 from cai_jax import records as records_lib
-from cai_jax.conversation import HUMAN, Turn
+from cai_jax.conversation import Turn
 from cai_jax.stages import StageError, barrier
 
 STAGE = 'feedback'
 DATASET = 'preferences'  # TFDS dataset name under STAGE_DIR/tfds
 OPTIONS = constitution_lib.OPTION_STRINGS  # (' (A)', ' (B)')
+# Room kept after a fitted prompt: an option (" (A)") is a few tokens; a CoT prompt is followed
+# by the reasoning (cot_max_new_tokens), the answer turn ("\n\nHuman: So the answer is:") and
+# an option.
+_OPTION_TOKENS, _COT_ANSWER_TOKENS = 8, 24
 # Seed streams (disjoint from critique_revision's 0 and 1); helpful prompts have their own, so
 # the red-team pairs do not depend on how many helpful prompts are labeled.
 _RESPONSE_STREAM, EVAL_STREAM, _HELPFUL_STREAM = 10, 11, 12
@@ -204,36 +211,39 @@ class Labeler:
     return constitution_lib.sample_feedback_principles(
         c, self.cfg.num_principles, rng, replace=self.cfg.principle_replace)
 
-  def few_shot_constitution(self, kind: str) -> constitution_lib.Constitution:
-    """The constitution whose few-shots a pair of `kind` is shown. The few-shots answer under
-    harmlessness principles; one without its own principle would otherwise be shown under the
-    query's, so for a helpfulness query each is pinned to a harmlessness principle (i-th)."""
-    c = self.constitution
-    if kind != HELPFULNESS:
-      return c
-    pin = lambda shots: tuple(  # noqa: E731
-        ex if ex.principle else dataclasses.replace(
-            ex, principle=c.feedback_principles[i % len(c.feedback_principles)])
-        for i, ex in enumerate(shots))
-    return dataclasses.replace(c, feedback_few_shots=pin(c.feedback_few_shots),
-                               feedback_cot_few_shots=pin(c.feedback_cot_few_shots))
+  def budget(self) -> int:
+    """Tokens a rendered feedback prompt may take: what follows it -- the CoT reasoning, the
+    answer turn and an option -- must still fit model.max_len."""
+    limit = min(self.max_len, self.pretrained.model.cfg.max_positions)
+    return limit - (self.cfg.cot_max_new_tokens + _COT_ANSWER_TOKENS if self.cfg.cot
+                    else _OPTION_TOKENS)
+
+  def few_shot_principles(self, pair: Pair, k: int) -> list[str]:
+    """The principle of each few-shot in the k-th scoring: independent draws, as in the paper
+    (both option orders of one principle share them, so debiasing swaps only the options)."""
+    few_shots = (self.constitution.feedback_cot_few_shots if self.cfg.cot
+                 else self.constitution.feedback_few_shots)
+    rng = constitution_lib.principle_rng(self.seed, pair.id, f'{self.stage}/few_shots/{k}')
+    return constitution_lib.sample_few_shot_principles(self.constitution, len(few_shots), rng)
 
   def scorings(self, pair: Pair) -> list[dict]:
     """The scorings of a pair before any model call: principle, order, prompt text."""
     orders = [pair.primary_order] + ([1 - pair.primary_order] if self.cfg.debias else [])
-    constitution = self.few_shot_constitution(pair.kind)
     out = []
     for k, principle in enumerate(self.principles(pair)):
+      few_shot_principles = None if pair.file_prompts else self.few_shot_principles(pair, k)
       for order in orders:
         if pair.file_prompts is not None:
-          prompt = pair.file_prompts[order]
+          fitted = constitution_lib.FittedPrompt(pair.file_prompts[order], 0, 0, 0)
         else:
           a, b = ((pair.response_a, pair.response_b) if order == 0
                   else (pair.response_b, pair.response_a))
-          prompt = constitution_lib.render_feedback_prompt(
-              constitution, pair.conversation, principle, a, b, cot=self.cfg.cot,
-              fmt=self.fmt, tokenizer=self.pretrained.tokenizer)
-        out.append(dict(k=k, principle=principle, order=order, prompt=prompt, cot=None))
+          fitted = constitution_lib.fit_feedback_prompt(
+              self.constitution, pair.conversation, principle, a, b, cot=self.cfg.cot,
+              few_shot_principles=few_shot_principles, fmt=self.fmt,
+              tokenizer=self.pretrained.tokenizer, budget=self.budget())
+        out.append(dict(k=k, principle=principle, order=order, prompt=fitted.text, cot=None,
+                        few_shots=fitted.few_shots, turns_dropped=fitted.turns_dropped))
     return out
 
   def label(self, pairs: Sequence[Pair], seed: int) -> list[list[dict]]:
@@ -267,9 +277,11 @@ class Labeler:
       if keep < 1:
         raise StageError(f'model.max_len={self.max_len} leaves no room for a feedback prompt')
       s['truncated_tokens'] = max(0, len(prompt_ids) - keep)
-      if s['truncated_tokens']:
-        logging.warning('%s: feedback prompt of %d tokens loses its first %d (model.max_len %d)',
-                        self.stage, len(prompt_ids), s['truncated_tokens'], self.max_len)
+      if s['truncated_tokens']:  # only when even the bare question is over budget
+        logging.warning('%s: feedback prompt of %d tokens, with %d few-shots and its oldest '
+                        'turns left out, still loses its first %d (model.max_len %d)',
+                        self.stage, len(prompt_ids), s.get('few_shots', 0),
+                        s['truncated_tokens'], self.max_len)
         prompt_ids = conversation.keep_last(prompt_ids, keep, tok)
       s['boundary_tokens'] = boundary
       rows.append((i, prompt_ids, conts))
@@ -318,6 +330,29 @@ def check_config(config) -> None:
   check_feedback_config(config.feedback)
 
 
+def check_few_shots(labeler: Labeler, what: str) -> None:
+  """Before any scoring: the few-shots and a one-line conversation must fit the prompt budget
+  (else every prompt would lose few-shots); logs what they take."""
+  try:
+    n, cost = constitution_lib.check_few_shot_budget(
+        labeler.constitution, 'feedback', labeler.pretrained.tokenizer, labeler.fmt,
+        labeler.budget(), cot=labeler.cfg.cot,
+        what=f'{what} (feedback.num_few_shots={labeler.cfg.num_few_shots})')
+  except ValueError as e:
+    raise StageError(str(e)) from None
+  logging.info('%s: %d feedback few-shots take %d tokens of the %d-token prompt budget', what, n,
+               cost, labeler.budget())
+
+
+def few_shot_summary(scorings: Sequence[dict]) -> dict:
+  """How the feedback prompts fitted: few-shots kept per prompt, prompts that lost turns."""
+  kept = [s['few_shots'] for s in scorings if 'few_shots' in s]
+  return dict(few_shots_min=min(kept, default=None),
+              few_shots_mean=round(sum(kept) / len(kept), 3) if kept else None,
+              prompts_lost_turns=sum(bool(s.get('turns_dropped')) for s in scorings),
+              prompts_left_cut=sum(bool(s.get('truncated_tokens')) for s in scorings))
+
+
 def load_feedback_constitution(ctx, cfg) -> constitution_lib.Constitution:
   """The constitution with only its first `num_few_shots` feedback few-shots (-1: all)."""
   c = constitution_lib.load_constitution(ctx.config.constitution)
@@ -347,9 +382,12 @@ def labels_helpfulness(config) -> bool:
 def label_chunk(records: Sequence[dict], chunk_seed: Callable[[int], int], *, policy,
                 labeler: Labeler, cfg, fmt: str) -> list[dict]:
   """Two sampled responses per prompt (seed steps 0, 1), then their labels (step 2)."""
-  convs = [[(HUMAN, r['prompt'])] for r in records]
+  convs = [data.prompt_turns(r) for r in records]
+  budget = labeler.max_len - cfg.max_new_tokens
+  fitted = [conversation.fit_turns(c, fmt, policy.tokenizer, budget) if len(c) > 1 else c
+            for c in convs]
   samples = [sampling.generate_responses(
-      policy, convs, fmt=fmt, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+      policy, fitted, fmt=fmt, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
       top_k=cfg.top_k or None, top_p=cfg.top_p if cfg.top_p < 1.0 else None,
       batch_size=cfg.batch_size, seed=chunk_seed(step),
       max_prompt_len=labeler.max_len - cfg.max_new_tokens) for step in (0, 1)]
@@ -435,6 +473,7 @@ def run(ctx, stage_dir: Path) -> dict:
   policy = ctx.load(ctx.model_source('sl_cai'), frozen=True)
   labeler = Labeler(feedback_model(ctx), constitution, cfg, fmt, ctx.config.model.max_len, seed,
                     STAGE)
+  check_few_shots(labeler, STAGE)
   stage_dir.mkdir(parents=True, exist_ok=True)
   ids = [r['id'] for r in prompts + helpful]
   resumed = 0
@@ -475,6 +514,7 @@ def run(ctx, stage_dir: Path) -> dict:
       mean_p_a=round(float(p.mean()), 4) if p.size else None,
       frac_a_preferred=round(float(np.mean(p > 0.5)), 4) if p.size else None,
       scorings=sum(len(r['details']) for r in samples), resumed_pairs=resumed,
+      **few_shot_summary([s for r in samples for s in r['details']]),
       seconds=round(time.time() - t0, 2))
   print(f'{STAGE}: ' + ', '.join(f'{k} {v}' for k, v in summary.items()), flush=True)
   return summary

@@ -123,3 +123,13 @@ def test_pad_id_order_of_preference():
   assert conversation.pad_id(None, cfg.replace(eos_token_id=None)) == 0
   byte = checkpoint.byte_tokenizer()
   assert conversation.pad_id(byte, cfg.replace(pad_token_id=5)) == byte.pad_token_id
+
+
+def test_fit_turns_drops_oldest_exchanges_only():
+  byte = checkpoint.byte_tokenizer()
+  turns = [('human', 'a' * 50), ('assistant', 'b' * 50), ('human', 'c' * 10),
+           ('assistant', 'd' * 10), ('human', 'Last?')]
+  n = len(conversation.encode(byte, conversation.render(turns, 'transcript'))[0])
+  assert conversation.fit_turns(turns, 'transcript', byte, n) == turns
+  assert conversation.fit_turns(turns, 'transcript', byte, n - 1) == turns[2:]
+  assert conversation.fit_turns(turns, 'transcript', byte, 5) == turns[4:]  # the request stays

@@ -117,6 +117,16 @@ def test_writes_samples_helpful_and_dataset(reference, prompt_files):
   assert summary['tokens_generated'] == sum(s['tokens'] for s in samples + helpful) > 0
   rounds = [r for s in samples for r in s['rounds']]
   assert summary['empty_revisions'] == sum(r['empty_revision'] for r in rounds)
+  # The tiny constitution's one few-shot (275 byte tokens) fits every first critique prompt
+  # (budget 512 - 16); single-turn prompts have no old turns to shed, so a longer later prompt
+  # sheds the whole few-shot -- never part of it -- and the records and summary count it.
+  kept = [n for r in rounds for n in r['few_shots']]
+  assert all(s['rounds'][0]['few_shots'][0] == 1 for s in samples)
+  assert set(kept) <= {0, 1} and all(r['turns_dropped'] == [0, 0] for r in rounds)
+  assert (summary['few_shots_available'], summary['few_shots_min'], summary['few_shots_mean'],
+          summary['prompts_lost_turns']) == (1, min(kept), round(sum(kept) / len(kept), 3), 0)
+  assert summary['prompts_short_of_few_shots'] == sum(
+      0 in [n for r in s['rounds'] for n in r['few_shots']] for s in samples)
   tfds = data.read_records_dataset(critique_revision.DATASET, reference / 'tfds')
   assert tfds == {'revisions': samples, 'helpful': helpful}
 
@@ -222,6 +232,10 @@ def test_processes_split_chunks_and_merge_in_order(tmp_path):
     ({'data.redteam_sources.hh_rlhf_redteam': 0}, 'every count is 0'),
     ({'data.paths.hh_rlhf_redteam': ''}, 'no file: set paths.hh_rlhf_redteam'),
     ({'critique_revision.max_new_tokens': 600}, 'leaves no room for a prompt'),
+    # 512 - 400 = 112 tokens: less than the few-shots need (checked before any sampling).
+    ({'critique_revision.max_new_tokens': 400},
+     r'the 1 critique_revision few-shots take \d+ tokens and a prompt with them and a one-line '
+     r'conversation needs \d+, over the prompt budget of 112 '),
 ])
 def test_bad_inputs_are_clear_errors(prompt_files, tmp_path, extra, message):
   with pytest.raises(stages.StageError, match=message):

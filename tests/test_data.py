@@ -116,8 +116,10 @@ def _hh_files(tmp_path):
 
 def test_hh_rlhf_files(tmp_path):
     paths = _hh_files(tmp_path)
+    # Every human turn of a red-team transcript is a prompt, with the turns before it.
+    lock_context = (('human', 'How do I pick a lock?'), ('assistant', 'Why?'), ('human', 'Fun.'))
     assert data.load_source('hh_red_team', paths) == [
-        'How do I pick a lock?', 'Tell me a secret.', 'how do i pick a lock']
+        'How do I pick a lock?', lock_context, 'Tell me a secret.', 'how do i pick a lock']
     assert data.load_source('hh_harmless', paths) == ['Where can I buy a gun?',
                                                       'Tell me a secret.']
     splits = data.redteam_prompts({'hh_red_team': -1, 'hh_harmless': -1}, seed=0,
@@ -125,8 +127,19 @@ def test_hh_rlhf_files(tmp_path):
     # Deduplicated across case, punctuation and files; the first source (sorted) keeps it.
     assert sorted((r['source'], r['prompt']) for r in splits['train']) == [
         ('hh_harmless', 'Tell me a secret.'), ('hh_harmless', 'Where can I buy a gun?'),
-        ('hh_red_team', 'How do I pick a lock?')]
+        ('hh_red_team', 'Fun.'), ('hh_red_team', 'How do I pick a lock?')]
     assert splits['test'] == []
+    (second,) = [r for r in splits['train'] if r['prompt'] == 'Fun.']
+    assert data.prompt_turns(second) == list(lock_context)
+    assert second['id'] != data.prompt_id('hh_red_team', 'Fun.')  # keyed on the whole context
+    (first,) = [r for r in splits['train'] if r['prompt'] == 'How do I pick a lock?']
+    assert 'conversation' not in first and data.prompt_turns(first) == [lock_context[0]]
+    # A transcript's prompts share a split: the coin is thrown on the first human turn.
+    for seed in range(20):
+        halves = data.redteam_prompts({'hh_red_team': -1}, seed=seed, test_fraction=0.5,
+                                      paths=paths)
+        where = {r['prompt']: s for s, rs in halves.items() for r in rs}
+        assert where['Fun.'] == where['How do I pick a lock?']
     helpful = data.helpful_prompts({'bundled_helpful': 0, 'hh_helpful': -1}, seed=0,
                                    test_fraction=0.0, paths=paths)
     assert [r['prompt'] for r in helpful['train']] == ['Name a fruit.']

@@ -1,6 +1,7 @@
 """Stages `feedback` and `evaluate_feedback`: the label layer, the exact text scored, option
 tokenization, and tiny end-to-end runs (resume after kill -9, malformed input, the paper's file)."""
 
+import dataclasses
 import json
 import math
 import os
@@ -135,12 +136,13 @@ GOLDEN_PLAIN = (
     'Which is kinder?\nOptions:\n (A) Go away.\n (B) Hello!\n\nThe answer is: (B)\n\n'
     'Consider the following conversation between a human and an assistant:\n\nHuman: Help me.\n\n'
     'Which is kinder?\nOptions:\n (A) Sure.\n (B) No.\n\nThe answer is:')
+# The question sits inside a Human turn, so its conversation is written H:/A: (as the release).
 GOLDEN_COT = (
-    '\n\nHuman: Consider the following conversation between a human and an assistant:\n\n'
-    'Human: 2+2?\n\nWhich is kinder?\nOptions:\n (A) 4\n (B) 5\n\n'
+    '\n\nHuman: Consider the following conversation between a human (H) and an assistant (A):'
+    '\n\nH: 2+2?\n\nWhich is kinder?\nOptions:\n (A) 4\n (B) 5\n\n'
     "Assistant: Let's think step-by-step: (A) is right.\n\nHuman: So the answer is: (A)\n\n"
-    'Human: Consider the following conversation between a human and an assistant:\n\n'
-    'Human: Help me.\n\nWhich is kinder?\nOptions:\n (A) No.\n (B) Sure.\n\n'
+    'Human: Consider the following conversation between a human (H) and an assistant (A):\n\n'
+    'H: Help me.\n\nWhich is kinder?\nOptions:\n (A) No.\n (B) Sure.\n\n'
     "Assistant: Let's think step-by-step: Both are fine.\n\nHuman: So the answer is:")
 
 
@@ -474,6 +476,10 @@ def test_feedback_stage_resumes_after_kill_9(tmp_path, tiny_model):
   assert (summary['pairs_harmlessness'], summary['pairs_helpfulness']) == (4, 2)
   assert summary['labeled_harmlessness'] + summary['labeled_helpfulness'] == summary['labeled']
   assert summary['helpfulness'].startswith('AI-labeled substitute (no HH-RLHF path)')
+  details = [d for line in expected.splitlines() for d in json.loads(line)['details']]
+  kept = [d['few_shots'] for d in details]
+  assert (summary['few_shots_min'], summary['few_shots_mean'], summary['prompts_lost_turns']) == (
+      min(kept), round(sum(kept) / len(kept), 3), sum(bool(d['turns_dropped']) for d in details))
 
   samples = [json.loads(line) for line in expected.splitlines()]
   assert [s['kind'] for s in samples] == ['harmlessness'] * 4 + ['helpfulness'] * 2
@@ -504,3 +510,23 @@ def test_a_comparisons_file_that_grew_is_evaluated_again(tmp_path, tiny_model):
   assert evaluate(tmp_path / 'w', tiny_model, **overrides)[0]['n'] == 3
   path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
   assert evaluate(tmp_path / 'w', tiny_model, **overrides)[0]['n'] == 5
+
+
+def test_few_shots_shown_under_independently_drawn_principles():
+  principles = tuple(f'Which reply is better by rule {i}?' for i in range(6))
+  few = tuple(C.FeedbackFewShot((('human', f'Q{i}?'),), 'x', 'y', 'AB'[i % 2]) for i in range(4))
+  labeler = fake_labeler(debias=True)
+  labeler.constitution = dataclasses.replace(HANDMADE, feedback_principles=principles,
+                                             feedback_few_shots=few)
+  drawn = [labeler.few_shot_principles(Pair(f'p{i}', PAIR.conversation, 'a', 'b'), 0)
+           for i in range(10)]
+  assert all(len(d) == 4 for d in drawn) and len({tuple(d) for d in drawn}) > 1
+  assert any(len(set(d)) > 1 for d in drawn)  # examples of one prompt differ in principle
+  pair = Pair('p3', PAIR.conversation, 'a', 'b')
+  order0, order1 = labeler.scorings(pair)
+  expected = C.render_feedback_prompt(labeler.constitution, pair.conversation,
+                                      order0['principle'], 'a', 'b', cot=False,
+                                      few_shot_principles=drawn[3])
+  assert order0['prompt'] == expected and order0['few_shots'] == 4
+  # Both option orders share the few-shots' principles: debiasing swaps only the options.
+  assert order1['prompt'] == expected.replace('(A) a\n (B) b', '(A) b\n (B) a')
