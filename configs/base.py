@@ -37,7 +37,11 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   # Rematerialization per decoder layer in differentiated passes: 'none' (keep all activations),
   # 'full' (keep each layer's input, recompute the rest: ~+33% FLOPs) or 'dots' (keep matmul outputs).
   c.model.remat = 'none'
-  c.model.max_len = 2048  # longest token sequence any stage builds (prompt + response)
+  # Longest token sequence any stage builds (prompt + response). `full`: 4096, so that the paper's
+  # release few-shots (~2,000 tokens in a revision prompt, ~2,200 in a CoT feedback prompt with
+  # SmolLM2's tokenizer) fit beside a conversation and 256 new tokens; a stage refuses a max_len
+  # that cannot hold its few-shots. The TPU configs keep 2048 with our shorter default constitution.
+  c.model.max_len = 4096 if variant == 'full' else 2048
   c.model.architecture = ''  # ModelConfig preset matching source ('gemma2_2b', ...); only for memory checks
 
   c.tpu_topology = ''  # TPU slice for `python -m cai_jax.aot` (e.g. 'v5e:2x4'); '' = none

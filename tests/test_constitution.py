@@ -516,16 +516,19 @@ def smollm2_tokenizer():
 @needs_paper
 @pytest.mark.parametrize('fmt', ['transcript', 'chat_template'])
 def test_paper_release_prompts_at_the_full_budget(fmt, caplog):
-    """The release's few-shots with SmolLM2's tokenizer: the `full` budget (max_len 2048 less
-    256 new tokens) cannot hold them and is refused, saying what they need; at a max_len that
-    holds them, no critique, revision or feedback prompt loses a few-shot, and an over-long
-    conversation loses its oldest turns instead."""
+    """The release's few-shots with SmolLM2's tokenizer: at the `full` variant's budget
+    (max_len 4096 less 256 new tokens) no critique, revision or feedback prompt loses a
+    few-shot, and an over-long conversation loses its oldest turns instead; the TPU configs'
+    2048 cannot hold them and is refused, saying what they need."""
+    from configs import base
     tok = smollm2_tokenizer()
     paper = C.load_constitution(PAPER_PROMPTS)
-    full_budget = 2048 - 256
+    # The TPU configs' 2048 (with our shorter default constitution) cannot hold them: refused.
     with pytest.raises(ValueError, match=r'the 5 critique_revision few-shots take \d{4} tokens'):
-        C.check_few_shot_budget(paper, 'critique_revision', tok, fmt, full_budget)
-    budget = 4096 - 256
+        C.check_few_shot_budget(paper, 'critique_revision', tok, fmt, 2048 - 256)
+    full = base.get_config('full')
+    budget = full.model.max_len - full.critique_revision.max_new_tokens
+    assert budget == 4096 - 256
     for kind, cot in (('critique_revision', False), ('feedback', False), ('feedback', True)):
         C.check_few_shot_budget(paper, kind, tok, fmt, budget, cot=cot)
     long_conv = []
