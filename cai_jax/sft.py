@@ -5,7 +5,8 @@ The pretrained helpful model is fine-tuned on (red-team prompt, revision) pairs 
 the final one only ('final') -- mixed with (helpful prompt, helpful response) pairs, with the loss
 on the response tokens only. A target the sampler cut at its token limit (finish reason 'length')
 never ended itself, so by default it is trained without the end-of-turn marker
-(`sft.truncated='no_eos'`); 'drop' leaves it out, 'eos' trains it as if it had ended. The SL-CAI model is exported as an HF directory, `sft/export`.
+(`sft.truncated='no_eos'`); 'drop' leaves it out, 'eos' trains it as if it had ended. The SL-CAI
+model is exported as an HF directory, `sft/export`.
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ class Target:
   def source(self) -> str:
     return 'helpful' if self.kind == 'helpful' else 'revision'
 
-REVISIONS = ('all', 'final')
-TRUNCATED = ('no_eos', 'drop', 'eos')
+
+REVISIONS = ('all', 'final')  # sft.revisions
+TRUNCATED = ('no_eos', 'drop', 'eos')  # sft.truncated
 
 
 # ---- data ----------------------------------------------------------------------------------------
