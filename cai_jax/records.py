@@ -50,16 +50,19 @@ class Schema:
 
 # critique_revision (cai_jax/critique_revision.py): one record per red-team prompt, in prompt
 # order; rounds = [{principle, critique_request, critique, revision_request, revision,
-# empty_revision}]; revision = the latest non-empty revision ('' if none). Read by sft, evaluate.
+# empty_revision}]; revision = the latest non-empty revision ('' if none); finish_reasons =
+# {initial_response: str, critique: [str], revision: [str]}, each 'stop' or 'length' (cut at the
+# token limit). Read by sft, evaluate.
 REVISIONS = Schema(
     'critique_revision', 'samples.jsonl',
     ('id', 'source', 'prompt', 'initial_response', 'rounds', 'revision', 'revised',
      'empty_revisions', 'finish_reasons', 'tokens'),
     ('prompt', 'initial_response', 'rounds', 'revision'))
-# critique_revision: the helpful mix, plain responses to helpful prompts. Read by sft.
+# critique_revision: the helpful mix, one record per helpful prompt; responses = its
+# helpful_samples_per_prompt samples, finish_reasons = one 'stop' or 'length' each. Read by sft.
 HELPFUL = Schema('critique_revision', 'helpful.jsonl',
-                 ('id', 'source', 'prompt', 'response', 'finish_reason', 'tokens'),
-                 ('prompt', 'response'))
+                 ('id', 'source', 'prompt', 'responses', 'finish_reasons', 'tokens'),
+                 ('prompt', 'responses'))
 # feedback (cai_jax/feedback.py): one labeled pair per red-team (and helpful) prompt; kind =
 # 'harmlessness' | 'helpfulness'; p_a = P(response_a is better), null when skipped; details = one
 # scoring per principle and order. Read by preference.

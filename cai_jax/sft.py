@@ -1,8 +1,12 @@
 """Stage `sft`: supervised fine-tuning on the revisions, which makes the SL-CAI model (paper section 3).
 
-The pretrained helpful model is fine-tuned on (red-team prompt, final revision) pairs from the
-`critique_revision` stage, mixed with (helpful prompt, helpful response) pairs, with the loss on
-the response tokens only. The SL-CAI model is exported as an HF directory, `sft/export`.
+The pretrained helpful model is fine-tuned on (red-team prompt, revision) pairs from the
+`critique_revision` stage -- the revision of every round (`sft.revisions='all'`, as the paper) or
+the final one only ('final') -- mixed with (helpful prompt, helpful response) pairs, with the loss
+on the response tokens only. A target the sampler cut at its token limit (finish reason 'length')
+never ended itself, so by default it is trained without the end-of-turn marker
+(`sft.truncated='no_eos'`); 'drop' leaves it out, 'eos' trains it as if it had ended. The SL-CAI
+model is exported as an HF directory, `sft/export`.
 """
 
 from __future__ import annotations
@@ -34,10 +38,29 @@ class SFTDataError(stages.StageError):
 class Example:
   """One tokenized conversation: the prompt's tokens, then the target (response) tokens."""
 
-  id: str
+  id: str  # the prompt's id: every round and sample of one prompt shares it (and its split)
   source: str  # 'revision' | 'helpful'
   tokens: tuple[int, ...]
   n_prompt: int  # the loss covers tokens[n_prompt:]
+  kind: str = ''  # 'revision_round_<k>' | 'revision_final' | 'helpful': the summary's counts
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """One (prompt, response) pair to train on, before tokenizing."""
+  kind: str  # 'revision_round_<k>' | 'revision_final' | 'helpful'
+  id: str
+  prompt: str
+  response: str
+  truncated: bool  # cut at the sampler's token limit: the model never ended it
+
+  @property
+  def source(self) -> str:
+    return 'helpful' if self.kind == 'helpful' else 'revision'
+
+
+REVISIONS = ('all', 'final')  # sft.revisions
+TRUNCATED = ('no_eos', 'drop', 'eos')  # sft.truncated
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -50,19 +73,50 @@ def read_records(path: Path, schema: records_lib.Schema) -> list[dict]:
   return records_lib.read_jsonl(path, schema)
 
 
-def pairs_from_records(records: Sequence[dict], response_key: str, where: str
-                       ) -> tuple[list[tuple[str, str, str]], int]:
-  """(id, prompt, response) for every record with a non-empty response; and how many were empty."""
-  pairs, empty = [], 0
-  for i, r in enumerate(records):
-    if 'prompt' not in r or response_key not in r:
-      raise SFTDataError(f'{where}: record {i} lacks "prompt" or "{response_key}"')
-    response = (r[response_key] or '').strip()
-    if not response:
+def _is_truncated(finish_reasons, k: int) -> bool:
+  """Whether generation k stopped at the token limit; records without finish reasons (hand-made
+  ones) count as ended."""
+  return k < len(finish_reasons or ()) and finish_reasons[k] == 'length'
+
+
+def revision_targets(samples: Sequence[dict], revisions: str) -> tuple[list[Target], int]:
+  """The revisions to train on, and how many were empty (skipped).
+
+  'all' (the paper fine-tunes on the revisions of every round): one target per round with a
+  non-empty revision, kind 'revision_round_<k>'. 'final': the latest non-empty revision of each
+  prompt, kind 'revision_final'; a prompt none of whose rounds revised it counts as empty.
+  """
+  targets, empty = [], 0
+  for i, s in enumerate(samples):
+    ex_id, reasons = str(s.get('id', i)), (s.get('finish_reasons') or {}).get('revision')
+    texts = [(r.get('revision') or '').strip() for r in s['rounds']]
+    if revisions == 'all':
+      empty += sum(not t for t in texts)
+      targets += [Target(f'revision_round_{k + 1}', ex_id, s['prompt'], t,
+                         _is_truncated(reasons, k)) for k, t in enumerate(texts) if t]
+      continue
+    final = (s['revision'] or '').strip()
+    if not final:
       empty += 1
       continue
-    pairs.append((str(r.get('id', i)), r['prompt'], response))
-  return pairs, empty
+    k = max((k for k, t in enumerate(texts) if t == final), default=len(texts))
+    targets.append(Target('revision_final', ex_id, s['prompt'], final, _is_truncated(reasons, k)))
+  return targets, empty
+
+
+def helpful_targets(records: Sequence[dict]) -> tuple[list[Target], int]:
+  """Every non-empty helpful sample (helpful_samples_per_prompt per prompt), and how many were
+  empty."""
+  targets, empty = [], 0
+  for i, r in enumerate(records):
+    for k, text in enumerate(r['responses']):
+      text = (text or '').strip()
+      if not text:
+        empty += 1
+        continue
+      targets.append(Target('helpful', str(r.get('id', i)), r['prompt'], text,
+                            _is_truncated(r.get('finish_reasons'), k)))
+  return targets, empty
 
 
 def mix(revisions: list, helpful: list, helpful_ratio: float, seed: int) -> list:
@@ -81,27 +135,30 @@ def is_held_out(example_id: str, source: str, fraction: float, seed: int) -> boo
   return u < fraction
 
 
-def target_text(response: str, fmt: str, tokenizer) -> str:
-  """What the model learns to write after the prompt, including the marker that ends its turn.
+def target_text(response: str, fmt: str, tokenizer, end: bool = True) -> str:
+  """What the model learns to write after the prompt, with the marker that ends its turn.
 
   Transcript: " " + response + EOS (the prompt ends in "Assistant:"). Chat template: the
-  response + the template's end-of-turn marker.
+  response + the template's end-of-turn marker. `end=False` leaves the marker off: a response
+  cut at the token limit did not end there, and must not teach the model to stop mid-thought.
   """
   if conversation.check_format(fmt) == 'transcript':
-    if tokenizer.eos_token is None:
+    if end and tokenizer.eos_token is None:
       raise SFTDataError('the tokenizer has no EOS token to end the responses with')
-    return ' ' + response.strip() + tokenizer.eos_token
-  return response.strip() + conversation.stop_strings(fmt, tokenizer)[0]
+    return ' ' + response.strip() + (tokenizer.eos_token if end else '')
+  return response.strip() + (conversation.stop_strings(fmt, tokenizer)[0] if end else '')
 
 
-def encode(prompt: str, response: str, tokenizer, fmt: str, max_len: int
+def encode(prompt: str, response: str, tokenizer, fmt: str, max_len: int, end: bool = True
            ) -> tuple[tuple[int, ...], int] | None:
   """(tokens, n_prompt) of one example cut to max_len; None if no target token survives the cut.
 
-  Prompt and target are tokenized apart, as the sampler sees them (`conversation.encode`).
+  Prompt and target are tokenized apart, as the sampler sees them (`conversation.encode`);
+  `end`: whether the target ends with the end-of-turn marker (`target_text`).
   """
   prompt_text = conversation.render([(HUMAN, prompt)], fmt, tokenizer)
-  ids, n_prompt = conversation.encode(tokenizer, prompt_text, target_text(response, fmt, tokenizer))
+  ids, n_prompt = conversation.encode(tokenizer, prompt_text,
+                                      target_text(response, fmt, tokenizer, end))
   ids = ids[:max_len]
   if len(ids) <= n_prompt:
     return None
@@ -261,32 +318,58 @@ def evaluate(eval_step, params, examples: Sequence[Example], batches, pad_id: in
 def build_examples(ctx: stages.Context, tokenizer) -> tuple[list[Example], list[Example], dict]:
   """(train, held_out, counts) from the critique_revision stage's files."""
   config, cfg = ctx.config, ctx.config.sft
+  check_config(config)
   upstream = ctx.require('critique_revision', 'sft')
   samples_path = records_lib.REVISIONS.path(upstream)
-  revisions, no_revision = pairs_from_records(read_records(samples_path, records_lib.REVISIONS),
-                                              'revision', str(samples_path))
+  revisions, no_revision = revision_targets(read_records(samples_path, records_lib.REVISIONS),
+                                            cfg.revisions)
   helpful_path = records_lib.HELPFUL.path(upstream)
   helpful, no_response = ([], 0)
   if helpful_path.exists():
-    helpful, no_response = pairs_from_records(read_records(helpful_path, records_lib.HELPFUL),
-                                              'response', str(helpful_path))
-  tagged = mix([('revision',) + p for p in revisions], [('helpful',) + p for p in helpful],
-               float(cfg.helpful_ratio), config.seed)
+    helpful, no_response = helpful_targets(read_records(helpful_path, records_lib.HELPFUL))
+  targets = mix(revisions, helpful, float(cfg.helpful_ratio), config.seed)
   train, held_out, too_long = [], [], 0
-  for source, ex_id, prompt, response in tagged:
-    enc = encode(prompt, response, tokenizer, config.conversation_format, config.model.max_len)
+  truncated = {'targets': 0, 'dropped': 0, 'trained_without_eos': 0, 'trained_with_eos': 0}
+  kinds: dict[str, int] = {}
+  for t in targets:
+    if t.truncated:
+      truncated['targets'] += 1
+      if cfg.truncated == 'drop':
+        truncated['dropped'] += 1
+        continue
+    end = not t.truncated or cfg.truncated == 'eos'
+    enc = encode(t.prompt, t.response, tokenizer, config.conversation_format,
+                 config.model.max_len, end)
     if enc is None:
       too_long += 1
       continue
-    ex = Example(ex_id, source, *enc)
-    (held_out if is_held_out(ex_id, source, cfg.eval_fraction, config.seed) else train).append(ex)
+    if t.truncated:
+      truncated['trained_with_eos' if end else 'trained_without_eos'] += 1
+    kinds[t.kind] = kinds.get(t.kind, 0) + 1
+    ex = Example(t.id, t.source, *enc, kind=t.kind)
+    # The coin is per prompt (its id), so every round and sample of a prompt stays on one side.
+    held = is_held_out(t.id, t.source, cfg.eval_fraction, config.seed)
+    (held_out if held else train).append(ex)
   counts = {'revisions': len(revisions), 'empty_revisions': no_revision, 'helpful': len(helpful),
             'empty_helpful': no_response, 'too_long': too_long, 'train': len(train),
-            'held_out': len(held_out)}
+            'held_out': len(held_out), 'examples': dict(sorted(kinds.items())),
+            'truncated': truncated, 'revisions_mode': cfg.revisions,
+            'truncated_mode': cfg.truncated}
   if not train:
     raise SFTDataError(f'no training examples in {upstream}: {counts} (every revision empty, or all '
                        f'held out by sft.eval_fraction={cfg.eval_fraction})')
   return train, held_out, counts
+
+
+def check_config(config) -> None:
+  """Fails on sft settings that cannot work (run before anything is written)."""
+  cfg, problems = config.sft, []
+  if cfg.revisions not in REVISIONS:
+    problems.append(f'revisions must be one of {", ".join(REVISIONS)}, got {cfg.revisions!r}')
+  if cfg.truncated not in TRUNCATED:
+    problems.append(f'truncated must be one of {", ".join(TRUNCATED)}, got {cfg.truncated!r}')
+  if problems:
+    raise SFTDataError('config.sft: ' + '; '.join(problems))
 
 
 def run(ctx: stages.Context, stage_dir: Path) -> dict:

@@ -42,6 +42,6 @@ def sl_cai_records(n: int = 12, n_helpful: int = 6, *, empty: int = 1) -> dict[s
                     'initial_response': f'Sure, here is bad thing {i}.',
                     'rounds': [{'principle': 'harm', 'critique': 'It is harmful.', 'revision': revision}],
                     'revision': revision})
-  helpful = [{'id': f'h{i}', 'prompt': f'What is {i} plus {i}?', 'response': f'It is {2 * i}.'}
+  helpful = [{'id': f'h{i}', 'prompt': f'What is {i} plus {i}?', 'responses': [f'It is {2 * i}.']}
              for i in range(n_helpful)]
   return {'samples.jsonl': samples, 'helpful.jsonl': helpful}

@@ -111,9 +111,20 @@ def test_writes_samples_helpful_and_dataset(reference, prompt_files):
     assert len(s['finish_reasons']['critique']) == len(s['finish_reasons']['revision']) == 2
     nonempty = [r['revision'] for r in s['rounds'] if r['revision']]
     assert s['revision'] == (nonempty[-1] if nonempty else '') and s['revised'] == bool(nonempty)
-  assert {'id', 'prompt', 'response', 'finish_reason'} <= set(helpful[0])
+  for h in helpful:  # tiny's helpful_samples_per_prompt = 2, each sample its own seed
+    assert len(h['responses']) == len(h['finish_reasons']) == 2
+    assert h['responses'][0] != h['responses'][1], h
+    assert set(h['finish_reasons']) <= {'stop', 'length'}
   summary = json.loads((reference / 'DONE.json').read_text())['summary']
   assert summary['prompts'] == 6 and summary['helpful'] == 3 and summary['rounds'] == 12
+  assert summary['helpful_samples'] == 6
+  # Generations cut at their token limit, by kind, as the records say.
+  assert summary['truncated'] == {
+      'initial_response': sum(s['finish_reasons']['initial_response'] == 'length' for s in samples),
+      'critique': sum(f == 'length' for s in samples for f in s['finish_reasons']['critique']),
+      'revision': sum(f == 'length' for s in samples for f in s['finish_reasons']['revision']),
+      'helpful': sum(f == 'length' for h in helpful for f in h['finish_reasons'])}
+  assert sum(summary['truncated'].values()) == summary['finish_reasons'].get('length', 0) > 0
   assert summary['tokens_generated'] == sum(s['tokens'] for s in samples + helpful) > 0
   rounds = [r for s in samples for r in s['rounds']]
   assert summary['empty_revisions'] == sum(r['empty_revision'] for r in rounds)
@@ -157,7 +168,8 @@ def test_cli_kill_9_then_resume_matches_uninterrupted_run(reference, prompt_file
   summary = json.loads((samples.parent / 'DONE.json').read_text())['summary']
   assert summary['resumed_prompts'] == len(first)
   expected = json.loads((reference / 'DONE.json').read_text())['summary']
-  for key in ('prompts', 'helpful', 'empty_revisions', 'tokens_generated', 'finish_reasons'):
+  for key in ('prompts', 'helpful', 'empty_revisions', 'tokens_generated', 'finish_reasons',
+              'truncated'):
     assert summary[key] == expected[key], key
 
 
@@ -236,6 +248,8 @@ def test_processes_split_chunks_and_merge_in_order(tmp_path):
     ({'critique_revision.max_new_tokens': 400},
      r'the 1 critique_revision few-shots take \d+ tokens and a prompt with them and a one-line '
      r'conversation needs \d+, over the prompt budget of 112 '),
+    ({'critique_revision.helpful_samples_per_prompt': 0},
+     'helpful_samples_per_prompt must be >= 1'),
 ])
 def test_bad_inputs_are_clear_errors(prompt_files, tmp_path, extra, message):
   with pytest.raises(stages.StageError, match=message):

@@ -30,10 +30,13 @@ def test_bundled_sources_load_documented_counts(name, count):
 
 def test_helpful_prompts_are_bundled():
     prompts = data.load_source('bundled_helpful')
-    assert 55 <= len(prompts) <= 80
-    assert not any(p.startswith('#') for p in prompts)
-    splits = data.helpful_prompts(seed=0, test_fraction=0.2)
+    assert len(prompts) >= 300  # issue 16: an SL helpful mix worth the name
+    assert all(p.strip() for p in prompts) and not any(p.startswith('#') for p in prompts)
+    assert len({data.normalize(p) for p in prompts}) == len(prompts)  # no duplicates
+    splits = data.helpful_prompts(seed=0, test_fraction=0.1)
     assert {r['source'] for r in splits['train'] + splits['test']} == {'bundled_helpful'}
+    assert len(splits['train']) + len(splits['test']) == len(prompts)
+    assert 0.05 < len(splits['test']) / len(prompts) < 0.15  # the held-out share is kept
 
 
 def test_missing_package_names_the_pip_command(monkeypatch):

@@ -83,6 +83,89 @@ def test_encode_truncates_to_max_len(tok):
   assert sft.encode('a long prompt ' * 10, 'ok', tok, 'transcript', 40) is None  # no target left
 
 
+def test_truncated_target_is_encoded_without_eos(tok):
+  ids, n_prompt = sft.encode('Hi', 'A reply cut at the token lim', tok, 'transcript', 512, end=False)
+  assert tok.decode(ids[n_prompt:]) == ' A reply cut at the token lim'
+  assert ids[-1] != tok.eos_token_id and tok.eos_token_id not in ids[n_prompt:]
+  b = sft.pack([sft.Example('a', 'revision', ids, n_prompt)], [0], 64, pad_id=0)
+  mask = b['loss_mask'][0]
+  assert mask[n_prompt:len(ids)].all() and not mask[:n_prompt].any() and not mask[len(ids):].any()
+  ids, n_prompt = sft.encode('Hi', 'Cut short', tok, 'chat_template', 512, end=False)
+  assert tok.decode(ids[n_prompt:]) == 'Cut short'
+
+
+def _records(rounds=3):
+  """Two prompts of `rounds` rounds (prompt 'b''s second revision empty, its last cut at the token
+  limit) and two helpful prompts of 2 samples (one cut)."""
+  samples = []
+  for p in 'ab':
+    texts = [f'{p} revision {k}.' for k in range(rounds)]
+    reasons = ['stop'] * rounds
+    if p == 'b':
+      texts[1], reasons[-1] = '', 'length'
+    samples.append({'id': p, 'prompt': f'Bad {p}?', 'initial_response': 'Sure.',
+                    'rounds': [{'revision': t} for t in texts], 'revision': texts[-1],
+                    'finish_reasons': {'initial_response': 'stop', 'critique': reasons,
+                                       'revision': reasons}})
+  helpful = [{'id': h, 'prompt': f'Good {h}?', 'responses': [f'{h} one.', f'{h} two'],
+              'finish_reasons': ['stop', 'length' if h == 'x' else 'stop']} for h in 'xy']
+  return samples, helpful
+
+
+@pytest.mark.parametrize('revisions, kinds, empty, truncated', [
+    ('all', {'revision_round_1': 2, 'revision_round_2': 1, 'revision_round_3': 2}, 1, 1),
+    ('final', {'revision_final': 2}, 0, 1),
+])
+def test_revision_targets_every_round_or_final(revisions, kinds, empty, truncated):
+  samples, helpful = _records()
+  targets, n_empty = sft.revision_targets(samples, revisions)
+  counts = {}
+  for t in targets:
+    counts[t.kind] = counts.get(t.kind, 0) + 1
+  assert counts == kinds and n_empty == empty
+  assert sum(t.truncated for t in targets) == truncated  # b's last round hit the token limit
+  assert {t.source for t in targets} == {'revision'}
+  targets, n_empty = sft.helpful_targets(helpful)
+  assert [t.response for t in targets] == ['x one.', 'x two', 'y one.', 'y two'] and not n_empty
+  assert [t.truncated for t in targets] == [False, True, False, False]
+
+
+@pytest.mark.parametrize('mode, dropped, no_eos, eos', [
+    ('no_eos', 0, 2, 0), ('drop', 2, 0, 0), ('eos', 0, 0, 2)])
+def test_build_examples_counts_kinds_and_truncated_targets(tmp_path, tok, mode, dropped, no_eos,
+                                                           eos):
+  config = _config(truncated=mode, eval_fraction=0.0)
+  samples, helpful = _records()
+  fake_upstream(config, tmp_path, 'critique_revision',
+                {'samples.jsonl': samples, 'helpful.jsonl': helpful})
+  train, held_out, counts = sft.build_examples(stages.Context(config, tmp_path), tok)
+  assert counts['truncated'] == {'targets': 2, 'dropped': dropped, 'trained_without_eos': no_eos,
+                                 'trained_with_eos': eos}
+  assert counts['examples'] == {'helpful': 4 - dropped // 2, 'revision_round_1': 2,
+                                'revision_round_2': 1, 'revision_round_3': 2 - dropped // 2}
+  assert len(train) == sum(counts['examples'].values()) == 9 - dropped and not held_out
+  ends = {(e.id, e.kind, e.tokens[-1] == tok.eos_token_id) for e in train}
+  cut_ends = {end for i, kind, end in ends if (i, kind) in {('b', 'revision_round_3')}}
+  if mode != 'drop':
+    assert cut_ends == {mode == 'eos'}
+  assert sum(e.tokens[-1] == tok.eos_token_id for e in train) == len(train) - no_eos
+
+
+def test_held_out_split_keeps_every_round_and_sample_of_a_prompt_together(tmp_path, tok):
+  config = _config(eval_fraction=0.5)
+  samples, helpful = _records()
+  fake_upstream(config, tmp_path, 'critique_revision',
+                {'samples.jsonl': samples, 'helpful.jsonl': helpful})
+  train, held_out, _ = sft.build_examples(stages.Context(config, tmp_path), tok)
+  assert not {(e.source, e.id) for e in train} & {(e.source, e.id) for e in held_out}
+
+
+def test_bad_revisions_or_truncated_mode_is_a_clear_error():
+  for field, value in (('revisions', 'last'), ('truncated', 'keep')):
+    with pytest.raises(sft.SFTDataError, match=f'config.sft: {field} must be one of'):
+      sft.check_config(_config(**{field: value}))
+
+
 def test_pack_right_pads_and_masks_targets_only():
   examples = [sft.Example('a', 'revision', (5, 6, 7, 8), 2), sft.Example('b', 'helpful', (9, 10), 1)]
   b = sft.pack(examples, [1, -1, 0], 6, pad_id=0)

@@ -6,7 +6,8 @@ mix of the SL data). See cai_jax/critique_revision.py.
 
 The demo (SmolLM2-135M on a 2-core CPU, ~1.5 min for this stage) uses no few-shots: each one
 adds ~350 tokens to every critique and revision prompt, and prefill dominates the time. It also
-samples cooler than the paper's T = 1, at which the 135M model mostly rambles.
+samples cooler than the paper's T = 1, at which the 135M model mostly rambles. Its 6 helpful
+prompts get 2 samples each, as in the paper: one more sampler call of 6 short responses.
 """
 
 import ml_collections
@@ -24,6 +25,9 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   c.top_p = 0.9 if variant == 'demo' else 1.0  # nucleus sampling mass; 1.0 = no cut
   c.batch_size = dict(tiny=6, demo=8, full=64)[variant]  # sequences per sampler call
   c.chunk_size = dict(tiny=6, demo=8, full=256)[variant]  # prompts per resumable unit (appended to samples.jsonl when done)
-  c.helpful_ratio = 0.5 if variant == 'tiny' else 0.75  # helpful per red-team prompt (paper ~0.74)
+  # Helpful prompts per red-team prompt, the first N of the helpful train split (paper: 135,296
+  # helpful / 182,831 red-team prompts ~ 0.74); a short split gives what it has, with a warning.
+  c.helpful_ratio = 0.5 if variant == 'tiny' else 0.75
+  c.helpful_samples_per_prompt = 2  # responses sampled per helpful prompt, each its own seed (paper: 2)
   c.write_tfds = True  # also publish the samples as TFDS array_record under STAGE_DIR/tfds
   return c

@@ -20,7 +20,7 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   c.redteam_sources.hh_rlhf_redteam = 0  # HH-RLHF red_team_attempts (needs paths.hh_rlhf_redteam)
 
   c.helpful_sources = ml_collections.ConfigDict()
-  c.helpful_sources.bundled_helpful = dict(tiny=32, demo=-1, full=-1)[variant]  # cai_jax/assets/helpful_prompts.txt (62)
+  c.helpful_sources.bundled_helpful = dict(tiny=32, demo=-1, full=-1)[variant]  # cai_jax/assets/helpful_prompts.txt (347)
   c.helpful_sources.hh_rlhf_helpful = 0  # HH-RLHF helpful-base/online (needs paths.hh_rlhf_helpful)
 
   c.paths = ml_collections.ConfigDict()

@@ -1,7 +1,9 @@
-"""Supervised fine-tuning of the helpful model on the final revisions (SL-CAI, paper section 3).
+"""Supervised fine-tuning of the helpful model on the revisions (SL-CAI, paper section 3).
 
-Read by `cai_jax.sft.run`. The paper fine-tunes for one epoch on revisions mixed with helpful
-samples; the small variants take a fixed number of steps instead.
+Read by `cai_jax.sft.run`. The paper fine-tunes for one epoch on the revisions of every round mixed
+with helpful samples; the small variants take a fixed number of steps instead (the demo's 8 are
+what its 2 epochs took when it trained on final revisions only: 'all' doubles its examples at 2
+rounds, and a fixed step count keeps its time).
 """
 
 import ml_collections
@@ -12,12 +14,18 @@ from configs.stages import optimizer
 def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   batch_size = dict(tiny=8, demo=4, full=128)[variant]
   epochs = dict(tiny=1.0, demo=2.0, full=1.0)[variant]
-  num_steps = dict(tiny=30, demo=-1, full=-1)[variant]
+  num_steps = dict(tiny=30, demo=8, full=-1)[variant]
   lr = dict(tiny=0.003, demo=1e-05, full=2e-05)[variant]
   warmup = dict(tiny=3, demo=1, full=50)[variant]
   every = dict(tiny=10, demo=5, full=200)[variant]
   c = ml_collections.ConfigDict()
-  # Helpful examples per revision in the mix (a seeded draw, repeated if short); -1 = all of them.
+  # Revisions trained on: 'all' = every round's (paper), one example per round; 'final' = the last.
+  c.revisions = 'all'
+  # Targets cut at the sampler's token limit: 'no_eos' = trained without the end-of-turn marker
+  # (the model never ended them), 'drop' = left out, 'eos' = trained as if ended (the old way).
+  c.truncated = 'no_eos'
+  # Helpful examples per revision example (of every round with 'all') in the mix (a seeded draw,
+  # repeated if short); -1 = every helpful sample, as critique_revision made them.
   c.helpful_ratio = -1.0
   c.eval_fraction = 0.2 if variant != 'full' else 0.02  # share held out for the eval loss (per-id coin)
   # Shortest padded length; longer rows pad to powers of two (at most model.max_len).
