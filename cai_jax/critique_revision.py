@@ -53,7 +53,7 @@ from absl import logging
 from cai_jax import constitution as constitution_lib
 from cai_jax import conversation, data, sampling
 from cai_jax import records as records_lib
-from cai_jax.stages import StageError, barrier
+from cai_jax.stages import StageError, barrier, roles_line
 
 STAGE = 'critique_revision'
 DATASET = 'critique_revision'  # TFDS dataset name under STAGE_DIR/tfds
@@ -190,7 +190,7 @@ def run(ctx, stage_dir: Path) -> dict:
     logging.warning('%s: helpful_ratio asks for %d helpful prompts, the train split has %d',
                     STAGE, n_helpful, len(helpful))
 
-  sample = _Sampler(ctx.load(ctx.config.model.source, frozen=True), cfg,
+  sample = _Sampler(ctx.load_role('helpful', frozen=True), cfg,
                     ctx.config.conversation_format, ctx.config.model.max_len)
   stage_dir.mkdir(parents=True, exist_ok=True)
   seed = ctx.config.seed
@@ -223,8 +223,9 @@ def run(ctx, stage_dir: Path) -> dict:
           s['finish_reasons']['revision']) for reason in reasons)
   finish.update(h['finish_reason'] for h in helpful_records)
   summary = dict(
-      prompts=len(samples), helpful=len(helpful_records), n_rounds=cfg.n_rounds,
-      rounds=len(rounds), empty_revisions=sum(r['empty_revision'] for r in rounds),
+      models=roles_line(ctx.config.model), prompts=len(samples), helpful=len(helpful_records),
+      n_rounds=cfg.n_rounds, rounds=len(rounds),
+      empty_revisions=sum(r['empty_revision'] for r in rounds),
       unrevised_prompts=sum(not s['revised'] for s in samples),
       empty_critiques=sum(not r['critique'] for r in rounds),
       empty_initial_responses=sum(not s['initial_response'] for s in samples),

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cai_jax import checkpoint, preference, sharding, stages, train_lib
+from cai_jax import checkpoint, pipeline, preference, sharding, stages, train_lib
 from cai_jax.model import Decoder, ModelConfig
 from helpers_stages import fake_upstream
 
@@ -182,7 +182,7 @@ def tiny_config(root):
 def run_stage(config, workdir):
   with sharding.use_mesh(sharding.make_mesh(config.mesh.shape), config.logical_axis_rules):
     ctx = stages.Context(config, workdir)
-    rows = stages.run_pipeline(ctx)
+    rows = pipeline.run(ctx)
   return rows, json.loads((workdir / 'preference' / 'DONE.json').read_text())
 
 
@@ -222,7 +222,7 @@ def test_export_round_trip_gives_the_same_rewards(finished, setup):
   workdir, summary = finished
   _, config = setup
   ctx = stages.Context(config, workdir)
-  pm = ctx.load(ctx.model_source('pm'), scalar_head=True)
+  pm = ctx.load(ctx.model_source('preference'), scalar_head=True)
   # The held-out pairs again, scored by the exported PM: the stage's final eval metrics come back.
   comps = preference.feedback_comparisons(synthetic_records(N_PAIRS))
   _, held = preference.split_held_out(comps, config.preference.eval_fraction, config.seed)

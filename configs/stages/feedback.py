@@ -12,7 +12,7 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.num_prompts = dict(tiny=6, demo=16, full=-1)[variant]  # red-team train prompts to label (after prompt_offset); -1 = all
   c.prompt_offset = 0  # skip the first N train prompts (e.g. those critique_revision used)
-  c.model_source = ''  # feedback model: '' = config.model.source (pretrained, as in the paper) or any loadable source
+  c.model_source = ''  # feedback model: '' = the pretrained model (model.pretrained_source, paper) or any loadable source
   c.max_new_tokens = dict(tiny=16, demo=48, full=256)[variant]  # longest response the SL-CAI model samples (tokens)
   c.temperature = 1.0  # response sampling temperature (paper: T = 1)
   c.top_k = 0  # response sampling: keep the k most likely tokens; 0 = no cut
