@@ -232,7 +232,7 @@ def stage_programs(config, mesh, only: str = '') -> list[Program]:
   state each stage keeps resident beside them."""
   import jax.numpy as jnp
 
-  from cai_jax import preference, sft, stages as stages_lib, train_lib
+  from cai_jax import pipeline, preference, sft, train_lib
 
   m = config.model
   cfg, frozen_cfg = model_config(config), model_config(config, frozen=True)
@@ -246,7 +246,7 @@ def stage_programs(config, mesh, only: str = '') -> list[Program]:
   size = {'helpful': tree_bytes(helpful[1]), 'SL-CAI': tree_bytes(sl_cai[1]),
           'PM': tree_bytes(pm[1])}
   keep = lambda *names: {n: size[n] for n in names}
-  wanted = stages_lib.parse_stage_list(config.stages)
+  wanted = pipeline.parse_stage_list(config.stages)
   if only:
     wanted = [s for s in wanted if s in only.split(',')]
   out = []
@@ -363,7 +363,7 @@ def ppo_programs(config, cfg, mesh, helpful, reference, pm, size) -> list[Progra
   # and the PM that scores (frozen). The policy and value as loaded are dropped once the train
   # state holds their copies.
   cached = {'reference': size['SL-CAI']}
-  if pp.reward == 'pm':
+  if pp.reward == 'preference':
     cached['PM'] = size['PM']
   out = []
 
@@ -375,7 +375,7 @@ def ppo_programs(config, cfg, mesh, helpful, reference, pm, size) -> list[Progra
                           max_prompt_len=max_prompt_tokens, temperature=pp.temperature,
                           min_prompt_bucket=prompt_len)
   # 2. The PM's scores of the rendered (prompt, response) conversations.
-  if pp.reward == 'pm':
+  if pp.reward == 'preference':
     bucket = min(pp.pm_max_len, 1 << (max_prompt_tokens + pp.max_new_tokens + 8 - 1).bit_length())
     length = train_lib.bucket_length(pp.pm_max_len, max(pp.pm_max_len, bucket), bucket)
     out.append(rewards_program('ppo', 'PM', pm, mesh,

@@ -70,7 +70,7 @@ from absl import logging
 from cai_jax import constitution as constitution_lib
 from cai_jax import conversation, data, sampling
 from cai_jax import records as records_lib
-from cai_jax.stages import StageError, barrier
+from cai_jax.stages import StageError, barrier, roles_line
 
 STAGE = 'critique_revision'
 DATASET = 'critique_revision'  # TFDS dataset name under STAGE_DIR/tfds
@@ -276,7 +276,7 @@ def run(ctx, stage_dir: Path) -> dict:
     logging.warning('%s: helpful_ratio asks for %d helpful prompts, the train split has %d',
                     STAGE, n_helpful, len(helpful))
 
-  sample = _Sampler(ctx.load(ctx.config.model.source, frozen=True), cfg,
+  sample = _Sampler(ctx.load_role('helpful', frozen=True), cfg,
                     ctx.config.conversation_format, ctx.config.model.max_len)
   check_few_shots(constitution, sample, cfg)
   stage_dir.mkdir(parents=True, exist_ok=True)
@@ -311,7 +311,7 @@ def run(ctx, stage_dir: Path) -> dict:
           s['finish_reasons']['revision']) for reason in reasons)
   finish.update(reason for h in helpful_records for reason in h['finish_reasons'])
   summary = dict(
-      prompts=len(samples), helpful=len(helpful_records),
+      models=roles_line(ctx.config.model), prompts=len(samples), helpful=len(helpful_records),
       helpful_samples=sum(len(h['responses']) for h in helpful_records), n_rounds=cfg.n_rounds,
       rounds=len(rounds), empty_revisions=sum(r['empty_revision'] for r in rounds),
       unrevised_prompts=sum(not s['revised'] for s in samples),

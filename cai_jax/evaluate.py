@@ -1,4 +1,4 @@
-"""Stage `evaluate`: the helpful, SL-CAI and RL-CAI models compared on held-out prompts.
+"""Stage `evaluate`: the helpful, SL-CAI (sft) and RL-CAI (ppo) models compared on held-out prompts.
 
 Every model answers the same test-split red-team and helpful prompts with the same sampling
 settings and seed. Then (Bai et al. 2022, section 4.3 and figures 2, 5, 8):
@@ -42,11 +42,12 @@ from absl import logging
 from cai_jax import data, elo, preference, sampling
 from cai_jax import records as records_lib
 from cai_jax.conversation import HUMAN
-from cai_jax.stages import StageError
+from cai_jax.stages import StageError, roles_line
 
 STAGE = 'evaluate'
 KINDS = ('redteam', 'helpful')
-MODEL_TITLES = {'helpful': 'helpful (pretrained)', 'sl_cai': 'SL-CAI', 'rl_cai': 'RL-CAI'}
+# The model roles `evaluate.models` may name (keys: the stages that make them) and their titles.
+MODEL_TITLES = {'pretrained': 'pretrained', 'helpful': 'helpful', 'sft': 'SL-CAI', 'ppo': 'RL-CAI'}
 
 # ---- refusals ---------------------------------------------------------------------------------
 
@@ -165,11 +166,11 @@ def model_responses(ctx, role: str, prompts: dict[str, list[dict]], stage_dir: P
       print(f'{STAGE}: {role}: {len(cached)} responses from {path.name}', flush=True)
       return cached
   cfg, fmt = ctx.config.evaluate, ctx.config.conversation_format
-  source = ctx.model_source(role)
   t0 = time.time()
-  pretrained = ctx.load(source, cache=role == 'helpful', frozen=True)
+  # Kept loaded when it is also the judge (the pretrained model, by default).
+  model = ctx.load_role(role, cache=ctx.model_source(role) == _judge_source(ctx), frozen=True)
   responses = sampling.generate_responses(
-      pretrained, [[(HUMAN, r['prompt'])] for _, r in items], fmt=fmt,
+      model, [[(HUMAN, r['prompt'])] for _, r in items], fmt=fmt,
       max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, batch_size=cfg.batch_size,
       seed=ctx.config.seed + cfg.seed_offset)  # the format's stop strings end a reply
   records = [dict(kind=kind, id=r['id'], prompt=r['prompt'], response=resp.text.strip(),
@@ -273,7 +274,10 @@ def _judge(ctx, principle: str, items: Sequence[dict]) -> list[float]:
   # A constitution whose only feedback principle is the judge's: the labeler then "samples" it.
   constitution = dataclasses.replace(feedback.load_feedback_constitution(ctx, judge_cfg),
                                      feedback_principles=(principle,))
-  labeler = feedback.Labeler(ctx.load(_judge_source(ctx), frozen=True), constitution, judge_cfg,
+  judge = cfg.judge_model or 'pretrained'
+  model = (ctx.load_role(judge, frozen=True) if judge in MODEL_TITLES
+           else ctx.load(judge, frozen=True))
+  labeler = feedback.Labeler(model, constitution, judge_cfg,
                              ctx.config.conversation_format, ctx.config.model.max_len,
                              ctx.config.seed, STAGE)
   p_a = [0.5] * len(items)  # identical responses tie without asking (as the feedback stage does)
@@ -383,6 +387,7 @@ def report_markdown(summary: dict, plots: dict[str, str | None], examples: dict[
   models, s = summary['models'], summary['settings']
   title = lambda m: MODEL_TITLES.get(m, m)  # noqa: E731
   lines = ['# Evaluation: helpful vs SL-CAI vs RL-CAI', '',
+           f'Models: {summary["roles"]}.', '',
            f'{summary["prompts"]["redteam"]} red-team and {summary["prompts"]["helpful"]} helpful '
            f'held-out (test split) prompts; every model sampled with temperature {s["temperature"]}, '
            f'at most {s["max_new_tokens"]} new tokens, seed {s["seed"]}. Judge: `{s["judge_model"]}`'
@@ -490,7 +495,7 @@ def run(ctx, stage_dir: Path) -> dict:
   timings['responses'] = time.time() - t0
 
   t = time.time()
-  pm = ctx.load(ctx.model_source('pm'), scalar_head=True, cache=False, frozen=True)
+  pm = ctx.load_role('preference', scalar_head=True, cache=False, frozen=True)
   curve_pairs, curve_where, n_samples = (revision_pairs(ctx.stage_dir('critique_revision'),
                                                         cfg.max_revision_samples)
                                          if cfg.revision_curve else ([], [], 0))
@@ -505,7 +510,8 @@ def run(ctx, stage_dir: Path) -> dict:
   del pm
   timings['pm'] = time.time() - t
 
-  summary = {'models': models, 'sources': {m: ctx.model_source(m) for m in models},
+  summary = {'models': models, 'roles': roles_line(ctx.config.model),
+             'sources': {m: ctx.model_source(m) for m in models},
              'prompts': {k: len(v) for k, v in prompts.items()}, 'metrics': metrics,
              'revision_curve': curve}
   judgements = [('harmlessness', 'redteam', _harmlessness_principle(ctx)),
@@ -536,7 +542,7 @@ def run(ctx, stage_dir: Path) -> dict:
 
 def compact_summary(summary: dict) -> dict:
   """The DONE.json summary: the headline numbers, flat."""
-  out = {'prompts': summary['prompts']}
+  out = {'models': summary['roles'], 'prompts': summary['prompts']}
   for m in summary['models']:
     x = summary['metrics'][m]
     out[m] = {'harmlessness_pm': x['harmlessness_pm']['mean'], 'helpfulness_pm': x['helpfulness_pm']['mean'],
@@ -559,7 +565,5 @@ def _harmlessness_principle(ctx) -> str:
 
 
 def _judge_source(ctx) -> str:
-  j = ctx.config.evaluate.judge_model
-  if not j:
-    return ctx.config.model.source
+  j = ctx.config.evaluate.judge_model or 'pretrained'  # the feedback model, as in the paper
   return ctx.model_source(j) if j in MODEL_TITLES else j  # a role or any loadable source

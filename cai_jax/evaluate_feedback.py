@@ -263,7 +263,7 @@ def run(ctx, stage_dir: Path) -> dict:
   summary.update(
       comparisons=str(path), format=ecfg.format, hhh_prompt=ecfg.hhh_prompt,
       n_malformed=len(malformed), malformed=malformed[:50],
-      feedback_model=cfg.model_source or ctx.config.model.source,
+      feedback_model=cfg.model_source or ctx.model_source('pretrained'),
       options=dict(num_principles=cfg.num_principles, debias=cfg.debias, cot=cfg.cot,
                    clamp=cfg.clamp, clamp_range=[cfg.clamp_lo, cfg.clamp_hi]),
       seconds=round(time.time() - t0, 2))

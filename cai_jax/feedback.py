@@ -303,8 +303,10 @@ class Labeler:
 
 
 def feedback_model(ctx):
-  """The feedback model: config.feedback.model_source, '' = the pretrained (helpful) model."""
-  return ctx.load(ctx.config.feedback.model_source or ctx.model_source('helpful'), frozen=True)
+  """The feedback model: config.feedback.model_source, '' = the pretrained model (the paper's)."""
+  if ctx.config.feedback.model_source:
+    return ctx.load(ctx.config.feedback.model_source, frozen=True)
+  return ctx.load_role('pretrained', frozen=True)
 
 
 def check_feedback_config(cfg, what: str = 'config.feedback') -> None:
@@ -470,7 +472,7 @@ def run(ctx, stage_dir: Path) -> dict:
     _check_principle_count(cfg, constitution.helpfulness_principles, 'helpfulness')
 
   fmt, seed = ctx.config.conversation_format, ctx.config.seed
-  policy = ctx.load(ctx.model_source('sl_cai'), frozen=True)
+  policy = ctx.load_role('sft', frozen=True)
   labeler = Labeler(feedback_model(ctx), constitution, cfg, fmt, ctx.config.model.max_len, seed,
                     STAGE)
   check_few_shots(labeler, STAGE)

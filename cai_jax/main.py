@@ -1,7 +1,8 @@
 """Entry point: `python -m cai_jax.main --config configs/<name>.py --workdir DIR`.
 
-Runs `config.stages` in pipeline order (critique_revision, sft, feedback, preference, ppo,
-evaluate); finished stages are reused, unfinished ones resume. See cai_jax/stages.py.
+Runs `config.stages` in pipeline order -- the stage table `cai_jax.pipeline.STAGES`:
+critique_revision, sft, feedback, (evaluate_feedback), preference, ppo, evaluate. Finished stages
+are reused, unfinished ones resume.
 """
 
 import errno
@@ -24,7 +25,7 @@ def main(argv):
   del argv
   import jax
 
-  from cai_jax import checkpoint, sharding, stages, validate
+  from cai_jax import checkpoint, pipeline, sharding, stages, validate
   from cai_jax.constitution import ConstitutionError
   from cai_jax.data import DataSourceError
 
@@ -41,33 +42,51 @@ def main(argv):
     if problems:
       sys.exit('\n'.join(f'cai_jax: error: {p}' for p in problems))
     mesh = sharding.make_mesh(config.mesh.shape)
-    workdir.mkdir(parents=True, exist_ok=True)
-    _log_to_workdir(workdir)
-    with stages.workdir_lock(workdir), sharding.use_mesh(mesh, config.logical_axis_rules):
+    with sharding.use_mesh(mesh, config.logical_axis_rules):
       ctx = stages.Context(config, workdir, mesh)
-      if jax.process_index() == 0:
-        (workdir / 'config.txt').write_text(str(config))
-        print(f'config: {workdir / "config.txt"}; full log: {workdir / "log.txt"}', flush=True)
-      helpful = ctx.load(config.model.source, frozen=True, cache=False)
-      cfg = helpful.config
-      print(f'model {config.model.source}: {cfg.family}, {cfg.num_params() / 1e6:.1f}M params, '
-            f'{cfg.n_layers} layers, params {config.model.param_dtype} (trained) / '
-            f'{stages.frozen_param_dtype(config.model)} (frozen), compute {cfg.dtype}, '
-            f'remat {cfg.remat}, {jax.device_count()} {jax.devices()[0].platform} device(s), '
-            f'mesh {dict(mesh.shape)}', flush=True)
-      t0 = time.time()
-      rows = stages.run_pipeline(ctx)
+      banner = _model_banner(ctx)  # loads the given models: one that cannot load fails here
+      workdir.mkdir(parents=True, exist_ok=True)
+      _log_to_workdir(workdir)
+      with stages.workdir_lock(workdir):
+        if jax.process_index() == 0:
+          (workdir / 'config.txt').write_text(str(config))
+          print(f'config: {workdir / "config.txt"}; full log: {workdir / "log.txt"}', flush=True)
+        print(banner, flush=True)
+        t0 = time.time()
+        rows = pipeline.run(ctx)
   except (stages.StageError, checkpoint.CheckpointError, sharding.ShardingError, ConstitutionError,
           DataSourceError) as e:
     sys.exit(f'cai_jax: error: {e}')
   except OSError as e:
     _exit_on_io_error(e, Path(_WORKDIR.value))
   if rows and jax.process_index() == 0:
-    table = stages.timing_table(rows, time.time() - t0)
+    table = pipeline.timing_table(rows, time.time() - t0)
     print(table)
     (workdir / 'timings.md').write_text(table + '\n')
     (workdir / 'timings.json').write_text(json.dumps(rows))
   logging.info('done')
+
+
+def _model_banner(ctx) -> str:
+  """Which model plays which role, then each given model's size and the run's precision and mesh:
+  'models: helpful = pretrained: X' (or 'models: pretrained: X; helpful: Y'), 'model X: ...'."""
+  import jax
+
+  from cai_jax import stages
+
+  m = ctx.config.model
+  lines = [f'models: {stages.roles_line(m)}']
+  for role in stages.GIVEN_ROLES:
+    source = ctx.model_source(role)
+    if role == 'helpful' and source == ctx.model_source('pretrained'):
+      continue  # one model plays both roles
+    cfg = ctx.load_role(role, frozen=True, cache=False).config
+    lines.append(f'model {source}: {cfg.family}, {cfg.num_params() / 1e6:.1f}M params, '
+                 f'{cfg.n_layers} layers')
+  lines[1] += (f', params {m.param_dtype} (trained) / {stages.frozen_param_dtype(m)} (frozen), '
+               f'compute {m.dtype}, remat {m.get("remat", "none")}, {jax.device_count()} '
+               f'{jax.devices()[0].platform} device(s), mesh {dict(ctx.mesh.shape)}')
+  return '\n'.join(lines)
 
 
 def _quiet_console() -> None:

@@ -269,8 +269,8 @@ def check_config(config) -> int:
   """Problems with config.ppo as one error; returns the prompt token budget."""
   cfg, max_len = config.ppo, config.model.max_len
   problems = []
-  if cfg.reward not in ('pm', 'synthetic'):
-    problems.append(f"reward must be 'pm' or 'synthetic', got {cfg.reward!r}")
+  if cfg.reward not in ('preference', 'synthetic'):
+    problems.append(f"reward must be 'preference' or 'synthetic', got {cfg.reward!r}")
   if cfg.truncation_mode not in ('add', 'replace', 'none'):
     problems.append(f"truncation_mode must be 'add', 'replace' or 'none', got {cfg.truncation_mode!r}")
   for field in ('steps', 'batch_size', 'max_new_tokens', 'epochs', 'minibatches', 'max_prompt_tokens'):
@@ -322,8 +322,8 @@ def _load_pm(ctx, policy: checkpoint.Pretrained, needed_by: str, *, frozen: bool
   ctx.require('preference', needed_by)
   # A frozen PM scores the whole stage; a trained one (the value net's start) is copied into the
   # train state, so it is not kept.
-  pm = ctx.load(ctx.model_source('pm'), scalar_head=True, frozen=frozen, cache=frozen)
-  check_same_tokenizer(policy, pm, ctx.model_source('pm'))
+  pm = ctx.load_role('preference', scalar_head=True, frozen=frozen, cache=frozen)
+  check_same_tokenizer(policy, pm, ctx.model_source('preference'))
   return pm
 
 
@@ -332,8 +332,8 @@ def _value_model(ctx, cfg, policy: checkpoint.Pretrained) -> ScalarHeadModel:
                                            trunk=trunk)
   if cfg.value.shared_trunk:
     return new_head(policy.model)
-  if cfg.value.init == 'pm':  # the PM's trunk and head (the stage's PM itself stays untouched)
-    return _load_pm(ctx, policy, 'ppo (ppo.value.init=pm)', frozen=False).model
+  if cfg.value.init == 'preference':  # the PM's trunk and head (the stage's PM stays untouched)
+    return _load_pm(ctx, policy, 'ppo (ppo.value.init=preference)', frozen=False).model
   if cfg.value.init == 'policy':  # a copy of the policy's trunk, not shared with it
     return new_head(nnx.clone(policy.model))
   value = ctx.load(cfg.value.init, scalar_head=True, cache=False)
@@ -348,7 +348,7 @@ class _Scorer:
 
   def __init__(self, ctx, cfg, policy: checkpoint.Pretrained, max_prompt_tokens: int):
     self.cfg, self.fmt = cfg, ctx.config.conversation_format
-    if cfg.reward == 'pm':
+    if cfg.reward == 'preference':
       self.pm = _load_pm(ctx, policy, 'ppo', frozen=True)
       # Every conversation pads to one length that holds a full prompt and response.
       self.bucket = min(cfg.pm_max_len,
@@ -362,7 +362,7 @@ class _Scorer:
 
   def __call__(self, step: int, records, responses: list[str], response_tokens) -> np.ndarray:
     cfg = self.cfg
-    if cfg.reward == 'pm':
+    if cfg.reward == 'preference':
       from cai_jax import preference  # the stage module that owns PM scoring
       return preference.score_conversations(
           self.pm, [(r['prompt'], text) for r, text in zip(records, responses)], fmt=self.fmt,
@@ -383,7 +383,7 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
   redteam, helpful = _prompt_pools(ctx, cfg)
 
   # The policy starts as SL-CAI, which also stays frozen as the KL reference.
-  policy_source = cfg.policy_source or ctx.model_source('sl_cai')
+  policy_source = cfg.policy_source or ctx.model_source('sft')
   policy = ctx.load(policy_source, cache=False)  # the train state holds the trained copy
   tok = policy.tokenizer
   pad_id = conversation.pad_id(tok, policy.config)

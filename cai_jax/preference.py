@@ -40,6 +40,7 @@ from cai_jax.model import ScalarHeadModel
 LABEL_TYPES = ('soft', 'hard')
 HARMLESSNESS, HELPFULNESS = 'harmlessness', 'helpfulness'  # the kinds of comparisons
 KINDS = (HARMLESSNESS, HELPFULNESS)
+INIT_ROLES = ('pretrained', 'helpful', 'sft')  # model roles preference.init_from may name
 
 
 class PreferenceDataError(stages.StageError):
@@ -420,21 +421,19 @@ def helpfulness_source(config) -> str:
 
 
 def _init_source(ctx: stages.Context) -> str:
-  """'' = the pretrained model (the paper's choice), 'sl_cai' = the SFT stage's export, else a source."""
-  init = ctx.config.preference.init_from
-  if init in ('', 'helpful'):
-    return ctx.model_source('helpful')
-  if init == 'sl_cai':
-    ctx.require('sft', 'preference (preference.init_from=sl_cai)')
-    return ctx.model_source('sl_cai')
-  return init
+  """'' = the pretrained model (the paper's choice), a role ('pretrained', 'helpful', 'sft': the
+  SFT stage's export), else a source."""
+  init = ctx.config.preference.init_from or 'pretrained'
+  if init == 'sft':
+    ctx.require('sft', 'preference (preference.init_from=sft)')
+  return ctx.model_source(init) if init in INIT_ROLES else init
 
 
 def initial_pm(ctx: stages.Context, source: str) -> checkpoint.Pretrained:
   """The PM before training: the trunk of `source` with a fresh scalar head (or its own head if
   `source` is an exported PM). train_lib copies the parameters, so nothing loaded is modified."""
-  if source == ctx.config.model.source:
-    # The pretrained model with a new head; train_lib copies it into the train state.
+  if source in (ctx.model_source(r) for r in stages.GIVEN_ROLES):
+    # A given LM with a new head; train_lib copies it into the train state.
     lm = ctx.load(source, cache=False)
     head = ScalarHeadModel(lm.config, rngs=nnx.Rngs(params=ctx.config.seed), trunk=lm.model)
     return checkpoint.Pretrained(sharding.shard_module(head), lm.tokenizer, lm.config, source)

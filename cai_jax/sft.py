@@ -373,7 +373,7 @@ def check_config(config) -> None:
 
 
 def run(ctx: stages.Context, stage_dir: Path) -> dict:
-  """Fine-tunes the helpful model into the SL-CAI model; resumes from `stage_dir/checkpoints`.
+  """Fine-tunes the pretrained model into the SL-CAI model; resumes from `stage_dir/checkpoints`.
 
   Writes metrics.jsonl (one row per step), tb/ (TensorBoard), checkpoints/ (none when
   sft.checkpoint_every is 0) and export/ (HF).
@@ -383,9 +383,9 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
   if cfg.batch_size % jax.process_count():
     raise sharding.ShardingError(f'sft.batch_size {cfg.batch_size} is not divisible by the '
                                  f'{jax.process_count()} processes')
-  helpful = ctx.load(config.model.source, cache=False)  # the train state holds the only copy
-  tok = helpful.tokenizer
-  pad_id = conversation.pad_id(tok, helpful.config)
+  pretrained = ctx.load_role('pretrained', cache=False)  # the train state holds the only copy
+  tok = pretrained.tokenizer
+  pad_id = conversation.pad_id(tok, pretrained.config)
   train, held_out, counts = build_examples(ctx, tok)
   logging.info('sft data: %s', counts)
 
@@ -400,8 +400,8 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
                                          shuffle=False)
 
   tx, schedule = train_lib.make_optimizer(cfg.optimizer, total_steps)
-  graphdef, state, shardings = train_lib.init_state(helpful.model, tx)
-  helpful = dataclasses.replace(helpful, model=None)  # frees the loaded copy (HBM) for training
+  graphdef, state, shardings = train_lib.init_state(pretrained.model, tx)
+  pretrained = dataclasses.replace(pretrained, model=None)  # frees the loaded copy (HBM)
   loss_fn = make_loss_fn(cfg.loss_chunk)
   train_step = train_lib.make_train_step(graphdef, tx, loss_fn, shardings, schedule)
   eval_step = train_lib.make_eval_step(graphdef, loss_fn, None if shardings is None else shardings.params)
@@ -421,11 +421,12 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
   params = train_lib.gather_params(state.params)
   model = nnx.merge(graphdef, params)  # the SL-CAI model
   export = stage_dir / 'export'
-  checkpoint.save_pretrained(checkpoint.Pretrained(model, tok, helpful.config), str(export))
+  checkpoint.save_pretrained(checkpoint.Pretrained(model, tok, pretrained.config), str(export))
   if not metrics and jax.process_index() == 0:  # resumed after the last step: report from the log
     metrics = (train_lib.read_metrics(stage_dir / 'metrics.jsonl') or [{}])[-1]
     eval_loss = metrics.get('eval_loss')
-  return {**counts, 'steps': total_steps, 'steps_run': total_steps - result.start,
+  return {**counts, 'models': stages.roles_line(config.model), 'steps': total_steps,
+          'steps_run': total_steps - result.start,
           'steps_per_epoch': steps_per_epoch, 'final_loss': metrics.get('loss'), 'eval_loss': eval_loss,
           'tokens_per_second': result.tokens / seconds if seconds and result.tokens else None,
           'export': str(export)}

@@ -1,7 +1,7 @@
-"""The pipeline's stages, their artifacts and the bookkeeping that makes them resumable.
+"""The models the stages share, their artifacts and the bookkeeping that makes them resumable.
 
-Each stage writes under `WORKDIR/<stage>/`. On start it records the fingerprint of the config
-fields it depends on (`fingerprint.json`); on success it writes `DONE.json`. A rerun reuses a
+The stage table and the loop over it are in `cai_jax/pipeline.py`. Each stage writes under
+`WORKDIR/<stage>/`. On start it records the fingerprint of the config fields it depends on (`fingerprint.json`); on success it writes `DONE.json`. A rerun reuses a
 finished stage, resumes an unfinished one, and refuses to mix outputs of different configs.
 """
 
@@ -10,11 +10,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import importlib
 import json
 import logging
 import os
-import shutil
 import socket
 import time
 from pathlib import Path
@@ -23,38 +21,11 @@ from typing import Any
 import jax
 import ml_collections
 
-# The pipeline in order: stage name -> the stages whose outputs it reads. Each stage is the module
-# cai_jax/<name>.py, entered through its `run(ctx, stage_dir)` (and checked, before anything runs,
-# by its `check_config(config)` where it has one).
-STAGES: dict[str, tuple[str, ...]] = {
-    'critique_revision': (),
-    'sft': ('critique_revision',),
-    'feedback': ('sft',),
-    'evaluate_feedback': (),
-    'preference': ('feedback',),
-    'ppo': ('sft', 'preference'),
-    'evaluate': ('critique_revision', 'sft', 'preference', 'ppo'),
-}
-ORDER = tuple(STAGES)
 GLOBAL_FIELDS = ('seed', 'model', 'constitution', 'conversation_format', 'data')
-
-
-def stage_module(name: str):
-  """The module of stage `name` (imported here, not above: every stage module imports this one)."""
-  return importlib.import_module(f'cai_jax.{name}')
 
 
 class StageError(RuntimeError):
   """A pipeline-level problem (bad stage name, missing upstream, mixed configs)."""
-
-
-def parse_stage_list(value: str | tuple | list, what: str = 'config.stages') -> list[str]:
-  names = [s.strip() for s in (value.split(',') if isinstance(value, str) else value) if s.strip()]
-  unknown = [s for s in names if s not in STAGES]
-  if unknown:
-    raise StageError(f'{what}: unknown stage(s) {", ".join(map(repr, unknown))}; valid stages: '
-                     f'{", ".join(ORDER)}')
-  return sorted(set(names), key=ORDER.index)
 
 
 def _plain(x):
@@ -101,7 +72,7 @@ class Context:
     if not self.is_done(name):
       raise StageError(f"stage '{needed_by}' needs the output of stage '{name}', which has not finished "
                        f"in {self.workdir}: run --config.stages={name} first (same config and workdir)")
-    if not _reusable(self, name):
+    if not reusable(self, name):
       recorded = json.loads((self.stage_dir(name) / 'fingerprint.json').read_text())
       diffs = diff_fields(recorded['fields'], self.stage_config_fingerprint(name))
       raise StageError(f"stage '{needed_by}' needs stage '{name}', whose output in {self.workdir} was "
@@ -110,11 +81,28 @@ class Context:
     return self.stage_dir(name)
 
   def model_source(self, role: str) -> str:
-    """Where a model of the pipeline lives: helpful (pretrained), sl_cai, pm, rl_cai."""
-    if role == 'helpful':
-      return self.config.model.source
-    stage = {'sl_cai': 'sft', 'pm': 'preference', 'rl_cai': 'ppo'}[role]
-    return str(self.stage_dir(stage) / 'export')
+    """Where the model playing `role` (one of MODEL_ROLES) lives: a config source for the two
+    given models, the stage's export for the three trained ones."""
+    if role in RENAMED_ROLES:
+      raise StageError(f'model role {role!r} is now called {RENAMED_ROLES[role]!r} (model roles '
+                       'are named after the stages that make them)')
+    if role in GIVEN_ROLES:
+      return role_source(self.config.model, role)
+    if role not in MODEL_ROLES:
+      raise StageError(f'unknown model role {role!r}; valid: {", ".join(MODEL_ROLES)}')
+    return str(self.stage_dir(role) / 'export')
+
+  def load_role(self, role: str, **kwargs):
+    """`load` of the model playing `role`; a source that cannot be loaded is one line naming the
+    role and the config field that chose it."""
+    from cai_jax import checkpoint
+
+    source = self.model_source(role)
+    try:
+      return self.load(source, **kwargs)
+    except checkpoint.CheckpointError as e:
+      raise StageError(f'{role_description(self.config.model, role)} {source!r} cannot be '
+                       f'loaded: {e}') from None
 
   def load(self, source: str, *, scalar_head: bool = False, cache: bool = True,
            frozen: bool = False):
@@ -142,7 +130,13 @@ class Context:
 
   def stage_config_fingerprint(self, name: str) -> dict:
     c = self.config
+    # Imported here: the stage table imports every stage module, and each of them imports this one.
+    from cai_jax.pipeline import STAGES
     fields = {k: _plain(c[k]) for k in GLOBAL_FIELDS if k in c}
+    if 'model' in fields:  # the given models' sources, resolved, for the stages that load them
+      for field in ('source', *(f'{r}_source' for r in GIVEN_ROLES)):
+        fields['model'].pop(field, None)
+      fields['model'].update({f'{r}_source': role_source(c.model, r) for r in STAGES[name].models})
     if name in c:
       fields[name] = _plain(c[name])
     if name == 'evaluate_feedback' and 'feedback' in c:
@@ -150,12 +144,55 @@ class Context:
     if name == 'feedback' and 'preference' in c:  # an HH-RLHF helpfulness file: no AI labels
       fields['hh_rlhf_helpfulness'] = bool(c.preference.helpful_mix.path)
     fields['inputs'] = input_fingerprints(c, name)
-    fields['upstream'] = {u: self.fingerprint(u) for u in STAGES[name]}
+    fields['upstream'] = {u: self.fingerprint(u) for u in STAGES[name].reads}
     return fields
 
   def fingerprint(self, name: str) -> str:
     blob = json.dumps(self.stage_config_fingerprint(name), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ---- the models of the pipeline, named after what makes them -----------------------------------
+
+# Two models are given. The paper fine-tunes a *pretrained* LM on the revisions, labels the
+# comparisons with a pretrained LM and trains the PM from one; a *helpful* (RLHF) model writes the
+# initial responses, critiques and revisions. The other three are the exports of the stages that
+# train them.
+MODEL_ROLES = {
+    'pretrained': 'the pretrained model: SFT init, feedback, PM init',
+    'helpful': 'the helpful model: initial responses, critiques, revisions, helpful samples',
+    'sft': "the SL-CAI model, the sft stage's export",
+    'preference': "the preference model, the preference stage's export",
+    'ppo': "the RL-CAI model, the ppo stage's export",
+}
+GIVEN_ROLES = ('pretrained', 'helpful')
+RENAMED_ROLES = {'sl_cai': 'sft', 'pm': 'preference', 'rl_cai': 'ppo'}  # the old names
+
+
+def role_source(model_config, role: str) -> str:
+  """`model.<role>_source`, or `model.source` (the one-field shorthand) when that is ''."""
+  return model_config.get(f'{role}_source', '') or model_config.source
+
+
+def role_field(model_config, role: str) -> str:
+  """The config field that chose the source of a given role."""
+  return f'model.{role}_source' if model_config.get(f'{role}_source', '') else 'model.source'
+
+
+def role_description(model_config, role: str) -> str:
+  """E.g. "config.model.source (the pretrained model: SFT init, feedback, PM init)"."""
+  if role in GIVEN_ROLES:
+    return f'config.{role_field(model_config, role)} ({MODEL_ROLES[role]})'
+  return MODEL_ROLES[role]
+
+
+def roles_line(model_config) -> str:
+  """Which model plays which given role: 'helpful = pretrained: X' or
+  'pretrained: X; helpful: Y'."""
+  pretrained, helpful = (role_source(model_config, r) for r in GIVEN_ROLES)
+  if pretrained == helpful:
+    return f'helpful = pretrained: {pretrained}'
+  return f'pretrained: {pretrained}; helpful: {helpful}'
 
 
 def frozen_param_dtype(model_config) -> str:
@@ -223,7 +260,7 @@ def input_fingerprints(config, name: str) -> dict[str, str]:
   return out
 
 
-def _reusable(ctx: Context, name: str) -> bool:
+def reusable(ctx: Context, name: str) -> bool:
   """Whether `name` finished in this workdir with the fingerprint this config gives it."""
   d = ctx.stage_dir(name)
   if not (d / 'DONE.json').exists() or not (d / 'fingerprint.json').exists():
@@ -235,7 +272,7 @@ def _only_inputs_changed(diffs: list[str]) -> bool:
   return all(d.startswith(('inputs.', 'upstream.')) for d in diffs)
 
 
-def _claim(ctx: Context, name: str) -> None:
+def claim(ctx: Context, name: str) -> None:
   """Makes `name`'s dir ours to run in (a finished one with our fingerprint is reused before
   this is called); an unfinished one with our fingerprint is resumed; refuses foreign outputs.
 
@@ -256,7 +293,7 @@ def _claim(ctx: Context, name: str) -> None:
       logging.warning('stage %s: %s; redoing it (old outputs in %s)', name,
                       '; '.join(diffs[:8]) or 'nothing produced yet', ctx.workdir / TRASH)
       if jax.process_index() == 0:
-        _move_to_trash(ctx.workdir, name)
+        move_to_trash(ctx.workdir, name)
       barrier(f'trash-{name}')
     else:
       raise StageError(f"{d} was made by a different config ({'; '.join(diffs[:8])}); "
@@ -266,6 +303,14 @@ def _claim(ctx: Context, name: str) -> None:
   if jax.process_index() == 0:
     d.mkdir(parents=True, exist_ok=True)
     _atomic_write(fp_file, json.dumps({'fingerprint': fp, 'fields': fields}, indent=1, default=str))
+
+
+def mark_done(ctx: Context, name: str, seconds: float, summary: dict) -> None:
+  """Writes `name`'s DONE.json: its fingerprint, wall time and summary (process 0)."""
+  if jax.process_index() == 0:
+    _atomic_write(ctx.stage_dir(name) / 'DONE.json',
+                  json.dumps({'fingerprint': ctx.fingerprint(name), 'seconds': seconds,
+                              'summary': summary}, indent=1, default=str))
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -338,7 +383,7 @@ def workdir_lock(workdir: Path):
 TRASH = '.trash'
 
 
-def _move_to_trash(workdir: Path, name: str) -> Path | None:
+def move_to_trash(workdir: Path, name: str) -> Path | None:
   src = workdir / name
   if not src.exists():
     return None
@@ -348,76 +393,7 @@ def _move_to_trash(workdir: Path, name: str) -> Path | None:
   return dst
 
 
-def run_pipeline(ctx: Context) -> list[tuple[str, str, float]]:
-  """Runs config.stages in order; returns (stage, 'ran'|'reused', seconds) rows.
-
-  `config.force` moves the forced stages (and everything after them) to WORKDIR/.trash; they are
-  deleted once the whole run has finished, and moved back if it fails.
-  """
-  stages = parse_stage_list(ctx.config.stages)
-  forced = parse_stage_list(ctx.config.force, 'config.force') if ctx.config.force else []
-  moved = {}
-  if forced and jax.process_index() == 0:
-    first = min(ORDER.index(f) for f in forced)
-    for name in ORDER[first:]:  # the forced stage and everything after it
-      moved[name] = _move_to_trash(ctx.workdir, name)
-  barrier('force')
-  try:
-    rows = _run_stages(ctx, stages)
-  except BaseException:
-    if jax.process_index() == 0:
-      for name, trashed in moved.items():  # each forced stage as it was before this run
-        shutil.rmtree(ctx.stage_dir(name), ignore_errors=True)
-        if trashed is not None:
-          os.replace(trashed, ctx.stage_dir(name))
-    raise
-  if jax.process_index() == 0:
-    shutil.rmtree(ctx.workdir / TRASH, ignore_errors=True)
-  return rows
-
-
-def _run_stages(ctx: Context, stages: list[str]) -> list[tuple[str, str, float]]:
-  rows = []
-  for name in stages:
-    t0 = time.time()
-    if _reusable(ctx, name):
-      rows.append((name, 'reused', 0.0))
-      continue
-    for u in STAGES[name]:  # before the claim: a stage that cannot start writes nothing
-      if not _upstream_unused(ctx.config, name, u):
-        ctx.require(u, name)
-    _claim(ctx, name)
-    try:
-      summary = stage_module(name).run(ctx, ctx.stage_dir(name)) or {}
-    finally:
-      ctx._models.clear()  # the next stage starts with the device memory to itself
-    seconds = time.time() - t0
-    if jax.process_index() == 0:
-      _atomic_write(ctx.stage_dir(name) / 'DONE.json',
-                    json.dumps({'fingerprint': ctx.fingerprint(name), 'seconds': seconds,
-                                'summary': summary}, indent=1, default=str))
-    barrier(f'done-{name}')
-    rows.append((name, 'ran', seconds))
-  return rows
-
-
-def _upstream_unused(config, name: str, upstream: str) -> bool:
-  """Whether the config makes an upstream stage's output unnecessary: ppo with a synthetic
-  reward needs no PM, and ppo with an explicit `ppo.policy_source` needs no SL-CAI model."""
-  if name != 'ppo':
-    return False
-  return ((upstream == 'preference' and config.ppo.reward == 'synthetic') or
-          (upstream == 'sft' and bool(config.ppo.policy_source)))
-
-
 def barrier(tag: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(tag)
-
-
-def timing_table(rows, total: float) -> str:
-  lines = ['| stage | status | seconds |', '|---|---|---:|']
-  lines += [f'| {n} | {s} | {t:.1f} |' for n, s, t in rows]
-  lines.append(f'| **total** | | {total:.1f} |')
-  return '\n'.join(lines)

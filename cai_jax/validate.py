@@ -16,7 +16,7 @@ from pathlib import Path
 
 import ml_collections
 
-from cai_jax import stages
+from cai_jax import pipeline, stages
 
 _MODEL_KEYWORDS = ('smollm2-135m',)
 
@@ -110,27 +110,71 @@ def _rule_problems(config, sections) -> list[str]:
   return problems
 
 
-def _source_problem(field: str, source: str) -> str | None:
+def _source_problem(field: str, source: str, what: str = '') -> str | None:
   """A model source is a keyword, 'random:<preset>', a .gguf file or an HF directory."""
   if not source or source in _MODEL_KEYWORDS or source.startswith('random:'):
     return None
   if not os.path.exists(os.path.expanduser(source)):
-    return (f'config.{field}={source!r}: no such file or directory (expected an HF directory, a '
-            ".gguf file, 'smollm2-135m' or 'random:<preset>')")
+    named = f'config.{field} ({what}) {source!r} cannot be loaded' if what else (
+        f'config.{field}={source!r}')
+    return (f'{named}: no such file or directory (expected an HF directory, a .gguf file, '
+            "'smollm2-135m' or 'random:<preset>')")
   return None
 
 
+def _role_problems(model_config) -> list[str]:
+  """The given models' sources, each error naming the role it is for (once per config field)."""
+  by_field = {}
+  for role in stages.GIVEN_ROLES:
+    field = stages.role_field(model_config, role)
+    by_field.setdefault(field, []).append(role)
+  out = []
+  for field, roles in by_field.items():
+    what = (stages.MODEL_ROLES[roles[0]] if len(roles) == 1 else
+            'the pretrained and helpful model: ' + '; '.join(
+                stages.MODEL_ROLES[r].split(': ', 1)[1] for r in roles))
+    out.append(_source_problem(field, stages.role_source(model_config, roles[0]), what))
+  return [p for p in out if p]
+
+
+# Fields whose values name model roles (or, for ppo, the preference model): an old name is one
+# clear line naming the new one.
+_ROLE_FIELDS = ('evaluate.models', 'evaluate.judge_model', 'evaluate.elo_anchor',
+                'preference.init_from', 'ppo.reward', 'ppo.value.init')
+
+
+def _renamed_role_problems(config) -> list[str]:
+  out = []
+  for field in _ROLE_FIELDS:
+    section, *keys = field.split('.')
+    if section not in config:
+      continue
+    value = config[section]
+    for k in keys:
+      value = value[k]
+    old = [v.strip() for v in str(value).split(',') if v.strip() in stages.RENAMED_ROLES]
+    if old:
+      renames = ', '.join(f'{o!r} is now {stages.RENAMED_ROLES[o]!r}' for o in old)
+      out.append(f'config.{field}={value!r}: {renames} (model roles are named after the stages '
+                 'that make them)')
+  return out
+
+
 def _path_problems(config, names: list[str]) -> list[str]:
-  problems = []
-  sources = [('model.source', config.model.source)]
+  problems = _role_problems(config.model)
+  sources = []
   if 'feedback' in names or 'evaluate_feedback' in names:
     sources.append(('feedback.model_source', config.feedback.model_source))
   if 'ppo' in names:
     sources.append(('ppo.policy_source', config.ppo.policy_source))
-    if config.ppo.value.init not in ('pm', 'policy'):
+    if config.ppo.value.init not in ('preference', 'policy', *stages.RENAMED_ROLES):
       sources.append(('ppo.value.init', config.ppo.value.init))
-  if 'evaluate' in names:
+  if 'evaluate' in names and config.evaluate.judge_model not in (*stages.MODEL_ROLES,
+                                                                 *stages.RENAMED_ROLES):
     sources.append(('evaluate.judge_model', config.evaluate.judge_model))
+  if 'preference' in names and config.preference.init_from not in (*stages.MODEL_ROLES,
+                                                                   *stages.RENAMED_ROLES):
+    sources.append(('preference.init_from', config.preference.init_from))
   problems += [p for p in (_source_problem(f, s) for f, s in sources) if p]
   files = list(_leaves(config.data, 'data.')) if 'data' in config else []
   if 'preference' in names:
@@ -188,11 +232,11 @@ def problems(config, workdir: Path) -> list[str]:
 
   out = []
   try:
-    names = stages.parse_stage_list(config.stages)
+    names = pipeline.parse_stage_list(config.stages)
     if not names:
-      out.append(f'config.stages is empty: name one or more of {", ".join(stages.ORDER)}')
+      out.append(f'config.stages is empty: name one or more of {", ".join(pipeline.ORDER)}')
     if config.force:
-      stages.parse_stage_list(config.force, 'config.force')
+      pipeline.parse_stage_list(config.force, 'config.force')
   except stages.StageError as e:
     return [str(e)]
   try:
@@ -208,13 +252,13 @@ def problems(config, workdir: Path) -> list[str]:
     except constitution.ConstitutionError as e:
       out.append(f'config.constitution: {e}')
   out += _rule_problems(config, ['model', 'data', *names])
+  out += _renamed_role_problems(config)
   out += _path_problems(config, names)
   problem = _workdir_problem(workdir)
   if problem:
     out.append(problem)
   for name in names:
-    module = stages.stage_module(name)
-    check = getattr(module, 'check_config', None)
+    check = getattr(pipeline.STAGES[name].module, 'check_config', None)
     if check is None or any(p.startswith(f'config.{name}.') for p in out):
       continue  # the generic rules have named this stage's bad values already
     try:

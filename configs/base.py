@@ -26,7 +26,12 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   c.constitution = 'default'  # 'default' | 'tiny' | path to our JSON | dir of the paper's release
 
   c.model = ml_collections.ConfigDict()
+  # The two given models (Bai et al. 2022): `pretrained_source` is fine-tuned by sft, is the
+  # feedback model and the PM's initialization; `helpful_source` writes the initial responses,
+  # critiques, revisions and helpful samples. `source` is the shorthand that fills both where ''.
   c.model.source = 'smollm2-135m'  # HF dir | .gguf | 'smollm2-135m' | 'random:<preset>'
+  c.model.pretrained_source = ''  # the pretrained model (SFT init, feedback, PM init); '' = source
+  c.model.helpful_source = ''  # the helpful model (responses, critiques, revisions); '' = source
   c.model.dtype = 'float32'  # compute dtype (activations, matmuls): float32 | bfloat16
   # Trained models' (SFT policy, PM, PPO policy and value) parameters and AdamW moments: keep
   # float32 master weights; bfloat16 drops most small updates (a warning says so).

@@ -11,7 +11,7 @@ A sweep file (experiments/sweeps/*.py) defines
   OVERRIDES = {'sft.max_steps': 4}    # optional: fields set at every point
   AXES = {'critique_revision.n_rounds': [1, 2, 3, 4]}   # the points: the product of the axes
   def points(): return [{'name': 'soft', 'preference.label_type': 'soft'}, ...]  # or listed
-  METRICS = {'label': 'evaluate/summary.json:metrics.sl_cai.harmlessness_pm', ...}
+  METRICS = {'label': 'evaluate/summary.json:metrics.sft.harmlessness_pm', ...}
 
 A metric is `<file>.json:<dotted.key>` (a file under the point's workdir), `<stage>:<key>` (the
 `summary` of WORKDIR/<stage>/DONE.json) or a callable `f(workdir) -> value`. A value may be a
@@ -50,12 +50,12 @@ NAMED_BASES = ('tiny', 'demo')
 # Metrics of a full pipeline run (evaluate/summary.json, see cai_jax/evaluate.py), for METRICS.
 _EVAL = 'evaluate/summary.json:'
 PIPELINE_METRICS = {
-    'rl_cai_harmlessness_elo': _EVAL + 'harmlessness.elo.rl_cai',
-    'sl_cai_harmlessness_elo': _EVAL + 'harmlessness.elo.sl_cai',
-    'rl_cai_helpfulness_elo': _EVAL + 'helpfulness.elo.rl_cai',
-    'rl_cai_pm_score': _EVAL + 'metrics.rl_cai.harmlessness_pm',
-    'rl_cai_refusal_rate': _EVAL + 'metrics.rl_cai.refusal_rate_redteam',
-    'rl_cai_helpful_refusal_rate': _EVAL + 'metrics.rl_cai.refusal_rate_helpful',
+    'ppo_harmlessness_elo': _EVAL + 'harmlessness.elo.ppo',
+    'sft_harmlessness_elo': _EVAL + 'harmlessness.elo.sft',
+    'ppo_helpfulness_elo': _EVAL + 'helpfulness.elo.ppo',
+    'ppo_pm_score': _EVAL + 'metrics.ppo.harmlessness_pm',
+    'ppo_refusal_rate': _EVAL + 'metrics.ppo.refusal_rate_redteam',
+    'ppo_helpful_refusal_rate': _EVAL + 'metrics.ppo.refusal_rate_helpful',
 }
 
 
@@ -189,9 +189,9 @@ def select_points(points, selection: str | None):
 
 def stage_fingerprints(config) -> dict[str, str]:
   """Every stage's fingerprint under `config` (what WORKDIR/<stage>/fingerprint.json records)."""
-  from cai_jax import stages
+  from cai_jax import pipeline, stages
   ctx = stages.Context(config, Path('.'))
-  return {name: ctx.fingerprint(name) for name in stages.ORDER}
+  return {name: ctx.fingerprint(name) for name in pipeline.ORDER}
 
 
 def data_key(config) -> str:
@@ -215,10 +215,10 @@ def _link(link: Path, target: Path) -> None:
 
 def link_stages(workdir: Path, cache: Path, config, run_stages: list[str]) -> dict[str, str]:
   """Links the point's stages (and finished cached upstream ones) into `workdir`."""
-  from cai_jax import stages
+  from cai_jax import pipeline
   fps = stage_fingerprints(config)
   workdir.mkdir(parents=True, exist_ok=True)
-  for name in stages.ORDER:
+  for name in pipeline.ORDER:
     target = cache / f'{name}-{fps[name]}'
     if name in run_stages or (target / 'DONE.json').exists():
       _link(workdir / name, target)
@@ -411,7 +411,7 @@ def run_sweep(sweep_path: str | Path, *, workdir_root: str | Path, base: str | N
               points: str | None = None, sets: dict | None = None, run_stages: str | None = None,
               dry_run: bool = False, timeout: float | None = None) -> list[dict]:
   """Runs the sweep's points in order; returns one result row per point."""
-  from cai_jax import stages
+  from cai_jax import pipeline, stages
 
   sweep_path = Path(sweep_path)
   sweep = _load_module(sweep_path, f'_sweep_{sweep_path.stem}')
@@ -436,7 +436,7 @@ def run_sweep(sweep_path: str | Path, *, workdir_root: str | Path, base: str | N
     for k, v in overrides.items():
       set_field(config, k, v)
     try:
-      to_run = stages.parse_stage_list(config.stages)
+      to_run = pipeline.parse_stage_list(config.stages)
     except stages.StageError as e:
       raise SweepError(str(e)) from None
     workdir = root / name

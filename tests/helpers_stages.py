@@ -1,6 +1,6 @@
 """Test helpers for stage bookkeeping: a finished upstream stage made from given files.
 
-`fake_upstream` writes what `stages.run_pipeline` would have left behind (the files, then
+`fake_upstream` writes what `pipeline.run` would have left behind (the files, then
 `fingerprint.json` and `DONE.json` with the config's fingerprint), so one stage can be tested
 through the entry point without running the stages before it.
 """

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cai_jax import checkpoint, critique_revision, data, records, sharding, stages
+from cai_jax import checkpoint, critique_revision, data, pipeline, records, sharding, stages
 from cai_jax import constitution as constitution_lib
 from cai_jax.constitution import ConstitutionError
 from configs import tiny
@@ -83,7 +83,7 @@ def run_stage(config, workdir):
   """What `python -m cai_jax.main` does with the config, in this process (same mesh)."""
   mesh = sharding.make_mesh(config.mesh.shape)
   with sharding.use_mesh(mesh, config.logical_axis_rules):
-    return stages.run_pipeline(stages.Context(config, Path(workdir), mesh))
+    return pipeline.run(stages.Context(config, Path(workdir), mesh))
 
 
 @pytest.fixture(scope='module')
@@ -253,7 +253,7 @@ def test_processes_split_chunks_and_merge_in_order(tmp_path):
 ])
 def test_bad_inputs_are_clear_errors(prompt_files, tmp_path, extra, message):
   with pytest.raises(stages.StageError, match=message):
-    stages.run_pipeline(stages.Context(make_config(prompt_files, **extra), tmp_path))
+    pipeline.run(stages.Context(make_config(prompt_files, **extra), tmp_path))
 
 
 def test_empty_split_and_zero_principles_are_clear_errors(prompt_files, tmp_path):
@@ -262,11 +262,11 @@ def test_empty_split_and_zero_principles_are_clear_errors(prompt_files, tmp_path
   c = make_config(prompt_files, **{'data.paths.hh_rlhf_redteam': str(only_test),
                                    'data.test_fraction': 0.99})
   with pytest.raises(stages.StageError, match='train split of .*redteam_sources is empty'):
-    stages.run_pipeline(stages.Context(c, tmp_path / 'a'))
+    pipeline.run(stages.Context(c, tmp_path / 'a'))
 
   bad = json.loads(constitution_lib.bundled_path('tiny').read_text())
   bad['critique_revision'] = []
   (tmp_path / 'none.json').write_text(json.dumps(bad))
   c = make_config(prompt_files, constitution=str(tmp_path / 'none.json'))
   with pytest.raises(ConstitutionError, match="'critique_revision': expected a non-empty list"):
-    stages.run_pipeline(stages.Context(c, tmp_path / 'b'))
+    pipeline.run(stages.Context(c, tmp_path / 'b'))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cai_jax import checkpoint, evaluate, sharding, stages
+from cai_jax import checkpoint, evaluate, pipeline, sharding, stages
 from configs import tiny
 from tests.helpers_stages import fake_upstream, sl_cai_records
 
@@ -85,7 +85,7 @@ def _config():
 
 @pytest.fixture(scope='module')
 def evaluated(tmp_path_factory):
-  """A workdir whose upstream stages hold random tiny models; evaluate run through run_pipeline."""
+  """A workdir whose upstream stages hold random tiny models; evaluate run through pipeline.run."""
   config = _config()
   workdir = tmp_path_factory.mktemp('evaluate')
   fake_upstream(config, workdir, 'critique_revision', sl_cai_records(n=6, n_helpful=2))
@@ -97,7 +97,7 @@ def evaluated(tmp_path_factory):
   mesh = sharding.make_mesh(config.mesh.shape)
   with sharding.use_mesh(mesh, config.logical_axis_rules):
     ctx = stages.Context(config, workdir, mesh)
-    rows = stages.run_pipeline(ctx)
+    rows = pipeline.run(ctx)
   assert rows[0][:2] == ('evaluate', 'ran')
   return ctx, workdir / 'evaluate'
 
@@ -105,7 +105,7 @@ def evaluated(tmp_path_factory):
 def test_report_and_summary(evaluated):
   _, d = evaluated
   summary = json.loads((d / 'summary.json').read_text())
-  models = ['helpful', 'sl_cai', 'rl_cai']
+  models = ['helpful', 'sft', 'ppo']
   assert summary['models'] == models and summary['prompts'] == {'redteam': 2, 'helpful': 1}
   for m in models:
     x = summary['metrics'][m]
@@ -128,13 +128,16 @@ def test_report_and_summary(evaluated):
                   '## PM score vs number of revisions', '## Refusals'):
     assert heading in report
   assert '| model | source | harmlessness: PM on red-team' in report
-  assert '| | helpful (pretrained) | SL-CAI | RL-CAI |' in report  # the win-rate matrix
+  assert '| | helpful | SL-CAI | RL-CAI |' in report  # the win-rate matrix
+  assert 'Models: helpful = pretrained: random:tiny.' in report  # which model plays which role
+  assert summary['roles'] == 'helpful = pretrained: random:tiny'
   assert '| model | harmlessness Elo | 95% CI (20 bootstrap refits, seed 7) |' in report
   for png in ('elo.png', 'pm_vs_revisions.png', 'refusal_rate.png'):
     assert f']({png})' in report
     assert (d / png).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   done = json.loads((d / 'DONE.json').read_text())['summary']
-  assert done['rl_cai']['harmlessness_elo'] == harm['elo']['rl_cai']['elo']
+  assert done['ppo']['harmlessness_elo'] == harm['elo']['ppo']['elo']
+  assert done['models'] == 'helpful = pretrained: random:tiny'
 
 
 def test_restart_uses_cached_responses_and_reproduces_cis(evaluated, monkeypatch):
@@ -188,7 +191,7 @@ def test_unknown_force_stage_lists_valid_ones(tmp_path):
   assert r.returncode != 0
   err = r.stderr.strip().splitlines()[-1]
   assert "config.force: unknown stage(s) 'evaluat'" in err
-  assert 'valid stages: ' + ', '.join(stages.ORDER) in err
+  assert 'valid stages: ' + ', '.join(pipeline.ORDER) in err
   assert 'Traceback' not in r.stderr
 
 

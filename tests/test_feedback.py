@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from cai_jax import checkpoint, constitution as C, evaluate_feedback, feedback, records, sampling
-from cai_jax import sharding, stages
+from cai_jax import pipeline, sharding, stages
 from cai_jax.feedback import Pair, label_from_logprobs
 from configs import tiny
 
@@ -364,7 +364,7 @@ def run_stages(config, workdir, models=()):
   with sharding.use_mesh(mesh, config.logical_axis_rules):
     ctx = stages.Context(config, Path(workdir), mesh)
     ctx._models.update(models)
-    return stages.run_pipeline(ctx)
+    return pipeline.run(ctx)
 
 
 def evaluate(tmp_path, tiny_model, **overrides):

@@ -70,7 +70,7 @@ def artifacts(workdir: Path) -> dict:
   """What a user keeps from a run: generated data, model exports, metrics, the evaluation."""
   out = {}
   for rel in ('critique_revision/samples.jsonl', 'critique_revision/helpful.jsonl',
-              'feedback/samples.jsonl', 'evaluate/responses_rl_cai.jsonl',
+              'feedback/samples.jsonl', 'evaluate/responses_ppo.jsonl',
               'evaluate/judge_redteam.jsonl'):
     out[rel] = [_strip_timings(json.loads(line)) for line in (workdir / rel).read_text().splitlines()]
   for stage in ('sft', 'preference', 'ppo'):

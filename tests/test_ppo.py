@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cai_jax import checkpoint, ppo, rl, sharding, stages, train_lib
+from cai_jax import checkpoint, pipeline, ppo, rl, sharding, stages, train_lib
 from cai_jax.model import ScalarHeadModel
 from configs import ppo_toy
 from helpers_stages import fake_upstream
@@ -186,7 +186,7 @@ def test_step_prompts_mix_and_determinism():
 
 
 def test_tokenizer_mismatch_is_a_clear_error(tiny):
-  ppo.check_same_tokenizer(tiny, tiny, 'pm')  # the same tokenizer passes
+  ppo.check_same_tokenizer(tiny, tiny, 'preference')  # the same tokenizer passes
   other = checkpoint.byte_tokenizer()
   other.add_tokens(['<extra>'])
   pm = checkpoint.Pretrained(None, other, tiny.config)
@@ -202,7 +202,7 @@ def _run_stage(config, workdir, tiny):
   with sharding.use_mesh(mesh, config.logical_axis_rules):
     ctx = stages.Context(config, Path(workdir), mesh)
     ctx._models[(config.ppo.policy_source, False, 'float32')] = tiny  # the random tiny model, made once
-    return stages.run_pipeline(ctx)
+    return pipeline.run(ctx)
 
 
 def test_no_prompts_is_a_clear_error(tmp_path, tiny):
@@ -214,7 +214,7 @@ def test_no_prompts_is_a_clear_error(tmp_path, tiny):
 
 
 def test_pm_with_another_tokenizer_is_refused(tmp_path, tiny):
-  c = _toy_config(reward='pm')
+  c = _toy_config(reward='preference')
   pm_dir = fake_upstream(c, tmp_path, 'preference', {}) / 'export'
   other = checkpoint.byte_tokenizer()
   other.add_tokens(['<extra>'])
@@ -301,9 +301,9 @@ def test_smollm2_demo_config_runs_ppo_steps(tmp_path, smollm2):
   mesh = sharding.make_mesh(c.mesh.shape)
   with sharding.use_mesh(mesh, c.logical_axis_rules):
     ctx = stages.Context(c, tmp_path, mesh)
-    ctx._models[(ctx.model_source('sl_cai'), False, 'float32')] = smollm2  # stand-ins for the exports
-    ctx._models[(ctx.model_source('pm'), True, 'float32')] = pm
-    stages.run_pipeline(ctx)
+    ctx._models[(ctx.model_source('sft'), False, 'float32')] = smollm2  # stand-ins for the exports
+    ctx._models[(ctx.model_source('preference'), True, 'float32')] = pm
+    pipeline.run(ctx)
   rows = train_lib.read_metrics(tmp_path / 'ppo' / 'metrics.jsonl')
   assert [r['step'] for r in rows] == [1, 2]
   assert all(math.isfinite(r['policy_loss']) and r['kl'] >= 0 and r['logprob_gap'] < 1e-3 for r in rows)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cai_jax import checkpoint, ppo, sft, stages, train_lib, validate
+from cai_jax import checkpoint, pipeline, ppo, sft, stages, train_lib, validate
 from cai_jax import model as model_lib
 from cai_jax.model import ScalarHeadModel
 from configs import tpu_gemma2_2b_v5e8
@@ -193,7 +193,7 @@ def test_tiny_pipeline_runs_in_bf16_with_the_fused_loss(tmp_path, remat):
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
   assert f'compute bfloat16, remat {remat}' in proc.stdout
-  for name in stages.ORDER:
+  for name in pipeline.ORDER:
     if name != 'evaluate_feedback':
       assert (tmp_path / name / 'DONE.json').exists(), name
   losses = [json.loads(line)['loss'] for line in (tmp_path / 'sft' / 'metrics.jsonl').open()]

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cai_jax import checkpoint, preference, sharding, stages, train_lib, validate
+from cai_jax import checkpoint, pipeline, preference, sharding, stages, train_lib, validate
 from cai_jax.model import Decoder, ModelConfig
 from helpers_stages import fake_upstream
 
@@ -249,7 +249,7 @@ def tiny_config(root):
 def run_stage(config, workdir):
   with sharding.use_mesh(sharding.make_mesh(config.mesh.shape), config.logical_axis_rules):
     ctx = stages.Context(config, workdir)
-    rows = stages.run_pipeline(ctx)
+    rows = pipeline.run(ctx)
   return rows, json.loads((workdir / 'preference' / 'DONE.json').read_text())
 
 
@@ -315,7 +315,7 @@ def test_export_round_trip_gives_the_same_rewards(finished, setup):
   workdir, summary = finished
   _, config = setup
   ctx = stages.Context(config, workdir)
-  pm = ctx.load(ctx.model_source('pm'), scalar_head=True)
+  pm = ctx.load(ctx.model_source('preference'), scalar_head=True)
   # The held-out harmlessness pairs again, scored by the exported PM: the stage's metrics of that
   # kind come back.
   comps = preference.feedback_comparisons(synthetic_records(N_PAIRS))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cai_jax import checkpoint, conversation, sft, sharding, stages, train_lib
+from cai_jax import checkpoint, conversation, pipeline, sft, sharding, stages, train_lib
 from configs import tiny
 from helpers_stages import fake_upstream, sl_cai_records
 
@@ -220,7 +220,7 @@ def _config(**sft_overrides):
 def _run(config, workdir):
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   with sharding.use_mesh(mesh, config.logical_axis_rules):
-    return stages.run_pipeline(stages.Context(config, workdir, mesh))
+    return pipeline.run(stages.Context(config, workdir, mesh))
 
 
 def test_stage_trains_exports_and_resumes(tmp_path, monkeypatch):

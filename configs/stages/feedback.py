@@ -20,7 +20,7 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   # Helpful train prompts whose response pairs are labeled under helpfulness principles (kind
   # 'helpfulness'), when preference.helpful_mix.path is ''; -1 = all, 0 = none (harmlessness only)
   c.num_helpful_prompts = dict(tiny=4, demo=8, full=-1)[variant]
-  c.model_source = ''  # feedback model: '' = config.model.source (pretrained, as in the paper) or any loadable source
+  c.model_source = ''  # feedback model: '' = the pretrained model (model.pretrained_source, paper) or any loadable source
   c.max_new_tokens = dict(tiny=16, demo=48, full=256)[variant]  # longest response the SL-CAI model samples (tokens)
   c.temperature = 1.0  # response sampling temperature (paper: T = 1)
   c.top_k = 0  # response sampling: keep the k most likely tokens; 0 = no cut

@@ -37,7 +37,7 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   c.max_new_tokens = max_new_tokens  # response length limit (tokens); every rollout pads to it
   c.temperature = 1.0  # sampling temperature; the trained policy is softmax(logits / temperature)
 
-  c.reward = 'pm'  # 'pm': the preference model's score of (prompt, response) | 'synthetic': the toy reward below
+  c.reward = 'preference'  # 'preference': the PM's score of (prompt, response) | 'synthetic': the toy reward below
   c.pm_batch_size = 16  # conversations per PM forward when scoring rollouts
   c.pm_max_len = 512 if variant != 'full' else 1024  # tokens per rendered conversation the PM reads (the end is kept)
   c.synthetic_text = 'e'  # synthetic reward: the share of response tokens equal to this text's first token
@@ -65,7 +65,7 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   c.minibatches = minibatches  # optimizer updates per pass; batch_size must divide into them
 
   c.value = ml_collections.ConfigDict()
-  c.value.init = 'pm' if variant != 'tiny' else 'policy'  # value net starts from: 'pm' (trunk and head) | 'policy' (trunk, new head) | a source; unused when shared
+  c.value.init = 'preference' if variant != 'tiny' else 'policy'  # value net starts from: 'preference' (the PM's trunk and head) | 'policy' (trunk, new head) | a source; unused when shared
   c.value.shared_trunk = variant == 'demo'  # a new value head on the policy's trunk (one network, joint loss) instead of its own net; demo: one 135M net to compile and train on CPU
 
   c.policy_optimizer = _optimizer(policy_lr, variant)  # AdamW of the policy (and of a shared trunk)

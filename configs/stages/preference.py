@@ -1,7 +1,7 @@
 """Preference-model training on the feedback stage's (A)/(B) soft labels (paper section 4.1).
 
 Read by `cai_jax.preference.run`. The PM (LM trunk + scalar head) starts from the pretrained
-model, as in the paper; `init_from='sl_cai'` starts from the SL-CAI model instead. The hard-label
+model, as in the paper; `init_from='sft'` starts from the SL-CAI model instead. The hard-label
 ablation: --config.preference.label_type=hard.
 
 The PM learns two kinds of comparisons, as in the paper (human helpfulness + AI harmlessness):
@@ -30,7 +30,7 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   max_len = dict(tiny=256, demo=96, full=1024)[variant]
   checkpoint_every = dict(tiny=50, demo=0, full=200)[variant]
   c = ml_collections.ConfigDict()
-  c.init_from = ''  # PM start: '' = pretrained (config.model.source, paper) | 'sl_cai' | any loadable source
+  c.init_from = ''  # PM start: '' = pretrained (model.pretrained_source, paper) | 'helpful' | 'sft' | any loadable source
   c.label_type = 'soft'  # loss target: 'soft' = p_a itself (paper) | 'hard' = labels.hard_label(p_a) (ablation)
   c.eval_fraction = 0.1 if variant == 'full' else 0.2  # share of pairs held out for accuracy and calibration (seeded per-pair coin)
   c.eval_every = 0  # held-out accuracy / ECE every N steps; 0 = only at the end

@@ -20,7 +20,7 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / 'tests'))  # helpers_stages
 
-from cai_jax import checkpoint, sharding, stages, train_lib  # noqa: E402
+from cai_jax import checkpoint, pipeline, sharding, stages, train_lib  # noqa: E402
 from configs import demo  # noqa: E402
 from helpers_stages import fake_upstream  # noqa: E402
 
@@ -61,7 +61,7 @@ def main(argv):
   t0, cpu0 = time.time(), time.process_time()
   mesh = sharding.make_mesh(c.mesh.shape)
   with sharding.use_mesh(mesh, c.logical_axis_rules):
-    rows = stages.run_pipeline(stages.Context(c, workdir, mesh))
+    rows = pipeline.run(stages.Context(c, workdir, mesh))
   wall, cpu = time.time() - t0, time.process_time() - cpu0
   keys = ('score_mean', 'reward_mean', 'kl', 'kl_coef', 'entropy', 'clipfrac', 'policy_loss', 'value_loss',
           'explained_variance', 'response_length', 'truncated_fraction', 'logprob_gap', 'sample_seconds',

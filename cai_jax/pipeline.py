@@ -1,0 +1,121 @@
+"""The pipeline, named once: the stage table (Bai et al. 2022, figure 1) and the loop that runs it.
+
+Each stage is the module of the same name, entered through its `run(ctx, stage_dir)` and checked,
+before anything runs, by its `check_config(config)` where it has one. `cai_jax/stages.py` keeps
+the bookkeeping (fingerprints, DONE.json, the trash) that makes the loop resumable.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from types import ModuleType
+from typing import NamedTuple
+
+import jax
+
+from cai_jax import (critique_revision, evaluate, evaluate_feedback, feedback, ppo, preference, sft,
+                     stages)
+from cai_jax.stages import StageError
+
+
+class Stage(NamedTuple):
+  module: ModuleType  # holds run(ctx, stage_dir) and, where it has one, check_config(config)
+  reads: tuple[str, ...]  # the stages whose outputs it reads
+  # The given models it loads (stages.GIVEN_ROLES): their sources are part of its fingerprint.
+  models: tuple[str, ...] = ()
+
+
+# The pipeline in order. SL-CAI: the helpful model critiques and revises its responses to red-team
+# prompts; the pretrained model is fine-tuned on the revisions (sft). RL-CAI: the feedback model
+# (the pretrained one) labels pairs of the SFT model's responses, a preference model learns the
+# labels, and PPO trains the SFT model against it. evaluate_feedback measures the labels; evaluate
+# compares the models. A model role is named after the stage that makes it ('sft', 'preference',
+# 'ppo'; see stages.MODEL_ROLES).
+STAGES: dict[str, Stage] = {
+    'critique_revision': Stage(critique_revision, (), models=('helpful',)),
+    'sft': Stage(sft, ('critique_revision',), models=('pretrained',)),
+    'feedback': Stage(feedback, ('sft',), models=('pretrained',)),
+    'evaluate_feedback': Stage(evaluate_feedback, (), models=('pretrained',)),
+    'preference': Stage(preference, ('feedback',), models=('pretrained', 'helpful')),
+    'ppo': Stage(ppo, ('sft', 'preference')),
+    'evaluate': Stage(evaluate, ('critique_revision', 'sft', 'preference', 'ppo'),
+                      models=('pretrained', 'helpful')),
+}
+ORDER = tuple(STAGES)
+
+
+def parse_stage_list(value: str | tuple | list, what: str = 'config.stages') -> list[str]:
+  names = [s.strip() for s in (value.split(',') if isinstance(value, str) else value) if s.strip()]
+  unknown = [s for s in names if s not in STAGES]
+  if unknown:
+    raise StageError(f'{what}: unknown stage(s) {", ".join(map(repr, unknown))}; valid stages: '
+                     f'{", ".join(ORDER)}')
+  return sorted(set(names), key=ORDER.index)
+
+
+def run(ctx: stages.Context) -> list[tuple[str, str, float]]:
+  """Runs config.stages in order; returns (stage, 'ran'|'reused', seconds) rows.
+
+  `config.force` moves the forced stages (and everything after them) to WORKDIR/.trash; they are
+  deleted once the whole run has finished, and moved back if it fails.
+  """
+  names = parse_stage_list(ctx.config.stages)
+  forced = parse_stage_list(ctx.config.force, 'config.force') if ctx.config.force else []
+  moved = {}
+  if forced and jax.process_index() == 0:
+    first = min(ORDER.index(f) for f in forced)
+    for name in ORDER[first:]:  # the forced stage and everything after it
+      moved[name] = stages.move_to_trash(ctx.workdir, name)
+  stages.barrier('force')
+  try:
+    rows = _run_stages(ctx, names)
+  except BaseException:
+    if jax.process_index() == 0:
+      for name, trashed in moved.items():  # each forced stage as it was before this run
+        shutil.rmtree(ctx.stage_dir(name), ignore_errors=True)
+        if trashed is not None:
+          os.replace(trashed, ctx.stage_dir(name))
+    raise
+  if jax.process_index() == 0:
+    shutil.rmtree(ctx.workdir / stages.TRASH, ignore_errors=True)
+  return rows
+
+
+def _run_stages(ctx: stages.Context, names: list[str]) -> list[tuple[str, str, float]]:
+  rows = []
+  for name in names:
+    t0 = time.time()
+    if stages.reusable(ctx, name):
+      rows.append((name, 'reused', 0.0))
+      continue
+    for u in STAGES[name].reads:  # before the claim: a stage that cannot start writes nothing
+      if not _upstream_unused(ctx.config, name, u):
+        ctx.require(u, name)
+    stages.claim(ctx, name)
+    try:
+      summary = STAGES[name].module.run(ctx, ctx.stage_dir(name)) or {}
+    finally:
+      ctx._models.clear()  # the next stage starts with the device memory to itself
+    seconds = time.time() - t0
+    stages.mark_done(ctx, name, seconds, summary)
+    stages.barrier(f'done-{name}')
+    rows.append((name, 'ran', seconds))
+  return rows
+
+
+def _upstream_unused(config, name: str, upstream: str) -> bool:
+  """Whether the config makes an upstream stage's output unnecessary: ppo with a synthetic
+  reward needs no PM, and ppo with an explicit `ppo.policy_source` needs no SFT model."""
+  if name != 'ppo':
+    return False
+  return ((upstream == 'preference' and config.ppo.reward == 'synthetic') or
+          (upstream == 'sft' and bool(config.ppo.policy_source)))
+
+
+def timing_table(rows, total: float) -> str:
+  lines = ['| stage | status | seconds |', '|---|---|---:|']
+  lines += [f'| {n} | {s} | {t:.1f} |' for n, s, t in rows]
+  lines.append(f'| **total** | | {total:.1f} |')
+  return '\n'.join(lines)
