@@ -71,23 +71,34 @@ class ConstitutionError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class CritiqueRevisionPair:
+    """One principle of the SL stage, as the paper writes it: a request to critique the last
+    response under it, and a request to revise the response accordingly (one is drawn per round)."""
     name: str
     critique_request: str
     revision_request: str
 
 
 @dataclasses.dataclass(frozen=True)
-class CritiqueFewShot:
-    conversation: tuple[Turn, ...]  # Alternating turns ending with the human's.
-    response: str  # The assistant reply that gets critiqued.
-    critique_request: str
+class CritiqueRevisionRound:
+    """One finished round of critique and revision: history in the next round's prompts, or the
+    worked round of a few-shot."""
+    pair: CritiqueRevisionPair
     critique: str
-    revision_request: str
     revision: str
 
 
 @dataclasses.dataclass(frozen=True)
+class CritiqueFewShot:
+    """A worked example shown before the conversation being revised: a conversation, the
+    assistant's reply, and one round of critique and revision of it (its pair is unnamed)."""
+    conversation: tuple[Turn, ...]  # Alternating turns ending with the human's.
+    response: str  # The assistant reply that gets critiqued.
+    round: CritiqueRevisionRound
+
+
+@dataclasses.dataclass(frozen=True)
 class FeedbackFewShot:
+    """A worked multiple-choice example shown before the pair being labeled."""
     conversation: tuple[Turn, ...]  # Alternating turns ending with the human's.
     response_a: str
     response_b: str
@@ -96,12 +107,18 @@ class FeedbackFewShot:
     principle: str | None = None  # None: shown under the principle of the prompt being built.
 
 
-@dataclasses.dataclass(frozen=True)
-class CritiqueRevisionRound:
-    """One finished round, shown as history in the next round's prompts."""
-    pair: CritiqueRevisionPair
-    critique: str
-    revision: str
+def critique_few_shot(conversation: tuple[Turn, ...], response: str, critique_request: str,
+                      critique: str, revision_request: str, revision: str) -> CritiqueFewShot:
+    """A few-shot from its fields as files write them (flat, in prompt order)."""
+    pair = CritiqueRevisionPair('', critique_request, revision_request)
+    return CritiqueFewShot(conversation, response, CritiqueRevisionRound(pair, critique, revision))
+
+
+def critique_few_shot_dict(ex: CritiqueFewShot, conversation: list) -> dict:
+    """The flat JSON record of a few-shot (the inverse of `critique_few_shot`)."""
+    return dict(conversation=conversation, response=ex.response,
+                critique_request=ex.round.pair.critique_request, critique=ex.round.critique,
+                revision_request=ex.round.pair.revision_request, revision=ex.round.revision)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,9 +246,11 @@ def constitution_from_dict(data: Any, source: str = '<dict>') -> Constitution:
         key = f'critique_few_shots[{i}]'
         fields = ('response', 'critique_request', 'critique', 'revision_request', 'revision')
         obj = r.record(value, key, ('conversation',) + fields)
-        critique_few_shots.append(CritiqueFewShot(
-            r.conversation(obj['conversation'], f'{key}.conversation'),
-            *(r.string(obj[k], f'{key}.{k}') for k in fields)))
+        response, critique_request, critique, revision_request, revision = (
+            r.string(obj[k], f'{key}.{k}') for k in fields)
+        critique_few_shots.append(critique_few_shot(
+            r.conversation(obj['conversation'], f'{key}.conversation'), response,
+            critique_request, critique, revision_request, revision))
 
     principles = tuple(r.string(p, f'feedback_principles[{i}]')
                        for i, p in enumerate(r.entries(data, 'feedback_principles', min_len=1)))
@@ -273,7 +292,7 @@ def constitution_to_dict(constitution: Constitution) -> dict:
         'format': FORMAT_VERSION,
         'description': constitution.description,
         'critique_revision': [dataclasses.asdict(p) for p in constitution.critique_revision],
-        'critique_few_shots': [dict(dataclasses.asdict(ex), conversation=turns(ex.conversation))
+        'critique_few_shots': [critique_few_shot_dict(ex, turns(ex.conversation))
                                for ex in constitution.critique_few_shots],
         'feedback_principles': list(constitution.feedback_principles),
         'feedback_few_shots': [feedback(ex) for ex in constitution.feedback_few_shots],
@@ -348,7 +367,7 @@ def _paper_critique_few_shot(text: str, where: str) -> CritiqueFewShot:
         raise ConstitutionError(f'{where}: expected a Human/Assistant transcript followed by '
                                 f'one {"/".join(tail)} round, got labels {labels}')
     turns = tuple((_CR_ROLES[label], body) for label, body in segments[:-5])
-    return CritiqueFewShot(turns, *(body for _, body in segments[-5:]))
+    return critique_few_shot(turns, *(body for _, body in segments[-5:]))
 
 
 def _paper_precog_few_shot(text: str, where: str) -> FeedbackFewShot:
@@ -552,7 +571,7 @@ def _critique_revision_segments(few_shots, conversation_turns, response, pair, h
     segments = []
     for ex in few_shots:
         segments += exchange(ex.conversation, ex.response)
-        segments += _round_segments(ex, ex.critique, ex.revision)
+        segments += _round_segments(ex.round.pair, ex.round.critique, ex.round.revision)
     _check_conversation(conversation_turns)
     segments += exchange(conversation_turns, response)
     for past in history:

@@ -141,7 +141,7 @@ def test_load_paper_release():
         assert not pair.revision_request.endswith('Revision:')
     assert not any(p.endswith('Options:') or p.startswith('\n') for p in paper.feedback_principles)
     for ex in paper.critique_few_shots:
-        assert ex.conversation[-1][0] == 'human' and ex.critique and ex.revision
+        assert ex.conversation[-1][0] == 'human' and ex.round.critique and ex.round.revision
     # Good replies alternate between (A) and (B).
     assert [ex.answer for ex in paper.feedback_few_shots] == ['A', 'B', 'A', 'B', 'A']
     assert all(ex.reasoning and ex.principle is None for ex in paper.feedback_cot_few_shots)
