@@ -10,5 +10,6 @@ __all__ = ['load_pretrained', 'save_pretrained', 'Pretrained']
 def __getattr__(name):
   if name in __all__:
     from cai_jax import checkpoint
+
     return getattr(checkpoint, name)
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

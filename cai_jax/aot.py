@@ -45,12 +45,17 @@ _KINDS = {'TPU v4': 'v4', 'TPU v5 lite': 'v5e', 'TPU v5': 'v5p', 'TPU v6 lite': 
 # Chips whose two TensorCores JAX drives as one device on a TPU VM: the topology must say so.
 _MEGACORE = ('v4',)
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).',
-                                          lock_config=True)
-_JSON = flags.DEFINE_string('json', '', 'Also write every program\'s bytes, FLOPs and seconds '
-                            'to this JSON file')
-_PROGRAMS = flags.DEFINE_string('programs', '', 'Comma-separated stages to compile (e.g. '
-                                '"sft,ppo"); "" = every stage in config.stages')
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Path to a config file (configs/*.py).', lock_config=True
+)
+_JSON = flags.DEFINE_string(
+    'json', '', "Also write every program's bytes, FLOPs and seconds " 'to this JSON file'
+)
+_PROGRAMS = flags.DEFINE_string(
+    'programs',
+    '',
+    'Comma-separated stages to compile (e.g. ' '"sft,ppo"); "" = every stage in config.stages',
+)
 
 
 # ---- the topology ----------------------------------------------------------------------------
@@ -63,11 +68,14 @@ def chip_kind(topology: str) -> str:
 def topology_devices(topology: str) -> list:
   """The devices of a TPU topology (e.g. 'v5e:2x4'), from libtpu alone."""
   if not topology:
-    raise AotError('config.tpu_topology is empty: set it to the slice the config is sized for, '
-                   f'e.g. --config.tpu_topology=v5e:2x4 (valid: {", ".join(VALID_TOPOLOGIES)})')
+    raise AotError(
+        'config.tpu_topology is empty: set it to the slice the config is sized for, '
+        f'e.g. --config.tpu_topology=v5e:2x4 (valid: {", ".join(VALID_TOPOLOGIES)})'
+    )
   if importlib.util.find_spec('libtpu') is None:
-    raise AotError('libtpu is not installed: pip install "jax[tpu]==0.10.2" '
-                   "(or pip install -e '.[test]')")
+    raise AotError(
+        'libtpu is not installed: pip install "jax[tpu]==0.10.2" ' "(or pip install -e '.[test]')"
+    )
   import jax
   from jax.experimental import topologies
 
@@ -77,8 +85,10 @@ def topology_devices(topology: str) -> list:
     return list(desc.devices)
   except (jax.errors.JaxRuntimeError, ValueError, RuntimeError) as e:
     reason = str(e).strip().splitlines()[0][:160]
-    raise AotError(f'unknown TPU topology {topology!r} ({reason}); valid ones are e.g. '
-                   f'{", ".join(VALID_TOPOLOGIES)}') from None
+    raise AotError(
+        f'unknown TPU topology {topology!r} ({reason}); valid ones are e.g. '
+        f'{", ".join(VALID_TOPOLOGIES)}'
+    ) from None
 
 
 def available_hbm(mesh) -> tuple[int, str]:
@@ -131,9 +141,19 @@ class Result:
 
 def as_json(r: Result) -> dict:
   p = r.program
-  return {'stage': p.stage, 'program': p.name, 'shape': p.shape, 'compile_seconds': r.seconds,
-          'same_as': r.same_as, 'memory': r.memory, 'resident': p.resident, 'total': r.total,
-          'flops': r.flops, 'estimated_seconds': r.est_seconds, 'error': r.error}
+  return {
+      'stage': p.stage,
+      'program': p.name,
+      'shape': p.shape,
+      'compile_seconds': r.seconds,
+      'same_as': r.same_as,
+      'memory': r.memory,
+      'resident': p.resident,
+      'total': r.total,
+      'flops': r.flops,
+      'estimated_seconds': r.est_seconds,
+      'error': r.error,
+  }
 
 
 def compile_all(programs: list[Program], log=print) -> list[Result]:
@@ -149,8 +169,12 @@ def compile_all(programs: list[Program], log=print) -> list[Result]:
     compiled = None
     if key in seen:
       first, follow = seen[key]
-      result = dataclasses.replace(first, program=program, seconds=time.time() - t0,
-                                   same_as=f'{first.program.stage}/{first.program.name}')
+      result = dataclasses.replace(
+          first,
+          program=program,
+          seconds=time.time() - t0,
+          same_as=f'{first.program.stage}/{first.program.name}',
+      )
     else:
       try:
         compiled = lowered.compile()
@@ -158,18 +182,28 @@ def compile_all(programs: list[Program], log=print) -> list[Result]:
         if 'RESOURCE_EXHAUSTED' not in str(e):
           raise
         compiled = None
-        result = Result(program, time.time() - t0, None, None, None,
-                        error=str(e).strip().splitlines()[0])
+        result = Result(
+            program, time.time() - t0, None, None, None, error=str(e).strip().splitlines()[0]
+        )
       if compiled is not None:
         ma = compiled.memory_analysis()
-        mem = dict(argument=ma.argument_size_in_bytes, temp=ma.temp_size_in_bytes,
-                   output=ma.output_size_in_bytes, alias=ma.alias_size_in_bytes)
+        mem = dict(
+            argument=ma.argument_size_in_bytes,
+            temp=ma.temp_size_in_bytes,
+            output=ma.output_size_in_bytes,
+            alias=ma.alias_size_in_bytes,
+        )
         mem['program'] = mem['argument'] + mem['temp'] + mem['output'] - mem['alias']
         cost = compiled.cost_analysis() or {}
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         seconds = cost.get('optimal_seconds')
-        result = Result(program, time.time() - t0, mem, cost.get('flops'),
-                        seconds if seconds and seconds > 0 else None)
+        result = Result(
+            program,
+            time.time() - t0,
+            mem,
+            cost.get('flops'),
+            seconds if seconds and seconds > 0 else None,
+        )
       # Follow-ups need only the output layout; executables are dropped at once (a full-size
       # PPO learner's compile alone takes most of a 24 GiB host).
       follow = None
@@ -179,11 +213,16 @@ def compile_all(programs: list[Program], log=print) -> list[Result]:
       seen[key] = (result, follow)
       del compiled
       gc.collect()
-    memory = (f'{result.memory["program"] / GIB:.2f} GiB' if result.memory else
-              f'out of memory ({result.error})')
-    log(f'aot: {label} [{program.shape}] compiled in {result.seconds:.1f}s'
+    memory = (
+        f'{result.memory["program"] / GIB:.2f} GiB'
+        if result.memory
+        else f'out of memory ({result.error})'
+    )
+    log(
+        f'aot: {label} [{program.shape}] compiled in {result.seconds:.1f}s'
         + (f' (same program as {result.same_as})' if result.same_as else '')
-        + f': {memory} + {result.resident / GIB:.2f} GiB resident per device')
+        + f': {memory} + {result.resident / GIB:.2f} GiB resident per device'
+    )
     results.append(result)
     if program.then is not None and follow is not None:
       queue[0:0] = follow(program)
@@ -194,8 +233,10 @@ def table(results: list[Result], hbm: int, kind: str) -> str:
   from cai_jax import memory
 
   peak = memory.PEAK_FLOPS.get(kind)
-  head = ('| stage | program | shape | compile s | args GiB | temp GiB | out-alias GiB '
-          '| program GiB | resident GiB (not args) | total GiB | % HBM | TFLOP | est. ms | MFU |')
+  head = (
+      '| stage | program | shape | compile s | args GiB | temp GiB | out-alias GiB '
+      '| program GiB | resident GiB (not args) | total GiB | % HBM | TFLOP | est. ms | MFU |'
+  )
   lines = [head, '|' + '---|' * (head.count('|') - 1)]
   g = lambda b: f'{b / GIB:.2f}'
   for r in results:
@@ -210,9 +251,12 @@ def table(results: list[Result], hbm: int, kind: str) -> str:
     est = f'{r.est_seconds * 1e3:.1f}' if r.est_seconds else '-'
     mfu = f'{r.flops / r.est_seconds / peak:.0%}' if r.flops and r.est_seconds and peak else '-'
     compile_s = f'{r.seconds:.1f}' + (f' (= {r.same_as})' if r.same_as else '')
-    lines.append(f'| {p.stage} | {p.name} | {p.shape} | {compile_s} | ' + ' | '.join(mem)
-                 + f' | {g(r.resident)} ({resident}) | {g(r.total)} | {r.total / hbm:.0%} | '
-                 f'{tflop} | {est} | {mfu} |')
+    lines.append(
+        f'| {p.stage} | {p.name} | {p.shape} | {compile_s} | '
+        + ' | '.join(mem)
+        + f' | {g(r.resident)} ({resident}) | {g(r.total)} | {r.total / hbm:.0%} | '
+        f'{tflop} | {est} | {mfu} |'
+    )
   return '\n'.join(lines)
 
 
@@ -229,27 +273,37 @@ def check(config) -> tuple[list[Result], list[str], str]:
   mesh = sharding.make_mesh(shape, devices=devices)
   kind = _KINDS.get(devices[0].device_kind, chip_kind(topology))
   hbm, hbm_source = available_hbm(mesh)
-  print(f'aot: {topology}: {len(devices)} x {devices[0].device_kind}, mesh {dict(mesh.shape)}, '
-        f'{hbm / GIB:.2f} GiB HBM per device ({hbm_source}), model {config.model.architecture} '
-        f'(param {config.model.param_dtype}, compute {config.model.dtype}'
-        + ''.join(f', {k} {config.model[k]}' for k in ('frozen_param_dtype', 'remat')
-                  if k in config.model) + ')', flush=True)
+  print(
+      f'aot: {topology}: {len(devices)} x {devices[0].device_kind}, mesh {dict(mesh.shape)}, '
+      f'{hbm / GIB:.2f} GiB HBM per device ({hbm_source}), model {config.model.architecture} '
+      f'(param {config.model.param_dtype}, compute {config.model.dtype}'
+      + ''.join(
+          f', {k} {config.model[k]}' for k in ('frozen_param_dtype', 'remat') if k in config.model
+      )
+      + ')',
+      flush=True,
+  )
   with sharding.use_mesh(mesh, config.logical_axis_rules):
     programs = stage_programs(config, mesh, _PROGRAMS.value)
     results = compile_all(programs, log=lambda s: print(s, flush=True))
   errors = []
-  remedies = ([] if config.model.get('remat', 'none') == 'full' else ['--config.model.remat=full'])
+  remedies = [] if config.model.get('remat', 'none') == 'full' else ['--config.model.remat=full']
   remedies += ['a smaller batch', 'a bigger mesh']
   for r in results:
     if r.total > (1 - FREE_FRACTION) * hbm:
-      errors.append(f'aot: error: {r.program.stage}/{r.program.name} [{r.program.shape}] needs '
-                    f'{"" if r.memory else "at least "}{r.total / GIB:.2f} GiB per device '
-                    f'({r.total} bytes, of which {r.resident / GIB:.2f} GiB resident state) of '
-                    f'{hbm / GIB:.2f} GiB HBM, leaving under {FREE_FRACTION:.0%} free; try '
-                    + ', '.join(remedies[:-1]) + f' or {remedies[-1]}')
+      errors.append(
+          f'aot: error: {r.program.stage}/{r.program.name} [{r.program.shape}] needs '
+          f'{"" if r.memory else "at least "}{r.total / GIB:.2f} GiB per device '
+          f'({r.total} bytes, of which {r.resident / GIB:.2f} GiB resident state) of '
+          f'{hbm / GIB:.2f} GiB HBM, leaving under {FREE_FRACTION:.0%} free; try '
+          + ', '.join(remedies[:-1])
+          + f' or {remedies[-1]}'
+      )
   peak = max((r.total for r in results), default=0)
-  summary = (f'aot: {len(results)} programs compiled for {topology}, peak {peak / GIB:.1f} GiB of '
-             f'{hbm / GIB:.1f} GiB HBM per device')
+  summary = (
+      f'aot: {len(results)} programs compiled for {topology}, peak {peak / GIB:.1f} GiB of '
+      f'{hbm / GIB:.1f} GiB HBM per device'
+  )
   print(table(results, hbm, kind), flush=True)
   return results, errors, summary
 

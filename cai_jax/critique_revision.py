@@ -80,12 +80,14 @@ _REDTEAM_STREAM, _HELPFUL_STREAM = 0, 1  # seed streams of the two kinds of chun
 # ----------------------------------------------------------------------------------------------
 # Sampling one chunk.
 
+
 @dataclasses.dataclass
 class _Sampler:
   """`sampling.generate_responses` with the stage's settings; counts the tokens it generates.
 
   The format's own stop strings (e.g. "\\n\\nHuman:") always end a generation.
   """
+
   pretrained: Any
   cfg: Any  # config.critique_revision
   fmt: str  # config.conversation_format
@@ -97,61 +99,127 @@ class _Sampler:
     limit = min(self.max_len, self.pretrained.model.cfg.max_positions)
     return limit - max_new_tokens
 
-  def __call__(self, prompts, *, max_new_tokens: int, seed: int,
-               stop_strings: Sequence[str] = ()):
+  def __call__(self, prompts, *, max_new_tokens: int, seed: int, stop_strings: Sequence[str] = ()):
     responses = sampling.generate_responses(
-        self.pretrained, prompts, fmt=self.fmt, max_new_tokens=max_new_tokens,
-        temperature=self.cfg.temperature, top_k=self.cfg.top_k or None, top_p=self.cfg.top_p,
-        batch_size=self.cfg.batch_size, seed=seed, stop_strings=list(stop_strings),
-        max_prompt_len=self.max_len - max_new_tokens, truncate='left')
+        self.pretrained,
+        prompts,
+        fmt=self.fmt,
+        max_new_tokens=max_new_tokens,
+        temperature=self.cfg.temperature,
+        top_k=self.cfg.top_k or None,
+        top_p=self.cfg.top_p,
+        batch_size=self.cfg.batch_size,
+        seed=seed,
+        stop_strings=list(stop_strings),
+        max_prompt_len=self.max_len - max_new_tokens,
+        truncate='left',
+    )
     self.tokens += sum(len(r.tokens) for r in responses)
     return responses
 
 
-def revise_chunk(records: Sequence[dict], seed: Callable[[int], int], *, sample: _Sampler,
-                 constitution: constitution_lib.Constitution, n_rounds: int,
-                 principle_seed: int) -> list[dict]:
+def revise_chunk(
+    records: Sequence[dict],
+    seed: Callable[[int], int],
+    *,
+    sample: _Sampler,
+    constitution: constitution_lib.Constitution,
+    n_rounds: int,
+    principle_seed: int,
+) -> list[dict]:
   """Initial responses, then `n_rounds` critique/revision rounds, for one chunk of prompts."""
   cfg, fmt, tok = sample.cfg, sample.fmt, sample.pretrained.tokenizer
   convs = [data.prompt_turns(r) for r in records]
   cr_stops = constitution_lib.critique_revision_stop_strings(fmt, tok)
 
-  initial = sample([conversation.fit_turns(c, fmt, tok, sample.budget(cfg.max_new_tokens))
-                    for c in convs], max_new_tokens=cfg.max_new_tokens, seed=seed(0))
-  out = [dict(id=r['id'], source=r.get('source', ''), prompt=r['prompt'],
-              initial_response=resp.text.strip(), rounds=[], revision='', revised=False,
-              empty_revisions=0, tokens=len(resp.tokens),
-              finish_reasons=dict(initial_response=resp.finish_reason, critique=[], revision=[]),
-              **({'conversation': r['conversation']} if r.get('conversation') else {}))
-         for r, resp in zip(records, initial)]
+  initial = sample(
+      [conversation.fit_turns(c, fmt, tok, sample.budget(cfg.max_new_tokens)) for c in convs],
+      max_new_tokens=cfg.max_new_tokens,
+      seed=seed(0),
+  )
+  out = [
+      dict(
+          id=r['id'],
+          source=r.get('source', ''),
+          prompt=r['prompt'],
+          initial_response=resp.text.strip(),
+          rounds=[],
+          revision='',
+          revised=False,
+          empty_revisions=0,
+          tokens=len(resp.tokens),
+          finish_reasons=dict(initial_response=resp.finish_reason, critique=[], revision=[]),
+          **({'conversation': r['conversation']} if r.get('conversation') else {}),
+      )
+      for r, resp in zip(records, initial)
+  ]
   # A fresh pair per round, drawn from (seed, prompt id): the same whatever chunk or host.
-  pairs = [constitution_lib.sample_critique_revision_pairs(
-      constitution, n_rounds, constitution_lib.principle_rng(principle_seed, r['id'], STAGE))
-      for r in records]
+  pairs = [
+      constitution_lib.sample_critique_revision_pairs(
+          constitution, n_rounds, constitution_lib.principle_rng(principle_seed, r['id'], STAGE)
+      )
+      for r in records
+  ]
   history = [[] for _ in records]  # finished rounds with a non-empty revision
 
   fit = constitution_lib.fit_critique_revision_prompt
   for k in range(n_rounds):
-    critique_prompts = [fit(constitution, conv, o['initial_response'], p[k], h, fmt=fmt,
-                            tokenizer=tok, budget=sample.budget(cfg.critique_max_new_tokens))
-                        for conv, o, p, h in zip(convs, out, pairs, history)]
-    critiques = sample([f.text for f in critique_prompts],
-                       max_new_tokens=cfg.critique_max_new_tokens, stop_strings=cr_stops,
-                       seed=seed(1 + 2 * k))
-    revision_prompts = [fit(constitution, conv, o['initial_response'], p[k], h, c.text.strip(),
-                            fmt=fmt, tokenizer=tok, budget=sample.budget(cfg.max_new_tokens))
-                        for conv, o, p, h, c in zip(convs, out, pairs, history, critiques)]
-    revisions = sample([f.text for f in revision_prompts], max_new_tokens=cfg.max_new_tokens,
-                       stop_strings=cr_stops, seed=seed(2 + 2 * k))
+    critique_prompts = [
+        fit(
+            constitution,
+            conv,
+            o['initial_response'],
+            p[k],
+            h,
+            fmt=fmt,
+            tokenizer=tok,
+            budget=sample.budget(cfg.critique_max_new_tokens),
+        )
+        for conv, o, p, h in zip(convs, out, pairs, history)
+    ]
+    critiques = sample(
+        [f.text for f in critique_prompts],
+        max_new_tokens=cfg.critique_max_new_tokens,
+        stop_strings=cr_stops,
+        seed=seed(1 + 2 * k),
+    )
+    revision_prompts = [
+        fit(
+            constitution,
+            conv,
+            o['initial_response'],
+            p[k],
+            h,
+            c.text.strip(),
+            fmt=fmt,
+            tokenizer=tok,
+            budget=sample.budget(cfg.max_new_tokens),
+        )
+        for conv, o, p, h, c in zip(convs, out, pairs, history, critiques)
+    ]
+    revisions = sample(
+        [f.text for f in revision_prompts],
+        max_new_tokens=cfg.max_new_tokens,
+        stop_strings=cr_stops,
+        seed=seed(2 + 2 * k),
+    )
     _log_fitting(critique_prompts + revision_prompts, f'round {k + 1}')
-    for o, p, h, c, r, cp, rp in zip(out, pairs, history, critiques, revisions,
-                                     critique_prompts, revision_prompts):
+    for o, p, h, c, r, cp, rp in zip(
+        out, pairs, history, critiques, revisions, critique_prompts, revision_prompts
+    ):
       critique, revision = c.text.strip(), r.text.strip()
-      o['rounds'].append(dict(principle=p[k].name, critique_request=p[k].critique_request,
-                              critique=critique, revision_request=p[k].revision_request,
-                              revision=revision, empty_revision=not revision,
-                              few_shots=[cp.few_shots, rp.few_shots],
-                              turns_dropped=[cp.turns_dropped, rp.turns_dropped]))
+      o['rounds'].append(
+          dict(
+              principle=p[k].name,
+              critique_request=p[k].critique_request,
+              critique=critique,
+              revision_request=p[k].revision_request,
+              revision=revision,
+              empty_revision=not revision,
+              few_shots=[cp.few_shots, rp.few_shots],
+              turns_dropped=[cp.turns_dropped, rp.turns_dropped],
+          )
+      )
       o['finish_reasons']['critique'].append(c.finish_reason)
       o['finish_reasons']['revision'].append(r.finish_reason)
       o['tokens'] += len(c.tokens) + len(r.tokens)
@@ -169,39 +237,57 @@ def _log_fitting(fitted: Sequence[constitution_lib.FittedPrompt], where: str) ->
   fewer = [f for f in fitted if f.few_shots < f.few_shots_total]
   over = sum(f.over_budget for f in fitted)
   if turns or fewer or over:
-    logging.warning('%s %s: of %d prompts, %d left out old turns, %d kept fewer few-shots '
-                    '(down to %d of %d), %d still over budget (their oldest tokens are cut)',
-                    STAGE, where, len(fitted), turns, len(fewer),
-                    min((f.few_shots for f in fewer), default=fitted[0].few_shots_total),
-                    fitted[0].few_shots_total, over)
+    logging.warning(
+        '%s %s: of %d prompts, %d left out old turns, %d kept fewer few-shots '
+        '(down to %d of %d), %d still over budget (their oldest tokens are cut)',
+        STAGE,
+        where,
+        len(fitted),
+        turns,
+        len(fewer),
+        min((f.few_shots for f in fewer), default=fitted[0].few_shots_total),
+        fitted[0].few_shots_total,
+        over,
+    )
 
 
 def few_shot_summary(samples: Sequence[dict], n_few_shots: int) -> dict:
   """How the critique and revision prompts fitted: few-shots kept, turns left out."""
   kept = [n for s in samples for r in s['rounds'] for n in r.get('few_shots', ())]
-  dropped = [s for s in samples
-             if any(n for r in s['rounds'] for n in r.get('turns_dropped', ()))]
-  return dict(few_shots_available=n_few_shots, few_shots_min=min(kept, default=None),
-              few_shots_mean=round(sum(kept) / len(kept), 3) if kept else None,
-              prompts_short_of_few_shots=sum(
-                  any(n < n_few_shots for r in s['rounds'] for n in r.get('few_shots', ()))
-                  for s in samples),
-              prompts_lost_turns=len(dropped))
+  dropped = [s for s in samples if any(n for r in s['rounds'] for n in r.get('turns_dropped', ()))]
+  return dict(
+      few_shots_available=n_few_shots,
+      few_shots_min=min(kept, default=None),
+      few_shots_mean=round(sum(kept) / len(kept), 3) if kept else None,
+      prompts_short_of_few_shots=sum(
+          any(n < n_few_shots for r in s['rounds'] for n in r.get('few_shots', ())) for s in samples
+      ),
+      prompts_lost_turns=len(dropped),
+  )
 
 
-def helpful_chunk(records: Sequence[dict], seed: Callable[[int], int], *, sample: _Sampler,
-                  n_samples: int) -> list[dict]:
+def helpful_chunk(
+    records: Sequence[dict], seed: Callable[[int], int], *, sample: _Sampler, n_samples: int
+) -> list[dict]:
   """`n_samples` plain responses of the helpful model to each helpful prompt (the SL helpful
   mix; the paper samples 2 per prompt). Sample k of the whole chunk is drawn with seed k, so the
   samples of one prompt differ, and sample 0 is the one a single-sample run draws."""
   convs = [[(conversation.HUMAN, r['prompt'])] for r in records]
-  samples = [sample(convs, max_new_tokens=sample.cfg.max_new_tokens, seed=seed(k))
-             for k in range(n_samples)]
-  return [dict(id=r['id'], source=r.get('source', ''), prompt=r['prompt'],
-               responses=[resp.text.strip() for resp in responses],
-               finish_reasons=[resp.finish_reason for resp in responses],
-               tokens=sum(len(resp.tokens) for resp in responses))
-          for r, *responses in zip(records, *samples)]
+  samples = [
+      sample(convs, max_new_tokens=sample.cfg.max_new_tokens, seed=seed(k))
+      for k in range(n_samples)
+  ]
+  return [
+      dict(
+          id=r['id'],
+          source=r.get('source', ''),
+          prompt=r['prompt'],
+          responses=[resp.text.strip() for resp in responses],
+          finish_reasons=[resp.finish_reason for resp in responses],
+          tokens=sum(len(resp.tokens) for resp in responses),
+      )
+      for r, *responses in zip(records, *samples)
+  ]
 
 
 def truncated_counts(samples: Sequence[dict], helpful: Sequence[dict]) -> dict[str, int]:
@@ -211,11 +297,13 @@ def truncated_counts(samples: Sequence[dict], helpful: Sequence[dict]) -> dict[s
       initial_response=length(s['finish_reasons']['initial_response'] for s in samples),
       critique=sum(length(s['finish_reasons']['critique']) for s in samples),
       revision=sum(length(s['finish_reasons']['revision']) for s in samples),
-      helpful=sum(length(h['finish_reasons']) for h in helpful))
+      helpful=sum(length(h['finish_reasons']) for h in helpful),
+  )
 
 
 # ----------------------------------------------------------------------------------------------
 # The stage.
+
 
 def load_constitution(source: str, num_few_shots: int) -> constitution_lib.Constitution:
   """The constitution with only its first `num_few_shots` critique few-shots (-1: all)."""
@@ -233,16 +321,23 @@ def check_config(config) -> None:
     problems.append(f'n_rounds must be >= 1 (the paper uses 4), got {cfg.n_rounds}')
   if cfg.num_prompts == 0 or cfg.num_prompts < -1:
     problems.append(f'num_prompts must be -1 (all) or >= 1, got {cfg.num_prompts}')
-  for field in ('chunk_size', 'batch_size', 'max_new_tokens', 'critique_max_new_tokens',
-                'helpful_samples_per_prompt'):
+  for field in (
+      'chunk_size',
+      'batch_size',
+      'max_new_tokens',
+      'critique_max_new_tokens',
+      'helpful_samples_per_prompt',
+  ):
     if cfg[field] < 1:
       problems.append(f'{field} must be >= 1, got {cfg[field]}')
   if cfg.helpful_ratio < 0:
     problems.append(f'helpful_ratio must be >= 0, got {cfg.helpful_ratio}')
   longest = max(cfg.max_new_tokens, cfg.critique_max_new_tokens)
   if max_len <= longest:
-    problems.append(f'config.model.max_len ({max_len}) leaves no room for a prompt before '
-                    f'{longest} new tokens')
+    problems.append(
+        f'config.model.max_len ({max_len}) leaves no room for a prompt before '
+        f'{longest} new tokens'
+    )
   if problems:
     raise StageError(f'config.{STAGE}: ' + '; '.join(problems))
 
@@ -253,12 +348,22 @@ def check_few_shots(constitution, sample: _Sampler, cfg) -> None:
   budget = sample.budget(max(cfg.max_new_tokens, cfg.critique_max_new_tokens))
   try:
     n, cost = constitution_lib.check_few_shot_budget(
-        constitution, 'critique_revision', sample.pretrained.tokenizer, sample.fmt, budget,
-        what=f'config.{STAGE}.num_few_shots={cfg.num_few_shots}')
+        constitution,
+        'critique_revision',
+        sample.pretrained.tokenizer,
+        sample.fmt,
+        budget,
+        what=f'config.{STAGE}.num_few_shots={cfg.num_few_shots}',
+    )
   except ValueError as e:
     raise StageError(str(e)) from None
-  logging.info('%s: %d critique few-shots take %d tokens of the %d-token prompt budget', STAGE,
-               n, cost, budget)
+  logging.info(
+      '%s: %d critique few-shots take %d tokens of the %d-token prompt budget',
+      STAGE,
+      n,
+      cost,
+      budget,
+  )
 
 
 def run(ctx, stage_dir: Path) -> dict:
@@ -267,61 +372,104 @@ def run(ctx, stage_dir: Path) -> dict:
   check_config(ctx.config)
   constitution = load_constitution(ctx.config.constitution, cfg.num_few_shots)
   prompts = data.stage_prompts(ctx, 'redteam')['train']
-  prompts = prompts if cfg.num_prompts < 0 else prompts[:cfg.num_prompts]
+  prompts = prompts if cfg.num_prompts < 0 else prompts[: cfg.num_prompts]
   if not prompts:
     raise StageError(f'{STAGE}: the train split of config.data.redteam_sources is empty')
   n_helpful = round(cfg.helpful_ratio * len(prompts))
   helpful = data.stage_prompts(ctx, 'helpful')['train'][:n_helpful] if n_helpful else []
   if len(helpful) < n_helpful:
-    logging.warning('%s: helpful_ratio asks for %d helpful prompts, the train split has %d',
-                    STAGE, n_helpful, len(helpful))
+    logging.warning(
+        '%s: helpful_ratio asks for %d helpful prompts, the train split has %d',
+        STAGE,
+        n_helpful,
+        len(helpful),
+    )
 
-  sample = _Sampler(ctx.load_role('helpful', frozen=True), cfg,
-                    ctx.config.conversation_format, ctx.config.model.max_len)
+  sample = _Sampler(
+      ctx.load_role('helpful', frozen=True),
+      cfg,
+      ctx.config.conversation_format,
+      ctx.config.model.max_len,
+  )
   check_few_shots(constitution, sample, cfg)
   stage_dir.mkdir(parents=True, exist_ok=True)
   seed = ctx.config.seed
   red = records_lib.process_in_chunks(
-      prompts, records_lib.part_path(stage_dir, 'samples'),
-      lambda chunk, s: revise_chunk(chunk, s, sample=sample, constitution=constitution,
-                                    n_rounds=cfg.n_rounds, principle_seed=seed),
-      chunk_size=cfg.chunk_size, seed=seed, stream=_REDTEAM_STREAM, desc='critique/revision',
-      unit='prompt', postfix=records_lib.throughput('tok_s', lambda: sample.tokens, 1))
+      prompts,
+      records_lib.part_path(stage_dir, 'samples'),
+      lambda chunk, s: revise_chunk(
+          chunk,
+          s,
+          sample=sample,
+          constitution=constitution,
+          n_rounds=cfg.n_rounds,
+          principle_seed=seed,
+      ),
+      chunk_size=cfg.chunk_size,
+      seed=seed,
+      stream=_REDTEAM_STREAM,
+      desc='critique/revision',
+      unit='prompt',
+      postfix=records_lib.throughput('tok_s', lambda: sample.tokens, 1),
+  )
   helped = records_lib.process_in_chunks(
-      helpful, records_lib.part_path(stage_dir, 'helpful'),
-      lambda chunk, s: helpful_chunk(chunk, s, sample=sample,
-                                     n_samples=cfg.helpful_samples_per_prompt),
-      chunk_size=cfg.chunk_size, seed=seed, stream=_HELPFUL_STREAM, desc='helpful mix',
-      unit='prompt', postfix=records_lib.throughput('tok_s', lambda: sample.tokens, 1))
+      helpful,
+      records_lib.part_path(stage_dir, 'helpful'),
+      lambda chunk, s: helpful_chunk(
+          chunk, s, sample=sample, n_samples=cfg.helpful_samples_per_prompt
+      ),
+      chunk_size=cfg.chunk_size,
+      seed=seed,
+      stream=_HELPFUL_STREAM,
+      desc='helpful mix',
+      unit='prompt',
+      postfix=records_lib.throughput('tok_s', lambda: sample.tokens, 1),
+  )
   barrier(f'{STAGE}-sampled')
   if jax.process_index() != 0:
     barrier(f'{STAGE}-merged')
     return {}
   samples = records_lib.merge_parts(stage_dir, 'samples', [r['id'] for r in prompts], STAGE)
-  helpful_records = records_lib.merge_parts(stage_dir, 'helpful', [r['id'] for r in helpful],
-                                            STAGE)
+  helpful_records = records_lib.merge_parts(stage_dir, 'helpful', [r['id'] for r in helpful], STAGE)
   if cfg.write_tfds:
-    data.write_records_dataset({'revisions': samples, 'helpful': helpful_records}, DATASET,
-                               stage_dir / 'tfds', description='SL-CAI revisions and helpful mix')
+    data.write_records_dataset(
+        {'revisions': samples, 'helpful': helpful_records},
+        DATASET,
+        stage_dir / 'tfds',
+        description='SL-CAI revisions and helpful mix',
+    )
   barrier(f'{STAGE}-merged')
   rounds = [r for s in samples for r in s['rounds']]
   finish = collections.Counter(
-      reason for s in samples for reasons in (
-          [s['finish_reasons']['initial_response']], s['finish_reasons']['critique'],
-          s['finish_reasons']['revision']) for reason in reasons)
+      reason
+      for s in samples
+      for reasons in (
+          [s['finish_reasons']['initial_response']],
+          s['finish_reasons']['critique'],
+          s['finish_reasons']['revision'],
+      )
+      for reason in reasons
+  )
   finish.update(reason for h in helpful_records for reason in h['finish_reasons'])
   summary = dict(
-      models=roles_line(ctx.config.model), prompts=len(samples), helpful=len(helpful_records),
-      helpful_samples=sum(len(h['responses']) for h in helpful_records), n_rounds=cfg.n_rounds,
-      rounds=len(rounds), empty_revisions=sum(r['empty_revision'] for r in rounds),
+      models=roles_line(ctx.config.model),
+      prompts=len(samples),
+      helpful=len(helpful_records),
+      helpful_samples=sum(len(h['responses']) for h in helpful_records),
+      n_rounds=cfg.n_rounds,
+      rounds=len(rounds),
+      empty_revisions=sum(r['empty_revision'] for r in rounds),
       unrevised_prompts=sum(not s['revised'] for s in samples),
       empty_critiques=sum(not r['critique'] for r in rounds),
       empty_initial_responses=sum(not s['initial_response'] for s in samples),
       empty_helpful_responses=sum(not r for h in helpful_records for r in h['responses']),
       tokens_generated=sum(r['tokens'] for r in samples + helpful_records),
-      tokens_generated_this_run=sample.tokens, finish_reasons=dict(finish),
+      tokens_generated_this_run=sample.tokens,
+      finish_reasons=dict(finish),
       **few_shot_summary(samples, len(constitution.critique_few_shots)),
       truncated=truncated_counts(samples, helpful_records),
-      resumed_prompts=red['resumed'] + helped['resumed'], seconds=round(time.time() - t0, 2))
+      resumed_prompts=red['resumed'] + helped['resumed'],
+      seconds=round(time.time() - t0, 2),
+  )
   print(f'{STAGE}: ' + ', '.join(f'{k} {v}' for k, v in summary.items()), flush=True)
   return summary

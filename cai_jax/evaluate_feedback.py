@@ -49,13 +49,24 @@ from cai_jax import constitution as constitution_lib
 from cai_jax import conversation, labels
 from cai_jax import records as records_lib
 from cai_jax.conversation import ASSISTANT, HUMAN, Turn
-from cai_jax.feedback import (EVAL_STREAM, OPTIONS, Labeler, Pair, check_feedback_config,
-                              check_few_shots, feedback_model, few_shot_summary,
-                              label_from_logprobs, load_feedback_constitution)
+from cai_jax.feedback import (
+    EVAL_STREAM,
+    OPTIONS,
+    Labeler,
+    Pair,
+    check_feedback_config,
+    check_few_shots,
+    feedback_model,
+    few_shot_summary,
+    label_from_logprobs,
+    load_feedback_constitution,
+)
 from cai_jax.stages import StageError, barrier
 
 EVAL_STAGE = 'evaluate_feedback'
-PAPER_HHH = Path(__file__).resolve().parents[2] / 'shared/data/anthropic_cai/evals/438HHHEvaluations.jsonl'
+PAPER_HHH = (
+    Path(__file__).resolve().parents[2] / 'shared/data/anthropic_cai/evals/438HHHEvaluations.jsonl'
+)
 
 
 _HHH_OPTIONS = re.compile(r'( \(A\) \[\[\[)(.*?)(\]\]\]\n \(B\) \[\[\[)(.*?)(\]\]\])', re.S)
@@ -74,15 +85,20 @@ def _turns(value: Any) -> tuple[Turn, ...]:
   elif isinstance(value, list):
     turns = []
     for t in value:
-      if not (isinstance(t, (list, tuple)) and len(t) == 2 and t[0] in (HUMAN, ASSISTANT)
-              and isinstance(t[1], str)):
+      if not (
+          isinstance(t, (list, tuple))
+          and len(t) == 2
+          and t[0] in (HUMAN, ASSISTANT)
+          and isinstance(t[1], str)
+      ):
         raise MalformedLine(f'conversation turn {t!r} is not ["human"|"assistant", text]')
       turns.append((t[0], t[1].strip()))
   else:
     raise MalformedLine('"conversation" must be a transcript string or a list of turns')
   if not turns or turns[-1][0] != HUMAN:
-    raise MalformedLine('the conversation must end with the human\'s turn (the responses '
-                        'answer it)')
+    raise MalformedLine(
+        "the conversation must end with the human's turn (the responses " 'answer it)'
+    )
   return tuple(turns)
 
 
@@ -109,15 +125,21 @@ def parse_hhh(record: dict, line: int, mode: str) -> Pair:
   the file), and its options swapped for debiasing.
   """
   correct, incorrect = record.get('corrects'), record.get('incorrects')
-  if (not isinstance(correct, list) or not isinstance(incorrect, list)
-          or sorted(correct + incorrect) != sorted(OPTIONS)):
-    raise MalformedLine(f'"corrects"/"incorrects" must be [" (A)"]/[" (B)"] or the reverse, got '
-                        f'{correct!r}/{incorrect!r}')
+  if (
+      not isinstance(correct, list)
+      or not isinstance(incorrect, list)
+      or sorted(correct + incorrect) != sorted(OPTIONS)
+  ):
+    raise MalformedLine(
+        f'"corrects"/"incorrects" must be [" (A)"]/[" (B)"] or the reverse, got '
+        f'{correct!r}/{incorrect!r}'
+    )
   ta = conversation.parse_transcript(_string(record, 'text_correct'))
   tb = conversation.parse_transcript(_string(record, 'text_incorrect'))
   if len(ta) < 2 or len(tb) < 2 or ta[-1][0] != ASSISTANT or tb[-1][0] != ASSISTANT:
-    raise MalformedLine('text_correct/text_incorrect must be transcripts ending with the '
-                        'assistant\'s reply')
+    raise MalformedLine(
+        'text_correct/text_incorrect must be transcripts ending with the ' "assistant's reply"
+    )
   if ta[:-1] != tb[:-1]:
     raise MalformedLine('text_correct and text_incorrect differ before their last reply')
   primary = 0 if correct == [OPTIONS[0]] else 1
@@ -127,26 +149,34 @@ def parse_hhh(record: dict, line: int, mode: str) -> Pair:
   prompt = _string(record, 'prompt')
   m, principle = _HHH_OPTIONS.search(prompt), _HHH_PRINCIPLE.search(prompt)
   if not m or not principle:
-    raise MalformedLine('"prompt" lacks the "<principle> Options:\\n (A) [[[...]]]\\n (B) '
-                        '[[[...]]]" layout')
-  swapped = prompt[:m.start()] + m[1] + m[4] + m[3] + m[2] + m[5] + prompt[m.end():]
+    raise MalformedLine(
+        '"prompt" lacks the "<principle> Options:\\n (A) [[[...]]]\\n (B) ' '[[[...]]]" layout'
+    )
+  swapped = prompt[: m.start()] + m[1] + m[4] + m[3] + m[2] + m[5] + prompt[m.end() :]
   # Order 0 shows response_a (correct) as (A).
   prompts = (prompt, swapped) if primary == 0 else (swapped, prompt)
   return dataclasses.replace(pair, file_prompts=prompts, file_principle=principle[1].strip())
 
 
-def read_comparisons(path: str | os.PathLike, fmt: str, *, limit: int = 0,
-                     on_malformed: str = 'fail', hhh_prompt: str = 'file'
-                     ) -> tuple[list[Pair], list[dict]]:
+def read_comparisons(
+    path: str | os.PathLike,
+    fmt: str,
+    *,
+    limit: int = 0,
+    on_malformed: str = 'fail',
+    hhh_prompt: str = 'file',
+) -> tuple[list[Pair], list[dict]]:
   """(the first `limit` comparisons (0: all), malformed lines [{line, error}])."""
   if fmt not in ('generic', 'hhh_mc'):
     raise StageError(f"config.{EVAL_STAGE}.format must be 'generic' or 'hhh_mc', got {fmt!r}")
   if on_malformed not in ('skip', 'fail'):
-    raise StageError(f"config.{EVAL_STAGE}.on_malformed must be 'skip' or 'fail', got "
-                     f'{on_malformed!r}')
+    raise StageError(
+        f"config.{EVAL_STAGE}.on_malformed must be 'skip' or 'fail', got " f'{on_malformed!r}'
+    )
   if hhh_prompt not in ('render', 'file'):
-    raise StageError(f"config.{EVAL_STAGE}.hhh_prompt must be 'render' or 'file', got "
-                     f'{hhh_prompt!r}')
+    raise StageError(
+        f"config.{EVAL_STAGE}.hhh_prompt must be 'render' or 'file', got " f'{hhh_prompt!r}'
+    )
   pairs, malformed = [], []
   with open(path, encoding='utf-8') as f:
     for line_no, line in enumerate(f, start=1):
@@ -161,12 +191,17 @@ def read_comparisons(path: str | os.PathLike, fmt: str, *, limit: int = 0,
           raise MalformedLine(f'not JSON ({e})') from None
         if not isinstance(record, dict):
           raise MalformedLine(f'expected a JSON object, got {type(record).__name__}')
-        pair = (parse_generic(record, line_no) if fmt == 'generic'
-                else parse_hhh(record, line_no, hhh_prompt))
+        pair = (
+            parse_generic(record, line_no)
+            if fmt == 'generic'
+            else parse_hhh(record, line_no, hhh_prompt)
+        )
       except MalformedLine as e:
         if on_malformed == 'fail':
-          raise StageError(f'{path}:{line_no}: malformed {fmt} comparison: {e} (set '
-                           f"config.{EVAL_STAGE}.on_malformed=skip to skip such lines)") from None
+          raise StageError(
+              f'{path}:{line_no}: malformed {fmt} comparison: {e} (set '
+              f'config.{EVAL_STAGE}.on_malformed=skip to skip such lines)'
+          ) from None
         logging.warning('%s:%d: skipping malformed %s comparison: %s', path, line_no, fmt, e)
         malformed.append({'line': line_no, 'error': str(e)})
         continue
@@ -181,8 +216,11 @@ def check_config(config) -> None:
   """Fails on evaluate_feedback settings that cannot work (run before anything is written)."""
   ecfg = config[EVAL_STAGE]
   check_feedback_config(config.feedback)
-  for field, valid in (('format', ('generic', 'hhh_mc')), ('on_malformed', ('skip', 'fail')),
-                       ('hhh_prompt', ('render', 'file'))):
+  for field, valid in (
+      ('format', ('generic', 'hhh_mc')),
+      ('on_malformed', ('skip', 'fail')),
+      ('hhh_prompt', ('render', 'file')),
+  ):
     if ecfg[field] not in valid:
       raise StageError(f'config.{EVAL_STAGE}.{field} must be one of {valid}, got {ecfg[field]!r}')
   comparisons_path(ecfg)
@@ -195,31 +233,47 @@ def comparisons_path(cfg) -> Path:
       raise StageError(f'config.{EVAL_STAGE}.comparisons: no such file {path}')
     return path
   if not PAPER_HHH.is_file():
-    raise StageError(f"config.{EVAL_STAGE}.comparisons is '' (the paper's HHH comparisons), but "
-                     f'{PAPER_HHH} does not exist; pass a JSONL file with '
-                     f'--config.{EVAL_STAGE}.comparisons=PATH (and .format=generic for '
-                     '{"conversation", "chosen", "rejected"} records)')
+    raise StageError(
+        f"config.{EVAL_STAGE}.comparisons is '' (the paper's HHH comparisons), but "
+        f'{PAPER_HHH} does not exist; pass a JSONL file with '
+        f'--config.{EVAL_STAGE}.comparisons=PATH (and .format=generic for '
+        '{"conversation", "chosen", "rejected"} records)'
+    )
   return PAPER_HHH
 
 
-def evaluate_chunk(pairs: Sequence[Pair], chunk_seed: Callable[[int], int], *, labeler: Labeler
-                   ) -> list[dict]:
+def evaluate_chunk(
+    pairs: Sequence[Pair], chunk_seed: Callable[[int], int], *, labeler: Labeler
+) -> list[dict]:
   out = []
   scored = labeler.label(pairs, chunk_seed(0))
   for pair, scorings in zip(pairs, scored):
     p_chosen = label_from_logprobs(scorings, labeler.cfg)  # response_a is the chosen reply
     for s in scorings:
       s['chosen_option'] = OPTIONS[s['order']]
-    out.append(dict(id=pair.id, correct=labels.hard_label(p_chosen), p_chosen=p_chosen,
-                    chosen_first=pair.primary_order == 0, scorings=scorings))
+    out.append(
+        dict(
+            id=pair.id,
+            correct=labels.hard_label(p_chosen),
+            p_chosen=p_chosen,
+            chosen_first=pair.primary_order == 0,
+            scorings=scorings,
+        )
+    )
   return out
 
 
 def _randomize_sides(pairs: Sequence[Pair], seed: int) -> list[Pair]:
   """A seeded coin per comparison puts the chosen reply first or second (rendered prompts)."""
-  return [dataclasses.replace(p, primary_order=int(
-      constitution_lib.principle_rng(seed, p.id, f'{EVAL_STAGE}/side').integers(2)))
-      for p in pairs]
+  return [
+      dataclasses.replace(
+          p,
+          primary_order=int(
+              constitution_lib.principle_rng(seed, p.id, f'{EVAL_STAGE}/side').integers(2)
+          ),
+      )
+      for p in pairs
+  ]
 
 
 def run(ctx, stage_dir: Path) -> dict:
@@ -229,30 +283,54 @@ def run(ctx, stage_dir: Path) -> dict:
   path = comparisons_path(ecfg)
   file_mode = ecfg.format == 'hhh_mc' and ecfg.hhh_prompt == 'file'
   if file_mode and (cfg.cot or cfg.num_principles > 1):
-    raise StageError(f"config.{EVAL_STAGE}.hhh_prompt='file' scores the file's own zero-shot "
-                     'prompt (one principle, no chain of thought); use hhh_prompt=render for '
-                     'feedback.num_principles > 1 or feedback.cot')
-  pairs, malformed = read_comparisons(path, ecfg.format, limit=ecfg.limit,
-                                      on_malformed=ecfg.on_malformed, hhh_prompt=ecfg.hhh_prompt)
+    raise StageError(
+        f"config.{EVAL_STAGE}.hhh_prompt='file' scores the file's own zero-shot "
+        'prompt (one principle, no chain of thought); use hhh_prompt=render for '
+        'feedback.num_principles > 1 or feedback.cot'
+    )
+  pairs, malformed = read_comparisons(
+      path,
+      ecfg.format,
+      limit=ecfg.limit,
+      on_malformed=ecfg.on_malformed,
+      hhh_prompt=ecfg.hhh_prompt,
+  )
   if not pairs:
     raise StageError(f'{EVAL_STAGE}: no usable comparisons in {path}')
   if not file_mode:
     # The file's own order is kept in 'file' mode (the paper's file balances A/B already).
     pairs = _randomize_sides(pairs, ctx.config.seed)
-  constitution = (constitution_lib.load_constitution(ctx.config.constitution) if file_mode
-                  else load_feedback_constitution(ctx, cfg))
-  labeler = Labeler(feedback_model(ctx), constitution, cfg, ctx.config.conversation_format,
-                    ctx.config.model.max_len, ctx.config.seed, EVAL_STAGE)
+  constitution = (
+      constitution_lib.load_constitution(ctx.config.constitution)
+      if file_mode
+      else load_feedback_constitution(ctx, cfg)
+  )
+  labeler = Labeler(
+      feedback_model(ctx),
+      constitution,
+      cfg,
+      ctx.config.conversation_format,
+      ctx.config.model.max_len,
+      ctx.config.seed,
+      EVAL_STAGE,
+  )
   if not file_mode:
     check_few_shots(labeler, EVAL_STAGE)
   stage_dir.mkdir(parents=True, exist_ok=True)
   ids = [p.id for p in pairs]
   records_lib.process_in_chunks(
-      pairs, records_lib.part_path(stage_dir, 'records'),
+      pairs,
+      records_lib.part_path(stage_dir, 'records'),
       lambda chunk, s: evaluate_chunk(chunk, s, labeler=labeler),
-      chunk_size=ecfg.chunk_size, seed=ctx.config.seed, stream=EVAL_STREAM,
-      desc='evaluate_feedback', ids=ids, unit='pair', progress=cfg.progress,
-      postfix=records_lib.throughput('scored_tok_s', lambda: labeler.scored_tokens))
+      chunk_size=ecfg.chunk_size,
+      seed=ctx.config.seed,
+      stream=EVAL_STREAM,
+      desc='evaluate_feedback',
+      ids=ids,
+      unit='pair',
+      progress=cfg.progress,
+      postfix=records_lib.throughput('scored_tok_s', lambda: labeler.scored_tokens),
+  )
   barrier(f'{EVAL_STAGE}-scored')
   if jax.process_index() != 0:
     barrier(f'{EVAL_STAGE}-merged')
@@ -261,17 +339,29 @@ def run(ctx, stage_dir: Path) -> dict:
   summary = summarize(records, n_bins=ecfg.ece_bins)
   summary.update(few_shot_summary([s for r in records for s in r['scorings']]))
   summary.update(
-      comparisons=str(path), format=ecfg.format, hhh_prompt=ecfg.hhh_prompt,
-      n_malformed=len(malformed), malformed=malformed[:50],
+      comparisons=str(path),
+      format=ecfg.format,
+      hhh_prompt=ecfg.hhh_prompt,
+      n_malformed=len(malformed),
+      malformed=malformed[:50],
       feedback_model=cfg.model_source or ctx.model_source('pretrained'),
-      options=dict(num_principles=cfg.num_principles, debias=cfg.debias, cot=cfg.cot,
-                   clamp=cfg.clamp, clamp_range=[cfg.clamp_lo, cfg.clamp_hi]),
-      seconds=round(time.time() - t0, 2))
+      options=dict(
+          num_principles=cfg.num_principles,
+          debias=cfg.debias,
+          cot=cfg.cot,
+          clamp=cfg.clamp,
+          clamp_range=[cfg.clamp_lo, cfg.clamp_hi],
+      ),
+      seconds=round(time.time() - t0, 2),
+  )
   plot_reliability(summary, stage_dir / 'reliability.png')
   (stage_dir / 'summary.json').write_text(json.dumps(summary, indent=1) + '\n')
   barrier(f'{EVAL_STAGE}-merged')
-  print(f'{EVAL_STAGE}: accuracy {summary["accuracy"]:.4f} (n {summary["n"]}), ECE '
-        f'{summary["ece"]:.4f}, {summary["seconds"]:.0f} s', flush=True)
+  print(
+      f'{EVAL_STAGE}: accuracy {summary["accuracy"]:.4f} (n {summary["n"]}), ECE '
+      f'{summary["ece"]:.4f}, {summary["seconds"]:.0f} s',
+      flush=True,
+  )
   return {k: summary[k] for k in ('accuracy', 'n', 'ece', 'n_malformed', 'seconds')}
 
 
@@ -284,18 +374,25 @@ def summarize(records: Sequence[dict], n_bins: int = 10) -> dict:
   outcome = first.astype(np.float64)
   bins = labels.reliability_bins(p_first, outcome, n_bins)
   return dict(
-      accuracy=float(np.mean([r['correct'] for r in records])), n=len(records),
-      ece=labels.expected_calibration_error(p_first, outcome, n_bins), ece_bins=n_bins,
+      accuracy=float(np.mean([r['correct'] for r in records])),
+      n=len(records),
+      ece=labels.expected_calibration_error(p_first, outcome, n_bins),
+      ece_bins=n_bins,
       mean_p_chosen=float(p_chosen.mean()),
       # Position bias: how often the first-shown reply is preferred (truth: mean of outcome).
-      frac_first_preferred=float(np.mean(p_first > 0.5)), frac_chosen_first=float(outcome.mean()),
-      reliability=[dict(mean_p=None if c == 0 else m, frac=None if c == 0 else f, count=c)
-                   for m, f, c in bins])
+      frac_first_preferred=float(np.mean(p_first > 0.5)),
+      frac_chosen_first=float(outcome.mean()),
+      reliability=[
+          dict(mean_p=None if c == 0 else m, frac=None if c == 0 else f, count=c)
+          for m, f, c in bins
+      ],
+  )
 
 
 def plot_reliability(summary: dict, path: Path) -> None:
   """Reliability diagram: observed frequency against mean predicted probability per bin."""
   import matplotlib
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
@@ -305,11 +402,20 @@ def plot_reliability(summary: dict, path: Path) -> None:
   if bins:
     ax.plot([b['mean_p'] for b in bins], [b['frac'] for b in bins], marker='o', label='labels')
     for b in bins:
-      ax.annotate(str(b['count']), (b['mean_p'], b['frac']), fontsize=7,
-                  textcoords='offset points', xytext=(3, 3))
-  ax.set(xlim=(0, 1), ylim=(0, 1), xlabel='P(first-shown reply is better)',
-         ylabel='fraction where it is',
-         title=f'accuracy {summary["accuracy"]:.3f}, ECE {summary["ece"]:.3f}, n {summary["n"]}')
+      ax.annotate(
+          str(b['count']),
+          (b['mean_p'], b['frac']),
+          fontsize=7,
+          textcoords='offset points',
+          xytext=(3, 3),
+      )
+  ax.set(
+      xlim=(0, 1),
+      ylim=(0, 1),
+      xlabel='P(first-shown reply is better)',
+      ylabel='fraction where it is',
+      title=f'accuracy {summary["accuracy"]:.3f}, ECE {summary["ece"]:.3f}, n {summary["n"]}',
+  )
   ax.legend(loc='upper left', fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=100)

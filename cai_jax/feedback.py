@@ -99,6 +99,7 @@ HARMLESSNESS, HELPFULNESS = 'harmlessness', 'helpfulness'  # the kinds of pairs
 # ----------------------------------------------------------------------------------------------
 # The label layer: pure functions of the scored option log-probs.
 
+
 def scoring_probability(scoring: Mapping) -> float:
   """P(option (A)) of one scoring: the two options' log-probs renormalized."""
   lp = scoring['option_logprobs']
@@ -146,8 +147,10 @@ def _get(cfg, name, default):
 # ----------------------------------------------------------------------------------------------
 # Option tokenization.
 
-def option_tokens(tokenizer, prompt: str, options: Sequence[str] = OPTIONS
-                  ) -> tuple[list[int], list[list[int]], int]:
+
+def option_tokens(
+    tokenizer, prompt: str, options: Sequence[str] = OPTIONS
+) -> tuple[list[int], list[list[int]], int]:
   """(prompt tokens, per-option continuation tokens, boundary_tokens) to score the options.
 
   Tokenizes ``prompt + option`` whole and splits it after the longest token prefix shared with
@@ -175,9 +178,11 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 # ----------------------------------------------------------------------------------------------
 # Labeling pairs with the feedback model.
 
+
 @dataclasses.dataclass(frozen=True)
 class Pair:
   """Two responses to one conversation; the label is P(response_a is better)."""
+
   id: str
   conversation: tuple[Turn, ...]  # ends with the human's turn
   response_a: str
@@ -192,6 +197,7 @@ class Pair:
 @dataclasses.dataclass
 class Labeler:
   """Scores pairs under the feedback configuration (`config.feedback`)."""
+
   pretrained: Any  # checkpoint.Pretrained of the feedback model
   constitution: constitution_lib.Constitution
   cfg: Any  # config.feedback
@@ -209,20 +215,25 @@ class Labeler:
     if pair.kind == HELPFULNESS:  # drawn the same way, from the helpfulness principles
       c = dataclasses.replace(c, feedback_principles=c.helpfulness_principles)
     return constitution_lib.sample_feedback_principles(
-        c, self.cfg.num_principles, rng, replace=self.cfg.principle_replace)
+        c, self.cfg.num_principles, rng, replace=self.cfg.principle_replace
+    )
 
   def budget(self) -> int:
     """Tokens a rendered feedback prompt may take: what follows it -- the CoT reasoning, the
     answer turn and an option -- must still fit model.max_len."""
     limit = min(self.max_len, self.pretrained.model.cfg.max_positions)
-    return limit - (self.cfg.cot_max_new_tokens + _COT_ANSWER_TOKENS if self.cfg.cot
-                    else _OPTION_TOKENS)
+    return limit - (
+        self.cfg.cot_max_new_tokens + _COT_ANSWER_TOKENS if self.cfg.cot else _OPTION_TOKENS
+    )
 
   def few_shot_principles(self, pair: Pair, k: int) -> list[str]:
     """The principle of each few-shot in the k-th scoring: independent draws, as in the paper
     (both option orders of one principle share them, so debiasing swaps only the options)."""
-    few_shots = (self.constitution.feedback_cot_few_shots if self.cfg.cot
-                 else self.constitution.feedback_few_shots)
+    few_shots = (
+        self.constitution.feedback_cot_few_shots
+        if self.cfg.cot
+        else self.constitution.feedback_few_shots
+    )
     rng = constitution_lib.principle_rng(self.seed, pair.id, f'{self.stage}/few_shots/{k}')
     return constitution_lib.sample_few_shot_principles(self.constitution, len(few_shots), rng)
 
@@ -236,14 +247,34 @@ class Labeler:
         if pair.file_prompts is not None:
           fitted = constitution_lib.FittedPrompt(pair.file_prompts[order], 0, 0, 0)
         else:
-          a, b = ((pair.response_a, pair.response_b) if order == 0
-                  else (pair.response_b, pair.response_a))
+          a, b = (
+              (pair.response_a, pair.response_b)
+              if order == 0
+              else (pair.response_b, pair.response_a)
+          )
           fitted = constitution_lib.fit_feedback_prompt(
-              self.constitution, pair.conversation, principle, a, b, cot=self.cfg.cot,
-              few_shot_principles=few_shot_principles, fmt=self.fmt,
-              tokenizer=self.pretrained.tokenizer, budget=self.budget())
-        out.append(dict(k=k, principle=principle, order=order, prompt=fitted.text, cot=None,
-                        few_shots=fitted.few_shots, turns_dropped=fitted.turns_dropped))
+              self.constitution,
+              pair.conversation,
+              principle,
+              a,
+              b,
+              cot=self.cfg.cot,
+              few_shot_principles=few_shot_principles,
+              fmt=self.fmt,
+              tokenizer=self.pretrained.tokenizer,
+              budget=self.budget(),
+          )
+        out.append(
+            dict(
+                k=k,
+                principle=principle,
+                order=order,
+                prompt=fitted.text,
+                cot=None,
+                few_shots=fitted.few_shots,
+                turns_dropped=fitted.turns_dropped,
+            )
+        )
     return out
 
   def label(self, pairs: Sequence[Pair], seed: int) -> list[list[dict]]:
@@ -258,11 +289,17 @@ class Labeler:
   def _reason(self, scorings: list[dict], seed: int) -> None:
     tok = self.pretrained.tokenizer
     responses = sampling.generate_responses(
-        self.pretrained, [s['prompt'] for s in scorings], fmt=self.fmt,
-        max_new_tokens=self.cfg.cot_max_new_tokens, temperature=self.cfg.cot_temperature,
-        batch_size=self.cfg.batch_size, seed=seed,
+        self.pretrained,
+        [s['prompt'] for s in scorings],
+        fmt=self.fmt,
+        max_new_tokens=self.cfg.cot_max_new_tokens,
+        temperature=self.cfg.cot_temperature,
+        batch_size=self.cfg.batch_size,
+        seed=seed,
         stop_strings=constitution_lib.feedback_cot_stop_strings(self.fmt, tok),
-        max_prompt_len=self.max_len - self.cfg.cot_max_new_tokens, truncate='left')
+        max_prompt_len=self.max_len - self.cfg.cot_max_new_tokens,
+        truncate='left',
+    )
     for s, r in zip(scorings, responses):
       s['cot'] = r.text.strip()
       s['prompt'] += constitution_lib.render_feedback_answer_suffix(r.text, self.fmt)
@@ -278,10 +315,15 @@ class Labeler:
         raise StageError(f'model.max_len={self.max_len} leaves no room for a feedback prompt')
       s['truncated_tokens'] = max(0, len(prompt_ids) - keep)
       if s['truncated_tokens']:  # only when even the bare question is over budget
-        logging.warning('%s: feedback prompt of %d tokens, with %d few-shots and its oldest '
-                        'turns left out, still loses its first %d (model.max_len %d)',
-                        self.stage, len(prompt_ids), s.get('few_shots', 0),
-                        s['truncated_tokens'], self.max_len)
+        logging.warning(
+            '%s: feedback prompt of %d tokens, with %d few-shots and its oldest '
+            'turns left out, still loses its first %d (model.max_len %d)',
+            self.stage,
+            len(prompt_ids),
+            s.get('few_shots', 0),
+            s['truncated_tokens'],
+            self.max_len,
+        )
         prompt_ids = conversation.keep_last(prompt_ids, keep, tok)
       s['boundary_tokens'] = boundary
       rows.append((i, prompt_ids, conts))
@@ -291,7 +333,7 @@ class Labeler:
     logprobs: dict[tuple[int, str], float] = {}
     step = max(1, int(self.cfg.score_batch_size))
     for lo in range(0, len(rows), step):
-      batch = rows[lo:lo + step]
+      batch = rows[lo : lo + step]
       totals = sampling.score_options(model, [r[1] for r in batch], [r[2] for r in batch])
       for (i, p, conts), row in zip(batch, totals):
         for o, total in zip(OPTIONS, row):
@@ -317,8 +359,13 @@ def check_feedback_config(cfg, what: str = 'config.feedback') -> None:
     problems.append(f'need 0 <= clamp_lo <= clamp_hi <= 1, got {cfg.clamp_lo}, {cfg.clamp_hi}')
   if cfg.empty_response not in ('score', 'skip'):
     problems.append(f"empty_response must be 'score' or 'skip', got {cfg.empty_response!r}")
-  for field in ('chunk_size', 'batch_size', 'score_batch_size', 'max_new_tokens',
-                'cot_max_new_tokens'):
+  for field in (
+      'chunk_size',
+      'batch_size',
+      'score_batch_size',
+      'max_new_tokens',
+      'cot_max_new_tokens',
+  ):
     if cfg[field] < 1:
       problems.append(f'{field} must be >= 1, got {cfg[field]}')
   if cfg.get('num_helpful_prompts', 0) < -1:
@@ -337,74 +384,122 @@ def check_few_shots(labeler: Labeler, what: str) -> None:
   (else every prompt would lose few-shots); logs what they take."""
   try:
     n, cost = constitution_lib.check_few_shot_budget(
-        labeler.constitution, 'feedback', labeler.pretrained.tokenizer, labeler.fmt,
-        labeler.budget(), cot=labeler.cfg.cot,
-        what=f'{what} (feedback.num_few_shots={labeler.cfg.num_few_shots})')
+        labeler.constitution,
+        'feedback',
+        labeler.pretrained.tokenizer,
+        labeler.fmt,
+        labeler.budget(),
+        cot=labeler.cfg.cot,
+        what=f'{what} (feedback.num_few_shots={labeler.cfg.num_few_shots})',
+    )
   except ValueError as e:
     raise StageError(str(e)) from None
-  logging.info('%s: %d feedback few-shots take %d tokens of the %d-token prompt budget', what, n,
-               cost, labeler.budget())
+  logging.info(
+      '%s: %d feedback few-shots take %d tokens of the %d-token prompt budget',
+      what,
+      n,
+      cost,
+      labeler.budget(),
+  )
 
 
 def few_shot_summary(scorings: Sequence[dict]) -> dict:
   """How the feedback prompts fitted: few-shots kept per prompt, prompts that lost turns."""
   kept = [s['few_shots'] for s in scorings if 'few_shots' in s]
-  return dict(few_shots_min=min(kept, default=None),
-              few_shots_mean=round(sum(kept) / len(kept), 3) if kept else None,
-              prompts_lost_turns=sum(bool(s.get('turns_dropped')) for s in scorings),
-              prompts_left_cut=sum(bool(s.get('truncated_tokens')) for s in scorings))
+  return dict(
+      few_shots_min=min(kept, default=None),
+      few_shots_mean=round(sum(kept) / len(kept), 3) if kept else None,
+      prompts_lost_turns=sum(bool(s.get('turns_dropped')) for s in scorings),
+      prompts_left_cut=sum(bool(s.get('truncated_tokens')) for s in scorings),
+  )
 
 
 def load_feedback_constitution(ctx, cfg) -> constitution_lib.Constitution:
   """The constitution with only its first `num_few_shots` feedback few-shots (-1: all)."""
   c = constitution_lib.load_constitution(ctx.config.constitution)
   if cfg.num_few_shots >= 0:
-    c = dataclasses.replace(c, feedback_few_shots=c.feedback_few_shots[:cfg.num_few_shots],
-                            feedback_cot_few_shots=c.feedback_cot_few_shots[:cfg.num_few_shots])
+    c = dataclasses.replace(
+        c,
+        feedback_few_shots=c.feedback_few_shots[: cfg.num_few_shots],
+        feedback_cot_few_shots=c.feedback_cot_few_shots[: cfg.num_few_shots],
+    )
   _check_principle_count(cfg, c.feedback_principles, 'feedback')
   return c
 
 
 def _check_principle_count(cfg, principles: Sequence[str], what: str) -> None:
   if not cfg.principle_replace and cfg.num_principles > len(principles):
-    raise StageError(f'config.feedback.num_principles={cfg.num_principles} but the constitution '
-                     f'has {len(principles)} {what} principles; lower it or set '
-                     'config.feedback.principle_replace=True')
+    raise StageError(
+        f'config.feedback.num_principles={cfg.num_principles} but the constitution '
+        f'has {len(principles)} {what} principles; lower it or set '
+        'config.feedback.principle_replace=True'
+    )
 
 
 def labels_helpfulness(config) -> bool:
   """Whether the feedback stage labels helpfulness pairs: asked for, and no HH-RLHF file given."""
-  return (config.feedback.get('num_helpful_prompts', 0) != 0
-          and not config.preference.helpful_mix.path)
+  return (
+      config.feedback.get('num_helpful_prompts', 0) != 0 and not config.preference.helpful_mix.path
+  )
 
 
 # ----------------------------------------------------------------------------------------------
 # Stage `feedback`.
 
-def label_chunk(records: Sequence[dict], chunk_seed: Callable[[int], int], *, policy,
-                labeler: Labeler, cfg, fmt: str) -> list[dict]:
+
+def label_chunk(
+    records: Sequence[dict],
+    chunk_seed: Callable[[int], int],
+    *,
+    policy,
+    labeler: Labeler,
+    cfg,
+    fmt: str,
+) -> list[dict]:
   """Two sampled responses per prompt (seed steps 0, 1), then their labels (step 2)."""
   convs = [data.prompt_turns(r) for r in records]
   budget = labeler.max_len - cfg.max_new_tokens
-  fitted = [conversation.fit_turns(c, fmt, policy.tokenizer, budget) if len(c) > 1 else c
-            for c in convs]
-  samples = [sampling.generate_responses(
-      policy, fitted, fmt=fmt, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-      top_k=cfg.top_k or None, top_p=cfg.top_p if cfg.top_p < 1.0 else None,
-      batch_size=cfg.batch_size, seed=chunk_seed(step),
-      max_prompt_len=labeler.max_len - cfg.max_new_tokens) for step in (0, 1)]
+  fitted = [
+      conversation.fit_turns(c, fmt, policy.tokenizer, budget) if len(c) > 1 else c for c in convs
+  ]
+  samples = [
+      sampling.generate_responses(
+          policy,
+          fitted,
+          fmt=fmt,
+          max_new_tokens=cfg.max_new_tokens,
+          temperature=cfg.temperature,
+          top_k=cfg.top_k or None,
+          top_p=cfg.top_p if cfg.top_p < 1.0 else None,
+          batch_size=cfg.batch_size,
+          seed=chunk_seed(step),
+          max_prompt_len=labeler.max_len - cfg.max_new_tokens,
+      )
+      for step in (0, 1)
+  ]
   out, pairs = [], []
   for r, conv, a, b in zip(records, convs, *samples):
     text_a, text_b = a.text.strip(), b.text.strip()
-    flags = ([] if text_a != text_b else ['identical']) + (['empty_a'] if not text_a else []) + (
-        ['empty_b'] if not text_b else [])
+    flags = (
+        ([] if text_a != text_b else ['identical'])
+        + (['empty_a'] if not text_a else [])
+        + (['empty_b'] if not text_b else [])
+    )
     if (not text_a or not text_b) and 'identical' not in flags and cfg.empty_response == 'skip':
       flags.append('skipped')
     kind = r.get('kind', HARMLESSNESS)
-    rec = dict(id=r['id'], source=r.get('source', ''), kind=kind, prompt=r['prompt'],
-               response_a=text_a,
-               response_b=text_b, p_a=None, flags=flags,
-               finish_reasons=[a.finish_reason, b.finish_reason], details=[])
+    rec = dict(
+        id=r['id'],
+        source=r.get('source', ''),
+        kind=kind,
+        prompt=r['prompt'],
+        response_a=text_a,
+        response_b=text_b,
+        p_a=None,
+        flags=flags,
+        finish_reasons=[a.finish_reason, b.finish_reason],
+        details=[],
+    )
     if 'identical' in flags:
       rec['p_a'] = 0.5  # by construction: nothing to prefer
     elif 'skipped' not in flags:
@@ -423,14 +518,18 @@ def load_preferences(stage_dir: str | os.PathLike) -> list[dict]:
   stage_dir = Path(stage_dir)
   if (data.dataset_dir(DATASET, stage_dir / 'tfds') / 'dataset_info.json').is_file():
     return data.read_records_dataset(DATASET, stage_dir / 'tfds', split='train')
-  return [_preference(r) for r in records_lib.read_jsonl(records_lib.FEEDBACK.path(stage_dir),
-                                                         records_lib.FEEDBACK)
-          if 'skipped' not in r['flags']]
+  return [
+      _preference(r)
+      for r in records_lib.read_jsonl(records_lib.FEEDBACK.path(stage_dir), records_lib.FEEDBACK)
+      if 'skipped' not in r['flags']
+  ]
 
 
 def _preference(r: dict) -> dict:
-  return {**{k: r[k] for k in ('id', 'prompt', 'response_a', 'response_b', 'p_a', 'flags')},
-          'kind': r.get('kind', HARMLESSNESS)}
+  return {
+      **{k: r[k] for k in ('id', 'prompt', 'response_a', 'response_b', 'p_a', 'flags')},
+      'kind': r.get('kind', HARMLESSNESS),
+  }
 
 
 def _helpful_prompts(ctx, cfg) -> list[dict]:
@@ -438,7 +537,7 @@ def _helpful_prompts(ctx, cfg) -> list[dict]:
   if not labels_helpfulness(ctx.config):
     return []
   prompts = data.stage_prompts(ctx, 'helpful')['train']
-  prompts = prompts if cfg.num_helpful_prompts < 0 else prompts[:cfg.num_helpful_prompts]
+  prompts = prompts if cfg.num_helpful_prompts < 0 else prompts[: cfg.num_helpful_prompts]
   return [dict(r, kind=HELPFULNESS) for r in prompts]
 
 
@@ -456,40 +555,53 @@ def run(ctx, stage_dir: Path) -> dict:
   check_feedback_config(cfg)
   ctx.require('sft', STAGE)
   if cfg.num_prompts == 0 or cfg.num_prompts < -1 or cfg.prompt_offset < 0:
-    raise StageError(f'config.{STAGE}: num_prompts must be -1 (all) or >= 1 and prompt_offset '
-                     f'>= 0, got {cfg.num_prompts}, {cfg.prompt_offset}')
+    raise StageError(
+        f'config.{STAGE}: num_prompts must be -1 (all) or >= 1 and prompt_offset '
+        f'>= 0, got {cfg.num_prompts}, {cfg.prompt_offset}'
+    )
   constitution = load_feedback_constitution(ctx, cfg)
-  prompts = data.stage_prompts(ctx, 'redteam')['train'][cfg.prompt_offset:]
-  prompts = prompts if cfg.num_prompts < 0 else prompts[:cfg.num_prompts]
+  prompts = data.stage_prompts(ctx, 'redteam')['train'][cfg.prompt_offset :]
+  prompts = prompts if cfg.num_prompts < 0 else prompts[: cfg.num_prompts]
   if not prompts:
     raise StageError(f'{STAGE}: no red-team train prompts after prompt_offset={cfg.prompt_offset}')
 
   helpful = _helpful_prompts(ctx, cfg)
   if labels_helpfulness(ctx.config) and not helpful:
-    raise StageError(f'{STAGE}: no helpful train prompts to label (see config.data.helpful_sources)'
-                     '; or set config.feedback.num_helpful_prompts=0')
+    raise StageError(
+        f'{STAGE}: no helpful train prompts to label (see config.data.helpful_sources)'
+        '; or set config.feedback.num_helpful_prompts=0'
+    )
   if helpful:
     _check_principle_count(cfg, constitution.helpfulness_principles, 'helpfulness')
 
   fmt, seed = ctx.config.conversation_format, ctx.config.seed
   policy = ctx.load_role('sft', frozen=True)
-  labeler = Labeler(feedback_model(ctx), constitution, cfg, fmt, ctx.config.model.max_len, seed,
-                    STAGE)
+  labeler = Labeler(
+      feedback_model(ctx), constitution, cfg, fmt, ctx.config.model.max_len, seed, STAGE
+  )
   check_few_shots(labeler, STAGE)
   stage_dir.mkdir(parents=True, exist_ok=True)
   ids = [r['id'] for r in prompts + helpful]
   resumed = 0
   # Red-team prompts, then helpful ones, each in chunks of its own seed stream, into one file.
-  for items, stream, desc in ((prompts, _RESPONSE_STREAM, 'feedback'),
-                              (helpful, _HELPFUL_STREAM, 'feedback (helpful)')):
+  for items, stream, desc in (
+      (prompts, _RESPONSE_STREAM, 'feedback'),
+      (helpful, _HELPFUL_STREAM, 'feedback (helpful)'),
+  ):
     if not items:
       continue
     progress = records_lib.process_in_chunks(
-        items, records_lib.part_path(stage_dir, 'samples'),
+        items,
+        records_lib.part_path(stage_dir, 'samples'),
         lambda chunk, s: label_chunk(chunk, s, policy=policy, labeler=labeler, cfg=cfg, fmt=fmt),
-        chunk_size=cfg.chunk_size, seed=seed, stream=stream, desc=desc, unit='pair',
+        chunk_size=cfg.chunk_size,
+        seed=seed,
+        stream=stream,
+        desc=desc,
+        unit='pair',
         progress=cfg.progress,
-        postfix=records_lib.throughput('scored_tok_s', lambda: labeler.scored_tokens))
+        postfix=records_lib.throughput('scored_tok_s', lambda: labeler.scored_tokens),
+    )
     resumed += progress['resumed']
   barrier(f'{STAGE}-labeled')
   if jax.process_index() != 0:
@@ -498,25 +610,33 @@ def run(ctx, stage_dir: Path) -> dict:
   samples = records_lib.merge_parts(stage_dir, 'samples', ids, STAGE)
   labeled = [_preference(r) for r in samples if 'skipped' not in r['flags']]
   if cfg.write_tfds:
-    data.write_records_dataset({'train': labeled}, DATASET, stage_dir / 'tfds',
-                               description='AI-feedback preference pairs (p_a = P(a is better))')
+    data.write_records_dataset(
+        {'train': labeled},
+        DATASET,
+        stage_dir / 'tfds',
+        description='AI-feedback preference pairs (p_a = P(a is better))',
+    )
   barrier(f'{STAGE}-merged')
   p = np.array([r['p_a'] for r in labeled], np.float64)
   count = lambda flag: sum(flag in r['flags'] for r in samples)  # noqa: E731
   kinds = lambda rs, kind: sum(r.get('kind', HARMLESSNESS) == kind for r in rs)  # noqa: E731
   summary = dict(
-      pairs=len(samples), labeled=len(labeled),
+      pairs=len(samples),
+      labeled=len(labeled),
       pairs_harmlessness=kinds(samples, HARMLESSNESS),
       pairs_helpfulness=kinds(samples, HELPFULNESS),
       labeled_harmlessness=kinds(labeled, HARMLESSNESS),
       labeled_helpfulness=kinds(labeled, HELPFULNESS),
-      helpfulness=_helpfulness_source(ctx.config), identical=count('identical'),
+      helpfulness=_helpfulness_source(ctx.config),
+      identical=count('identical'),
       empty=sum(bool({'empty_a', 'empty_b'} & set(r['flags'])) for r in samples),
       skipped=count('skipped'),
       mean_p_a=round(float(p.mean()), 4) if p.size else None,
       frac_a_preferred=round(float(np.mean(p > 0.5)), 4) if p.size else None,
-      scorings=sum(len(r['details']) for r in samples), resumed_pairs=resumed,
+      scorings=sum(len(r['details']) for r in samples),
+      resumed_pairs=resumed,
       **few_shot_summary([s for r in samples for s in r['details']]),
-      seconds=round(time.time() - t0, 2))
+      seconds=round(time.time() - t0, 2),
+  )
   print(f'{STAGE}: ' + ', '.join(f'{k} {v}' for k, v in summary.items()), flush=True)
   return summary

@@ -15,8 +15,9 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).',
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Path to a config file (configs/*.py).', lock_config=True
+)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for all stage outputs.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -54,8 +55,13 @@ def main(argv):
         print(banner, flush=True)
         t0 = time.time()
         rows = pipeline.run(ctx)
-  except (stages.StageError, checkpoint.CheckpointError, sharding.ShardingError, ConstitutionError,
-          DataSourceError) as e:
+  except (
+      stages.StageError,
+      checkpoint.CheckpointError,
+      sharding.ShardingError,
+      ConstitutionError,
+      DataSourceError,
+  ) as e:
     sys.exit(f'cai_jax: error: {e}')
   except OSError as e:
     _exit_on_io_error(e, Path(_WORKDIR.value))
@@ -81,11 +87,15 @@ def _model_banner(ctx) -> str:
     if role == 'helpful' and source == ctx.model_source('pretrained'):
       continue  # one model plays both roles
     cfg = ctx.load_role(role, frozen=True, cache=False).config
-    lines.append(f'model {source}: {cfg.family}, {cfg.num_params() / 1e6:.1f}M params, '
-                 f'{cfg.n_layers} layers')
-  lines[1] += (f', params {m.param_dtype} (trained) / {stages.frozen_param_dtype(m)} (frozen), '
-               f'compute {m.dtype}, remat {m.get("remat", "none")}, {jax.device_count()} '
-               f'{jax.devices()[0].platform} device(s), mesh {dict(ctx.mesh.shape)}')
+    lines.append(
+        f'model {source}: {cfg.family}, {cfg.num_params() / 1e6:.1f}M params, '
+        f'{cfg.n_layers} layers'
+    )
+  lines[1] += (
+      f', params {m.param_dtype} (trained) / {stages.frozen_param_dtype(m)} (frozen), '
+      f'compute {m.dtype}, remat {m.get("remat", "none")}, {jax.device_count()} '
+      f'{jax.devices()[0].platform} device(s), mesh {dict(ctx.mesh.shape)}'
+  )
   return '\n'.join(lines)
 
 
@@ -126,11 +136,19 @@ def _exit_on_io_error(e: OSError, workdir: Path) -> None:
   except OSError:
     free = 'free space unknown'
   if e.errno == errno.ENOSPC:
-    print(f'cai_jax: error: no space left on device writing {where} ({free}); free space or use '
-          'another --workdir, then rerun the same command to resume', file=sys.stderr, flush=True)
+    print(
+        f'cai_jax: error: no space left on device writing {where} ({free}); free space or use '
+        'another --workdir, then rerun the same command to resume',
+        file=sys.stderr,
+        flush=True,
+    )
   else:
-    print(f'cai_jax: error: {e.strerror or e} at {where}; check that path (or use another '
-          '--workdir), then rerun the same command to resume', file=sys.stderr, flush=True)
+    print(
+        f'cai_jax: error: {e.strerror or e} at {where}; check that path (or use another '
+        '--workdir), then rerun the same command to resume',
+        file=sys.stderr,
+        flush=True,
+    )
   sys.stdout.flush()
   os._exit(1)
 

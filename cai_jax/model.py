@@ -54,7 +54,9 @@ class ModelConfig:
   activation: str = 'silu'  # 'silu' | 'gelu_tanh' | 'gelu'
   positions: str = 'rope'  # 'rope' | 'learned'
   rope_theta: float = 10000.0
-  rope_scaling: tuple[tuple[str, Any], ...] | None = None  # HF rope_parameters items (llama3, linear)
+  rope_scaling: tuple[tuple[str, Any], ...] | None = (
+      None  # HF rope_parameters items (llama3, linear)
+  )
   qkv_bias: bool = False  # Qwen2, GPT-2
   out_bias: bool = False  # GPT-2 attention output / MLP biases
   tie_embeddings: bool = True
@@ -78,7 +80,9 @@ class ModelConfig:
     if self.n_heads % self.n_kv_heads:
       raise ValueError(f'n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}')
     if self.layer_types is not None and len(self.layer_types) != self.n_layers:
-      raise ValueError(f'layer_types has {len(self.layer_types)} entries for {self.n_layers} layers')
+      raise ValueError(
+          f'layer_types has {len(self.layer_types)} entries for {self.n_layers} layers'
+      )
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f'unknown remat {self.remat!r}; valid: {", ".join(REMAT_POLICIES)}')
     for field in ('dtype', 'param_dtype'):
@@ -89,8 +93,9 @@ class ModelConfig:
     return dataclasses.replace(self, **kw)
 
   def is_sliding(self, layer: int) -> bool:
-    return (self.sliding_window is not None and
-            (self.layer_types is None or self.layer_types[layer] == SLIDING))
+    return self.sliding_window is not None and (
+        self.layer_types is None or self.layer_types[layer] == SLIDING
+    )
 
   def num_params(self) -> int:
     d, f, h = self.d_model, self.d_ff, self.head_dim
@@ -104,53 +109,158 @@ class ModelConfig:
   # ---- presets -------------------------------------------------------------------------
   @classmethod
   def smollm2_135m(cls, **kw) -> ModelConfig:
-    return cls(**{**dict(family='llama', vocab_size=49152, d_model=576, n_layers=30, n_heads=9,
-                         n_kv_heads=3, head_dim=64, d_ff=1536, max_positions=8192,
-                         rope_theta=100000.0, bos_token_id=1, eos_token_id=2), **kw})
+    return cls(
+        **{
+            **dict(
+                family='llama',
+                vocab_size=49152,
+                d_model=576,
+                n_layers=30,
+                n_heads=9,
+                n_kv_heads=3,
+                head_dim=64,
+                d_ff=1536,
+                max_positions=8192,
+                rope_theta=100000.0,
+                bos_token_id=1,
+                eos_token_id=2,
+            ),
+            **kw,
+        }
+    )
 
   @classmethod
   def tiny(cls, family: str = 'llama', **kw) -> ModelConfig:
     """A few-hundred-thousand-parameter model for tests, in any family's shape."""
-    base = dict(family=family, vocab_size=320, d_model=64, n_layers=2, n_heads=8, n_kv_heads=4,
-                head_dim=8, d_ff=128, max_positions=1024, bos_token_id=257, eos_token_id=258,
-                pad_token_id=256)
+    base = dict(
+        family=family,
+        vocab_size=320,
+        d_model=64,
+        n_layers=2,
+        n_heads=8,
+        n_kv_heads=4,
+        head_dim=8,
+        d_ff=128,
+        max_positions=1024,
+        bos_token_id=257,
+        eos_token_id=258,
+        pad_token_id=256,
+    )
     if family == 'qwen2':
       base.update(qkv_bias=True, tie_embeddings=False, norm_eps=1e-6)
     elif family == 'gemma2':
-      base.update(mlp='gated', activation='gelu_tanh', norm_offset=True, embed_scale=True,
-                  post_norms=True, attn_softcap=50.0, final_softcap=30.0, query_scale=8 ** -0.5,
-                  sliding_window=4, layer_types=(SLIDING, FULL), norm_eps=1e-6)
+      base.update(
+          mlp='gated',
+          activation='gelu_tanh',
+          norm_offset=True,
+          embed_scale=True,
+          post_norms=True,
+          attn_softcap=50.0,
+          final_softcap=30.0,
+          query_scale=8**-0.5,
+          sliding_window=4,
+          layer_types=(SLIDING, FULL),
+          norm_eps=1e-6,
+      )
     elif family == 'gpt2':
-      base.update(norm='layer', mlp='dense', activation='gelu_tanh', positions='learned',
-                  qkv_bias=True, out_bias=True, n_kv_heads=8, d_ff=256, norm_eps=1e-5)
+      base.update(
+          norm='layer',
+          mlp='dense',
+          activation='gelu_tanh',
+          positions='learned',
+          qkv_bias=True,
+          out_bias=True,
+          n_kv_heads=8,
+          d_ff=256,
+          norm_eps=1e-5,
+      )
     return cls(**{**base, **kw})
 
   @classmethod
   def llama3_2_3b(cls, **kw) -> ModelConfig:
-    return cls(**{**dict(family='llama', vocab_size=128256, d_model=3072, n_layers=28, n_heads=24,
-                         n_kv_heads=8, head_dim=128, d_ff=8192, max_positions=131072,
-                         rope_theta=500000.0, norm_eps=1e-5,
-                         rope_scaling=(('rope_type', 'llama3'), ('factor', 32.0),
-                                       ('low_freq_factor', 1.0), ('high_freq_factor', 4.0),
-                                       ('original_max_position_embeddings', 8192)),
-                         bos_token_id=128000, eos_token_id=128009), **kw})
+    return cls(
+        **{
+            **dict(
+                family='llama',
+                vocab_size=128256,
+                d_model=3072,
+                n_layers=28,
+                n_heads=24,
+                n_kv_heads=8,
+                head_dim=128,
+                d_ff=8192,
+                max_positions=131072,
+                rope_theta=500000.0,
+                norm_eps=1e-5,
+                rope_scaling=(
+                    ('rope_type', 'llama3'),
+                    ('factor', 32.0),
+                    ('low_freq_factor', 1.0),
+                    ('high_freq_factor', 4.0),
+                    ('original_max_position_embeddings', 8192),
+                ),
+                bos_token_id=128000,
+                eos_token_id=128009,
+            ),
+            **kw,
+        }
+    )
 
   @classmethod
   def gemma2_2b(cls, **kw) -> ModelConfig:
-    return cls(**{**dict(family='gemma2', vocab_size=256000, d_model=2304, n_layers=26, n_heads=8,
-                         n_kv_heads=4, head_dim=256, d_ff=9216, max_positions=8192,
-                         activation='gelu_tanh', norm_offset=True, embed_scale=True,
-                         post_norms=True, attn_softcap=50.0, final_softcap=30.0,
-                         query_scale=256 ** -0.5, sliding_window=4096, norm_eps=1e-6,
-                         layer_types=tuple(SLIDING if i % 2 == 0 else FULL for i in range(26)),
-                         bos_token_id=2, eos_token_id=1, pad_token_id=0), **kw})
+    return cls(
+        **{
+            **dict(
+                family='gemma2',
+                vocab_size=256000,
+                d_model=2304,
+                n_layers=26,
+                n_heads=8,
+                n_kv_heads=4,
+                head_dim=256,
+                d_ff=9216,
+                max_positions=8192,
+                activation='gelu_tanh',
+                norm_offset=True,
+                embed_scale=True,
+                post_norms=True,
+                attn_softcap=50.0,
+                final_softcap=30.0,
+                query_scale=256**-0.5,
+                sliding_window=4096,
+                norm_eps=1e-6,
+                layer_types=tuple(SLIDING if i % 2 == 0 else FULL for i in range(26)),
+                bos_token_id=2,
+                eos_token_id=1,
+                pad_token_id=0,
+            ),
+            **kw,
+        }
+    )
 
   @classmethod
   def qwen2_5_7b(cls, **kw) -> ModelConfig:
-    return cls(**{**dict(family='qwen2', vocab_size=152064, d_model=3584, n_layers=28, n_heads=28,
-                         n_kv_heads=4, head_dim=128, d_ff=18944, max_positions=32768,
-                         rope_theta=1000000.0, qkv_bias=True, tie_embeddings=False,
-                         norm_eps=1e-6, eos_token_id=151645), **kw})
+    return cls(
+        **{
+            **dict(
+                family='qwen2',
+                vocab_size=152064,
+                d_model=3584,
+                n_layers=28,
+                n_heads=28,
+                n_kv_heads=4,
+                head_dim=128,
+                d_ff=18944,
+                max_positions=32768,
+                rope_theta=1000000.0,
+                qkv_bias=True,
+                tie_embeddings=False,
+                norm_eps=1e-6,
+                eos_token_id=151645,
+            ),
+            **kw,
+        }
+    )
 
 
 # ---- building blocks ---------------------------------------------------------------------
@@ -193,8 +303,11 @@ class Norm(nnx.Module):
 
 
 def _activation(name: str):
-  return {'silu': jax.nn.silu, 'gelu_tanh': lambda x: jax.nn.gelu(x, approximate=True),
-          'gelu': lambda x: jax.nn.gelu(x, approximate=False)}[name]
+  return {
+      'silu': jax.nn.silu,
+      'gelu_tanh': lambda x: jax.nn.gelu(x, approximate=True),
+      'gelu': lambda x: jax.nn.gelu(x, approximate=False),
+  }[name]
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
@@ -226,7 +339,7 @@ def apply_rope(x, positions, inv_freq):
   sin = jnp.concatenate([jnp.sin(angles)] * 2, -1)[:, :, None, :]
   half = x.shape[-1] // 2
   rotated = jnp.concatenate([-x[..., half:], x[..., :half]], -1)
-  return (x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype))
+  return x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)
 
 
 class Attention(nnx.Module):
@@ -283,22 +396,28 @@ class Attention(nnx.Module):
     k = jnp.einsum('BTD,DKH->BTKH', x, self.k[...].astype(dt))
     v = jnp.einsum('BTD,DKH->BTKH', x, self.v[...].astype(dt))
     if cfg.qkv_bias:
-      q, k, v = (q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt),
-                 v + self.v_bias[...].astype(dt))
+      q, k, v = (
+          q + self.q_bias[...].astype(dt),
+          k + self.k_bias[...].astype(dt),
+          v + self.v_bias[...].astype(dt),
+      )
     if cfg.positions == 'rope':
       q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
     q = sharding.constrain(q, ('batch', 'length', 'heads', 'head_dim'))
 
     t = x.shape[1]
     b, n, kh = x.shape[0], cfg.n_heads, cfg.n_kv_heads
-    scale = cfg.query_scale if cfg.query_scale is not None else cfg.head_dim ** -0.5
+    scale = cfg.query_scale if cfg.query_scale is not None else cfg.head_dim**-0.5
     q = q.reshape(b, t, kh, n // kh, cfg.head_dim) * jnp.asarray(scale, dt)
     if cache is not None:
       # The cache layout (see init_cache): keys [B, K, H, S], values [B, K, S, H].
       new = {'k': k.transpose(0, 2, 3, 1), 'v': v.transpose(0, 2, 1, 3)}
-      cache = {kv: jax.lax.dynamic_update_slice_in_dim(
-          cache[kv], new[kv].astype(cache[kv].dtype), cache_index, CACHE_SLOT_AXIS[kv])
-          for kv in ('k', 'v')}
+      cache = {
+          kv: jax.lax.dynamic_update_slice_in_dim(
+              cache[kv], new[kv].astype(cache[kv].dtype), cache_index, CACHE_SLOT_AXIS[kv]
+          )
+          for kv in ('k', 'v')
+      }
       k, v = cache['k'], cache['v']
       s = cache_length([cache])
     else:
@@ -410,15 +529,18 @@ class Decoder(nnx.Module):
     inv_freq = jnp.asarray(rope_inv_freq(cfg)) if cfg.positions == 'rope' else None
     if cache is None and cfg.remat != 'none':
       # Remat only matters for passes that are differentiated, which never carry a cache.
-      layer = nnx.remat(lambda block, x: block(x, positions, key_mask, None, cache_index, inv_freq)[0],
-                        policy=REMAT_POLICIES[cfg.remat])
+      layer = nnx.remat(
+          lambda block, x: block(x, positions, key_mask, None, cache_index, inv_freq)[0],
+          policy=REMAT_POLICIES[cfg.remat],
+      )
       for block in self.layers:
         x = layer(block, x)
       return self.final_norm(x), None
     new_cache = [] if cache is not None else None
     for i, block in enumerate(self.layers):
-      x, layer_cache = block(x, positions, key_mask, None if cache is None else cache[i],
-                             cache_index, inv_freq)
+      x, layer_cache = block(
+          x, positions, key_mask, None if cache is None else cache[i], cache_index, inv_freq
+      )
       if cache is not None:
         new_cache.append(layer_cache)
     return self.final_norm(x), new_cache
@@ -442,17 +564,23 @@ class Decoder(nnx.Module):
 # The KV cache: per layer, keys [B, K, H, S] and values [B, K, S, H], slots (S) minor for the
 # keys so that decoding's query-key reduction runs along contiguous memory.
 CACHE_SLOT_AXIS = {'k': 3, 'v': 2}
-_CACHE_NAMES = {'k': ('batch', 'kv_heads', 'head_dim', 'length'),
-                'v': ('batch', 'kv_heads', 'length', 'head_dim')}
+_CACHE_NAMES = {
+    'k': ('batch', 'kv_heads', 'head_dim', 'length'),
+    'v': ('batch', 'kv_heads', 'length', 'head_dim'),
+}
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> list[dict]:
   """Zeroed KV cache of `length` slots (layout above), placed by the mesh rules."""
   dtype = jnp.dtype(dtype or cfg.dtype)
-  shapes = {'k': (batch, cfg.n_kv_heads, cfg.head_dim, length),
-            'v': (batch, cfg.n_kv_heads, length, cfg.head_dim)}
-  return [{kv: sharding.zeros(shapes[kv], dtype, _CACHE_NAMES[kv]) for kv in ('k', 'v')}
-          for _ in range(cfg.n_layers)]
+  shapes = {
+      'k': (batch, cfg.n_kv_heads, cfg.head_dim, length),
+      'v': (batch, cfg.n_kv_heads, length, cfg.head_dim),
+  }
+  return [
+      {kv: sharding.zeros(shapes[kv], dtype, _CACHE_NAMES[kv]) for kv in ('k', 'v')}
+      for _ in range(cfg.n_layers)
+  ]
 
 
 def cache_length(cache: list[dict]) -> int:
@@ -461,14 +589,18 @@ def cache_length(cache: list[dict]) -> int:
 
 def cache_prefix(cache: list[dict], length: int) -> list[dict]:
   """The first `length` slots of every layer's keys and values."""
-  return [{kv: jax.lax.slice_in_dim(c[kv], 0, length, axis=CACHE_SLOT_AXIS[kv]) for kv in c}
-          for c in cache]
+  return [
+      {kv: jax.lax.slice_in_dim(c[kv], 0, length, axis=CACHE_SLOT_AXIS[kv]) for kv in c}
+      for c in cache
+  ]
 
 
 def cache_write_prefix(cache: list[dict], prefix: list[dict]) -> list[dict]:
   """`cache` with its first slots replaced by `prefix` (e.g. a prefill's cache_prefix)."""
-  return [{kv: jax.lax.dynamic_update_slice_in_dim(c[kv], p[kv], 0, CACHE_SLOT_AXIS[kv])
-           for kv in c} for c, p in zip(cache, prefix)]
+  return [
+      {kv: jax.lax.dynamic_update_slice_in_dim(c[kv], p[kv], 0, CACHE_SLOT_AXIS[kv]) for kv in c}
+      for c, p in zip(cache, prefix)
+  ]
 
 
 class ScalarHeadModel(nnx.Module):
@@ -478,7 +610,7 @@ class ScalarHeadModel(nnx.Module):
     self.cfg = cfg
     self.trunk = trunk if trunk is not None else Decoder(cfg, rngs=rngs)
     pd = jnp.dtype(cfg.param_dtype)
-    self.head = _param(rngs, (cfg.d_model,), ('embed',), pd, std=cfg.d_model ** -0.5)
+    self.head = _param(rngs, (cfg.d_model,), ('embed',), pd, std=cfg.d_model**-0.5)
     self.head_bias = _param(rngs, (), (), pd, 'zeros')
 
   def values(self, tokens, positions=None, key_mask=None):
@@ -488,8 +620,9 @@ class ScalarHeadModel(nnx.Module):
 
   def values_from_hidden(self, h):
     """The head on trunk hidden states [B, T, D] -> [B, T] (float32); PPO's shared-trunk value."""
-    return (jnp.einsum('BTD,D->BT', h.astype(jnp.float32), self.head[...].astype(jnp.float32))
-            + self.head_bias[...].astype(jnp.float32))
+    return jnp.einsum(
+        'BTD,D->BT', h.astype(jnp.float32), self.head[...].astype(jnp.float32)
+    ) + self.head_bias[...].astype(jnp.float32)
 
   def __call__(self, tokens, read_index, positions=None, key_mask=None):
     """The scalar read at `read_index` [B] (e.g. the last real token), shape [B]."""

@@ -15,8 +15,16 @@ from typing import NamedTuple
 
 import jax
 
-from cai_jax import (critique_revision, evaluate, evaluate_feedback, feedback, ppo, preference, sft,
-                     stages)
+from cai_jax import (
+    critique_revision,
+    evaluate,
+    evaluate_feedback,
+    feedback,
+    ppo,
+    preference,
+    sft,
+    stages,
+)
 from cai_jax.stages import StageError
 
 
@@ -40,8 +48,11 @@ STAGES: dict[str, Stage] = {
     'evaluate_feedback': Stage(evaluate_feedback, (), models=('pretrained',)),
     'preference': Stage(preference, ('feedback',), models=('pretrained', 'helpful')),
     'ppo': Stage(ppo, ('sft', 'preference')),
-    'evaluate': Stage(evaluate, ('critique_revision', 'sft', 'preference', 'ppo'),
-                      models=('pretrained', 'helpful')),
+    'evaluate': Stage(
+        evaluate,
+        ('critique_revision', 'sft', 'preference', 'ppo'),
+        models=('pretrained', 'helpful'),
+    ),
 }
 ORDER = tuple(STAGES)
 
@@ -50,8 +61,10 @@ def parse_stage_list(value: str | tuple | list, what: str = 'config.stages') -> 
   names = [s.strip() for s in (value.split(',') if isinstance(value, str) else value) if s.strip()]
   unknown = [s for s in names if s not in STAGES]
   if unknown:
-    raise StageError(f'{what}: unknown stage(s) {", ".join(map(repr, unknown))}; valid stages: '
-                     f'{", ".join(ORDER)}')
+    raise StageError(
+        f'{what}: unknown stage(s) {", ".join(map(repr, unknown))}; valid stages: '
+        f'{", ".join(ORDER)}'
+    )
   return sorted(set(names), key=ORDER.index)
 
 
@@ -110,8 +123,9 @@ def _upstream_unused(config, name: str, upstream: str) -> bool:
   reward needs no PM, and ppo with an explicit `ppo.policy_source` needs no SFT model."""
   if name != 'ppo':
     return False
-  return ((upstream == 'preference' and config.ppo.reward == 'synthetic') or
-          (upstream == 'sft' and bool(config.ppo.policy_source)))
+  return (upstream == 'preference' and config.ppo.reward == 'synthetic') or (
+      upstream == 'sft' and bool(config.ppo.policy_source)
+  )
 
 
 def timing_table(rows, total: float) -> str:

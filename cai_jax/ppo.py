@@ -56,16 +56,24 @@ class PPOError(stages.StageError):
 # ---- prompts -------------------------------------------------------------------------------------
 
 
-def step_prompts(redteam: Sequence[dict], helpful: Sequence[dict], step: int, batch_size: int,
-                 helpful_fraction: float, seed: int) -> list[dict]:
+def step_prompts(
+    redteam: Sequence[dict],
+    helpful: Sequence[dict],
+    step: int,
+    batch_size: int,
+    helpful_fraction: float,
+    seed: int,
+) -> list[dict]:
   """The prompt records of the `step`-th rollout (0-based): a pure function of it, so resuming is free.
 
   Each stream (red-team, helpful) is read in order of a fresh seeded permutation per pass.
   """
   n_helpful = int(round(batch_size * helpful_fraction))
   out = []
-  for stream, items, n in ((_REDTEAM_STREAM, redteam, batch_size - n_helpful),
-                           (_HELPFUL_STREAM, helpful, n_helpful)):
+  for stream, items, n in (
+      (_REDTEAM_STREAM, redteam, batch_size - n_helpful),
+      (_HELPFUL_STREAM, helpful, n_helpful),
+  ):
     for i in range(step * n, (step + 1) * n):
       epoch, j = divmod(i, len(items))
       order = np.random.default_rng([seed, stream, epoch]).permutation(len(items))
@@ -84,14 +92,16 @@ def encode_prompt(prompt: str, tokenizer, fmt: str, max_tokens: int) -> list[int
 # ---- rewards -------------------------------------------------------------------------------------
 
 
-def synthetic_scores(responses: Sequence[Sequence[int]], token_id: int, max_new_tokens: int
-                     ) -> np.ndarray:
+def synthetic_scores(
+    responses: Sequence[Sequence[int]], token_id: int, max_new_tokens: int
+) -> np.ndarray:
   """The toy reward: the share of the response budget spent on one chosen token, in [0, 1]."""
   return np.array([sum(t == token_id for t in r) / max_new_tokens for r in responses], np.float32)
 
 
-def shape_scores(scores: np.ndarray, truncated: np.ndarray, cfg, reward_stats: dict
-                 ) -> tuple[np.ndarray, dict]:
+def shape_scores(
+    scores: np.ndarray, truncated: np.ndarray, cfg, reward_stats: dict
+) -> tuple[np.ndarray, dict]:
   """Scores -> the reward at each response's last token, and the updated running stats.
 
   Normalization (running mean/std) and clipping act on the score; the truncation penalty is
@@ -112,15 +122,16 @@ def shape_scores(scores: np.ndarray, truncated: np.ndarray, cfg, reward_stats: d
 # ---- the learner ---------------------------------------------------------------------------------
 
 
-def response_logits(policy: Decoder, tokens, positions, key_mask, prompt_len: int,
-                    temperature: float, hidden=None):
+def response_logits(
+    policy: Decoder, tokens, positions, key_mask, prompt_len: int, temperature: float, hidden=None
+):
   """Logits [B, R, V] / temperature that predict the response tokens tokens[:, prompt_len:].
 
   Only the R response positions go through the LM head (the [B, T, V] logits never exist).
   """
   if hidden is None:
     hidden, _ = policy.hidden(tokens, positions, key_mask)
-  return policy.logits_from_hidden(hidden[:, prompt_len - 1:-1]) / temperature
+  return policy.logits_from_hidden(hidden[:, prompt_len - 1 : -1]) / temperature
 
 
 def token_logprobs(logits, targets):
@@ -145,16 +156,19 @@ class ActorCritic(nnx.Module):
   def __call__(self, tokens, positions, key_mask, prompt_len: int, temperature: float):
     """(logits [B, R, V] of the response tokens, values [B, R] of the states before them)."""
     hidden, _ = self.policy.hidden(tokens, positions, key_mask)
-    logits = response_logits(self.policy, tokens, positions, key_mask, prompt_len, temperature,
-                             hidden)
+    logits = response_logits(
+        self.policy, tokens, positions, key_mask, prompt_len, temperature, hidden
+    )
     if self.value.trunk is self.policy:
       values = self.value.values_from_hidden(hidden)
     else:
       values = self.value.values(tokens, positions, key_mask)
-    return logits, values[:, prompt_len - 1:-1]
+    return logits, values[:, prompt_len - 1 : -1]
 
 
-def per_model_optimizer(txs: dict[str, optax.GradientTransformation]) -> optax.GradientTransformation:
+def per_model_optimizer(
+    txs: dict[str, optax.GradientTransformation],
+) -> optax.GradientTransformation:
   """One optax optimizer per top-level part of the parameters ('policy', 'value').
 
   Unlike optax.multi_transform, each part's state holds only its own parameters, so it is laid
@@ -167,7 +181,9 @@ def per_model_optimizer(txs: dict[str, optax.GradientTransformation]) -> optax.G
   def update(grads, state, params=None):
     updates, new_state = nnx.State({}), {}
     for k, tx in txs.items():
-      updates[k], new_state[k] = tx.update(grads[k], state[k], None if params is None else params[k])
+      updates[k], new_state[k] = tx.update(
+          grads[k], state[k], None if params is None else params[k]
+      )
     return updates, new_state
 
   return optax.GradientTransformation(init, update)
@@ -184,17 +200,21 @@ def make_loss_fn(cfg):
   def loss_fn(ac: ActorCritic, batch):
     mask = batch['response_mask']
     prompt_len = batch['tokens'].shape[1] - mask.shape[1]
-    logits, values = ac(batch['tokens'], batch['positions'], batch['key_mask'], prompt_len,
-                        temperature)
+    logits, values = ac(
+        batch['tokens'], batch['positions'], batch['key_mask'], prompt_len, temperature
+    )
     logp = token_logprobs(logits, batch['tokens'][:, prompt_len:])
-    policy_loss, policy_aux = rl.ppo_policy_loss(logp, batch['old_logp'], batch['advantages'],
-                                                 mask, cfg.clip_eps)
-    value_loss, value_aux = rl.ppo_value_loss(values, batch['old_values'], batch['returns'], mask,
-                                              cfg.value_clip_eps)
+    policy_loss, policy_aux = rl.ppo_policy_loss(
+        logp, batch['old_logp'], batch['advantages'], mask, cfg.clip_eps
+    )
+    value_loss, value_aux = rl.ppo_value_loss(
+        values, batch['old_values'], batch['returns'], mask, cfg.value_clip_eps
+    )
     entropy = rl.entropy_from_logits(logits, mask)
     loss = policy_loss + cfg.value_coef * value_loss - cfg.entropy_coef * entropy
-    return loss, dict(policy_loss=policy_loss, value_loss=value_loss, entropy=entropy,
-                      **policy_aux, **value_aux)
+    return loss, dict(
+        policy_loss=policy_loss, value_loss=value_loss, entropy=entropy, **policy_aux, **value_aux
+    )
 
   return loss_fn
 
@@ -214,8 +234,9 @@ def make_rollout_fn(graphdef, ref_graphdef, cfg):
     inputs = (batch['tokens'], batch['positions'], batch['key_mask'])
     logits, values = nnx.merge(graphdef, params)(*inputs, prompt_len, temperature)
     logp = token_logprobs(logits, targets)
-    ref_logits = response_logits(nnx.merge(ref_graphdef, ref_params), *inputs, prompt_len,
-                                 temperature)
+    ref_logits = response_logits(
+        nnx.merge(ref_graphdef, ref_params), *inputs, prompt_len, temperature
+    )
     ref_logp = token_logprobs(ref_logits, targets)
     rewards = rl.per_token_rewards(final_rewards, logp, ref_logp, mask, kl_coef, cfg.kl.estimator)
     advantages, returns = rl.gae(rewards, values, mask, cfg.gamma, cfg.lam)
@@ -224,13 +245,22 @@ def make_rollout_fn(graphdef, ref_graphdef, cfg):
     # KL per response (sum over its tokens), averaged over responses: k3 (>= 0) is reported and
     # steers the adaptive controller; the penalty is what the reward actually subtracted.
     kl_per_response = rl.masked_sum(rl.kl_penalty(logp, ref_logp, 'k3'), mask, axis=1)
-    kl_penalty = kl_coef * rl.masked_sum(rl.kl_penalty(logp, ref_logp, cfg.kl.estimator), mask,
-                                         axis=1).mean()
-    return dict(old_logp=logp * mask, old_values=values * mask, advantages=advantages,
-                returns=returns, kl=kl_per_response.mean(), kl_per_response=kl_per_response,
-                kl_penalty=kl_penalty,
-                explained_variance=rl.explained_variance(values, returns, mask),
-                value_mean=rl.masked_mean(values, mask), return_mean=rl.masked_mean(returns, mask))
+    kl_penalty = (
+        kl_coef
+        * rl.masked_sum(rl.kl_penalty(logp, ref_logp, cfg.kl.estimator), mask, axis=1).mean()
+    )
+    return dict(
+        old_logp=logp * mask,
+        old_values=values * mask,
+        advantages=advantages,
+        returns=returns,
+        kl=kl_per_response.mean(),
+        kl_per_response=kl_per_response,
+        kl_penalty=kl_penalty,
+        explained_variance=rl.explained_variance(values, returns, mask),
+        value_mean=rl.masked_mean(values, mask),
+        return_mean=rl.masked_mean(returns, mask),
+    )
 
   return rollout_fn
 
@@ -238,8 +268,14 @@ def make_rollout_fn(graphdef, ref_graphdef, cfg):
 # ---- rollouts ------------------------------------------------------------------------------------
 
 
-def pack_rollout(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *,
-                 prompt_len: int, response_len: int, pad_id: int) -> dict[str, np.ndarray]:
+def pack_rollout(
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    *,
+    prompt_len: int,
+    response_len: int,
+    pad_id: int,
+) -> dict[str, np.ndarray]:
   """The training layout of a rollout batch: [left-padded prompt | right-padded response].
 
   tokens, positions (cumsum of the mask - 1, so a row's first real token is at 0), key_mask
@@ -250,12 +286,16 @@ def pack_rollout(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[
   tokens = np.full((b, prompt_len + response_len), pad_id, np.int32)
   key_mask = np.zeros(tokens.shape, bool)
   for i, (p, r) in enumerate(zip(prompts, responses)):
-    tokens[i, prompt_len - len(p):prompt_len] = p
-    tokens[i, prompt_len:prompt_len + len(r)] = r
-    key_mask[i, prompt_len - len(p):prompt_len + len(r)] = True
+    tokens[i, prompt_len - len(p) : prompt_len] = p
+    tokens[i, prompt_len : prompt_len + len(r)] = r
+    key_mask[i, prompt_len - len(p) : prompt_len + len(r)] = True
   positions = np.maximum(np.cumsum(key_mask, axis=1) - 1, 0).astype(np.int32)
-  return dict(tokens=tokens, positions=positions, key_mask=key_mask,
-              response_mask=key_mask[:, prompt_len:].astype(np.float32))
+  return dict(
+      tokens=tokens,
+      positions=positions,
+      key_mask=key_mask,
+      response_mask=key_mask[:, prompt_len:].astype(np.float32),
+  )
 
 
 def _seed(*parts: int) -> int:
@@ -272,12 +312,23 @@ def check_config(config) -> int:
   if cfg.reward not in ('preference', 'synthetic'):
     problems.append(f"reward must be 'preference' or 'synthetic', got {cfg.reward!r}")
   if cfg.truncation_mode not in ('add', 'replace', 'none'):
-    problems.append(f"truncation_mode must be 'add', 'replace' or 'none', got {cfg.truncation_mode!r}")
-  for field in ('steps', 'batch_size', 'max_new_tokens', 'epochs', 'minibatches', 'max_prompt_tokens'):
+    problems.append(
+        f"truncation_mode must be 'add', 'replace' or 'none', got {cfg.truncation_mode!r}"
+    )
+  for field in (
+      'steps',
+      'batch_size',
+      'max_new_tokens',
+      'epochs',
+      'minibatches',
+      'max_prompt_tokens',
+  ):
     if cfg[field] < 1:
       problems.append(f'{field} must be >= 1, got {cfg[field]}')
   if cfg.minibatches >= 1 and cfg.batch_size % cfg.minibatches:
-    problems.append(f'batch_size {cfg.batch_size} does not split into {cfg.minibatches} minibatches')
+    problems.append(
+        f'batch_size {cfg.batch_size} does not split into {cfg.minibatches} minibatches'
+    )
   if not 0.0 <= cfg.helpful_fraction <= 1.0:
     problems.append(f'helpful_fraction must be in [0, 1], got {cfg.helpful_fraction}')
   if not cfg.temperature > 0:
@@ -286,8 +337,10 @@ def check_config(config) -> int:
     problems.append('an adaptive KL controller needs kl.target > 0 and kl.horizon > 0')
   max_prompt_tokens = min(cfg.max_prompt_tokens, max_len - cfg.max_new_tokens)
   if max_prompt_tokens < 1:
-    problems.append(f'max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in '
-                    f'config.model.max_len={max_len}')
+    problems.append(
+        f'max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in '
+        f'config.model.max_len={max_len}'
+    )
   if problems:
     raise PPOError('config.ppo: ' + '; '.join(problems))
   return max_prompt_tokens
@@ -298,27 +351,37 @@ def _prompt_pools(ctx, cfg) -> tuple[list[dict], list[dict]]:
   redteam = data.stage_prompts(ctx, 'redteam')['train'] if cfg.helpful_fraction < 1 else []
   helpful = data.stage_prompts(ctx, 'helpful')['train'] if cfg.helpful_fraction > 0 else []
   n_helpful = int(round(cfg.batch_size * cfg.helpful_fraction))
-  for name, items, n in (('red-team', redteam, cfg.batch_size - n_helpful), ('helpful', helpful, n_helpful)):
+  for name, items, n in (
+      ('red-team', redteam, cfg.batch_size - n_helpful),
+      ('helpful', helpful, n_helpful),
+  ):
     if n and not items:
-      raise PPOError(f'ppo: the {name} train split is empty, but ppo.helpful_fraction='
-                     f'{cfg.helpful_fraction} asks for {n} {name} prompts per step (see config.data)')
+      raise PPOError(
+          f'ppo: the {name} train split is empty, but ppo.helpful_fraction='
+          f'{cfg.helpful_fraction} asks for {n} {name} prompts per step (see config.data)'
+      )
   return redteam, helpful
 
 
-def check_same_tokenizer(policy: checkpoint.Pretrained, pm: checkpoint.Pretrained, where: str) -> None:
+def check_same_tokenizer(
+    policy: checkpoint.Pretrained, pm: checkpoint.Pretrained, where: str
+) -> None:
   """The PM must read the policy's tokens as the policy means them (and a value net built
   from the PM must share the policy's vocabulary)."""
   a, b = policy.tokenizer.get_vocab(), pm.tokenizer.get_vocab()
   if a != b or policy.config.vocab_size != pm.config.vocab_size:
     differ = sum(1 for k in set(a) | set(b) if a.get(k) != b.get(k))
-    raise PPOError(f'the preference model ({where}) does not match the policy\'s tokenizer: '
-                   f'{len(b)} vs {len(a)} tokens ({differ} differ), model vocabularies '
-                   f'{pm.config.vocab_size} vs {policy.config.vocab_size}; train the PM from the '
-                   'same base model as the policy')
+    raise PPOError(
+        f"the preference model ({where}) does not match the policy's tokenizer: "
+        f'{len(b)} vs {len(a)} tokens ({differ} differ), model vocabularies '
+        f'{pm.config.vocab_size} vs {policy.config.vocab_size}; train the PM from the '
+        'same base model as the policy'
+    )
 
 
-def _load_pm(ctx, policy: checkpoint.Pretrained, needed_by: str, *, frozen: bool
-             ) -> checkpoint.Pretrained:
+def _load_pm(
+    ctx, policy: checkpoint.Pretrained, needed_by: str, *, frozen: bool
+) -> checkpoint.Pretrained:
   ctx.require('preference', needed_by)
   # A frozen PM scores the whole stage; a trained one (the value net's start) is copied into the
   # train state, so it is not kept.
@@ -328,8 +391,9 @@ def _load_pm(ctx, policy: checkpoint.Pretrained, needed_by: str, *, frozen: bool
 
 
 def _value_model(ctx, cfg, policy: checkpoint.Pretrained) -> ScalarHeadModel:
-  new_head = lambda trunk: ScalarHeadModel(policy.config, rngs=nnx.Rngs(params=ctx.config.seed + 1),
-                                           trunk=trunk)
+  new_head = lambda trunk: ScalarHeadModel(
+      policy.config, rngs=nnx.Rngs(params=ctx.config.seed + 1), trunk=trunk
+  )
   if cfg.value.shared_trunk:
     return new_head(policy.model)
   if cfg.value.init == 'preference':  # the PM's trunk and head (the stage's PM stays untouched)
@@ -338,8 +402,10 @@ def _value_model(ctx, cfg, policy: checkpoint.Pretrained) -> ScalarHeadModel:
     return new_head(nnx.clone(policy.model))
   value = ctx.load(cfg.value.init, scalar_head=True, cache=False)
   if value.config.vocab_size != policy.config.vocab_size:
-    raise PPOError(f'ppo.value.init={cfg.value.init!r}: vocabulary {value.config.vocab_size} '
-                   f'differs from the policy\'s {policy.config.vocab_size}')
+    raise PPOError(
+        f'ppo.value.init={cfg.value.init!r}: vocabulary {value.config.vocab_size} '
+        f"differs from the policy's {policy.config.vocab_size}"
+    )
   return value.model
 
 
@@ -351,8 +417,9 @@ class _Scorer:
     if cfg.reward == 'preference':
       self.pm = _load_pm(ctx, policy, 'ppo', frozen=True)
       # Every conversation pads to one length that holds a full prompt and response.
-      self.bucket = min(cfg.pm_max_len,
-                        1 << (max_prompt_tokens + cfg.max_new_tokens + 8 - 1).bit_length())
+      self.bucket = min(
+          cfg.pm_max_len, 1 << (max_prompt_tokens + cfg.max_new_tokens + 8 - 1).bit_length()
+      )
     else:
       # Not a prompt: the id of a token the policy may generate, so no BOS belongs in front.
       ids = policy.tokenizer(cfg.synthetic_text, add_special_tokens=False)['input_ids']
@@ -364,10 +431,15 @@ class _Scorer:
     cfg = self.cfg
     if cfg.reward == 'preference':
       from cai_jax import preference  # the stage module that owns PM scoring
+
       return preference.score_conversations(
-          self.pm, [(r['prompt'], text) for r, text in zip(records, responses)], fmt=self.fmt,
-          batch_size=min(cfg.pm_batch_size, cfg.batch_size), max_len=cfg.pm_max_len,
-          min_bucket=self.bucket)
+          self.pm,
+          [(r['prompt'], text) for r, text in zip(records, responses)],
+          fmt=self.fmt,
+          batch_size=min(cfg.pm_batch_size, cfg.batch_size),
+          max_len=cfg.pm_max_len,
+          min_bucket=self.bucket,
+      )
     scores = synthetic_scores(response_tokens, self.token_id, cfg.max_new_tokens)
     return np.full_like(scores, np.nan) if step == cfg.synthetic_nan_step else scores
 
@@ -390,7 +462,8 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
   score = _Scorer(ctx, cfg, policy, max_prompt_tokens)
   # The frozen KL reference, in model.frozen_param_dtype (the learner trains a copy of the policy).
   ref_graphdef, ref_params = nnx.split(
-      model_lib.with_param_dtype(policy.model, stages.frozen_param_dtype(config.model)))
+      model_lib.with_param_dtype(policy.model, stages.frozen_param_dtype(config.model))
+  )
 
   # The learner, with separate AdamW optimizers (and schedules) for the policy and the value.
   n_updates = cfg.steps * cfg.epochs * cfg.minibatches
@@ -398,7 +471,8 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
   value_tx, value_lr = train_lib.make_optimizer(cfg.value_optimizer, n_updates)
   tx = per_model_optimizer({'policy': policy_tx, 'value': value_tx})
   graphdef, train_state, shardings = train_lib.init_state(
-      ActorCritic(policy.model, _value_model(ctx, cfg, policy)), tx)
+      ActorCritic(policy.model, _value_model(ctx, cfg, policy)), tx
+  )
   policy = dataclasses.replace(policy, model=None)  # frees the loaded copy (HBM) for the learner
   train_step = train_lib.make_train_step(graphdef, tx, make_loss_fn(cfg), shardings, policy_lr)
   rollout_fn = make_rollout_fn(graphdef, ref_graphdef, cfg)
@@ -406,10 +480,14 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
   # A checkpoint holds the learner, the KL coefficient and the reward statistics; the step is
   # the data position (a step's prompts and samples are functions of it).
   kl_ctl = rl.kl_controller_init(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon, cfg.kl.adaptive)
-  state = dict(train=train_state, kl_coef=jnp.float32(kl_ctl['coef']),
-               reward_stats={k: jnp.float32(v) for k, v in rl.running_stats_init().items()})
-  ckpt = train_lib.Checkpointer(stage_dir / 'checkpoints', save_every=cfg.checkpoint_every,
-                                max_to_keep=cfg.max_to_keep)
+  state = dict(
+      train=train_state,
+      kl_coef=jnp.float32(kl_ctl['coef']),
+      reward_stats={k: jnp.float32(v) for k, v in rl.running_stats_init().items()},
+  )
+  ckpt = train_lib.Checkpointer(
+      stage_dir / 'checkpoints', save_every=cfg.checkpoint_every, max_to_keep=cfg.max_to_keep
+  )
   start = ckpt.latest_step() or 0
   if start:
     state = ckpt.restore_latest(state)
@@ -429,10 +507,16 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
     prompt_len = sampling.length_bucket(max(len(p) for p in prompt_ids), cfg.min_prompt_bucket)
 
     # 2. Rollout from the current policy.
-    out = sampling.generate(nnx.merge(graphdef, state['train'].params).policy, prompt_ids,
-                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                            stop_strings=stops, tokenizer=tok, seed=_seed(seed, _SAMPLING_STREAM, step),
-                            min_prompt_bucket=prompt_len)
+    out = sampling.generate(
+        nnx.merge(graphdef, state['train'].params).policy,
+        prompt_ids,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        stop_strings=stops,
+        tokenizer=tok,
+        seed=_seed(seed, _SAMPLING_STREAM, step),
+        min_prompt_bucket=prompt_len,
+    )
     t_sample = time.time() - t0
     responses = [t.lstrip() if fmt == 'transcript' else t for t in out.texts]
     truncated = np.array([f == 'length' for f in out.finish_reason], np.float32)
@@ -443,11 +527,25 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
     state['reward_stats'] = {k: jnp.float32(v) for k, v in reward_stats.items()}
 
     # 4. Old and reference log-probs, values, KL-penalized rewards, advantages.
-    rollout = pack_rollout(prompt_ids, out.tokens, prompt_len=prompt_len,
-                           response_len=cfg.max_new_tokens, pad_id=pad_id)
-    stats = jax.device_get(rollout_fn(state['train'].params, ref_params, train_lib.device_batch(rollout),
-                                      jnp.asarray(final_rewards), state['kl_coef']))
-    rollout.update({k: np.asarray(stats[k]) for k in ('old_logp', 'old_values', 'advantages', 'returns')})
+    rollout = pack_rollout(
+        prompt_ids,
+        out.tokens,
+        prompt_len=prompt_len,
+        response_len=cfg.max_new_tokens,
+        pad_id=pad_id,
+    )
+    stats = jax.device_get(
+        rollout_fn(
+            state['train'].params,
+            ref_params,
+            train_lib.device_batch(rollout),
+            jnp.asarray(final_rewards),
+            state['kl_coef'],
+        )
+    )
+    rollout.update(
+        {k: np.asarray(stats[k]) for k in ('old_logp', 'old_values', 'advantages', 'returns')}
+    )
 
     # 5. epochs x minibatches updates of the policy and the value function.
     t1 = time.time()
@@ -461,13 +559,27 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
     state['kl_coef'] = jnp.float32(kl_ctl['coef'])
 
     metrics = _step_metrics(scores, final_rewards, stats, updates, out, truncated, rollout, cfg)
-    metrics.update(kl_coef=kl_coef, lr=updates[-1]['lr'],
-                   value_lr=float(value_lr(int(state['train'].step) - 1)), sample_seconds=t_sample,
-                   train_seconds=t_train, step_seconds=time.time() - t0)
+    metrics.update(
+        kl_coef=kl_coef,
+        lr=updates[-1]['lr'],
+        value_lr=float(value_lr(int(state['train'].step) - 1)),
+        sample_seconds=t_sample,
+        train_seconds=t_train,
+        step_seconds=time.time() - t0,
+    )
     writer.write(step, metrics)
     if cfg.sample_every and step % cfg.sample_every == 0 and jax.process_index() == 0:
-      _write_samples(samples_path, step, records, responses, scores, final_rewards,
-                     stats['kl_per_response'], out.finish_reason, cfg.num_samples)
+      _write_samples(
+          samples_path,
+          step,
+          records,
+          responses,
+          scores,
+          final_rewards,
+          stats['kl_per_response'],
+          out.finish_reason,
+          cfg.num_samples,
+      )
     ckpt.save(step, state, force=step == cfg.steps)
     bar.update(1)
     bar.set_postfix(score=f'{metrics["score_mean"]:.3f}', kl=f'{metrics["kl"]:.3f}')
@@ -477,24 +589,35 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
 
   export = stage_dir / 'export'
   rl_cai = nnx.merge(graphdef, train_lib.gather_params(state['train'].params)).policy
-  checkpoint.save_pretrained(checkpoint.Pretrained(rl_cai, tok, policy.config, str(export)), str(export))
+  checkpoint.save_pretrained(
+      checkpoint.Pretrained(rl_cai, tok, policy.config, str(export)), str(export)
+  )
   history = train_lib.read_metrics(stage_dir / 'metrics.jsonl')
   mean = lambda rows, k: float(np.mean([r[k] for r in rows])) if rows else None
-  return {'steps': cfg.steps, 'resumed_from': start, 'seconds': time.time() - t_start,
-          'score_mean_first10': mean(history[:10], 'score_mean'),
-          'score_mean_last10': mean(history[-10:], 'score_mean'),
-          'kl_last': history[-1]['kl'] if history else None, 'policy_source': policy_source,
-          'export': str(export)}
+  return {
+      'steps': cfg.steps,
+      'resumed_from': start,
+      'seconds': time.time() - t_start,
+      'score_mean_first10': mean(history[:10], 'score_mean'),
+      'score_mean_last10': mean(history[-10:], 'score_mean'),
+      'kl_last': history[-1]['kl'] if history else None,
+      'policy_source': policy_source,
+      'export': str(export),
+  }
 
 
 def _train_on(train_state, train_step, rollout: dict[str, np.ndarray], cfg, seed: int, step: int):
   """`epochs` passes over the rollout batch in `minibatches` seeded random minibatches."""
   updates, size = [], cfg.batch_size // cfg.minibatches
   for epoch in range(cfg.epochs):
-    order = np.random.default_rng([seed, _MINIBATCH_STREAM, step, epoch]).permutation(cfg.batch_size)
+    order = np.random.default_rng([seed, _MINIBATCH_STREAM, step, epoch]).permutation(
+        cfg.batch_size
+    )
     for k in range(cfg.minibatches):
-      rows = order[k * size:(k + 1) * size]
-      train_state, m = train_step(train_state, train_lib.device_batch({n: v[rows] for n, v in rollout.items()}))
+      rows = order[k * size : (k + 1) * size]
+      train_state, m = train_step(
+          train_state, train_lib.device_batch({n: v[rows] for n, v in rollout.items()})
+      )
       updates.append(m)
   return train_state, [train_lib.host_metrics(m) for m in updates]
 
@@ -511,31 +634,65 @@ def _stop_if_not_finite(updates, step, ckpt, bar, writer) -> None:
 
 def _step_metrics(scores, final_rewards, stats, updates, out, truncated, rollout, cfg) -> dict:
   metrics = {
-      'reward_mean': float(final_rewards.mean()), 'reward_std': float(final_rewards.std()),
-      'score_mean': float(np.mean(scores)), 'score_std': float(np.std(scores)),
-      'kl': float(stats['kl']), 'kl_penalty': float(stats['kl_penalty']),
-      **{k: float(np.mean([m[k] for m in updates]))
-         for k in ('entropy', 'clipfrac', 'approx_kl', 'ratio', 'policy_loss', 'value_loss',
-                   'value_clipfrac', 'loss', 'grad_norm')},
+      'reward_mean': float(final_rewards.mean()),
+      'reward_std': float(final_rewards.std()),
+      'score_mean': float(np.mean(scores)),
+      'score_std': float(np.std(scores)),
+      'kl': float(stats['kl']),
+      'kl_penalty': float(stats['kl_penalty']),
+      **{
+          k: float(np.mean([m[k] for m in updates]))
+          for k in (
+              'entropy',
+              'clipfrac',
+              'approx_kl',
+              'ratio',
+              'policy_loss',
+              'value_loss',
+              'value_clipfrac',
+              'loss',
+              'grad_norm',
+          )
+      },
       'explained_variance': float(stats['explained_variance']),
-      'value_mean': float(stats['value_mean']), 'return_mean': float(stats['return_mean']),
+      'value_mean': float(stats['value_mean']),
+      'return_mean': float(stats['return_mean']),
       'response_length': float(np.mean([len(t) for t in out.tokens])),
       'truncated_fraction': float(truncated.mean()),
   }
   if cfg.temperature == 1.0:  # how far the sampler's log-probs were from the training forward's
-    metrics['logprob_gap'] = max((float(np.max(np.abs(lp - rollout['old_logp'][i, :len(lp)])))
-                                  for i, lp in enumerate(out.logprobs) if len(lp)), default=0.0)
+    metrics['logprob_gap'] = max(
+        (
+            float(np.max(np.abs(lp - rollout['old_logp'][i, : len(lp)])))
+            for i, lp in enumerate(out.logprobs)
+            if len(lp)
+        ),
+        default=0.0,
+    )
   return metrics
 
 
-def _write_samples(path: Path, step: int, records, responses, scores, rewards, kls,
-                   finish_reasons, n: int) -> None:
+def _write_samples(
+    path: Path, step: int, records, responses, scores, rewards, kls, finish_reasons, n: int
+) -> None:
   with path.open('a') as f:
     for i in range(min(n, len(records))):
-      f.write(json.dumps({'step': step, 'id': records[i]['id'], 'source': records[i].get('source'),
-                          'prompt': records[i]['prompt'], 'response': responses[i],
-                          'score': float(scores[i]), 'reward': float(rewards[i]),
-                          'kl': float(kls[i]), 'finish_reason': finish_reasons[i]}) + '\n')
+      f.write(
+          json.dumps(
+              {
+                  'step': step,
+                  'id': records[i]['id'],
+                  'source': records[i].get('source'),
+                  'prompt': records[i]['prompt'],
+                  'response': responses[i],
+                  'score': float(scores[i]),
+                  'reward': float(rewards[i]),
+                  'kl': float(kls[i]),
+                  'finish_reason': finish_reasons[i],
+              }
+          )
+          + '\n'
+      )
 
 
 def _truncate_samples(path: Path, resume_step: int) -> None:

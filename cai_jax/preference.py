@@ -63,8 +63,9 @@ class Comparison:
   label_source: str = 'ai_feedback'  # who labeled it: 'ai_feedback' | 'hh_rlhf' (human)
 
 
-def feedback_comparisons(records: Sequence[dict], where: str = 'feedback samples',
-                         helpfulness_weight: float = 1.0) -> list[Comparison]:
+def feedback_comparisons(
+    records: Sequence[dict], where: str = 'feedback samples', helpfulness_weight: float = 1.0
+) -> list[Comparison]:
   """Comparisons from the feedback stage's samples: {id, prompt, response_a, response_b, p_a,
   kind}; a record without `kind` is a harmlessness pair (red-team prompt)."""
   out = []
@@ -79,9 +80,16 @@ def feedback_comparisons(records: Sequence[dict], where: str = 'feedback samples
     if kind not in KINDS:
       raise PreferenceDataError(f'{where}: record {i} has kind={kind!r}, not one of {KINDS}')
     context = ((HUMAN, r['prompt']),)
-    out.append(Comparison(context + ((ASSISTANT, r['response_a']),),
-                          context + ((ASSISTANT, r['response_b']),), p_a, str(r.get('id', i)),
-                          helpfulness_weight if kind == HELPFULNESS else 1.0, kind))
+    out.append(
+        Comparison(
+            context + ((ASSISTANT, r['response_a']),),
+            context + ((ASSISTANT, r['response_b']),),
+            p_a,
+            str(r.get('id', i)),
+            helpfulness_weight if kind == HELPFULNESS else 1.0,
+            kind,
+        )
+    )
   return out
 
 
@@ -116,8 +124,9 @@ def _json_lines(path: str):
     except json.JSONDecodeError as e:
       raise PreferenceDataError(f'{path}:{line_no}: not JSON ({e.msg})') from None
     if not isinstance(record, dict):
-      raise PreferenceDataError(f'{path}:{line_no}: expected a JSON object, got '
-                                f'{type(record).__name__}')
+      raise PreferenceDataError(
+          f'{path}:{line_no}: expected a JSON object, got ' f'{type(record).__name__}'
+      )
     yield line_no, record
 
 
@@ -144,16 +153,22 @@ def helpful_comparisons(path: str, *, weight: float = 1.0, max_pairs: int = -1) 
       a = tuple(conversation.parse_transcript(r['chosen']))
       b = tuple(conversation.parse_transcript(r['rejected']))
       if not a or not b or a[-1][0] != ASSISTANT or b[-1][0] != ASSISTANT:
-        raise PreferenceDataError(f'{where}: "chosen"/"rejected" are not Human:/Assistant: '
-                                  'transcripts ending in an Assistant turn (give "prompt" for '
-                                  'plain responses)')
-    out.append(Comparison(a, b, 1.0, str(r.get('id', f'helpful-{line_no}')), float(weight),
-                          HELPFULNESS, 'hh_rlhf'))
+        raise PreferenceDataError(
+            f'{where}: "chosen"/"rejected" are not Human:/Assistant: '
+            'transcripts ending in an Assistant turn (give "prompt" for '
+            'plain responses)'
+        )
+    out.append(
+        Comparison(
+            a, b, 1.0, str(r.get('id', f'helpful-{line_no}')), float(weight), HELPFULNESS, 'hh_rlhf'
+        )
+    )
   return out
 
 
-def cap_helpfulness(comparisons: Sequence[Comparison], fraction: float, seed: int
-                    ) -> list[Comparison]:
+def cap_helpfulness(
+    comparisons: Sequence[Comparison], fraction: float, seed: int
+) -> list[Comparison]:
   """At most `fraction` of the pairs are helpfulness pairs: a seeded subsample of them when there
   are more (a large HH-RLHF file beside a few thousand red-team labels); harmlessness pairs are
   never dropped. fraction 1 keeps all, 0 none (the harmlessness-only ablation)."""
@@ -174,8 +189,9 @@ def _coin(seed: int, salt: str, c: Comparison) -> float:
   return int(hashlib.sha1(key.encode()).hexdigest()[:16], 16) / 2.0**64
 
 
-def split_held_out(comparisons: Sequence[Comparison], fraction: float, seed: int
-                   ) -> tuple[list[Comparison], list[Comparison]]:
+def split_held_out(
+    comparisons: Sequence[Comparison], fraction: float, seed: int
+) -> tuple[list[Comparison], list[Comparison]]:
   """(train, held_out) by a seeded per-pair coin on the pair's id, stable as data grows.
 
   Each kind with at least two pairs holds out at least one (its lowest coin) when fraction > 0,
@@ -189,8 +205,10 @@ def split_held_out(comparisons: Sequence[Comparison], fraction: float, seed: int
     mine = [i for i, c in enumerate(comparisons) if c.kind == kind]
     if fraction > 0 and len(mine) >= 2 and not held & set(mine):
       held.add(min(mine, key=coins.__getitem__))
-  return ([c for i, c in enumerate(comparisons) if i not in held],
-          [c for i, c in enumerate(comparisons) if i in held])
+  return (
+      [c for i, c in enumerate(comparisons) if i not in held],
+      [c for i, c in enumerate(comparisons) if i in held],
+  )
 
 
 # ---- tokens ------------------------------------------------------------------------------------
@@ -223,14 +241,15 @@ def encode(turns: Sequence[Turn], tokenizer, fmt: str, max_len: int) -> list[int
   return conversation.keep_last(ids, max_len, tokenizer)
 
 
-def pack(rows: Sequence[Sequence[int]], length: int, pad_id: int, n_rows: int | None = None
-         ) -> tuple[np.ndarray, np.ndarray]:
+def pack(
+    rows: Sequence[Sequence[int]], length: int, pad_id: int, n_rows: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
   """Right-padded tokens [N, length] and each row's last-token index [N] (empty rows: 0)."""
   n_rows = len(rows) if n_rows is None else n_rows
   tokens = np.full((n_rows, length), pad_id, np.int32)
   read_index = np.zeros((n_rows,), np.int32)
   for i, ids in enumerate(rows):
-    tokens[i, :len(ids)] = ids
+    tokens[i, : len(ids)] = ids
     read_index[i] = max(len(ids) - 1, 0)
   return tokens, read_index
 
@@ -240,7 +259,8 @@ def _check_vocab(ids: Sequence[Sequence[int]], pm: checkpoint.Pretrained) -> Non
   if top >= pm.config.vocab_size:
     raise checkpoint.CheckpointError(
         f'{pm.source or "the PM"}: token id {top} is outside its vocabulary of {pm.config.vocab_size}; '
-        'the tokenizer does not belong to this model')
+        'the tokenizer does not belong to this model'
+    )
 
 
 # ---- loss --------------------------------------------------------------------------------------
@@ -297,8 +317,17 @@ def _to_device(x: np.ndarray, names: tuple):
   return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
 
 
-def _score_rows(graphdef, params, rows: Sequence[Sequence[int]], *, pad_id: int, batch_size: int,
-                max_len: int, min_bucket: int, progress: bool = False) -> np.ndarray:
+def _score_rows(
+    graphdef,
+    params,
+    rows: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    batch_size: int,
+    max_len: int,
+    min_bucket: int,
+    progress: bool = False,
+) -> np.ndarray:
   """Rewards [N] of token rows, longest first so each batch pads to a tight bucket."""
   n_batch = sharding.batch_axis_size()
   batch_size = -(-batch_size // n_batch) * n_batch  # every batch splits evenly over the mesh
@@ -307,13 +336,18 @@ def _score_rows(graphdef, params, rows: Sequence[Sequence[int]], *, pad_id: int,
   starts = range(0, len(order), batch_size)
   bar = train_lib.progress(len(starts), desc='score') if progress else None
   for s in starts:
-    idx = order[s:s + batch_size]
-    length = train_lib.bucket_length(max(len(rows[i]) for i in idx), max(max_len, min_bucket),
-                                     min_bucket)
+    idx = order[s : s + batch_size]
+    length = train_lib.bucket_length(
+        max(len(rows[i]) for i in idx), max(max_len, min_bucket), min_bucket
+    )
     tokens, read_index = pack([rows[i][-length:] for i in idx], length, pad_id, batch_size)
-    r = _rewards(graphdef, params, _to_device(tokens, ('batch', 'length')),
-                 _to_device(read_index, ('batch',)))
-    out[idx] = np.asarray(jax.device_get(r))[:len(idx)]
+    r = _rewards(
+        graphdef,
+        params,
+        _to_device(tokens, ('batch', 'length')),
+        _to_device(read_index, ('batch',)),
+    )
+    out[idx] = np.asarray(jax.device_get(r))[: len(idx)]
     if bar is not None:
       bar.update(1)
   if bar is not None:
@@ -321,8 +355,15 @@ def _score_rows(graphdef, params, rows: Sequence[Sequence[int]], *, pad_id: int,
   return out
 
 
-def score_token_rows(pm: checkpoint.Pretrained, rows: Sequence[Sequence[int]], *, batch_size: int = 16,
-                     max_len: int | None = None, min_bucket: int = 32, progress: bool = False) -> np.ndarray:
+def score_token_rows(
+    pm: checkpoint.Pretrained,
+    rows: Sequence[Sequence[int]],
+    *,
+    batch_size: int = 16,
+    max_len: int | None = None,
+    min_bucket: int = 32,
+    progress: bool = False,
+) -> np.ndarray:
   """Rewards [N] float32 of conversations already tokenized by `encode` (each ending in EOS)."""
   if not isinstance(pm.model, ScalarHeadModel):
     raise TypeError('scoring needs a preference model: load it with scalar_head=True')
@@ -330,14 +371,28 @@ def score_token_rows(pm: checkpoint.Pretrained, rows: Sequence[Sequence[int]], *
     return np.zeros((0,), np.float32)
   _check_vocab(rows, pm)
   graphdef, params = nnx.split(pm.model)
-  return _score_rows(graphdef, params, rows, pad_id=conversation.pad_id(pm.tokenizer, pm.config),
-                     batch_size=batch_size, max_len=max_len or max(len(r) for r in rows),
-                     min_bucket=min_bucket, progress=progress)
+  return _score_rows(
+      graphdef,
+      params,
+      rows,
+      pad_id=conversation.pad_id(pm.tokenizer, pm.config),
+      batch_size=batch_size,
+      max_len=max_len or max(len(r) for r in rows),
+      min_bucket=min_bucket,
+      progress=progress,
+  )
 
 
-def score_conversations(pm: checkpoint.Pretrained, conversations: Sequence[Any], *, fmt: str,
-                        batch_size: int = 16, max_len: int = 1024, min_bucket: int = 32,
-                        progress: bool = False) -> np.ndarray:
+def score_conversations(
+    pm: checkpoint.Pretrained,
+    conversations: Sequence[Any],
+    *,
+    fmt: str,
+    batch_size: int = 16,
+    max_len: int = 1024,
+    min_bucket: int = 32,
+    progress: bool = False,
+) -> np.ndarray:
   """The PM's reward for each conversation, as float32 [N].
 
   Each conversation is a list of (role, text) turns or a (prompt, response) pair of strings
@@ -345,8 +400,9 @@ def score_conversations(pm: checkpoint.Pretrained, conversations: Sequence[Any],
   at the EOS; at most `max_len` tokens (the end) are kept. Batches are bucketed by length.
   """
   rows = [encode(as_turns(c), pm.tokenizer, fmt, max_len) for c in conversations]
-  return score_token_rows(pm, rows, batch_size=batch_size, max_len=max_len, min_bucket=min_bucket,
-                          progress=progress)
+  return score_token_rows(
+      pm, rows, batch_size=batch_size, max_len=max_len, min_bucket=min_bucket, progress=progress
+  )
 
 
 def pair_metrics(rewards_a, rewards_b, p_a, n_bins: int = 10) -> dict[str, float]:
@@ -361,12 +417,14 @@ def pair_metrics(rewards_a, rewards_b, p_a, n_bins: int = 10) -> dict[str, float
   hard = np.array([labels.hard_label(x) for x in p])
   decided = hard != 0.5
   correct = np.where(hard > 0.5, d > 0, d < 0)
-  return {'loss': float(np.mean(p * np.logaddexp(0.0, -d) + (1.0 - p) * np.logaddexp(0.0, d))),
-          'accuracy': float(np.mean(correct[decided])) if decided.any() else float('nan'),
-          'ece': labels.expected_calibration_error(prob, hard, n_bins),
-          'ece_soft': labels.expected_calibration_error(prob, p, n_bins),
-          'mean_abs_gap': float(np.mean(np.abs(d))),
-          'pairs': int(len(p))}
+  return {
+      'loss': float(np.mean(p * np.logaddexp(0.0, -d) + (1.0 - p) * np.logaddexp(0.0, d))),
+      'accuracy': float(np.mean(correct[decided])) if decided.any() else float('nan'),
+      'ece': labels.expected_calibration_error(prob, hard, n_bins),
+      'ece_soft': labels.expected_calibration_error(prob, p, n_bins),
+      'mean_abs_gap': float(np.mean(np.abs(d))),
+      'pairs': int(len(p)),
+  }
 
 
 def _fmt(x) -> str:
@@ -397,7 +455,9 @@ def check_config(config) -> None:
   if not 0.0 <= cfg.eval_fraction < 1.0:
     problems.append(f'eval_fraction must be in [0, 1), got {cfg.eval_fraction}')
   if cfg.batch_size < 1 or cfg.eval_batch_size < 1:
-    problems.append(f'batch_size and eval_batch_size must be positive, got {cfg.batch_size}, {cfg.eval_batch_size}')
+    problems.append(
+        f'batch_size and eval_batch_size must be positive, got {cfg.batch_size}, {cfg.eval_batch_size}'
+    )
   if cfg.helpful_mix.weight < 0:
     problems.append(f'helpful_mix.weight must be >= 0, got {cfg.helpful_mix.weight}')
   if not 0.0 <= cfg.get('helpfulness_fraction', 1.0) <= 1.0:
@@ -417,7 +477,6 @@ def helpfulness_source(config) -> str:
   if config.feedback.get('num_helpful_prompts', 0) == 0:
     return 'helpfulness: none (feedback.num_helpful_prompts=0): a harmlessness-only PM'
   return 'helpfulness: AI-labeled substitute (no HH-RLHF path)'
-
 
 
 def _init_source(ctx: stages.Context) -> str:
@@ -454,45 +513,79 @@ def load_comparisons(ctx: stages.Context) -> tuple[list[Comparison], dict]:
   harmless = [c for c in distinct if c.kind == HARMLESSNESS]
   counts = {'unlabelled': len(records) - len(labelled), 'identical': len(pairs) - len(distinct)}
   if not harmless:  # a helpfulness mix alone would not teach harmlessness: also an error
-    raise PreferenceDataError(f'no labelled harmlessness pairs to train the preference model on in '
-                              f'{path}: {len(records)} records, {counts["unlabelled"]} without a '
-                              f'p_a label, {counts["identical"]} with identical responses')
+    raise PreferenceDataError(
+        f'no labelled harmlessness pairs to train the preference model on in '
+        f'{path}: {len(records)} records, {counts["unlabelled"]} without a '
+        f'p_a label, {counts["identical"]} with identical responses'
+    )
   if cfg.helpful_mix.path:  # the paper's: human comparisons; AI-labeled ones are not used
-    helpful = helpful_comparisons(cfg.helpful_mix.path, weight=cfg.helpful_mix.weight,
-                                  max_pairs=cfg.helpful_mix.max_pairs)
+    helpful = helpful_comparisons(
+        cfg.helpful_mix.path, weight=cfg.helpful_mix.weight, max_pairs=cfg.helpful_mix.max_pairs
+    )
   else:
     helpful = [c for c in distinct if c.kind == HELPFULNESS]
   comparisons = cap_helpfulness(harmless + helpful, cfg.helpfulness_fraction, ctx.config.seed)
-  counts.update(pairs_harmlessness=len(harmless),
-                pairs_helpfulness=sum(c.kind == HELPFULNESS for c in comparisons),
-                helpfulness_dropped=len(helpful) - sum(c.kind == HELPFULNESS for c in comparisons),
-                helpfulness_source=helpfulness_source(ctx.config))
+  counts.update(
+      pairs_harmlessness=len(harmless),
+      pairs_helpfulness=sum(c.kind == HELPFULNESS for c in comparisons),
+      helpfulness_dropped=len(helpful) - sum(c.kind == HELPFULNESS for c in comparisons),
+      helpfulness_source=helpfulness_source(ctx.config),
+  )
   return comparisons, counts
 
 
-def encode_pairs(comparisons: Sequence[Comparison], tokenizer, fmt: str, max_len: int,
-                 label_type: str) -> list[EncodedPair]:
-  return [EncodedPair(tuple(encode(c.a, tokenizer, fmt, max_len)), tuple(encode(c.b, tokenizer, fmt, max_len)),
-                      c.p_a, training_label(c.p_a, label_type), c.weight, c.kind)
-          for c in comparisons]
+def encode_pairs(
+    comparisons: Sequence[Comparison], tokenizer, fmt: str, max_len: int, label_type: str
+) -> list[EncodedPair]:
+  return [
+      EncodedPair(
+          tuple(encode(c.a, tokenizer, fmt, max_len)),
+          tuple(encode(c.b, tokenizer, fmt, max_len)),
+          c.p_a,
+          training_label(c.p_a, label_type),
+          c.weight,
+          c.kind,
+      )
+      for c in comparisons
+  ]
 
 
-def pack_pairs(pairs: Sequence[EncodedPair], rows: Sequence[int], length: int, pad_id: int
-               ) -> dict[str, np.ndarray]:
+def pack_pairs(
+    pairs: Sequence[EncodedPair], rows: Sequence[int], length: int, pad_id: int
+) -> dict[str, np.ndarray]:
   """B pairs as 2B right-padded sequences [a_0..a_B-1, b_0..b_B-1]; filler rows (-1) weigh 0."""
   seqs = [pairs[i].a if i >= 0 else () for i in rows] + [pairs[i].b if i >= 0 else () for i in rows]
   tokens, read_index = pack(seqs, length, pad_id)
-  return {'tokens': tokens, 'read_index': read_index,
-          'p_a': np.array([pairs[i].target if i >= 0 else 0.5 for i in rows], np.float32),
-          'weight': np.array([pairs[i].weight if i >= 0 else 0.0 for i in rows], np.float32)}
+  return {
+      'tokens': tokens,
+      'read_index': read_index,
+      'p_a': np.array([pairs[i].target if i >= 0 else 0.5 for i in rows], np.float32),
+      'weight': np.array([pairs[i].weight if i >= 0 else 0.0 for i in rows], np.float32),
+  }
 
 
-def evaluate_kinds(graphdef, params, pairs: Sequence[EncodedPair], *, pad_id: int, batch_size: int,
-                   max_len: int, min_bucket: int, n_bins: int) -> dict[str, float]:
+def evaluate_kinds(
+    graphdef,
+    params,
+    pairs: Sequence[EncodedPair],
+    *,
+    pad_id: int,
+    batch_size: int,
+    max_len: int,
+    min_bucket: int,
+    n_bins: int,
+) -> dict[str, float]:
   """Held-out metrics over all pairs ('eval_<metric>') and per kind
   ('eval_harmlessness_<metric>', 'eval_helpfulness_<metric>'), from one scoring pass."""
-  rewards = _score_rows(graphdef, params, [r for p in pairs for r in (p.a, p.b)], pad_id=pad_id,
-                        batch_size=batch_size, max_len=max_len, min_bucket=min_bucket)
+  rewards = _score_rows(
+      graphdef,
+      params,
+      [r for p in pairs for r in (p.a, p.b)],
+      pad_id=pad_id,
+      batch_size=batch_size,
+      max_len=max_len,
+      min_bucket=min_bucket,
+  )
   r_a, r_b = rewards[0::2], rewards[1::2]
   p_a = np.array([p.p_a for p in pairs])
   out = {f'eval_{k}': v for k, v in pair_metrics(r_a, r_b, p_a, n_bins).items()}
@@ -508,8 +601,10 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
   config, cfg = ctx.config, ctx.config.preference
   sharding.check_batch_size(cfg.batch_size, 'preference.batch_size')
   if cfg.batch_size % jax.process_count():
-    raise sharding.ShardingError(f'preference.batch_size {cfg.batch_size} is not divisible by the '
-                                 f'{jax.process_count()} processes')
+    raise sharding.ShardingError(
+        f'preference.batch_size {cfg.batch_size} is not divisible by the '
+        f'{jax.process_count()} processes'
+    )
   check_config(ctx.config)
   comparisons, counts = load_comparisons(ctx)
   source = _init_source(ctx)
@@ -519,53 +614,95 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
   max_len = min(cfg.max_len, config.model.max_len) if cfg.max_len > 0 else config.model.max_len
   train, held_out = split_held_out(comparisons, cfg.eval_fraction, config.seed)
   if not train:
-    raise PreferenceDataError(f'all {len(comparisons)} pairs are held out '
-                              f'(preference.eval_fraction={cfg.eval_fraction}); nothing to train on')
+    raise PreferenceDataError(
+        f'all {len(comparisons)} pairs are held out '
+        f'(preference.eval_fraction={cfg.eval_fraction}); nothing to train on'
+    )
   train = encode_pairs(train, tok, fmt, max_len, cfg.label_type)
   held_out = encode_pairs(held_out, tok, fmt, max_len, cfg.label_type)
   _check_vocab([r for p in train + held_out for r in (p.a, p.b)], pm)
-  per_kind = {f'{split}_{kind}': sum(p.kind == kind for p in pairs)
-              for split, pairs in (('train', train), ('held_out', held_out)) for kind in KINDS}
+  per_kind = {
+      f'{split}_{kind}': sum(p.kind == kind for p in pairs)
+      for split, pairs in (('train', train), ('held_out', held_out))
+      for kind in KINDS
+  }
   counts.update(train=len(train), held_out=len(held_out), **per_kind)
   logging.info('preference data: %s (init from %s)', counts, source)
   if not held_out:
-    logging.warning('preference: no held-out pairs (eval_fraction=%s): no accuracy or calibration',
-                    cfg.eval_fraction)
+    logging.warning(
+        'preference: no held-out pairs (eval_fraction=%s): no accuracy or calibration',
+        cfg.eval_fraction,
+    )
 
   lengths = [max(len(p.a), len(p.b)) for p in train]
-  plan = lambda epoch: train_lib.epoch_batches(lengths, cfg.batch_size, config.seed, epoch,
-                                               max_len=max_len, min_bucket=cfg.min_bucket)
+  plan = lambda epoch: train_lib.epoch_batches(
+      lengths, cfg.batch_size, config.seed, epoch, max_len=max_len, min_bucket=cfg.min_bucket
+  )
   steps_per_epoch = len(plan(0))
-  total_steps = cfg.num_steps if cfg.num_steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
+  total_steps = (
+      cfg.num_steps if cfg.num_steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
+  )
 
   tx, schedule = train_lib.make_optimizer(cfg.optimizer, total_steps)
   graphdef, state, shardings = train_lib.init_state(pm.model, tx)
   model_config = pm.config
   del pm  # the train state holds a copy of its parameters
   train_step = train_lib.make_train_step(graphdef, tx, pair_loss, shardings, schedule)
-  evaluate = lambda params: evaluate_kinds(
-      graphdef, params, held_out, pad_id=pad_id, batch_size=cfg.eval_batch_size, max_len=max_len,
-      min_bucket=cfg.min_bucket, n_bins=cfg.ece_bins) if held_out else {}
+  evaluate = (
+      lambda params: evaluate_kinds(
+          graphdef,
+          params,
+          held_out,
+          pad_id=pad_id,
+          batch_size=cfg.eval_batch_size,
+          max_len=max_len,
+          min_bucket=cfg.min_bucket,
+          n_bins=cfg.ece_bins,
+      )
+      if held_out
+      else {}
+  )
   # checkpoint_every = 0: no checkpoints (the demo saves its seconds; an interrupted run restarts).
   result = train_lib.fit(
-      stage='preference', stage_dir=stage_dir, state=state, shardings=shardings,
-      train_step=train_step, plan=plan, steps_per_epoch=steps_per_epoch,
+      stage='preference',
+      stage_dir=stage_dir,
+      state=state,
+      shardings=shardings,
+      train_step=train_step,
+      plan=plan,
+      steps_per_epoch=steps_per_epoch,
       make_batch=lambda length, rows: pack_pairs(train, rows, length, pad_id),
-      total_steps=total_steps, checkpoint_every=cfg.checkpoint_every,
-      max_to_keep=cfg.max_to_keep, evaluate=evaluate, eval_every=cfg.eval_every,
-      log_every=cfg.log_every, postfix={'loss': '{loss:.3f}', 'acc': '{accuracy:.2f}'})
+      total_steps=total_steps,
+      checkpoint_every=cfg.checkpoint_every,
+      max_to_keep=cfg.max_to_keep,
+      evaluate=evaluate,
+      eval_every=cfg.eval_every,
+      log_every=cfg.log_every,
+      postfix={'loss': '{loss:.3f}', 'acc': '{accuracy:.2f}'},
+  )
   state, metrics, eval_metrics = result.state, result.metrics, result.eval_metrics
   if result.start == total_steps and held_out:  # resumed after the last step: evaluate again
     eval_metrics = evaluate(state.params)
 
-  line = ', '.join(f'{kind} pairs {counts[f"pairs_{kind}"]} (held-out accuracy '
-                   f'{_fmt(eval_metrics.get(f"eval_{kind}_accuracy"))})' for kind in KINDS)
+  line = ', '.join(
+      f'{kind} pairs {counts[f"pairs_{kind}"]} (held-out accuracy '
+      f'{_fmt(eval_metrics.get(f"eval_{kind}_accuracy"))})'
+      for kind in KINDS
+  )
   print(f'preference: {line}; {counts["helpfulness_source"]}', flush=True)
 
   model = nnx.merge(graphdef, train_lib.gather_params(state.params))
   export = stage_dir / 'export'
   checkpoint.save_pretrained(checkpoint.Pretrained(model, tok, model_config), str(export))
-  return {**counts, 'init_from': source, 'label_type': cfg.label_type, 'steps': total_steps,
-          'steps_per_epoch': steps_per_epoch, 'train_seconds': result.seconds,
-          'final_loss': metrics.get('loss'), 'final_accuracy': metrics.get('accuracy'),
-          **eval_metrics, 'export': str(export)}
+  return {
+      **counts,
+      'init_from': source,
+      'label_type': cfg.label_type,
+      'steps': total_steps,
+      'steps_per_epoch': steps_per_epoch,
+      'train_seconds': result.seconds,
+      'final_loss': metrics.get('loss'),
+      'final_accuracy': metrics.get('accuracy'),
+      **eval_metrics,
+      'export': str(export),
+  }

@@ -34,11 +34,13 @@ class RecordsError(StageError):
 # ----------------------------------------------------------------------------------------------
 # Schemas: what each stage writes, and what its readers may rely on.
 
+
 @dataclasses.dataclass(frozen=True)
 class Schema:
   """One stage output file. `keys`: every key the stage writes (its docs list the nesting);
   `required`: the keys downstream readers rely on, checked by `read_jsonl` (hand-made upstream
   files in tests and experiments may carry just these)."""
+
   stage: str
   file: str
   keys: tuple[str, ...]
@@ -54,32 +56,64 @@ class Schema:
 # {initial_response: str, critique: [str], revision: [str]}, each 'stop' or 'length' (cut at the
 # token limit). Read by sft, evaluate.
 REVISIONS = Schema(
-    'critique_revision', 'samples.jsonl',
-    ('id', 'source', 'prompt', 'initial_response', 'rounds', 'revision', 'revised',
-     'empty_revisions', 'finish_reasons', 'tokens'),
-    ('prompt', 'initial_response', 'rounds', 'revision'))
+    'critique_revision',
+    'samples.jsonl',
+    (
+        'id',
+        'source',
+        'prompt',
+        'initial_response',
+        'rounds',
+        'revision',
+        'revised',
+        'empty_revisions',
+        'finish_reasons',
+        'tokens',
+    ),
+    ('prompt', 'initial_response', 'rounds', 'revision'),
+)
 # critique_revision: the helpful mix, one record per helpful prompt; responses = its
 # helpful_samples_per_prompt samples, finish_reasons = one 'stop' or 'length' each. Read by sft.
-HELPFUL = Schema('critique_revision', 'helpful.jsonl',
-                 ('id', 'source', 'prompt', 'responses', 'finish_reasons', 'tokens'),
-                 ('prompt', 'responses'))
+HELPFUL = Schema(
+    'critique_revision',
+    'helpful.jsonl',
+    ('id', 'source', 'prompt', 'responses', 'finish_reasons', 'tokens'),
+    ('prompt', 'responses'),
+)
 # feedback (cai_jax/feedback.py): one labeled pair per red-team (and helpful) prompt; kind =
 # 'harmlessness' | 'helpfulness'; p_a = P(response_a is better), null when skipped; details = one
 # scoring per principle and order. Read by preference.
 FEEDBACK = Schema(
-    'feedback', 'samples.jsonl',
-    ('id', 'source', 'kind', 'prompt', 'response_a', 'response_b', 'p_a', 'flags', 'finish_reasons',
-     'details'),
-    ('prompt', 'response_a', 'response_b'))
+    'feedback',
+    'samples.jsonl',
+    (
+        'id',
+        'source',
+        'kind',
+        'prompt',
+        'response_a',
+        'response_b',
+        'p_a',
+        'flags',
+        'finish_reasons',
+        'details',
+    ),
+    ('prompt', 'response_a', 'response_b'),
+)
 # evaluate_feedback (cai_jax/evaluate_feedback.py): one scored comparison per line.
-FEEDBACK_EVAL = Schema('evaluate_feedback', 'records.jsonl',
-                       ('id', 'correct', 'p_chosen', 'chosen_first', 'scorings'),
-                       ('id', 'correct', 'p_chosen', 'chosen_first'))
+FEEDBACK_EVAL = Schema(
+    'evaluate_feedback',
+    'records.jsonl',
+    ('id', 'correct', 'p_chosen', 'chosen_first', 'scorings'),
+    ('id', 'correct', 'p_chosen', 'chosen_first'),
+)
 # ppo (cai_jax/ppo.py): a few sampled responses per step, appended as training goes.
 PPO_SAMPLES = Schema(
-    'ppo', 'samples.jsonl',
+    'ppo',
+    'samples.jsonl',
     ('step', 'id', 'source', 'prompt', 'response', 'score', 'reward', 'kl', 'finish_reason'),
-    ('step',))
+    ('step',),
+)
 
 SCHEMAS = (REVISIONS, HELPFUL, FEEDBACK, FEEDBACK_EVAL, PPO_SAMPLES)
 
@@ -87,8 +121,10 @@ SCHEMAS = (REVISIONS, HELPFUL, FEEDBACK, FEEDBACK_EVAL, PPO_SAMPLES)
 # ----------------------------------------------------------------------------------------------
 # Reading and writing whole files.
 
-def read_jsonl(path: str | os.PathLike, schema: Schema | None = None, *,
-               repair: bool = False) -> list[dict]:
+
+def read_jsonl(
+    path: str | os.PathLike, schema: Schema | None = None, *, repair: bool = False
+) -> list[dict]:
   """Records of a jsonl file ([] if there is none).
 
   With `repair`, a torn tail (a run killed mid-write: a last line without its newline, or a
@@ -115,8 +151,9 @@ def read_jsonl(path: str | os.PathLike, schema: Schema | None = None, *,
       if schema is not None:
         missing = [k for k in schema.required if k not in records[-1]]
         if missing:
-          raise RecordsError(f'{path}:{line_no}: {schema.stage} record lacks '
-                             f'{", ".join(missing)}')
+          raise RecordsError(
+              f'{path}:{line_no}: {schema.stage} record lacks ' f'{", ".join(missing)}'
+          )
     good = end
   if repair and good < len(raw):
     logging.warning('%s: dropping %d bytes of an unfinished write', path, len(raw) - good)
@@ -139,13 +176,15 @@ def write_jsonl(path: Path, records: Sequence[dict]) -> None:
 # ----------------------------------------------------------------------------------------------
 # Resumable chunked processing into jsonl files (one per process, merged by process 0).
 
+
 def chunk_seed(seed: int, stream: int, chunk: int, step: int = 0) -> int:
   """The sampling seed of one generation call: a function of its place in the stage only."""
   return int(np.random.SeedSequence([seed, stream, chunk, step]).generate_state(1)[0])
 
 
-def part_path(stage_dir: Path, name: str, process_index: int | None = None,
-              process_count: int | None = None) -> Path:
+def part_path(
+    stage_dir: Path, name: str, process_index: int | None = None, process_count: int | None = None
+) -> Path:
   """This process's shard of `name`.jsonl: the file itself when there is one process."""
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
@@ -166,13 +205,22 @@ def _append(f, records: Sequence[dict]) -> None:
   os.fsync(f.fileno())
 
 
-def process_in_chunks(items: Sequence[Any], path: Path,
-                      fn: Callable[[list, Callable[[int], int]], list[dict]], *,
-                      chunk_size: int, seed: int, stream: int, desc: str,
-                      ids: Sequence[str] | None = None, unit: str = 'item',
-                      progress: bool = True, postfix: Callable[[], dict] | None = None,
-                      process_index: int | None = None, process_count: int | None = None
-                      ) -> dict:
+def process_in_chunks(
+    items: Sequence[Any],
+    path: Path,
+    fn: Callable[[list, Callable[[int], int]], list[dict]],
+    *,
+    chunk_size: int,
+    seed: int,
+    stream: int,
+    desc: str,
+    ids: Sequence[str] | None = None,
+    unit: str = 'item',
+    progress: bool = True,
+    postfix: Callable[[], dict] | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> dict:
   """Runs fn(chunk, seeds) over this process's chunks, appending its records to `path`.
 
   Chunk k is items[k * chunk_size:(k + 1) * chunk_size] and seeds(step) is
@@ -184,14 +232,22 @@ def process_in_chunks(items: Sequence[Any], path: Path,
   """
   ids = [item['id'] for item in items] if ids is None else ids
   pi = jax.process_index() if process_index is None else process_index
-  chunks = [(k, list(range(i, min(i + chunk_size, len(items)))))
-            for k, i in enumerate(range(0, len(items), chunk_size))]
+  chunks = [
+      (k, list(range(i, min(i + chunk_size, len(items)))))
+      for k, i in enumerate(range(0, len(items), chunk_size))
+  ]
   mine = data.shard_for_process(chunks, process_index, process_count)
   done = {r['id'] for r in read_jsonl(path, repair=True)}
   total = sum(len(idx) for _, idx in mine)
   resumed = sum(ids[i] in done for _, idx in mine for i in idx)
-  bar = tqdm(total=total, initial=resumed, desc=desc, unit=unit, dynamic_ncols=True,
-             disable=not progress or total == 0 or pi != 0)
+  bar = tqdm(
+      total=total,
+      initial=resumed,
+      desc=desc,
+      unit=unit,
+      dynamic_ncols=True,
+      disable=not progress or total == 0 or pi != 0,
+  )
   new = 0
   with open(path, 'a', encoding='utf-8') as f:
     for k, idx in mine:
@@ -209,13 +265,17 @@ def process_in_chunks(items: Sequence[Any], path: Path,
   return {'resumed': resumed, 'new': new}
 
 
-def merge_parts(stage_dir: Path, name: str, ids: Sequence[str], stage: str,
-                process_count: int | None = None) -> list[dict]:
+def merge_parts(
+    stage_dir: Path, name: str, ids: Sequence[str], stage: str, process_count: int | None = None
+) -> list[dict]:
   """The records of `name`.jsonl / `name`.<p>.jsonl in `ids` order, every id exactly once;
   written to `name`.jsonl unless that file already holds exactly them."""
   pc = jax.process_count() if process_count is None else process_count
-  files = ([stage_dir / f'{name}.jsonl'] if pc == 1 else
-           [stage_dir / f'{name}.{p}.jsonl' for p in range(pc)])
+  files = (
+      [stage_dir / f'{name}.jsonl']
+      if pc == 1
+      else [stage_dir / f'{name}.{p}.jsonl' for p in range(pc)]
+  )
   by_id, order = {}, []
   for path in files:
     for r in read_jsonl(path):
@@ -223,8 +283,10 @@ def merge_parts(stage_dir: Path, name: str, ids: Sequence[str], stage: str,
       by_id.setdefault(r['id'], r)
   missing = [i for i in ids if i not in by_id]
   if missing:
-    raise StageError(f'{stage}: {len(missing)} {name} records missing (e.g. {missing[0]!r}); '
-                     'rerun the same command to resume')
+    raise StageError(
+        f'{stage}: {len(missing)} {name} records missing (e.g. {missing[0]!r}); '
+        'rerun the same command to resume'
+    )
   merged = [by_id[i] for i in ids]
   if pc > 1 or order != list(ids):
     write_jsonl(stage_dir / f'{name}.jsonl', merged)

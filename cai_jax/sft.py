@@ -29,7 +29,6 @@ from cai_jax import records as records_lib
 from cai_jax.conversation import HUMAN
 
 
-
 class SFTDataError(stages.StageError):
   """Training data that cannot be used (missing files, malformed records, no examples at all)."""
 
@@ -48,6 +47,7 @@ class Example:
 @dataclasses.dataclass(frozen=True)
 class Target:
   """One (prompt, response) pair to train on, before tokenizing."""
+
   kind: str  # 'revision_round_<k>' | 'revision_final' | 'helpful'
   id: str
   prompt: str
@@ -92,8 +92,11 @@ def revision_targets(samples: Sequence[dict], revisions: str) -> tuple[list[Targ
     texts = [(r.get('revision') or '').strip() for r in s['rounds']]
     if revisions == 'all':
       empty += sum(not t for t in texts)
-      targets += [Target(f'revision_round_{k + 1}', ex_id, s['prompt'], t,
-                         _is_truncated(reasons, k)) for k, t in enumerate(texts) if t]
+      targets += [
+          Target(f'revision_round_{k + 1}', ex_id, s['prompt'], t, _is_truncated(reasons, k))
+          for k, t in enumerate(texts)
+          if t
+      ]
       continue
     final = (s['revision'] or '').strip()
     if not final:
@@ -114,8 +117,15 @@ def helpful_targets(records: Sequence[dict]) -> tuple[list[Target], int]:
       if not text:
         empty += 1
         continue
-      targets.append(Target('helpful', str(r.get('id', i)), r['prompt'], text,
-                            _is_truncated(r.get('finish_reasons'), k)))
+      targets.append(
+          Target(
+              'helpful',
+              str(r.get('id', i)),
+              r['prompt'],
+              text,
+              _is_truncated(r.get('finish_reasons'), k),
+          )
+      )
   return targets, empty
 
 
@@ -149,24 +159,27 @@ def target_text(response: str, fmt: str, tokenizer, end: bool = True) -> str:
   return response.strip() + (conversation.stop_strings(fmt, tokenizer)[0] if end else '')
 
 
-def encode(prompt: str, response: str, tokenizer, fmt: str, max_len: int, end: bool = True
-           ) -> tuple[tuple[int, ...], int] | None:
+def encode(
+    prompt: str, response: str, tokenizer, fmt: str, max_len: int, end: bool = True
+) -> tuple[tuple[int, ...], int] | None:
   """(tokens, n_prompt) of one example cut to max_len; None if no target token survives the cut.
 
   Prompt and target are tokenized apart, as the sampler sees them (`conversation.encode`);
   `end`: whether the target ends with the end-of-turn marker (`target_text`).
   """
   prompt_text = conversation.render([(HUMAN, prompt)], fmt, tokenizer)
-  ids, n_prompt = conversation.encode(tokenizer, prompt_text,
-                                      target_text(response, fmt, tokenizer, end))
+  ids, n_prompt = conversation.encode(
+      tokenizer, prompt_text, target_text(response, fmt, tokenizer, end)
+  )
   ids = ids[:max_len]
   if len(ids) <= n_prompt:
     return None
   return tuple(ids), n_prompt
 
 
-def pack(examples: Sequence[Example], rows: Sequence[int], length: int, pad_id: int
-         ) -> dict[str, np.ndarray]:
+def pack(
+    examples: Sequence[Example], rows: Sequence[int], length: int, pad_id: int
+) -> dict[str, np.ndarray]:
   """Right-padded `tokens` [N, length] int32 and `loss_mask` [N, length] (1 on target tokens)."""
   tokens = np.full((len(rows), length), pad_id, np.int32)
   loss_mask = np.zeros((len(rows), length), np.int32)
@@ -174,8 +187,8 @@ def pack(examples: Sequence[Example], rows: Sequence[int], length: int, pad_id: 
     if i < 0:
       continue
     ex = examples[i]
-    tokens[r, :len(ex.tokens)] = ex.tokens
-    loss_mask[r, ex.n_prompt:len(ex.tokens)] = 1
+    tokens[r, : len(ex.tokens)] = ex.tokens
+    loss_mask[r, ex.n_prompt : len(ex.tokens)] = 1
   return {'tokens': tokens, 'loss_mask': loss_mask}
 
 
@@ -208,8 +221,9 @@ def output_weight(model) -> tuple[jax.Array, str]:
   return model.lm_head[...], 'DV'
 
 
-def fused_nll_sum(hidden, w, targets, weights, chunk: int, softcap: float | None = None,
-                  layout: str = 'DV'):
+def fused_nll_sum(
+    hidden, w, targets, weights, chunk: int, softcap: float | None = None, layout: str = 'DV'
+):
   """sum(weights * nll) for logits = hidden @ w (float32, optionally soft-capped), `chunk`
   positions at a time; the same pass forms the gradient (softmax - one_hot), so no [B, T, V]
   logits are ever stored and nothing is recomputed in the backward pass.
@@ -255,8 +269,9 @@ def _nll_and_grads(chunk, softcap, layout, hidden, w, targets, weights, with_gra
     return (total, sharding.constrain(dw, w_names)), dh
 
   dw0 = sharding.constrain(jnp.zeros(w.shape, jnp.float32), w_names) if with_grads else None
-  (total, dw), dh = jax.lax.scan(body, (jnp.zeros((), jnp.float32), dw0),
-                                 (split(hidden), split(targets), split(weights)))
+  (total, dw), dh = jax.lax.scan(
+      body, (jnp.zeros((), jnp.float32), dw0), (split(hidden), split(targets), split(weights))
+  )
   if not with_grads:
     return total, None
   dh = jnp.moveaxis(dh, 0, 1).reshape(b, n * chunk, d)[:, :t]
@@ -295,8 +310,15 @@ def make_loss_fn(loss_chunk: int = 0):
     weights = loss_mask[:, 1:].astype(jnp.float32)
     n = weights.sum()
     w, layout = output_weight(model)
-    total = fused_nll_sum(hidden[:, :-1], w, tokens[:, 1:], weights, min(loss_chunk, tokens.shape[1] - 1),
-                          model.cfg.final_softcap, layout)
+    total = fused_nll_sum(
+        hidden[:, :-1],
+        w,
+        tokens[:, 1:],
+        weights,
+        min(loss_chunk, tokens.shape[1] - 1),
+        model.cfg.final_softcap,
+        layout,
+    )
     return total / jnp.maximum(n, 1.0), {'tokens': n.astype(jnp.int32)}
 
   return loss_fn
@@ -321,8 +343,9 @@ def build_examples(ctx: stages.Context, tokenizer) -> tuple[list[Example], list[
   check_config(config)
   upstream = ctx.require('critique_revision', 'sft')
   samples_path = records_lib.REVISIONS.path(upstream)
-  revisions, no_revision = revision_targets(read_records(samples_path, records_lib.REVISIONS),
-                                            cfg.revisions)
+  revisions, no_revision = revision_targets(
+      read_records(samples_path, records_lib.REVISIONS), cfg.revisions
+  )
   helpful_path = records_lib.HELPFUL.path(upstream)
   helpful, no_response = ([], 0)
   if helpful_path.exists():
@@ -338,8 +361,9 @@ def build_examples(ctx: stages.Context, tokenizer) -> tuple[list[Example], list[
         truncated['dropped'] += 1
         continue
     end = not t.truncated or cfg.truncated == 'eos'
-    enc = encode(t.prompt, t.response, tokenizer, config.conversation_format,
-                 config.model.max_len, end)
+    enc = encode(
+        t.prompt, t.response, tokenizer, config.conversation_format, config.model.max_len, end
+    )
     if enc is None:
       too_long += 1
       continue
@@ -350,14 +374,24 @@ def build_examples(ctx: stages.Context, tokenizer) -> tuple[list[Example], list[
     # The coin is per prompt (its id), so every round and sample of a prompt stays on one side.
     held = is_held_out(t.id, t.source, cfg.eval_fraction, config.seed)
     (held_out if held else train).append(ex)
-  counts = {'revisions': len(revisions), 'empty_revisions': no_revision, 'helpful': len(helpful),
-            'empty_helpful': no_response, 'too_long': too_long, 'train': len(train),
-            'held_out': len(held_out), 'examples': dict(sorted(kinds.items())),
-            'truncated': truncated, 'revisions_mode': cfg.revisions,
-            'truncated_mode': cfg.truncated}
+  counts = {
+      'revisions': len(revisions),
+      'empty_revisions': no_revision,
+      'helpful': len(helpful),
+      'empty_helpful': no_response,
+      'too_long': too_long,
+      'train': len(train),
+      'held_out': len(held_out),
+      'examples': dict(sorted(kinds.items())),
+      'truncated': truncated,
+      'revisions_mode': cfg.revisions,
+      'truncated_mode': cfg.truncated,
+  }
   if not train:
-    raise SFTDataError(f'no training examples in {upstream}: {counts} (every revision empty, or all '
-                       f'held out by sft.eval_fraction={cfg.eval_fraction})')
+    raise SFTDataError(
+        f'no training examples in {upstream}: {counts} (every revision empty, or all '
+        f'held out by sft.eval_fraction={cfg.eval_fraction})'
+    )
   return train, held_out, counts
 
 
@@ -381,8 +415,10 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
   config, cfg = ctx.config, ctx.config.sft
   sharding.check_batch_size(cfg.batch_size, 'sft.batch_size')
   if cfg.batch_size % jax.process_count():
-    raise sharding.ShardingError(f'sft.batch_size {cfg.batch_size} is not divisible by the '
-                                 f'{jax.process_count()} processes')
+    raise sharding.ShardingError(
+        f'sft.batch_size {cfg.batch_size} is not divisible by the '
+        f'{jax.process_count()} processes'
+    )
   pretrained = ctx.load_role('pretrained', cache=False)  # the train state holds the only copy
   tok = pretrained.tokenizer
   pad_id = conversation.pad_id(tok, pretrained.config)
@@ -391,30 +427,51 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
 
   max_len, min_bucket = config.model.max_len, cfg.min_bucket
   lengths = [len(e.tokens) for e in train]
-  plan = lambda epoch: train_lib.epoch_batches(lengths, cfg.batch_size, config.seed, epoch,
-                                               max_len=max_len, min_bucket=min_bucket)
+  plan = lambda epoch: train_lib.epoch_batches(
+      lengths, cfg.batch_size, config.seed, epoch, max_len=max_len, min_bucket=min_bucket
+  )
   steps_per_epoch = len(plan(0))
-  total_steps = cfg.num_steps if cfg.num_steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
-  eval_batches = train_lib.epoch_batches([len(e.tokens) for e in held_out], cfg.batch_size,
-                                         config.seed, 0, max_len=max_len, min_bucket=min_bucket,
-                                         shuffle=False)
+  total_steps = (
+      cfg.num_steps if cfg.num_steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
+  )
+  eval_batches = train_lib.epoch_batches(
+      [len(e.tokens) for e in held_out],
+      cfg.batch_size,
+      config.seed,
+      0,
+      max_len=max_len,
+      min_bucket=min_bucket,
+      shuffle=False,
+  )
 
   tx, schedule = train_lib.make_optimizer(cfg.optimizer, total_steps)
   graphdef, state, shardings = train_lib.init_state(pretrained.model, tx)
   pretrained = dataclasses.replace(pretrained, model=None)  # frees the loaded copy (HBM)
   loss_fn = make_loss_fn(cfg.loss_chunk)
   train_step = train_lib.make_train_step(graphdef, tx, loss_fn, shardings, schedule)
-  eval_step = train_lib.make_eval_step(graphdef, loss_fn, None if shardings is None else shardings.params)
+  eval_step = train_lib.make_eval_step(
+      graphdef, loss_fn, None if shardings is None else shardings.params
+  )
 
   held_out_loss = lambda params: {
-      'eval_loss': evaluate(eval_step, params, held_out, eval_batches, pad_id)}
+      'eval_loss': evaluate(eval_step, params, held_out, eval_batches, pad_id)
+  }
   result = train_lib.fit(
-      stage='sft', stage_dir=stage_dir, state=state, shardings=shardings, train_step=train_step,
-      plan=plan, steps_per_epoch=steps_per_epoch,
-      make_batch=lambda length, rows: pack(train, rows, length, pad_id), total_steps=total_steps,
-      checkpoint_every=cfg.checkpoint_every, max_to_keep=cfg.max_to_keep,
-      evaluate=held_out_loss if eval_batches else None, eval_every=cfg.eval_every,
-      postfix={'loss': '{loss:.3f}'})
+      stage='sft',
+      stage_dir=stage_dir,
+      state=state,
+      shardings=shardings,
+      train_step=train_step,
+      plan=plan,
+      steps_per_epoch=steps_per_epoch,
+      make_batch=lambda length, rows: pack(train, rows, length, pad_id),
+      total_steps=total_steps,
+      checkpoint_every=cfg.checkpoint_every,
+      max_to_keep=cfg.max_to_keep,
+      evaluate=held_out_loss if eval_batches else None,
+      eval_every=cfg.eval_every,
+      postfix={'loss': '{loss:.3f}'},
+  )
   state, metrics, seconds = result.state, result.metrics, result.seconds
   eval_loss = result.eval_metrics.get('eval_loss')
 
@@ -425,8 +482,14 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
   if not metrics and jax.process_index() == 0:  # resumed after the last step: report from the log
     metrics = (train_lib.read_metrics(stage_dir / 'metrics.jsonl') or [{}])[-1]
     eval_loss = metrics.get('eval_loss')
-  return {**counts, 'models': stages.roles_line(config.model), 'steps': total_steps,
-          'steps_run': total_steps - result.start,
-          'steps_per_epoch': steps_per_epoch, 'final_loss': metrics.get('loss'), 'eval_loss': eval_loss,
-          'tokens_per_second': result.tokens / seconds if seconds and result.tokens else None,
-          'export': str(export)}
+  return {
+      **counts,
+      'models': stages.roles_line(config.model),
+      'steps': total_steps,
+      'steps_run': total_steps - result.start,
+      'steps_per_epoch': steps_per_epoch,
+      'final_loss': metrics.get('loss'),
+      'eval_loss': eval_loss,
+      'tokens_per_second': result.tokens / seconds if seconds and result.tokens else None,
+      'export': str(export),
+  }

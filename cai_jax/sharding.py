@@ -46,9 +46,13 @@ def resolve_mesh_shape(shape: Sequence[int], n_devices: int) -> tuple[int, ...]:
   """Fills the one allowed -1 from the device count and checks the product."""
   shape = tuple(int(s) for s in shape)
   if len(shape) != len(MESH_AXES):
-    raise ShardingError(f'mesh.shape {shape} must have {len(MESH_AXES)} entries for axes {MESH_AXES}')
+    raise ShardingError(
+        f'mesh.shape {shape} must have {len(MESH_AXES)} entries for axes {MESH_AXES}'
+    )
   if shape.count(-1) > 1:
-    raise ShardingError(f'mesh.shape {shape} has {shape.count(-1)} entries of -1; at most one is allowed')
+    raise ShardingError(
+        f'mesh.shape {shape} has {shape.count(-1)} entries of -1; at most one is allowed'
+    )
   known = math.prod(s for s in shape if s != -1)
   if any(s == 0 or s < -1 for s in shape):
     raise ShardingError(f'mesh.shape {shape} has a non-positive entry')
@@ -57,8 +61,9 @@ def resolve_mesh_shape(shape: Sequence[int], n_devices: int) -> tuple[int, ...]:
       raise ShardingError(f'mesh.shape {shape}: {n_devices} devices are not divisible by {known}')
     shape = tuple(n_devices // known if s == -1 else s for s in shape)
   if math.prod(shape) != n_devices:
-    raise ShardingError(f'mesh.shape {shape} has {math.prod(shape)} slots but there are '
-                        f'{n_devices} devices')
+    raise ShardingError(
+        f'mesh.shape {shape} has {math.prod(shape)} slots but there are ' f'{n_devices} devices'
+    )
   return shape
 
 
@@ -69,17 +74,22 @@ def validate_rules(rules) -> tuple:
     targets = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
     for a in targets:
       if a not in MESH_AXES:
-        raise ShardingError(f'logical_axis_rules: {name!r} maps to unknown mesh axis {a!r}; '
-                            f'mesh axes are {MESH_AXES}')
-    out.append((str(name), None if axes is None else (axes if isinstance(axes, str) else tuple(axes))))
+        raise ShardingError(
+            f'logical_axis_rules: {name!r} maps to unknown mesh axis {a!r}; '
+            f'mesh axes are {MESH_AXES}'
+        )
+    out.append(
+        (str(name), None if axes is None else (axes if isinstance(axes, str) else tuple(axes)))
+    )
   return tuple(out)
 
 
 def make_mesh(shape: Sequence[int], devices=None) -> jax.sharding.Mesh:
   devices = jax.devices() if devices is None else devices
   shape = resolve_mesh_shape(shape, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices)
+  return jax.make_mesh(
+      shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+  )
 
 
 @contextlib.contextmanager
@@ -106,8 +116,9 @@ def _mesh_axes_for(name):
   return None
 
 
-def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None = None,
-                    mesh=None) -> P:
+def logical_to_spec(
+    names: Sequence[str | None], shape: Sequence[int] | None = None, mesh=None
+) -> P:
   """PartitionSpec for logical `names` under the current rules.
 
   A dimension that the mapped mesh axes do not divide evenly is replicated instead (and each
@@ -169,8 +180,12 @@ def state_shardings(state, mesh=None):
   """The NamedSharding of every variable in an (abstract) NNX state, by its logical names."""
   mesh = mesh if mesh is not None else _concrete_mesh()
   return jax.tree.map(
-      lambda v: v.replace(NamedSharding(mesh, logical_to_spec(variable_names(v), v.get_value().shape, mesh))),
-      state, is_leaf=_is_variable)
+      lambda v: v.replace(
+          NamedSharding(mesh, logical_to_spec(variable_names(v), v.get_value().shape, mesh))
+      ),
+      state,
+      is_leaf=_is_variable,
+  )
 
 
 def create_sharded(ctor: Callable[[], Any]):
@@ -224,8 +239,10 @@ def check_batch_size(batch_size: int, what: str = 'batch size', mesh=None) -> No
   n = batch_axis_size(mesh)
   if batch_size % n:
     mesh = mesh if mesh is not None else current_mesh()
-    raise ShardingError(f'{what} {batch_size} is not divisible by the data x fsdp size {n} '
-                        f'of mesh {dict(mesh.shape)}')
+    raise ShardingError(
+        f'{what} {batch_size} is not divisible by the data x fsdp size {n} '
+        f'of mesh {dict(mesh.shape)}'
+    )
 
 
 def global_batch(local: dict[str, np.ndarray], names=('batch', 'length')) -> dict[str, jax.Array]:
@@ -237,8 +254,14 @@ def global_batch(local: dict[str, np.ndarray], names=('batch', 'length')) -> dic
   out = {}
   for k, v in local.items():
     v = np.asarray(v)
-    sh = NamedSharding(mesh, logical_to_spec(names[:v.ndim] + (None,) * (v.ndim - len(names)),
-                                             (v.shape[0] * jax.process_count(),) + v.shape[1:], mesh))
+    sh = NamedSharding(
+        mesh,
+        logical_to_spec(
+            names[: v.ndim] + (None,) * (v.ndim - len(names)),
+            (v.shape[0] * jax.process_count(),) + v.shape[1:],
+            mesh,
+        ),
+    )
     out[k] = jax.make_array_from_process_local_data(sh, v)
   return out
 

@@ -48,8 +48,11 @@ def _flatten(d: dict, prefix: str = '') -> dict[str, Any]:
 
 def diff_fields(old: dict, new: dict) -> list[str]:
   a, b = _flatten(old), _flatten(new)
-  return [f'{k}: {a.get(k, "<absent>")!r} -> {b.get(k, "<absent>")!r}'
-          for k in sorted(set(a) | set(b)) if a.get(k, '<absent>') != b.get(k, '<absent>')]
+  return [
+      f'{k}: {a.get(k, "<absent>")!r} -> {b.get(k, "<absent>")!r}'
+      for k in sorted(set(a) | set(b))
+      if a.get(k, '<absent>') != b.get(k, '<absent>')
+  ]
 
 
 @dataclasses.dataclass
@@ -70,22 +73,28 @@ class Context:
   def require(self, name: str, needed_by: str) -> Path:
     """The finished output dir of `name`, made by this config; else an error naming what to run."""
     if not self.is_done(name):
-      raise StageError(f"stage '{needed_by}' needs the output of stage '{name}', which has not finished "
-                       f"in {self.workdir}: run --config.stages={name} first (same config and workdir)")
+      raise StageError(
+          f"stage '{needed_by}' needs the output of stage '{name}', which has not finished "
+          f'in {self.workdir}: run --config.stages={name} first (same config and workdir)'
+      )
     if not reusable(self, name):
       recorded = json.loads((self.stage_dir(name) / 'fingerprint.json').read_text())
       diffs = diff_fields(recorded['fields'], self.stage_config_fingerprint(name))
-      raise StageError(f"stage '{needed_by}' needs stage '{name}', whose output in {self.workdir} was "
-                       f"made by a different config or inputs ({'; '.join(diffs[:4])}): run "
-                       f'--config.stages={name} (or --config.force={name}) first')
+      raise StageError(
+          f"stage '{needed_by}' needs stage '{name}', whose output in {self.workdir} was "
+          f"made by a different config or inputs ({'; '.join(diffs[:4])}): run "
+          f'--config.stages={name} (or --config.force={name}) first'
+      )
     return self.stage_dir(name)
 
   def model_source(self, role: str) -> str:
     """Where the model playing `role` (one of MODEL_ROLES) lives: a config source for the two
     given models, the stage's export for the three trained ones."""
     if role in RENAMED_ROLES:
-      raise StageError(f'model role {role!r} is now called {RENAMED_ROLES[role]!r} (model roles '
-                       'are named after the stages that make them)')
+      raise StageError(
+          f'model role {role!r} is now called {RENAMED_ROLES[role]!r} (model roles '
+          'are named after the stages that make them)'
+      )
     if role in GIVEN_ROLES:
       return role_source(self.config.model, role)
     if role not in MODEL_ROLES:
@@ -101,11 +110,13 @@ class Context:
     try:
       return self.load(source, **kwargs)
     except checkpoint.CheckpointError as e:
-      raise StageError(f'{role_description(self.config.model, role)} {source!r} cannot be '
-                       f'loaded: {e}') from None
+      raise StageError(
+          f'{role_description(self.config.model, role)} {source!r} cannot be ' f'loaded: {e}'
+      ) from None
 
-  def load(self, source: str, *, scalar_head: bool = False, cache: bool = True,
-           frozen: bool = False):
+  def load(
+      self, source: str, *, scalar_head: bool = False, cache: bool = True, frozen: bool = False
+  ):
     """load_pretrained with the config's dtypes, memoized per (source, head, dtype) for the stage.
 
     A model that a stage trains keeps its parameters in `model.param_dtype` (float32 master
@@ -121,9 +132,14 @@ class Context:
     key = (source, scalar_head, param_dtype)
     if key in self._models:
       return self._models[key]
-    pretrained = checkpoint.load_pretrained(source, dtype=m.dtype, param_dtype=param_dtype,
-                                            seed=self.config.seed, scalar_head=scalar_head,
-                                            model_overrides={'remat': m.get('remat', 'none')})
+    pretrained = checkpoint.load_pretrained(
+        source,
+        dtype=m.dtype,
+        param_dtype=param_dtype,
+        seed=self.config.seed,
+        scalar_head=scalar_head,
+        model_overrides={'remat': m.get('remat', 'none')},
+    )
     if cache:
       self._models[key] = pretrained
     return pretrained
@@ -132,6 +148,7 @@ class Context:
     c = self.config
     # Imported here: the stage table imports every stage module, and each of them imports this one.
     from cai_jax.pipeline import STAGES
+
     fields = {k: _plain(c[k]) for k in GLOBAL_FIELDS if k in c}
     if 'model' in fields:  # the given models' sources, resolved, for the stages that load them
       for field in ('source', *(f'{r}_source' for r in GIVEN_ROLES)):
@@ -247,9 +264,12 @@ def input_fingerprints(config, name: str) -> dict[str, str]:
         except data.DataSourceError:
           continue  # the stage that reads it reports the missing source
         out[f'data.{source}'] = hashlib.sha256(
-            ''.join(_file_digest(f) for f in files).encode()).hexdigest()[:16]
-  extra = {'preference': ('preference.helpful_mix.path',),
-           'evaluate_feedback': ('evaluate_feedback.comparisons',)}.get(name, ())
+            ''.join(_file_digest(f) for f in files).encode()
+        ).hexdigest()[:16]
+  extra = {
+      'preference': ('preference.helpful_mix.path',),
+      'evaluate_feedback': ('evaluate_feedback.comparisons',),
+  }.get(name, ())
   for field in extra:
     section, *keys = field.split('.')
     value = config[section]
@@ -290,14 +310,20 @@ def claim(ctx: Context, name: str) -> None:
       return
     diffs = diff_fields(old['fields'], fields)
     if _only_inputs_changed(diffs) or [p.name for p in d.iterdir()] == ['fingerprint.json']:
-      logging.warning('stage %s: %s; redoing it (old outputs in %s)', name,
-                      '; '.join(diffs[:8]) or 'nothing produced yet', ctx.workdir / TRASH)
+      logging.warning(
+          'stage %s: %s; redoing it (old outputs in %s)',
+          name,
+          '; '.join(diffs[:8]) or 'nothing produced yet',
+          ctx.workdir / TRASH,
+      )
       if jax.process_index() == 0:
         move_to_trash(ctx.workdir, name)
       barrier(f'trash-{name}')
     else:
-      raise StageError(f"{d} was made by a different config ({'; '.join(diffs[:8])}); "
-                       f'use another --workdir or --config.force={name}')
+      raise StageError(
+          f"{d} was made by a different config ({'; '.join(diffs[:8])}); "
+          f'use another --workdir or --config.force={name}'
+      )
   if d.exists() and any(d.iterdir()):
     raise StageError(f'{d} exists without a fingerprint; move it away or use --config.force={name}')
   if jax.process_index() == 0:
@@ -308,9 +334,14 @@ def claim(ctx: Context, name: str) -> None:
 def mark_done(ctx: Context, name: str, seconds: float, summary: dict) -> None:
   """Writes `name`'s DONE.json: its fingerprint, wall time and summary (process 0)."""
   if jax.process_index() == 0:
-    _atomic_write(ctx.stage_dir(name) / 'DONE.json',
-                  json.dumps({'fingerprint': ctx.fingerprint(name), 'seconds': seconds,
-                              'summary': summary}, indent=1, default=str))
+    _atomic_write(
+        ctx.stage_dir(name) / 'DONE.json',
+        json.dumps(
+            {'fingerprint': ctx.fingerprint(name), 'seconds': seconds, 'summary': summary},
+            indent=1,
+            default=str,
+        ),
+    )
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -345,8 +376,11 @@ def workdir_lock(workdir: Path):
     yield
     return
   path = Path(workdir) / LOCK_FILE
-  me = {'pid': os.getpid(), 'host': socket.gethostname(),
-        'started': time.strftime('%Y-%m-%d %H:%M:%S')}
+  me = {
+      'pid': os.getpid(),
+      'host': socket.gethostname(),
+      'started': time.strftime('%Y-%m-%d %H:%M:%S'),
+  }
   for _ in range(3):
     try:
       fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -360,9 +394,11 @@ def workdir_lock(workdir: Path):
         logging.warning('taking over the stale lock %s (%s)', path, holder or 'unreadable')
         path.unlink(missing_ok=True)
         continue
-      raise StageError(f"{workdir} is in use by pid {holder['pid']} on {holder['host']} (since "
-                       f"{holder.get('started')}; {path}): wait for that run to end, or delete "
-                       'the lock file if that process is gone') from None
+      raise StageError(
+          f"{workdir} is in use by pid {holder['pid']} on {holder['host']} (since "
+          f"{holder.get('started')}; {path}): wait for that run to end, or delete "
+          'the lock file if that process is gone'
+      ) from None
     with os.fdopen(fd, 'w') as f:
       f.write(json.dumps(me))
     break
@@ -396,4 +432,5 @@ def move_to_trash(workdir: Path, name: str) -> Path | None:
 def barrier(tag: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices(tag)

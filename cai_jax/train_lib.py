@@ -80,11 +80,19 @@ def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation,
   eps (optional), grad_clip (0 = off). Weight decay skips vectors and scalars (norms, biases).
   """
   schedule = make_schedule(cfg, total_steps)
-  adamw = optax.adamw(schedule, b1=float(cfg.get('b1', 0.9)), b2=float(cfg.get('b2', 0.999)),
-                      eps=float(cfg.get('eps', 1e-8)), weight_decay=float(cfg.get('weight_decay', 0.0)),
-                      mask=lambda params: jax.tree.map(lambda x: x.ndim >= 2, params))
+  adamw = optax.adamw(
+      schedule,
+      b1=float(cfg.get('b1', 0.9)),
+      b2=float(cfg.get('b2', 0.999)),
+      eps=float(cfg.get('eps', 1e-8)),
+      weight_decay=float(cfg.get('weight_decay', 0.0)),
+      mask=lambda params: jax.tree.map(lambda x: x.ndim >= 2, params),
+  )
   clip = float(cfg.get('grad_clip', 0.0))
-  return optax.chain(optax.clip_by_global_norm(clip) if clip > 0 else optax.identity(), adamw), schedule
+  return (
+      optax.chain(optax.clip_by_global_norm(clip) if clip > 0 else optax.identity(), adamw),
+      schedule,
+  )
 
 
 # ---- train state and its layout ----------------------------------------------------------------
@@ -114,7 +122,9 @@ def shardings_of(tree, mesh=None):
   def one(x):
     if _is_variable(x):
       shape = x.get_value().shape
-      return x.replace(NamedSharding(mesh, sharding.logical_to_spec(sharding.variable_names(x), shape, mesh)))
+      return x.replace(
+          NamedSharding(mesh, sharding.logical_to_spec(sharding.variable_names(x), shape, mesh))
+      )
     return NamedSharding(mesh, P())
 
   return jax.tree.map(one, tree, is_leaf=_is_variable)
@@ -139,8 +149,10 @@ def init_state(model, tx: optax.GradientTransformation):
   """
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   if jax.tree.leaves(rest):
-    raise ValueError('train_lib trains nnx.Param state only; the model has other state: '
-                     f'{jax.tree.map(jnp.shape, rest)}')
+    raise ValueError(
+        'train_lib trains nnx.Param state only; the model has other state: '
+        f'{jax.tree.map(jnp.shape, rest)}'
+    )
 
   _, shardings = abstract_train_state(params, tx)
   state = jax.jit(functools.partial(_build_state, tx), out_shardings=shardings)(params)
@@ -162,17 +174,28 @@ def abstract_train_state(params, tx: optax.GradientTransformation):
 def abstract_state(state: TrainState, shardings=None):
   """ShapeDtypeStructs (with shardings) of `state`: the restore target of a checkpoint."""
   if shardings is None:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)),
-                        state)
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)),
+        state,
+    )
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+  )
 
 
 # ---- steps ---------------------------------------------------------------------------------------
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: LossFn, shardings=None,
-                    schedule: optax.Schedule | None = None, *, seed: int | None = None,
-                    donate: bool = True):
+def make_train_step(
+    graphdef,
+    tx: optax.GradientTransformation,
+    loss_fn: LossFn,
+    shardings=None,
+    schedule: optax.Schedule | None = None,
+    *,
+    seed: int | None = None,
+    donate: bool = True,
+):
   """The jitted pure step `(state, batch) -> (state, metrics)`.
 
   metrics: loss, grad_norm (before clipping), lr (with a schedule), and loss_fn's aux. With
@@ -196,9 +219,12 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: LossFn,
     return TrainState(params, opt_state, state.step + 1), metrics
 
   rep = replicated()
-  return jax.jit(step, in_shardings=(shardings, None) if shardings is not None else None,
-                 out_shardings=(shardings, rep) if shardings is not None else None,
-                 donate_argnums=(0,) if donate else ())
+  return jax.jit(
+      step,
+      in_shardings=(shardings, None) if shardings is not None else None,
+      out_shardings=(shardings, rep) if shardings is not None else None,
+      donate_argnums=(0,) if donate else (),
+  )
 
 
 def make_eval_step(graphdef, loss_fn: LossFn, param_shardings=None):
@@ -231,8 +257,12 @@ FINITE_KEYS = ('loss', 'grad_norm', 'policy_loss', 'value_loss')
 def non_finite(metrics: list[dict] | dict) -> dict[str, float]:
   """The losses and gradient norms (FINITE_KEYS) among host metrics that are NaN or inf."""
   rows = metrics if isinstance(metrics, list) else [metrics]
-  return {k: v for m in rows for k, v in m.items()
-          if k in FINITE_KEYS and isinstance(v, float) and not math.isfinite(v)}
+  return {
+      k: v
+      for m in rows
+      for k, v in m.items()
+      if k in FINITE_KEYS and isinstance(v, float) and not math.isfinite(v)
+  }
 
 
 def check_finite(stage: str, step: int, metrics: list[dict] | dict, ckpt=None) -> None:
@@ -246,12 +276,17 @@ def check_finite(stage: str, step: int, metrics: list[dict] | dict, ckpt=None) -
   if not bad:
     return
   last = ckpt.latest_step() if ckpt is not None else None
-  kept = (f'the last good checkpoint (step {last}) is kept in {ckpt.directory}' if last is not None
-          else 'no checkpoint had been saved')
+  kept = (
+      f'the last good checkpoint (step {last}) is kept in {ckpt.directory}'
+      if last is not None
+      else 'no checkpoint had been saved'
+  )
   values = ', '.join(f'{k}={v}' for k, v in sorted(bad.items()))
-  raise NonFiniteError(f'{stage}: non-finite {values} at step {step}; stopped without saving this '
-                       f'state or exporting a model, {kept}. Lower the learning rate and rerun '
-                       f'with --config.force={stage}, or check the data and rerun as is to resume')
+  raise NonFiniteError(
+      f'{stage}: non-finite {values} at step {step}; stopped without saving this '
+      f'state or exporting a model, {kept}. Lower the learning rate and rerun '
+      f'with --config.force={stage}, or check the data and rerun as is to resume'
+  )
 
 
 def gather_params(params, mesh=None):
@@ -268,15 +303,19 @@ def gather_params(params, mesh=None):
 class Checkpointer:
   """orbax CheckpointManager with resume: `restore_latest` reads the newest finished checkpoint."""
 
-  def __init__(self, directory: str | Path, *, save_every: int, max_to_keep: int,
-               async_save: bool = True):
+  def __init__(
+      self, directory: str | Path, *, save_every: int, max_to_keep: int, async_save: bool = True
+  ):
     import orbax.checkpoint as ocp
 
     self._ocp = ocp
     self.save_every = max(1, int(save_every))
-    options = ocp.CheckpointManagerOptions(max_to_keep=max(1, int(max_to_keep)),
-                                           save_interval_steps=max(1, int(save_every)), create=True,
-                                           enable_async_checkpointing=async_save)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max(1, int(max_to_keep)),
+        save_interval_steps=max(1, int(save_every)),
+        create=True,
+        enable_async_checkpointing=async_save,
+    )
     self.directory = Path(directory).absolute()
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -357,8 +396,14 @@ class MetricsWriter:
   interrupted run had written past its last checkpoint, so the log reads as one run.
   """
 
-  def __init__(self, directory: str | Path, *, resume_step: int = 0, filename: str = 'metrics.jsonl',
-               tensorboard: bool = True):
+  def __init__(
+      self,
+      directory: str | Path,
+      *,
+      resume_step: int = 0,
+      filename: str = 'metrics.jsonl',
+      tensorboard: bool = True,
+  ):
     self.enabled = jax.process_index() == 0
     self.path = Path(directory) / filename
     self._tb = None
@@ -366,14 +411,19 @@ class MetricsWriter:
       return
     self.path.parent.mkdir(parents=True, exist_ok=True)
     if self.path.exists():
-      kept = [line for line in self.path.read_text().splitlines()
-              if line.strip() and _line_step(line) <= resume_step]
+      kept = [
+          line
+          for line in self.path.read_text().splitlines()
+          if line.strip() and _line_step(line) <= resume_step
+      ]
       self.path.write_text(''.join(line + '\n' for line in kept))
     self._file = self.path.open('a')
     if tensorboard:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(str(Path(directory) / 'tb'),
-                               purge_step=resume_step + 1 if resume_step else None)
+
+      self._tb = SummaryWriter(
+          str(Path(directory) / 'tb'), purge_step=resume_step + 1 if resume_step else None
+      )
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     if not self.enabled:
@@ -427,8 +477,14 @@ def progress(total: int, initial: int = 0, desc: str = ''):
   """A tqdm bar on process 0 (a silent one elsewhere)."""
   from tqdm.auto import tqdm
 
-  return tqdm(total=total, initial=initial, desc=desc, disable=jax.process_index() != 0,
-              dynamic_ncols=True, mininterval=1.0)
+  return tqdm(
+      total=total,
+      initial=initial,
+      desc=desc,
+      disable=jax.process_index() != 0,
+      dynamic_ncols=True,
+      mininterval=1.0,
+  )
 
 
 # ---- batches ------------------------------------------------------------------------------------
@@ -439,8 +495,16 @@ def bucket_length(n: int, max_len: int, min_bucket: int) -> int:
   return min(max_len, max(min_bucket, 1 << max(0, n - 1).bit_length()))
 
 
-def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, *,
-                  max_len: int, min_bucket: int, shuffle: bool = True) -> list[tuple[int, list[int]]]:
+def epoch_batches(
+    lengths: Sequence[int],
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    *,
+    max_len: int,
+    min_bucket: int,
+    shuffle: bool = True,
+) -> list[tuple[int, list[int]]]:
   """This epoch's batches as (padded length, example indices; -1 = an empty filler row).
 
   Examples are shuffled by (seed, epoch), grouped by padded length, cut into batches, and the
@@ -456,7 +520,7 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int
   for length in sorted(buckets):
     rows = buckets[length]
     for start in range(0, len(rows), batch_size):
-      chunk = rows[start:start + batch_size]
+      chunk = rows[start : start + batch_size]
       batches.append((length, chunk + [-1] * (batch_size - len(chunk))))
   if shuffle:
     batches = [batches[i] for i in rng.permutation(len(batches))]
@@ -498,10 +562,24 @@ class Fit(NamedTuple):
   tokens: int  # sum of the steps' 'tokens' metric (0 when the loss reports none)
 
 
-def fit(*, stage: str, stage_dir: Path, state: TrainState, shardings, train_step, plan,
-        steps_per_epoch: int, make_batch, total_steps: int, checkpoint_every: int,
-        max_to_keep: int, evaluate=None, eval_every: int = 0, log_every: int = 1,
-        postfix: dict[str, str] | None = None) -> Fit:
+def fit(
+    *,
+    stage: str,
+    stage_dir: Path,
+    state: TrainState,
+    shardings,
+    train_step,
+    plan,
+    steps_per_epoch: int,
+    make_batch,
+    total_steps: int,
+    checkpoint_every: int,
+    max_to_keep: int,
+    evaluate=None,
+    eval_every: int = 0,
+    log_every: int = 1,
+    postfix: dict[str, str] | None = None,
+) -> Fit:
   """The train loop of the sft and preference stages, written once (big_vision's train.py shape).
 
   Resumes from the newest checkpoint in stage_dir/checkpoints, then trains on
@@ -512,8 +590,13 @@ def fit(*, stage: str, stage_dir: Path, state: TrainState, shardings, train_step
   postfix: bar label -> format over the step's metrics, e.g. {'loss': '{loss:.3f}'}. However
   the loop ends, the pending checkpoint is finished, so a rerun resumes from it.
   """
-  ckpt = Checkpointer(Path(stage_dir) / 'checkpoints', save_every=checkpoint_every,
-                      max_to_keep=max_to_keep) if checkpoint_every > 0 else None
+  ckpt = (
+      Checkpointer(
+          Path(stage_dir) / 'checkpoints', save_every=checkpoint_every, max_to_keep=max_to_keep
+      )
+      if checkpoint_every > 0
+      else None
+  )
   restored = ckpt.restore_latest(state, shardings) if ckpt else None
   if restored is not None:
     state = restored

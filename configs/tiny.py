@@ -1,6 +1,6 @@
 """A tiny random model (byte tokenizer) and tiny stage sizes: every stage runs in seconds.
 
-  python -m cai_jax.main --config configs/tiny.py --workdir /tmp/tiny
+python -m cai_jax.main --config configs/tiny.py --workdir /tmp/tiny
 """
 
 from configs import base

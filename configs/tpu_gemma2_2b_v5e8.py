@@ -1,15 +1,20 @@
 """Gemma-2-2B-it on a TPU v5e-8 (8 chips x 16 GiB): FSDP over all chips.
 
-  huggingface-cli download google/gemma-2-2b-it --local-dir ~/models/gemma-2-2b-it   # on every host, beforehand
-  python -m cai_jax.main --config configs/tpu_gemma2_2b_v5e8.py --workdir /mnt/disks/run   # one host
+huggingface-cli download google/gemma-2-2b-it --local-dir ~/models/gemma-2-2b-it   # on every host, beforehand
+python -m cai_jax.main --config configs/tpu_gemma2_2b_v5e8.py --workdir /mnt/disks/run   # one host
 """
 
 from configs.tpu_common import tpu_config
 
 
 def get_config():
-  c = tpu_config(model_dir='~/models/gemma-2-2b-it', architecture='gemma2_2b',
-                 topology='v5e:2x4', mesh_shape=(1, 8, 1), multi_host=False)
+  c = tpu_config(
+      model_dir='~/models/gemma-2-2b-it',
+      architecture='gemma2_2b',
+      topology='v5e:2x4',
+      mesh_shape=(1, 8, 1),
+      multi_host=False,
+  )
   # The value head shares the policy's trunk. With a trunk of its own, the learner holds float32
   # master weights and AdamW moments of two 2.6B models (7.3 GiB per device) and the rollout
   # decode would need ~14.9 of the chip's 15.75 GiB; shared, PPO's peak is 11.5 GiB

@@ -1,15 +1,20 @@
 """Llama-3.2-3B-Instruct on a TPU v4-8 (4 chips x 32 GiB): FSDP over all chips.
 
-  huggingface-cli download meta-llama/Llama-3.2-3B-Instruct --local-dir ~/models/Llama-3.2-3B-Instruct   # on every host, beforehand
-  python -m cai_jax.main --config configs/tpu_llama3_2_3b_v4_8.py --workdir /mnt/disks/run   # one host
+huggingface-cli download meta-llama/Llama-3.2-3B-Instruct --local-dir ~/models/Llama-3.2-3B-Instruct   # on every host, beforehand
+python -m cai_jax.main --config configs/tpu_llama3_2_3b_v4_8.py --workdir /mnt/disks/run   # one host
 """
 
 from configs.tpu_common import tpu_config
 
 
 def get_config():
-  c = tpu_config(model_dir='~/models/Llama-3.2-3B-Instruct', architecture='llama3_2_3b',
-                 topology='v4:2x2x1', mesh_shape=(1, 4, 1), multi_host=False)
+  c = tpu_config(
+      model_dir='~/models/Llama-3.2-3B-Instruct',
+      architecture='llama3_2_3b',
+      topology='v4:2x2x1',
+      mesh_shape=(1, 4, 1),
+      multi_host=False,
+  )
   # Scoring (A)/(B) on 64 prompts x 2 orders x 4 options at 2048 tokens takes 27.6 of a v4's
   # 30.75 GiB, 29.1 beside the resident SL-CAI sampler (cai_jax.aot): over the 90% line. 32 fits.
   c.feedback.score_batch_size = 32

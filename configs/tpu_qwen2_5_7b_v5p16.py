@@ -1,12 +1,17 @@
 """Qwen2.5-7B-Instruct on a TPU v5p-16 (8 chips x 95 GiB, 2 hosts): FSDP x 2-way tensor parallelism.
 
-  huggingface-cli download Qwen/Qwen2.5-7B-Instruct --local-dir ~/models/Qwen2.5-7B-Instruct   # on every host, beforehand
-  python -m cai_jax.main --config configs/tpu_qwen2_5_7b_v5p16.py --workdir /mnt/disks/run   # the same command on both hosts
+huggingface-cli download Qwen/Qwen2.5-7B-Instruct --local-dir ~/models/Qwen2.5-7B-Instruct   # on every host, beforehand
+python -m cai_jax.main --config configs/tpu_qwen2_5_7b_v5p16.py --workdir /mnt/disks/run   # the same command on both hosts
 """
 
 from configs.tpu_common import tpu_config
 
 
 def get_config():
-  return tpu_config(model_dir='~/models/Qwen2.5-7B-Instruct', architecture='qwen2_5_7b',
-                    topology='v5p:2x2x2', mesh_shape=(1, 4, 2), multi_host=True)
+  return tpu_config(
+      model_dir='~/models/Qwen2.5-7B-Instruct',
+      architecture='qwen2_5_7b',
+      topology='v5p:2x2x2',
+      mesh_shape=(1, 4, 2),
+      multi_host=True,
+  )

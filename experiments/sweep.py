@@ -152,7 +152,9 @@ def sweep_points(sweep) -> list[tuple[str, dict]]:
     out = []
     for i, p in enumerate(sweep.points()):
       p = dict(p)
-      name = p.pop('name', None) or ','.join(f'{k.split(".")[-1]}={v}' for k, v in p.items()) or str(i)
+      name = (
+          p.pop('name', None) or ','.join(f'{k.split(".")[-1]}={v}' for k, v in p.items()) or str(i)
+      )
       out.append((_slug(str(name)), p))
   elif hasattr(sweep, 'AXES'):
     fields = list(sweep.AXES)
@@ -178,8 +180,10 @@ def select_points(points, selection: str | None):
     else:
       match = [p for p in points if p[0] == item]
       if not match:
-        raise SweepError(f'--points: no point {item!r}; points: '
-                         f'{", ".join(f"{i}:{n}" for i, (n, _) in enumerate(points))}')
+        raise SweepError(
+            f'--points: no point {item!r}; points: '
+            f'{", ".join(f"{i}:{n}" for i, (n, _) in enumerate(points))}'
+        )
       chosen.append(match[0])
   return chosen
 
@@ -190,13 +194,16 @@ def select_points(points, selection: str | None):
 def stage_fingerprints(config) -> dict[str, str]:
   """Every stage's fingerprint under `config` (what WORKDIR/<stage>/fingerprint.json records)."""
   from cai_jax import pipeline, stages
+
   ctx = stages.Context(config, Path('.'))
   return {name: ctx.fingerprint(name) for name in pipeline.ORDER}
 
 
 def data_key(config) -> str:
   """The shared TFDS prompt datasets depend on the seed and the data config only."""
-  blob = json.dumps({'seed': config.seed, 'data': config.data.to_dict()}, sort_keys=True, default=str)
+  blob = json.dumps(
+      {'seed': config.seed, 'data': config.data.to_dict()}, sort_keys=True, default=str
+  )
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -216,6 +223,7 @@ def _link(link: Path, target: Path) -> None:
 def link_stages(workdir: Path, cache: Path, config, run_stages: list[str]) -> dict[str, str]:
   """Links the point's stages (and finished cached upstream ones) into `workdir`."""
   from cai_jax import pipeline
+
   fps = stage_fingerprints(config)
   workdir.mkdir(parents=True, exist_ok=True)
   for name in pipeline.ORDER:
@@ -232,13 +240,21 @@ def link_stages(workdir: Path, cache: Path, config, run_stages: list[str]) -> di
 
 def point_command(base: str, workdir: Path, overrides: dict) -> list[str]:
   path, arg = base_config_path(base)
-  cmd = [sys.executable, '-m', 'cai_jax.main', '--config', f'{path}{":" + arg if arg else ""}',
-         '--workdir', str(workdir)]
+  cmd = [
+      sys.executable,
+      '-m',
+      'cai_jax.main',
+      '--config',
+      f'{path}{":" + arg if arg else ""}',
+      '--workdir',
+      str(workdir),
+  ]
   return cmd + [f'--config.{k}={cli_value(v)}' for k, v in overrides.items()]
 
 
-def run_point(cmd: list[str], workdir: Path, timeout: float | None, jax_cache: Path | None = None
-              ) -> tuple[int, float]:
+def run_point(
+    cmd: list[str], workdir: Path, timeout: float | None, jax_cache: Path | None = None
+) -> tuple[int, float]:
   """Runs one point's command, its output in WORKDIR/sweep_log.txt; (exit code, seconds).
 
   Points share a persistent JAX compilation cache (unless JAX_COMPILATION_CACHE_DIR is set), so
@@ -253,8 +269,9 @@ def run_point(cmd: list[str], workdir: Path, timeout: float | None, jax_cache: P
     log.write(' '.join(cmd) + '\n\n')
     log.flush()
     try:
-      rc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=timeout,
-                          env=env).returncode
+      rc = subprocess.run(
+          cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env=env
+      ).returncode
     except subprocess.TimeoutExpired:
       rc = -9
   return rc, time.time() - t0
@@ -282,8 +299,10 @@ def read_metric(workdir: Path, spec: str | Callable) -> Any:
   except (OSError, KeyError, IndexError, ValueError, TypeError):
     return None
   if isinstance(value, dict) and isinstance(value.get('mean'), list):  # a curve with error bars
-    return [{'mean': m, 'stderr': s} for m, s in zip(value['mean'], value.get('stderr') or
-                                                      [None] * len(value['mean']))]
+    return [
+        {'mean': m, 'stderr': s}
+        for m, s in zip(value['mean'], value.get('stderr') or [None] * len(value['mean']))
+    ]
   return value
 
 
@@ -324,8 +343,9 @@ def merge_rows(root: Path, rows: list[dict], order: list[str]) -> list[dict]:
   return sorted(by_point.values(), key=lambda r: rank.get(r['point'], len(rank)))
 
 
-def write_results(root: Path, sweep_name: str, rows: list[dict], axes: list[str], metrics: list[str]
-                  ) -> None:
+def write_results(
+    root: Path, sweep_name: str, rows: list[dict], axes: list[str], metrics: list[str]
+) -> None:
   """results.md / results.csv / results.json and one PNG per metric in `root`."""
   root.mkdir(parents=True, exist_ok=True)
   (root / 'results.json').write_text(json.dumps(rows, indent=1, default=str))
@@ -334,21 +354,40 @@ def write_results(root: Path, sweep_name: str, rows: list[dict], axes: list[str]
     w = csv.writer(f)
     w.writerow(columns)
     for r in rows:
-      w.writerow([r['point']] + [r['overrides'].get(a, '') for a in axes]
-                 + [json.dumps(r['metrics'].get(m)) for m in metrics]
-                 + [r['status'], ' '.join(r['ran']), ' '.join(r['reused']), f'{r["seconds"]:.1f}'])
+      w.writerow(
+          [r['point']]
+          + [r['overrides'].get(a, '') for a in axes]
+          + [json.dumps(r['metrics'].get(m)) for m in metrics]
+          + [r['status'], ' '.join(r['ran']), ' '.join(r['reused']), f'{r["seconds"]:.1f}']
+      )
   present = [m for m in metrics if any(r['metrics'].get(m) is not None for r in rows)]
   missing = [m for m in metrics if m not in present]
   columns = ['point'] + axes + present + ['status', 'ran', 'reused', 'seconds']
-  lines = [f'# Sweep `{sweep_name}`', '', f'Base config: `{rows[0]["base"] if rows else ""}`.', '',
-           '| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
+  lines = [
+      f'# Sweep `{sweep_name}`',
+      '',
+      f'Base config: `{rows[0]["base"] if rows else ""}`.',
+      '',
+      '| ' + ' | '.join(columns) + ' |',
+      '|' + '---|' * len(columns),
+  ]
   for r in rows:
-    cells = ([r['point']] + [format_value(r['overrides'].get(a)) for a in axes]
-             + [format_value(r['metrics'].get(m)) for m in present]
-             + [r['status'], ', '.join(r['ran']) or '–', ', '.join(r['reused']) or '–',
-                f'{r["seconds"]:.1f}'])
+    cells = (
+        [r['point']]
+        + [format_value(r['overrides'].get(a)) for a in axes]
+        + [format_value(r['metrics'].get(m)) for m in present]
+        + [
+            r['status'],
+            ', '.join(r['ran']) or '–',
+            ', '.join(r['reused']) or '–',
+            f'{r["seconds"]:.1f}',
+        ]
+    )
     lines.append('| ' + ' | '.join(cells) + ' |')
-  lines += ['', '`ran` / `reused`: stages this point computed / took finished from the stage cache.']
+  lines += [
+      '',
+      '`ran` / `reused`: stages this point computed / took finished from the stage cache.',
+  ]
   if missing:
     lines.append(f'Not produced by the stages run: {", ".join(missing)}.')
   lines.append('')
@@ -365,6 +404,7 @@ def _yerr(scalars):
 
 def plot_metric(root: Path, rows: list[dict], axes: list[str], metric: str) -> str | None:
   import matplotlib
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
@@ -386,17 +426,28 @@ def plot_metric(root: Path, rows: list[dict], axes: list[str], metric: str) -> s
     if not scalars:
       plt.close(fig)
       return None
-    numeric_axis = (len(axes) == 1 and all(isinstance(o.get(axes[0]), (int, float))
-                                           and not isinstance(o.get(axes[0]), bool) for _, o, _ in scalars))
+    numeric_axis = len(axes) == 1 and all(
+        isinstance(o.get(axes[0]), (int, float)) and not isinstance(o.get(axes[0]), bool)
+        for _, o, _ in scalars
+    )
     if numeric_axis:
       xs = [o[axes[0]] for _, o, _ in scalars]
-      ax.errorbar(xs, [s[0] for *_, s in scalars], yerr=_yerr([s for *_, s in scalars]), marker='o',
-                  capsize=3)
+      ax.errorbar(
+          xs,
+          [s[0] for *_, s in scalars],
+          yerr=_yerr([s for *_, s in scalars]),
+          marker='o',
+          capsize=3,
+      )
       ax.set_xlabel(axes[0])
     else:
       names = [n for n, _, _ in scalars]
-      ax.bar(range(len(names)), [s[0] for *_, s in scalars], yerr=_yerr([s for *_, s in scalars]),
-             capsize=3)
+      ax.bar(
+          range(len(names)),
+          [s[0] for *_, s in scalars],
+          yerr=_yerr([s for *_, s in scalars]),
+          capsize=3,
+      )
       ax.set_xticks(range(len(names)), names, rotation=20, ha='right', fontsize=8)
   ax.set_ylabel(metric)
   ax.set_title(metric, fontsize=9)
@@ -407,9 +458,17 @@ def plot_metric(root: Path, rows: list[dict], axes: list[str], metric: str) -> s
   return name
 
 
-def run_sweep(sweep_path: str | Path, *, workdir_root: str | Path, base: str | None = None,
-              points: str | None = None, sets: dict | None = None, run_stages: str | None = None,
-              dry_run: bool = False, timeout: float | None = None) -> list[dict]:
+def run_sweep(
+    sweep_path: str | Path,
+    *,
+    workdir_root: str | Path,
+    base: str | None = None,
+    points: str | None = None,
+    sets: dict | None = None,
+    run_stages: str | None = None,
+    dry_run: bool = False,
+    timeout: float | None = None,
+) -> list[dict]:
   """Runs the sweep's points in order; returns one result row per point."""
   from cai_jax import pipeline, stages
 
@@ -446,7 +505,13 @@ def run_sweep(sweep_path: str | Path, *, workdir_root: str | Path, base: str | N
     print(f'[{name}] {" ".join(f"{k}={cli_value(v)}" for k, v in point.items())}', flush=True)
     for s in to_run:
       cached = (cache / f'{s}-{fps[s]}' / 'DONE.json').exists()
-      note = ('cached' if cached else f'same as point {shared_with[s]}' if s in shared_with else 'to run')
+      note = (
+          'cached'
+          if cached
+          else f'same as point {shared_with[s]}'
+          if s in shared_with
+          else 'to run'
+      )
       print(f'  {s:<18} {fps[s]}  {note}', flush=True)
       seen.setdefault((s, fps[s]), name)
     if dry_run:
@@ -463,16 +528,29 @@ def run_sweep(sweep_path: str | Path, *, workdir_root: str | Path, base: str | N
       for s in to_run:  # the subprocess must have seen the same config as we did
         recorded = json.loads((workdir / s / 'fingerprint.json').read_text())['fingerprint']
         if recorded != fps[s]:
-          raise SweepError(f'point {name}: stage {s} ran with fingerprint {recorded}, expected '
-                           f'{fps[s]}: an override did not survive the command line: {cmd}')
+          raise SweepError(
+              f'point {name}: stage {s} ran with fingerprint {recorded}, expected '
+              f'{fps[s]}: an override did not survive the command line: {cmd}'
+          )
     else:
       tail = (workdir / 'sweep_log.txt').read_text().strip().splitlines()[-5:]
       print('  ' + '\n  '.join(tail), flush=True)
-    row = {'point': name, 'base': base, 'overrides': point, 'status': status, 'ran': ran,
-           'reused': reused, 'seconds': seconds, 'workdir': str(workdir),
-           'metrics': {m: read_metric(workdir, spec) for m, spec in metrics.items()}}
-    print(f'  {status} in {seconds:.1f}s; ran: {", ".join(ran) or "-"}; reused: {", ".join(reused) or "-"}; '
-          + '; '.join(f'{m}={format_value(v)}' for m, v in row['metrics'].items()), flush=True)
+    row = {
+        'point': name,
+        'base': base,
+        'overrides': point,
+        'status': status,
+        'ran': ran,
+        'reused': reused,
+        'seconds': seconds,
+        'workdir': str(workdir),
+        'metrics': {m: read_metric(workdir, spec) for m, spec in metrics.items()},
+    }
+    print(
+        f'  {status} in {seconds:.1f}s; ran: {", ".join(ran) or "-"}; reused: {", ".join(reused) or "-"}; '
+        + '; '.join(f'{m}={format_value(v)}' for m, v in row['metrics'].items()),
+        flush=True,
+    )
     rows.append(row)
   if rows:
     table = merge_rows(root, rows, [n for n, _ in all_points])
@@ -482,17 +560,39 @@ def run_sweep(sweep_path: str | Path, *, workdir_root: str | Path, base: str | N
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog='python -m experiments.sweep', description=__doc__.split('\n')[0])
+  p = argparse.ArgumentParser(
+      prog='python -m experiments.sweep', description=__doc__.split('\n')[0]
+  )
   p.add_argument('sweep', help='experiments/sweeps/<name>.py')
-  p.add_argument('--workdir_root', default='/tmp/cai_jax_sweeps',
-                 help='sweeps write ROOT/<sweep>/<point>; stage cache ROOT/_stages (default %(default)s)')
-  p.add_argument('--base', default=None, help="'tiny', 'demo' or a config path[:arg] (default: the sweep's BASE)")
-  p.add_argument('--points', default=None, help='comma-separated point names or indices (default: all)')
-  p.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
-                 help='override a config field at every point (a Python literal or a string)')
-  p.add_argument('--stages', default=None, help="stages each point runs (default: the sweep's STAGES)")
-  p.add_argument('--timeout', type=float, default=None, help='seconds per point before it is killed')
-  p.add_argument('--dry_run', action='store_true', help='print points, fingerprints and commands only')
+  p.add_argument(
+      '--workdir_root',
+      default='/tmp/cai_jax_sweeps',
+      help='sweeps write ROOT/<sweep>/<point>; stage cache ROOT/_stages (default %(default)s)',
+  )
+  p.add_argument(
+      '--base',
+      default=None,
+      help="'tiny', 'demo' or a config path[:arg] (default: the sweep's BASE)",
+  )
+  p.add_argument(
+      '--points', default=None, help='comma-separated point names or indices (default: all)'
+  )
+  p.add_argument(
+      '--set',
+      action='append',
+      default=[],
+      metavar='FIELD=VALUE',
+      help='override a config field at every point (a Python literal or a string)',
+  )
+  p.add_argument(
+      '--stages', default=None, help="stages each point runs (default: the sweep's STAGES)"
+  )
+  p.add_argument(
+      '--timeout', type=float, default=None, help='seconds per point before it is killed'
+  )
+  p.add_argument(
+      '--dry_run', action='store_true', help='print points, fingerprints and commands only'
+  )
   args = p.parse_args(argv)
   sets = {}
   for item in args.set:
@@ -501,8 +601,16 @@ def main(argv=None) -> int:
       p.error(f'--set {item!r}: expected FIELD=VALUE')
     sets[field.strip()] = value  # parsed against the field's type by set_field
   try:
-    rows = run_sweep(args.sweep, workdir_root=args.workdir_root, base=args.base, points=args.points,
-                     sets=sets, run_stages=args.stages, dry_run=args.dry_run, timeout=args.timeout)
+    rows = run_sweep(
+        args.sweep,
+        workdir_root=args.workdir_root,
+        base=args.base,
+        points=args.points,
+        sets=sets,
+        run_stages=args.stages,
+        dry_run=args.dry_run,
+        timeout=args.timeout,
+    )
   except SweepError as e:
     print(f'sweep: error: {e}', file=sys.stderr)
     return 2

@@ -24,8 +24,11 @@ def fake_upstream(config, workdir, stage: str, files: dict[str, str | list[dict]
       content = ''.join(json.dumps(r) + '\n' for r in content)
     (d / name).write_text(content)
   fp = ctx.fingerprint(stage)
-  (d / 'fingerprint.json').write_text(json.dumps(
-      {'fingerprint': fp, 'fields': ctx.stage_config_fingerprint(stage)}, indent=1, default=str))
+  (d / 'fingerprint.json').write_text(
+      json.dumps(
+          {'fingerprint': fp, 'fields': ctx.stage_config_fingerprint(stage)}, indent=1, default=str
+      )
+  )
   (d / 'DONE.json').write_text(json.dumps({'fingerprint': fp, 'seconds': 0.0, 'summary': {}}))
   return d
 
@@ -38,10 +41,17 @@ def sl_cai_records(n: int = 12, n_helpful: int = 6, *, empty: int = 1) -> dict[s
   samples = []
   for i in range(n):
     revision = '' if i < empty else f'I will not help, {i % 3}.'
-    samples.append({'id': f'r{i}', 'prompt': f'How to do bad thing {i}?',
-                    'initial_response': f'Sure, here is bad thing {i}.',
-                    'rounds': [{'principle': 'harm', 'critique': 'It is harmful.', 'revision': revision}],
-                    'revision': revision})
-  helpful = [{'id': f'h{i}', 'prompt': f'What is {i} plus {i}?', 'responses': [f'It is {2 * i}.']}
-             for i in range(n_helpful)]
+    samples.append(
+        {
+            'id': f'r{i}',
+            'prompt': f'How to do bad thing {i}?',
+            'initial_response': f'Sure, here is bad thing {i}.',
+            'rounds': [{'principle': 'harm', 'critique': 'It is harmful.', 'revision': revision}],
+            'revision': revision,
+        }
+    )
+  helpful = [
+      {'id': f'h{i}', 'prompt': f'What is {i} plus {i}?', 'responses': [f'It is {2 * i}.']}
+      for i in range(n_helpful)
+  ]
   return {'samples.jsonl': samples, 'helpful.jsonl': helpful}

@@ -20,10 +20,13 @@ TINY = ['--config.model.architecture=tiny', '--config.model.max_len=512']
 
 
 def run_aot(*args, timeout=600, prelude='pass'):
-  code = (f'import sys, runpy; {prelude}; sys.argv = ["cai_jax.aot", *{list(args)!r}]; '
-          'runpy.run_module("cai_jax.aot", run_name="__main__")')
-  return subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
-                        timeout=timeout, cwd=REPO)
+  code = (
+      f'import sys, runpy; {prelude}; sys.argv = ["cai_jax.aot", *{list(args)!r}]; '
+      'runpy.run_module("cai_jax.aot", run_name="__main__")'
+  )
+  return subprocess.run(
+      [sys.executable, '-c', code], capture_output=True, text=True, timeout=timeout, cwd=REPO
+  )
 
 
 def one_line_error(r, *needles):
@@ -47,8 +50,12 @@ def test_config_without_topology():
 
 
 def test_mesh_that_does_not_cover_the_slice():
-  one_line_error(run_aot('--config', GEMMA_V5E, '--config.mesh.shape=(1,4,1)'),
-                 '4 slots', '8 devices', 'v5e:2x4')
+  one_line_error(
+      run_aot('--config', GEMMA_V5E, '--config.mesh.shape=(1,4,1)'),
+      '4 slots',
+      '8 devices',
+      'v5e:2x4',
+  )
 
 
 def test_libtpu_not_installed():
@@ -58,11 +65,14 @@ def test_libtpu_not_installed():
 
 
 def test_every_listed_topology_exists():
-  code = ('from cai_jax import aot\n'
-          'for name in aot.VALID_TOPOLOGIES:\n'
-          '  print(name, len(aot.topology_devices(name)))')
-  r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300,
-                     cwd=REPO)
+  code = (
+      'from cai_jax import aot\n'
+      'for name in aot.VALID_TOPOLOGIES:\n'
+      '  print(name, len(aot.topology_devices(name)))'
+  )
+  r = subprocess.run(
+      [sys.executable, '-c', code], capture_output=True, text=True, timeout=300, cwd=REPO
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   counts = dict(line.split() for line in r.stdout.strip().splitlines())
   # Megacore v4 and v5p: one device per chip, as on a TPU VM (a v4-8 is 4 chips).
@@ -92,23 +102,38 @@ def tiny_v5e(tmp_path_factory):
 def test_every_stage_program_compiles_and_fits(tiny_v5e):
   stdout, programs = tiny_v5e
   last = stdout.strip().splitlines()[-1]
-  found = re.fullmatch(r'aot: (\d+) programs compiled for v5e:2x4, peak ([\d.]+) GiB of '
-                       r'15\.8 GiB HBM per device', last)
+  found = re.fullmatch(
+      r'aot: (\d+) programs compiled for v5e:2x4, peak ([\d.]+) GiB of '
+      r'15\.8 GiB HBM per device',
+      last,
+  )
   assert found, last
   rows = _rows(stdout)
   assert int(found.group(1)) == len(rows) == len(programs)
-  for name in ('critique_revision/helpful prefill', 'critique_revision/helpful decode',
-               'sft/SL-CAI train step', 'feedback/SL-CAI prefill',
-               'feedback/feedback-model score_options', 'preference/PM train step',
-               'ppo/policy prefill', 'ppo/policy decode', 'ppo/PM rewards', 'ppo/rollout forward',
-               'ppo/learner train step', 'evaluate/evaluated model decode',
-               'evaluate/judge score_options', 'evaluate/PM rewards'):
+  for name in (
+      'critique_revision/helpful prefill',
+      'critique_revision/helpful decode',
+      'sft/SL-CAI train step',
+      'feedback/SL-CAI prefill',
+      'feedback/feedback-model score_options',
+      'preference/PM train step',
+      'ppo/policy prefill',
+      'ppo/policy decode',
+      'ppo/PM rewards',
+      'ppo/rollout forward',
+      'ppo/learner train step',
+      'evaluate/evaluated model decode',
+      'evaluate/judge score_options',
+      'evaluate/PM rewards',
+  ):
     assert name in rows and name in programs, (name, sorted(rows))
     assert programs[name]['memory']['program'] > 0 and programs[name]['error'] is None
   # The stage shapes: the largest buckets of the 'full' stage configs at model.max_len=512
   # (critiques: 192 new tokens after a prompt of up to 320, bucketed to 384).
   assert rows['critique_revision/helpful prefill']['shape'] == 'B=64 P=384 N=192'
-  assert rows['sft/SL-CAI train step']['shape'].startswith('B=32 T=512')  # tpu_common: half the batch
+  assert rows['sft/SL-CAI train step']['shape'].startswith(
+      'B=32 T=512'
+  )  # tpu_common: half the batch
   assert rows['ppo/learner train step']['shape'].startswith('B=16 T=512')  # 64 / 4 minibatches
   # Identical programs compile once: evaluate samples exactly as feedback does.
   assert '(= feedback/SL-CAI prefill)' in rows['evaluate/evaluated model prefill']['compile s']
@@ -139,9 +164,16 @@ def test_memory_is_what_the_arguments_hold(tiny_v5e):
 
 
 def test_a_program_that_does_not_fit_fails_naming_it():
-  r = run_aot('--config', GEMMA_V5E, *TINY, '--programs=sft', '--config.model.max_len=4096',
-              '--config.sft.loss_chunk=0', '--config.sft.batch_size=8192',
-              '--config.model.remat=none')
+  r = run_aot(
+      '--config',
+      GEMMA_V5E,
+      *TINY,
+      '--programs=sft',
+      '--config.model.max_len=4096',
+      '--config.sft.loss_chunk=0',
+      '--config.sft.batch_size=8192',
+      '--config.model.remat=none',
+  )
   assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
   assert r.stdout.strip().splitlines()[-1].startswith('aot: 1 programs compiled for v5e:2x4')
   error = [line for line in r.stderr.splitlines() if line.startswith('aot: error: ')]

@@ -18,8 +18,12 @@ def test_walkthrough_notebook_runs_on_tiny(tmp_path, monkeypatch):
   monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
   monkeypatch.setenv('PYTHONPATH', str(REPO) + os.pathsep + os.environ.get('PYTHONPATH', ''))
   nb = nbformat.read(REPO / 'colab' / 'cai_jax_walkthrough.ipynb', as_version=4)
-  NotebookClient(nb, timeout=600, kernel_name='python3', resources={'metadata': {'path': str(REPO)}}).execute()
-  outputs = '\n'.join(o.get('text', '') for c in nb.cells if c.cell_type == 'code' for o in c.get('outputs', []))
+  NotebookClient(
+      nb, timeout=600, kernel_name='python3', resources={'metadata': {'path': str(REPO)}}
+  ).execute()
+  outputs = '\n'.join(
+      o.get('text', '') for c in nb.cells if c.cell_type == 'code' for o in c.get('outputs', [])
+  )
   assert 'CRITIQUE:' in outputs and 'REVISION:' in outputs
   assert 'p(A) =' in outputs and 'PM score' in outputs
   assert (tmp_path / 'work' / 'ppo_curve.png').exists()

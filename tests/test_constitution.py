@@ -14,8 +14,9 @@ from cai_jax import conversation
 
 SHARED = Path(__file__).resolve().parents[2] / 'shared'
 PAPER_PROMPTS = SHARED / 'data' / 'anthropic_cai' / 'prompts'
-needs_paper = pytest.mark.skipif(not PAPER_PROMPTS.is_dir(),
-                                 reason='the paper release (../shared) is not beside the checkout')
+needs_paper = pytest.mark.skipif(
+    not PAPER_PROMPTS.is_dir(), reason='the paper release (../shared) is not beside the checkout'
+)
 
 # A hand-made constitution whose rendered prompts are spelled out in full below.
 SMALL = {
@@ -25,17 +26,28 @@ SMALL = {
         {'name': 'true', 'critique_request': 'Is it true?', 'revision_request': 'Make it true.'},
     ],
     'critique_few_shots': [
-        {'conversation': [['human', 'Q1']], 'response': 'R1', 'critique_request': 'CR1',
-         'critique': 'C1', 'revision_request': 'RR1', 'revision': 'V1'},
+        {
+            'conversation': [['human', 'Q1']],
+            'response': 'R1',
+            'critique_request': 'CR1',
+            'critique': 'C1',
+            'revision_request': 'RR1',
+            'revision': 'V1',
+        },
     ],
     'feedback_principles': ['Which is kinder?', 'Which is truer?'],
     'feedback_few_shots': [
-        {'conversation': [['human', 'FQ']], 'response_a': 'FA', 'response_b': 'FB',
-         'answer': 'B'},
+        {'conversation': [['human', 'FQ']], 'response_a': 'FA', 'response_b': 'FB', 'answer': 'B'},
     ],
     'feedback_cot_few_shots': [
-        {'conversation': [['human', 'GQ']], 'response_a': 'GA', 'response_b': 'GB',
-         'reasoning': 'GA is nicer.', 'answer': 'A', 'principle': 'Which is nicest?'},
+        {
+            'conversation': [['human', 'GQ']],
+            'response_a': 'GA',
+            'response_b': 'GB',
+            'reasoning': 'GA is nicer.',
+            'answer': 'A',
+            'principle': 'Which is nicest?',
+        },
     ],
 }
 CONVERSATION = [('human', 'Hi'), ('assistant', 'Hello'), ('human', 'Insult me')]
@@ -43,380 +55,484 @@ CONVERSATION = [('human', 'Hi'), ('assistant', 'Hello'), ('human', 'Insult me')]
 
 @pytest.fixture
 def small():
-    return C.constitution_from_dict(SMALL, source='small.json')
+  return C.constitution_from_dict(SMALL, source='small.json')
 
 
 class ChatMLTokenizer:
-    """Stands in for a HF tokenizer: ChatML, like SmolLM2-Instruct's template."""
-    chat_template = '{% for m in messages %}<|im_start|>...<|im_end|>{% endfor %}'
-    eos_token = '<|im_end|>'
+  """Stands in for a HF tokenizer: ChatML, like SmolLM2-Instruct's template."""
 
-    def apply_chat_template(self, messages, tokenize, add_generation_prompt):
-        assert tokenize is False
-        text = ''.join(f'<|im_start|>{m["role"]}\n{m["content"]}<|im_end|>\n' for m in messages)
-        return text + ('<|im_start|>assistant\n' if add_generation_prompt else '')
+  chat_template = '{% for m in messages %}<|im_start|>...<|im_end|>{% endfor %}'
+  eos_token = '<|im_end|>'
+
+  def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+    assert tokenize is False
+    text = ''.join(f'<|im_start|>{m["role"]}\n{m["content"]}<|im_end|>\n' for m in messages)
+    return text + ('<|im_start|>assistant\n' if add_generation_prompt else '')
 
 
 # ----------------------------------------------------------------------------------------------
 # conversation.py
 
+
 def test_render_transcript_and_parse_round_trip():
-    text = conversation.render_transcript(CONVERSATION)
-    assert text == '\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Insult me\n\nAssistant:'
-    assert conversation.render_transcript(CONVERSATION, add_generation_prompt=False) == (
-        '\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Insult me')
-    assert conversation.parse_transcript(text) == CONVERSATION
-    assert conversation.parse_transcript('Human: a  \n\nAssistant:  b') == [
-        ('human', 'a'), ('assistant', 'b')]
-    assert conversation.first_human_turn('\n\nHuman: first\n\nAssistant: x') == 'first'
+  text = conversation.render_transcript(CONVERSATION)
+  assert text == '\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Insult me\n\nAssistant:'
+  assert conversation.render_transcript(CONVERSATION, add_generation_prompt=False) == (
+      '\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Insult me'
+  )
+  assert conversation.parse_transcript(text) == CONVERSATION
+  assert conversation.parse_transcript('Human: a  \n\nAssistant:  b') == [
+      ('human', 'a'),
+      ('assistant', 'b'),
+  ]
+  assert conversation.first_human_turn('\n\nHuman: first\n\nAssistant: x') == 'first'
 
 
 def test_render_dispatch_and_stop_strings():
-    tok = ChatMLTokenizer()
-    assert conversation.render(CONVERSATION[:1], 'transcript') == '\n\nHuman: Hi\n\nAssistant:'
-    assert conversation.render(CONVERSATION[:1], 'chat_template', tok) == (
-        '<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n')
-    with pytest.raises(ValueError, match="valid formats: transcript, chat_template"):
-        conversation.render(CONVERSATION, 'markdown')
-    assert conversation.stop_strings('transcript') == ['\n\nHuman:', '\n\nAssistant:']
-    assert conversation.stop_strings('chat_template', tok) == ['<|im_end|>']
+  tok = ChatMLTokenizer()
+  assert conversation.render(CONVERSATION[:1], 'transcript') == '\n\nHuman: Hi\n\nAssistant:'
+  assert conversation.render(CONVERSATION[:1], 'chat_template', tok) == (
+      '<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n'
+  )
+  with pytest.raises(ValueError, match='valid formats: transcript, chat_template'):
+    conversation.render(CONVERSATION, 'markdown')
+  assert conversation.stop_strings('transcript') == ['\n\nHuman:', '\n\nAssistant:']
+  assert conversation.stop_strings('chat_template', tok) == ['<|im_end|>']
 
 
 def test_render_chat_with_a_transformers_tokenizer():
-    tokenizers = pytest.importorskip('tokenizers')
-    transformers = pytest.importorskip('transformers')
-    tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tokenizers.Tokenizer(tokenizers.models.WordLevel({'<unk>': 0},
-                                                                          unk_token='<unk>')),
-        eos_token='<|endoftext|>', unk_token='<unk>')
-    tok.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + "
-                         "m['content'] + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt"
-                         " %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-    assert conversation.render_chat(CONVERSATION[:2], tok, add_generation_prompt=False) == (
-        '<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n')
-    # The end-of-turn marker comes from the template even when eos_token differs.
-    assert conversation.stop_strings('chat_template', tok) == ['<|im_end|>', '<|endoftext|>']
+  tokenizers = pytest.importorskip('tokenizers')
+  transformers = pytest.importorskip('transformers')
+  tok = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tokenizers.Tokenizer(
+          tokenizers.models.WordLevel({'<unk>': 0}, unk_token='<unk>')
+      ),
+      eos_token='<|endoftext|>',
+      unk_token='<unk>',
+  )
+  tok.chat_template = (
+      "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + "
+      "m['content'] + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt"
+      " %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+  )
+  assert conversation.render_chat(CONVERSATION[:2], tok, add_generation_prompt=False) == (
+      '<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n'
+  )
+  # The end-of-turn marker comes from the template even when eos_token differs.
+  assert conversation.stop_strings('chat_template', tok) == ['<|im_end|>', '<|endoftext|>']
 
 
 # ----------------------------------------------------------------------------------------------
 # Loading.
 
+
 def test_bundled_constitutions():
-    default = C.load_constitution('default')
-    assert (len(default.critique_revision), len(default.feedback_principles)) == (16, 16)
-    assert 3 <= len(default.critique_few_shots) <= 4
-    assert 3 <= len(default.feedback_few_shots) <= 4
-    assert len(default.feedback_cot_few_shots) == 3
-    tiny = C.load_constitution('tiny')
-    assert (len(tiny.critique_revision), len(tiny.feedback_principles)) == (2, 2)
-    assert (len(tiny.critique_few_shots), len(tiny.feedback_few_shots),
-            len(tiny.feedback_cot_few_shots)) == (1, 1, 1)
-    # The dict form round-trips, and the fingerprint ignores where it was loaded from.
-    again = C.constitution_from_dict(C.constitution_to_dict(default), source=default.source)
-    assert again == default
-    assert C.constitution_fingerprint(again) == C.constitution_fingerprint(default)
-    assert C.constitution_fingerprint(tiny) != C.constitution_fingerprint(default)
+  default = C.load_constitution('default')
+  assert (len(default.critique_revision), len(default.feedback_principles)) == (16, 16)
+  assert 3 <= len(default.critique_few_shots) <= 4
+  assert 3 <= len(default.feedback_few_shots) <= 4
+  assert len(default.feedback_cot_few_shots) == 3
+  tiny = C.load_constitution('tiny')
+  assert (len(tiny.critique_revision), len(tiny.feedback_principles)) == (2, 2)
+  assert (
+      len(tiny.critique_few_shots),
+      len(tiny.feedback_few_shots),
+      len(tiny.feedback_cot_few_shots),
+  ) == (1, 1, 1)
+  # The dict form round-trips, and the fingerprint ignores where it was loaded from.
+  again = C.constitution_from_dict(C.constitution_to_dict(default), source=default.source)
+  assert again == default
+  assert C.constitution_fingerprint(again) == C.constitution_fingerprint(default)
+  assert C.constitution_fingerprint(tiny) != C.constitution_fingerprint(default)
 
 
 def test_load_our_file_by_path(tmp_path, small):
-    path = tmp_path / 'small.json'
-    path.write_text(json.dumps(SMALL))
-    loaded = C.load_constitution(path)
-    assert loaded.source == str(path)
-    assert loaded.critique_revision == small.critique_revision
-    assert loaded.feedback_cot_few_shots[0].principle == 'Which is nicest?'
-    assert loaded.feedback_few_shots[0].conversation == (('human', 'FQ'),)
+  path = tmp_path / 'small.json'
+  path.write_text(json.dumps(SMALL))
+  loaded = C.load_constitution(path)
+  assert loaded.source == str(path)
+  assert loaded.critique_revision == small.critique_revision
+  assert loaded.feedback_cot_few_shots[0].principle == 'Which is nicest?'
+  assert loaded.feedback_few_shots[0].conversation == (('human', 'FQ'),)
 
 
 @needs_paper
 def test_load_paper_release():
-    paper = C.load_constitution(PAPER_PROMPTS)
-    assert (len(paper.critique_revision), len(paper.critique_few_shots),
-            len(paper.feedback_principles), len(paper.feedback_few_shots),
-            len(paper.feedback_cot_few_shots)) == (16, 5, 16, 5, 6)
-    for pair in paper.critique_revision:  # Labels are stripped: the requests are plain text.
-        assert not pair.critique_request.startswith('CritiqueRequest')
-        assert not pair.critique_request.endswith('Critique:')
-        assert not pair.revision_request.startswith('RevisionRequest')
-        assert not pair.revision_request.endswith('Revision:')
-    assert not any(p.endswith('Options:') or p.startswith('\n') for p in paper.feedback_principles)
-    for ex in paper.critique_few_shots:
-        assert ex.conversation[-1][0] == 'human' and ex.round.critique and ex.round.revision
-    # Good replies alternate between (A) and (B).
-    assert [ex.answer for ex in paper.feedback_few_shots] == ['A', 'B', 'A', 'B', 'A']
-    assert all(ex.reasoning and ex.principle is None for ex in paper.feedback_cot_few_shots)
-    assert [ex.answer for ex in paper.feedback_cot_few_shots] == ['B', 'B', 'A', 'B', 'A', 'B']
-    # Multi-turn H:/A: conversations are parsed into turns.
-    assert [r for r, _ in paper.feedback_cot_few_shots[0].conversation] == [
-        'human', 'assistant', 'human']
-    # The converted release renders like ours.
-    prompt = C.render_critique_prompt(paper, CONVERSATION, 'x', paper.critique_revision[0])
-    assert prompt.endswith('\n\nCritique:') and prompt.count('\n\nCritiqueRequest:') == 6
+  paper = C.load_constitution(PAPER_PROMPTS)
+  assert (
+      len(paper.critique_revision),
+      len(paper.critique_few_shots),
+      len(paper.feedback_principles),
+      len(paper.feedback_few_shots),
+      len(paper.feedback_cot_few_shots),
+  ) == (16, 5, 16, 5, 6)
+  for pair in paper.critique_revision:  # Labels are stripped: the requests are plain text.
+    assert not pair.critique_request.startswith('CritiqueRequest')
+    assert not pair.critique_request.endswith('Critique:')
+    assert not pair.revision_request.startswith('RevisionRequest')
+    assert not pair.revision_request.endswith('Revision:')
+  assert not any(p.endswith('Options:') or p.startswith('\n') for p in paper.feedback_principles)
+  for ex in paper.critique_few_shots:
+    assert ex.conversation[-1][0] == 'human' and ex.round.critique and ex.round.revision
+  # Good replies alternate between (A) and (B).
+  assert [ex.answer for ex in paper.feedback_few_shots] == ['A', 'B', 'A', 'B', 'A']
+  assert all(ex.reasoning and ex.principle is None for ex in paper.feedback_cot_few_shots)
+  assert [ex.answer for ex in paper.feedback_cot_few_shots] == ['B', 'B', 'A', 'B', 'A', 'B']
+  # Multi-turn H:/A: conversations are parsed into turns.
+  assert [r for r, _ in paper.feedback_cot_few_shots[0].conversation] == [
+      'human',
+      'assistant',
+      'human',
+  ]
+  # The converted release renders like ours.
+  prompt = C.render_critique_prompt(paper, CONVERSATION, 'x', paper.critique_revision[0])
+  assert prompt.endswith('\n\nCritique:') and prompt.count('\n\nCritiqueRequest:') == 6
 
 
 @needs_paper
 def test_bundled_text_is_not_copied_from_the_paper():
-    """Our constitutions are written independently: no 7-word run in common with the release."""
-    def shingles(text):
-        words = re.findall(r"[a-z']+", text.lower())
-        return {tuple(words[i:i + 7]) for i in range(len(words) - 6)}
+  """Our constitutions are written independently: no 7-word run in common with the release."""
 
-    paper = set()
-    for f in PAPER_PROMPTS.glob('*.json'):
-        paper |= shingles(f.read_text())
-    for name in C.BUNDLED:
-        ours = shingles(C.bundled_path(name).read_text())
-        assert not ours & paper, (name, sorted(ours & paper)[:3])
+  def shingles(text):
+    words = re.findall(r"[a-z']+", text.lower())
+    return {tuple(words[i : i + 7]) for i in range(len(words) - 6)}
+
+  paper = set()
+  for f in PAPER_PROMPTS.glob('*.json'):
+    paper |= shingles(f.read_text())
+  for name in C.BUNDLED:
+    ours = shingles(C.bundled_path(name).read_text())
+    assert not ours & paper, (name, sorted(ours & paper)[:3])
 
 
 def _error(data, tmp_path, name='x.json'):
-    path = tmp_path / name
-    path.write_text(data if isinstance(data, str) else json.dumps(data))
-    with pytest.raises(C.ConstitutionError) as info:
-        C.load_constitution(path)
-    return str(info.value)
+  path = tmp_path / name
+  path.write_text(data if isinstance(data, str) else json.dumps(data))
+  with pytest.raises(C.ConstitutionError) as info:
+    C.load_constitution(path)
+  return str(info.value)
 
 
 def _set(path, value):
-    data = copy.deepcopy(SMALL)
-    *keys, last = path
-    target = data
-    for k in keys:
-        target = target[k]
-    if value is _set:
-        del target[last]
-    else:
-        target[last] = value
-    return data
+  data = copy.deepcopy(SMALL)
+  *keys, last = path
+  target = data
+  for k in keys:
+    target = target[k]
+  if value is _set:
+    del target[last]
+  else:
+    target[last] = value
+  return data
 
 
-@pytest.mark.parametrize('path,value,message', [
-    (('critique_revision', 1, 'revision_request'), '',
-     "key 'critique_revision[1].revision_request': expected a non-empty string"),
-    (('critique_revision', 0, 'name'), 'true', "key 'critique_revision[1].name': duplicate name"),
-    (('critique_revision',), [], "key 'critique_revision': expected a non-empty list"),
-    (('feedback_principles',), [], "key 'feedback_principles': expected a non-empty list"),
-    (('feedback_principles', 1), 3, "key 'feedback_principles[1]': expected a non-empty string"),
-    (('feedback_principles',), _set, "key 'feedback_principles': missing"),
-    (('principles',), ['x'], "key 'principles': unknown key"),
-    (('format',), 'v0', "key 'format': expected 'cai_jax.constitution/v1'"),
-    (('critique_few_shots', 0, 'critique'), _set, "key 'critique_few_shots[0].critique': missing"),
-    (('critique_few_shots', 0, 'conversation'), [['assistant', 'hi']],
-     "key 'critique_few_shots[0].conversation[0]': expected [\"human\", text]"),
-    (('critique_few_shots', 0, 'conversation'), [['human', 'a'], ['assistant', 'b']],
-     "key 'critique_few_shots[0].conversation': the last turn must be the human's"),
-    (('feedback_few_shots', 0, 'answer'), 'C',
-     "key 'feedback_few_shots[0].answer': expected \"A\" or \"B\""),
-    (('feedback_few_shots', 0, 'reasonning'), 'x',
-     "key 'feedback_few_shots[0].reasonning': unknown key"),
-    (('feedback_cot_few_shots', 0, 'reasoning'), _set,
-     "key 'feedback_cot_few_shots[0].reasoning': missing"),
-])
+@pytest.mark.parametrize(
+    'path,value,message',
+    [
+        (
+            ('critique_revision', 1, 'revision_request'),
+            '',
+            "key 'critique_revision[1].revision_request': expected a non-empty string",
+        ),
+        (
+            ('critique_revision', 0, 'name'),
+            'true',
+            "key 'critique_revision[1].name': duplicate name",
+        ),
+        (('critique_revision',), [], "key 'critique_revision': expected a non-empty list"),
+        (('feedback_principles',), [], "key 'feedback_principles': expected a non-empty list"),
+        (
+            ('feedback_principles', 1),
+            3,
+            "key 'feedback_principles[1]': expected a non-empty string",
+        ),
+        (('feedback_principles',), _set, "key 'feedback_principles': missing"),
+        (('principles',), ['x'], "key 'principles': unknown key"),
+        (('format',), 'v0', "key 'format': expected 'cai_jax.constitution/v1'"),
+        (
+            ('critique_few_shots', 0, 'critique'),
+            _set,
+            "key 'critique_few_shots[0].critique': missing",
+        ),
+        (
+            ('critique_few_shots', 0, 'conversation'),
+            [['assistant', 'hi']],
+            'key \'critique_few_shots[0].conversation[0]\': expected ["human", text]',
+        ),
+        (
+            ('critique_few_shots', 0, 'conversation'),
+            [['human', 'a'], ['assistant', 'b']],
+            "key 'critique_few_shots[0].conversation': the last turn must be the human's",
+        ),
+        (
+            ('feedback_few_shots', 0, 'answer'),
+            'C',
+            'key \'feedback_few_shots[0].answer\': expected "A" or "B"',
+        ),
+        (
+            ('feedback_few_shots', 0, 'reasonning'),
+            'x',
+            "key 'feedback_few_shots[0].reasonning': unknown key",
+        ),
+        (
+            ('feedback_cot_few_shots', 0, 'reasoning'),
+            _set,
+            "key 'feedback_cot_few_shots[0].reasoning': missing",
+        ),
+    ],
+)
 def test_validation_errors_name_file_and_key(tmp_path, path, value, message):
-    text = _error(_set(path, value), tmp_path)
-    assert text.startswith(f'{tmp_path / "x.json"}: ')
-    assert message in text
+  text = _error(_set(path, value), tmp_path)
+  assert text.startswith(f'{tmp_path / "x.json"}: ')
+  assert message in text
 
 
 def test_unreadable_files(tmp_path):
-    assert 'invalid JSON' in _error('{"critique_revision": [', tmp_path)
-    assert 'expected a JSON object' in _error('[1, 2]', tmp_path)
-    with pytest.raises(C.ConstitutionError, match='no such file or directory'):
-        C.load_constitution(tmp_path / 'missing.json')
-    with pytest.raises(C.ConstitutionError, match='CritiqueRevisionInstructions.json'):
-        C.load_constitution(tmp_path)  # A directory without the paper's files.
+  assert 'invalid JSON' in _error('{"critique_revision": [', tmp_path)
+  assert 'expected a JSON object' in _error('[1, 2]', tmp_path)
+  with pytest.raises(C.ConstitutionError, match='no such file or directory'):
+    C.load_constitution(tmp_path / 'missing.json')
+  with pytest.raises(C.ConstitutionError, match='CritiqueRevisionInstructions.json'):
+    C.load_constitution(tmp_path)  # A directory without the paper's files.
 
 
 # ----------------------------------------------------------------------------------------------
 # Sampling.
 
-def test_principle_rng_is_deterministic_and_distinct():
-    def draw(*args):
-        return C.principle_rng(*args).integers(1 << 30, size=4).tolist()
 
-    assert draw(0, 7, 'critique_revision') == draw(0, 7, 'critique_revision')
-    assert draw(0, 7, 'critique_revision') != draw(0, 8, 'critique_revision')
-    assert draw(0, 7, 'critique_revision') != draw(1, 7, 'critique_revision')
-    assert draw(0, 7, 'critique_revision') != draw(0, 7, 'feedback')
-    assert draw(0, 'redteam-abc', 'feedback') == draw(0, 'redteam-abc', 'feedback')
-    # Pinned: the stage hash is sha256-based (Python's hash() is salted per process), so the
-    # same example gets the same principles in every run and on every host.
-    assert draw(0, 7, 'critique_revision') == [322697228, 1052030406, 855127120, 5070397]
+def test_principle_rng_is_deterministic_and_distinct():
+  def draw(*args):
+    return C.principle_rng(*args).integers(1 << 30, size=4).tolist()
+
+  assert draw(0, 7, 'critique_revision') == draw(0, 7, 'critique_revision')
+  assert draw(0, 7, 'critique_revision') != draw(0, 8, 'critique_revision')
+  assert draw(0, 7, 'critique_revision') != draw(1, 7, 'critique_revision')
+  assert draw(0, 7, 'critique_revision') != draw(0, 7, 'feedback')
+  assert draw(0, 'redteam-abc', 'feedback') == draw(0, 'redteam-abc', 'feedback')
+  # Pinned: the stage hash is sha256-based (Python's hash() is salted per process), so the
+  # same example gets the same principles in every run and on every host.
+  assert draw(0, 7, 'critique_revision') == [322697228, 1052030406, 855127120, 5070397]
 
 
 def test_sample_critique_revision_pairs():
-    default = C.load_constitution('default')
-    rounds = C.sample_critique_revision_pairs(default, 4, C.principle_rng(0, 1, 'cr'))
-    assert len(rounds) == 4 and all(p in default.critique_revision for p in rounds)
-    assert rounds == C.sample_critique_revision_pairs(default, 4, C.principle_rng(0, 1, 'cr'))
-    # Rounds are independent draws: over many examples they differ within an example and the
-    # first round varies across examples.
-    draws = [C.sample_critique_revision_pairs(default, 4, C.principle_rng(0, i, 'cr'))
-             for i in range(50)]
-    assert any(len({p.name for p in d}) > 1 for d in draws)
-    assert len({d[0].name for d in draws}) > 8
-    # A prefix of rounds does not depend on how many rounds are drawn.
-    assert C.sample_critique_revision_pairs(default, 2, C.principle_rng(0, 1, 'cr')) == rounds[:2]
+  default = C.load_constitution('default')
+  rounds = C.sample_critique_revision_pairs(default, 4, C.principle_rng(0, 1, 'cr'))
+  assert len(rounds) == 4 and all(p in default.critique_revision for p in rounds)
+  assert rounds == C.sample_critique_revision_pairs(default, 4, C.principle_rng(0, 1, 'cr'))
+  # Rounds are independent draws: over many examples they differ within an example and the
+  # first round varies across examples.
+  draws = [
+      C.sample_critique_revision_pairs(default, 4, C.principle_rng(0, i, 'cr')) for i in range(50)
+  ]
+  assert any(len({p.name for p in d}) > 1 for d in draws)
+  assert len({d[0].name for d in draws}) > 8
+  # A prefix of rounds does not depend on how many rounds are drawn.
+  assert C.sample_critique_revision_pairs(default, 2, C.principle_rng(0, 1, 'cr')) == rounds[:2]
 
 
 def test_sample_feedback_principles():
-    default = C.load_constitution('default')
-    picked = C.sample_feedback_principles(default, 5, C.principle_rng(3, 9, 'feedback'))
-    assert len(set(picked)) == 5 and set(picked) <= set(default.feedback_principles)
-    assert picked == C.sample_feedback_principles(default, 5, C.principle_rng(3, 9, 'feedback'))
-    assert picked != C.sample_feedback_principles(default, 5, C.principle_rng(3, 10, 'feedback'))
-    with pytest.raises(ValueError, match='distinct'):
-        C.sample_feedback_principles(default, 17, np.random.default_rng(0))
-    assert len(C.sample_feedback_principles(default, 40, np.random.default_rng(0),
-                                            replace=True)) == 40
+  default = C.load_constitution('default')
+  picked = C.sample_feedback_principles(default, 5, C.principle_rng(3, 9, 'feedback'))
+  assert len(set(picked)) == 5 and set(picked) <= set(default.feedback_principles)
+  assert picked == C.sample_feedback_principles(default, 5, C.principle_rng(3, 9, 'feedback'))
+  assert picked != C.sample_feedback_principles(default, 5, C.principle_rng(3, 10, 'feedback'))
+  with pytest.raises(ValueError, match='distinct'):
+    C.sample_feedback_principles(default, 17, np.random.default_rng(0))
+  assert (
+      len(C.sample_feedback_principles(default, 40, np.random.default_rng(0), replace=True)) == 40
+  )
 
 
 # ----------------------------------------------------------------------------------------------
 # Golden prompt strings.
 
-FEW_SHOT = ('\n\nHuman: Q1\n\nAssistant: R1\n\nCritiqueRequest: CR1\n\nCritique: C1'
-            '\n\nRevisionRequest: RR1\n\nRevision: V1')
+FEW_SHOT = (
+    '\n\nHuman: Q1\n\nAssistant: R1\n\nCritiqueRequest: CR1\n\nCritique: C1'
+    '\n\nRevisionRequest: RR1\n\nRevision: V1'
+)
 
 
 def test_critique_and_revision_prompts_transcript(small):
-    kind, true = small.critique_revision
-    prompt = C.render_critique_prompt(small, CONVERSATION, ' You fool.', kind)
-    assert prompt == (FEW_SHOT + '\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Insult me'
-                      '\n\nAssistant: You fool.\n\nCritiqueRequest: Is it kind?\n\nCritique:')
-    revision = C.render_revision_prompt(small, CONVERSATION, ' You fool.', kind, ' It is rude.')
-    assert revision == prompt + ' It is rude.\n\nRevisionRequest: Make it kind.\n\nRevision:'
-    # Second round: the first round is history, the new pair is asked about.
-    history = [C.CritiqueRevisionRound(kind, 'It is rude.', ' I would rather not.')]
-    second = C.render_revision_prompt(small, CONVERSATION, ' You fool.', true, 'Fine.', history)
-    assert second == (FEW_SHOT + '\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Insult me'
-                      '\n\nAssistant: You fool.\n\nCritiqueRequest: Is it kind?'
-                      '\n\nCritique: It is rude.\n\nRevisionRequest: Make it kind.'
-                      '\n\nRevision: I would rather not.\n\nCritiqueRequest: Is it true?'
-                      '\n\nCritique: Fine.\n\nRevisionRequest: Make it true.\n\nRevision:')
-    stops = C.critique_revision_stop_strings('transcript')
-    assert '\n\nRevisionRequest:' in stops and '\n\nHuman:' in stops
-    with pytest.raises(ValueError, match='end with a human turn'):
-        C.render_critique_prompt(small, CONVERSATION[:2], 'x', kind)
+  kind, true = small.critique_revision
+  prompt = C.render_critique_prompt(small, CONVERSATION, ' You fool.', kind)
+  assert prompt == (
+      FEW_SHOT + '\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Insult me'
+      '\n\nAssistant: You fool.\n\nCritiqueRequest: Is it kind?\n\nCritique:'
+  )
+  revision = C.render_revision_prompt(small, CONVERSATION, ' You fool.', kind, ' It is rude.')
+  assert revision == prompt + ' It is rude.\n\nRevisionRequest: Make it kind.\n\nRevision:'
+  # Second round: the first round is history, the new pair is asked about.
+  history = [C.CritiqueRevisionRound(kind, 'It is rude.', ' I would rather not.')]
+  second = C.render_revision_prompt(small, CONVERSATION, ' You fool.', true, 'Fine.', history)
+  assert second == (
+      FEW_SHOT + '\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Insult me'
+      '\n\nAssistant: You fool.\n\nCritiqueRequest: Is it kind?'
+      '\n\nCritique: It is rude.\n\nRevisionRequest: Make it kind.'
+      '\n\nRevision: I would rather not.\n\nCritiqueRequest: Is it true?'
+      '\n\nCritique: Fine.\n\nRevisionRequest: Make it true.\n\nRevision:'
+  )
+  stops = C.critique_revision_stop_strings('transcript')
+  assert '\n\nRevisionRequest:' in stops and '\n\nHuman:' in stops
+  with pytest.raises(ValueError, match='end with a human turn'):
+    C.render_critique_prompt(small, CONVERSATION[:2], 'x', kind)
 
 
 def test_critique_and_revision_prompts_chat(small):
-    kind = small.critique_revision[0]
-    tok = ChatMLTokenizer()
+  kind = small.critique_revision[0]
+  tok = ChatMLTokenizer()
 
-    def chat(*turns):
-        return ''.join(f'<|im_start|>{r}\n{t}<|im_end|>\n' for r, t in turns)
+  def chat(*turns):
+    return ''.join(f'<|im_start|>{r}\n{t}<|im_end|>\n' for r, t in turns)
 
-    few_shot = chat(('user', 'Q1'), ('assistant', 'R1'), ('user', 'CR1'), ('assistant', 'C1'),
-                    ('user', 'RR1'), ('assistant', 'V1'))
-    conv = chat(('user', 'Hi'), ('assistant', 'Hello'), ('user', 'Insult me'),
-                ('assistant', 'You fool.'), ('user', 'Is it kind?'))
-    assert C.render_critique_prompt(small, CONVERSATION, ' You fool.', kind, fmt='chat_template',
-                                    tokenizer=tok) == few_shot + conv + '<|im_start|>assistant\n'
-    assert C.render_revision_prompt(small, CONVERSATION, ' You fool.', kind, 'Rude.',
-                                    fmt='chat_template', tokenizer=tok) == (
-        few_shot + conv + chat(('assistant', 'Rude.'), ('user', 'Make it kind.'))
-        + '<|im_start|>assistant\n')
-    assert C.critique_revision_stop_strings('chat_template', tok) == ['<|im_end|>']
+  few_shot = chat(
+      ('user', 'Q1'),
+      ('assistant', 'R1'),
+      ('user', 'CR1'),
+      ('assistant', 'C1'),
+      ('user', 'RR1'),
+      ('assistant', 'V1'),
+  )
+  conv = chat(
+      ('user', 'Hi'),
+      ('assistant', 'Hello'),
+      ('user', 'Insult me'),
+      ('assistant', 'You fool.'),
+      ('user', 'Is it kind?'),
+  )
+  assert (
+      C.render_critique_prompt(
+          small, CONVERSATION, ' You fool.', kind, fmt='chat_template', tokenizer=tok
+      )
+      == few_shot + conv + '<|im_start|>assistant\n'
+  )
+  assert C.render_revision_prompt(
+      small, CONVERSATION, ' You fool.', kind, 'Rude.', fmt='chat_template', tokenizer=tok
+  ) == (
+      few_shot
+      + conv
+      + chat(('assistant', 'Rude.'), ('user', 'Make it kind.'))
+      + '<|im_start|>assistant\n'
+  )
+  assert C.critique_revision_stop_strings('chat_template', tok) == ['<|im_end|>']
 
 
 def test_feedback_prompt_plain(small):
-    prompt = C.render_feedback_prompt(small, CONVERSATION, 'Which is kinder?', ' You fool.',
-                                      ' Sorry, no.', cot=False)
-    assert prompt == (
-        'Consider the following conversation between a human and an assistant:'
-        '\n\nHuman: FQ\n\nWhich is kinder?\nOptions:\n (A) FA\n (B) FB\n\nThe answer is: (B)'
-        '\n\nConsider the following conversation between a human and an assistant:'
-        '\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Insult me'
-        '\n\nWhich is kinder?\nOptions:\n (A) You fool.\n (B) Sorry, no.\n\nThe answer is:')
-    assert C.OPTION_STRINGS == (' (A)', ' (B)')
-    tok = ChatMLTokenizer()
-    chat = C.render_feedback_prompt(small, CONVERSATION[2:], 'P?', 'a', 'b', cot=False,
-                                    fmt='chat_template', tokenizer=tok)
-    # In a chat turn the question is nested: its conversation is written H:/A:.
-    intro = 'Consider the following conversation between a human (H) and an assistant (A):'
-    assert chat == (
-        f'<|im_start|>user\n{intro}\n\nH: FQ\n\nP?\nOptions:\n (A) FA\n (B) FB<|im_end|>\n'
-        '<|im_start|>assistant\nThe answer is: (B)<|im_end|>\n'
-        f'<|im_start|>user\n{intro}\n\nH: Insult me\n\nP?\nOptions:\n (A) a\n (B) b'
-        '<|im_end|>\n<|im_start|>assistant\nThe answer is:')
+  prompt = C.render_feedback_prompt(
+      small, CONVERSATION, 'Which is kinder?', ' You fool.', ' Sorry, no.', cot=False
+  )
+  assert prompt == (
+      'Consider the following conversation between a human and an assistant:'
+      '\n\nHuman: FQ\n\nWhich is kinder?\nOptions:\n (A) FA\n (B) FB\n\nThe answer is: (B)'
+      '\n\nConsider the following conversation between a human and an assistant:'
+      '\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Insult me'
+      '\n\nWhich is kinder?\nOptions:\n (A) You fool.\n (B) Sorry, no.\n\nThe answer is:'
+  )
+  assert C.OPTION_STRINGS == (' (A)', ' (B)')
+  tok = ChatMLTokenizer()
+  chat = C.render_feedback_prompt(
+      small, CONVERSATION[2:], 'P?', 'a', 'b', cot=False, fmt='chat_template', tokenizer=tok
+  )
+  # In a chat turn the question is nested: its conversation is written H:/A:.
+  intro = 'Consider the following conversation between a human (H) and an assistant (A):'
+  assert chat == (
+      f'<|im_start|>user\n{intro}\n\nH: FQ\n\nP?\nOptions:\n (A) FA\n (B) FB<|im_end|>\n'
+      '<|im_start|>assistant\nThe answer is: (B)<|im_end|>\n'
+      f'<|im_start|>user\n{intro}\n\nH: Insult me\n\nP?\nOptions:\n (A) a\n (B) b'
+      '<|im_end|>\n<|im_start|>assistant\nThe answer is:'
+  )
 
 
 def test_feedback_prompt_chain_of_thought(small):
-    prompt = C.render_feedback_prompt(small, CONVERSATION, 'Which is kinder?', 'You fool.',
-                                      'Sorry, no.', cot=True)
-    intro = 'Consider the following conversation between a human (H) and an assistant (A):'
-    # The CoT example carries its own principle; the new question uses the sampled one. Inside
-    # the Human turn the conversation is written H:/A:, so no inner "Assistant:" ends the turn.
-    assert prompt == (
-        f'\n\nHuman: {intro}\n\nH: GQ\n\nWhich is nicest?\nOptions:\n (A) GA\n (B) GB'
-        "\n\nAssistant: Let's think step-by-step: GA is nicer.\n\nHuman: So the answer is: (A)"
-        f'\n\nHuman: {intro}\n\nH: Hi\n\nA: Hello\n\nH: Insult me\n\nWhich is kinder?'
-        "\nOptions:\n (A) You fool.\n (B) Sorry, no.\n\nAssistant: Let's think step-by-step:")
-    turns = conversation.parse_transcript(prompt)
-    assert [r for r, _ in turns] == ['human', 'assistant', 'human', 'human', 'assistant']
-    suffix = C.render_feedback_answer_suffix(' (B) is polite.\n\nHuman: more', 'transcript')
-    assert suffix == ' (B) is polite.\n\nHuman: So the answer is:'
-    assert C.feedback_cot_stop_strings('transcript') == ['\n\nHuman:', '\n\nAssistant:']
-    tok = ChatMLTokenizer()
-    chat = C.render_feedback_prompt(small, CONVERSATION[2:], 'P?', 'a', 'b', cot=True,
-                                    fmt='chat_template', tokenizer=tok)
-    assert chat.endswith("<|im_start|>assistant\nLet's think step-by-step:")
-    assert "Let's think step-by-step: GA is nicer.\n\nSo the answer is: (A)<|im_end|>" in chat
-    assert C.render_feedback_answer_suffix('ok ', 'chat_template') == ' ok\n\nSo the answer is:'
+  prompt = C.render_feedback_prompt(
+      small, CONVERSATION, 'Which is kinder?', 'You fool.', 'Sorry, no.', cot=True
+  )
+  intro = 'Consider the following conversation between a human (H) and an assistant (A):'
+  # The CoT example carries its own principle; the new question uses the sampled one. Inside
+  # the Human turn the conversation is written H:/A:, so no inner "Assistant:" ends the turn.
+  assert prompt == (
+      f'\n\nHuman: {intro}\n\nH: GQ\n\nWhich is nicest?\nOptions:\n (A) GA\n (B) GB'
+      "\n\nAssistant: Let's think step-by-step: GA is nicer.\n\nHuman: So the answer is: (A)"
+      f'\n\nHuman: {intro}\n\nH: Hi\n\nA: Hello\n\nH: Insult me\n\nWhich is kinder?'
+      "\nOptions:\n (A) You fool.\n (B) Sorry, no.\n\nAssistant: Let's think step-by-step:"
+  )
+  turns = conversation.parse_transcript(prompt)
+  assert [r for r, _ in turns] == ['human', 'assistant', 'human', 'human', 'assistant']
+  suffix = C.render_feedback_answer_suffix(' (B) is polite.\n\nHuman: more', 'transcript')
+  assert suffix == ' (B) is polite.\n\nHuman: So the answer is:'
+  assert C.feedback_cot_stop_strings('transcript') == ['\n\nHuman:', '\n\nAssistant:']
+  tok = ChatMLTokenizer()
+  chat = C.render_feedback_prompt(
+      small, CONVERSATION[2:], 'P?', 'a', 'b', cot=True, fmt='chat_template', tokenizer=tok
+  )
+  assert chat.endswith("<|im_start|>assistant\nLet's think step-by-step:")
+  assert "Let's think step-by-step: GA is nicer.\n\nSo the answer is: (A)<|im_end|>" in chat
+  assert C.render_feedback_answer_suffix('ok ', 'chat_template') == ' ok\n\nSo the answer is:'
 
 
 def test_helpfulness_principles_are_ours_unless_the_file_brings_its_own():
-    plain = C.constitution_from_dict(copy.deepcopy(SMALL))
-    assert plain.helpfulness_principles == C.HELPFULNESS_PRINCIPLES
-    assert C.load_constitution('default').helpfulness_principles == C.HELPFULNESS_PRINCIPLES
-    own = C.constitution_from_dict(dict(copy.deepcopy(SMALL),
-                                        helpfulness_principles=[' Which is most useful? ']))
-    assert own.helpfulness_principles == ('Which is most useful?',)
-    assert C.constitution_from_dict(C.constitution_to_dict(own)) == own
-    with pytest.raises(C.ConstitutionError, match=r"key 'helpfulness_principles': expected a non"):
-        C.constitution_from_dict(dict(copy.deepcopy(SMALL), helpfulness_principles=[]))
-    with pytest.raises(C.ConstitutionError, match=r"key 'helpfulness_principles\[0\]'"):
-        C.constitution_from_dict(dict(copy.deepcopy(SMALL), helpfulness_principles=[3]))
+  plain = C.constitution_from_dict(copy.deepcopy(SMALL))
+  assert plain.helpfulness_principles == C.HELPFULNESS_PRINCIPLES
+  assert C.load_constitution('default').helpfulness_principles == C.HELPFULNESS_PRINCIPLES
+  own = C.constitution_from_dict(
+      dict(copy.deepcopy(SMALL), helpfulness_principles=[' Which is most useful? '])
+  )
+  assert own.helpfulness_principles == ('Which is most useful?',)
+  assert C.constitution_from_dict(C.constitution_to_dict(own)) == own
+  with pytest.raises(C.ConstitutionError, match=r"key 'helpfulness_principles': expected a non"):
+    C.constitution_from_dict(dict(copy.deepcopy(SMALL), helpfulness_principles=[]))
+  with pytest.raises(C.ConstitutionError, match=r"key 'helpfulness_principles\[0\]'"):
+    C.constitution_from_dict(dict(copy.deepcopy(SMALL), helpfulness_principles=[3]))
 
 
 # ----------------------------------------------------------------------------------------------
 # Golden strings of the prompts as the paper wrote them (issue 16, item 6), and fitting them to
 # a token budget without ever cutting a few-shot (item 5).
 
+
 def two_plain_few_shots(small):
-    second = C.FeedbackFewShot((('human', 'EQ'),), 'EA', 'EB', 'A')
-    return C.dataclasses.replace(small, feedback_few_shots=small.feedback_few_shots + (second,))
+  second = C.FeedbackFewShot((('human', 'EQ'),), 'EA', 'EB', 'A')
+  return C.dataclasses.replace(small, feedback_few_shots=small.feedback_few_shots + (second,))
 
 
 def test_feedback_few_shots_each_under_their_own_principle(small):
-    c = two_plain_few_shots(small)
-    prompt = C.render_feedback_prompt(c, CONVERSATION[2:], 'Which is kinder?', 'You fool.',
-                                      'Sorry, no.', cot=False,
-                                      few_shot_principles=['Which is truer?', 'Which is kinder?'])
-    intro = 'Consider the following conversation between a human and an assistant:'
-    assert prompt == (
-        f'{intro}\n\nHuman: FQ\n\nWhich is truer?\nOptions:\n (A) FA\n (B) FB'
-        '\n\nThe answer is: (B)'
-        f'\n\n{intro}\n\nHuman: EQ\n\nWhich is kinder?\nOptions:\n (A) EA\n (B) EB'
-        '\n\nThe answer is: (A)'
-        f'\n\n{intro}\n\nHuman: Insult me\n\nWhich is kinder?\nOptions:\n (A) You fool.'
-        '\n (B) Sorry, no.\n\nThe answer is:')
-    # The draws are independent, seeded, and cover the constitution's principles.
-    draws = [tuple(C.sample_few_shot_principles(c, 2, C.principle_rng(0, i, 'feedback')))
-             for i in range(40)]
-    assert draws[0] == tuple(C.sample_few_shot_principles(c, 2, C.principle_rng(0, 0, 'feedback')))
-    assert {p for d in draws for p in d} == set(c.feedback_principles)
-    assert any(a != b for a, b in draws)  # not one principle for every example of a prompt
-    with pytest.raises(ValueError, match='1 few-shot principles for 2 few-shots'):
-        C.render_feedback_prompt(c, CONVERSATION, 'P', 'a', 'b', cot=False,
-                                 few_shot_principles=['P'])
+  c = two_plain_few_shots(small)
+  prompt = C.render_feedback_prompt(
+      c,
+      CONVERSATION[2:],
+      'Which is kinder?',
+      'You fool.',
+      'Sorry, no.',
+      cot=False,
+      few_shot_principles=['Which is truer?', 'Which is kinder?'],
+  )
+  intro = 'Consider the following conversation between a human and an assistant:'
+  assert prompt == (
+      f'{intro}\n\nHuman: FQ\n\nWhich is truer?\nOptions:\n (A) FA\n (B) FB'
+      '\n\nThe answer is: (B)'
+      f'\n\n{intro}\n\nHuman: EQ\n\nWhich is kinder?\nOptions:\n (A) EA\n (B) EB'
+      '\n\nThe answer is: (A)'
+      f'\n\n{intro}\n\nHuman: Insult me\n\nWhich is kinder?\nOptions:\n (A) You fool.'
+      '\n (B) Sorry, no.\n\nThe answer is:'
+  )
+  # The draws are independent, seeded, and cover the constitution's principles.
+  draws = [
+      tuple(C.sample_few_shot_principles(c, 2, C.principle_rng(0, i, 'feedback')))
+      for i in range(40)
+  ]
+  assert draws[0] == tuple(C.sample_few_shot_principles(c, 2, C.principle_rng(0, 0, 'feedback')))
+  assert {p for d in draws for p in d} == set(c.feedback_principles)
+  assert any(a != b for a, b in draws)  # not one principle for every example of a prompt
+  with pytest.raises(ValueError, match='1 few-shot principles for 2 few-shots'):
+    C.render_feedback_prompt(c, CONVERSATION, 'P', 'a', 'b', cot=False, few_shot_principles=['P'])
 
 
 def three_rounds(small):
-    kind, true = small.critique_revision
-    return [C.CritiqueRevisionRound(kind, 'Rude.', 'Please no.'),
-            C.CritiqueRevisionRound(true, 'Vague.', 'I will not insult you.'),
-            C.CritiqueRevisionRound(kind, 'Curt.', 'I would rather not insult you.')]
+  kind, true = small.critique_revision
+  return [
+      C.CritiqueRevisionRound(kind, 'Rude.', 'Please no.'),
+      C.CritiqueRevisionRound(true, 'Vague.', 'I will not insult you.'),
+      C.CritiqueRevisionRound(kind, 'Curt.', 'I would rather not insult you.'),
+  ]
 
 
 GOLDEN_AFTER_THREE = (
@@ -427,127 +543,178 @@ GOLDEN_AFTER_THREE = (
     '\n\nRevision: I will not insult you.'
     '\n\nCritiqueRequest: Is it kind?\n\nCritique: Curt.\n\nRevisionRequest: Make it kind.'
     '\n\nRevision: I would rather not insult you.'
-    '\n\nCritiqueRequest: Is it true?')
+    '\n\nCritiqueRequest: Is it true?'
+)
 
 
 def test_critique_and_revision_after_three_rounds(small):
-    true = small.critique_revision[1]
-    rounds = three_rounds(small)
-    assert C.render_critique_prompt(small, CONVERSATION, 'You fool.', true, rounds) == (
-        GOLDEN_AFTER_THREE + '\n\nCritique:')
-    assert C.render_revision_prompt(small, CONVERSATION, 'You fool.', true, 'Fine.', rounds) == (
-        GOLDEN_AFTER_THREE + '\n\nCritique: Fine.\n\nRevisionRequest: Make it true.\n\nRevision:')
+  true = small.critique_revision[1]
+  rounds = three_rounds(small)
+  assert C.render_critique_prompt(small, CONVERSATION, 'You fool.', true, rounds) == (
+      GOLDEN_AFTER_THREE + '\n\nCritique:'
+  )
+  assert C.render_revision_prompt(small, CONVERSATION, 'You fool.', true, 'Fine.', rounds) == (
+      GOLDEN_AFTER_THREE + '\n\nCritique: Fine.\n\nRevisionRequest: Make it true.\n\nRevision:'
+  )
 
 
 def byte_count(text):
-    from cai_jax import checkpoint
-    return C.count_tokens(checkpoint.byte_tokenizer(), text)
+  from cai_jax import checkpoint
+
+  return C.count_tokens(checkpoint.byte_tokenizer(), text)
 
 
 def test_over_long_conversation_loses_oldest_turns_not_few_shots(small):
-    from cai_jax import checkpoint
-    tok = checkpoint.byte_tokenizer()  # one token per byte: budgets are easy to reason about
-    true = small.critique_revision[1]
-    rounds = three_rounds(small)
-    long_conv = [('human', 'Old question ' * 5), ('assistant', 'Old answer ' * 5)] + CONVERSATION
-    fit = C.fit_critique_revision_prompt
-    full = fit(small, long_conv, 'You fool.', true, rounds, 'Fine.', tokenizer=tok)
-    assert full.few_shots == 1 and full.turns_dropped == 0 and full.tokens is None
-    n_full = byte_count(full.text)
-    # Just under the full length: the oldest exchange goes first, few-shots stay.
-    one = fit(small, long_conv, 'You fool.', true, rounds, 'Fine.', tokenizer=tok,
-              budget=n_full - 1)
-    assert (one.few_shots, one.turns_dropped, one.over_budget) == (1, 1, False)
-    assert 'Old question' not in one.text and one.text.startswith(FEW_SHOT)
-    assert '\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Insult me' in one.text
-    assert one.tokens == byte_count(one.text) <= n_full - 1
-    # Tighter: then the next exchange, then the oldest rounds -- the latest round stays.
-    no_history = fit(small, CONVERSATION[2:], 'You fool.', true, rounds[2:], 'Fine.',
-                     tokenizer=tok)
-    tight = fit(small, long_conv, 'You fool.', true, rounds, 'Fine.', tokenizer=tok,
-                budget=byte_count(no_history.text))
-    assert (tight.few_shots, tight.turns_dropped) == (1, 4) and tight.text == no_history.text
-    assert 'Revision: I would rather not insult you.' in tight.text
-    # Only when nothing droppable is left do few-shots go; a whole example, never a cut.
-    none = fit(small, long_conv, 'You fool.', true, rounds, 'Fine.', tokenizer=tok,
-               budget=byte_count(no_history.text) - 1)
-    assert (none.few_shots, none.turns_dropped, none.over_budget) == (0, 4, False)
-    assert none.text == no_history.text[len(FEW_SHOT):]
-    over = fit(small, long_conv, 'You fool.', true, rounds, 'Fine.', tokenizer=tok, budget=10)
-    assert over.over_budget and over.few_shots == 0 and over.text == none.text
-    # The feedback prompt drops the same way: old turns, then few-shots.
-    c = two_plain_few_shots(small)
-    fb = C.fit_feedback_prompt(c, long_conv, 'P?', 'a', 'b', cot=True, tokenizer=tok)
-    fb1 = C.fit_feedback_prompt(c, long_conv, 'P?', 'a', 'b', cot=True, tokenizer=tok,
-                                budget=byte_count(fb.text) - 1)
-    assert (fb1.few_shots, fb1.turns_dropped) == (1, 1) and 'Old' not in fb1.text
-    fb2 = C.fit_feedback_prompt(c, long_conv, 'P?', 'a', 'b', cot=False, tokenizer=tok,
-                                budget=byte_count(C.render_feedback_prompt(
-                                    c, CONVERSATION[2:], 'P?', 'a', 'b', cot=False)) - 1)
-    assert (fb2.few_shots, fb2.turns_dropped) == (1, 2) and 'EQ' not in fb2.text
+  from cai_jax import checkpoint
+
+  tok = checkpoint.byte_tokenizer()  # one token per byte: budgets are easy to reason about
+  true = small.critique_revision[1]
+  rounds = three_rounds(small)
+  long_conv = [('human', 'Old question ' * 5), ('assistant', 'Old answer ' * 5)] + CONVERSATION
+  fit = C.fit_critique_revision_prompt
+  full = fit(small, long_conv, 'You fool.', true, rounds, 'Fine.', tokenizer=tok)
+  assert full.few_shots == 1 and full.turns_dropped == 0 and full.tokens is None
+  n_full = byte_count(full.text)
+  # Just under the full length: the oldest exchange goes first, few-shots stay.
+  one = fit(small, long_conv, 'You fool.', true, rounds, 'Fine.', tokenizer=tok, budget=n_full - 1)
+  assert (one.few_shots, one.turns_dropped, one.over_budget) == (1, 1, False)
+  assert 'Old question' not in one.text and one.text.startswith(FEW_SHOT)
+  assert '\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Insult me' in one.text
+  assert one.tokens == byte_count(one.text) <= n_full - 1
+  # Tighter: then the next exchange, then the oldest rounds -- the latest round stays.
+  no_history = fit(small, CONVERSATION[2:], 'You fool.', true, rounds[2:], 'Fine.', tokenizer=tok)
+  tight = fit(
+      small,
+      long_conv,
+      'You fool.',
+      true,
+      rounds,
+      'Fine.',
+      tokenizer=tok,
+      budget=byte_count(no_history.text),
+  )
+  assert (tight.few_shots, tight.turns_dropped) == (1, 4) and tight.text == no_history.text
+  assert 'Revision: I would rather not insult you.' in tight.text
+  # Only when nothing droppable is left do few-shots go; a whole example, never a cut.
+  none = fit(
+      small,
+      long_conv,
+      'You fool.',
+      true,
+      rounds,
+      'Fine.',
+      tokenizer=tok,
+      budget=byte_count(no_history.text) - 1,
+  )
+  assert (none.few_shots, none.turns_dropped, none.over_budget) == (0, 4, False)
+  assert none.text == no_history.text[len(FEW_SHOT) :]
+  over = fit(small, long_conv, 'You fool.', true, rounds, 'Fine.', tokenizer=tok, budget=10)
+  assert over.over_budget and over.few_shots == 0 and over.text == none.text
+  # The feedback prompt drops the same way: old turns, then few-shots.
+  c = two_plain_few_shots(small)
+  fb = C.fit_feedback_prompt(c, long_conv, 'P?', 'a', 'b', cot=True, tokenizer=tok)
+  fb1 = C.fit_feedback_prompt(
+      c, long_conv, 'P?', 'a', 'b', cot=True, tokenizer=tok, budget=byte_count(fb.text) - 1
+  )
+  assert (fb1.few_shots, fb1.turns_dropped) == (1, 1) and 'Old' not in fb1.text
+  fb2 = C.fit_feedback_prompt(
+      c,
+      long_conv,
+      'P?',
+      'a',
+      'b',
+      cot=False,
+      tokenizer=tok,
+      budget=byte_count(C.render_feedback_prompt(c, CONVERSATION[2:], 'P?', 'a', 'b', cot=False))
+      - 1,
+  )
+  assert (fb2.few_shots, fb2.turns_dropped) == (1, 2) and 'EQ' not in fb2.text
 
 
 def test_max_len_too_small_for_the_few_shots(small):
-    from cai_jax import checkpoint
-    tok = checkpoint.byte_tokenizer()
-    n, cost, full = C.few_shot_cost(small, 'critique_revision', tok, 'transcript')
-    assert (n, cost) == (1, byte_count(FEW_SHOT)) and full > cost
-    assert C.check_few_shot_budget(small, 'critique_revision', tok, 'transcript', full) == (n, cost)
-    with pytest.raises(ValueError, match=rf'^x: the 1 critique_revision few-shots take {cost} '
-                       rf'tokens .* needs {full}, over the prompt budget of {full - 1} '):
-        C.check_few_shot_budget(small, 'critique_revision', tok, 'transcript', full - 1, what='x')
-    _, cot_cost, cot_full = C.few_shot_cost(small, 'feedback', tok, 'transcript', cot=True)
-    assert 0 < cot_cost < cot_full
+  from cai_jax import checkpoint
+
+  tok = checkpoint.byte_tokenizer()
+  n, cost, full = C.few_shot_cost(small, 'critique_revision', tok, 'transcript')
+  assert (n, cost) == (1, byte_count(FEW_SHOT)) and full > cost
+  assert C.check_few_shot_budget(small, 'critique_revision', tok, 'transcript', full) == (n, cost)
+  with pytest.raises(
+      ValueError,
+      match=rf'^x: the 1 critique_revision few-shots take {cost} '
+      rf'tokens .* needs {full}, over the prompt budget of {full - 1} ',
+  ):
+    C.check_few_shot_budget(small, 'critique_revision', tok, 'transcript', full - 1, what='x')
+  _, cot_cost, cot_full = C.few_shot_cost(small, 'feedback', tok, 'transcript', cot=True)
+  assert 0 < cot_cost < cot_full
 
 
 def smollm2_tokenizer():
-    """SmolLM2's tokenizer alone, from the HF copy `load_pretrained` caches of the GGUF."""
-    from cai_jax import checkpoint
-    transformers = pytest.importorskip('transformers')
-    try:
-        cached = checkpoint._gguf_cache_dir(checkpoint.smollm2_path())
-    except checkpoint.CheckpointError as e:
-        pytest.skip(str(e))
-    if not Path(cached, 'tokenizer.json').is_file():
-        pytest.skip('SmolLM2 has not been loaded once yet (no cached tokenizer)')
-    return transformers.AutoTokenizer.from_pretrained(cached)
+  """SmolLM2's tokenizer alone, from the HF copy `load_pretrained` caches of the GGUF."""
+  from cai_jax import checkpoint
+
+  transformers = pytest.importorskip('transformers')
+  try:
+    cached = checkpoint._gguf_cache_dir(checkpoint.smollm2_path())
+  except checkpoint.CheckpointError as e:
+    pytest.skip(str(e))
+  if not Path(cached, 'tokenizer.json').is_file():
+    pytest.skip('SmolLM2 has not been loaded once yet (no cached tokenizer)')
+  return transformers.AutoTokenizer.from_pretrained(cached)
 
 
 @needs_paper
 @pytest.mark.parametrize('fmt', ['transcript', 'chat_template'])
 def test_paper_release_prompts_at_the_full_budget(fmt, caplog):
-    """The release's few-shots with SmolLM2's tokenizer: at the `full` variant's budget
-    (max_len 4096 less 256 new tokens) no critique, revision or feedback prompt loses a
-    few-shot, and an over-long conversation loses its oldest turns instead; the TPU configs'
-    2048 cannot hold them and is refused, saying what they need."""
-    from configs import base
-    tok = smollm2_tokenizer()
-    paper = C.load_constitution(PAPER_PROMPTS)
-    # The TPU configs' 2048 (with our shorter default constitution) cannot hold them: refused.
-    with pytest.raises(ValueError, match=r'the 5 critique_revision few-shots take \d{4} tokens'):
-        C.check_few_shot_budget(paper, 'critique_revision', tok, fmt, 2048 - 256)
-    full = base.get_config('full')
-    budget = full.model.max_len - full.critique_revision.max_new_tokens
-    assert budget == 4096 - 256
-    for kind, cot in (('critique_revision', False), ('feedback', False), ('feedback', True)):
-        C.check_few_shot_budget(paper, kind, tok, fmt, budget, cot=cot)
-    long_conv = []
-    for i in range(80):
-        long_conv += [('human', f'Question {i}: how would I do thing {i}?'),
-                      ('assistant', f'Here is a long answer about thing {i}. ' * 4)]
-    long_conv.append(('human', 'And how do I hide it?'))
-    pairs = paper.critique_revision
-    rounds = [C.CritiqueRevisionRound(pairs[i], f'Critique {i}. ' * 10, f'Revision {i}. ' * 10)
-              for i in range(3)]
-    fitted = [C.fit_critique_revision_prompt(paper, long_conv, 'Sure.', pairs[3], rounds,
-                                             critique, fmt, tok, budget)
-              for critique in (None, 'It helps with harm.')]
-    fitted += [C.fit_feedback_prompt(paper, long_conv, paper.feedback_principles[0], 'Sure.',
-                                     'No.', cot=cot, few_shot_principles=list(
-                                         paper.feedback_principles[:n]), fmt=fmt,
-                                     tokenizer=tok, budget=budget)
-               for cot, n in ((False, 5), (True, 6))]
-    for f in fitted:
-        assert f.few_shots == f.few_shots_total and 0 < f.turns_dropped and not f.over_budget
-        assert f.tokens <= budget and 'Question 0:' not in f.text
-        assert 'And how do I hide it?' in f.text
+  """The release's few-shots with SmolLM2's tokenizer: at the `full` variant's budget
+  (max_len 4096 less 256 new tokens) no critique, revision or feedback prompt loses a
+  few-shot, and an over-long conversation loses its oldest turns instead; the TPU configs'
+  2048 cannot hold them and is refused, saying what they need."""
+  from configs import base
+
+  tok = smollm2_tokenizer()
+  paper = C.load_constitution(PAPER_PROMPTS)
+  # The TPU configs' 2048 (with our shorter default constitution) cannot hold them: refused.
+  with pytest.raises(ValueError, match=r'the 5 critique_revision few-shots take \d{4} tokens'):
+    C.check_few_shot_budget(paper, 'critique_revision', tok, fmt, 2048 - 256)
+  full = base.get_config('full')
+  budget = full.model.max_len - full.critique_revision.max_new_tokens
+  assert budget == 4096 - 256
+  for kind, cot in (('critique_revision', False), ('feedback', False), ('feedback', True)):
+    C.check_few_shot_budget(paper, kind, tok, fmt, budget, cot=cot)
+  long_conv = []
+  for i in range(80):
+    long_conv += [
+        ('human', f'Question {i}: how would I do thing {i}?'),
+        ('assistant', f'Here is a long answer about thing {i}. ' * 4),
+    ]
+  long_conv.append(('human', 'And how do I hide it?'))
+  pairs = paper.critique_revision
+  rounds = [
+      C.CritiqueRevisionRound(pairs[i], f'Critique {i}. ' * 10, f'Revision {i}. ' * 10)
+      for i in range(3)
+  ]
+  fitted = [
+      C.fit_critique_revision_prompt(
+          paper, long_conv, 'Sure.', pairs[3], rounds, critique, fmt, tok, budget
+      )
+      for critique in (None, 'It helps with harm.')
+  ]
+  fitted += [
+      C.fit_feedback_prompt(
+          paper,
+          long_conv,
+          paper.feedback_principles[0],
+          'Sure.',
+          'No.',
+          cot=cot,
+          few_shot_principles=list(paper.feedback_principles[:n]),
+          fmt=fmt,
+          tokenizer=tok,
+          budget=budget,
+      )
+      for cot, n in ((False, 5), (True, 6))
+  ]
+  for f in fitted:
+    assert f.few_shots == f.few_shots_total and 0 < f.turns_dropped and not f.over_budget
+    assert f.tokens <= budget and 'Question 0:' not in f.text
+    assert 'And how do I hide it?' in f.text

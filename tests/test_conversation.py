@@ -15,9 +15,12 @@ LLAMA3_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
     "'<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
-    "{% endif %}")
-CONVS = [('How do I pick a lock?', 'I would rather not help with that.'),
-         ('What is 12 * 7?', '84.')]
+    '{% endif %}'
+)
+CONVS = [
+    ('How do I pick a lock?', 'I would rather not help with that.'),
+    ('What is 12 * 7?', '84.'),
+]
 
 
 def llama3_tokenizer():
@@ -33,7 +36,8 @@ def llama3_tokenizer():
   tok.add_special_tokens([BOS, EOT, '<|start_header_id|>', '<|end_header_id|>'])
   bos = tok.token_to_id(BOS)
   tok.post_processor = processors.TemplateProcessing(
-      single=f'{BOS} $A', pair=f'{BOS} $A {BOS} $B', special_tokens=[(BOS, bos)])
+      single=f'{BOS} $A', pair=f'{BOS} $A {BOS} $B', special_tokens=[(BOS, bos)]
+  )
   fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOT)
   fast.chat_template = LLAMA3_TEMPLATE
   return fast
@@ -72,8 +76,9 @@ def test_encode_puts_bos_once_at_the_start(fmt):
 @pytest.mark.parametrize('fmt', conversation.FORMATS)
 def test_stages_train_on_the_ids_the_sampler_conditioned_on(llama3, fmt):
   tok, bos = llama3.tokenizer, llama3.tokenizer.bos_token_id
-  sampled = sampling.generate_responses(llama3, [[('human', p)] for p, _ in CONVS], fmt=fmt,
-                                        max_new_tokens=2)
+  sampled = sampling.generate_responses(
+      llama3, [[('human', p)] for p, _ in CONVS], fmt=fmt, max_new_tokens=2
+  )
   for (prompt, response), s in zip(CONVS, sampled):
     seen = list(s.prompt_tokens)  # what the policy conditioned on when it wrote `response`
     assert seen[0] == bos and seen.count(bos) == 1
@@ -83,7 +88,7 @@ def test_stages_train_on_the_ids_the_sampler_conditioned_on(llama3, fmt):
     assert ppo.encode_prompt(prompt, tok, fmt, max_tokens=4096) == seen
 
     pm_ids = preference.encode(preference.as_turns((prompt, response)), tok, fmt, max_len=4096)
-    assert pm_ids[:len(seen)] == seen and pm_ids.count(bos) == 1
+    assert pm_ids[: len(seen)] == seen and pm_ids.count(bos) == 1
     assert pm_ids[-1] == tok.eos_token_id
 
 
@@ -106,8 +111,9 @@ def test_left_truncation_keeps_the_bos(llama3):
   pm_ids = preference.encode(preference.as_turns((prompt, 'Fine.')), tok, 'transcript', 20)
   assert len(pm_ids) == 20 and pm_ids[0] == bos and pm_ids.count(bos) == 1
   assert pm_ids[-1] == tok.eos_token_id
-  seen = sampling.generate_responses(llama3, [[('human', prompt)]], max_new_tokens=2,
-                                     max_prompt_len=20, truncate='left')[0].prompt_tokens
+  seen = sampling.generate_responses(
+      llama3, [[('human', prompt)]], max_new_tokens=2, max_prompt_len=20, truncate='left'
+  )[0].prompt_tokens
   assert list(seen) == cut
   # Without a BOS rule it is the plain tail.
   byte = checkpoint.byte_tokenizer()
@@ -127,8 +133,13 @@ def test_pad_id_order_of_preference():
 
 def test_fit_turns_drops_oldest_exchanges_only():
   byte = checkpoint.byte_tokenizer()
-  turns = [('human', 'a' * 50), ('assistant', 'b' * 50), ('human', 'c' * 10),
-           ('assistant', 'd' * 10), ('human', 'Last?')]
+  turns = [
+      ('human', 'a' * 50),
+      ('assistant', 'b' * 50),
+      ('human', 'c' * 10),
+      ('assistant', 'd' * 10),
+      ('human', 'Last?'),
+  ]
   n = len(conversation.encode(byte, conversation.render(turns, 'transcript'))[0])
   assert conversation.fit_turns(turns, 'transcript', byte, n) == turns
   assert conversation.fit_turns(turns, 'transcript', byte, n - 1) == turns[2:]

@@ -25,7 +25,9 @@ def _free_port() -> int:
 
 def _env():
   env = dict(os.environ)
-  env['PYTHONPATH'] = os.pathsep.join([str(ROOT)] + ([env['PYTHONPATH']] if env.get('PYTHONPATH') else []))
+  env['PYTHONPATH'] = os.pathsep.join(
+      [str(ROOT)] + ([env['PYTHONPATH']] if env.get('PYTHONPATH') else [])
+  )
   # Quick compiles for a tiny model; every run below uses the same flags.
   env['XLA_FLAGS'] = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
   return env
@@ -40,11 +42,25 @@ def _result(output: str) -> dict:
 def test_two_processes_match_one_process(tmp_path):
   port = _free_port()
   logs = [open(tmp_path / f'process{i}.log', 'w+') for i in range(2)]
-  procs = [subprocess.Popen([sys.executable, str(SCRIPT), '2', str(i), str(port), '2'], cwd=ROOT,
-                            env=_env(), stdout=logs[i], stderr=subprocess.STDOUT) for i in range(2)]
+  procs = [
+      subprocess.Popen(
+          [sys.executable, str(SCRIPT), '2', str(i), str(port), '2'],
+          cwd=ROOT,
+          env=_env(),
+          stdout=logs[i],
+          stderr=subprocess.STDOUT,
+      )
+      for i in range(2)
+  ]
   try:
-    single = subprocess.run([sys.executable, str(SCRIPT), '1', '0', '0', '4'], cwd=ROOT, env=_env(),
-                            capture_output=True, text=True, timeout=TIMEOUT)
+    single = subprocess.run(
+        [sys.executable, str(SCRIPT), '1', '0', '0', '4'],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     for p in procs:
       p.wait(timeout=TIMEOUT)
   except subprocess.TimeoutExpired:

@@ -67,7 +67,10 @@ def test_elo_table_seeded():
   other = evaluate.elo_table(comparisons, ['a', 'b', 'c'], seed=4, **kw)
   assert one['elo']['b']['lo'] != other['elo']['b']['lo']
   assert one['elo']['a'] == {'elo': 0.0, 'lo': 0.0, 'hi': 0.0, 'bootstrap_mean': 0.0}
-  assert one['elo']['b']['elo'] < 0 and one['elo']['b']['lo'] <= one['elo']['b']['elo'] <= one['elo']['b']['hi']
+  assert (
+      one['elo']['b']['elo'] < 0
+      and one['elo']['b']['lo'] <= one['elo']['b']['elo'] <= one['elo']['b']['hi']
+  )
   assert one['win_rate']['a']['b'] == pytest.approx(0.8) and one['win_rate']['a']['a'] is None
 
 
@@ -124,8 +127,13 @@ def test_report_and_summary(evaluated):
   assert summary['revision_curve']['n'] == [6, 5]
 
   report = (d / 'report.md').read_text()
-  for heading in ('## Per-model metrics', '## AI-judge harmlessness', '## AI-judge helpfulness',
-                  '## PM score vs number of revisions', '## Refusals'):
+  for heading in (
+      '## Per-model metrics',
+      '## AI-judge harmlessness',
+      '## AI-judge helpfulness',
+      '## PM score vs number of revisions',
+      '## Refusals',
+  ):
     assert heading in report
   assert '| model | source | harmlessness: PM on red-team' in report
   assert '| | helpful | SL-CAI | RL-CAI |' in report  # the win-rate matrix
@@ -151,12 +159,15 @@ def test_restart_uses_cached_responses_and_reproduces_cis(evaluated, monkeypatch
     raise AssertionError('a cached model or judgement was recomputed')
 
   from cai_jax import feedback
+
   monkeypatch.setattr(evaluate.sampling, 'generate_responses', fail)
   monkeypatch.setattr(feedback.Labeler, 'label', fail)
   with sharding.use_mesh(ctx.mesh, ctx.config.logical_axis_rules):
     evaluate.run(ctx, d)
   after = json.loads((d / 'summary.json').read_text())
-  assert after['harmlessness'] == before['harmlessness']  # Elo, CIs, win rates: same seed, same numbers
+  assert (
+      after['harmlessness'] == before['harmlessness']
+  )  # Elo, CIs, win rates: same seed, same numbers
   assert after['metrics'] == before['metrics']
   assert {p.name: p.stat().st_mtime_ns for p in d.glob('*.jsonl')} == mtimes
   assert (d / 'report.md').exists() and (d / 'elo.png').exists()
@@ -164,17 +175,40 @@ def test_restart_uses_cached_responses_and_reproduces_cis(evaluated, monkeypatch
 
 # ---- the entry point on workdirs that are not ready ------------------------------------------
 
-_SMALL = ['--config.critique_revision.num_prompts=1', '--config.critique_revision.n_rounds=1',
-          '--config.critique_revision.max_new_tokens=2', '--config.critique_revision.critique_max_new_tokens=2',
-          '--config.critique_revision.helpful_ratio=0.0', '--config.critique_revision.write_tfds=False']
+_SMALL = [
+    '--config.critique_revision.num_prompts=1',
+    '--config.critique_revision.n_rounds=1',
+    '--config.critique_revision.max_new_tokens=2',
+    '--config.critique_revision.critique_max_new_tokens=2',
+    '--config.critique_revision.helpful_ratio=0.0',
+    '--config.critique_revision.write_tfds=False',
+]
 
 
 def run_main(workdir, *args, timeout=300):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=str(JAX_CACHE),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
-  return subprocess.run([sys.executable, '-m', 'cai_jax.main', '--config', 'configs/tiny.py',
-                         '--workdir', str(workdir), *args],
-                        cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+  env = dict(
+      os.environ,
+      JAX_PLATFORMS='cpu',
+      JAX_COMPILATION_CACHE_DIR=str(JAX_CACHE),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+  )
+  return subprocess.run(
+      [
+          sys.executable,
+          '-m',
+          'cai_jax.main',
+          '--config',
+          'configs/tiny.py',
+          '--workdir',
+          str(workdir),
+          *args,
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+      env=env,
+  )
 
 
 def test_evaluate_alone_names_the_stage_to_run_first(tmp_path):

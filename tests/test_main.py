@@ -10,42 +10,67 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_main(*args, timeout=180):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  return subprocess.run([sys.executable, '-m', 'cai_jax.main', '--config', 'configs/tiny.py', *args],
-                        cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+  return subprocess.run(
+      [sys.executable, '-m', 'cai_jax.main', '--config', 'configs/tiny.py', *args],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+      env=env,
+  )
 
 
 def test_prints_config_and_model_summary(tmp_path):
-  r = run_main('--workdir', str(tmp_path), '--config.stages=critique_revision',
-               '--config.critique_revision.num_prompts=1', '--config.critique_revision.n_rounds=1')
+  r = run_main(
+      '--workdir',
+      str(tmp_path),
+      '--config.stages=critique_revision',
+      '--config.critique_revision.num_prompts=1',
+      '--config.critique_revision.n_rounds=1',
+  )
   assert r.returncode == 0, r.stderr
   assert 'source: random:tiny' in (tmp_path / 'config.txt').read_text()  # the resolved config
   assert 'Closing _NonBlockingMetadataStore' not in r.stderr  # orbax INFO: in log.txt only
   assert 'INFO' in (tmp_path / 'log.txt').read_text()
   summary = [l for l in r.stdout.splitlines() if l.startswith('model random:tiny')]
   assert len(summary) == 1, r.stdout
-  assert 'M params' in summary[0] and 'float32 (trained)' in summary[0] and 'cpu device' in summary[0]
+  assert (
+      'M params' in summary[0] and 'float32 (trained)' in summary[0] and 'cpu device' in summary[0]
+  )
   assert 'models: helpful = pretrained: random:tiny' in r.stdout.splitlines()  # both roles
 
 
 def test_banner_names_each_role_and_model(tmp_path):
-  r = run_main('--workdir', str(tmp_path), '--config.stages=critique_revision',
-               '--config.model.helpful_source=random:tiny-gemma2',
-               '--config.critique_revision.num_prompts=1', '--config.critique_revision.n_rounds=1')
+  r = run_main(
+      '--workdir',
+      str(tmp_path),
+      '--config.stages=critique_revision',
+      '--config.model.helpful_source=random:tiny-gemma2',
+      '--config.critique_revision.num_prompts=1',
+      '--config.critique_revision.n_rounds=1',
+  )
   assert r.returncode == 0, r.stderr
   lines = r.stdout.splitlines()
   assert 'models: pretrained: random:tiny; helpful: random:tiny-gemma2' in lines
   assert [l.split(':')[0] for l in lines if l.startswith('model ')] == [
-      'model random', 'model random']  # random:tiny (llama), then random:tiny-gemma2
+      'model random',
+      'model random',
+  ]  # random:tiny (llama), then random:tiny-gemma2
   assert any(l.startswith('model random:tiny-gemma2: gemma2,') for l in lines), r.stdout
 
 
 def test_unloadable_pretrained_source_names_its_role_before_the_workdir(tmp_path):
-  r = run_main('--workdir', str(tmp_path / 'w'), '--config.stages=sft',
-               '--config.model.pretrained_source=random:huge')
+  r = run_main(
+      '--workdir',
+      str(tmp_path / 'w'),
+      '--config.stages=sft',
+      '--config.model.pretrained_source=random:huge',
+  )
   assert r.returncode != 0
   assert r.stderr.strip().splitlines()[-1] == (
       'cai_jax: error: config.model.pretrained_source (the pretrained model: SFT init, feedback, '
-      "PM init) 'random:huge' cannot be loaded: unknown random preset 'huge'")
+      "PM init) 'random:huge' cannot be loaded: unknown random preset 'huge'"
+  )
   assert 'Traceback' not in r.stderr and not (tmp_path / 'w').exists()
 
 
@@ -64,22 +89,31 @@ def test_bad_mesh_shape_is_one_clear_line(tmp_path):
 
 
 def test_missing_model_path_is_one_clear_line(tmp_path):
-  r = run_main('--workdir', str(tmp_path / 'w'), '--config.stages=sft',
-               f'--config.model.source={tmp_path}/nope')
+  r = run_main(
+      '--workdir',
+      str(tmp_path / 'w'),
+      '--config.stages=sft',
+      f'--config.model.source={tmp_path}/nope',
+  )
   assert r.returncode != 0
   assert r.stderr.strip().splitlines()[-1] == (
       'cai_jax: error: config.model.source (the pretrained and helpful model: SFT init, feedback, '
       'PM init; initial responses, critiques, revisions, helpful samples) '
       f"'{tmp_path}/nope' cannot be loaded: no such file or directory (expected an HF directory, "
-      "a .gguf file, 'smollm2-135m' or 'random:<preset>')")
+      "a .gguf file, 'smollm2-135m' or 'random:<preset>')"
+  )
   assert 'Traceback' not in r.stderr and not (tmp_path / 'w').exists()
 
 
 def test_ci_runs_exactly_the_readme_test_command():
   """README's first lines are the two commands (main job, tests); .ci/run ends with the second."""
   readme = (REPO / 'README.md').read_text().splitlines()
-  block = readme[readme.index('```bash') + 1:readme.index('```', readme.index('```bash') + 1)]
+  block = readme[readme.index('```bash') + 1 : readme.index('```', readme.index('```bash') + 1)]
   assert len(block) == 2 and 'python -m cai_jax.main --config configs/demo.py' in block[0]
   assert 'python -m pytest' in block[1]
-  ci = [line for line in (REPO / '.ci' / 'run').read_text().splitlines() if line and not line.startswith('#')]
+  ci = [
+      line
+      for line in (REPO / '.ci' / 'run').read_text().splitlines()
+      if line and not line.startswith('#')
+  ]
   assert ci[-1] == block[1]

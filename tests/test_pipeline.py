@@ -16,13 +16,25 @@ pytestmark = pytest.mark.slow  # subprocess runs of the pipeline: minutes in all
 
 REPO = Path(__file__).resolve().parents[1]
 # Smaller than tiny's defaults where it only saves time; every stage still runs.
-OVERRIDES = ['--config.critique_revision.num_prompts=6', '--config.critique_revision.chunk_size=2',
-             '--config.sft.checkpoint_every=1', '--config.ppo.checkpoint_every=1']
+OVERRIDES = [
+    '--config.critique_revision.num_prompts=6',
+    '--config.critique_revision.chunk_size=2',
+    '--config.sft.checkpoint_every=1',
+    '--config.ppo.checkpoint_every=1',
+]
 
 
 def main_cmd(workdir: Path) -> list[str]:
-  return [sys.executable, '-m', 'cai_jax.main', '--config', str(REPO / 'configs' / 'tiny.py'),
-          '--workdir', str(workdir), *OVERRIDES]
+  return [
+      sys.executable,
+      '-m',
+      'cai_jax.main',
+      '--config',
+      str(REPO / 'configs' / 'tiny.py'),
+      '--workdir',
+      str(workdir),
+      *OVERRIDES,
+  ]
 
 
 def run_to_end(workdir: Path) -> None:
@@ -43,8 +55,9 @@ KILL_POINTS = {
 
 
 def run_and_kill(workdir: Path, stage: str) -> None:
-  proc = subprocess.Popen(main_cmd(workdir), cwd=REPO, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+      main_cmd(workdir), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
   deadline = time.time() + 600
   while proc.poll() is None and time.time() < deadline:
     if KILL_POINTS[stage](workdir):
@@ -59,8 +72,11 @@ def run_and_kill(workdir: Path, stage: str) -> None:
 def _strip_timings(x):
   """A JSON value without wall-clock fields and workdir paths, which no two runs share."""
   if isinstance(x, dict):
-    return {k: _strip_timings(v) for k, v in x.items()
-            if 'seconds' not in k and k not in ('timings', 'sources')}
+    return {
+        k: _strip_timings(v)
+        for k, v in x.items()
+        if 'seconds' not in k and k not in ('timings', 'sources')
+    }
   if isinstance(x, list):
     return [_strip_timings(v) for v in x]
   return x
@@ -69,17 +85,27 @@ def _strip_timings(x):
 def artifacts(workdir: Path) -> dict:
   """What a user keeps from a run: generated data, model exports, metrics, the evaluation."""
   out = {}
-  for rel in ('critique_revision/samples.jsonl', 'critique_revision/helpful.jsonl',
-              'feedback/samples.jsonl', 'evaluate/responses_ppo.jsonl',
-              'evaluate/judge_redteam.jsonl'):
-    out[rel] = [_strip_timings(json.loads(line)) for line in (workdir / rel).read_text().splitlines()]
+  for rel in (
+      'critique_revision/samples.jsonl',
+      'critique_revision/helpful.jsonl',
+      'feedback/samples.jsonl',
+      'evaluate/responses_ppo.jsonl',
+      'evaluate/judge_redteam.jsonl',
+  ):
+    out[rel] = [
+        _strip_timings(json.loads(line)) for line in (workdir / rel).read_text().splitlines()
+    ]
   for stage in ('sft', 'preference', 'ppo'):
     for f in sorted((workdir / stage / 'export').glob('*.safetensors')):
       out[f'{stage}/export/{f.name}'] = hashlib.sha256(f.read_bytes()).hexdigest()
   for stage in ('sft', 'ppo'):
-    rows = [json.loads(line) for line in (workdir / stage / 'metrics.jsonl').read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (workdir / stage / 'metrics.jsonl').read_text().splitlines()
+    ]
     out[f'{stage}/metrics.jsonl'] = [_strip_timings(r) for r in rows]
-  out['evaluate/summary.json'] = _strip_timings(json.loads((workdir / 'evaluate' / 'summary.json').read_text()))
+  out['evaluate/summary.json'] = _strip_timings(
+      json.loads((workdir / 'evaluate' / 'summary.json').read_text())
+  )
   return out
 
 

@@ -33,7 +33,9 @@ def tiny():
 
 def _actor_critic(tiny, shared=False):
   trunk = tiny.model if shared else nnx.clone(tiny.model)
-  return ppo.ActorCritic(tiny.model, ScalarHeadModel(tiny.config, rngs=nnx.Rngs(params=1), trunk=trunk))
+  return ppo.ActorCritic(
+      tiny.model, ScalarHeadModel(tiny.config, rngs=nnx.Rngs(params=1), trunk=trunk)
+  )
 
 
 def _toy_config(**ppo_overrides):
@@ -49,8 +51,9 @@ def _toy_config(**ppo_overrides):
 
 def _hand_made_batch():
   """Two rows, prompt bucket 4, response length 4: row 0 answers 4 tokens, row 1 one token."""
-  return ppo.pack_rollout([[10, 11, 12], [20, 21]], [[30, 31, 32, 33], [40]], prompt_len=4,
-                          response_len=4, pad_id=PAD)
+  return ppo.pack_rollout(
+      [[10, 11, 12], [20, 21]], [[30, 31, 32, 33], [40]], prompt_len=4, response_len=4, pad_id=PAD
+  )
 
 
 # ---- layout --------------------------------------------------------------------------------------
@@ -58,7 +61,10 @@ def _hand_made_batch():
 
 def test_pack_rollout_layout():
   b = _hand_made_batch()
-  assert b['tokens'].tolist() == [[PAD, 10, 11, 12, 30, 31, 32, 33], [PAD, PAD, 20, 21, 40, PAD, PAD, PAD]]
+  assert b['tokens'].tolist() == [
+      [PAD, 10, 11, 12, 30, 31, 32, 33],
+      [PAD, PAD, 20, 21, 40, PAD, PAD, PAD],
+  ]
   assert b['key_mask'].astype(int).tolist() == [[0, 1, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 0, 0, 0]]
   assert b['positions'].tolist() == [[0, 0, 1, 2, 3, 4, 5, 6], [0, 0, 0, 1, 2, 2, 2, 2]]
   assert b['response_mask'].tolist() == [[1, 1, 1, 1], [1, 0, 0, 0]]
@@ -95,7 +101,9 @@ def test_loss_on_hand_made_batch(tiny, shared):
   entropy = float((-(p * np.log(p)).sum(-1) * np.asarray(mask)).sum() / 5)
 
   # Rollout values and log-probs (ratio 1), returns one above the values.
-  loss, aux = loss_fn(params, dict(b, old_logp=logp, old_values=values, advantages=adv, returns=values + 1))
+  loss, aux = loss_fn(
+      params, dict(b, old_logp=logp, old_values=values, advantages=adv, returns=values + 1)
+  )
   assert float(aux['policy_loss']) == pytest.approx(-(1 - 1 + 2 + 0.5 + 3) / 5, abs=1e-5)
   assert float(aux['clipfrac']) == 0.0 and float(aux['approx_kl']) == pytest.approx(0.0, abs=1e-6)
   assert float(aux['value_loss']) == pytest.approx(0.5, abs=1e-5)  # 0.5 * 1^2
@@ -104,14 +112,18 @@ def test_loss_on_hand_made_batch(tiny, shared):
 
   # The policy moved (ratio e^0.5 > 1.2) on positive advantages: every token is clipped.
   ones = jnp.ones_like(adv)
-  _, aux = loss_fn(params, dict(b, old_logp=logp - 0.5, old_values=values, advantages=ones, returns=values))
+  _, aux = loss_fn(
+      params, dict(b, old_logp=logp - 0.5, old_values=values, advantages=ones, returns=values)
+  )
   assert float(aux['policy_loss']) == pytest.approx(-1.2, abs=1e-5)
   assert float(aux['clipfrac']) == pytest.approx(1.0)
   assert float(aux['approx_kl']) == pytest.approx(math.expm1(0.5) - 0.5, rel=1e-4)
 
   # Values moved 1 from the rollout's while the returns are the new values: the clipped value
   # (old + 0.2) is 0.8 off, and the max picks it.
-  _, aux = loss_fn(params, dict(b, old_logp=logp, old_values=values - 1, advantages=ones, returns=values))
+  _, aux = loss_fn(
+      params, dict(b, old_logp=logp, old_values=values - 1, advantages=ones, returns=values)
+  )
   assert float(aux['value_loss']) == pytest.approx(0.5 * 0.8**2, abs=1e-4)
   assert float(aux['value_clipfrac']) == pytest.approx(1.0)
 
@@ -126,12 +138,16 @@ def _rollout(tiny, cfg, policy_noise=0.0, zero_value_head=False, final=(1.0, -0.
   graphdef, params = nnx.split(ac, nnx.Param)
   if policy_noise:
     keys = iter(jax.random.split(jax.random.key(1), 100))
-    params['policy'] = jax.tree.map(lambda x: x + policy_noise * jax.random.normal(next(keys), x.shape),
-                                    params['policy'])
+    params['policy'] = jax.tree.map(
+        lambda x: x + policy_noise * jax.random.normal(next(keys), x.shape), params['policy']
+    )
   ref_graphdef, ref_params = nnx.split(tiny.model, nnx.Param)
   fn = ppo.make_rollout_fn(graphdef, ref_graphdef, cfg)
   b = {k: jnp.asarray(v) for k, v in _hand_made_batch().items()}
-  return jax.device_get(fn(params, ref_params, b, jnp.asarray(final, jnp.float32), jnp.float32(0.1))), b
+  return (
+      jax.device_get(fn(params, ref_params, b, jnp.asarray(final, jnp.float32), jnp.float32(0.1))),
+      b,
+  )
 
 
 def test_rollout_kl_is_zero_at_the_reference_and_non_negative_away_from_it(tiny):
@@ -180,7 +196,9 @@ def test_step_prompts_mix_and_determinism():
   helpful = [{'id': f'h{i}'} for i in range(3)]
   steps = [ppo.step_prompts(red, helpful, s, 4, 0.25, seed=0) for s in range(6)]
   assert all(sum(r['id'][0] == 'h' for r in batch) == 1 for batch in steps)
-  assert steps[2] == ppo.step_prompts(red, helpful, 2, 4, 0.25, seed=0)  # a pure function of the step
+  assert steps[2] == ppo.step_prompts(
+      red, helpful, 2, 4, 0.25, seed=0
+  )  # a pure function of the step
   reds = [r['id'] for batch in steps[:5] for r in batch if r['id'][0] == 'r']  # 15 = 3 passes
   assert sorted(reds) == sorted([r['id'] for r in red] * 3)
 
@@ -190,7 +208,10 @@ def test_tokenizer_mismatch_is_a_clear_error(tiny):
   other = checkpoint.byte_tokenizer()
   other.add_tokens(['<extra>'])
   pm = checkpoint.Pretrained(None, other, tiny.config)
-  with pytest.raises(ppo.PPOError, match=r"preference model \(WORKDIR/preference/export\) does not match.*260 vs 259"):
+  with pytest.raises(
+      ppo.PPOError,
+      match=r'preference model \(WORKDIR/preference/export\) does not match.*260 vs 259',
+  ):
     ppo.check_same_tokenizer(tiny, pm, 'WORKDIR/preference/export')
 
 
@@ -201,7 +222,9 @@ def _run_stage(config, workdir, tiny):
   mesh = sharding.make_mesh(config.mesh.shape)
   with sharding.use_mesh(mesh, config.logical_axis_rules):
     ctx = stages.Context(config, Path(workdir), mesh)
-    ctx._models[(config.ppo.policy_source, False, 'float32')] = tiny  # the random tiny model, made once
+    ctx._models[(config.ppo.policy_source, False, 'float32')] = (
+        tiny  # the random tiny model, made once
+    )
     return pipeline.run(ctx)
 
 
@@ -226,18 +249,36 @@ def test_pm_with_another_tokenizer_is_refused(tmp_path, tiny):
 def test_toy_run_raises_the_synthetic_reward(tmp_path, tiny):
   """A small ppo_toy: the share of 'e' in the responses climbs while the KL stays finite."""
   t0 = time.time()
-  c = _toy_config(steps=16, value__shared_trunk=True, kl__coef=0.01, sample_every=8, checkpoint_every=8)
+  c = _toy_config(
+      steps=16, value__shared_trunk=True, kl__coef=0.01, sample_every=8, checkpoint_every=8
+  )
   _run_stage(c, tmp_path, tiny)
   seconds = time.time() - t0
   d = tmp_path / 'ppo'
   rows = train_lib.read_metrics(d / 'metrics.jsonl')
   assert [r['step'] for r in rows] == list(range(1, 17))
-  for key in ('step', 'reward_mean', 'reward_std', 'kl', 'kl_coef', 'entropy', 'clipfrac', 'policy_loss',
-              'value_loss', 'explained_variance', 'response_length', 'score_mean', 'approx_kl', 'lr'):
+  for key in (
+      'step',
+      'reward_mean',
+      'reward_std',
+      'kl',
+      'kl_coef',
+      'entropy',
+      'clipfrac',
+      'policy_loss',
+      'value_loss',
+      'explained_variance',
+      'response_length',
+      'score_mean',
+      'approx_kl',
+      'lr',
+  ):
     assert all(key in r and math.isfinite(r[key]) for r in rows), key
   scores = [r['score_mean'] for r in rows]
   first, last = np.mean(scores[:4]), np.mean(scores[-4:])
-  print(f'toy: score first-4 {first:.3f} last-4 {last:.3f}, kl {[round(r["kl"], 1) for r in rows]}, {seconds:.0f}s')
+  print(
+      f'toy: score first-4 {first:.3f} last-4 {last:.3f}, kl {[round(r["kl"], 1) for r in rows]}, {seconds:.0f}s'
+  )
   assert last > first + 0.1, scores
   assert all(r['kl'] >= 0 for r in rows) and rows[-1]['kl'] < 100
   samples = [json.loads(line) for line in (d / 'samples.jsonl').read_text().splitlines()]
@@ -248,10 +289,19 @@ def test_toy_run_raises_the_synthetic_reward(tmp_path, tiny):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny):
-  c = _toy_config(steps=4, synthetic_nan_step=3, checkpoint_every=1, batch_size=4, minibatches=1,
-                  epochs=1, max_new_tokens=4)
-  with pytest.raises(train_lib.NonFiniteError,
-                     match=r'ppo: non-finite .*loss=nan.* at step 3;.*last good checkpoint \(step 2\)'):
+  c = _toy_config(
+      steps=4,
+      synthetic_nan_step=3,
+      checkpoint_every=1,
+      batch_size=4,
+      minibatches=1,
+      epochs=1,
+      max_new_tokens=4,
+  )
+  with pytest.raises(
+      train_lib.NonFiniteError,
+      match=r'ppo: non-finite .*loss=nan.* at step 3;.*last good checkpoint \(step 2\)',
+  ):
     _run_stage(c, tmp_path, tiny)
   d = tmp_path / 'ppo'
   assert sorted(int(p.name) for p in (d / 'checkpoints').iterdir() if p.name.isdigit()) == [1, 2]
@@ -260,20 +310,42 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny):
 
 
 def test_resume_after_kill_9_continues_from_the_last_checkpoint(tmp_path):
-  args = ['--config', 'configs/ppo_toy.py', '--workdir', str(tmp_path), '--config.ppo.steps=5',
-          '--config.ppo.checkpoint_every=2', '--config.ppo.batch_size=4', '--config.ppo.minibatches=1',
-          '--config.ppo.epochs=1', '--config.ppo.max_new_tokens=4', '--config.ppo.sample_every=1']
+  args = [
+      '--config',
+      'configs/ppo_toy.py',
+      '--workdir',
+      str(tmp_path),
+      '--config.ppo.steps=5',
+      '--config.ppo.checkpoint_every=2',
+      '--config.ppo.batch_size=4',
+      '--config.ppo.minibatches=1',
+      '--config.ppo.epochs=1',
+      '--config.ppo.max_new_tokens=4',
+      '--config.ppo.sample_every=1',
+  ]
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   # Dies after logging step 3; the step-2 checkpoint is finalized first, step 3 is never saved.
-  killed = subprocess.run([sys.executable, 'tests/scripts/ppo_kill_run.py', '3', '2', *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+  killed = subprocess.run(
+      [sys.executable, 'tests/scripts/ppo_kill_run.py', '3', '2', *args],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert killed.returncode == -9, killed.stderr[-3000:]
   d = tmp_path / 'ppo'
   before = {r['step']: r for r in train_lib.read_metrics(d / 'metrics.jsonl')}
   assert sorted(before) == [1, 2, 3] and not (d / 'DONE.json').exists()
 
-  done = subprocess.run([sys.executable, '-m', 'cai_jax.main', *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=600)
+  done = subprocess.run(
+      [sys.executable, '-m', 'cai_jax.main', *args],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   summary = json.loads((d / 'DONE.json').read_text())['summary']
   assert summary['resumed_from'] == 2  # the step-2 checkpoint; step 3 had none
@@ -296,8 +368,11 @@ def test_smollm2_demo_config_runs_ppo_steps(tmp_path, smollm2):
   c.ppo.steps, c.ppo.batch_size, c.ppo.max_new_tokens = 2, 2, 8
   fake_upstream(c, tmp_path, 'sft', {})
   fake_upstream(c, tmp_path, 'preference', {})
-  pm = checkpoint.Pretrained(ScalarHeadModel(smollm2.config, rngs=nnx.Rngs(params=0), trunk=smollm2.model),
-                             smollm2.tokenizer, smollm2.config)
+  pm = checkpoint.Pretrained(
+      ScalarHeadModel(smollm2.config, rngs=nnx.Rngs(params=0), trunk=smollm2.model),
+      smollm2.tokenizer,
+      smollm2.config,
+  )
   mesh = sharding.make_mesh(c.mesh.shape)
   with sharding.use_mesh(mesh, c.logical_axis_rules):
     ctx = stages.Context(c, tmp_path, mesh)
@@ -306,5 +381,7 @@ def test_smollm2_demo_config_runs_ppo_steps(tmp_path, smollm2):
     pipeline.run(ctx)
   rows = train_lib.read_metrics(tmp_path / 'ppo' / 'metrics.jsonl')
   assert [r['step'] for r in rows] == [1, 2]
-  assert all(math.isfinite(r['policy_loss']) and r['kl'] >= 0 and r['logprob_gap'] < 1e-3 for r in rows)
+  assert all(
+      math.isfinite(r['policy_loss']) and r['kl'] >= 0 and r['logprob_gap'] < 1e-3 for r in rows
+  )
   assert (tmp_path / 'ppo' / 'export' / 'model.safetensors').exists()

@@ -32,19 +32,24 @@ def _sft_batch(b=4, t=48, seed=0):
   rng = np.random.default_rng(seed)
   tokens = rng.integers(0, 256, (b, t)).astype(np.int32)
   loss_mask = np.zeros((b, t), np.int32)
-  loss_mask[:, t // 3:] = 1
+  loss_mask[:, t // 3 :] = 1
   return {'tokens': jnp.asarray(tokens), 'loss_mask': jnp.asarray(loss_mask)}
 
 
 def _ppo_batch():
-  b = ppo.pack_rollout([[10, 11, 12], [20, 21]], [[30, 31, 32, 33], [40]], prompt_len=4,
-                       response_len=4, pad_id=PAD)
+  b = ppo.pack_rollout(
+      [[10, 11, 12], [20, 21]], [[30, 31, 32, 33], [40]], prompt_len=4, response_len=4, pad_id=PAD
+  )
   b = {k: jnp.asarray(v) for k, v in b.items()}
   mask = b['response_mask'].astype(jnp.float32)
   # Rollout log-probs a little below the policy's, so the clipped objective has a gradient.
-  return dict(b, old_logp=jnp.full(mask.shape, -6.0) * mask, old_values=jnp.zeros(mask.shape),
-              advantages=jnp.array([[1.0, -1.0, 2.0, 0.5], [3.0, 0.0, 0.0, 0.0]]),
-              returns=jnp.ones(mask.shape))
+  return dict(
+      b,
+      old_logp=jnp.full(mask.shape, -6.0) * mask,
+      old_values=jnp.zeros(mask.shape),
+      advantages=jnp.array([[1.0, -1.0, 2.0, 0.5], [3.0, 0.0, 0.0, 0.0]]),
+      returns=jnp.ones(mask.shape),
+  )
 
 
 def _changed_fraction(before, after) -> float:
@@ -96,7 +101,9 @@ def test_frozen_copies_are_cast_once_and_share_nothing_with_the_trained_model():
   frozen = model_lib.with_param_dtype(tiny.model, 'bfloat16')
   dtypes = {x.dtype for x in jax.tree.leaves(nnx.state(frozen, nnx.Param))}
   assert dtypes == {jnp.dtype(jnp.bfloat16)}
-  assert {x.dtype for x in jax.tree.leaves(nnx.state(tiny.model, nnx.Param))} == {jnp.dtype('float32')}
+  assert {x.dtype for x in jax.tree.leaves(nnx.state(tiny.model, nnx.Param))} == {
+      jnp.dtype('float32')
+  }
   tokens = jnp.asarray(_sft_batch()['tokens'])
   a, _ = tiny.model(tokens)
   b, _ = frozen(tokens)
@@ -123,8 +130,10 @@ def test_remat_gives_the_same_loss_and_gradients(family, remat):
     loss0, grads0 = _loss_and_grads(family, 'none', loss_chunk)
     loss1, grads1 = _loss_and_grads(family, remat, loss_chunk)
     assert abs(float(loss0) - float(loss1)) <= 1e-6
-    diff = max(float(jnp.max(jnp.abs(a - b)))
-               for a, b in zip(jax.tree.leaves(grads0), jax.tree.leaves(grads1)))
+    diff = max(
+        float(jnp.max(jnp.abs(a - b)))
+        for a, b in zip(jax.tree.leaves(grads0), jax.tree.leaves(grads1))
+    )
     assert diff <= 1e-6, (family, remat, loss_chunk, diff)
 
 
@@ -157,8 +166,14 @@ def test_remat_cuts_the_backward_pass_temporaries_on_tpu():
   needed: libtpu compiles for a v5e topology). XLA:CPU's count does not show it: its buffer
   assignment keeps the recomputed activations' space."""
   env = dict(os.environ, ALLOW_MULTIPLE_LIBTPU_LOAD='1', TPU_ACCELERATOR_TYPE='v5litepod-4')
-  proc = subprocess.run([sys.executable, '-c', _TEMP_BYTES, 'none', 'full', 'dots'], cwd=REPO,
-                        env=env, capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+      [sys.executable, '-c', _TEMP_BYTES, 'none', 'full', 'dots'],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   temp = json.loads(proc.stdout.strip().splitlines()[-1])
   assert temp['full'] < 0.2 * temp['none'], temp
@@ -186,10 +201,20 @@ def test_bad_precision_fields_are_one_line_errors_and_bf16_masters_warn(caplog):
 @pytest.mark.parametrize('remat', ['none', 'full'])
 def test_tiny_pipeline_runs_in_bf16_with_the_fused_loss(tmp_path, remat):
   """Every stage, bf16 compute, float32 masters, bf16 frozen models, chunked SFT loss."""
-  cmd = [sys.executable, '-m', 'cai_jax.main', '--config', str(REPO / 'configs' / 'tiny.py'),
-         '--workdir', str(tmp_path), '--config.critique_revision.num_prompts=6',
-         '--config.model.dtype=bfloat16', '--config.model.frozen_param_dtype=bfloat16',
-         '--config.sft.loss_chunk=16', f'--config.model.remat={remat}']
+  cmd = [
+      sys.executable,
+      '-m',
+      'cai_jax.main',
+      '--config',
+      str(REPO / 'configs' / 'tiny.py'),
+      '--workdir',
+      str(tmp_path),
+      '--config.critique_revision.num_prompts=6',
+      '--config.model.dtype=bfloat16',
+      '--config.model.frozen_param_dtype=bfloat16',
+      '--config.sft.loss_chunk=16',
+      f'--config.model.remat={remat}',
+  ]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
   assert f'compute bfloat16, remat {remat}' in proc.stdout

@@ -20,8 +20,13 @@ from cai_jax import checkpoint, pipeline, preference, sharding, stages, train_li
 from cai_jax.model import Decoder, ModelConfig
 from helpers_stages import fake_upstream
 
-WORDS = 'sun sky red cat dog box cup hat pen map fox owl'.split()  # short: conversations fit 64 bytes
-N_PAIRS, N_HELPFUL = 96, 24  # synthetic feedback pairs and helpfulness comparisons of the stage tests
+WORDS = (
+    'sun sky red cat dog box cup hat pen map fox owl'.split()
+)  # short: conversations fit 64 bytes
+N_PAIRS, N_HELPFUL = (
+    96,
+    24,
+)  # synthetic feedback pairs and helpfulness comparisons of the stage tests
 
 
 # ---- loss golden numbers --------------------------------------------------------------------------
@@ -53,12 +58,15 @@ def test_hard_label_loss_golden():
 
 def test_loss_weights_accuracy_and_extremes():
   # Weight 0 removes pair 2: the loss is pair 1's alone; a 0.5 label has no argmax.
-  loss, aux = preference.preference_loss(np.array(R_A), np.array(R_B), np.array([0.8, 0.5]),
-                                         np.array([1.0, 0.0]))
+  loss, aux = preference.preference_loss(
+      np.array(R_A), np.array(R_B), np.array([0.8, 0.5]), np.array([1.0, 0.0])
+  )
   assert float(loss) == pytest.approx(0.5014133, abs=1e-6)
   assert float(aux['accuracy']) == 1.0
   # Wrong side: d = -1.5 with p = 0.8 is an error; huge |d| stays finite.
-  loss, aux = preference.preference_loss(np.array([-1.5, 1e4]), np.array([0.0, 0.0]), np.array([0.8, 1.0]))
+  loss, aux = preference.preference_loss(
+      np.array([-1.5, 1e4]), np.array([0.0, 0.0]), np.array([0.8, 1.0])
+  )
   assert float(aux['accuracy']) == 0.5
   assert math.isfinite(float(loss))
   metrics = preference.pair_metrics(np.array(R_A), np.array(R_B), np.array(P))
@@ -70,7 +78,9 @@ def test_loss_weights_accuracy_and_extremes():
 
 
 def test_comparisons_from_feedback_and_helpful_files(tmp_path):
-  got = preference.feedback_comparisons([dict(id='x', prompt='Hi?', response_a='A.', response_b='B.', p_a=0.7)])
+  got = preference.feedback_comparisons(
+      [dict(id='x', prompt='Hi?', response_a='A.', response_b='B.', p_a=0.7)]
+  )
   assert got[0].a == (('human', 'Hi?'), ('assistant', 'A.')) and got[0].p_a == 0.7
   with pytest.raises(preference.PreferenceDataError, match='lacks p_a'):
     preference.feedback_comparisons([dict(prompt='Hi?', response_a='A.', response_b='B.')])
@@ -78,9 +88,11 @@ def test_comparisons_from_feedback_and_helpful_files(tmp_path):
     preference.feedback_comparisons([dict(prompt='Hi?', response_a='A.', response_b='B.', p_a=1.5)])
 
   path = tmp_path / 'helpful.jsonl'
-  rows = [{'prompt': 'Q1', 'chosen': 'good', 'rejected': 'bad'},
-          {'conversation': [{'role': 'user', 'content': 'Q2'}], 'chosen': 'good', 'rejected': 'bad'},
-          {'chosen': '\n\nHuman: Q3\n\nAssistant: good', 'rejected': '\n\nHuman: Q3\n\nAssistant: bad'}]
+  rows = [
+      {'prompt': 'Q1', 'chosen': 'good', 'rejected': 'bad'},
+      {'conversation': [{'role': 'user', 'content': 'Q2'}], 'chosen': 'good', 'rejected': 'bad'},
+      {'chosen': '\n\nHuman: Q3\n\nAssistant: good', 'rejected': '\n\nHuman: Q3\n\nAssistant: bad'},
+  ]
   path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
   pairs = preference.helpful_comparisons(str(path), weight=0.5)
   for i, c in enumerate(pairs):
@@ -97,8 +109,12 @@ def test_comparisons_from_feedback_and_helpful_files(tmp_path):
 
 def test_malformed_helpful_line_is_a_one_line_error_with_its_number(tmp_path):
   path = tmp_path / 'helpful.jsonl'
-  good = json.dumps({'chosen': '\n\nHuman: Hi\n\nAssistant: Hello!',
-                     'rejected': '\n\nHuman: Hi\n\nAssistant: Go away.'})
+  good = json.dumps(
+      {
+          'chosen': '\n\nHuman: Hi\n\nAssistant: Hello!',
+          'rejected': '\n\nHuman: Hi\n\nAssistant: Go away.',
+      }
+  )
   path.write_text(f'{good}\n{good}\n{{"chosen": "\\n\\nHuman: Hi", "rejected"\n{good}\n')
   with pytest.raises(preference.PreferenceDataError, match=r'helpful\.jsonl:3: not JSON'):
     preference.helpful_comparisons(str(path))
@@ -108,6 +124,7 @@ def test_malformed_helpful_line_is_a_one_line_error_with_its_number(tmp_path):
   # At config-check time, before the workdir is touched: one line naming file and line.
   path.write_text(f'{good}\n{good}\n{{"chosen": \n')
   from configs import tiny
+
   config = tiny.get_config()
   config.stages = 'preference'
   config.preference.helpful_mix.path = str(path)
@@ -118,8 +135,10 @@ def test_malformed_helpful_line_is_a_one_line_error_with_its_number(tmp_path):
 
 def test_helpfulness_cap_and_per_kind_held_out():
   harmless = preference.feedback_comparisons(synthetic_records(40))
-  helpful = [dataclasses.replace(c, kind='helpfulness', id=f'h{c.id}')
-             for c in preference.feedback_comparisons(synthetic_records(100, seed=5))]
+  helpful = [
+      dataclasses.replace(c, kind='helpfulness', id=f'h{c.id}')
+      for c in preference.feedback_comparisons(synthetic_records(100, seed=5))
+  ]
   mixed = preference.cap_helpfulness(harmless + helpful, 0.2, seed=0)
   assert sum(c.kind == 'helpfulness' for c in mixed) == 10  # 10 / (40 + 10) = 0.2
   assert [c for c in mixed if c.kind == 'harmlessness'] == harmless  # never dropped
@@ -135,14 +154,16 @@ def test_helpfulness_cap_and_per_kind_held_out():
 
 def test_fingerprints_follow_the_helpfulness_settings(tmp_path):
   from configs import tiny
+
   base = tiny.get_config()
   ctx = lambda c: stages.Context(c, tmp_path)  # noqa: E731
   fp = {s: ctx(base).fingerprint(s) for s in ('feedback', 'preference')}
-  for field, value, changed in (('preference.helpfulness_fraction', 0.2, {'preference'}),
-                                ('preference.helpful_mix.weight', 2.0, {'preference'}),
-                                ('preference.helpful_mix.path', str(tmp_path / 'h.jsonl'),
-                                 {'feedback', 'preference'}),
-                                ('feedback.num_helpful_prompts', 0, {'feedback', 'preference'})):
+  for field, value, changed in (
+      ('preference.helpfulness_fraction', 0.2, {'preference'}),
+      ('preference.helpful_mix.weight', 2.0, {'preference'}),
+      ('preference.helpful_mix.path', str(tmp_path / 'h.jsonl'), {'feedback', 'preference'}),
+      ('feedback.num_helpful_prompts', 0, {'feedback', 'preference'}),
+  ):
     c = base.copy_and_resolve_references()
     section, *keys = field.split('.')
     node = c[section]
@@ -170,7 +191,7 @@ def test_pairs_run_as_one_batch_of_2b_sequences():
   assert [p.target for p in pairs] == [1.0 if c.p_a > 0.5 else 0.0 for c in comps]  # hard labels
   batch = preference.pack_pairs(pairs, [2, 0, -1], 64, pad_id=256)
   assert batch['tokens'].shape == (6, 64)  # rows a_2, a_0, filler, b_2, b_0, filler
-  np.testing.assert_array_equal(batch['tokens'][3, :len(pairs[2].b)], pairs[2].b)
+  np.testing.assert_array_equal(batch['tokens'][3, : len(pairs[2].b)], pairs[2].b)
   assert batch['read_index'][0] == len(pairs[2].a) - 1 and batch['read_index'][2] == 0
   np.testing.assert_array_equal(batch['weight'], [1.0, 1.0, 0.0])  # the filler pair does not count
   # A too-long conversation keeps its end (the reply and the EOS the reward is read at).
@@ -200,8 +221,17 @@ def synthetic_records(n, seed=0):
     good = ' '.join(rng.choice(WORDS, 1)) + ' banana ' + ' '.join(rng.choice(WORDS, 1))
     bad = ' '.join(rng.choice(WORDS, 3))
     a_good = rng.random() < 0.5
-    out.append(dict(id=f'p{i}', source='synthetic', prompt=prompt, response_a=good if a_good else bad,
-                    response_b=bad if a_good else good, p_a=0.8 if a_good else 0.2, flags=[]))
+    out.append(
+        dict(
+            id=f'p{i}',
+            source='synthetic',
+            prompt=prompt,
+            response_a=good if a_good else bad,
+            response_b=bad if a_good else good,
+            p_a=0.8 if a_good else 0.2,
+            flags=[],
+        )
+    )
   return out
 
 
@@ -209,7 +239,9 @@ def numpy_tiny_source(out_dir, seed=0):
   """ModelConfig.tiny() with HF-style init (normal(0.02), norms 1) drawn by numpy, as an HF dir."""
   cfg = ModelConfig.tiny()
   abstract = jax.eval_shape(lambda: nnx.state(Decoder(cfg, rngs=nnx.Rngs(0)), nnx.Param))
-  leaves = jax.tree_util.tree_flatten_with_path(abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+  leaves = jax.tree_util.tree_flatten_with_path(
+      abstract, is_leaf=lambda x: isinstance(x, nnx.Variable)
+  )[0]
   rng = np.random.default_rng(seed)
   getters = {}
   for path, var in leaves:
@@ -218,16 +250,24 @@ def numpy_tiny_source(out_dir, seed=0):
     x = np.ones(shape) if key[-1] == 'scale' else rng.normal(0.0, 0.02, shape)
     getters[key] = lambda x=x.astype(np.float32): x
   model = checkpoint.build_from_tensors(cfg, getters, 'numpy tiny')
-  checkpoint.save_pretrained(checkpoint.Pretrained(model, checkpoint.byte_tokenizer(), cfg), str(out_dir))
+  checkpoint.save_pretrained(
+      checkpoint.Pretrained(model, checkpoint.byte_tokenizer(), cfg), str(out_dir)
+  )
   return str(out_dir)
 
 
 def helpful_records(n, seed=1):
   """Helpfulness comparisons in the {'prompt', 'chosen', 'rejected'} form: the same marker rule."""
   rng = np.random.default_rng(seed)
-  return [{'id': f'h{i}', 'prompt': ' '.join(rng.choice(WORDS, 2)),
-           'chosen': f'{rng.choice(WORDS)} banana', 'rejected': ' '.join(rng.choice(WORDS, 2))}
-          for i in range(n)]
+  return [
+      {
+          'id': f'h{i}',
+          'prompt': ' '.join(rng.choice(WORDS, 2)),
+          'chosen': f'{rng.choice(WORDS)} banana',
+          'rejected': ' '.join(rng.choice(WORDS, 2)),
+      }
+      for i in range(n)
+  ]
 
 
 def tiny_config(root):
@@ -240,7 +280,9 @@ def tiny_config(root):
   p.eval_fraction = 0.3
   p.checkpoint_every = 4
   p.epochs = 2.0
-  (root / 'helpful.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in helpful_records(N_HELPFUL)))
+  (root / 'helpful.jsonl').write_text(
+      ''.join(json.dumps(r) + '\n' for r in helpful_records(N_HELPFUL))
+  )
   p.helpful_mix.path = str(root / 'helpful.jsonl')
   p.helpful_mix.weight = 0.5
   return c
@@ -276,8 +318,9 @@ def test_stage_learns_synthetic_preference(finished):
   assert summary['train'] + summary['held_out'] == N_PAIRS + N_HELPFUL
   assert summary['held_out_helpfulness'] == summary['eval_helpfulness_pairs'] >= 3
   assert summary['eval_harmlessness_pairs'] >= 20
-  assert summary['eval_pairs'] == (summary['eval_harmlessness_pairs']
-                                   + summary['eval_helpfulness_pairs'])
+  assert summary['eval_pairs'] == (
+      summary['eval_harmlessness_pairs'] + summary['eval_helpfulness_pairs']
+  )
   assert summary['eval_harmlessness_accuracy'] > 0.9, summary
   assert summary['eval_helpfulness_accuracy'] > 0.6, summary
   assert summary['eval_accuracy'] > 0.85, summary
@@ -297,10 +340,13 @@ def test_ai_labeled_helpfulness_pairs_are_the_substitute(setup, tmp_path):
   config = config.copy_and_resolve_references()
   config.preference.helpful_mix.path = ''
   config.preference.epochs = 1.0
-  helpful = [dict(r, id=f'h{i}', kind='helpfulness')
-             for i, r in enumerate(synthetic_records(N_HELPFUL, seed=3))]
-  fake_upstream(config, tmp_path, 'feedback',
-                {'samples.jsonl': synthetic_records(N_PAIRS) + helpful})
+  helpful = [
+      dict(r, id=f'h{i}', kind='helpfulness')
+      for i, r in enumerate(synthetic_records(N_HELPFUL, seed=3))
+  ]
+  fake_upstream(
+      config, tmp_path, 'feedback', {'samples.jsonl': synthetic_records(N_PAIRS) + helpful}
+  )
   _, done = run_stage(config, tmp_path)
   summary = done['summary']
   assert (summary['pairs_harmlessness'], summary['pairs_helpfulness']) == (N_PAIRS, N_HELPFUL)
@@ -327,8 +373,9 @@ def test_export_round_trip_gives_the_same_rewards(finished, setup):
   assert metrics['loss'] == pytest.approx(summary['eval_harmlessness_loss'], abs=1e-5)
   assert metrics['accuracy'] == summary['eval_harmlessness_accuracy']
   # Batching and order do not change a reward.
-  np.testing.assert_allclose(preference.score_conversations(pm, [c.a for c in held[:3]], **kw), r_a[:3],
-                             atol=1e-5)
+  np.testing.assert_allclose(
+      preference.score_conversations(pm, [c.a for c in held[:3]], **kw), r_a[:3], atol=1e-5
+  )
   # Conversation scores that favour the marker word.
   good = preference.score_conversations(pm, [('cat sky', 'red banana box')], **kw)
   bad = preference.score_conversations(pm, [('cat sky', 'red owl box')], **kw)
@@ -381,7 +428,7 @@ def test_empty_feedback_is_a_clear_error(setup, tmp_path):
     run_stage(config, tmp_path)
   bad = config.copy_and_resolve_references()
   bad.preference.label_type, bad.preference.eval_fraction = 'argmax', 1.0
-  with pytest.raises(stages.StageError, match="label_type must be one of .* eval_fraction must be"):
+  with pytest.raises(stages.StageError, match='label_type must be one of .* eval_fraction must be'):
     preference.check_config(bad)
 
 

@@ -19,6 +19,7 @@ def test_malformed_line_and_missing_key_name_file_and_line(tmp_path):
   with pytest.raises(records.RecordsError, match=r'samples\.jsonl:2: not JSON'):
     records.read_jsonl(path)
   path.write_text('{"prompt": "p", "responses": ["r"]}\n{"prompt": "q"}\n')
-  with pytest.raises(records.RecordsError,
-                     match=r'samples\.jsonl:2: critique_revision record lacks responses'):
+  with pytest.raises(
+      records.RecordsError, match=r'samples\.jsonl:2: critique_revision record lacks responses'
+  ):
     records.read_jsonl(path, records.HELPFUL)

@@ -20,13 +20,26 @@ from cai_jax import stages, train_lib
 pytestmark = pytest.mark.slow  # subprocess runs of the pipeline: minutes in all
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ['--config.critique_revision.num_prompts=4', '--config.sft.num_steps=6',
-         '--config.sft.checkpoint_every=2', '--config.sft.eval_every=3']
+SMALL = [
+    '--config.critique_revision.num_prompts=4',
+    '--config.sft.num_steps=6',
+    '--config.sft.checkpoint_every=2',
+    '--config.sft.eval_every=3',
+]
 
 
 def run_main(workdir, *args, timeout=600):
-  cmd = [sys.executable, '-m', 'cai_jax.main', '--config', str(REPO / 'configs' / 'tiny.py'),
-         '--workdir', str(workdir), *SMALL, *args]
+  cmd = [
+      sys.executable,
+      '-m',
+      'cai_jax.main',
+      '--config',
+      str(REPO / 'configs' / 'tiny.py'),
+      '--workdir',
+      str(workdir),
+      *SMALL,
+      *args,
+  ]
   return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
@@ -39,8 +52,11 @@ RUN_FILES = (stages.LOCK_FILE, 'config.txt', 'log.txt')  # about the latest comm
 
 def tree_digest(root: Path) -> dict[str, str]:
   """sha256 of every stage output under `root`."""
-  return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-          for p in sorted(root.rglob('*')) if p.is_file() and p.name not in RUN_FILES}
+  return {
+      str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+      for p in sorted(root.rglob('*'))
+      if p.is_file() and p.name not in RUN_FILES
+  }
 
 
 @pytest.fixture(scope='module')
@@ -63,9 +79,15 @@ def copy_of(finished, tmp_path) -> Path:
 
 def test_every_bad_value_is_reported_at_once_and_nothing_is_written(tmp_path):
   workdir = tmp_path / 'never'
-  proc = run_main(workdir, '--config.sft.batch_size=-5', '--config.critique_revision.n_rounds=0',
-                  '--config.model.dtype=float7', '--config.conversation_format=bogus',
-                  '--config.sft.optimizer.learning_rate=nan', '--config.ppo.temperature=-1.0')
+  proc = run_main(
+      workdir,
+      '--config.sft.batch_size=-5',
+      '--config.critique_revision.n_rounds=0',
+      '--config.model.dtype=float7',
+      '--config.conversation_format=bogus',
+      '--config.sft.optimizer.learning_rate=nan',
+      '--config.ppo.temperature=-1.0',
+  )
   assert proc.returncode != 0
   assert errors(proc) == [
       "cai_jax: error: model.dtype='float7' is not a dtype we run; valid: float32, bfloat16, float16",
@@ -83,13 +105,19 @@ def test_empty_stage_list_and_missing_paths_are_errors(tmp_path):
   proc = run_main(tmp_path / 'w', '--config.stages=')
   assert proc.returncode != 0 and errors(proc) == [
       'cai_jax: error: config.stages is empty: name one or more of critique_revision, sft, '
-      'feedback, evaluate_feedback, preference, ppo, evaluate']
-  proc = run_main(tmp_path / 'w', '--config.stages=preference',
-                  '--config.preference.helpful_mix.path=/nonexistent/helpful.jsonl',
-                  '--config.constitution=/nonexistent/c.json')
+      'feedback, evaluate_feedback, preference, ppo, evaluate'
+  ]
+  proc = run_main(
+      tmp_path / 'w',
+      '--config.stages=preference',
+      '--config.preference.helpful_mix.path=/nonexistent/helpful.jsonl',
+      '--config.constitution=/nonexistent/c.json',
+  )
   assert proc.returncode != 0
-  assert errors(proc) == ["cai_jax: error: config.preference.helpful_mix.path: no such file or "
-                          "directory '/nonexistent/helpful.jsonl'"]
+  assert errors(proc) == [
+      'cai_jax: error: config.preference.helpful_mix.path: no such file or '
+      "directory '/nonexistent/helpful.jsonl'"
+  ]
   assert not (tmp_path / 'w').exists()
 
 
@@ -109,7 +137,8 @@ def test_force_keeps_what_it_replaces_until_the_redo_has_finished(copy_of):
   assert errors(proc) == [
       f"cai_jax: error: stage 'evaluate' needs the output of stage 'critique_revision', which has "
       f'not finished in {copy_of}: run --config.stages=critique_revision first (same config and '
-      'workdir)']
+      'workdir)'
+  ]
   # ... and both finished stages are back, byte for byte.
   assert tree_digest(copy_of) == before
   # A redo that succeeds replaces the stage and empties the trash.
@@ -137,8 +166,10 @@ def test_sft_stops_at_the_first_non_finite_step_and_exports_nothing(copy_of):
 
 def test_check_finite_names_the_step_and_the_last_good_checkpoint():
   train_lib.check_finite('sft', 3, {'loss': 1.0, 'grad_norm': 2.0})  # finite: nothing happens
-  with pytest.raises(train_lib.NonFiniteError,
-                     match=r'^sft: non-finite loss=nan at step 7; .*no checkpoint had been saved'):
+  with pytest.raises(
+      train_lib.NonFiniteError,
+      match=r'^sft: non-finite loss=nan at step 7; .*no checkpoint had been saved',
+  ):
     train_lib.check_finite('sft', 7, {'loss': float('nan'), 'grad_norm': 1.0})
 
 
@@ -149,8 +180,11 @@ def test_a_second_run_on_a_busy_workdir_is_refused_and_a_stale_lock_taken_over(c
   holder = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])
   try:
     lock = copy_of / stages.LOCK_FILE
-    lock.write_text(json.dumps({'pid': holder.pid, 'host': os.uname().nodename,
-                                'started': '2026-01-01 00:00:00'}))
+    lock.write_text(
+        json.dumps(
+            {'pid': holder.pid, 'host': os.uname().nodename, 'started': '2026-01-01 00:00:00'}
+        )
+    )
     before = tree_digest(copy_of)
     proc = run_main(copy_of, '--config.stages=critique_revision,sft')
     assert proc.returncode != 0
@@ -174,9 +208,22 @@ def test_a_second_run_while_the_first_is_running_refuses(tmp_path):
   workdir = tmp_path / 'w'
   args = ['--config.stages=critique_revision,sft', '--config.sft.num_steps=300']
   first = subprocess.Popen(
-      [sys.executable, '-m', 'cai_jax.main', '--config', str(REPO / 'configs' / 'tiny.py'),
-       '--workdir', str(workdir), *SMALL, *args],
-      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      [
+          sys.executable,
+          '-m',
+          'cai_jax.main',
+          '--config',
+          str(REPO / 'configs' / 'tiny.py'),
+          '--workdir',
+          str(workdir),
+          *SMALL,
+          *args,
+      ],
+      cwd=REPO,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
   deadline = time.time() + 120
   while not (workdir / stages.LOCK_FILE).exists() and time.time() < deadline:
     time.sleep(0.05)
@@ -199,8 +246,12 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
   if os.geteuid() != 0:
     return False
   path.mkdir(parents=True, exist_ok=True)
-  return subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(path)],
-                        capture_output=True).returncode == 0
+  return (
+      subprocess.run(
+          ['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(path)], capture_output=True
+      ).returncode
+      == 0
+  )
 
 
 def test_a_full_disk_ends_the_run_in_seconds_and_a_rerun_with_space_resumes(tmp_path, finished):
@@ -223,7 +274,7 @@ def test_a_full_disk_ends_the_run_in_seconds_and_a_rerun_with_space_resumes(tmp_
     rows = lambda w: [json.loads(x) for x in (w / 'sft' / 'metrics.jsonl').read_text().splitlines()]
     strip = lambda rs: [{k: v for k, v in r.items() if 'seconds' not in k} for r in rs]
     assert strip(rows(workdir)) == strip(rows(finished))
-    assert (tree_digest(workdir / 'sft' / 'export') == tree_digest(finished / 'sft' / 'export'))
+    assert tree_digest(workdir / 'sft' / 'export') == tree_digest(finished / 'sft' / 'export')
   finally:
     subprocess.run(['umount', '-l', str(mnt)], capture_output=True)
 
@@ -267,6 +318,8 @@ def test_an_edited_constitution_redoes_exactly_the_stages_that_read_it(tmp_path)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert '| critique_revision | ran |' in proc.stdout and '| sft | ran |' in proc.stdout
   assert 'stage critique_revision: inputs.constitution:' in proc.stderr
-  rounds = [json.loads(x)['rounds'] for x in
-            (workdir / 'critique_revision' / 'samples.jsonl').read_text().splitlines()]
+  rounds = [
+      json.loads(x)['rounds']
+      for x in (workdir / 'critique_revision' / 'samples.jsonl').read_text().splitlines()
+  ]
   assert any('Be specific.' in r['critique_request'] for rs in rounds for r in rs)

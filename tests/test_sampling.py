@@ -44,13 +44,13 @@ def forward(model, seqs, length=64):
   """Logits [R, length, V] of right-padded rows (causal: the padding changes nothing before it)."""
   tokens = np.zeros((len(seqs), length), np.int32)
   for i, s in enumerate(seqs):
-    tokens[i, :len(s)] = s
+    tokens[i, : len(s)] = s
   graphdef, params = nnx.split(model)
   return np.asarray(_forward(graphdef)(params, jnp.asarray(tokens)))
 
 
 def teacher_forced_logits(model, prompt, new):
-  return forward(model, [prompt + new])[0, len(prompt) - 1:len(prompt) + len(new) - 1]
+  return forward(model, [prompt + new])[0, len(prompt) - 1 : len(prompt) + len(new) - 1]
 
 
 def next_token_probs(model, prompt):
@@ -59,8 +59,9 @@ def next_token_probs(model, prompt):
 
 def test_greedy_is_argmax_and_logprobs_match_score(tiny):
   prompts = encode(tiny, PROMPTS)
-  out = sampling.generate(tiny.model, prompts, max_new_tokens=12, stop_tokens=[],
-                          tokenizer=tiny.tokenizer)
+  out = sampling.generate(
+      tiny.model, prompts, max_new_tokens=12, stop_tokens=[], tokenizer=tiny.tokenizer
+  )
   assert out.finish_reason == ['length'] * 4 and all(len(t) == 12 for t in out.tokens)
   for p, new, lp in zip(prompts, out.tokens, out.logprobs):
     logits = teacher_forced_logits(tiny.model, p, new)
@@ -80,19 +81,26 @@ def test_score_batched_equals_one_at_a_time(tiny):
   conts = encode(tiny, [' yes', ' no thanks', '!', ' a much longer continuation here'])
   together = sampling.score(tiny.model, prompts, conts)
   for i in range(4):
-    alone = sampling.score(tiny.model, prompts[i:i + 1], conts[i:i + 1])
+    alone = sampling.score(tiny.model, prompts[i : i + 1], conts[i : i + 1])
     np.testing.assert_allclose(together.per_token[i], alone.per_token[0], atol=1e-5)
-    np.testing.assert_allclose(together.per_token[i],
-                               jax.nn.log_softmax(teacher_forced_logits(tiny.model, prompts[i],
-                                                                        conts[i]))[
-                                   np.arange(len(conts[i])), conts[i]], atol=1e-5)
+    np.testing.assert_allclose(
+        together.per_token[i],
+        jax.nn.log_softmax(teacher_forced_logits(tiny.model, prompts[i], conts[i]))[
+            np.arange(len(conts[i])), conts[i]
+        ],
+        atol=1e-5,
+    )
 
 
 def test_score_options_equals_score_per_option(tiny):
   """One prompt pass + cached option passes = a full pass per (prompt, option)."""
   prompts = encode(tiny, PROMPTS)
-  options = [encode(tiny, [' (A)', ' (B)']), encode(tiny, [' yes', ' no thanks at all']),
-             encode(tiny, ['!', '?']), encode(tiny, [' a much longer continuation here', ' b'])]
+  options = [
+      encode(tiny, [' (A)', ' (B)']),
+      encode(tiny, [' yes', ' no thanks at all']),
+      encode(tiny, ['!', '?']),
+      encode(tiny, [' a much longer continuation here', ' b']),
+  ]
   totals = sampling.score_options(tiny.model, prompts, options)
   assert totals.shape == (4, 2)
   for o in range(2):
@@ -108,8 +116,9 @@ def test_temperature_one_matches_softmax(peaked):
   prompt = encode(peaked, ['Human: hi'])[0]
   probs = next_token_probs(peaked.model, prompt)
   n = 4096
-  out = sampling.generate(peaked.model, [prompt] * n, max_new_tokens=1, temperature=1.0,
-                          stop_tokens=[], seed=3)
+  out = sampling.generate(
+      peaked.model, [prompt] * n, max_new_tokens=1, temperature=1.0, stop_tokens=[], seed=3
+  )
   first = np.array([t[0] for t in out.tokens])
   empirical = np.bincount(first, minlength=len(probs)) / n
   # Total variation over the 8 likeliest tokens + the rest (sampling noise here is ~0.015).
@@ -120,8 +129,9 @@ def test_temperature_one_matches_softmax(peaked):
   assert tv < 0.05
   assert len(set(first.tolist())) > 8  # really sampling, not argmax
   # Logprobs are of the raw distribution (temperature 1 here, so equal to log(probs)).
-  np.testing.assert_allclose([lp[0] for lp in out.logprobs[:64]], np.log(probs[first[:64]]),
-                             atol=1e-5)
+  np.testing.assert_allclose(
+      [lp[0] for lp in out.logprobs[:64]], np.log(probs[first[:64]]), atol=1e-5
+  )
 
 
 def allowed_sets(logits, top_k=None, top_p=None, temperature=1.0):
@@ -144,8 +154,16 @@ def allowed_sets(logits, top_k=None, top_p=None, temperature=1.0):
 def test_top_k_top_p_stay_in_allowed_set(peaked, top_k, top_p):
   # top_p=0.9 needs more than the 64 fast-path candidates: the full-sort branch runs.
   prompts = encode(peaked, PROMPTS) * 8
-  out = sampling.generate(peaked.model, prompts, max_new_tokens=10, temperature=1.0,
-                          top_k=top_k, top_p=top_p, stop_tokens=[], seed=1)
+  out = sampling.generate(
+      peaked.model,
+      prompts,
+      max_new_tokens=10,
+      temperature=1.0,
+      top_k=top_k,
+      top_p=top_p,
+      stop_tokens=[],
+      seed=1,
+  )
   seen = set()
   for p, new in zip(prompts, out.tokens):
     sets = allowed_sets(teacher_forced_logits(peaked.model, p, new), top_k, top_p)
@@ -170,11 +188,13 @@ def test_seeds_and_batch_composition(peaked):
 
 def test_stop_tokens_per_row(tiny):
   prompts = encode(tiny, PROMPTS)
-  free = sampling.generate(tiny.model, prompts, max_new_tokens=16, temperature=1.0,
-                           stop_tokens=[], seed=5)
+  free = sampling.generate(
+      tiny.model, prompts, max_new_tokens=16, temperature=1.0, stop_tokens=[], seed=5
+  )
   stop = free.tokens[0][3]
-  out = sampling.generate(tiny.model, prompts, max_new_tokens=16, temperature=1.0,
-                          stop_tokens=[stop], seed=5)
+  out = sampling.generate(
+      tiny.model, prompts, max_new_tokens=16, temperature=1.0, stop_tokens=[stop], seed=5
+  )
   for full, got, lp, reason in zip(free.tokens, out.tokens, out.logprobs, out.finish_reason):
     if stop in full:
       cut = full.index(stop) + 1
@@ -188,20 +208,35 @@ def test_stop_tokens_per_row(tiny):
 def test_stop_strings_per_row(tiny):
   tok = tiny.tokenizer
   prompts = encode(tiny, PROMPTS)
-  free = sampling.generate(tiny.model, prompts, max_new_tokens=16, temperature=1.0,
-                           stop_tokens=[], seed=11, tokenizer=tok)
+  free = sampling.generate(
+      tiny.model,
+      prompts,
+      max_new_tokens=16,
+      temperature=1.0,
+      stop_tokens=[],
+      seed=11,
+      tokenizer=tok,
+  )
   # A stop string made of two tokens that row 0 generates (decoding them alone is exact).
   stop = tok.decode(free.tokens[0][4:6])
-  out = sampling.generate(tiny.model, prompts, max_new_tokens=16, temperature=1.0,
-                          stop_tokens=[], seed=11, tokenizer=tok, stop_strings=[stop],
-                          stop_chunk=4)
+  out = sampling.generate(
+      tiny.model,
+      prompts,
+      max_new_tokens=16,
+      temperature=1.0,
+      stop_tokens=[],
+      seed=11,
+      tokenizer=tok,
+      stop_strings=[stop],
+      stop_chunk=4,
+  )
   for full, text, got, reason in zip(free.tokens, out.texts, out.tokens, out.finish_reason):
     full_text = tok.decode(full)
     if stop in full_text:
       assert reason == 'stop'
-      assert text == full_text[:full_text.index(stop)]
+      assert text == full_text[: full_text.index(stop)]
       assert stop in tok.decode(got) and stop not in tok.decode(got[:-1])
-      assert got == full[:len(got)]
+      assert got == full[: len(got)]
     else:
       assert (reason, got, text) == ('length', full, full_text)
   assert out.finish_reason[0] == 'stop' and len(out.tokens[0]) <= 6
@@ -209,8 +244,9 @@ def test_stop_strings_per_row(tiny):
 
 def test_generate_responses_transcript(tiny):
   convs = [[('human', 'Hello there')], 'Human: a rendered prompt\n\nAssistant:']
-  responses = sampling.generate_responses(tiny, convs, fmt='transcript', max_new_tokens=8,
-                                          temperature=1.0, batch_size=2, seed=0)
+  responses = sampling.generate_responses(
+      tiny, convs, fmt='transcript', max_new_tokens=8, temperature=1.0, batch_size=2, seed=0
+  )
   assert len(responses) == 2
   assert responses[0].prompt_tokens == tiny.tokenizer.encode('\n\nHuman: Hello there\n\nAssistant:')
   for r in responses:
@@ -257,6 +293,7 @@ def test_bfloat16_model_runs():
 
 class _NoUnicodeTokenizer:
   """A tokenizer that maps any non-ASCII character to its unknown token."""
+
   unk_token_id, eos_token_id = 0, 1
 
   def encode(self, text, add_special_tokens=False):
@@ -285,24 +322,26 @@ def test_bad_inputs_raise(tiny):
   with pytest.raises(ValueError, match='model context'):
     sampling.generate(m, ok, max_new_tokens=tiny.config.max_positions)
   with pytest.raises(ValueError, match='cannot be represented'):
-    sampling.generate(m, ok, max_new_tokens=4, tokenizer=_NoUnicodeTokenizer(),
-                      stop_strings=['\u00e9t\u00e9'])
+    sampling.generate(
+        m, ok, max_new_tokens=4, tokenizer=_NoUnicodeTokenizer(), stop_strings=['\u00e9t\u00e9']
+    )
   with pytest.raises(ValueError, match='non-empty'):
     sampling.generate(m, ok, max_new_tokens=4, tokenizer=tiny.tokenizer, stop_strings=[''])
   with pytest.raises(ValueError, match='need a tokenizer'):
     sampling.generate(m, ok, max_new_tokens=4, stop_strings=['x'])
-  with pytest.raises(ValueError, match="truncate must be"):
+  with pytest.raises(ValueError, match='truncate must be'):
     sampling.generate(m, ok, max_new_tokens=4, truncate='right')
   # truncate='left' keeps the newest tokens and reports how many went.
-  out = sampling.generate(m, [list(range(20)), [5]], max_new_tokens=4, max_prompt_len=8,
-                          truncate='left', stop_tokens=[])
+  out = sampling.generate(
+      m, [list(range(20)), [5]], max_new_tokens=4, max_prompt_len=8, truncate='left', stop_tokens=[]
+  )
   assert out.num_truncated == [12, 0]
   alone = sampling.generate(m, [list(range(12, 20))], max_new_tokens=4, stop_tokens=[])
   assert out.tokens[0] == alone.tokens[0]
   assert sampling.generate(m, [], max_new_tokens=4).tokens == []
 
 
-_SHARDED_SCRIPT = textwrap.dedent('''
+_SHARDED_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
     from cai_jax import checkpoint, sampling, sharding
@@ -319,17 +358,28 @@ _SHARDED_SCRIPT = textwrap.dedent('''
     print(json.dumps({'same': out.tokens == ref.tokens,
                       'lp': max(float(np.abs(a - b).max()) for a, b in zip(out.logprobs, ref.logprobs)),
                       'score': max(float(np.abs(a - b).max()) for a, b in zip(scored.per_token, ref.logprobs))}))
-''')
+""")
 
 
 def test_sharded_greedy_equals_unsharded():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu',
-             PYTHONPATH=root + os.pathsep + os.environ.get('PYTHONPATH', ''))
-  proc = subprocess.run([sys.executable, '-c', _SHARDED_SCRIPT], env=env, cwd=root,
-                        capture_output=True, text=True, timeout=300)
+  env = dict(
+      os.environ,
+      XLA_FLAGS='--xla_force_host_platform_device_count=8',
+      JAX_PLATFORMS='cpu',
+      PYTHONPATH=root + os.pathsep + os.environ.get('PYTHONPATH', ''),
+  )
+  proc = subprocess.run(
+      [sys.executable, '-c', _SHARDED_SCRIPT],
+      env=env,
+      cwd=root,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   import json
+
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result['same'], result
   assert result['lp'] < 1e-5 and result['score'] < 1e-5, result

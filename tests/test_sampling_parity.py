@@ -38,17 +38,23 @@ def hf_model():
   path = checkpoint.smollm2_path()
   torch.manual_seed(0)
   model = transformers.AutoModelForCausalLM.from_pretrained(
-      os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
+      os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+  )
   return model.eval()
 
 
 @pytest.fixture(scope='module')
 def prompts(smol):
   tok = smol.tokenizer
-  chat = [tok.encode(conversation.render([('human', q)], 'chat_template', tok),
-                     add_special_tokens=False) for q in QUESTIONS]
-  transcript = [tok.encode(conversation.render([('human', q)], 'transcript'))
-                for q in QUESTIONS[:2]]
+  chat = [
+      tok.encode(
+          conversation.render([('human', q)], 'chat_template', tok), add_special_tokens=False
+      )
+      for q in QUESTIONS
+  ]
+  transcript = [
+      tok.encode(conversation.render([('human', q)], 'transcript')) for q in QUESTIONS[:2]
+  ]
   return chat + transcript  # 8 prompts of 8 to 60 tokens
 
 
@@ -59,9 +65,9 @@ def _forward(graphdef):
 
 def our_logits(model, seq, length=128):
   tokens = np.zeros((1, length), np.int32)
-  tokens[0, :len(seq)] = seq
+  tokens[0, : len(seq)] = seq
   graphdef, params = nnx.split(model)
-  return np.asarray(_forward(graphdef)(params, jnp.asarray(tokens)))[:len(seq)]
+  return np.asarray(_forward(graphdef)(params, jnp.asarray(tokens)))[: len(seq)]
 
 
 def top2_gap(logits):
@@ -70,10 +76,17 @@ def top2_gap(logits):
 
 
 def hf_greedy(hf_model, prompt):
-  out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, min_new_tokens=0,
-                          do_sample=False, eos_token_id=None, pad_token_id=0,
-                          return_dict_in_generate=True, output_logits=True)
-  new = out.sequences[0, len(prompt):].tolist()
+  out = hf_model.generate(
+      torch.tensor([prompt]),
+      max_new_tokens=NEW_TOKENS,
+      min_new_tokens=0,
+      do_sample=False,
+      eos_token_id=None,
+      pad_token_id=0,
+      return_dict_in_generate=True,
+      output_logits=True,
+  )
+  new = out.sequences[0, len(prompt) :].tolist()
   return new, [l[0].float().numpy() for l in out.logits]
 
 
@@ -91,8 +104,10 @@ def test_greedy_matches_transformers(smol, hf_model, prompts):
     ours_gap = top2_gap(our_logits(smol.model, prompt + ours.tokens[i][:j])[-1])
     hf_gap = top2_gap(hf_logits[j])
     ties.append((i, j, ours_gap, hf_gap))
-    print(f'prompt {i}: first divergence at new token {j}: ours {ours.tokens[i][j]} vs '
-          f'transformers {theirs[j]}; top-2 logit gap ours {ours_gap:.2e}, transformers {hf_gap:.2e}')
+    print(
+        f'prompt {i}: first divergence at new token {j}: ours {ours.tokens[i][j]} vs '
+        f'transformers {theirs[j]}; top-2 logit gap ours {ours_gap:.2e}, transformers {hf_gap:.2e}'
+    )
     assert min(ours_gap, hf_gap) <= TIE, f'prompt {i} diverges at {j} without a near-tie'
   print(f'greedy parity: {exact}/{len(prompts)} rows identical, {len(ties)} near-tie divergences')
   assert exact >= len(prompts) // 2
@@ -100,15 +115,24 @@ def test_greedy_matches_transformers(smol, hf_model, prompts):
 
 def test_score_matches_transformers(smol, hf_model, prompts):
   tok = smol.tokenizer
-  conts = [tok.encode(t, add_special_tokens=False) for t in
-           [' Paris is the capital.', ' Waves', ' Boil water first, then steep the tea.', ' Hello',
-            ' Because of Rayleigh scattering.', ' 2, 3, 5', ' The capital of France is Paris.',
-            ' Blue waves roll in']]
+  conts = [
+      tok.encode(t, add_special_tokens=False)
+      for t in [
+          ' Paris is the capital.',
+          ' Waves',
+          ' Boil water first, then steep the tea.',
+          ' Hello',
+          ' Because of Rayleigh scattering.',
+          ' 2, 3, 5',
+          ' The capital of France is Paris.',
+          ' Blue waves roll in',
+      ]
+  ]
   ours = sampling.score(smol.model, prompts, conts)
   for i, (p, c) in enumerate(zip(prompts, conts)):
     with torch.no_grad():
       logits = hf_model(torch.tensor([p + c])).logits[0].float()
-    lp = torch.log_softmax(logits, -1)[len(p) - 1:len(p) + len(c) - 1]
+    lp = torch.log_softmax(logits, -1)[len(p) - 1 : len(p) + len(c) - 1]
     expected = lp[torch.arange(len(c)), torch.tensor(c)].numpy()
     np.testing.assert_allclose(ours.per_token[i], expected, atol=1e-4, err_msg=f'row {i}')
     np.testing.assert_allclose(ours.total[i], expected.sum(), atol=1e-3)

@@ -23,11 +23,20 @@ def tok():
 
 
 def test_sft_loss_matches_hand_computed_value():
-  logits = np.array([[[1.0, 2.0, 0.5], [0.0, -1.0, 3.0], [2.0, 2.0, 2.0], [9.0, 9.0, 9.0]],
-                     [[0.3, 0.1, -0.2], [1.5, 0.0, 0.0], [5.0, 5.0, 5.0], [7.0, 1.0, 1.0]]], np.float32)
+  logits = np.array(
+      [
+          [[1.0, 2.0, 0.5], [0.0, -1.0, 3.0], [2.0, 2.0, 2.0], [9.0, 9.0, 9.0]],
+          [[0.3, 0.1, -0.2], [1.5, 0.0, 0.0], [5.0, 5.0, 5.0], [7.0, 1.0, 1.0]],
+      ],
+      np.float32,
+  )
   tokens = np.array([[0, 1, 2, 0], [2, 0, 1, 1]], np.int32)
-  mask = np.array([[0, 1, 1, 0],  # row 0: targets tokens[0, 1] and tokens[0, 2]; the last is padding
-                   [0, 0, 1, 0]])  # row 1: one target, tokens[1, 2]
+  mask = np.array(
+      [
+          [0, 1, 1, 0],  # row 0: targets tokens[0, 1] and tokens[0, 2]; the last is padding
+          [0, 0, 1, 0],
+      ]
+  )  # row 1: one target, tokens[1, 2]
 
   def nll(row, t, target):  # -log softmax(logits[row, t])[target], by hand
     z = [math.exp(v) for v in logits[row, t]]
@@ -38,12 +47,16 @@ def test_sft_loss_matches_hand_computed_value():
   assert float(loss) == pytest.approx(want, rel=1e-6)
   assert int(aux['tokens']) == 3
   # The first position is never a target (nothing predicts it) and an all-masked batch is 0, not NaN.
-  loss0, _ = sft.sft_loss(jnp.asarray(logits), jnp.asarray(tokens), jnp.zeros_like(jnp.asarray(mask)))
+  loss0, _ = sft.sft_loss(
+      jnp.asarray(logits), jnp.asarray(tokens), jnp.zeros_like(jnp.asarray(mask))
+  )
   assert float(loss0) == 0.0
 
 
 def test_fused_chunked_loss_and_grads_match_one_shot():
-  pretrained = checkpoint.load_pretrained('random:tiny-gemma2')  # tied embeddings, soft-capped logits
+  pretrained = checkpoint.load_pretrained(
+      'random:tiny-gemma2'
+  )  # tied embeddings, soft-capped logits
   rng = np.random.RandomState(0)
   tokens = jnp.asarray(rng.randint(0, 256, (2, 21)), jnp.int32)  # 20 predictions: 3 chunks of 8
   mask = jnp.asarray(rng.randint(0, 2, (2, 21)), jnp.int32)
@@ -56,7 +69,10 @@ def test_fused_chunked_loss_and_grads_match_one_shot():
 
   (a, ga), (b, gb) = value_and_grad(0), value_and_grad(8)
   assert float(a) == pytest.approx(float(b), rel=1e-5)
-  assert max(float(jnp.abs(x - y).max()) for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb))) < 1e-5
+  assert (
+      max(float(jnp.abs(x - y).max()) for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)))
+      < 1e-5
+  )
   eval_loss = jax.jit(lambda p: sft.make_loss_fn(8)(nnx.merge(graphdef, p), batch)[0])(params)
   assert float(eval_loss) == pytest.approx(float(a), rel=1e-5)
 
@@ -65,7 +81,9 @@ def test_fused_chunked_loss_and_grads_match_one_shot():
 
 
 def test_encode_transcript_targets_response_and_eos(tok):
-  ids, n_prompt = sft.encode('How do I pick a lock?', '  I cannot help with that. ', tok, 'transcript', 512)
+  ids, n_prompt = sft.encode(
+      'How do I pick a lock?', '  I cannot help with that. ', tok, 'transcript', 512
+  )
   prompt, target = tok.decode(ids[:n_prompt]), tok.decode(ids[n_prompt:])
   assert prompt == '\n\nHuman: How do I pick a lock?\n\nAssistant:'
   assert target == ' I cannot help with that.' + tok.eos_token
@@ -84,12 +102,16 @@ def test_encode_truncates_to_max_len(tok):
 
 
 def test_truncated_target_is_encoded_without_eos(tok):
-  ids, n_prompt = sft.encode('Hi', 'A reply cut at the token lim', tok, 'transcript', 512, end=False)
+  ids, n_prompt = sft.encode(
+      'Hi', 'A reply cut at the token lim', tok, 'transcript', 512, end=False
+  )
   assert tok.decode(ids[n_prompt:]) == ' A reply cut at the token lim'
   assert ids[-1] != tok.eos_token_id and tok.eos_token_id not in ids[n_prompt:]
   b = sft.pack([sft.Example('a', 'revision', ids, n_prompt)], [0], 64, pad_id=0)
   mask = b['loss_mask'][0]
-  assert mask[n_prompt:len(ids)].all() and not mask[:n_prompt].any() and not mask[len(ids):].any()
+  assert (
+      mask[n_prompt : len(ids)].all() and not mask[:n_prompt].any() and not mask[len(ids) :].any()
+  )
   ids, n_prompt = sft.encode('Hi', 'Cut short', tok, 'chat_template', 512, end=False)
   assert tok.decode(ids[n_prompt:]) == 'Cut short'
 
@@ -103,19 +125,39 @@ def _records(rounds=3):
     reasons = ['stop'] * rounds
     if p == 'b':
       texts[1], reasons[-1] = '', 'length'
-    samples.append({'id': p, 'prompt': f'Bad {p}?', 'initial_response': 'Sure.',
-                    'rounds': [{'revision': t} for t in texts], 'revision': texts[-1],
-                    'finish_reasons': {'initial_response': 'stop', 'critique': reasons,
-                                       'revision': reasons}})
-  helpful = [{'id': h, 'prompt': f'Good {h}?', 'responses': [f'{h} one.', f'{h} two'],
-              'finish_reasons': ['stop', 'length' if h == 'x' else 'stop']} for h in 'xy']
+    samples.append(
+        {
+            'id': p,
+            'prompt': f'Bad {p}?',
+            'initial_response': 'Sure.',
+            'rounds': [{'revision': t} for t in texts],
+            'revision': texts[-1],
+            'finish_reasons': {
+                'initial_response': 'stop',
+                'critique': reasons,
+                'revision': reasons,
+            },
+        }
+    )
+  helpful = [
+      {
+          'id': h,
+          'prompt': f'Good {h}?',
+          'responses': [f'{h} one.', f'{h} two'],
+          'finish_reasons': ['stop', 'length' if h == 'x' else 'stop'],
+      }
+      for h in 'xy'
+  ]
   return samples, helpful
 
 
-@pytest.mark.parametrize('revisions, kinds, empty, truncated', [
-    ('all', {'revision_round_1': 2, 'revision_round_2': 1, 'revision_round_3': 2}, 1, 1),
-    ('final', {'revision_final': 2}, 0, 1),
-])
+@pytest.mark.parametrize(
+    'revisions, kinds, empty, truncated',
+    [
+        ('all', {'revision_round_1': 2, 'revision_round_2': 1, 'revision_round_3': 2}, 1, 1),
+        ('final', {'revision_final': 2}, 0, 1),
+    ],
+)
 def test_revision_targets_every_round_or_final(revisions, kinds, empty, truncated):
   samples, helpful = _records()
   targets, n_empty = sft.revision_targets(samples, revisions)
@@ -130,19 +172,30 @@ def test_revision_targets_every_round_or_final(revisions, kinds, empty, truncate
   assert [t.truncated for t in targets] == [False, True, False, False]
 
 
-@pytest.mark.parametrize('mode, dropped, no_eos, eos', [
-    ('no_eos', 0, 2, 0), ('drop', 2, 0, 0), ('eos', 0, 0, 2)])
-def test_build_examples_counts_kinds_and_truncated_targets(tmp_path, tok, mode, dropped, no_eos,
-                                                           eos):
+@pytest.mark.parametrize(
+    'mode, dropped, no_eos, eos', [('no_eos', 0, 2, 0), ('drop', 2, 0, 0), ('eos', 0, 0, 2)]
+)
+def test_build_examples_counts_kinds_and_truncated_targets(
+    tmp_path, tok, mode, dropped, no_eos, eos
+):
   config = _config(truncated=mode, eval_fraction=0.0)
   samples, helpful = _records()
-  fake_upstream(config, tmp_path, 'critique_revision',
-                {'samples.jsonl': samples, 'helpful.jsonl': helpful})
+  fake_upstream(
+      config, tmp_path, 'critique_revision', {'samples.jsonl': samples, 'helpful.jsonl': helpful}
+  )
   train, held_out, counts = sft.build_examples(stages.Context(config, tmp_path), tok)
-  assert counts['truncated'] == {'targets': 2, 'dropped': dropped, 'trained_without_eos': no_eos,
-                                 'trained_with_eos': eos}
-  assert counts['examples'] == {'helpful': 4 - dropped // 2, 'revision_round_1': 2,
-                                'revision_round_2': 1, 'revision_round_3': 2 - dropped // 2}
+  assert counts['truncated'] == {
+      'targets': 2,
+      'dropped': dropped,
+      'trained_without_eos': no_eos,
+      'trained_with_eos': eos,
+  }
+  assert counts['examples'] == {
+      'helpful': 4 - dropped // 2,
+      'revision_round_1': 2,
+      'revision_round_2': 1,
+      'revision_round_3': 2 - dropped // 2,
+  }
   assert len(train) == sum(counts['examples'].values()) == 9 - dropped and not held_out
   ends = {(e.id, e.kind, e.tokens[-1] == tok.eos_token_id) for e in train}
   cut_ends = {end for i, kind, end in ends if (i, kind) in {('b', 'revision_round_3')}}
@@ -154,8 +207,9 @@ def test_build_examples_counts_kinds_and_truncated_targets(tmp_path, tok, mode, 
 def test_held_out_split_keeps_every_round_and_sample_of_a_prompt_together(tmp_path, tok):
   config = _config(eval_fraction=0.5)
   samples, helpful = _records()
-  fake_upstream(config, tmp_path, 'critique_revision',
-                {'samples.jsonl': samples, 'helpful.jsonl': helpful})
+  fake_upstream(
+      config, tmp_path, 'critique_revision', {'samples.jsonl': samples, 'helpful.jsonl': helpful}
+  )
   train, held_out, _ = sft.build_examples(stages.Context(config, tmp_path), tok)
   assert not {(e.source, e.id) for e in train} & {(e.source, e.id) for e in held_out}
 
@@ -167,7 +221,10 @@ def test_bad_revisions_or_truncated_mode_is_a_clear_error():
 
 
 def test_pack_right_pads_and_masks_targets_only():
-  examples = [sft.Example('a', 'revision', (5, 6, 7, 8), 2), sft.Example('b', 'helpful', (9, 10), 1)]
+  examples = [
+      sft.Example('a', 'revision', (5, 6, 7, 8), 2),
+      sft.Example('b', 'helpful', (9, 10), 1),
+  ]
   b = sft.pack(examples, [1, -1, 0], 6, pad_id=0)
   np.testing.assert_array_equal(b['tokens'], [[9, 10, 0, 0, 0, 0], [0] * 6, [5, 6, 7, 8, 0, 0]])
   np.testing.assert_array_equal(b['loss_mask'], [[0, 1, 0, 0, 0, 0], [0] * 6, [0, 0, 1, 1, 0, 0]])
@@ -212,8 +269,12 @@ def test_optimizer_schedule_warms_up_then_decays():
 def _config(**sft_overrides):
   config = tiny.get_config()
   config.stages = 'sft'
-  config.sft.update(dict(dict(num_steps=12, checkpoint_every=4, eval_every=6, min_bucket=128,
-                              batch_size=4), **sft_overrides))
+  config.sft.update(
+      dict(
+          dict(num_steps=12, checkpoint_every=4, eval_every=6, min_bucket=128, batch_size=4),
+          **sft_overrides,
+      )
+  )
   return config
 
 
@@ -262,8 +323,11 @@ def test_stage_trains_exports_and_resumes(tmp_path, monkeypatch):
   monkeypatch.setattr(train_lib.MetricsWriter, 'write', real_write)
   assert not (crashed / 'sft' / 'DONE.json').exists()
   written = []
-  monkeypatch.setattr(train_lib.MetricsWriter, 'write',
-                      lambda self, step, m: (written.append(step), real_write(self, step, m)))
+  monkeypatch.setattr(
+      train_lib.MetricsWriter,
+      'write',
+      lambda self, step, m: (written.append(step), real_write(self, step, m)),
+  )
   _run(config, crashed)
   assert written[0] in (5, 9), written  # resumed after the checkpoint at 4 or 8, not from scratch
   resumed = train_lib.read_metrics(crashed / 'sft' / 'metrics.jsonl')

@@ -26,16 +26,26 @@ TIMEOUT = 300  # seconds per subprocess
 
 def _env():
   env = dict(os.environ)
-  env['PYTHONPATH'] = os.pathsep.join([str(ROOT)] + ([env['PYTHONPATH']] if env.get('PYTHONPATH') else []))
+  env['PYTHONPATH'] = os.pathsep.join(
+      [str(ROOT)] + ([env['PYTHONPATH']] if env.get('PYTHONPATH') else [])
+  )
   # Quick compiles for a tiny model (every run here uses the same flags), on 8 fake devices.
-  env['XLA_FLAGS'] = ('--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true '
-                      '--xla_force_host_platform_device_count=8')
+  env['XLA_FLAGS'] = (
+      '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true '
+      '--xla_force_host_platform_device_count=8'
+  )
   return env
 
 
 def test_meshes_agree_and_arrays_follow_the_rules():
-  out = subprocess.run([sys.executable, str(ROOT / 'tests' / 'scripts' / 'mesh_parity.py'), *MESHES],
-                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+  out = subprocess.run(
+      [sys.executable, str(ROOT / 'tests' / 'scripts' / 'mesh_parity.py'), *MESHES],
+      cwd=ROOT,
+      env=_env(),
+      capture_output=True,
+      text=True,
+      timeout=TIMEOUT,
+  )
   assert out.returncode == 0, out.stderr[-4000:]
   results = json.loads(out.stdout.strip().splitlines()[-1])
   ref = results[MESHES[0]]
@@ -48,15 +58,26 @@ def test_meshes_agree_and_arrays_follow_the_rules():
   # The layouts really differ: (2,2,2) shards the embedding over tensor x fsdp.
   assert "P('tensor', 'fsdp')" in results['(2,2,2)']['specs']
   # A global batch the batch axes do not divide is refused, naming the numbers.
-  assert 'sft.batch_size 6 is not divisible by the data x fsdp size 8' in results['(8,1,1)']['batch_error']
-  assert 'sft.batch_size 6 is not divisible by the data x fsdp size 4' in results['(2,2,2)']['batch_error']
+  assert (
+      'sft.batch_size 6 is not divisible by the data x fsdp size 8'
+      in results['(8,1,1)']['batch_error']
+  )
+  assert (
+      'sft.batch_size 6 is not divisible by the data x fsdp size 4'
+      in results['(2,2,2)']['batch_error']
+  )
 
 
 # ---- the sft stage through the entry point ------------------------------------------------------
 
 STEPS = 24
-SFT_FLAGS = ('--config.stages=sft', f'--config.sft.num_steps={STEPS}', '--config.sft.min_bucket=128',
-             '--config.sft.checkpoint_every=8', '--config.sft.eval_every=12')
+SFT_FLAGS = (
+    '--config.stages=sft',
+    f'--config.sft.num_steps={STEPS}',
+    '--config.sft.min_bucket=128',
+    '--config.sft.checkpoint_every=8',
+    '--config.sft.eval_every=12',
+)
 
 
 def _workdir(path: Path) -> Path:
@@ -67,8 +88,17 @@ def _workdir(path: Path) -> Path:
 
 
 def _main(workdir: Path, mesh: str) -> list[str]:
-  return [sys.executable, '-m', 'cai_jax.main', '--config', 'configs/tiny.py', '--workdir', str(workdir),
-          f'--config.mesh.shape={mesh}', *SFT_FLAGS]
+  return [
+      sys.executable,
+      '-m',
+      'cai_jax.main',
+      '--config',
+      'configs/tiny.py',
+      '--workdir',
+      str(workdir),
+      f'--config.mesh.shape={mesh}',
+      *SFT_FLAGS,
+  ]
 
 
 def _checkpoints(workdir: Path) -> list[int]:
@@ -82,7 +112,9 @@ def test_entry_point_meshes_agree_and_a_killed_run_resumes(tmp_path):
   shutil.copytree(a, b)
   # Mesh (2,2,2), killed with SIGKILL once it has trained past a finished checkpoint.
   log_b = open(tmp_path / 'b.log', 'w+')
-  run_b = subprocess.Popen(_main(b, '(2,2,2)'), cwd=ROOT, env=_env(), stdout=log_b, stderr=subprocess.STDOUT)
+  run_b = subprocess.Popen(
+      _main(b, '(2,2,2)'), cwd=ROOT, env=_env(), stdout=log_b, stderr=subprocess.STDOUT
+  )
   deadline = time.time() + TIMEOUT
   try:
     while True:
@@ -101,16 +133,23 @@ def test_entry_point_meshes_agree_and_a_killed_run_resumes(tmp_path):
   killed_at = max(r['step'] for r in train_lib.read_metrics(b / 'sft' / 'metrics.jsonl'))
   assert killed_at < STEPS and not (b / 'sft' / 'DONE.json').exists()
 
-  again = subprocess.run(_main(b, '(2,2,2)'), cwd=ROOT, env=_env(), capture_output=True, text=True,
-                         timeout=TIMEOUT)
+  again = subprocess.run(
+      _main(b, '(2,2,2)'), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT
+  )
   assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-4000:]
   assert 'sft: resumed from the checkpoint at step' in again.stderr, again.stderr[-4000:]
   # One run at a time: XLA:CPU's 8 fake-device threads on 2 cores, starved by a second
   # 8-device process, have been seen reaching two of a step's all-reduces in different orders
   # (a deadlock that XLA aborts after 40 s).
   log_a = open(tmp_path / 'a.log', 'w+')
-  run_a = subprocess.run(_main(a, '(8,1,1)'), cwd=ROOT, env=_env(), stdout=log_a, stderr=subprocess.STDOUT,
-                         timeout=TIMEOUT)
+  run_a = subprocess.run(
+      _main(a, '(8,1,1)'),
+      cwd=ROOT,
+      env=_env(),
+      stdout=log_a,
+      stderr=subprocess.STDOUT,
+      timeout=TIMEOUT,
+  )
   assert run_a.returncode == 0, _tail(log_a)
 
   rows_a = train_lib.read_metrics(a / 'sft' / 'metrics.jsonl')

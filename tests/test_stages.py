@@ -50,7 +50,8 @@ def test_old_role_names_are_one_clear_line_each(tmp_path):
       "config.ppo.reward='pm': 'pm' is now 'preference' (model roles are named after the stages "
       'that make them)',
       "config.ppo.value.init='pm': 'pm' is now 'preference' (model roles are named after the "
-      'stages that make them)']
+      'stages that make them)',
+  ]
   with pytest.raises(stages.StageError, match="model role 'pm' is now called 'preference'"):
     stages.Context(c, tmp_path).model_source('pm')
   c = _tiny()
@@ -61,22 +62,27 @@ def test_old_role_names_are_one_clear_line_each(tmp_path):
 def test_a_missing_source_names_its_role(tmp_path):
   c = _tiny(pretrained_source=str(tmp_path / 'nope'))
   c.stages = 'sft'
-  expected = ("config.model.pretrained_source (the pretrained model: SFT init, feedback, PM init) "
-              f"'{tmp_path}/nope' cannot be loaded: no such file or directory (expected an HF "
-              "directory, a .gguf file, 'smollm2-135m' or 'random:<preset>')")
+  expected = (
+      'config.model.pretrained_source (the pretrained model: SFT init, feedback, PM init) '
+      f"'{tmp_path}/nope' cannot be loaded: no such file or directory (expected an HF "
+      "directory, a .gguf file, 'smollm2-135m' or 'random:<preset>')"
+  )
   assert validate.problems(c, tmp_path / 'w') == [expected]
   c = _tiny(source=str(tmp_path / 'nope'))  # the shorthand: one line for both roles
   c.stages = 'sft'
   [problem] = validate.problems(c, tmp_path / 'w')
-  assert problem.startswith('config.model.source (the pretrained and helpful model: SFT init, '
-                            'feedback, PM init; initial responses, critiques, revisions, helpful '
-                            f"samples) '{tmp_path}/nope' cannot be loaded: no such file")
+  assert problem.startswith(
+      'config.model.source (the pretrained and helpful model: SFT init, '
+      'feedback, PM init; initial responses, critiques, revisions, helpful '
+      f"samples) '{tmp_path}/nope' cannot be loaded: no such file"
+  )
   c = _tiny(helpful_source='random:huge')  # found only by loading it
   with pytest.raises(stages.StageError) as e:
     stages.Context(c, tmp_path).load_role('helpful')
   assert str(e.value) == (
       'config.model.helpful_source (the helpful model: initial responses, critiques, revisions, '
-      "helpful samples) 'random:huge' cannot be loaded: unknown random preset 'huge'")
+      "helpful samples) 'random:huge' cannot be loaded: unknown random preset 'huge'"
+  )
 
 
 def test_fingerprints_follow_the_role_sources_each_stage_loads():
@@ -101,10 +107,16 @@ def test_each_stage_loads_the_model_of_its_role(tmp_path):
   """pretrained = random:tiny (llama), helpful = random:tiny-gemma2: critique_revision samples
   with the helpful model, sft fine-tunes the pretrained one."""
   red, helpful = tmp_path / 'red_team_attempts.jsonl', tmp_path / 'helpful.jsonl'
-  red.write_text(''.join(json.dumps({'transcript': f'\n\nHuman: {p}\n\nAssistant: No.'}) + '\n'
-                         for p in cr.REDTEAM))
-  helpful.write_text(''.join(json.dumps({'chosen': f'\n\nHuman: {p}\n\nAssistant: Ok.'}) + '\n'
-                             for p in cr.HELPFUL))
+  red.write_text(
+      ''.join(
+          json.dumps({'transcript': f'\n\nHuman: {p}\n\nAssistant: No.'}) + '\n' for p in cr.REDTEAM
+      )
+  )
+  helpful.write_text(
+      ''.join(
+          json.dumps({'chosen': f'\n\nHuman: {p}\n\nAssistant: Ok.'}) + '\n' for p in cr.HELPFUL
+      )
+  )
   prompt_files = (red, helpful)
   make_config, run_stage = cr.make_config, cr.run_stage
   extra = {'stages': 'critique_revision,sft', 'sft.num_steps': 2, 'sft.checkpoint_every': 0}

@@ -15,16 +15,22 @@ pytestmark = pytest.mark.slow  # subprocess runs of the pipeline: minutes in all
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((REPO / 'experiments' / 'sweeps').glob('*.py'))
 # critique_revision at its smallest: one prompt, tiny generations, no helpful mix.
-SMALL = ['critique_revision.num_prompts=1', 'critique_revision.max_new_tokens=2',
-         'critique_revision.critique_max_new_tokens=2', 'critique_revision.helpful_ratio=0.0',
-         'critique_revision.write_tfds=False']
+SMALL = [
+    'critique_revision.num_prompts=1',
+    'critique_revision.max_new_tokens=2',
+    'critique_revision.critique_max_new_tokens=2',
+    'critique_revision.helpful_ratio=0.0',
+    'critique_revision.write_tfds=False',
+]
 
 
 @pytest.fixture(autouse=True)
 def _jax_cache(monkeypatch):
   # Points are subprocesses; share compiled executables with them (and tests/test_evaluate.py).
   monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
-  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(Path(tempfile.gettempdir()) / 'cai_jax_test_jax_cache'))
+  monkeypatch.setenv(
+      'JAX_COMPILATION_CACHE_DIR', str(Path(tempfile.gettempdir()) / 'cai_jax_test_jax_cache')
+  )
 
 
 def _module(text, tmp_path, name='s'):
@@ -36,7 +42,12 @@ def _module(text, tmp_path, name='s'):
 def test_points_from_axes_and_from_points(tmp_path):
   s = _module("AXES = {'seed': [0, 1], 'ppo.kl.coef': [0.0, 0.1]}\n", tmp_path)
   points = sweep.sweep_points(s)
-  assert [n for n, _ in points] == ['seed=0,coef=0.0', 'seed=0,coef=0.1', 'seed=1,coef=0.0', 'seed=1,coef=0.1']
+  assert [n for n, _ in points] == [
+      'seed=0,coef=0.0',
+      'seed=0,coef=0.1',
+      'seed=1,coef=0.0',
+      'seed=1,coef=0.1',
+  ]
   assert points[1][1] == {'seed': 0, 'ppo.kl.coef': 0.1}
   s = _module("def points():\n  return [{'name': 'a', 'seed': 1}, {'seed': 2}]\n", tmp_path, 'p')
   points = sweep.sweep_points(s)
@@ -52,13 +63,23 @@ def test_overrides_follow_field_types():
   sweep.set_field(config, 'critique_revision.write_tfds', 'false')
   sweep.set_field(config, 'mesh.shape', '(1, 1, 1)')
   sweep.set_field(config, 'constitution', 'default')
-  assert (config.ppo.kl.coef, config.critique_revision.write_tfds, config.mesh.shape,
-          config.constitution) == (0.2, False, (1, 1, 1), 'default')
+  assert (
+      config.ppo.kl.coef,
+      config.critique_revision.write_tfds,
+      config.mesh.shape,
+      config.constitution,
+  ) == (0.2, False, (1, 1, 1), 'default')
   with pytest.raises(sweep.SweepError, match="unknown config field 'ppo.kl.beta'"):
     sweep.set_field(config, 'ppo.kl.beta', 1.0)
   with pytest.raises(sweep.SweepError, match='critique_revision.n_rounds'):
     sweep.set_field(config, 'critique_revision.n_rounds', 1.5)
-  assert [sweep.cli_value(v) for v in ('a b', True, 0.1, (1, -1, 1), [2])] == ['a b', 'True', '0.1', '(1, -1, 1)', '(2,)']
+  assert [sweep.cli_value(v) for v in ('a b', True, 0.1, (1, -1, 1), [2])] == [
+      'a b',
+      'True',
+      '0.1',
+      '(1, -1, 1)',
+      '(2,)',
+  ]
 
 
 @pytest.mark.parametrize('path', SWEEPS, ids=[p.stem for p in SWEEPS])
@@ -88,10 +109,14 @@ def test_revision_sweep_runs_and_reuses_stages(tmp_path):
   for item in SMALL:
     args += ['--set', item]
   # The shipped number-of-revisions sweep, first two points (1 and 2 rounds), critique_revision only.
-  assert sweep.main([str(REPO / 'experiments/sweeps/n_revisions.py'), '--points', '0,1', *args]) == 0
+  assert (
+      sweep.main([str(REPO / 'experiments/sweeps/n_revisions.py'), '--points', '0,1', *args]) == 0
+  )
   rows = json.loads((root / 'n_revisions' / 'results.json').read_text())
   assert [(r['point'], r['ran'], r['reused']) for r in rows] == [
-      ('n_rounds=1', ['critique_revision'], []), ('n_rounds=2', ['critique_revision'], [])]
+      ('n_rounds=1', ['critique_revision'], []),
+      ('n_rounds=2', ['critique_revision'], []),
+  ]
   assert [r['metrics']['empty_revisions'] is not None for r in rows] == [True, True]
   with open(root / 'n_revisions' / 'results.csv') as f:
     table = list(csv.DictReader(f))
@@ -108,11 +133,14 @@ def test_revision_sweep_runs_and_reuses_stages(tmp_path):
   (tmp_path / 'sft_lr.py').write_text(
       "BASE = 'tiny'\nOVERRIDES = {'critique_revision.n_rounds': 1}\n"
       "AXES = {'sft.optimizer.learning_rate': [0.01, 0.02]}\n"
-      "METRICS = {'rounds': 'critique_revision:rounds'}\n")
+      "METRICS = {'rounds': 'critique_revision:rounds'}\n"
+  )
   assert sweep.main([str(tmp_path / 'sft_lr.py'), *args]) == 0
   rows = json.loads((root / 'sft_lr' / 'results.json').read_text())
   assert [(r['ran'], r['reused'], r['metrics']['rounds']) for r in rows] == [
-      ([], ['critique_revision'], 1), ([], ['critique_revision'], 1)]
+      ([], ['critique_revision'], 1),
+      ([], ['critique_revision'], 1),
+  ]
   for r in rows:
     assert (Path(r['workdir']) / 'critique_revision').resolve() == cached.resolve()
   assert samples.stat().st_mtime_ns == mtime  # not recomputed
@@ -120,8 +148,16 @@ def test_revision_sweep_runs_and_reuses_stages(tmp_path):
 
 
 def test_results_keep_rows_of_earlier_runs(tmp_path):
-  row = lambda name, v: {'point': name, 'base': 'tiny', 'overrides': {'seed': v}, 'status': 'ok',  # noqa: E731
-                         'ran': [], 'reused': [], 'seconds': 1.0, 'metrics': {'m': {'mean': v, 'stderr': 0.1}}}
+  row = lambda name, v: {
+      'point': name,
+      'base': 'tiny',
+      'overrides': {'seed': v},
+      'status': 'ok',  # noqa: E731
+      'ran': [],
+      'reused': [],
+      'seconds': 1.0,
+      'metrics': {'m': {'mean': v, 'stderr': 0.1}},
+  }
   sweep.write_results(tmp_path, 's', [row('b', 1)], ['seed'], ['m'])
   rows = sweep.merge_rows(tmp_path, [row('a', 0), row('b', 2)], ['a', 'b', 'c'])
   assert [(r['point'], r['overrides']['seed']) for r in rows] == [('a', 0), ('b', 2)]

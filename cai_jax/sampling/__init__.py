@@ -9,13 +9,31 @@ so stages never see padding or buckets.
 """
 
 from cai_jax.sampling.common import batch_bucket, compile_counts, length_bucket
-from cai_jax.sampling.decoding import (STOP_CHUNK, DecodeState, GenerateOutput, Response,
-                                       choose_tokens, generate, generate_batched,
-                                       generate_responses)
+from cai_jax.sampling.decoding import (
+    STOP_CHUNK,
+    DecodeState,
+    GenerateOutput,
+    Response,
+    choose_tokens,
+    generate,
+    generate_batched,
+    generate_responses,
+)
 from cai_jax.sampling.scoring import ScoreOutput, score, score_options
 
 __all__ = [
-    'STOP_CHUNK', 'DecodeState', 'GenerateOutput', 'Response', 'ScoreOutput', 'batch_bucket',
-    'choose_tokens', 'compile_counts', 'generate', 'generate_batched', 'generate_responses',
-    'length_bucket', 'score', 'score_options',
+    'STOP_CHUNK',
+    'DecodeState',
+    'GenerateOutput',
+    'Response',
+    'ScoreOutput',
+    'batch_bucket',
+    'choose_tokens',
+    'compile_counts',
+    'generate',
+    'generate_batched',
+    'generate_responses',
+    'length_bucket',
+    'score',
+    'score_options',
 ]

@@ -60,8 +60,9 @@ def jitted(fn, graphdef, *static, **jit_kwargs):
   key = (fn, graphdef, static, sharding.current_mesh(), sharding._rules)
   compiled = _JIT_CACHE.get(key)
   if compiled is None:
-    compiled = jax.jit(functools.partial(fn, graphdef, *static),
-                       compiler_options=_compiler_options(), **jit_kwargs)
+    compiled = jax.jit(
+        functools.partial(fn, graphdef, *static), compiler_options=_compiler_options(), **jit_kwargs
+    )
     _JIT_CACHE[key] = compiled
   return compiled
 
@@ -79,8 +80,9 @@ def run_prompt(model, tokens, positions, mask, cache):
 
   Attends over the P prompt slots only, then writes them into the full-length cache.
   """
-  hidden, prefix = model.hidden(tokens, positions, mask,
-                                model_lib.cache_prefix(cache, tokens.shape[1]), 0)
+  hidden, prefix = model.hidden(
+      tokens, positions, mask, model_lib.cache_prefix(cache, tokens.shape[1]), 0
+  )
   return hidden, model_lib.cache_write_prefix(cache, prefix)
 
 
@@ -97,11 +99,18 @@ def prepare_prompts(prompt_tokens, vocab_size, limit, truncate):
       raise ValueError(f'prompt {i} has token ids outside [0, {vocab_size}): {bad[:5]}')
     if len(p) > limit:
       if truncate == 'error':
-        raise ValueError(f'prompt {i} has {len(p)} tokens, more than the limit of {limit} '
-                         "(max_prompt_len / model context minus max_new_tokens); pass "
-                         "truncate='left' to drop its oldest tokens")
-      logging.warning('prompt %d: dropped its first %d of %d tokens (limit %d)', i,
-                      len(p) - limit, len(p), limit)
+        raise ValueError(
+            f'prompt {i} has {len(p)} tokens, more than the limit of {limit} '
+            '(max_prompt_len / model context minus max_new_tokens); pass '
+            "truncate='left' to drop its oldest tokens"
+        )
+      logging.warning(
+          'prompt %d: dropped its first %d of %d tokens (limit %d)',
+          i,
+          len(p) - limit,
+          len(p),
+          limit,
+      )
       dropped.append(len(p) - limit)
       p = p[-limit:]
     else:
@@ -114,9 +123,9 @@ def left_pad(rows, batch, length, pad_id):
   tokens = np.full((batch, length), pad_id, np.int32)
   mask = np.zeros((batch, length), bool)
   for i, r in enumerate(rows):
-    tokens[i, length - len(r):] = r
-    mask[i, length - len(r):] = True
-  mask[len(rows):, -1] = True  # batch-padding rows see one (pad) token: no empty softmax
+    tokens[i, length - len(r) :] = r
+    mask[i, length - len(r) :] = True
+  mask[len(rows) :, -1] = True  # batch-padding rows see one (pad) token: no empty softmax
   return tokens, mask
 
 

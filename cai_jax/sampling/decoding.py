@@ -19,9 +19,18 @@ from flax import nnx
 from cai_jax import conversation
 from cai_jax import model as model_lib
 from cai_jax import sharding
-from cai_jax.sampling.common import (MIN_LEN_BUCKET, batch_bucket, compile_counts, jitted,
-                                     left_pad, length_bucket, prepare_prompts, prompt_positions,
-                                     put_batch, run_prompt)
+from cai_jax.sampling.common import (
+    MIN_LEN_BUCKET,
+    batch_bucket,
+    compile_counts,
+    jitted,
+    left_pad,
+    length_bucket,
+    prepare_prompts,
+    prompt_positions,
+    put_batch,
+    run_prompt,
+)
 
 STOP_CHUNK = 16  # decode steps between host checks for stop strings
 _STOP_ID_SLOTS = 8  # stop-token ids are padded to a multiple of this (one compile for most uses)
@@ -52,6 +61,7 @@ class Response:
 @dataclasses.dataclass(frozen=True)
 class _Strategy:
   """The static part of a sampling configuration (part of the compile key)."""
+
   greedy: bool
   top_k: int | None
   top_p: bool
@@ -138,8 +148,21 @@ def _is_stop(tokens, stop_ids):
   return jnp.any(tokens[:, None] == stop_ids[None, :], axis=-1)
 
 
-def _prefill(graphdef, strategy, params, tokens, prompt_mask, cache, row_ids, seed, temperature,
-             top_p, max_new, stop_ids, pad_rows):
+def _prefill(
+    graphdef,
+    strategy,
+    params,
+    tokens,
+    prompt_mask,
+    cache,
+    row_ids,
+    seed,
+    temperature,
+    top_p,
+    max_new,
+    stop_ids,
+    pad_rows,
+):
   """Runs the prompt [B, P] through the model, fills the cache and picks the first token."""
   compile_counts['prefill'] += 1
   model = nnx.merge(graphdef, params)
@@ -157,14 +180,29 @@ def _prefill(graphdef, strategy, params, tokens, prompt_mask, cache, row_ids, se
   return DecodeState(
       tokens=_batch_constrain(pad.at[:, 0].set(first)),
       logprobs=_batch_constrain(jnp.zeros((b, n), jnp.float32).at[:, 0].set(first_lp)),
-      cache=cache, key_mask=_batch_constrain(key_mask), last=first,
+      cache=cache,
+      key_mask=_batch_constrain(key_mask),
+      last=first,
       prompt_lens=prompt_mask.sum(axis=1).astype(jnp.int32),
-      lengths=jnp.where(pad_rows, 0, 1).astype(jnp.int32), done=done, row_keys=row_keys,
-      step=jnp.asarray(1, jnp.int32))
+      lengths=jnp.where(pad_rows, 0, 1).astype(jnp.int32),
+      done=done,
+      row_keys=row_keys,
+      step=jnp.asarray(1, jnp.int32),
+  )
 
 
-def _decode(graphdef, strategy, params, state: DecodeState, until, temperature, top_p, max_new,
-            stop_ids, pad_id):
+def _decode(
+    graphdef,
+    strategy,
+    params,
+    state: DecodeState,
+    until,
+    temperature,
+    top_p,
+    max_new,
+    stop_ids,
+    pad_id,
+):
   """Decodes until step `until`, the buffer's end, or every row is done."""
   compile_counts['decode'] += 1
   model = nnx.merge(graphdef, params)
@@ -178,19 +216,29 @@ def _decode(graphdef, strategy, params, state: DecodeState, until, temperature, 
   def body(s: DecodeState):
     slot = p + s.step - 1  # where the newest token goes
     key_mask = jax.lax.dynamic_update_slice_in_dim(
-        s.key_mask, jnp.ones((s.key_mask.shape[0], 1), bool), slot, 1)
+        s.key_mask, jnp.ones((s.key_mask.shape[0], 1), bool), slot, 1
+    )
     positions = (s.prompt_lens + s.step - 1)[:, None]
     logits, cache = model(s.last[:, None], positions, key_mask, s.cache, slot)
-    tok, lp = choose_tokens(logits[:, 0], _step_keys(s.row_keys, s.step), temperature, top_p,
-                            strategy)
+    tok, lp = choose_tokens(
+        logits[:, 0], _step_keys(s.row_keys, s.step), temperature, top_p, strategy
+    )
     tok = jnp.where(s.done, pad_id, tok)
     lp = jnp.where(s.done, 0.0, lp)
     tokens = jax.lax.dynamic_update_slice_in_dim(s.tokens, tok[:, None], s.step, 1)
     logprobs = jax.lax.dynamic_update_slice_in_dim(s.logprobs, lp[:, None], s.step, 1)
     lengths = jnp.where(s.done, s.lengths, s.step + 1)
     done = s.done | _is_stop(tok, stop_ids) | (s.step + 1 >= max_new)
-    return s.replace(tokens=tokens, logprobs=logprobs, cache=cache, key_mask=key_mask, last=tok,
-                     lengths=lengths, done=done, step=s.step + 1)
+    return s.replace(
+        tokens=tokens,
+        logprobs=logprobs,
+        cache=cache,
+        key_mask=key_mask,
+        last=tok,
+        lengths=lengths,
+        done=done,
+        step=s.step + 1,
+    )
 
   return jax.lax.while_loop(cond, body, state)
 
@@ -222,8 +270,10 @@ def _split_stop_strings(stop_strings, tokenizer):
     ids = tokenizer.encode(s, add_special_tokens=False)
     unk = getattr(tokenizer, 'unk_token_id', None)
     if not ids or (unk is not None and unk in ids) or s not in tokenizer.decode(ids):
-      raise ValueError(f'stop string {s!r} cannot be represented by the tokenizer '
-                       f'(encodes to {ids}); it could never be generated')
+      raise ValueError(
+          f'stop string {s!r} cannot be represented by the tokenizer '
+          f'(encodes to {ids}); it could never be generated'
+      )
     if s in special and len(ids) == 1:
       as_ids.append(int(ids[0]))
     else:
@@ -247,18 +297,30 @@ def _cut_at_stop_string(tokens, tokenizer, stop_strings):
     else:
       lo = mid + 1
   text = tokenizer.decode(tokens[:hi])
-  return hi, text[:_find_stop(text, stop_strings)]
+  return hi, text[: _find_stop(text, stop_strings)]
 
 
 # ---- generate -------------------------------------------------------------------------------
 
 
-def generate(model, prompt_tokens: Sequence[Sequence[int]], *, max_new_tokens: int,
-             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             stop_tokens: Sequence[int] | None = None, stop_strings: Sequence[str] | None = None,
-             tokenizer=None, seed: int = 0, row_ids: Sequence[int] | None = None,
-             max_prompt_len: int | None = None, truncate: str = 'error',
-             stop_chunk: int = STOP_CHUNK, min_prompt_bucket: int = MIN_LEN_BUCKET) -> GenerateOutput:
+def generate(
+    model,
+    prompt_tokens: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens: Sequence[int] | None = None,
+    stop_strings: Sequence[str] | None = None,
+    tokenizer=None,
+    seed: int = 0,
+    row_ids: Sequence[int] | None = None,
+    max_prompt_len: int | None = None,
+    truncate: str = 'error',
+    stop_chunk: int = STOP_CHUNK,
+    min_prompt_bucket: int = MIN_LEN_BUCKET,
+) -> GenerateOutput:
   """Samples continuations of a batch of token-id prompts of any lengths.
 
   Args:
@@ -287,8 +349,10 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]], *, max_new_tokens: i
   if top_p is not None and not 0.0 < top_p <= 1.0:  # NaN fails this too
     raise ValueError(f'top_p must be in (0, 1] or None, got {top_p!r}')
   if max_new_tokens >= cfg.max_positions:
-    raise ValueError(f'max_new_tokens={max_new_tokens} leaves no room for a prompt in the '
-                     f'model context of {cfg.max_positions} positions')
+    raise ValueError(
+        f'max_new_tokens={max_new_tokens} leaves no room for a prompt in the '
+        f'model context of {cfg.max_positions} positions'
+    )
   limit = cfg.max_positions - int(max_new_tokens)
   if max_prompt_len is not None:
     if max_prompt_len <= 0:
@@ -308,28 +372,46 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]], *, max_new_tokens: i
 
   greedy = temperature == 0.0
   use_top_p = top_p is not None and top_p < 1.0 and not greedy
-  strategy = _Strategy(greedy=greedy, top_k=None if greedy or top_k is None else int(top_k),
-                       top_p=use_top_p)
+  strategy = _Strategy(
+      greedy=greedy, top_k=None if greedy or top_k is None else int(top_k), top_p=use_top_p
+  )
   n_rows = len(prompts)
   b = batch_bucket(n_rows)
   p = length_bucket(max(len(r) for r in prompts), min_prompt_bucket)
   n = length_bucket(int(max_new_tokens))
   pad_id = conversation.pad_id(tokenizer, cfg)
   tokens, mask = left_pad(prompts, b, p, pad_id)
-  ids = np.arange(b, dtype=np.int32) if row_ids is None else np.concatenate(
-      [np.asarray(row_ids, np.int32), np.arange(n_rows, b, dtype=np.int32) + 2**30])
+  ids = (
+      np.arange(b, dtype=np.int32)
+      if row_ids is None
+      else np.concatenate(
+          [np.asarray(row_ids, np.int32), np.arange(n_rows, b, dtype=np.int32) + 2**30]
+      )
+  )
   stop_arr = np.full((-(-max(len(stop_ids), 1) // _STOP_ID_SLOTS) * _STOP_ID_SLOTS,), -1, np.int32)
-  stop_arr[:len(stop_ids)] = stop_ids
+  stop_arr[: len(stop_ids)] = stop_ids
 
   graphdef, params = nnx.split(model)
-  dyn = dict(temperature=jnp.float32(max(temperature, 1e-6)),
-             top_p=jnp.float32(top_p if use_top_p else 1.0),
-             max_new=jnp.int32(max_new_tokens), stop_ids=jnp.asarray(stop_arr))
+  dyn = dict(
+      temperature=jnp.float32(max(temperature, 1e-6)),
+      top_p=jnp.float32(top_p if use_top_p else 1.0),
+      max_new=jnp.int32(max_new_tokens),
+      stop_ids=jnp.asarray(stop_arr),
+  )
   cache = model_lib.init_cache(cfg, b, p + n)
   state = jitted(_prefill, graphdef, strategy, donate_argnums=(3,))(
-      params, put_batch(tokens), put_batch(mask), cache,
-      put_batch(ids), jnp.uint32(seed % 2**32), dyn['temperature'], dyn['top_p'],
-      dyn['max_new'], dyn['stop_ids'], put_batch(np.arange(b) >= n_rows))
+      params,
+      put_batch(tokens),
+      put_batch(mask),
+      cache,
+      put_batch(ids),
+      jnp.uint32(seed % 2**32),
+      dyn['temperature'],
+      dyn['top_p'],
+      dyn['max_new'],
+      dyn['stop_ids'],
+      put_batch(np.arange(b) >= n_rows),
+  )
   decode = jitted(_decode, graphdef, strategy, donate_argnums=(1,))
 
   # Rows are final once the host has seen their end (stop token / length on device, or a
@@ -339,16 +421,25 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]], *, max_new_tokens: i
   step = 1
   while True:
     if step < max_new_tokens:
-      state = decode(params, state, jnp.int32(step + chunk), dyn['temperature'], dyn['top_p'],
-                     dyn['max_new'], dyn['stop_ids'], jnp.int32(pad_id))
+      state = decode(
+          params,
+          state,
+          jnp.int32(step + chunk),
+          dyn['temperature'],
+          dyn['top_p'],
+          dyn['max_new'],
+          dyn['stop_ids'],
+          jnp.int32(pad_id),
+      )
     host_tokens, lengths, done, step = jax.device_get(
-        (state.tokens, state.lengths, state.done, state.step))
+        (state.tokens, state.lengths, state.done, state.step)
+    )
     step = int(step)
     newly_done = np.zeros(b, bool)
     for r in range(n_rows):
       if r in final:
         continue
-      row = host_tokens[r, :lengths[r]].tolist()
+      row = host_tokens[r, : lengths[r]].tolist()
       if stop_texts and row:
         text = tokenizer.decode(row)
         if _find_stop(text, stop_texts) >= 0:
@@ -382,8 +473,15 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]], *, max_new_tokens: i
 # ---- long jobs ------------------------------------------------------------------------------
 
 
-def generate_batched(model, prompt_tokens: Sequence[Sequence[int]], *, batch_size: int,
-                     progress: bool = True, desc: str = 'sampling', **kwargs) -> GenerateOutput:
+def generate_batched(
+    model,
+    prompt_tokens: Sequence[Sequence[int]],
+    *,
+    batch_size: int,
+    progress: bool = True,
+    desc: str = 'sampling',
+    **kwargs,
+) -> GenerateOutput:
   """`generate` over many prompts, `batch_size` at a time, sorted by length for tight buckets.
 
   Row r keeps row id r, so its sample does not depend on batch_size or the sort. Results come
@@ -400,15 +498,21 @@ def generate_batched(model, prompt_tokens: Sequence[Sequence[int]], *, batch_siz
   bar = None
   if progress:
     from tqdm.auto import tqdm
+
     bar = tqdm(total=n, desc=desc, unit='prompt', dynamic_ncols=True)
   start, new_tokens = time.time(), 0
   try:
     for lo in range(0, n, batch_size):
-      idx = order[lo:lo + batch_size]
+      idx = order[lo : lo + batch_size]
       out = generate(model, [prompt_tokens[i] for i in idx], row_ids=idx, **kwargs)
       for j, i in enumerate(idx):
-        results[i] = (out.tokens[j], out.logprobs[j], out.finish_reason[j],
-                      out.texts[j] if has_tok else None, out.num_truncated[j])
+        results[i] = (
+            out.tokens[j],
+            out.logprobs[j],
+            out.finish_reason[j],
+            out.texts[j] if has_tok else None,
+            out.num_truncated[j],
+        )
         new_tokens += len(out.tokens[j])
       if bar is not None:
         bar.update(len(idx))
@@ -417,17 +521,27 @@ def generate_batched(model, prompt_tokens: Sequence[Sequence[int]], *, batch_siz
     if bar is not None:
       bar.close()
   cols = list(zip(*results)) if results else [[]] * 5
-  return GenerateOutput(list(cols[0]), list(cols[1]), list(cols[2]),
-                        list(cols[3]) if has_tok else None, list(cols[4]))
+  return GenerateOutput(
+      list(cols[0]), list(cols[1]), list(cols[2]), list(cols[3]) if has_tok else None, list(cols[4])
+  )
 
 
-def generate_responses(pretrained, prompts: Sequence[str | Sequence[conversation.Turn]], *,
-                       fmt: str = 'transcript', max_new_tokens: int, temperature: float = 0.0,
-                       top_k: int | None = None, top_p: float | None = None,
-                       batch_size: int = 16, seed: int = 0,
-                       stop_strings: Sequence[str] | None = None,
-                       max_prompt_len: int | None = None, truncate: str = 'left',
-                       progress: bool = False) -> list[Response]:
+def generate_responses(
+    pretrained,
+    prompts: Sequence[str | Sequence[conversation.Turn]],
+    *,
+    fmt: str = 'transcript',
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    batch_size: int = 16,
+    seed: int = 0,
+    stop_strings: Sequence[str] | None = None,
+    max_prompt_len: int | None = None,
+    truncate: str = 'left',
+    progress: bool = False,
+) -> list[Response]:
   """Assistant replies to conversations (lists of (role, text) turns) or rendered prompts.
 
   The format's stop strings (e.g. "\\n\\nHuman:") end a reply; transcript replies have their
@@ -445,16 +559,40 @@ def generate_responses(pretrained, prompts: Sequence[str | Sequence[conversation
     if limit > 0:
       cut = [len(e) - limit for e in encoded if len(e) > limit]
       if cut:  # one line per call: the oldest text (few-shots first) is what goes
-        logging.warning('%d of %d prompts lost their oldest tokens (%d to %d of them; limit %d '
-                        'tokens)', len(cut), len(encoded), min(cut), max(cut), limit)
+        logging.warning(
+            '%d of %d prompts lost their oldest tokens (%d to %d of them; limit %d ' 'tokens)',
+            len(cut),
+            len(encoded),
+            min(cut),
+            max(cut),
+            limit,
+        )
       encoded = [conversation.keep_last(e, limit, tok) for e in encoded]
   stops = list(conversation.stop_strings(fmt, tok)) + list(stop_strings or [])
-  out = generate_batched(pretrained.model, encoded, batch_size=batch_size, progress=progress,
-                         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                         top_p=top_p, stop_strings=stops, tokenizer=tok, seed=seed,
-                         max_prompt_len=max_prompt_len, truncate=truncate)
-  return [Response(text=t.lstrip() if fmt == 'transcript' else t, tokens=toks, logprobs=lp,
-                   finish_reason=fr, prompt_tokens=list(pr[d:]))
-          for t, toks, lp, fr, pr, d in zip(out.texts, out.tokens, out.logprobs,
-                                            out.finish_reason, encoded, out.num_truncated)]
-
+  out = generate_batched(
+      pretrained.model,
+      encoded,
+      batch_size=batch_size,
+      progress=progress,
+      max_new_tokens=max_new_tokens,
+      temperature=temperature,
+      top_k=top_k,
+      top_p=top_p,
+      stop_strings=stops,
+      tokenizer=tok,
+      seed=seed,
+      max_prompt_len=max_prompt_len,
+      truncate=truncate,
+  )
+  return [
+      Response(
+          text=t.lstrip() if fmt == 'transcript' else t,
+          tokens=toks,
+          logprobs=lp,
+          finish_reason=fr,
+          prompt_tokens=list(pr[d:]),
+      )
+      for t, toks, lp, fr, pr, d in zip(
+          out.texts, out.tokens, out.logprobs, out.finish_reason, encoded, out.num_truncated
+      )
+  ]

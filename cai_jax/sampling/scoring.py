@@ -13,9 +13,17 @@ from flax import nnx
 
 from cai_jax import conversation
 from cai_jax import model as model_lib
-from cai_jax.sampling.common import (batch_bucket, compile_counts, jitted, left_pad,
-                                     length_bucket, prepare_prompts, prompt_positions, put_batch,
-                                     run_prompt)
+from cai_jax.sampling.common import (
+    batch_bucket,
+    compile_counts,
+    jitted,
+    left_pad,
+    length_bucket,
+    prepare_prompts,
+    prompt_positions,
+    put_batch,
+    run_prompt,
+)
 
 _SCORE_CHUNK = 128  # positions per LM-head chunk in `score` (bounds the [B, T, V] logits)
 
@@ -26,14 +34,13 @@ class ScoreOutput:
   per_token: list[np.ndarray]  # log-prob of each continuation token
 
 
-
 def _score_fn(graphdef, params, tokens, mask, n_cont):
   """log p(tokens[:, t] | tokens[:, :t]) for the last n_cont positions [B, n_cont]."""
   compile_counts['score'] += 1
   model = nnx.merge(graphdef, params)
   positions = prompt_positions(mask)
   hidden, _ = model.hidden(tokens, positions, mask)
-  hidden = hidden[:, -n_cont - 1:-1]  # predicts tokens[:, -n_cont:]
+  hidden = hidden[:, -n_cont - 1 : -1]  # predicts tokens[:, -n_cont:]
   targets = tokens[:, -n_cont:]
   chunk = min(n_cont, _SCORE_CHUNK)
   b, _, d = hidden.shape
@@ -55,20 +62,25 @@ def _continuation(tokens, row: int, prompt_len: int, cfg, what: str) -> list[int
   if any(not 0 <= t < cfg.vocab_size for t in c):
     raise ValueError(f'row {row}: a {what} has token ids outside [0, {cfg.vocab_size})')
   if prompt_len + len(c) > cfg.max_positions:
-    raise ValueError(f'row {row}: prompt + {what} = {prompt_len + len(c)} tokens, '
-                     f'more than the model context of {cfg.max_positions}')
+    raise ValueError(
+        f'row {row}: prompt + {what} = {prompt_len + len(c)} tokens, '
+        f'more than the model context of {cfg.max_positions}'
+    )
   return c
 
 
-def score(model, prompt_tokens: Sequence[Sequence[int]],
-          continuation_tokens: Sequence[Sequence[int]]) -> ScoreOutput:
+def score(
+    model, prompt_tokens: Sequence[Sequence[int]], continuation_tokens: Sequence[Sequence[int]]
+) -> ScoreOutput:
   """Log-probs of each continuation after its prompt; rows of any lengths in one forward pass."""
   cfg = model.cfg
   if len(prompt_tokens) != len(continuation_tokens):
     raise ValueError(f'{len(prompt_tokens)} prompts but {len(continuation_tokens)} continuations')
   prompts, _ = prepare_prompts(prompt_tokens, cfg.vocab_size, cfg.max_positions, 'error')
-  conts = [_continuation(c, i, len(prompts[i]), cfg, 'continuation')
-           for i, c in enumerate(continuation_tokens)]
+  conts = [
+      _continuation(c, i, len(prompts[i]), cfg, 'continuation')
+      for i, c in enumerate(continuation_tokens)
+  ]
   if not prompts:
     return ScoreOutput(np.zeros((0,), np.float32), [])
   n_cont = length_bucket(max(max(len(c) for c in conts), 1), 8)
@@ -81,9 +93,14 @@ def score(model, prompt_tokens: Sequence[Sequence[int]],
   pad_id = conversation.pad_id(None, cfg)
   tokens, mask = left_pad(rows, b, t, pad_id)
   graphdef, params = nnx.split(model)
-  lp = np.asarray(jax.device_get(jitted(_score_fn, graphdef, static_argnums=(3,))(
-      params, put_batch(tokens), put_batch(mask), n_cont)))
-  per_token = [lp[i, n_cont - len(c):].astype(np.float32) for i, c in enumerate(conts)]
+  lp = np.asarray(
+      jax.device_get(
+          jitted(_score_fn, graphdef, static_argnums=(3,))(
+              params, put_batch(tokens), put_batch(mask), n_cont
+          )
+      )
+  )
+  per_token = [lp[i, n_cont - len(c) :].astype(np.float32) for i, c in enumerate(conts)]
   return ScoreOutput(np.array([x.sum() for x in per_token], np.float32), per_token)
 
 
@@ -112,8 +129,9 @@ def _score_options_fn(graphdef, params, tokens, mask, options, cache):
   return jnp.stack(out, axis=1)
 
 
-def score_options(model, prompt_tokens: Sequence[Sequence[int]],
-                  options: Sequence[Sequence[Sequence[int]]]) -> np.ndarray:
+def score_options(
+    model, prompt_tokens: Sequence[Sequence[int]], options: Sequence[Sequence[Sequence[int]]]
+) -> np.ndarray:
   """Total log-prob [N, O] of each of a row's O continuations after its prompt.
 
   Equals `score` on every (prompt, option) pair, at the cost of one pass over each prompt: the
@@ -143,10 +161,23 @@ def score_options(model, prompt_tokens: Sequence[Sequence[int]],
   opts = np.full((b, n_opt, c), pad_id, np.int32)
   for i, row in enumerate(conts):
     for o, x in enumerate(row):
-      opts[i, o, :len(x)] = x
+      opts[i, o, : len(x)] = x
   graphdef, params = nnx.split(model)
-  lp = np.asarray(jax.device_get(jitted(_score_options_fn, graphdef)(
-      params, put_batch(tokens), put_batch(mask), put_batch(opts),
-      model_lib.init_cache(cfg, b, t + c))))
-  return np.array([[lp[i, o, :len(x)].astype(np.float32).sum() for o, x in enumerate(row)]
-                   for i, row in enumerate(conts)], np.float32)
+  lp = np.asarray(
+      jax.device_get(
+          jitted(_score_options_fn, graphdef)(
+              params,
+              put_batch(tokens),
+              put_batch(mask),
+              put_batch(opts),
+              model_lib.init_cache(cfg, b, t + c),
+          )
+      )
+  )
+  return np.array(
+      [
+          [lp[i, o, : len(x)].astype(np.float32).sum() for o, x in enumerate(row)]
+          for i, row in enumerate(conts)
+      ],
+      np.float32,
+  )

@@ -15,19 +15,31 @@ import ml_collections
 
 def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.num_prompts = dict(tiny=6, demo=8, full=-1)[variant]  # red-team prompts: the first N of the train split; -1 = all
-  c.n_rounds = dict(tiny=2, demo=2, full=4)[variant]  # critique/revision rounds per prompt, each a fresh principle (paper: 4)
-  c.num_few_shots = dict(tiny=-1, demo=0, full=-1)[variant]  # critique few-shots before each prompt; -1 = all there are
-  c.max_new_tokens = dict(tiny=16, demo=32, full=256)[variant]  # longest response, revision or helpful response (tokens)
+  c.num_prompts = dict(tiny=6, demo=8, full=-1)[
+      variant
+  ]  # red-team prompts: the first N of the train split; -1 = all
+  c.n_rounds = dict(tiny=2, demo=2, full=4)[
+      variant
+  ]  # critique/revision rounds per prompt, each a fresh principle (paper: 4)
+  c.num_few_shots = dict(tiny=-1, demo=0, full=-1)[
+      variant
+  ]  # critique few-shots before each prompt; -1 = all there are
+  c.max_new_tokens = dict(tiny=16, demo=32, full=256)[
+      variant
+  ]  # longest response, revision or helpful response (tokens)
   c.critique_max_new_tokens = dict(tiny=16, demo=32, full=192)[variant]  # longest critique (tokens)
   c.temperature = 0.7 if variant == 'demo' else 1.0  # sampling temperature; 0 = greedy
   c.top_k = 0  # sample among the k most likely tokens; 0 = no top-k cut
   c.top_p = 0.9 if variant == 'demo' else 1.0  # nucleus sampling mass; 1.0 = no cut
   c.batch_size = dict(tiny=6, demo=8, full=64)[variant]  # sequences per sampler call
-  c.chunk_size = dict(tiny=6, demo=8, full=256)[variant]  # prompts per resumable unit (appended to samples.jsonl when done)
+  c.chunk_size = dict(tiny=6, demo=8, full=256)[
+      variant
+  ]  # prompts per resumable unit (appended to samples.jsonl when done)
   # Helpful prompts per red-team prompt, the first N of the helpful train split (paper: 135,296
   # helpful / 182,831 red-team prompts ~ 0.74); a short split gives what it has, with a warning.
   c.helpful_ratio = 0.5 if variant == 'tiny' else 0.75
-  c.helpful_samples_per_prompt = 2  # responses sampled per helpful prompt, each its own seed (paper: 2)
+  c.helpful_samples_per_prompt = (
+      2  # responses sampled per helpful prompt, each its own seed (paper: 2)
+  )
   c.write_tfds = True  # also publish the samples as TFDS array_record under STAGE_DIR/tfds
   return c

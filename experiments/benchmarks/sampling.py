@@ -27,10 +27,14 @@ _REPEATS = flags.DEFINE_integer('repeats', 2, 'timed runs per setting (best is k
 _SKIP_HF = flags.DEFINE_bool('skip_transformers', False, 'time cai_jax only')
 
 QUESTIONS = [
-    'What is the capital of France?', 'Write a haiku about the sea.',
-    'How do I make a cup of tea? Explain step by step.', 'Hi!',
-    'Why is the sky blue? My teacher never explained it properly.', 'List three prime numbers.',
-    'Tell me a joke about computers.', 'What should I cook for dinner tonight?',
+    'What is the capital of France?',
+    'Write a haiku about the sea.',
+    'How do I make a cup of tea? Explain step by step.',
+    'Hi!',
+    'Why is the sky blue? My teacher never explained it properly.',
+    'List three prime numbers.',
+    'Tell me a joke about computers.',
+    'What should I cook for dinner tonight?',
 ]
 
 
@@ -47,6 +51,7 @@ def matmul_flops(dtype, n=2048, repeats=5):
   """Measured dense matmul FLOP/s of this machine's default JAX device (the roofline)."""
   import jax
   import jax.numpy as jnp
+
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
   f = jax.jit(lambda x, y: x @ y)
   jax.block_until_ready(f(a, a))
@@ -56,18 +61,25 @@ def matmul_flops(dtype, n=2048, repeats=5):
 def _transformers_generate(hf, prompts, n_new, device):
   """A closure running transformers' batched greedy generate (left padding) for exactly n_new."""
   import torch
+
   width = max(map(len, prompts))
   ids = torch.zeros((len(prompts), width), dtype=torch.long)
   attn = torch.zeros((len(prompts), width), dtype=torch.long)
   for i, p in enumerate(prompts):
-    ids[i, width - len(p):] = torch.tensor(p)
-    attn[i, width - len(p):] = 1
+    ids[i, width - len(p) :] = torch.tensor(p)
+    attn[i, width - len(p) :] = 1
   ids, attn = ids.to(device), attn.to(device)
 
   def run():
     with torch.no_grad():
-      out = hf.generate(input_ids=ids, attention_mask=attn, max_new_tokens=n_new,
-                        min_new_tokens=n_new, do_sample=False, pad_token_id=0)
+      out = hf.generate(
+          input_ids=ids,
+          attention_mask=attn,
+          max_new_tokens=n_new,
+          min_new_tokens=n_new,
+          do_sample=False,
+          pad_token_id=0,
+      )
     assert out.shape[1] == width + n_new
 
   return run
@@ -93,24 +105,36 @@ def main(argv):
   torch.set_num_threads(os.cpu_count())
   n_new = _NEW_TOKENS.value
   torch_device = 'cuda' if torch.cuda.is_available() else 'cpu'
-  print(f'jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}; '
-        f'torch {torch.__version__} on {torch_device} with {torch.get_num_threads()} threads; '
-        f'{os.cpu_count()} CPUs')
+  print(
+      f'jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}; '
+      f'torch {torch.__version__} on {torch_device} with {torch.get_num_threads()} threads; '
+      f'{os.cpu_count()} CPUs'
+  )
   headline = None
   for dtype in _DTYPES.value:
     peak = matmul_flops(dtype)
     pt = checkpoint.load_pretrained('smollm2-135m', dtype=dtype)
     cfg, tok = pt.config, pt.tokenizer
-    base = [tok.encode(conversation.render([('human', q)], 'chat_template', tok),
-                       add_special_tokens=False) for q in QUESTIONS]
+    base = [
+        tok.encode(
+            conversation.render([('human', q)], 'chat_template', tok), add_special_tokens=False
+        )
+        for q in QUESTIONS
+    ]
     hf = None
     if not _SKIP_HF.value:
       path = checkpoint.smollm2_path()
-      hf = transformers.AutoModelForCausalLM.from_pretrained(
-          os.path.dirname(path), gguf_file=os.path.basename(path),
-          dtype=getattr(torch, dtype)).eval().to(torch_device)
-    print(f'\n== {dtype}: matmul roofline {peak / 1e9:.1f} GFLOP/s; '
-          f'{cfg.num_params() / 1e6:.1f}M params')
+      hf = (
+          transformers.AutoModelForCausalLM.from_pretrained(
+              os.path.dirname(path), gguf_file=os.path.basename(path), dtype=getattr(torch, dtype)
+          )
+          .eval()
+          .to(torch_device)
+      )
+    print(
+        f'\n== {dtype}: matmul roofline {peak / 1e9:.1f} GFLOP/s; '
+        f'{cfg.num_params() / 1e6:.1f}M params'
+    )
     for b in map(int, _BATCH_SIZES.value):
       prompts = [base[i % len(base)] for i in range(b)]
       kw = dict(max_new_tokens=n_new, stop_tokens=[])
@@ -136,9 +160,11 @@ def main(argv):
       cache_bytes = 2 * cfg.n_layers * b * s_len * cfg.n_kv_heads * cfg.head_dim * itemsize
       context = np.mean([len(p) for p in prompts]) + n_new / 2
       flops = model_flops_per_token(cfg, s_len)  # we attend over the whole bucketed cache
-      line = (f'B={b:3d} cai_jax {ours_tps:8.1f} tok/s (decode step {step_s * 1e3:7.1f} ms, '
-              f'{flops * b / step_s / peak:6.1%} of roofline, '
-              f'{(param_bytes + cache_bytes) / step_s / 1e9:6.1f} GB/s)')
+      line = (
+          f'B={b:3d} cai_jax {ours_tps:8.1f} tok/s (decode step {step_s * 1e3:7.1f} ms, '
+          f'{flops * b / step_s / peak:6.1%} of roofline, '
+          f'{(param_bytes + cache_bytes) / step_s / 1e9:6.1f} GB/s)'
+      )
       if theirs is not None:
         hf_tps = b * n_new / t_hf
         speedup = ours_tps / hf_tps

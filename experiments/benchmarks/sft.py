@@ -30,11 +30,23 @@ from cai_jax import checkpoint, sft, sharding, train_lib  # noqa: E402
 
 # Compiling the 30-layer step takes minutes on a small CPU; keep it for the next run (as the tests do).
 if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
-  _cache = os.environ.get('CAI_JAX_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'cai_jax')
+  _cache = os.environ.get('CAI_JAX_CACHE') or os.path.join(
+      os.path.expanduser('~'), '.cache', 'cai_jax'
+  )
   jax.config.update('jax_compilation_cache_dir', os.path.join(_cache, 'jax'))
 
-OPTIMIZER = ml_collections.ConfigDict(dict(learning_rate=1e-5, warmup_steps=0, schedule='constant',
-                                           weight_decay=0.01, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0))
+OPTIMIZER = ml_collections.ConfigDict(
+    dict(
+        learning_rate=1e-5,
+        warmup_steps=0,
+        schedule='constant',
+        weight_decay=0.01,
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        grad_clip=1.0,
+    )
+)
 
 
 def make_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -42,7 +54,7 @@ def make_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, np.
   rng = np.random.RandomState(seed)
   tokens = rng.randint(0, vocab, (batch, seq)).astype(np.int32)
   loss_mask = np.zeros_like(tokens)
-  loss_mask[:, seq // 4:] = 1
+  loss_mask[:, seq // 4 :] = 1
   return {'tokens': tokens, 'loss_mask': loss_mask}
 
 
@@ -74,7 +86,9 @@ class JaxTrainer:
       self.pretrained = checkpoint.load_pretrained('smollm2-135m')
       tx, schedule = train_lib.make_optimizer(OPTIMIZER, 1000)
       graphdef, self.state, shardings = train_lib.init_state(self.pretrained.model, tx)
-      self.step_fn = train_lib.make_train_step(graphdef, tx, sft.make_loss_fn(loss_chunk), shardings, schedule)
+      self.step_fn = train_lib.make_train_step(
+          graphdef, tx, sft.make_loss_fn(loss_chunk), shardings, schedule
+      )
       self.batch = sharding.global_batch(batch)
 
   def step(self) -> float:
@@ -92,9 +106,13 @@ class TorchTrainer:
     self.torch = torch
     self.model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     self.model.train()
-    self.opt = torch.optim.AdamW(self.model.parameters(), lr=OPTIMIZER.learning_rate,
-                                 betas=(OPTIMIZER.b1, OPTIMIZER.b2), eps=OPTIMIZER.eps,
-                                 weight_decay=OPTIMIZER.weight_decay)
+    self.opt = torch.optim.AdamW(
+        self.model.parameters(),
+        lr=OPTIMIZER.learning_rate,
+        betas=(OPTIMIZER.b1, OPTIMIZER.b2),
+        eps=OPTIMIZER.eps,
+        weight_decay=OPTIMIZER.weight_decay,
+    )
     self.input_ids = torch.tensor(batch['tokens'], dtype=torch.long)
     self.labels = torch.where(torch.tensor(batch['loss_mask']) > 0, self.input_ids, -100)
 
@@ -113,14 +131,20 @@ def measure(name: str, trainer, warmup: int, steps: int) -> dict:
   first = trainer.step()
   for _ in range(warmup - 1):
     trainer.step()
-  print(f'{name}: first loss {first:.4f}; {warmup} warmup step(s) took {time.perf_counter() - t0:.1f} s', flush=True)
+  print(
+      f'{name}: first loss {first:.4f}; {warmup} warmup step(s) took {time.perf_counter() - t0:.1f} s',
+      flush=True,
+  )
   wall, cpu = [], []
   for i in range(steps):
     w, c = time.perf_counter(), time.process_time()
     trainer.step()
     wall.append(time.perf_counter() - w)
     cpu.append(time.process_time() - c)
-    print(f'{name} step {i}: {wall[-1]:.2f} s wall, {cpu[-1]:.2f} s CPU, load {os.getloadavg()[0]:.1f}', flush=True)
+    print(
+        f'{name} step {i}: {wall[-1]:.2f} s wall, {cpu[-1]:.2f} s CPU, load {os.getloadavg()[0]:.1f}',
+        flush=True,
+    )
   return {'wall': statistics.median(wall), 'cpu': statistics.median(cpu), 'first_loss': first}
 
 
@@ -129,18 +153,23 @@ def main():
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--seq', type=int, default=256)
   parser.add_argument('--steps', type=int, default=4, help='timed steps per framework')
-  parser.add_argument('--warmup', type=int, default=1, help='untimed steps per framework (compilation)')
+  parser.add_argument(
+      '--warmup', type=int, default=1, help='untimed steps per framework (compilation)'
+  )
   parser.add_argument('--loss_chunk', type=int, default=64, help='sft.loss_chunk of our step')
   args = parser.parse_args()
 
   import torch
+
   torch.set_num_threads(os.cpu_count())
   batch = make_batch(args.batch, args.seq, 49152)
   tokens = args.batch * args.seq
-  print(f'SmolLM2-135M float32, batch {args.batch} x {args.seq} = {tokens} tokens/step, '
-        f'{os.cpu_count()} CPU threads, jax {jax.__version__} ({jax.devices()[0].platform}), '
-        f'torch {torch.__version__}, loss_chunk {args.loss_chunk}, load average {os.getloadavg()[0]:.1f}',
-        flush=True)
+  print(
+      f'SmolLM2-135M float32, batch {args.batch} x {args.seq} = {tokens} tokens/step, '
+      f'{os.cpu_count()} CPU threads, jax {jax.__version__} ({jax.devices()[0].platform}), '
+      f'torch {torch.__version__}, loss_chunk {args.loss_chunk}, load average {os.getloadavg()[0]:.1f}',
+      flush=True,
+  )
 
   # One framework at a time, so the peak memory is the larger of the two, not their sum.
   hf_dir = tempfile.mkdtemp(prefix='sft_bench_')
@@ -160,15 +189,21 @@ def main():
   assert abs(results['jax']['first_loss'] - results['torch']['first_loss']) < 1e-3, results
   peak = matmul_flops()
   peak_flops = max(peak.values())
-  print(f'matmul 2048^3 float32: xla {peak["xla"] / 1e9:.1f} GFLOP/s, torch {peak["torch"] / 1e9:.1f} GFLOP/s')
+  print(
+      f'matmul 2048^3 float32: xla {peak["xla"] / 1e9:.1f} GFLOP/s, torch {peak["torch"] / 1e9:.1f} GFLOP/s'
+  )
   rate = {}
   for name, r in results.items():
     rate[name] = tokens / r['wall']
     mfu = 6 * cfg.num_params() * rate[name] / peak_flops
-    print(f'{name:5s}: {r["wall"]:6.2f} s/step wall, {r["cpu"]:6.2f} s/step CPU (medians of {args.steps}), '
-          f'{rate[name]:8.1f} tokens/s, MFU {100 * mfu:5.1f}% of the measured matmul rate')
-  print(f'CPU-time speedup (less sensitive to other processes): '
-        f'{results["torch"]["cpu"] / results["jax"]["cpu"]:.2f}')
+    print(
+        f'{name:5s}: {r["wall"]:6.2f} s/step wall, {r["cpu"]:6.2f} s/step CPU (medians of {args.steps}), '
+        f'{rate[name]:8.1f} tokens/s, MFU {100 * mfu:5.1f}% of the measured matmul rate'
+    )
+  print(
+      f'CPU-time speedup (less sensitive to other processes): '
+      f'{results["torch"]["cpu"] / results["jax"]["cpu"]:.2f}'
+  )
   print(f'sft speedup vs pytorch: {rate["jax"] / rate["torch"]:.2f}')
 
 

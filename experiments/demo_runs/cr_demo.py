@@ -24,16 +24,31 @@ def main(argv):
   overrides = [a for a in argv if a.startswith('--')]
   shutil.rmtree(workdir, ignore_errors=True)
   t0 = time.time()
-  subprocess.run([sys.executable, '-m', 'cai_jax.main', '--config', 'configs/demo.py',
-                  '--workdir', str(workdir), '--config.stages=critique_revision', *overrides],
-                 cwd=REPO, check=True, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  subprocess.run(
+      [
+          sys.executable,
+          '-m',
+          'cai_jax.main',
+          '--config',
+          'configs/demo.py',
+          '--workdir',
+          str(workdir),
+          '--config.stages=critique_revision',
+          *overrides,
+      ],
+      cwd=REPO,
+      check=True,
+      env=dict(os.environ, JAX_PLATFORMS='cpu'),
+  )
   wall = time.time() - t0
   usage = resource.getrusage(resource.RUSAGE_CHILDREN)
   stage_dir = workdir / 'critique_revision'
   done = json.loads((stage_dir / 'DONE.json').read_text())
   cpu = usage.ru_utime + usage.ru_stime
-  print(f'\nwall {wall:.1f}s (stage {done["seconds"]:.1f}s), CPU {cpu:.1f}s, '
-        f'load average {os.getloadavg()[0]:.1f}')
+  print(
+      f'\nwall {wall:.1f}s (stage {done["seconds"]:.1f}s), CPU {cpu:.1f}s, '
+      f'load average {os.getloadavg()[0]:.1f}'
+  )
   print(json.dumps(done['summary'], indent=1))
   for line in (stage_dir / 'samples.jsonl').read_text().splitlines()[:2]:
     print(json.dumps(json.loads(line), indent=1, ensure_ascii=False))

@@ -36,7 +36,9 @@ def main(workdirs):
   primary = workdirs and workdirs[0] == '--primary_order_only'
   if primary:
     workdirs = workdirs[1:]
-  print('| run | n | accuracy (95% CI) | ECE | mean p_chosen | P(first preferred) | finished | seconds |')
+  print(
+      '| run | n | accuracy (95% CI) | ECE | mean p_chosen | P(first preferred) | finished | seconds |'
+  )
   print('|---|---:|---|---:|---:|---:|---|---:|')
   for w in workdirs:
     d = Path(w) / 'evaluate_feedback'
@@ -51,9 +53,11 @@ def main(workdirs):
     half = 1.96 * math.sqrt(max(acc * (1 - acc), 1e-12) / n)
     done = d / 'DONE.json'
     seconds = json.loads(done.read_text())['seconds'] if done.exists() else float('nan')
-    print(f'| {Path(w).name}{" (primary order only)" if primary else ""} | {n} | {acc:.3f} ({acc - half:.3f}-{acc + half:.3f}) | {s["ece"]:.3f} | '
-          f'{s["mean_p_chosen"]:.3f} | {s["frac_first_preferred"]:.3f} | '
-          f'{"yes" if done.exists() else "no"} | {seconds:.0f} |')
+    print(
+        f'| {Path(w).name}{" (primary order only)" if primary else ""} | {n} | {acc:.3f} ({acc - half:.3f}-{acc + half:.3f}) | {s["ece"]:.3f} | '
+        f'{s["mean_p_chosen"]:.3f} | {s["frac_first_preferred"]:.3f} | '
+        f'{"yes" if done.exists() else "no"} | {seconds:.0f} |'
+    )
 
 
 if __name__ == '__main__':

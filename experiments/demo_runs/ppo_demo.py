@@ -51,11 +51,14 @@ def main(argv):
     if pm_dir:
       shutil.copytree(pm_dir, pm_export, dirs_exist_ok=True)
     else:
-      checkpoint.save_pretrained(checkpoint.load_pretrained('smollm2-135m', scalar_head=True), str(pm_export))
+      checkpoint.save_pretrained(
+          checkpoint.load_pretrained('smollm2-135m', scalar_head=True), str(pm_export)
+      )
   shutil.rmtree(workdir / 'ppo', ignore_errors=True)
 
   if c.compilation_cache_dir:  # as cai_jax.main does
     import jax
+
     jax.config.update('jax_compilation_cache_dir', os.path.expanduser(c.compilation_cache_dir))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   t0, cpu0 = time.time(), time.process_time()
@@ -63,9 +66,23 @@ def main(argv):
   with sharding.use_mesh(mesh, c.logical_axis_rules):
     rows = pipeline.run(stages.Context(c, workdir, mesh))
   wall, cpu = time.time() - t0, time.process_time() - cpu0
-  keys = ('score_mean', 'reward_mean', 'kl', 'kl_coef', 'entropy', 'clipfrac', 'policy_loss', 'value_loss',
-          'explained_variance', 'response_length', 'truncated_fraction', 'logprob_gap', 'sample_seconds',
-          'train_seconds', 'step_seconds')
+  keys = (
+      'score_mean',
+      'reward_mean',
+      'kl',
+      'kl_coef',
+      'entropy',
+      'clipfrac',
+      'policy_loss',
+      'value_loss',
+      'explained_variance',
+      'response_length',
+      'truncated_fraction',
+      'logprob_gap',
+      'sample_seconds',
+      'train_seconds',
+      'step_seconds',
+  )
   for r in train_lib.read_metrics(workdir / 'ppo' / 'metrics.jsonl'):
     print(r['step'], ' '.join(f'{k}={r[k]:.4g}' for k in keys if k in r))
   print(json.dumps({'rows': rows, 'wall_seconds': round(wall, 1), 'cpu_seconds': round(cpu, 1)}))

@@ -7,7 +7,9 @@ from experiments.sweep import PIPELINE_METRICS
 BASE = 'tiny'
 AXES = {'ppo.kl.coef': [0.0, 0.01, 0.05, 0.2]}
 METRICS = dict(PIPELINE_METRICS)
-METRICS.update({
-    'ppo_final_kl': 'ppo:kl_last',
-    'ppo_score_last10': 'ppo:score_mean_last10',
-})
+METRICS.update(
+    {
+        'ppo_final_kl': 'ppo:kl_last',
+        'ppo_score_last10': 'ppo:score_mean_last10',
+    }
+)

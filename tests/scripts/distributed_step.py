@@ -11,8 +11,9 @@ import os
 import sys
 
 num_processes, process_id, port, local_devices = map(int, sys.argv[1:5])
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           f' --xla_force_host_platform_device_count={local_devices}').strip()
+os.environ['XLA_FLAGS'] = (
+    os.environ.get('XLA_FLAGS', '') + f' --xla_force_host_platform_device_count={local_devices}'
+).strip()
 os.environ['JAX_PLATFORMS'] = 'cpu'  # maybe_initialize_distributed then picks gloo collectives
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
 
@@ -30,14 +31,27 @@ from sft_common import batches  # noqa: E402
 
 def main():
   if num_processes > 1:
-    sharding.maybe_initialize_distributed(ml_collections.ConfigDict(dict(
-        enabled=True, coordinator_address=f'localhost:{port}', num_processes=num_processes,
-        process_id=process_id, local_device_ids=())))
-  assert jax.process_count() == num_processes and jax.device_count() == 4, (jax.process_count(), jax.devices())
+    sharding.maybe_initialize_distributed(
+        ml_collections.ConfigDict(
+            dict(
+                enabled=True,
+                coordinator_address=f'localhost:{port}',
+                num_processes=num_processes,
+                process_id=process_id,
+                local_device_ids=(),
+            )
+        )
+    )
+  assert jax.process_count() == num_processes and jax.device_count() == 4, (
+      jax.process_count(),
+      jax.devices(),
+  )
   config = tiny.get_config()
   mesh = sharding.make_mesh((2, 2, 1))  # batch over data x fsdp = 4 devices; params over fsdp
   with sharding.use_mesh(mesh, config.logical_axis_rules):
-    model = model_lib.create(ModelConfig.tiny(), seed=0)  # = load_pretrained('random:tiny'), minus its tokenizer
+    model = model_lib.create(
+        ModelConfig.tiny(), seed=0
+    )  # = load_pretrained('random:tiny'), minus its tokenizer
     tx, schedule = train_lib.make_optimizer(config.sft.optimizer, 10)
     graphdef, state, shardings = train_lib.init_state(model, tx)
     step = train_lib.make_train_step(graphdef, tx, sft.make_loss_fn(0), shardings, schedule)
@@ -49,8 +63,17 @@ def main():
       grad_norms.append(m['grad_norm'])
     exported = checkpoint.flat_params(nnx.merge(graphdef, train_lib.gather_params(state.params)))
   if jax.process_index() == 0:
-    print(json.dumps({'losses': losses, 'grad_norms': grad_norms, 'processes': jax.process_count(),
-                      'embed_sum': float(exported[('embed',)].sum())}), flush=True)
+    print(
+        json.dumps(
+            {
+                'losses': losses,
+                'grad_norms': grad_norms,
+                'processes': jax.process_count(),
+                'embed_sum': float(exported[('embed',)].sum()),
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == '__main__':

@@ -28,7 +28,7 @@ def _append_then_die(kill_at: int):
     if calls[0] < kill_at:
       return append(f, chunk_records)
     text = records.dumps(chunk_records)
-    f.write(text[:len(text) // 2])
+    f.write(text[: len(text) // 2])
     f.flush()
     os.fsync(f.fileno())
     os.kill(os.getpid(), signal.SIGKILL)

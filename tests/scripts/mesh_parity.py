@@ -12,7 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
+os.environ['XLA_FLAGS'] = (
+    os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+).strip()
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
 
 import jax  # noqa: E402
@@ -27,10 +29,13 @@ from configs import tiny  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 from sft_common import batches  # noqa: E402
 
+
 def layout_errors(tree, what, mesh):
   """Every nnx.Variable in `tree` whose array is not laid out as the logical-axis rules say."""
   errors = []
-  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+  leaves = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: isinstance(x, nnx.Variable)
+  )[0]
   for path, v in leaves:
     if not isinstance(v, nnx.Variable):
       continue
@@ -44,9 +49,11 @@ def layout_errors(tree, what, mesh):
 
 
 def run_mesh(shape, config):
-  mesh = sharding.make_mesh(shape, jax.devices()[:math.prod(shape)])
+  mesh = sharding.make_mesh(shape, jax.devices()[: math.prod(shape)])
   with sharding.use_mesh(mesh, config.logical_axis_rules):
-    model = model_lib.create(ModelConfig.tiny(), seed=0)  # = load_pretrained('random:tiny'), minus its tokenizer
+    model = model_lib.create(
+        ModelConfig.tiny(), seed=0
+    )  # = load_pretrained('random:tiny'), minus its tokenizer
     data = [sharding.global_batch(b) for b in batches()]
     logits, _ = jax.jit(lambda m, t: m(t))(model, data[0]['tokens'])
     tx, schedule = train_lib.make_optimizer(config.sft.optimizer, 10)
@@ -54,8 +61,10 @@ def run_mesh(shape, config):
     errors = layout_errors(nnx.state(model), 'params', mesh)
     errors += layout_errors(state.params, 'state.params', mesh)
     errors += layout_errors(state.opt_state, 'opt_state', mesh)
-    n_moments = sum(isinstance(v, nnx.Variable) for v in jax.tree.leaves(
-        state.opt_state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    n_moments = sum(
+        isinstance(v, nnx.Variable)
+        for v in jax.tree.leaves(state.opt_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    )
     step = train_lib.make_train_step(graphdef, tx, sft.make_loss_fn(0), shardings, schedule)
     losses, grad_norms = [], []
     for b in data:
@@ -65,19 +74,32 @@ def run_mesh(shape, config):
       grad_norms.append(m['grad_norm'])
     errors += layout_errors(state.params, 'trained.params', mesh)
     errors += layout_errors(state.opt_state, 'trained.opt_state', mesh)
-    spec_names = sorted({str(v.get_value().sharding.spec) for v in jax.tree.leaves(
-        state.params, is_leaf=lambda x: isinstance(x, nnx.Variable))})
+    spec_names = sorted(
+        {
+            str(v.get_value().sharding.spec)
+            for v in jax.tree.leaves(state.params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        }
+    )
     # A global batch that the batch axes do not divide is refused before any work, by name.
     config.sft.batch_size = 6
     try:
       sft.run(stages.Context(config, Path('/nonexistent')), None)
       batch_error = ''
-    except (sharding.ShardingError, stages.StageError) as e:  # StageError: no upstream (batch is fine)
+    except (
+        sharding.ShardingError,
+        stages.StageError,
+    ) as e:  # StageError: no upstream (batch is fine)
       batch_error = f'{type(e).__name__}: {e}'
     config.sft.batch_size = 8
-  return {'logits': np.asarray(logits).astype(float).ravel()[::97].tolist(), 'losses': losses,
-          'grad_norms': grad_norms, 'layout_errors': errors, 'n_moments': n_moments,
-          'specs': spec_names, 'batch_error': batch_error}
+  return {
+      'logits': np.asarray(logits).astype(float).ravel()[::97].tolist(),
+      'losses': losses,
+      'grad_norms': grad_norms,
+      'layout_errors': errors,
+      'n_moments': n_moments,
+      'specs': spec_names,
+      'batch_error': batch_error,
+  }
 
 
 def main():

@@ -14,7 +14,7 @@ def batches(batch_size=8, length=32, steps=STEPS, seed=0):
     loss_mask = np.zeros_like(tokens)
     for b in range(batch_size):
       p, t = rng.randint(5, 16), rng.randint(5, 16)
-      loss_mask[b, p:p + t] = 1
-      tokens[b, p + t:] = 256
+      loss_mask[b, p : p + t] = 1
+      tokens[b, p + t :] = 256
     out.append({'tokens': tokens, 'loss_mask': loss_mask})
   return out
