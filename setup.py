@@ -10,10 +10,13 @@ setup(
     long_description_content_type='text/markdown',
     license='Apache-2.0',
     python_requires='>=3.10',
-    packages=find_packages(include=['cai_jax', 'cai_jax.*', 'configs', 'configs.*', 'experiments',
-                                    'experiments.*']),
-    package_data={'cai_jax': ['assets/*', 'assets/**/*'], 'configs': ['constitutions/*.json',
-                                                                      'constitutions/*.md']},
+    packages=find_packages(
+        include=['cai_jax', 'cai_jax.*', 'configs', 'configs.*', 'experiments', 'experiments.*']
+    ),
+    package_data={
+        'cai_jax': ['assets/*', 'assets/**/*'],
+        'configs': ['constitutions/*.json', 'constitutions/*.md'],
+    },
     include_package_data=True,
     install_requires=[
         'jax>=0.7',
@@ -42,7 +45,15 @@ setup(
         # The parity reference: a CPU build of torch (2.13.0 is the one on local disk here; an
         # unpinned torch would pull a multi-GB CUDA build) and accelerate for transformers' GGUF loader.
         # jax[tpu] brings libtpu, whose compiler tests/test_aot.py runs without a TPU.
-        'test': ['pytest', 'torch==2.13.0', 'accelerate', 'nbclient', 'nbformat', 'ipykernel',
-                 'jax[tpu]==0.10.2'],
+        'test': [
+            'pytest',
+            'torch==2.13.0',
+            'accelerate',
+            'nbclient',
+            'nbformat',
+            'ipykernel',
+            'jax[tpu]==0.10.2',
+            'pyink==26.5.1',
+        ],
     },
 )
