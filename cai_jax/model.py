@@ -107,160 +107,58 @@ class ModelConfig:
     return emb + self.n_layers * (attn + mlp)
 
   # ---- presets -------------------------------------------------------------------------
+  # Each preset is a table of its checkpoint's numbers, packed (not one per line) to read as one.
+  # fmt: off
   @classmethod
   def smollm2_135m(cls, **kw) -> ModelConfig:
-    return cls(
-        **{
-            **dict(
-                family='llama',
-                vocab_size=49152,
-                d_model=576,
-                n_layers=30,
-                n_heads=9,
-                n_kv_heads=3,
-                head_dim=64,
-                d_ff=1536,
-                max_positions=8192,
-                rope_theta=100000.0,
-                bos_token_id=1,
-                eos_token_id=2,
-            ),
-            **kw,
-        }
-    )
+    return cls(**{**dict(family='llama', vocab_size=49152, d_model=576, n_layers=30, n_heads=9,
+                         n_kv_heads=3, head_dim=64, d_ff=1536, max_positions=8192,
+                         rope_theta=100000.0, bos_token_id=1, eos_token_id=2), **kw})
 
   @classmethod
   def tiny(cls, family: str = 'llama', **kw) -> ModelConfig:
     """A few-hundred-thousand-parameter model for tests, in any family's shape."""
-    base = dict(
-        family=family,
-        vocab_size=320,
-        d_model=64,
-        n_layers=2,
-        n_heads=8,
-        n_kv_heads=4,
-        head_dim=8,
-        d_ff=128,
-        max_positions=1024,
-        bos_token_id=257,
-        eos_token_id=258,
-        pad_token_id=256,
-    )
+    base = dict(family=family, vocab_size=320, d_model=64, n_layers=2, n_heads=8, n_kv_heads=4,
+                head_dim=8, d_ff=128, max_positions=1024, bos_token_id=257, eos_token_id=258,
+                pad_token_id=256)
     if family == 'qwen2':
       base.update(qkv_bias=True, tie_embeddings=False, norm_eps=1e-6)
     elif family == 'gemma2':
-      base.update(
-          mlp='gated',
-          activation='gelu_tanh',
-          norm_offset=True,
-          embed_scale=True,
-          post_norms=True,
-          attn_softcap=50.0,
-          final_softcap=30.0,
-          query_scale=8**-0.5,
-          sliding_window=4,
-          layer_types=(SLIDING, FULL),
-          norm_eps=1e-6,
-      )
+      base.update(mlp='gated', activation='gelu_tanh', norm_offset=True, embed_scale=True,
+                  post_norms=True, attn_softcap=50.0, final_softcap=30.0, query_scale=8 ** -0.5,
+                  sliding_window=4, layer_types=(SLIDING, FULL), norm_eps=1e-6)
     elif family == 'gpt2':
-      base.update(
-          norm='layer',
-          mlp='dense',
-          activation='gelu_tanh',
-          positions='learned',
-          qkv_bias=True,
-          out_bias=True,
-          n_kv_heads=8,
-          d_ff=256,
-          norm_eps=1e-5,
-      )
+      base.update(norm='layer', mlp='dense', activation='gelu_tanh', positions='learned',
+                  qkv_bias=True, out_bias=True, n_kv_heads=8, d_ff=256, norm_eps=1e-5)
     return cls(**{**base, **kw})
 
   @classmethod
   def llama3_2_3b(cls, **kw) -> ModelConfig:
-    return cls(
-        **{
-            **dict(
-                family='llama',
-                vocab_size=128256,
-                d_model=3072,
-                n_layers=28,
-                n_heads=24,
-                n_kv_heads=8,
-                head_dim=128,
-                d_ff=8192,
-                max_positions=131072,
-                rope_theta=500000.0,
-                norm_eps=1e-5,
-                rope_scaling=(
-                    ('rope_type', 'llama3'),
-                    ('factor', 32.0),
-                    ('low_freq_factor', 1.0),
-                    ('high_freq_factor', 4.0),
-                    ('original_max_position_embeddings', 8192),
-                ),
-                bos_token_id=128000,
-                eos_token_id=128009,
-            ),
-            **kw,
-        }
-    )
+    return cls(**{**dict(family='llama', vocab_size=128256, d_model=3072, n_layers=28, n_heads=24,
+                         n_kv_heads=8, head_dim=128, d_ff=8192, max_positions=131072,
+                         rope_theta=500000.0, norm_eps=1e-5,
+                         rope_scaling=(('rope_type', 'llama3'), ('factor', 32.0),
+                                       ('low_freq_factor', 1.0), ('high_freq_factor', 4.0),
+                                       ('original_max_position_embeddings', 8192)),
+                         bos_token_id=128000, eos_token_id=128009), **kw})
 
   @classmethod
   def gemma2_2b(cls, **kw) -> ModelConfig:
-    return cls(
-        **{
-            **dict(
-                family='gemma2',
-                vocab_size=256000,
-                d_model=2304,
-                n_layers=26,
-                n_heads=8,
-                n_kv_heads=4,
-                head_dim=256,
-                d_ff=9216,
-                max_positions=8192,
-                activation='gelu_tanh',
-                norm_offset=True,
-                embed_scale=True,
-                post_norms=True,
-                attn_softcap=50.0,
-                final_softcap=30.0,
-                query_scale=256**-0.5,
-                sliding_window=4096,
-                norm_eps=1e-6,
-                layer_types=tuple(SLIDING if i % 2 == 0 else FULL for i in range(26)),
-                bos_token_id=2,
-                eos_token_id=1,
-                pad_token_id=0,
-            ),
-            **kw,
-        }
-    )
+    return cls(**{**dict(family='gemma2', vocab_size=256000, d_model=2304, n_layers=26, n_heads=8,
+                         n_kv_heads=4, head_dim=256, d_ff=9216, max_positions=8192,
+                         activation='gelu_tanh', norm_offset=True, embed_scale=True,
+                         post_norms=True, attn_softcap=50.0, final_softcap=30.0,
+                         query_scale=256 ** -0.5, sliding_window=4096, norm_eps=1e-6,
+                         layer_types=tuple(SLIDING if i % 2 == 0 else FULL for i in range(26)),
+                         bos_token_id=2, eos_token_id=1, pad_token_id=0), **kw})
 
   @classmethod
   def qwen2_5_7b(cls, **kw) -> ModelConfig:
-    return cls(
-        **{
-            **dict(
-                family='qwen2',
-                vocab_size=152064,
-                d_model=3584,
-                n_layers=28,
-                n_heads=28,
-                n_kv_heads=4,
-                head_dim=128,
-                d_ff=18944,
-                max_positions=32768,
-                rope_theta=1000000.0,
-                qkv_bias=True,
-                tie_embeddings=False,
-                norm_eps=1e-6,
-                eos_token_id=151645,
-            ),
-            **kw,
-        }
-    )
+    return cls(**{**dict(family='qwen2', vocab_size=152064, d_model=3584, n_layers=28, n_heads=28,
+                         n_kv_heads=4, head_dim=128, d_ff=18944, max_positions=32768,
+                         rope_theta=1000000.0, qkv_bias=True, tie_embeddings=False,
+                         norm_eps=1e-6, eos_token_id=151645), **kw})
+  # fmt: on
 
 
 # ---- building blocks ---------------------------------------------------------------------
