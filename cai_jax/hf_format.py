@@ -209,59 +209,36 @@ def _activation_from_hf(hf: dict, where: str) -> str:
 def config_to_hf(cfg: ModelConfig) -> dict:
   import transformers  # heavy; only needed for export
 
-  ids = dict(
-      bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id
-  )
+  # Our fields under transformers' names: tables, packed (# fmt: off) to read as such.
+  # fmt: off
+  ids = dict(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
+             pad_token_id=cfg.pad_token_id)
   if cfg.family == 'gpt2':
-    kw = dict(
-        vocab_size=cfg.vocab_size,
-        n_embd=cfg.d_model,
-        n_layer=cfg.n_layers,
-        n_head=cfg.n_heads,
-        n_inner=cfg.d_ff,
-        n_positions=cfg.max_positions,
-        layer_norm_epsilon=cfg.norm_eps,
-        activation_function='gelu_new' if cfg.activation == 'gelu_tanh' else 'gelu',
-        **ids,
-    )
+    kw = dict(vocab_size=cfg.vocab_size, n_embd=cfg.d_model, n_layer=cfg.n_layers,
+              n_head=cfg.n_heads, n_inner=cfg.d_ff, n_positions=cfg.max_positions,
+              layer_norm_epsilon=cfg.norm_eps,
+              activation_function='gelu_new' if cfg.activation == 'gelu_tanh' else 'gelu', **ids)
   else:
     rope = {'rope_type': 'default', 'rope_theta': cfg.rope_theta}
     if cfg.rope_scaling:
       rope.update(dict(cfg.rope_scaling))
-    kw = dict(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.d_model,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_kv_heads,
-        head_dim=cfg.head_dim,
-        intermediate_size=cfg.d_ff,
-        max_position_embeddings=cfg.max_positions,
-        rms_norm_eps=cfg.norm_eps,
-        rope_parameters=rope,
-        tie_word_embeddings=cfg.tie_embeddings,
-        hidden_act={'silu': 'silu', 'gelu_tanh': 'gelu_pytorch_tanh', 'gelu': 'gelu'}[
-            cfg.activation
-        ],
-        **ids,
-    )
+    act = {'silu': 'silu', 'gelu_tanh': 'gelu_pytorch_tanh', 'gelu': 'gelu'}[cfg.activation]
+    kw = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
+              num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+              head_dim=cfg.head_dim, intermediate_size=cfg.d_ff,
+              max_position_embeddings=cfg.max_positions, rms_norm_eps=cfg.norm_eps,
+              rope_parameters=rope, tie_word_embeddings=cfg.tie_embeddings, hidden_act=act, **ids)
     if cfg.family == 'gemma2':
-      kw.update(
-          hidden_activation=kw['hidden_act'],
-          attn_logit_softcapping=cfg.attn_softcap,
-          final_logit_softcapping=cfg.final_softcap,
-          query_pre_attn_scalar=round(cfg.query_scale**-2),
-          sliding_window=cfg.sliding_window,
-          layer_types=list(cfg.layer_types),
-      )
+      kw.update(hidden_activation=act, attn_logit_softcapping=cfg.attn_softcap,
+                final_logit_softcapping=cfg.final_softcap,
+                query_pre_attn_scalar=round(cfg.query_scale ** -2),
+                sliding_window=cfg.sliding_window, layer_types=list(cfg.layer_types))
     if cfg.family == 'qwen2' and cfg.sliding_window:
-      kw.update(
-          use_sliding_window=True,
-          sliding_window=cfg.sliding_window,
-          layer_types=list(cfg.layer_types or [SLIDING] * cfg.n_layers),
-      )
+      kw.update(use_sliding_window=True, sliding_window=cfg.sliding_window,
+                layer_types=list(cfg.layer_types or [SLIDING] * cfg.n_layers))
     if cfg.family == 'mistral':
       kw.update(sliding_window=cfg.sliding_window)
+  # fmt: on
   hf = transformers.AutoConfig.for_model(cfg.family, **kw).to_dict()
   hf['torch_dtype'] = hf['dtype'] = cfg.param_dtype
   return hf
