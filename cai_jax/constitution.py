@@ -901,31 +901,10 @@ def fit_feedback_prompt(
   return fit_prompt(render, len(few_shots), _context_pairs(conversation_turns), tokenizer, budget)
 
 
-def render_feedback_prompt(
-    constitution: Constitution,
-    conversation_turns: Sequence[Turn],
-    principle: str,
-    response_a: str,
-    response_b: str,
-    *,
-    cot: bool,
-    few_shot_principles: Sequence[str] | None = None,
-    fmt: str = 'transcript',
-    tokenizer: Any = None,
-) -> str:
-  """Few-shot examples then the question; plain ends at "The answer is:", CoT at the
-  reasoning."""
-  return fit_feedback_prompt(
-      constitution,
-      conversation_turns,
-      principle,
-      response_a,
-      response_b,
-      cot=cot,
-      few_shot_principles=few_shot_principles,
-      fmt=fmt,
-      tokenizer=tokenizer,
-  ).text
+def render_feedback_prompt(*args, **kwargs) -> str:
+  """Few-shot examples then the question, whole (no budget); plain ends at "The answer is:", CoT
+  at the reasoning. The arguments are `fit_feedback_prompt`'s."""
+  return fit_feedback_prompt(*args, **kwargs).text
 
 
 # ----------------------------------------------------------------------------------------------
