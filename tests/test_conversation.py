@@ -83,7 +83,7 @@ def test_stages_train_on_the_ids_the_sampler_conditioned_on(llama3, fmt):
     seen = list(s.prompt_tokens)  # what the policy conditioned on when it wrote `response`
     assert seen[0] == bos and seen.count(bos) == 1
 
-    ids, n_prompt = sft.encode(prompt, response, tok, fmt, max_len=4096)
+    ids, n_prompt = sft.encode([('human', prompt)], response, tok, fmt, max_len=4096)
     assert list(ids[:n_prompt]) == seen and ids.count(bos) == 1
     assert ppo.encode_prompt(prompt, tok, fmt, max_tokens=4096) == seen
 
