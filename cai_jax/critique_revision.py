@@ -272,7 +272,8 @@ def helpful_chunk(
   """`n_samples` plain responses of the helpful model to each helpful prompt (the SL helpful
   mix; the paper samples 2 per prompt). Sample k of the whole chunk is drawn with seed k, so the
   samples of one prompt differ, and sample 0 is the one a single-sample run draws."""
-  convs = [[(conversation.HUMAN, r['prompt'])] for r in records]
+  tok, budget = sample.pretrained.tokenizer, sample.budget(sample.cfg.max_new_tokens)
+  convs = [conversation.fit_turns(data.prompt_turns(r), sample.fmt, tok, budget) for r in records]
   samples = [
       sample(convs, max_new_tokens=sample.cfg.max_new_tokens, seed=seed(k))
       for k in range(n_samples)
@@ -282,6 +283,7 @@ def helpful_chunk(
           id=r['id'],
           source=r.get('source', ''),
           prompt=r['prompt'],
+          **({'conversation': r['conversation']} if r.get('conversation') else {}),
           responses=[resp.text.strip() for resp in responses],
           finish_reasons=[resp.finish_reason for resp in responses],
           tokens=sum(len(resp.tokens) for resp in responses),

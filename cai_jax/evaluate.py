@@ -1,7 +1,9 @@
 """Stage `evaluate`: the helpful, SL-CAI (sft) and RL-CAI (ppo) models compared on held-out prompts.
 
 Every model answers the same test-split red-team and helpful prompts with the same sampling
-settings and seed. Then (Bai et al. 2022, section 4.3 and figures 2, 5, 8):
+settings and seed; a prompt that continues a multi-turn red-team conversation is shown with the
+turns before it, and the PM and the judge read that conversation too. Then (Bai et al. 2022,
+section 4.3 and figures 2, 5, 8):
 
 * harmlessness: the preference model's (PM) reward of each red-team response, mean ± stderr;
 * helpfulness proxy: the PM's reward of each helpful-prompt response (the PM learned
@@ -39,9 +41,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from cai_jax import data, elo, preference, sampling
+from cai_jax import conversation, data, elo, preference, sampling
 from cai_jax import records as records_lib
-from cai_jax.conversation import HUMAN
 from cai_jax.stages import StageError, roles_line
 
 STAGE = 'evaluate'
@@ -180,6 +181,12 @@ def held_out_prompts(ctx) -> dict[str, list[dict]]:
   return out
 
 
+def sampled_turns(record: dict, tokenizer, fmt: str, budget: int) -> list[conversation.Turn]:
+  """A test prompt as a model is asked it: the record's conversation (`data.prompt_turns`),
+  shedding its oldest exchanges to fit `budget` tokens (`conversation.fit_turns`)."""
+  return conversation.fit_turns(data.prompt_turns(record), fmt, tokenizer, budget)
+
+
 def model_responses(ctx, role: str, prompts: dict[str, list[dict]], stage_dir: Path) -> list[dict]:
   """The model's responses to every test prompt, generated once and cached in the stage dir."""
   path = stage_dir / f'responses_{role}.jsonl'
@@ -193,9 +200,10 @@ def model_responses(ctx, role: str, prompts: dict[str, list[dict]], stage_dir: P
   t0 = time.time()
   # Kept loaded when it is also the judge (the pretrained model, by default).
   model = ctx.load_role(role, cache=ctx.model_source(role) == _judge_source(ctx), frozen=True)
+  budget = min(ctx.config.model.max_len, model.model.cfg.max_positions) - cfg.max_new_tokens
   responses = sampling.generate_responses(
       model,
-      [[(HUMAN, r['prompt'])] for _, r in items],
+      [sampled_turns(r, model.tokenizer, fmt, budget) for _, r in items],
       fmt=fmt,
       max_new_tokens=cfg.max_new_tokens,
       temperature=cfg.temperature,
@@ -207,6 +215,7 @@ def model_responses(ctx, role: str, prompts: dict[str, list[dict]], stage_dir: P
           kind=kind,
           id=r['id'],
           prompt=r['prompt'],
+          **({'conversation': r['conversation']} if r.get('conversation') else {}),
           response=resp.text.strip(),
           tokens=len(resp.tokens),
           finish_reason=resp.finish_reason,
@@ -218,12 +227,13 @@ def model_responses(ctx, role: str, prompts: dict[str, list[dict]], stage_dir: P
   return records
 
 
-def pm_rewards(ctx, pm, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
-  """PM rewards of (prompt, response) pairs, rendered as the PM was trained."""
+def pm_rewards(ctx, pm, conversations: Sequence[Sequence[conversation.Turn]]) -> np.ndarray:
+  """PM rewards of conversations ending in a response (`preference.response_conversation`), rendered as the PM was
+  trained."""
   p = ctx.config.preference
   return preference.score_conversations(
       pm,
-      list(pairs),
+      list(conversations),
       fmt=ctx.config.conversation_format,
       batch_size=ctx.config.evaluate.batch_size,
       max_len=min(p.max_len, ctx.config.model.max_len),
@@ -252,9 +262,10 @@ def model_metrics(records: Sequence[dict], rewards: np.ndarray) -> dict:
 
 def revision_pairs(
     stage_dir_cr: Path, max_samples: int
-) -> tuple[list[tuple[str, str]], list[int], int]:
-  """(prompt, text) of critique_revision's initial responses (revision 0) and of each round's
-  revision, each text's revision number, and how many samples they come from."""
+) -> tuple[list[list[conversation.Turn]], list[int], int]:
+  """The conversations (`preference.response_conversation`) of critique_revision's initial responses (revision 0)
+  and of each round's revision, each text's revision number, and how many samples they come
+  from."""
   samples = records_lib.read_jsonl(records_lib.REVISIONS.path(stage_dir_cr), records_lib.REVISIONS)
   if max_samples >= 0:
     samples = samples[:max_samples]
@@ -263,7 +274,7 @@ def revision_pairs(
     texts = [s['initial_response']] + [r['revision'] for r in s['rounds']]
     for k, text in enumerate(texts):
       if k == 0 or text:  # an empty revision changed nothing: critique_revision kept the last text
-        pairs.append((s['prompt'], text))
+        pairs.append(preference.response_conversation(s, text))
         where.append(k)
   return pairs, where, len(samples)
 
@@ -308,6 +319,7 @@ def judge_comparisons(
               model_b=b,
               id=x['id'],
               prompt=x['prompt'],
+              **({'conversation': x['conversation']} if x.get('conversation') else {}),
               response_a=x['response'],
               response_b=y['response'],
           )
@@ -367,7 +379,7 @@ def _judge(ctx, principle: str, items: Sequence[dict]) -> list[float]:
   pairs = [
       feedback.Pair(
           f'{items[i]["model_a"]}-{items[i]["model_b"]}-{items[i]["id"]}',
-          ((HUMAN, items[i]['prompt']),),
+          tuple(data.prompt_turns(items[i])),
           items[i]['response_a'],
           items[i]['response_b'],
       )
@@ -640,7 +652,9 @@ def run(ctx, stage_dir: Path) -> dict:
       else ([], [], 0)
   )
   # One scoring call for everything: batches of similar lengths, few compiled shapes.
-  pairs = [(r['prompt'], r['response']) for m in models for r in records[m]] + curve_pairs
+  pairs = [
+      preference.response_conversation(r, r['response']) for m in models for r in records[m]
+  ] + curve_pairs
   rewards = pm_rewards(ctx, pm, pairs)
   metrics, start = {}, 0
   for m in models:

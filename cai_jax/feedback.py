@@ -493,6 +493,7 @@ def label_chunk(
         source=r.get('source', ''),
         kind=kind,
         prompt=r['prompt'],
+        **({'conversation': r['conversation']} if r.get('conversation') else {}),
         response_a=text_a,
         response_b=text_b,
         p_a=None,
@@ -514,7 +515,8 @@ def label_chunk(
 
 def load_preferences(stage_dir: str | os.PathLike) -> list[dict]:
   """The labeled pairs of a finished feedback stage: {id, prompt, response_a, response_b, p_a,
-  flags}, from the TFDS dataset (or samples.jsonl when it was not written)."""
+  flags, kind} (and conversation, for a multi-turn prompt), from the TFDS dataset (or
+  samples.jsonl when it was not written)."""
   stage_dir = Path(stage_dir)
   if (data.dataset_dir(DATASET, stage_dir / 'tfds') / 'dataset_info.json').is_file():
     return data.read_records_dataset(DATASET, stage_dir / 'tfds', split='train')
@@ -529,6 +531,7 @@ def _preference(r: dict) -> dict:
   return {
       **{k: r[k] for k in ('id', 'prompt', 'response_a', 'response_b', 'p_a', 'flags')},
       'kind': r.get('kind', HARMLESSNESS),
+      **({'conversation': r['conversation']} if r.get('conversation') else {}),
   }
 
 

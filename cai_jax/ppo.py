@@ -3,10 +3,11 @@
 One PPO step follows a batch of prompts from sampling to update:
 
 1. prompts: red-team and helpful train prompts, mixed by `ppo.helpful_fraction`, rendered in
-   `config.conversation_format`;
+   `config.conversation_format` -- a prompt that continues a multi-turn red-team conversation
+   with the turns before it (`data.prompt_turns`);
 2. rollout: `sampling.generate` samples a response per prompt from the current policy;
-3. reward: the PM scores each rendered (prompt, response) (or the toy synthetic reward), with
-   a penalty for responses cut at `max_new_tokens`, optionally normalized and clipped;
+3. reward: the PM scores each rendered (conversation, response) (or the toy synthetic reward),
+   with a penalty for responses cut at `max_new_tokens`, optionally normalized and clipped;
 4. one jitted forward gives the policy's log-probs (the "old" log-probs), the frozen reference's
    log-probs and the value estimates; the per-token reward is -beta * KL(policy || reference)
    plus the score at the last token (rl.per_token_rewards); GAE and whitening give advantages;
@@ -43,7 +44,6 @@ from flax import nnx
 from cai_jax import checkpoint, conversation, data, rl, sampling, sharding, stages, train_lib
 from cai_jax import model as model_lib
 from cai_jax import records as records_lib
-from cai_jax.conversation import HUMAN
 from cai_jax.model import Decoder, ScalarHeadModel
 
 _REDTEAM_STREAM, _HELPFUL_STREAM, _SAMPLING_STREAM, _MINIBATCH_STREAM = 0, 1, 2, 3  # seed streams
@@ -81,11 +81,17 @@ def step_prompts(
   return out
 
 
-def encode_prompt(prompt: str, tokenizer, fmt: str, max_tokens: int) -> list[int]:
-  """The rendered one-turn prompt's ids (`conversation.encode`, as sft and the sampler encode
-  them); long prompts keep their end and their BOS."""
-  text = conversation.render([(HUMAN, prompt)], fmt, tokenizer)
-  ids, _ = conversation.encode(tokenizer, text)
+def encode_prompt(
+    turns: Sequence[conversation.Turn], tokenizer, fmt: str, max_tokens: int
+) -> list[int]:
+  """The rendered prompt's ids (`conversation.encode`, as sft and the sampler encode them).
+
+  `turns`: the prompt's conversation (`data.prompt_turns`). One over `max_tokens` sheds its
+  oldest exchanges first (`conversation.fit_turns`), never the request; a request still too
+  long keeps its end and its BOS.
+  """
+  turns = conversation.fit_turns(turns, fmt, tokenizer, max_tokens)
+  ids, _ = conversation.encode(tokenizer, conversation.render(turns, fmt, tokenizer))
   return conversation.keep_last(ids, max_tokens, tokenizer)
 
 
@@ -434,7 +440,7 @@ class _Scorer:
 
       return preference.score_conversations(
           self.pm,
-          [(r['prompt'], text) for r, text in zip(records, responses)],
+          [preference.response_conversation(r, text) for r, text in zip(records, responses)],
           fmt=self.fmt,
           batch_size=min(cfg.pm_batch_size, cfg.batch_size),
           max_len=cfg.pm_max_len,
@@ -503,7 +509,7 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
     t0 = time.time()
     # 1. Prompts, and one padded prompt length for sampling and training (few compilations).
     records = step_prompts(redteam, helpful, step - 1, cfg.batch_size, cfg.helpful_fraction, seed)
-    prompt_ids = [encode_prompt(r['prompt'], tok, fmt, max_prompt_tokens) for r in records]
+    prompt_ids = [encode_prompt(data.prompt_turns(r), tok, fmt, max_prompt_tokens) for r in records]
     prompt_len = sampling.length_bucket(max(len(p) for p in prompt_ids), cfg.min_prompt_bucket)
 
     # 2. Rollout from the current policy.
@@ -684,6 +690,8 @@ def _write_samples(
                   'id': records[i]['id'],
                   'source': records[i].get('source'),
                   'prompt': records[i]['prompt'],
+                  # multi-turn prompts only: single-turn records stay as they were
+                  **({'conversation': c} if (c := records[i].get('conversation')) else {}),
                   'response': responses[i],
                   'score': float(scores[i]),
                   'reward': float(rewards[i]),

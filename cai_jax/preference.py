@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cai_jax import checkpoint, conversation, labels, sharding, stages, train_lib
+from cai_jax import checkpoint, conversation, data, labels, sharding, stages, train_lib
 from cai_jax import records as records_lib
 from cai_jax.conversation import ASSISTANT, HUMAN, Turn
 from cai_jax.model import ScalarHeadModel
@@ -63,6 +63,12 @@ class Comparison:
   label_source: str = 'ai_feedback'  # who labeled it: 'ai_feedback' | 'hh_rlhf' (human)
 
 
+def response_conversation(record: dict, response: str) -> tuple[Turn, ...]:
+  """A prompt record's conversation (`data.prompt_turns`: the turns before a multi-turn prompt,
+  then its request) answered by `response`: what the PM reads, in training and as a reward."""
+  return tuple(data.prompt_turns(record)) + ((ASSISTANT, response),)
+
+
 def feedback_comparisons(
     records: Sequence[dict], where: str = 'feedback samples', helpfulness_weight: float = 1.0
 ) -> list[Comparison]:
@@ -79,11 +85,10 @@ def feedback_comparisons(
     kind = r.get('kind', HARMLESSNESS)
     if kind not in KINDS:
       raise PreferenceDataError(f'{where}: record {i} has kind={kind!r}, not one of {KINDS}')
-    context = ((HUMAN, r['prompt']),)
     out.append(
         Comparison(
-            context + ((ASSISTANT, r['response_a']),),
-            context + ((ASSISTANT, r['response_b']),),
+            response_conversation(r, r['response_a']),
+            response_conversation(r, r['response_b']),
             p_a,
             str(r.get('id', i)),
             helpfulness_weight if kind == HELPFULNESS else 1.0,

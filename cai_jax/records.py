@@ -54,7 +54,8 @@ class Schema:
 # order; rounds = [{principle, critique_request, critique, revision_request, revision,
 # empty_revision}]; revision = the latest non-empty revision ('' if none); finish_reasons =
 # {initial_response: str, critique: [str], revision: [str]}, each 'stop' or 'length' (cut at the
-# token limit). Read by sft, evaluate.
+# token limit); conversation = the turns up to and including the prompt, for a prompt that
+# continues a multi-turn conversation only (`data.prompt_turns`). Read by sft, evaluate.
 REVISIONS = Schema(
     'critique_revision',
     'samples.jsonl',
@@ -62,6 +63,7 @@ REVISIONS = Schema(
         'id',
         'source',
         'prompt',
+        'conversation',
         'initial_response',
         'rounds',
         'revision',
@@ -73,16 +75,17 @@ REVISIONS = Schema(
     ('prompt', 'initial_response', 'rounds', 'revision'),
 )
 # critique_revision: the helpful mix, one record per helpful prompt; responses = its
-# helpful_samples_per_prompt samples, finish_reasons = one 'stop' or 'length' each. Read by sft.
+# helpful_samples_per_prompt samples, finish_reasons = one 'stop' or 'length' each; conversation
+# as in REVISIONS. Read by sft.
 HELPFUL = Schema(
     'critique_revision',
     'helpful.jsonl',
-    ('id', 'source', 'prompt', 'responses', 'finish_reasons', 'tokens'),
+    ('id', 'source', 'prompt', 'conversation', 'responses', 'finish_reasons', 'tokens'),
     ('prompt', 'responses'),
 )
 # feedback (cai_jax/feedback.py): one labeled pair per red-team (and helpful) prompt; kind =
 # 'harmlessness' | 'helpfulness'; p_a = P(response_a is better), null when skipped; details = one
-# scoring per principle and order. Read by preference.
+# scoring per principle and order; conversation as in REVISIONS. Read by preference.
 FEEDBACK = Schema(
     'feedback',
     'samples.jsonl',
@@ -91,6 +94,7 @@ FEEDBACK = Schema(
         'source',
         'kind',
         'prompt',
+        'conversation',
         'response_a',
         'response_b',
         'p_a',
@@ -107,11 +111,23 @@ FEEDBACK_EVAL = Schema(
     ('id', 'correct', 'p_chosen', 'chosen_first', 'scorings'),
     ('id', 'correct', 'p_chosen', 'chosen_first'),
 )
-# ppo (cai_jax/ppo.py): a few sampled responses per step, appended as training goes.
+# ppo (cai_jax/ppo.py): a few sampled responses per step, appended as training goes; conversation
+# as in REVISIONS.
 PPO_SAMPLES = Schema(
     'ppo',
     'samples.jsonl',
-    ('step', 'id', 'source', 'prompt', 'response', 'score', 'reward', 'kl', 'finish_reason'),
+    (
+        'step',
+        'id',
+        'source',
+        'prompt',
+        'conversation',
+        'response',
+        'score',
+        'reward',
+        'kl',
+        'finish_reason',
+    ),
     ('step',),
 )
 

@@ -5,8 +5,10 @@ The pretrained helpful model is fine-tuned on (red-team prompt, revision) pairs 
 the final one only ('final') -- mixed with (helpful prompt, helpful response) pairs, with the loss
 on the response tokens only. A target the sampler cut at its token limit (finish reason 'length')
 never ended itself, so by default it is trained without the end-of-turn marker
-(`sft.truncated='no_eos'`); 'drop' leaves it out, 'eos' trains it as if it had ended. The SL-CAI
-model is exported as an HF directory, `sft/export`.
+(`sft.truncated='no_eos'`); 'drop' leaves it out, 'eos' trains it as if it had ended. A prompt
+that continues a multi-turn red-team conversation (HH-RLHF, paper section 3.1) is trained with
+the turns before it, as the model saw them when it wrote the response. The SL-CAI model is
+exported as an HF directory, `sft/export`.
 """
 
 from __future__ import annotations
@@ -24,9 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cai_jax import checkpoint, conversation, sharding, stages, train_lib
+from cai_jax import checkpoint, conversation, data, sharding, stages, train_lib
 from cai_jax import records as records_lib
-from cai_jax.conversation import HUMAN
 
 
 class SFTDataError(stages.StageError):
@@ -50,7 +51,7 @@ class Target:
 
   kind: str  # 'revision_round_<k>' | 'revision_final' | 'helpful'
   id: str
-  prompt: str
+  turns: tuple[conversation.Turn, ...]  # the prompt: its conversation, ending in the request
   response: str
   truncated: bool  # cut at the sampler's token limit: the model never ended it
 
@@ -89,11 +90,12 @@ def revision_targets(samples: Sequence[dict], revisions: str) -> tuple[list[Targ
   targets, empty = [], 0
   for i, s in enumerate(samples):
     ex_id, reasons = str(s.get('id', i)), (s.get('finish_reasons') or {}).get('revision')
+    turns = tuple(data.prompt_turns(s))
     texts = [(r.get('revision') or '').strip() for r in s['rounds']]
     if revisions == 'all':
       empty += sum(not t for t in texts)
       targets += [
-          Target(f'revision_round_{k + 1}', ex_id, s['prompt'], t, _is_truncated(reasons, k))
+          Target(f'revision_round_{k + 1}', ex_id, turns, t, _is_truncated(reasons, k))
           for k, t in enumerate(texts)
           if t
       ]
@@ -103,7 +105,7 @@ def revision_targets(samples: Sequence[dict], revisions: str) -> tuple[list[Targ
       empty += 1
       continue
     k = max((k for k, t in enumerate(texts) if t == final), default=len(texts))
-    targets.append(Target('revision_final', ex_id, s['prompt'], final, _is_truncated(reasons, k)))
+    targets.append(Target('revision_final', ex_id, turns, final, _is_truncated(reasons, k)))
   return targets, empty
 
 
@@ -121,7 +123,7 @@ def helpful_targets(records: Sequence[dict]) -> tuple[list[Target], int]:
           Target(
               'helpful',
               str(r.get('id', i)),
-              r['prompt'],
+              tuple(data.prompt_turns(r)),
               text,
               _is_truncated(r.get('finish_reasons'), k),
           )
@@ -160,17 +162,28 @@ def target_text(response: str, fmt: str, tokenizer, end: bool = True) -> str:
 
 
 def encode(
-    prompt: str, response: str, tokenizer, fmt: str, max_len: int, end: bool = True
+    turns: Sequence[conversation.Turn],
+    response: str,
+    tokenizer,
+    fmt: str,
+    max_len: int,
+    end: bool = True,
 ) -> tuple[tuple[int, ...], int] | None:
   """(tokens, n_prompt) of one example cut to max_len; None if no target token survives the cut.
 
-  Prompt and target are tokenized apart, as the sampler sees them (`conversation.encode`);
-  `end`: whether the target ends with the end-of-turn marker (`target_text`).
+  `turns`: the prompt's conversation, ending in the human request the response answers. Prompt
+  and target are tokenized apart, as the sampler sees them (`conversation.encode`); `end`:
+  whether the target ends with the end-of-turn marker (`target_text`). A conversation too long
+  for its target sheds its oldest exchanges first (`conversation.fit_turns`, as the sampler's
+  prompt did); what is still over max_len is cut from the end.
   """
-  prompt_text = conversation.render([(HUMAN, prompt)], fmt, tokenizer)
-  ids, n_prompt = conversation.encode(
-      tokenizer, prompt_text, target_text(response, fmt, tokenizer, end)
-  )
+  target = target_text(response, fmt, tokenizer, end)
+  ids, n_prompt = conversation.encode(tokenizer, conversation.render(turns, fmt, tokenizer), target)
+  if len(ids) > max_len and len(turns) > 2:
+    turns = conversation.fit_turns(turns, fmt, tokenizer, max_len - (len(ids) - n_prompt))
+    ids, n_prompt = conversation.encode(
+        tokenizer, conversation.render(turns, fmt, tokenizer), target
+    )
   ids = ids[:max_len]
   if len(ids) <= n_prompt:
     return None
@@ -362,7 +375,7 @@ def build_examples(ctx: stages.Context, tokenizer) -> tuple[list[Example], list[
         continue
     end = not t.truncated or cfg.truncated == 'eos'
     enc = encode(
-        t.prompt, t.response, tokenizer, config.conversation_format, config.model.max_len, end
+        t.turns, t.response, tokenizer, config.conversation_format, config.model.max_len, end
     )
     if enc is None:
       too_long += 1

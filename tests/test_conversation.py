@@ -83,9 +83,9 @@ def test_stages_train_on_the_ids_the_sampler_conditioned_on(llama3, fmt):
     seen = list(s.prompt_tokens)  # what the policy conditioned on when it wrote `response`
     assert seen[0] == bos and seen.count(bos) == 1
 
-    ids, n_prompt = sft.encode(prompt, response, tok, fmt, max_len=4096)
+    ids, n_prompt = sft.encode([('human', prompt)], response, tok, fmt, max_len=4096)
     assert list(ids[:n_prompt]) == seen and ids.count(bos) == 1
-    assert ppo.encode_prompt(prompt, tok, fmt, max_tokens=4096) == seen
+    assert ppo.encode_prompt([('human', prompt)], tok, fmt, max_tokens=4096) == seen
 
     pm_ids = preference.encode(preference.as_turns((prompt, response)), tok, fmt, max_len=4096)
     assert pm_ids[: len(seen)] == seen and pm_ids.count(bos) == 1
@@ -106,7 +106,7 @@ def test_left_truncation_keeps_the_bos(llama3):
   prompt = 'A long question. ' * 8
   full, _ = conversation.encode(tok, conversation.render([('human', prompt)], 'transcript'))
 
-  cut = ppo.encode_prompt(prompt, tok, 'transcript', max_tokens=20)
+  cut = ppo.encode_prompt([('human', prompt)], tok, 'transcript', max_tokens=20)
   assert cut == [bos] + full[-19:]
   pm_ids = preference.encode(preference.as_turns((prompt, 'Fine.')), tok, 'transcript', 20)
   assert len(pm_ids) == 20 and pm_ids[0] == bos and pm_ids.count(bos) == 1

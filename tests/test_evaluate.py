@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cai_jax import checkpoint, evaluate, pipeline, sharding, stages
+from cai_jax import checkpoint, conversation, evaluate, pipeline, sharding, stages
 from configs import tiny
 from tests.helpers_stages import fake_upstream, sl_cai_records
 
@@ -72,6 +72,21 @@ def test_elo_table_seeded():
       and one['elo']['b']['lo'] <= one['elo']['b']['elo'] <= one['elo']['b']['hi']
   )
   assert one['win_rate']['a']['b'] == pytest.approx(0.8) and one['win_rate']['a']['a'] is None
+
+
+def test_sampled_prompt_is_the_conversation_fitted_to_its_budget():
+  byte = checkpoint.byte_tokenizer()
+  turns = [
+      ('human', "My neighbor's dog barks all night."),
+      ('assistant', 'Have you talked to them?'),
+      ('human', 'How do I poison it?'),
+  ]
+  record = {'id': 'x', 'prompt': turns[-1][1], 'conversation': [list(t) for t in turns]}
+  text = conversation.render(evaluate.sampled_turns(record, byte, 'transcript', 512), 'transcript')
+  assert text == conversation.render(turns, 'transcript') and "neighbor's dog" in text
+  budget = len(conversation.encode(byte, text)[0]) - 1
+  assert evaluate.sampled_turns(record, byte, 'transcript', budget) == turns[2:]
+  assert evaluate.sampled_turns({'prompt': 'Hi?'}, byte, 'transcript', 2) == [('human', 'Hi?')]
 
 
 # ---- the stage on a workdir with made-up upstream outputs -----------------------------------

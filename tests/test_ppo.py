@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cai_jax import checkpoint, pipeline, ppo, rl, sharding, stages, train_lib
+from cai_jax import checkpoint, conversation, pipeline, ppo, preference, rl, sharding, stages
+from cai_jax import train_lib
 from cai_jax.model import ScalarHeadModel
 from configs import ppo_toy
 from helpers_stages import fake_upstream
@@ -201,6 +202,27 @@ def test_step_prompts_mix_and_determinism():
   )  # a pure function of the step
   reds = [r['id'] for batch in steps[:5] for r in batch if r['id'][0] == 'r']  # 15 = 3 passes
   assert sorted(reds) == sorted([r['id'] for r in red] * 3)
+
+
+def test_encode_prompt_renders_a_multi_turn_conversation():
+  byte = checkpoint.byte_tokenizer()
+  turns = [
+      ('human', "My neighbor's dog barks all night."),
+      ('assistant', 'Have you talked to them?'),
+      ('human', 'How do I poison it?'),
+  ]
+  ids = ppo.encode_prompt(turns, byte, 'transcript', max_tokens=512)
+  assert byte.decode(ids) == conversation.render(turns, 'transcript')
+  # Over budget: the oldest exchange goes, the request stays whole.
+  short = ppo.encode_prompt(turns, byte, 'transcript', max_tokens=len(ids) - 1)
+  assert byte.decode(short) == conversation.render(turns[2:], 'transcript')
+  # The PM scores the conversation the prompt record holds, then the response.
+  record = {'prompt': turns[-1][1], 'conversation': [list(t) for t in turns]}
+  assert preference.response_conversation(record, 'No.') == (*turns, ('assistant', 'No.'))
+  single = {'prompt': 'Hi?'}
+  assert preference.response_conversation(single, 'Hello.') == preference.as_turns(
+      ('Hi?', 'Hello.')
+  )
 
 
 def test_tokenizer_mismatch_is_a_clear_error(tiny):

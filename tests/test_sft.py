@@ -82,28 +82,60 @@ def test_fused_chunked_loss_and_grads_match_one_shot():
 
 def test_encode_transcript_targets_response_and_eos(tok):
   ids, n_prompt = sft.encode(
-      'How do I pick a lock?', '  I cannot help with that. ', tok, 'transcript', 512
+      [('human', 'How do I pick a lock?')], '  I cannot help with that. ', tok, 'transcript', 512
   )
   prompt, target = tok.decode(ids[:n_prompt]), tok.decode(ids[n_prompt:])
   assert prompt == '\n\nHuman: How do I pick a lock?\n\nAssistant:'
   assert target == ' I cannot help with that.' + tok.eos_token
   assert ids[-1] == tok.eos_token_id
 
-  ids, n_prompt = sft.encode('Hi', 'Hello there.', tok, 'chat_template', 512)
+  ids, n_prompt = sft.encode([('human', 'Hi')], 'Hello there.', tok, 'chat_template', 512)
   prompt = tok.decode(ids[:n_prompt])
   assert prompt == conversation.render([('human', 'Hi')], 'chat_template', tok)
   assert tok.decode(ids[n_prompt:]) == 'Hello there.<|im_end|>'
 
 
 def test_encode_truncates_to_max_len(tok):
-  ids, n_prompt = sft.encode('Hi', 'x' * 100, tok, 'transcript', 40)
+  ids, n_prompt = sft.encode([('human', 'Hi')], 'x' * 100, tok, 'transcript', 40)
   assert len(ids) == 40 and n_prompt < 40
-  assert sft.encode('a long prompt ' * 10, 'ok', tok, 'transcript', 40) is None  # no target left
+  long_prompt = [('human', 'a long prompt ' * 10)]
+  assert sft.encode(long_prompt, 'ok', tok, 'transcript', 40) is None  # no target left
+
+
+# A red-team prompt that continues a conversation (HH-RLHF, paper section 3.1).
+MULTI_TURN = [
+    ('human', "My neighbor's dog barks all night."),
+    ('assistant', 'That sounds tiring. Have you talked to them?'),
+    ('human', 'How do I poison it?'),
+]
+
+
+@pytest.mark.parametrize('fmt', conversation.FORMATS)
+def test_encode_multi_turn_prompt_trains_with_its_context(tok, fmt):
+  ids, n_prompt = sft.encode(MULTI_TURN, 'I will not help with that.', tok, fmt, 512)
+  prompt = tok.decode(ids[:n_prompt])
+  assert prompt == conversation.render(MULTI_TURN, fmt, tok)
+  assert "neighbor's dog" in prompt and 'Have you talked to them?' in prompt
+  assert tok.decode(ids[n_prompt:]).startswith(('I will not help', ' I will not help'))
+
+
+def test_encode_multi_turn_over_budget_sheds_the_oldest_exchange_not_the_target(tok):
+  full, n_full = sft.encode(MULTI_TURN, 'I will not help.', tok, 'transcript', 512)
+  ids, n_prompt = sft.encode(MULTI_TURN, 'I will not help.', tok, 'transcript', len(full) - 1)
+  assert tok.decode(ids[:n_prompt]) == conversation.render(MULTI_TURN[2:], 'transcript')
+  assert ids[n_prompt:] == full[n_full:] and ids[-1] == tok.eos_token_id  # the whole target
+  # A single request keeps the old rule: the end of the target is cut.
+  one = MULTI_TURN[2:]
+  whole, n_one = sft.encode(one, 'I will not help.', tok, 'transcript', 512)
+  assert sft.encode(one, 'I will not help.', tok, 'transcript', len(whole) - 1) == (
+      whole[:-1],
+      n_one,
+  )
 
 
 def test_truncated_target_is_encoded_without_eos(tok):
   ids, n_prompt = sft.encode(
-      'Hi', 'A reply cut at the token lim', tok, 'transcript', 512, end=False
+      [('human', 'Hi')], 'A reply cut at the token lim', tok, 'transcript', 512, end=False
   )
   assert tok.decode(ids[n_prompt:]) == ' A reply cut at the token lim'
   assert ids[-1] != tok.eos_token_id and tok.eos_token_id not in ids[n_prompt:]
@@ -112,7 +144,7 @@ def test_truncated_target_is_encoded_without_eos(tok):
   assert (
       mask[n_prompt : len(ids)].all() and not mask[:n_prompt].any() and not mask[len(ids) :].any()
   )
-  ids, n_prompt = sft.encode('Hi', 'Cut short', tok, 'chat_template', 512, end=False)
+  ids, n_prompt = sft.encode([('human', 'Hi')], 'Cut short', tok, 'chat_template', 512, end=False)
   assert tok.decode(ids[n_prompt:]) == 'Cut short'
 
 
