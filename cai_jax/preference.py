@@ -678,11 +678,8 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
       steps_per_epoch=steps_per_epoch,
       make_batch=lambda length, rows: pack_pairs(train, rows, length, pad_id),
       total_steps=total_steps,
-      checkpoint_every=cfg.checkpoint_every,
-      max_to_keep=cfg.max_to_keep,
+      cfg=cfg,
       evaluate=evaluate,
-      eval_every=cfg.eval_every,
-      log_every=cfg.log_every,
       postfix={'loss': '{loss:.3f}', 'acc': '{accuracy:.2f}'},
   )
   state, metrics, eval_metrics = result.state, result.metrics, result.eval_metrics

@@ -479,10 +479,8 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
       steps_per_epoch=steps_per_epoch,
       make_batch=lambda length, rows: pack(train, rows, length, pad_id),
       total_steps=total_steps,
-      checkpoint_every=cfg.checkpoint_every,
-      max_to_keep=cfg.max_to_keep,
+      cfg=cfg,
       evaluate=held_out_loss if eval_batches else None,
-      eval_every=cfg.eval_every,
       postfix={'loss': '{loss:.3f}'},
   )
   state, metrics, seconds = result.state, result.metrics, result.seconds

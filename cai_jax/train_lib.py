@@ -10,7 +10,7 @@ use (see cai_jax/sft.py):
   step_fn = train_lib.make_train_step(graphdef, tx, loss_fn, shardings, schedule)
   result = train_lib.fit(stage='sft', stage_dir=stage_dir, state=state, shardings=shardings,
                          train_step=step_fn, plan=plan, steps_per_epoch=.., make_batch=..,
-                         total_steps=total_steps, checkpoint_every=.., max_to_keep=..)
+                         total_steps=total_steps, cfg=cfg)
 """
 
 from __future__ import annotations
@@ -573,28 +573,29 @@ def fit(
     steps_per_epoch: int,
     make_batch,
     total_steps: int,
-    checkpoint_every: int,
-    max_to_keep: int,
+    cfg,
     evaluate=None,
-    eval_every: int = 0,
-    log_every: int = 1,
     postfix: dict[str, str] | None = None,
 ) -> Fit:
   """The train loop of the sft and preference stages, written once (big_vision's train.py shape).
 
   Resumes from the newest checkpoint in stage_dir/checkpoints, then trains on
   `make_batch(length, rows)` (a host batch) of `planned_batches(plan, ...)` up to total_steps.
-  A non-finite step stops the run before its state is saved. `evaluate(params) -> dict` runs every
-  eval_every steps and at the end, into that step's row; rows are written every log_every steps
-  and at every evaluation; checkpoints every checkpoint_every steps and at the end (0 = none).
+  A non-finite step stops the run before its state is saved. The stage config `cfg` sets the
+  rhythm: `evaluate(params) -> dict` runs every cfg.eval_every steps and at the end, into that
+  step's row; rows are written every cfg.log_every steps and at every evaluation; checkpoints
+  every cfg.checkpoint_every steps and at the end (0 = none), cfg.max_to_keep of them kept.
   postfix: bar label -> format over the step's metrics, e.g. {'loss': '{loss:.3f}'}. However
   the loop ends, the pending checkpoint is finished, so a rerun resumes from it.
   """
+  eval_every, log_every = cfg.eval_every, cfg.log_every
   ckpt = (
       Checkpointer(
-          Path(stage_dir) / 'checkpoints', save_every=checkpoint_every, max_to_keep=max_to_keep
+          Path(stage_dir) / 'checkpoints',
+          save_every=cfg.checkpoint_every,
+          max_to_keep=cfg.max_to_keep,
       )
-      if checkpoint_every > 0
+      if cfg.checkpoint_every > 0
       else None
   )
   restored = ckpt.restore_latest(state, shardings) if ckpt else None

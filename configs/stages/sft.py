@@ -39,6 +39,7 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   c.eval_every = every  # held-out eval loss every N steps (and at the end); 0 = only at the end
   c.checkpoint_every = every  # orbax checkpoint every N steps and at the end (resume); 0 = none
   c.max_to_keep = 2  # orbax max_to_keep
+  c.log_every = 1  # train metrics (metrics.jsonl, TensorBoard) every N steps; eval rows always
   # Positions per chunk of the fused float32 cross-entropy; 0 = whole logits, then the loss.
   # tiny: 0, because on fake multi-device CPU meshes the chunk scan's per-chunk all-reduces
   # deadlocked XLA:CPU (devices reached two all-reduces in different orders).
