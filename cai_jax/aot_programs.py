@@ -296,6 +296,30 @@ def stage_programs(config, mesh, only: str = '') -> list[Program]:
       'PM': tree_bytes(pm[1]),
   }
   keep = lambda *names: {n: size[n] for n in names}
+
+  def sample(stage, who, model, resident, batch_size, new, temperature, top_k=None, top_p=None):
+    """The sampler's programs for `new` tokens after prompts that fill the rest of max_len."""
+    return sampler_programs(
+        stage,
+        who,
+        frozen_cfg,
+        model,
+        mesh,
+        resident,
+        batch_size=batch_size,
+        max_new_tokens=new,
+        max_prompt_len=max_len - new,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+    )
+
+  def score(stage, who, resident, batch_size):
+    """(A)/(B) scoring by the helpful model: the feedback model and evaluate's judge."""
+    return score_options_program(
+        stage, who, frozen_cfg, helpful, mesh, resident, batch_size=batch_size, max_len=max_len
+    )
+
   wanted = pipeline.parse_stage_list(config.stages)
   if only:
     wanted = [s for s in wanted if s in only.split(',')]
@@ -309,19 +333,16 @@ def stage_programs(config, mesh, only: str = '') -> list[Program]:
         (cr.max_new_tokens, cr.critique_max_new_tokens),
         key=lambda k: _padded(cfg, max_len - k) + _padded(cfg, k),
     )
-    out += sampler_programs(
+    out += sample(
         'critique_revision',
         'helpful',
-        frozen_cfg,
         helpful,
-        mesh,
         {},
-        batch_size=cr.batch_size,
-        max_new_tokens=new,
-        max_prompt_len=max_len - new,
-        temperature=cr.temperature,
-        top_k=cr.top_k,
-        top_p=cr.top_p,
+        cr.batch_size,
+        new,
+        cr.temperature,
+        cr.top_k,
+        cr.top_p,
     )
 
   if 'sft' in wanted:
@@ -337,45 +358,28 @@ def stage_programs(config, mesh, only: str = '') -> list[Program]:
 
   if 'feedback' in wanted:
     fb = config.feedback
-    out += sampler_programs(
+    out += sample(
         'feedback',
         'SL-CAI',
-        frozen_cfg,
         sl_cai,
-        mesh,
         keep('helpful'),
-        batch_size=fb.batch_size,
-        max_new_tokens=fb.max_new_tokens,
-        max_prompt_len=max_len - fb.max_new_tokens,
-        temperature=fb.temperature,
-        top_k=fb.top_k,
-        top_p=fb.top_p,
+        fb.batch_size,
+        fb.max_new_tokens,
+        fb.temperature,
+        fb.top_k,
+        fb.top_p,
     )
     if fb.cot:
-      out += sampler_programs(
+      out += sample(
           'feedback',
           'feedback-model CoT',
-          frozen_cfg,
           helpful,
-          mesh,
           keep('SL-CAI'),
-          batch_size=fb.batch_size,
-          max_new_tokens=fb.cot_max_new_tokens,
-          max_prompt_len=max_len - fb.cot_max_new_tokens,
-          temperature=fb.cot_temperature,
+          fb.batch_size,
+          fb.cot_max_new_tokens,
+          fb.cot_temperature,
       )
-    out.append(
-        score_options_program(
-            'feedback',
-            'feedback-model',
-            frozen_cfg,
-            helpful,
-            mesh,
-            keep('SL-CAI'),
-            batch_size=fb.score_batch_size,
-            max_len=max_len,
-        )
-    )
+    out.append(score('feedback', 'feedback-model', keep('SL-CAI'), fb.score_batch_size))
 
   if 'preference' in wanted:
     pc = config.preference
@@ -402,30 +406,16 @@ def stage_programs(config, mesh, only: str = '') -> list[Program]:
     ev, pc = config.evaluate, config.preference
     # Each model under evaluation is loaded afresh (cache=False) beside the cached helpful one;
     # then the judge (the helpful model) and a fresh PM, each alone.
-    out += sampler_programs(
+    out += sample(
         'evaluate',
         'evaluated model',
-        frozen_cfg,
         sl_cai,
-        mesh,
         keep('helpful'),
-        batch_size=ev.batch_size,
-        max_new_tokens=ev.max_new_tokens,
-        max_prompt_len=max_len - ev.max_new_tokens,
-        temperature=ev.temperature,
+        ev.batch_size,
+        ev.max_new_tokens,
+        ev.temperature,
     )
-    out.append(
-        score_options_program(
-            'evaluate',
-            'judge',
-            frozen_cfg,
-            helpful,
-            mesh,
-            {},
-            batch_size=config.feedback.score_batch_size,
-            max_len=max_len,
-        )
-    )
+    out.append(score('evaluate', 'judge', {}, config.feedback.score_batch_size))
     pm_len = min(pc.max_len, max_len) if pc.max_len > 0 else max_len
     out.append(
         rewards_program(
