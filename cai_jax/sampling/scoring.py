@@ -13,17 +13,7 @@ from flax import nnx
 
 from cai_jax import conversation
 from cai_jax import model as model_lib
-from cai_jax.sampling.common import (
-    batch_bucket,
-    compile_counts,
-    jitted,
-    left_pad,
-    length_bucket,
-    prepare_prompts,
-    prompt_positions,
-    put_batch,
-    run_prompt,
-)
+from cai_jax.sampling import common
 
 _SCORE_CHUNK = 128  # positions per LM-head chunk in `score` (bounds the [B, T, V] logits)
 
@@ -36,9 +26,9 @@ class ScoreOutput:
 
 def _score_fn(graphdef, params, tokens, mask, n_cont):
   """log p(tokens[:, t] | tokens[:, :t]) for the last n_cont positions [B, n_cont]."""
-  compile_counts['score'] += 1
+  common.compile_counts['score'] += 1
   model = nnx.merge(graphdef, params)
-  positions = prompt_positions(mask)
+  positions = common.prompt_positions(mask)
   hidden, _ = model.hidden(tokens, positions, mask)
   hidden = hidden[:, -n_cont - 1 : -1]  # predicts tokens[:, -n_cont:]
   targets = tokens[:, -n_cont:]
@@ -76,27 +66,27 @@ def score(
   cfg = model.cfg
   if len(prompt_tokens) != len(continuation_tokens):
     raise ValueError(f'{len(prompt_tokens)} prompts but {len(continuation_tokens)} continuations')
-  prompts, _ = prepare_prompts(prompt_tokens, cfg.vocab_size, cfg.max_positions, 'error')
+  prompts, _ = common.prepare_prompts(prompt_tokens, cfg.vocab_size, cfg.max_positions, 'error')
   conts = [
       _continuation(c, i, len(prompts[i]), cfg, 'continuation')
       for i, c in enumerate(continuation_tokens)
   ]
   if not prompts:
     return ScoreOutput(np.zeros((0,), np.float32), [])
-  n_cont = length_bucket(max(max(len(c) for c in conts), 1), 8)
+  n_cont = common.length_bucket(max(max(len(c) for c in conts), 1), 8)
   if n_cont > _SCORE_CHUNK:
     n_cont = -(-n_cont // _SCORE_CHUNK) * _SCORE_CHUNK
   rows = [p + c for p, c in zip(prompts, conts)]
   # Continuations end at the last slot; at least n_cont + 1 slots so every target has a context.
-  t = length_bucket(max(max(len(r) for r in rows), n_cont + 1))
-  b = batch_bucket(len(rows))
+  t = common.length_bucket(max(max(len(r) for r in rows), n_cont + 1))
+  b = common.batch_bucket(len(rows))
   pad_id = conversation.pad_id(None, cfg)
-  tokens, mask = left_pad(rows, b, t, pad_id)
+  tokens, mask = common.left_pad(rows, b, t, pad_id)
   graphdef, params = nnx.split(model)
   lp = np.asarray(
       jax.device_get(
-          jitted(_score_fn, graphdef, static_argnums=(3,))(
-              params, put_batch(tokens), put_batch(mask), n_cont
+          common.jitted(_score_fn, graphdef, static_argnums=(3,))(
+              params, common.put_batch(tokens), common.put_batch(mask), n_cont
           )
       )
   )
@@ -108,12 +98,12 @@ def _score_options_fn(graphdef, params, tokens, mask, options, cache):
   """Per-token log-probs [B, O, C] of each option options[:, o] (right-padded) after its prompt
   (tokens [B, P], left-padded): the prompt runs once into `cache` (zeros, P + C slots) that
   every option then reads."""
-  compile_counts['score_options'] += 1
+  common.compile_counts['score_options'] += 1
   model = nnx.merge(graphdef, params)
   b, p = tokens.shape
   n_opt, c = options.shape[1], options.shape[2]
-  positions = prompt_positions(mask)
-  hidden, cache = run_prompt(model, tokens, positions, mask, cache)
+  positions = common.prompt_positions(mask)
+  hidden, cache = common.run_prompt(model, tokens, positions, mask, cache)
   first = jax.nn.log_softmax(model.logits_from_hidden(hidden[:, -1:])[:, 0], axis=-1)  # [B, V]
   key_mask = jnp.concatenate([mask, jnp.ones((b, c), bool)], axis=1)
   cont_positions = positions[:, -1:] + 1 + jnp.arange(c - 1, dtype=jnp.int32)[None]
@@ -143,7 +133,7 @@ def score_options(
     raise ValueError(f'{len(prompt_tokens)} prompts but {len(options)} option lists')
   if not prompt_tokens:
     return np.zeros((0, 0), np.float32)
-  prompts, _ = prepare_prompts(prompt_tokens, cfg.vocab_size, cfg.max_positions, 'error')
+  prompts, _ = common.prepare_prompts(prompt_tokens, cfg.vocab_size, cfg.max_positions, 'error')
   n_opt = len(options[0])
   conts = []
   for i, row in enumerate(options):
@@ -153,11 +143,11 @@ def score_options(
     if not all(row):
       raise ValueError(f'row {i} has an empty option')
     conts.append(row)
-  c = length_bucket(max(len(x) for row in conts for x in row), 4)
-  t = length_bucket(max(len(x) for x in prompts))
-  b = batch_bucket(len(prompts))
+  c = common.length_bucket(max(len(x) for row in conts for x in row), 4)
+  t = common.length_bucket(max(len(x) for x in prompts))
+  b = common.batch_bucket(len(prompts))
   pad_id = conversation.pad_id(None, cfg)
-  tokens, mask = left_pad(prompts, b, t, pad_id)
+  tokens, mask = common.left_pad(prompts, b, t, pad_id)
   opts = np.full((b, n_opt, c), pad_id, np.int32)
   for i, row in enumerate(conts):
     for o, x in enumerate(row):
@@ -165,11 +155,11 @@ def score_options(
   graphdef, params = nnx.split(model)
   lp = np.asarray(
       jax.device_get(
-          jitted(_score_options_fn, graphdef)(
+          common.jitted(_score_options_fn, graphdef)(
               params,
-              put_batch(tokens),
-              put_batch(mask),
-              put_batch(opts),
+              common.put_batch(tokens),
+              common.put_batch(mask),
+              common.put_batch(opts),
               model_lib.init_cache(cfg, b, t + c),
           )
       )
