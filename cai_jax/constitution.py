@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from absl import logging
 
 from cai_jax import conversation
 from cai_jax.conversation import ASSISTANT, HUMAN, Turn
@@ -972,6 +973,14 @@ def check_few_shot_budget(
         '(model.max_len less the tokens generated after the prompt); raise model.max_len '
         'or lower num_few_shots'
     )
+  logging.info(
+      '%s: %d %s few-shots take %d tokens of the %d-token prompt budget',
+      what or kind,
+      n,
+      kind,
+      cost,
+      budget,
+  )
   return n, cost
 
 

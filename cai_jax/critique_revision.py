@@ -348,24 +348,11 @@ def check_few_shots(constitution, sample: _Sampler, cfg) -> None:
   """Before any sampling: the few-shots and a one-line conversation must fit every prompt's
   budget (else every prompt would lose few-shots); logs what they take."""
   budget = sample.budget(max(cfg.max_new_tokens, cfg.critique_max_new_tokens))
+  tok, what = sample.pretrained.tokenizer, f'config.{STAGE}.num_few_shots={cfg.num_few_shots}'
   try:
-    n, cost = constitution_lib.check_few_shot_budget(
-        constitution,
-        'critique_revision',
-        sample.pretrained.tokenizer,
-        sample.fmt,
-        budget,
-        what=f'config.{STAGE}.num_few_shots={cfg.num_few_shots}',
-    )
+    constitution_lib.check_few_shot_budget(constitution, STAGE, tok, sample.fmt, budget, what=what)
   except ValueError as e:
     raise StageError(str(e)) from None
-  logging.info(
-      '%s: %d critique few-shots take %d tokens of the %d-token prompt budget',
-      STAGE,
-      n,
-      cost,
-      budget,
-  )
 
 
 def run(ctx, stage_dir: Path) -> dict:

@@ -382,25 +382,14 @@ def check_config(config) -> None:
 def check_few_shots(labeler: Labeler, what: str) -> None:
   """Before any scoring: the few-shots and a one-line conversation must fit the prompt budget
   (else every prompt would lose few-shots); logs what they take."""
+  c, tok, cfg = labeler.constitution, labeler.pretrained.tokenizer, labeler.cfg
+  what = f'{what} (feedback.num_few_shots={cfg.num_few_shots})'
   try:
-    n, cost = constitution_lib.check_few_shot_budget(
-        labeler.constitution,
-        'feedback',
-        labeler.pretrained.tokenizer,
-        labeler.fmt,
-        labeler.budget(),
-        cot=labeler.cfg.cot,
-        what=f'{what} (feedback.num_few_shots={labeler.cfg.num_few_shots})',
+    constitution_lib.check_few_shot_budget(
+        c, 'feedback', tok, labeler.fmt, labeler.budget(), cot=cfg.cot, what=what
     )
   except ValueError as e:
     raise StageError(str(e)) from None
-  logging.info(
-      '%s: %d feedback few-shots take %d tokens of the %d-token prompt budget',
-      what,
-      n,
-      cost,
-      labeler.budget(),
-  )
 
 
 def few_shot_summary(scorings: Sequence[dict]) -> dict:
