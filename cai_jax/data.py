@@ -41,6 +41,7 @@ import hashlib
 import importlib.resources
 import importlib.util
 import io
+import functools
 import json
 import os
 import re
@@ -513,7 +514,22 @@ def read_records_dataset(
   return {s: list(source) for s, source in sources.items()}
 
 
-def _prompts(kind, sources, seed, test_fraction, paths, data_dir):
+def prompts(
+    kind: str,
+    sources: Mapping[str, int | None] | None = None,
+    seed: int = 0,
+    test_fraction: float = 0.1,
+    data_dir: str | os.PathLike | None = None,
+    paths: Mapping[str, Any] | None = None,
+) -> dict[str, list[dict]]:
+  """{'train': [...], 'test': [...]} prompt records of `kind` ('redteam' | 'helpful'), from
+  `sources` (default: all of that kind's bundled ones).
+
+  With `data_dir` the splits are materialized once as a TFDS dataset there and read back.
+  """
+  sources = (
+      sources or {'redteam': DEFAULT_REDTEAM_SOURCES, 'helpful': DEFAULT_HELPFUL_SOURCES}[kind]
+  )
   if data_dir is None:
     return build_prompt_splits(sources, seed=seed, test_fraction=test_fraction, paths=paths)
   builder = PromptsBuilder(
@@ -528,33 +544,10 @@ def _prompts(kind, sources, seed, test_fraction, paths, data_dir):
   return {split: list(source) for split, source in _sources(builder).items()}
 
 
-def redteam_prompts(
-    sources: Mapping[str, int | None] | None = None,
-    seed: int = 0,
-    test_fraction: float = 0.1,
-    data_dir: str | os.PathLike | None = None,
-    paths: Mapping[str, Any] | None = None,
-) -> dict[str, list[dict]]:
-  """{'train': [...], 'test': [...]} red-team prompt records.
-
-  With `data_dir` the splits are materialized once as a TFDS dataset there and read back.
-  """
-  return _prompts(
-      'redteam', sources or DEFAULT_REDTEAM_SOURCES, seed, test_fraction, paths, data_dir
-  )
-
-
-def helpful_prompts(
-    sources: Mapping[str, int | None] | None = None,
-    seed: int = 0,
-    test_fraction: float = 0.1,
-    data_dir: str | os.PathLike | None = None,
-    paths: Mapping[str, Any] | None = None,
-) -> dict[str, list[dict]]:
-  """{'train': [...], 'test': [...]} helpful prompt records (bundled + optional HH-RLHF)."""
-  return _prompts(
-      'helpful', sources or DEFAULT_HELPFUL_SOURCES, seed, test_fraction, paths, data_dir
-  )
+# The red-team prompts (HarmBench, Do-Not-Answer, AdvBench, optional HH-RLHF red-team attempts)
+# and the helpful ones (bundled + optional HH-RLHF): `prompts` of each kind.
+redteam_prompts = functools.partial(prompts, 'redteam')
+helpful_prompts = functools.partial(prompts, 'helpful')
 
 
 def stage_prompts(ctx, kind: str) -> dict[str, list[dict]]:
