@@ -383,37 +383,35 @@ def run(ctx, stage_dir: Path) -> dict:
   check_few_shots(constitution, sample, cfg)
   stage_dir.mkdir(parents=True, exist_ok=True)
   seed = ctx.config.seed
-  red = records_lib.process_in_chunks(
-      prompts,
-      records_lib.part_path(stage_dir, 'samples'),
-      lambda chunk, s: revise_chunk(
-          chunk,
-          s,
-          sample=sample,
-          constitution=constitution,
-          n_rounds=cfg.n_rounds,
-          principle_seed=seed,
-      ),
-      chunk_size=cfg.chunk_size,
-      seed=seed,
-      stream=_REDTEAM_STREAM,
-      desc='critique/revision',
-      unit='prompt',
-      postfix=records_lib.throughput('tok_s', lambda: sample.tokens, 1),
+
+  def in_chunks(items, name, fn, stream, desc):
+    """Resumable: each chunk's records are appended to STAGE_DIR/<name>.jsonl when it is done;
+    the bar shows the sampler's tokens per second since the call."""
+    return records_lib.process_in_chunks(
+        items,
+        records_lib.part_path(stage_dir, name),
+        fn,
+        chunk_size=cfg.chunk_size,
+        seed=seed,
+        stream=stream,
+        desc=desc,
+        unit='prompt',
+        postfix=records_lib.throughput('tok_s', lambda: sample.tokens, 1),
+    )
+
+  revise = lambda chunk, s: revise_chunk(
+      chunk,
+      s,
+      sample=sample,
+      constitution=constitution,
+      n_rounds=cfg.n_rounds,
+      principle_seed=seed,
   )
-  helped = records_lib.process_in_chunks(
-      helpful,
-      records_lib.part_path(stage_dir, 'helpful'),
-      lambda chunk, s: helpful_chunk(
-          chunk, s, sample=sample, n_samples=cfg.helpful_samples_per_prompt
-      ),
-      chunk_size=cfg.chunk_size,
-      seed=seed,
-      stream=_HELPFUL_STREAM,
-      desc='helpful mix',
-      unit='prompt',
-      postfix=records_lib.throughput('tok_s', lambda: sample.tokens, 1),
+  answer = lambda chunk, s: helpful_chunk(
+      chunk, s, sample=sample, n_samples=cfg.helpful_samples_per_prompt
   )
+  red = in_chunks(prompts, 'samples', revise, _REDTEAM_STREAM, 'critique/revision')
+  helped = in_chunks(helpful, 'helpful', answer, _HELPFUL_STREAM, 'helpful mix')
   barrier(f'{STAGE}-sampled')
   if jax.process_index() != 0:
     barrier(f'{STAGE}-merged')
