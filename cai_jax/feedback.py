@@ -264,17 +264,8 @@ class Labeler:
               tokenizer=self.pretrained.tokenizer,
               budget=self.budget(),
           )
-        out.append(
-            dict(
-                k=k,
-                principle=principle,
-                order=order,
-                prompt=fitted.text,
-                cot=None,
-                few_shots=fitted.few_shots,
-                turns_dropped=fitted.turns_dropped,
-            )
-        )
+        scoring = dict(k=k, principle=principle, order=order, prompt=fitted.text, cot=None)
+        out.append(dict(scoring, few_shots=fitted.few_shots, turns_dropped=fitted.turns_dropped))
     return out
 
   def label(self, pairs: Sequence[Pair], seed: int) -> list[list[dict]]:

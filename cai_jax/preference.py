@@ -570,34 +570,28 @@ def pack_pairs(
 
 
 def evaluate_kinds(
-    graphdef,
-    params,
-    pairs: Sequence[EncodedPair],
-    *,
-    pad_id: int,
-    batch_size: int,
-    max_len: int,
-    min_bucket: int,
-    n_bins: int,
+    graphdef, params, pairs: Sequence[EncodedPair], cfg, *, pad_id: int, max_len: int
 ) -> dict[str, float]:
   """Held-out metrics over all pairs ('eval_<metric>') and per kind
-  ('eval_harmlessness_<metric>', 'eval_helpfulness_<metric>'), from one scoring pass."""
+  ('eval_harmlessness_<metric>', 'eval_helpfulness_<metric>'), from one scoring pass
+  (config.preference: eval_batch_size, min_bucket, ece_bins)."""
+  rows = [r for p in pairs for r in (p.a, p.b)]
   rewards = _score_rows(
       graphdef,
       params,
-      [r for p in pairs for r in (p.a, p.b)],
+      rows,
       pad_id=pad_id,
-      batch_size=batch_size,
+      batch_size=cfg.eval_batch_size,
       max_len=max_len,
-      min_bucket=min_bucket,
+      min_bucket=cfg.min_bucket,
   )
   r_a, r_b = rewards[0::2], rewards[1::2]
   p_a = np.array([p.p_a for p in pairs])
-  out = {f'eval_{k}': v for k, v in pair_metrics(r_a, r_b, p_a, n_bins).items()}
+  out = {f'eval_{k}': v for k, v in pair_metrics(r_a, r_b, p_a, cfg.ece_bins).items()}
   for kind in KINDS:
     mine = np.array([p.kind == kind for p in pairs])
     if mine.any():
-      metrics = pair_metrics(r_a[mine], r_b[mine], p_a[mine], n_bins)
+      metrics = pair_metrics(r_a[mine], r_b[mine], p_a[mine], cfg.ece_bins)
       out.update({f'eval_{kind}_{k}': v for k, v in metrics.items()})
   return out
 
@@ -653,17 +647,8 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
   model_config = pm.config
   del pm  # the train state holds a copy of its parameters
   train_step = train_lib.make_train_step(graphdef, tx, pair_loss, shardings, schedule)
-  evaluate = (
-      lambda params: evaluate_kinds(
-          graphdef,
-          params,
-          held_out,
-          pad_id=pad_id,
-          batch_size=cfg.eval_batch_size,
-          max_len=max_len,
-          min_bucket=cfg.min_bucket,
-          n_bins=cfg.ece_bins,
-      )
+  evaluate = lambda params: (
+      evaluate_kinds(graphdef, params, held_out, cfg, pad_id=pad_id, max_len=max_len)
       if held_out
       else {}
   )
