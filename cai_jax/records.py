@@ -256,14 +256,8 @@ def process_in_chunks(
   done = {r['id'] for r in read_jsonl(path, repair=True)}
   total = sum(len(idx) for _, idx in mine)
   resumed = sum(ids[i] in done for _, idx in mine for i in idx)
-  bar = tqdm(
-      total=total,
-      initial=resumed,
-      desc=desc,
-      unit=unit,
-      dynamic_ncols=True,
-      disable=not progress or total == 0 or pi != 0,
-  )
+  hide = not progress or total == 0 or pi != 0  # one bar, on process 0, when there is work
+  bar = tqdm(total=total, initial=resumed, desc=desc, unit=unit, dynamic_ncols=True, disable=hide)
   new = 0
   with open(path, 'a', encoding='utf-8') as f:
     for k, idx in mine:
