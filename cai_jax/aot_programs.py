@@ -195,6 +195,7 @@ def sampler_programs(
   strategy = _strategy(temperature, top_k, top_p)
   stop_ids = replicated(mesh, (decoding._STOP_ID_SLOTS,), jnp.int32)
   f32, i32 = (replicated(mesh, (), t) for t in (jnp.float32, jnp.int32))
+  knobs = decoding.Knobs(temperature=f32, top_p=f32, max_new=i32, stop_ids=stop_ids)
   shape = f'B={b} P={p} N={n}'
 
   def prefill():
@@ -205,10 +206,7 @@ def sampler_programs(
         kv_cache(cfg, mesh, b, p + n),
         rows(mesh, (b,), jnp.int32),
         replicated(mesh, (), jnp.uint32),
-        f32,
-        f32,
-        i32,
-        stop_ids,
+        knobs,
         rows(mesh, (b,), bool),
     )
 
@@ -217,7 +215,7 @@ def sampler_programs(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), out_info, out_shardings
     )
     lower = lambda: common.jitted(decoding._decode, graphdef, strategy, donate_argnums=(1,)).lower(
-        params, state, i32, f32, f32, i32, stop_ids, i32
+        params, state, i32, knobs, i32
     )
     return [Program(stage, f'{who} decode', shape, lower, resident)]
 

@@ -7,7 +7,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -148,22 +148,21 @@ def _is_stop(tokens, stop_ids):
   return jnp.any(tokens[:, None] == stop_ids[None, :], axis=-1)
 
 
+class Knobs(NamedTuple):
+  """The sampling settings the compiled steps take as traced values, so that changing them does
+  not recompile: temperature (> 0), top_p (1.0 = off), max_new tokens, stop_ids (-1 padded)."""
+
+  temperature: jax.Array
+  top_p: jax.Array
+  max_new: jax.Array
+  stop_ids: jax.Array
+
+
 def _prefill(
-    graphdef,
-    strategy,
-    params,
-    tokens,
-    prompt_mask,
-    cache,
-    row_ids,
-    seed,
-    temperature,
-    top_p,
-    max_new,
-    stop_ids,
-    pad_rows,
+    graphdef, strategy, params, tokens, prompt_mask, cache, row_ids, seed, knobs, pad_rows
 ):
   """Runs the prompt [B, P] through the model, fills the cache and picks the first token."""
+  temperature, top_p, max_new, stop_ids = knobs
   compile_counts['prefill'] += 1
   model = nnx.merge(graphdef, params)
   b, p = tokens.shape
@@ -191,19 +190,9 @@ def _prefill(
   )
 
 
-def _decode(
-    graphdef,
-    strategy,
-    params,
-    state: DecodeState,
-    until,
-    temperature,
-    top_p,
-    max_new,
-    stop_ids,
-    pad_id,
-):
+def _decode(graphdef, strategy, params, state: DecodeState, until, knobs, pad_id):
   """Decodes until step `until`, the buffer's end, or every row is done."""
+  temperature, top_p, max_new, stop_ids = knobs
   compile_counts['decode'] += 1
   model = nnx.merge(graphdef, params)
   n = state.tokens.shape[1]
@@ -392,7 +381,7 @@ def generate(
   stop_arr[: len(stop_ids)] = stop_ids
 
   graphdef, params = nnx.split(model)
-  dyn = dict(
+  knobs = Knobs(
       temperature=jnp.float32(max(temperature, 1e-6)),
       top_p=jnp.float32(top_p if use_top_p else 1.0),
       max_new=jnp.int32(max_new_tokens),
@@ -406,10 +395,7 @@ def generate(
       cache,
       put_batch(ids),
       jnp.uint32(seed % 2**32),
-      dyn['temperature'],
-      dyn['top_p'],
-      dyn['max_new'],
-      dyn['stop_ids'],
+      knobs,
       put_batch(np.arange(b) >= n_rows),
   )
   decode = jitted(_decode, graphdef, strategy, donate_argnums=(1,))
@@ -425,10 +411,7 @@ def generate(
           params,
           state,
           jnp.int32(step + chunk),
-          dyn['temperature'],
-          dyn['top_p'],
-          dyn['max_new'],
-          dyn['stop_ids'],
+          knobs,
           jnp.int32(pad_id),
       )
     host_tokens, lengths, done, step = jax.device_get(
