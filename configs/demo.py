@@ -1,4 +1,4 @@
-"""The demo pipeline on the embedded SmolLM2-135M-Instruct, sized for a 2-core CPU (~10 min).
+"""The demo pipeline on the embedded SmolLM2-135M-Instruct, sized for a 2-core CPU (~4 min).
 
 python -m cai_jax.main --config configs/demo.py --workdir /tmp/demo
 """
