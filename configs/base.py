@@ -26,7 +26,7 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.variant = variant  # which preset the stage defaults below come from: tiny | demo | full
   c.seed = 0  # global seed: model init (random models), data shuffles, sampling, principle draws
-  # Stages to run, comma-separated, in pipeline order (see cai_jax/stages.py for the list).
+  # Stages to run, comma-separated, in pipeline order (the table: cai_jax/pipeline.py).
   c.stages = 'critique_revision,sft,feedback,preference,ppo,evaluate'
   c.force = ''  # comma-separated stages to redo (each redoes everything after it too)
   c.compilation_cache_dir = (

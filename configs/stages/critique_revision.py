@@ -4,10 +4,10 @@ Each red-team prompt gets the helpful model's response, then `n_rounds` rounds o
 revision under a freshly sampled principle; helpful prompts get plain responses (the helpful
 mix of the SL data). See cai_jax/critique_revision.py.
 
-The demo (SmolLM2-135M on a 2-core CPU, ~1.5 min for this stage) uses no few-shots: each one
+The demo (SmolLM2-135M on a 2-core CPU, ~35 s for this stage) uses no few-shots: each one
 adds ~350 tokens to every critique and revision prompt, and prefill dominates the time. It also
 samples cooler than the paper's T = 1, at which the 135M model mostly rambles. Its 6 helpful
-prompts get 2 samples each, as in the paper: one more sampler call of 6 short responses.
+prompts get 2 samples each, as in the paper: one sampler call of 6 short responses per sample.
 """
 
 import ml_collections

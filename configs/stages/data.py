@@ -1,8 +1,8 @@
 """Prompt datasets: which red-team and helpful sources, how many prompts, the train/test split.
 
-Fields mirror the arguments of `cai_jax.data.redteam_prompts` / `helpful_prompts`; stages build
-them with `cai_jax.critique_revision.redteam_prompts(ctx)` / `helpful_prompts(ctx)`. A source count is the
-most prompts taken from it: -1 = all, 0 = skip. HH-RLHF files are read only when their source
+Fields mirror the arguments of `cai_jax.data.prompts(kind, ...)` (`redteam_prompts` /
+`helpful_prompts`); stages build them with `cai_jax.data.stage_prompts(ctx, kind)`. A source
+count is the most prompts taken from it: -1 = all, 0 = skip. HH-RLHF files are read only when their source
 count is non-zero and their path set, e.g.
   --config.data.paths.hh_rlhf_redteam=red_team_attempts.jsonl.gz
   --config.data.redteam_sources.hh_rlhf_redteam=-1

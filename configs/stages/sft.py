@@ -1,4 +1,4 @@
-"""Supervised fine-tuning of the helpful model on the revisions (SL-CAI, paper section 3).
+"""Supervised fine-tuning of the pretrained model on the revisions (SL-CAI, paper section 3).
 
 Read by `cai_jax.sft.run`. The paper fine-tunes for one epoch on the revisions of every round mixed
 with helpful samples; the small variants take a fixed number of steps instead (the demo's 8 are
