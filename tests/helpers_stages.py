@@ -8,9 +8,19 @@ through the entry point without running the stages before it.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from cai_jax import stages
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_main_cmd(workdir, *args) -> list[str]:
+  """The command line of a pipeline run on configs/tiny.py (`python -m cai_jax.main`) in
+  `workdir`, with `args` (config overrides) after it."""
+  tiny = str(REPO / 'configs' / 'tiny.py')
+  return [sys.executable, '-m', 'cai_jax.main', '--config', tiny, '--workdir', str(workdir), *args]
 
 
 def fake_upstream(config, workdir, stage: str, files: dict[str, str | list[dict]]) -> Path:

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pytest
 from cai_jax import checkpoint, critique_revision, data, pipeline, records, sharding, stages
 from cai_jax import constitution as constitution_lib
 from cai_jax.constitution import ConstitutionError
+from helpers_stages import tiny_main_cmd
 from configs import tiny
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,16 +102,7 @@ def make_config(prompt_files, **extra):
 def run_cli(workdir, prompt_files, **kwargs):
   args = [f'--config.{k}={v}' for k, v in overrides(prompt_files).items()]
   return subprocess.Popen(
-      [
-          sys.executable,
-          '-m',
-          'cai_jax.main',
-          '--config',
-          'configs/tiny.py',
-          '--workdir',
-          str(workdir),
-          *args,
-      ],
+      tiny_main_cmd(workdir, *args),
       cwd=REPO,
       text=True,
       env=dict(os.environ, JAX_PLATFORMS='cpu'),

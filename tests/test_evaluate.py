@@ -5,7 +5,6 @@ another config's outputs)."""
 import json
 import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 
 from cai_jax import checkpoint, conversation, evaluate, pipeline, sharding, stages
 from configs import tiny
-from tests.helpers_stages import fake_upstream, sl_cai_records
+from tests.helpers_stages import fake_upstream, sl_cai_records, tiny_main_cmd
 
 REPO = Path(__file__).resolve().parents[1]
 # Entry-point runs share compiled executables across runs (and with tests/test_sweep.py).
@@ -208,16 +207,7 @@ def run_main(workdir, *args, timeout=300):
       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
   )
   return subprocess.run(
-      [
-          sys.executable,
-          '-m',
-          'cai_jax.main',
-          '--config',
-          'configs/tiny.py',
-          '--workdir',
-          str(workdir),
-          *args,
-      ],
+      tiny_main_cmd(workdir, *args),
       cwd=REPO,
       capture_output=True,
       text=True,

@@ -6,11 +6,11 @@ import hashlib
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from helpers_stages import tiny_main_cmd
 
 pytestmark = pytest.mark.slow  # subprocess runs of the pipeline: minutes in all
 
@@ -25,16 +25,7 @@ OVERRIDES = [
 
 
 def main_cmd(workdir: Path) -> list[str]:
-  return [
-      sys.executable,
-      '-m',
-      'cai_jax.main',
-      '--config',
-      str(REPO / 'configs' / 'tiny.py'),
-      '--workdir',
-      str(workdir),
-      *OVERRIDES,
-  ]
+  return tiny_main_cmd(workdir, *OVERRIDES)
 
 
 def run_to_end(workdir: Path) -> None:

@@ -20,6 +20,7 @@ from flax import nnx
 from cai_jax import checkpoint, pipeline, ppo, sft, stages, train_lib, validate
 from cai_jax import model as model_lib
 from cai_jax.model import ScalarHeadModel
+from helpers_stages import tiny_main_cmd
 from configs import tpu_gemma2_2b_v5e8
 from configs.stages import ppo as ppo_stage_config
 from configs.stages import sft as sft_stage_config
@@ -201,20 +202,14 @@ def test_bad_precision_fields_are_one_line_errors_and_bf16_masters_warn(caplog):
 @pytest.mark.parametrize('remat', ['none', 'full'])
 def test_tiny_pipeline_runs_in_bf16_with_the_fused_loss(tmp_path, remat):
   """Every stage, bf16 compute, float32 masters, bf16 frozen models, chunked SFT loss."""
-  cmd = [
-      sys.executable,
-      '-m',
-      'cai_jax.main',
-      '--config',
-      str(REPO / 'configs' / 'tiny.py'),
-      '--workdir',
-      str(tmp_path),
+  cmd = tiny_main_cmd(
+      tmp_path,
       '--config.critique_revision.num_prompts=6',
       '--config.model.dtype=bfloat16',
       '--config.model.frozen_param_dtype=bfloat16',
       '--config.sft.loss_chunk=16',
       f'--config.model.remat={remat}',
-  ]
+  )
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
   assert f'compute bfloat16, remat {remat}' in proc.stdout

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from cai_jax import stages, train_lib
+from helpers_stages import tiny_main_cmd
 
 pytestmark = pytest.mark.slow  # subprocess runs of the pipeline: minutes in all
 
@@ -29,17 +30,7 @@ SMALL = [
 
 
 def run_main(workdir, *args, timeout=600):
-  cmd = [
-      sys.executable,
-      '-m',
-      'cai_jax.main',
-      '--config',
-      str(REPO / 'configs' / 'tiny.py'),
-      '--workdir',
-      str(workdir),
-      *SMALL,
-      *args,
-  ]
+  cmd = tiny_main_cmd(workdir, *SMALL, *args)
   return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
@@ -208,17 +199,7 @@ def test_a_second_run_while_the_first_is_running_refuses(tmp_path):
   workdir = tmp_path / 'w'
   args = ['--config.stages=critique_revision,sft', '--config.sft.num_steps=300']
   first = subprocess.Popen(
-      [
-          sys.executable,
-          '-m',
-          'cai_jax.main',
-          '--config',
-          str(REPO / 'configs' / 'tiny.py'),
-          '--workdir',
-          str(workdir),
-          *SMALL,
-          *args,
-      ],
+      tiny_main_cmd(workdir, *SMALL, *args),
       cwd=REPO,
       stdout=subprocess.PIPE,
       stderr=subprocess.PIPE,

@@ -15,7 +15,7 @@ import pytest
 
 from cai_jax import train_lib
 from configs import tiny
-from helpers_stages import fake_upstream, sl_cai_records
+from helpers_stages import fake_upstream, sl_cai_records, tiny_main_cmd
 
 pytestmark = pytest.mark.slow  # subprocess runs of the pipeline: minutes in all
 
@@ -88,17 +88,7 @@ def _workdir(path: Path) -> Path:
 
 
 def _main(workdir: Path, mesh: str) -> list[str]:
-  return [
-      sys.executable,
-      '-m',
-      'cai_jax.main',
-      '--config',
-      'configs/tiny.py',
-      '--workdir',
-      str(workdir),
-      f'--config.mesh.shape={mesh}',
-      *SFT_FLAGS,
-  ]
+  return tiny_main_cmd(workdir, f'--config.mesh.shape={mesh}', *SFT_FLAGS)
 
 
 def _checkpoints(workdir: Path) -> list[int]:
