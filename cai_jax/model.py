@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -272,23 +272,43 @@ class Attention(nnx.Module):
       logits = jnp.tanh(logits / self.cfg.attn_softcap) * self.cfg.attn_softcap
     return jnp.where(allowed[:, None, None], logits, jnp.finfo(jnp.float32).min)
 
-  def _decode_attention(self, q, k_cache, v_cache, allowed, dt):
+  def _prefix_allowed(self, prefix: SharedPrefix, positions):
+    """[B, T, Sp]: the prefix slots each query sees -- all valid ones (the prefix comes first),
+    within the window on sliding-window layers (prefix slot s holds position s)."""
+    allowed = jnp.broadcast_to(prefix.mask[None, None, :], (*positions.shape, prefix.mask.shape[0]))
+    if self.cfg.is_sliding(self.layer):
+      k_pos = jnp.arange(prefix.mask.shape[0])[None, None, :]
+      allowed &= (positions[:, :, None] - k_pos) < self.cfg.sliding_window
+    return allowed
+
+  def _decode_attention(self, q, k_cache, v_cache, allowed, dt, prefix=None, prefix_allowed=None):
     """One new token per row (q [B, 1, K, G, H]) against the cache, as two reductions.
 
     A batched dot here is B x K tiny matrix products that XLA:CPU runs one after another on one
     thread; the multiply-and-reduce forms are loop fusions it vectorizes along the contiguous
     axis (S for the keys, H for the values) and splits over threads: about half the time.
+    With a shared prefix, the rows' queries meet its one copy of keys and values in one matrix
+    product each (rows x prefix slots), so a decode step reads the prefix once for the batch.
     """
     f32 = jnp.float32
     q = q[:, 0].astype(f32)  # [B, K, G, H]
     logits = jnp.sum(q[..., None] * k_cache.astype(f32)[:, :, None], axis=-2)  # [B, K, G, S]
     logits = self._mask_logits(logits[:, :, :, None], allowed)[:, :, :, 0]
+    if prefix is not None:
+      shared = jnp.einsum('BKGH,KHS->BKGS', q, prefix.k.astype(f32))
+      shared = self._mask_logits(shared[:, :, :, None], prefix_allowed)[:, :, :, 0]
+      logits = jnp.concatenate([shared, logits], axis=-1)  # one softmax over prefix + own slots
     # A fusion barrier: otherwise XLA recomputes the softmax inside the value reduction.
     probs = jax.lax.optimization_barrier(jax.nn.softmax(logits, axis=-1))
+    if prefix is not None:
+      sp = prefix.k.shape[-1]
+      shared, probs = probs[..., :sp], probs[..., sp:]
     out = jnp.sum(probs[..., None] * v_cache.astype(f32)[:, :, None], axis=-2)  # [B, K, G, H]
+    if prefix is not None:
+      out = out + jnp.einsum('BKGS,KSH->BKGH', shared, prefix.v.astype(f32))
     return out[:, None].astype(dt)
 
-  def __call__(self, x, positions, key_mask, cache, cache_index, inv_freq):
+  def __call__(self, x, positions, key_mask, cache, cache_index, inv_freq, prefix=None):
     cfg, dt = self.cfg, x.dtype
     q = jnp.einsum('BTD,DNH->BTNH', x, self.q[...].astype(dt))
     k = jnp.einsum('BTD,DKH->BTKH', x, self.k[...].astype(dt))
@@ -323,14 +343,23 @@ class Attention(nnx.Module):
       k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
       s = t
     allowed = self._allowed(t, s, key_mask, cache_index)  # [B, T, S]
+    prefix_allowed = None if prefix is None else self._prefix_allowed(prefix, positions)
 
     if cache is not None and t == 1:
-      out = self._decode_attention(q, k, v, allowed, dt)
+      out = self._decode_attention(q, k, v, allowed, dt, prefix, prefix_allowed)
     else:
       spec = 'BTKGH,BKHS->BKGTS' if cache is not None else 'BTKGH,BKSH->BKGTS'
-      logits = jnp.einsum(spec, q, k.astype(dt)).astype(jnp.float32)
-      probs = jax.nn.softmax(self._mask_logits(logits, allowed), axis=-1).astype(dt)
+      logits = self._mask_logits(jnp.einsum(spec, q, k.astype(dt)).astype(jnp.float32), allowed)
+      if prefix is not None:  # the prefix's one copy, then each row's own slots: one softmax
+        shared = jnp.einsum('BTKGH,KHS->BKGTS', q, prefix.k.astype(dt)).astype(jnp.float32)
+        logits = jnp.concatenate([self._mask_logits(shared, prefix_allowed), logits], axis=-1)
+      probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+      if prefix is not None:
+        sp = prefix.k.shape[-1]
+        shared, probs = probs[..., :sp], probs[..., sp:]
       out = jnp.einsum('BKGTS,BKSH->BTKGH', probs, v.astype(dt))
+      if prefix is not None:
+        out = out + jnp.einsum('BKGTS,KSH->BTKGH', shared, prefix.v.astype(dt))
     out = out.reshape(b, t, n, cfg.head_dim)
     # 'BTNH,NHD->BTD' by dot_general: jnp.einsum contracts (H, N) in that order, which made
     # XLA transpose the weight in every call.
@@ -383,8 +412,10 @@ class Block(nnx.Module):
       self.attn_post_norm = Norm(cfg, rngs=rngs)
       self.mlp_post_norm = Norm(cfg, rngs=rngs)
 
-  def __call__(self, x, positions, key_mask, cache, cache_index, inv_freq):
-    h, cache = self.attn(self.attn_norm(x), positions, key_mask, cache, cache_index, inv_freq)
+  def __call__(self, x, positions, key_mask, cache, cache_index, inv_freq, prefix=None):
+    h, cache = self.attn(
+        self.attn_norm(x), positions, key_mask, cache, cache_index, inv_freq, prefix
+    )
     if self.cfg.post_norms:
       h = self.attn_post_norm(h)
     x = x + h
@@ -408,8 +439,12 @@ class Decoder(nnx.Module):
     if not cfg.tie_embeddings:
       self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'), pd)
 
-  def hidden(self, tokens, positions=None, key_mask=None, cache=None, cache_index=0):
-    """Final-norm hidden states [B, T, D] and the updated cache."""
+  def hidden(self, tokens, positions=None, key_mask=None, cache=None, cache_index=0, prefix=None):
+    """Final-norm hidden states [B, T, D] and the updated cache.
+
+    `prefix` (a `Prefix`, optional): one copy of a token prefix's keys and values that every row
+    continues; `positions` must then count from the prefix's length (see docs/DESIGN.md).
+    """
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
     b, t = tokens.shape
@@ -425,7 +460,7 @@ class Decoder(nnx.Module):
       x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(dt)
     x = sharding.constrain(x, ('batch', 'length', 'embed'))
     inv_freq = jnp.asarray(rope_inv_freq(cfg)) if cfg.positions == 'rope' else None
-    if cache is None and cfg.remat != 'none':
+    if cache is None and prefix is None and cfg.remat != 'none':
       # Remat only matters for passes that are differentiated, which never carry a cache.
       layer = nnx.remat(
           lambda block, x: block(x, positions, key_mask, None, cache_index, inv_freq)[0],
@@ -436,8 +471,15 @@ class Decoder(nnx.Module):
       return self.final_norm(x), None
     new_cache = [] if cache is not None else None
     for i, block in enumerate(self.layers):
+      layer_prefix = None if prefix is None else prefix.layer(i)
       x, layer_cache = block(
-          x, positions, key_mask, None if cache is None else cache[i], cache_index, inv_freq
+          x,
+          positions,
+          key_mask,
+          None if cache is None else cache[i],
+          cache_index,
+          inv_freq,
+          layer_prefix,
       )
       if cache is not None:
         new_cache.append(layer_cache)
@@ -454,8 +496,8 @@ class Decoder(nnx.Module):
       logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap
     return sharding.constrain(logits, ('batch', 'length', 'vocab'))
 
-  def __call__(self, tokens, positions=None, key_mask=None, cache=None, cache_index=0):
-    h, cache = self.hidden(tokens, positions, key_mask, cache, cache_index)
+  def __call__(self, tokens, positions=None, key_mask=None, cache=None, cache_index=0, prefix=None):
+    h, cache = self.hidden(tokens, positions, key_mask, cache, cache_index, prefix)
     return self.logits_from_hidden(h), cache
 
 
@@ -499,6 +541,34 @@ def cache_write_prefix(cache: list[dict], prefix: list[dict]) -> list[dict]:
       {kv: jax.lax.dynamic_update_slice_in_dim(c[kv], p[kv], 0, CACHE_SLOT_AXIS[kv]) for kv in c}
       for c, p in zip(cache, prefix)
   ]
+
+
+class SharedPrefix(NamedTuple):
+  """One layer's view of a shared prefix: keys [K, H, Sp], values [K, Sp, H], mask [Sp]."""
+
+  k: jax.Array
+  v: jax.Array
+  mask: jax.Array
+
+
+class Prefix(NamedTuple):
+  """A token prefix shared by every row of a batch, held once (the cascade / Hydragen layout).
+
+  `kv` is a batch-1 KV cache (`init_cache(cfg, 1, Sp)`, filled by running the prefix's tokens at
+  positions 0..Sp-1); `mask` [Sp] marks its valid slots (a prefix is right-padded to a length
+  bucket). Rows attend to it and to their own cache in one softmax, so the result equals
+  attending to the prefix copied in front of every row.
+  """
+
+  kv: list[dict]
+  mask: jax.Array
+
+  def layer(self, i: int) -> SharedPrefix:
+    return SharedPrefix(self.kv[i]['k'][0], self.kv[i]['v'][0], self.mask)
+
+  @property
+  def length(self) -> int:
+    return self.mask.shape[0]
 
 
 class ScalarHeadModel(nnx.Module):

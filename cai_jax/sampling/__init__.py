@@ -19,12 +19,14 @@ from cai_jax.sampling.decoding import (
     generate_batched,
     generate_responses,
 )
+from cai_jax.sampling.prefix import PrefixCache
 from cai_jax.sampling.scoring import ScoreOutput, score, score_options
 
 __all__ = [
     'STOP_CHUNK',
     'DecodeState',
     'GenerateOutput',
+    'PrefixCache',
     'Response',
     'ScoreOutput',
     'batch_bucket',

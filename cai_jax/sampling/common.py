@@ -75,15 +75,16 @@ def prompt_positions(mask):
   return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
 
 
-def run_prompt(model, tokens, positions, mask, cache):
+def run_prompt(model, tokens, positions, mask, cache, shared=None):
   """Hidden states of the prompts [B, P] and `cache` with them in its first P slots.
 
-  Attends over the P prompt slots only, then writes them into the full-length cache.
+  Attends over the P prompt slots only (and a `shared` prefix, if any), then writes them into
+  the full-length cache.
   """
-  hidden, prefix = model.hidden(
-      tokens, positions, mask, model_lib.cache_prefix(cache, tokens.shape[1]), 0
+  hidden, prompt_kv = model.hidden(
+      tokens, positions, mask, model_lib.cache_prefix(cache, tokens.shape[1]), 0, shared
   )
-  return hidden, model_lib.cache_write_prefix(cache, prefix)
+  return hidden, model_lib.cache_write_prefix(cache, prompt_kv)
 
 
 def prepare_prompts(prompt_tokens, vocab_size, limit, truncate):

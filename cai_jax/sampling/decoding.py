@@ -19,6 +19,7 @@ from flax import nnx
 from cai_jax import conversation
 from cai_jax import model as model_lib
 from cai_jax import sharding
+from cai_jax.sampling import prefix as prefix_lib
 from cai_jax.sampling.common import (
     MIN_LEN_BUCKET,
     batch_bucket,
@@ -74,7 +75,7 @@ class DecodeState:
   cache: Any  # model.init_cache of P + N slots
   key_mask: jax.Array  # [B, P + N] bool: valid cache slots
   last: jax.Array  # [B] int32: newest token, fed at the next step
-  prompt_lens: jax.Array  # [B] int32
+  prompt_lens: jax.Array  # [B] int32, a shared prefix included (the next position is from it)
   lengths: jax.Array  # [B] int32: tokens generated per row (a stop token counts)
   done: jax.Array  # [B] bool
   row_keys: jax.Array  # [B] PRNG keys, one per row (fold_in(seed, row_id))
@@ -159,16 +160,31 @@ class Knobs(NamedTuple):
 
 
 def _prefill(
-    graphdef, strategy, params, tokens, prompt_mask, cache, row_ids, seed, knobs, pad_rows
+    graphdef,
+    strategy,
+    params,
+    tokens,
+    prompt_mask,
+    cache,
+    row_ids,
+    seed,
+    knobs,
+    pad_rows,
+    prefix=None,
+    prefix_len=0,
 ):
-  """Runs the prompt [B, P] through the model, fills the cache and picks the first token."""
+  """Runs the prompt [B, P] through the model, fills the cache and picks the first token.
+
+  With a shared `prefix` (`model.Prefix` of `prefix_len` tokens), `tokens` are each row's text
+  after it: their positions continue the prefix's and they attend to its one copy.
+  """
   temperature, top_p, max_new, stop_ids = knobs
   compile_counts['prefill'] += 1
   model = nnx.merge(graphdef, params)
   b, p = tokens.shape
   n = model_lib.cache_length(cache) - p
-  positions = prompt_positions(prompt_mask)
-  hidden, cache = run_prompt(model, tokens, positions, prompt_mask, cache)
+  positions = prompt_positions(prompt_mask) + prefix_len
+  hidden, cache = run_prompt(model, tokens, positions, prompt_mask, cache, prefix)
   logits = model.logits_from_hidden(hidden[:, -1:])[:, 0]
   base = jax.random.key(seed)
   row_keys = jax.vmap(jax.random.fold_in, (None, 0))(base, row_ids)
@@ -182,7 +198,7 @@ def _prefill(
       cache=cache,
       key_mask=_batch_constrain(key_mask),
       last=first,
-      prompt_lens=prompt_mask.sum(axis=1).astype(jnp.int32),
+      prompt_lens=(prompt_mask.sum(axis=1) + prefix_len).astype(jnp.int32),
       lengths=jnp.where(pad_rows, 0, 1).astype(jnp.int32),
       done=done,
       row_keys=row_keys,
@@ -190,8 +206,9 @@ def _prefill(
   )
 
 
-def _decode(graphdef, strategy, params, state: DecodeState, until, knobs, pad_id):
-  """Decodes until step `until`, the buffer's end, or every row is done."""
+def _decode(graphdef, strategy, params, state: DecodeState, until, knobs, pad_id, prefix=None):
+  """Decodes until step `until`, the buffer's end, or every row is done (every step reading the
+  shared `prefix`, if any, once for the whole batch)."""
   temperature, top_p, max_new, stop_ids = knobs
   compile_counts['decode'] += 1
   model = nnx.merge(graphdef, params)
@@ -208,7 +225,7 @@ def _decode(graphdef, strategy, params, state: DecodeState, until, knobs, pad_id
         s.key_mask, jnp.ones((s.key_mask.shape[0], 1), bool), slot, 1
     )
     positions = (s.prompt_lens + s.step - 1)[:, None]
-    logits, cache = model(s.last[:, None], positions, key_mask, s.cache, slot)
+    logits, cache = model(s.last[:, None], positions, key_mask, s.cache, slot, prefix)
     tok, lp = choose_tokens(
         logits[:, 0], _step_keys(s.row_keys, s.step), temperature, top_p, strategy
     )
@@ -309,6 +326,7 @@ def generate(
     truncate: str = 'error',
     stop_chunk: int = STOP_CHUNK,
     min_prompt_bucket: int = MIN_LEN_BUCKET,
+    prefix_cache: prefix_lib.PrefixCache | None = None,
 ) -> GenerateOutput:
   """Samples continuations of a batch of token-id prompts of any lengths.
 
@@ -327,6 +345,8 @@ def generate(
     stop_chunk: decode steps between host checks for stop strings.
     min_prompt_bucket: shortest padded prompt length; a caller whose prompts vary in length step
       after step (PPO rollouts) sets it to their longest to compile prefill and decode once.
+    prefix_cache: a `sampling.PrefixCache` of this model: the prompts' shared prefix is computed
+      once (or taken from it) and read by every row (sampling/prefix.py); same results.
   """
   cfg: model_lib.ModelConfig = model.cfg
   if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
@@ -365,11 +385,12 @@ def generate(
       greedy=greedy, top_k=None if greedy or top_k is None else int(top_k), top_p=use_top_p
   )
   n_rows = len(prompts)
+  rest, prefix_len, prefix = prefix_lib.split(prompts, prefix_cache, model)
   b = batch_bucket(n_rows)
-  p = length_bucket(max(len(r) for r in prompts), min_prompt_bucket)
+  p = length_bucket(max(len(r) for r in rest), min_prompt_bucket)
   n = length_bucket(int(max_new_tokens))
   pad_id = conversation.pad_id(tokenizer, cfg)
-  tokens, mask = left_pad(prompts, b, p, pad_id)
+  tokens, mask = left_pad(rest, b, p, pad_id)
   ids = (
       np.arange(b, dtype=np.int32)
       if row_ids is None
@@ -397,6 +418,8 @@ def generate(
       jnp.uint32(seed % 2**32),
       knobs,
       put_batch(np.arange(b) >= n_rows),
+      prefix,
+      jnp.int32(prefix_len),
   )
   decode = jitted(_decode, graphdef, strategy, donate_argnums=(1,))
 
@@ -413,6 +436,7 @@ def generate(
           jnp.int32(step + chunk),
           knobs,
           jnp.int32(pad_id),
+          prefix,
       )
     host_tokens, lengths, done, step = jax.device_get(
         (state.tokens, state.lengths, state.done, state.step)
@@ -524,6 +548,7 @@ def generate_responses(
     max_prompt_len: int | None = None,
     truncate: str = 'left',
     progress: bool = False,
+    prefix_cache: prefix_lib.PrefixCache | None = None,
 ) -> list[Response]:
   """Assistant replies to conversations (lists of (role, text) turns) or rendered prompts.
 
@@ -566,6 +591,7 @@ def generate_responses(
       seed=seed,
       max_prompt_len=max_prompt_len,
       truncate=truncate,
+      prefix_cache=prefix_cache,
   )
   return [
       Response(

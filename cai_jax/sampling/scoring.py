@@ -14,6 +14,7 @@ from flax import nnx
 from cai_jax import conversation
 from cai_jax import model as model_lib
 from cai_jax.sampling import common
+from cai_jax.sampling import prefix as prefix_lib
 
 _SCORE_CHUNK = 128  # positions per LM-head chunk in `score` (bounds the [B, T, V] logits)
 
@@ -94,16 +95,17 @@ def score(
   return ScoreOutput(np.array([x.sum() for x in per_token], np.float32), per_token)
 
 
-def _score_options_fn(graphdef, params, tokens, mask, options, cache):
+def _score_options_fn(graphdef, params, tokens, mask, options, cache, prefix=None, prefix_len=0):
   """Per-token log-probs [B, O, C] of each option options[:, o] (right-padded) after its prompt
   (tokens [B, P], left-padded): the prompt runs once into `cache` (zeros, P + C slots) that
-  every option then reads."""
+  every option then reads. With a shared `prefix` of `prefix_len` tokens, `tokens` are what
+  follows it in each row, and the prompt and options read its one copy too."""
   common.compile_counts['score_options'] += 1
   model = nnx.merge(graphdef, params)
   b, p = tokens.shape
   n_opt, c = options.shape[1], options.shape[2]
-  positions = common.prompt_positions(mask)
-  hidden, cache = common.run_prompt(model, tokens, positions, mask, cache)
+  positions = common.prompt_positions(mask) + prefix_len
+  hidden, cache = common.run_prompt(model, tokens, positions, mask, cache, prefix)
   first = jax.nn.log_softmax(model.logits_from_hidden(hidden[:, -1:])[:, 0], axis=-1)  # [B, V]
   key_mask = jnp.concatenate([mask, jnp.ones((b, c), bool)], axis=1)
   cont_positions = positions[:, -1:] + 1 + jnp.arange(c - 1, dtype=jnp.int32)[None]
@@ -112,7 +114,7 @@ def _score_options_fn(graphdef, params, tokens, mask, options, cache):
     toks = options[:, o]
     lp = [jnp.take_along_axis(first, toks[:, :1], axis=-1)]
     if c > 1:  # option token t is predicted from the cache + option tokens before it
-      h, _ = model.hidden(toks[:, :-1], cont_positions, key_mask, cache, p)
+      h, _ = model.hidden(toks[:, :-1], cont_positions, key_mask, cache, p, prefix)
       logits = jax.nn.log_softmax(model.logits_from_hidden(h), axis=-1)
       lp.append(jnp.take_along_axis(logits, toks[:, 1:, None], axis=-1)[..., 0])
     out.append(jnp.concatenate(lp, axis=1))
@@ -120,13 +122,18 @@ def _score_options_fn(graphdef, params, tokens, mask, options, cache):
 
 
 def score_options(
-    model, prompt_tokens: Sequence[Sequence[int]], options: Sequence[Sequence[Sequence[int]]]
+    model,
+    prompt_tokens: Sequence[Sequence[int]],
+    options: Sequence[Sequence[Sequence[int]]],
+    *,
+    prefix_cache: prefix_lib.PrefixCache | None = None,
 ) -> np.ndarray:
   """Total log-prob [N, O] of each of a row's O continuations after its prompt.
 
   Equals `score` on every (prompt, option) pair, at the cost of one pass over each prompt: the
   prompt fills a KV cache once and each option is a short pass that reads it (the (A)/(B)
-  labels of AI feedback score two options after one long prompt).
+  labels of AI feedback score two options after one long prompt). With `prefix_cache`, the
+  prompts' shared prefix (few-shots) runs once too (sampling/prefix.py).
   """
   cfg = model.cfg
   if len(prompt_tokens) != len(options):
@@ -144,10 +151,11 @@ def score_options(
       raise ValueError(f'row {i} has an empty option')
     conts.append(row)
   c = common.length_bucket(max(len(x) for row in conts for x in row), 4)
-  t = common.length_bucket(max(len(x) for x in prompts))
+  rest, prefix_len, prefix = prefix_lib.split(prompts, prefix_cache, model)
+  t = common.length_bucket(max(len(x) for x in rest))
   b = common.batch_bucket(len(prompts))
   pad_id = conversation.pad_id(None, cfg)
-  tokens, mask = common.left_pad(prompts, b, t, pad_id)
+  tokens, mask = common.left_pad(rest, b, t, pad_id)
   opts = np.full((b, n_opt, c), pad_id, np.int32)
   for i, row in enumerate(conts):
     for o, x in enumerate(row):
@@ -161,6 +169,8 @@ def score_options(
               common.put_batch(mask),
               common.put_batch(opts),
               model_lib.init_cache(cfg, b, t + c),
+              prefix,
+              jnp.int32(prefix_len),
           )
       )
   )

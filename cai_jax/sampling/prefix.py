@@ -1,0 +1,158 @@
+"""Shared prompt text computed once: the prefix a batch of prompts has in common runs through the
+model one time, and its keys and values are kept as one copy that every row reads.
+
+Constitutional AI prompts are mostly the same text: every critique and revision prompt opens with
+the same few-shot preamble (~1,900 of ~2,000 tokens with the paper's release), so a batch's
+longest common token prefix is most of its prefill. `generate` and `score_options` take a
+`PrefixCache`; with it they
+
+1. find the batch's longest common prefix, rounded down to `block` tokens (so that batches whose
+   common text ends a few tokens apart agree on one prefix) and kept one token short of the
+   shortest prompt (each row needs a token of its own to predict from);
+2. take that prefix's keys and values from the cache, or compute them once (a batch-1 prefill)
+   and keep them, evicting the least recently used entries past `max_tokens`;
+3. prefill only each row's remainder, at positions that continue the prefix, attending to the
+   prefix's single copy and to its own slots in one softmax (`model.Prefix`: the cascade /
+   Hydragen decomposition), and decode the same way: a step reads the prefix once for the batch.
+
+The result equals the plain path (the softmax over prefix + own slots is the softmax over the
+concatenation); the tests hold greedy tokens identical and log-probs within 1e-5 in float32.
+A batch with no prefix of at least `min_tokens` takes the plain path.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cai_jax import model as model_lib
+from cai_jax import sharding
+from cai_jax.sampling import common
+
+# Prefix KV is replicated over the batch axes (one copy for all rows); heads shard as in a cache.
+_PREFIX_NAMES = {
+    'k': (None, 'kv_heads', 'head_dim', 'length'),
+    'v': (None, 'kv_heads', 'length', 'head_dim'),
+}
+
+
+def common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+  """Length of the longest token prefix all prompts share."""
+  if not prompts:
+    return 0
+  first = np.asarray(prompts[0])
+  n = min(len(p) for p in prompts)
+  for p in prompts[1:]:
+    p = np.asarray(p[:n])
+    diff = np.nonzero(p != first[:n])[0]
+    n = int(diff[0]) if diff.size else n
+    if n == 0:
+      break
+  return n
+
+
+def _prefix_fn(graphdef, params, tokens, mask):
+  """The keys and values of one right-padded prefix [1, Sp] at positions 0..Sp-1."""
+  common.compile_counts['prefix'] += 1
+  model = nnx.merge(graphdef, params)
+  sp = tokens.shape[1]
+  cfg = model.cfg
+  shapes = {'k': (1, cfg.n_kv_heads, cfg.head_dim, sp), 'v': (1, cfg.n_kv_heads, sp, cfg.head_dim)}
+  cache = [
+      {kv: jnp.zeros(shapes[kv], jnp.dtype(cfg.dtype)) for kv in ('k', 'v')}
+      for _ in range(cfg.n_layers)
+  ]
+  positions = jnp.arange(sp, dtype=jnp.int32)[None]
+  _, cache = model.hidden(tokens, positions, mask, cache, 0)
+  return [{kv: sharding.constrain(c[kv], _PREFIX_NAMES[kv]) for kv in ('k', 'v')} for c in cache]
+
+
+class PrefixCache:
+  """Keys and values of shared prompt prefixes for one frozen model, kept across calls.
+
+  Bounded by `max_tokens` (prefix slots held, all entries together; least recently used go
+  first). A prefix longer than the bound is computed for its call and not kept.
+  """
+
+  def __init__(self, model, *, max_tokens: int = 8192, min_tokens: int = 64, block: int = 64):
+    if max_tokens < 0 or min_tokens < 1 or block < 1:
+      raise ValueError(
+          f'PrefixCache needs max_tokens >= 0, min_tokens >= 1, block >= 1; got {max_tokens}, '
+          f'{min_tokens}, {block}'
+      )
+    self.model = model
+    self.max_tokens, self.min_tokens, self.block = max_tokens, min_tokens, block
+    self._entries: collections.OrderedDict[tuple[int, ...], model_lib.Prefix] = (
+        collections.OrderedDict()
+    )
+    self.hits = self.misses = 0
+    self.reused_tokens = 0  # prompt tokens not prefilled thanks to a shared prefix
+
+  @property
+  def tokens(self) -> int:
+    """Prefix slots held now (each entry's padded length)."""
+    return sum(p.length for p in self._entries.values())
+
+  def __len__(self) -> int:
+    return len(self._entries)
+
+  def clear(self) -> None:
+    self._entries.clear()
+
+  def find(self, model, prompts: Sequence[Sequence[int]]) -> tuple[int, model_lib.Prefix | None]:
+    """(n, prefix): the first n tokens of every prompt are `prefix`; (0, None) when the batch
+    shares fewer than `min_tokens`."""
+    if model is not self.model:
+      raise ValueError('this PrefixCache belongs to another model; make one per model')
+    n = common_prefix_length(prompts)
+    n = min(n, min(len(p) for p in prompts) - 1) // self.block * self.block
+    if n < self.min_tokens:
+      return 0, None
+    head = tuple(int(t) for t in prompts[0][:n])
+    # The longest kept prefix of this batch's: a batch whose common text runs a block further
+    # than an earlier one's still reads the earlier prefix rather than computing another.
+    best = max(
+        (k for k in self._entries if len(k) <= n and head[: len(k)] == k),
+        key=len,
+        default=None,
+    )
+    if best is not None and n - len(best) < max(self.block * 4, n // 8):
+      self._entries.move_to_end(best)
+      self.hits += 1
+      self.reused_tokens += len(best) * len(prompts)
+      return len(best), self._entries[best]
+    self.misses += 1
+    prefix = compute_prefix(model, head)
+    self.reused_tokens += n * (len(prompts) - 1)
+    if prefix.length <= self.max_tokens:
+      self._entries[head] = prefix
+      while self.tokens > self.max_tokens:
+        self._entries.popitem(last=False)
+    return n, prefix
+
+
+def compute_prefix(model, tokens: Sequence[int]) -> model_lib.Prefix:
+  """A `model.Prefix` of `tokens`, right-padded to a length bucket."""
+  n = len(tokens)
+  sp = common.length_bucket(n)
+  padded = np.zeros((1, sp), np.int32)
+  padded[0, :n] = tokens
+  mask = np.arange(sp) < n
+  graphdef, params = nnx.split(model)
+  kv = common.jitted(_prefix_fn, graphdef)(params, jnp.asarray(padded), jnp.asarray(mask[None]))
+  return model_lib.Prefix(kv, jnp.asarray(mask))
+
+
+def split(prompts: Sequence[Sequence[int]], cache: PrefixCache | None, model):
+  """(remainders, prefix_len, prefix): each prompt without the shared prefix `cache` holds or
+  computes for it; (prompts, 0, None) without a cache or a long enough shared prefix."""
+  if cache is None or len(prompts) == 0:
+    return prompts, 0, None
+  n, prefix = cache.find(model, prompts)
+  if prefix is None:
+    return prompts, 0, None
+  return [p[n:] for p in prompts], n, prefix
