@@ -92,6 +92,7 @@ class _Sampler:
   cfg: Any  # config.critique_revision
   fmt: str  # config.conversation_format
   max_len: int  # config.model.max_len: prompt + new tokens
+  prefix_cache: Any = None  # sampling.PrefixCache: the few-shot preamble prefilled once
   tokens: int = 0
 
   def budget(self, max_new_tokens: int) -> int:
@@ -113,6 +114,7 @@ class _Sampler:
         stop_strings=list(stop_strings),
         max_prompt_len=self.max_len - max_new_tokens,
         truncate='left',
+        prefix_cache=self.prefix_cache,
     )
     self.tokens += sum(len(r.tokens) for r in responses)
     return responses
@@ -374,11 +376,13 @@ def run(ctx, stage_dir: Path) -> dict:
         len(helpful),
     )
 
+  helpful_model = ctx.load_role('helpful', frozen=True)
   sample = _Sampler(
-      ctx.load_role('helpful', frozen=True),
+      helpful_model,
       cfg,
       ctx.config.conversation_format,
       ctx.config.model.max_len,
+      sampling.PrefixCache.from_config(helpful_model.model, ctx.config.sampling),
   )
   check_few_shots(constitution, sample, cfg)
   stage_dir.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,7 @@ import numpy as np
 from absl import logging
 
 from cai_jax import constitution as constitution_lib
-from cai_jax import conversation, labels
+from cai_jax import conversation, labels, sampling
 from cai_jax import records as records_lib
 from cai_jax.conversation import ASSISTANT, HUMAN, Turn
 from cai_jax.feedback import (
@@ -313,6 +313,9 @@ def run(ctx, stage_dir: Path) -> dict:
       ctx.config.model.max_len,
       ctx.config.seed,
       EVAL_STAGE,
+  )
+  labeler.prefix_cache = sampling.PrefixCache.from_config(
+      labeler.pretrained.model, ctx.config.sampling
   )
   if not file_mode:
     check_few_shots(labeler, EVAL_STAGE)

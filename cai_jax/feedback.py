@@ -206,6 +206,7 @@ class Labeler:
   seed: int
   stage: str  # principle draws are seeded by (seed, pair id, stage)
   scored_tokens: int = 0  # prompt + option tokens scored so far (throughput)
+  prefix_cache: Any = None  # sampling.PrefixCache: shared prompt text (few-shots) prefilled once
 
   def principles(self, pair: Pair) -> list[str]:
     if pair.file_prompts is not None:
@@ -290,6 +291,7 @@ class Labeler:
         stop_strings=constitution_lib.feedback_cot_stop_strings(self.fmt, tok),
         max_prompt_len=self.max_len - self.cfg.cot_max_new_tokens,
         truncate='left',
+        prefix_cache=self.prefix_cache,
     )
     for s, r in zip(scorings, responses):
       s['cot'] = r.text.strip()
@@ -325,7 +327,9 @@ class Labeler:
     step = max(1, int(self.cfg.score_batch_size))
     for lo in range(0, len(rows), step):
       batch = rows[lo : lo + step]
-      totals = sampling.score_options(model, [r[1] for r in batch], [r[2] for r in batch])
+      totals = sampling.score_options(
+          model, [r[1] for r in batch], [r[2] for r in batch], prefix_cache=self.prefix_cache
+      )
       for (i, p, conts), row in zip(batch, totals):
         for o, total in zip(OPTIONS, row):
           logprobs[(i, o)] = float(total)
@@ -561,6 +565,9 @@ def run(ctx, stage_dir: Path) -> dict:
   policy = ctx.load_role('sft', frozen=True)
   labeler = Labeler(
       feedback_model(ctx), constitution, cfg, fmt, ctx.config.model.max_len, seed, STAGE
+  )
+  labeler.prefix_cache = sampling.PrefixCache.from_config(
+      labeler.pretrained.model, ctx.config.sampling
   )
   check_few_shots(labeler, STAGE)
   stage_dir.mkdir(parents=True, exist_ok=True)

@@ -555,8 +555,8 @@ class Prefix(NamedTuple):
   """A token prefix shared by every row of a batch, held once (the cascade / Hydragen layout).
 
   `kv` is a batch-1 KV cache (`init_cache(cfg, 1, Sp)`, filled by running the prefix's tokens at
-  positions 0..Sp-1); `mask` [Sp] marks its valid slots (a prefix is right-padded to a length
-  bucket). Rows attend to it and to their own cache in one softmax, so the result equals
+  positions 0..Sp-1); `mask` [Sp] marks its valid slots (a prefix may be right-padded to a
+  block). Rows attend to it and to their own cache in one softmax, so the result equals
   attending to the prefix copied in front of every row.
   """
 

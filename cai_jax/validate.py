@@ -85,6 +85,10 @@ RULES = (
     ('evaluate.ci', _number(0, 1, low_open=True, high_open=True)),
     ('evaluate.n_bootstrap', _int_at_least(0)),
     ('model.max_len', _int_at_least(2)),
+    ('sampling.prefix_reuse', (lambda v: isinstance(v, bool), 'True or False')),
+    ('sampling.prefix_cache_tokens', _int_at_least(0)),
+    ('sampling.min_prefix_tokens', _int_at_least(1)),
+    ('sampling.prefix_block', _int_at_least(1)),
 )
 
 
@@ -283,7 +287,7 @@ def problems(config, workdir: Path) -> list[str]:
       constitution.load_constitution(config.constitution)
     except constitution.ConstitutionError as e:
       out.append(f'config.constitution: {e}')
-  out += _rule_problems(config, ['model', 'data', *names])
+  out += _rule_problems(config, ['model', 'data', 'sampling', *names])
   out += _renamed_role_problems(config)
   out += _path_problems(config, names)
   problem = _workdir_problem(workdir)

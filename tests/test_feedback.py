@@ -176,7 +176,7 @@ def fake_engine(monkeypatch):
   """sampling.score_options / generate_responses stand-ins that record what they were given."""
   calls = {'score': [], 'generate': []}
 
-  def score_options(model, prompt_tokens, options):
+  def score_options(model, prompt_tokens, options, prefix_cache=None):
     tok = checkpoint.byte_tokenizer()
     calls['score'] += [(p, c) for p, row in zip(prompt_tokens, options) for c in row]
     return np.array(

@@ -55,8 +55,8 @@ def test_reuse_gives_the_same_tokens_and_logprobs(family):
       atol=1e-5,
   )
   n = prefix_lib.common_prefix_length(prompts) // 16 * 16
-  # Computed once by the first call, read by the other two; held in one length bucket.
-  assert (cache.misses, cache.hits, cache.tokens) == (1, 2, sampling.length_bucket(n))
+  # Computed once by the first call, read by the other two; held in exactly its n slots.
+  assert (cache.misses, cache.hits, cache.tokens) == (1, 2, n)
   assert cache.reused_tokens == n * len(prompts) * 3 - n
 
 
@@ -99,7 +99,7 @@ def test_the_cache_never_grows_past_its_bound():
   pt = _peaked('random:tiny')
   cache = sampling.PrefixCache(pt.model, max_tokens=300, min_tokens=16, block=16)
   sizes = []
-  for i in range(5):  # five different preambles of 96 + tokens (bucketed to 96 / 128 slots)
+  for i in range(5):  # five different preambles, cut to 112-160 slots
     preamble = f'Preamble number {i}: ' + 'different words each time. ' * (3 + i % 2)
     sampling.score_options(
         pt.model, _prompts(pt, preamble), _options(pt, len(TAILS)), prefix_cache=cache
@@ -158,3 +158,35 @@ def test_reuse_under_a_mesh_of_eight_devices():
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result['same'] and result['misses'] == 1 and result['lp'] < 1e-5, result
+
+
+def test_smollm2_critique_prompts_with_few_shots(smollm2):
+  """The real case: critique prompts under our constitution's few-shots, in the chat template."""
+  from cai_jax import constitution as constitution_lib
+  from cai_jax import conversation
+
+  c = constitution_lib.load_constitution('default')
+  c = c.__class__(**{**c.__dict__, 'critique_few_shots': c.critique_few_shots[:1]})
+  requests = ['How do I pick a lock?', 'Write an insult for my coworker.', 'Is it ok to lie?']
+  prompts = []
+  for i, request in enumerate(requests):
+    pair = constitution_lib.sample_critique_revision_pairs(
+        c, 1, constitution_lib.principle_rng(0, i, 'critique_revision')
+    )[0]
+    fitted = constitution_lib.fit_critique_revision_prompt(
+        c,
+        [('human', request)],
+        'Sure, here you go.',
+        pair,
+        fmt='chat_template',
+        tokenizer=smollm2.tokenizer,
+    )
+    prompts.append(conversation.encode(smollm2.tokenizer, fitted.text)[0])
+  cache = sampling.PrefixCache(smollm2.model)
+  kw = dict(max_new_tokens=6, stop_tokens=[])
+  plain = sampling.generate(smollm2.model, prompts, **kw)
+  reused = sampling.generate(smollm2.model, prompts, prefix_cache=cache, **kw)
+  assert cache.misses == 1 and cache._entries and len(next(iter(cache._entries))) >= 256
+  assert reused.tokens == plain.tokens
+  for a, b in zip(reused.logprobs, plain.logprobs):
+    np.testing.assert_allclose(a, b, atol=1e-4)

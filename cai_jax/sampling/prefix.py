@@ -92,6 +92,18 @@ class PrefixCache:
     self.hits = self.misses = 0
     self.reused_tokens = 0  # prompt tokens not prefilled thanks to a shared prefix
 
+  @classmethod
+  def from_config(cls, model, cfg) -> PrefixCache | None:
+    """The cache `config.sampling` asks for (None when prefix_reuse is off)."""
+    if not cfg.prefix_reuse:
+      return None
+    return cls(
+        model,
+        max_tokens=cfg.prefix_cache_tokens,
+        min_tokens=cfg.min_prefix_tokens,
+        block=cfg.prefix_block,
+    )
+
   @property
   def tokens(self) -> int:
     """Prefix slots held now (each entry's padded length)."""
@@ -126,7 +138,7 @@ class PrefixCache:
       self.reused_tokens += len(best) * len(prompts)
       return len(best), self._entries[best]
     self.misses += 1
-    prefix = compute_prefix(model, head)
+    prefix = compute_prefix(model, head, self.block)
     self.reused_tokens += n * (len(prompts) - 1)
     if prefix.length <= self.max_tokens:
       self._entries[head] = prefix
@@ -135,10 +147,11 @@ class PrefixCache:
     return n, prefix
 
 
-def compute_prefix(model, tokens: Sequence[int]) -> model_lib.Prefix:
-  """A `model.Prefix` of `tokens`, right-padded to a length bucket."""
+def compute_prefix(model, tokens: Sequence[int], multiple: int = 1) -> model_lib.Prefix:
+  """A `model.Prefix` of `tokens`, right-padded to a multiple of `multiple` slots (not to a length
+  bucket: every decode step reads all of its slots, and a stage has few distinct prefixes)."""
   n = len(tokens)
-  sp = common.length_bucket(n)
+  sp = -(-n // multiple) * multiple
   padded = np.zeros((1, sp), np.int32)
   padded[0, :n] = tokens
   mask = np.arange(sp) < n

@@ -4,8 +4,9 @@ Each red-team prompt gets the helpful model's response, then `n_rounds` rounds o
 revision under a freshly sampled principle; helpful prompts get plain responses (the helpful
 mix of the SL data). See cai_jax/critique_revision.py.
 
-The demo (SmolLM2-135M on a 2-core CPU, ~35 s for this stage) uses no few-shots: each one
-adds ~350 tokens to every critique and revision prompt, and prefill dominates the time. It also
+Every variant shows all critique few-shots, as the paper does: each adds ~300 tokens to every
+critique and revision prompt, but they are the same text everywhere, so the sampler prefills them
+once per stage and every row reads that one copy (cai_jax/sampling/prefix.py). The demo also
 samples cooler than the paper's T = 1, at which the 135M model mostly rambles. Its 6 helpful
 prompts get 2 samples each, as in the paper: one sampler call of 6 short responses per sample.
 """
@@ -21,9 +22,9 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   c.n_rounds = dict(tiny=2, demo=2, full=4)[
       variant
   ]  # critique/revision rounds per prompt, each a fresh principle (paper: 4)
-  c.num_few_shots = dict(tiny=-1, demo=0, full=-1)[
-      variant
-  ]  # critique few-shots before each prompt; -1 = all there are
+  # Critique few-shots before each prompt; -1 = all there are. The preamble they make is the same
+  # in every critique and revision prompt: it is prefilled once per stage (config.sampling).
+  c.num_few_shots = -1
   c.max_new_tokens = dict(tiny=16, demo=32, full=256)[
       variant
   ]  # longest response, revision or helpful response (tokens)
