@@ -373,6 +373,7 @@ def _judge(ctx, principle: str, items: Sequence[dict]) -> list[float]:
       ctx.config.model.max_len,
       ctx.config.seed,
       STAGE,
+      prefix_cache=sampling.PrefixCache.from_config(model.model, ctx.config.sampling),
   )
   p_a = [0.5] * len(items)  # identical responses tie without asking (as the feedback stage does)
   todo = [i for i, x in enumerate(items) if x['response_a'].strip() != x['response_b'].strip()]

@@ -305,17 +305,16 @@ def run(ctx, stage_dir: Path) -> dict:
       if file_mode
       else load_feedback_constitution(ctx, cfg)
   )
+  model = feedback_model(ctx)
   labeler = Labeler(
-      feedback_model(ctx),
+      model,
       constitution,
       cfg,
       ctx.config.conversation_format,
       ctx.config.model.max_len,
       ctx.config.seed,
       EVAL_STAGE,
-  )
-  labeler.prefix_cache = sampling.PrefixCache.from_config(
-      labeler.pretrained.model, ctx.config.sampling
+      prefix_cache=sampling.PrefixCache.from_config(model.model, ctx.config.sampling),
   )
   if not file_mode:
     check_few_shots(labeler, EVAL_STAGE)

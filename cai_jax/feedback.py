@@ -563,11 +563,16 @@ def run(ctx, stage_dir: Path) -> dict:
 
   fmt, seed = ctx.config.conversation_format, ctx.config.seed
   policy = ctx.load_role('sft', frozen=True)
+  model = feedback_model(ctx)
   labeler = Labeler(
-      feedback_model(ctx), constitution, cfg, fmt, ctx.config.model.max_len, seed, STAGE
-  )
-  labeler.prefix_cache = sampling.PrefixCache.from_config(
-      labeler.pretrained.model, ctx.config.sampling
+      model,
+      constitution,
+      cfg,
+      fmt,
+      ctx.config.model.max_len,
+      seed,
+      STAGE,
+      prefix_cache=sampling.PrefixCache.from_config(model.model, ctx.config.sampling),
   )
   check_few_shots(labeler, STAGE)
   stage_dir.mkdir(parents=True, exist_ok=True)
