@@ -66,6 +66,7 @@ The engine is `records.process_in_chunks`; the record keys are `records.FEEDBACK
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import time
@@ -275,7 +276,15 @@ class Labeler:
     flat = [s for js in jobs for s in js]
     if self.cfg.cot:
       self._reason(flat, seed)
-    self._score(flat)
+    # The scorings of one conversation (its option orders, the pairs a judge compares on it)
+    # share most of their prompt: scored side by side, a PrefixCache computes that text once.
+    conversations: dict = {}
+    groups = [
+        conversations.setdefault(p.conversation, len(conversations))
+        for p, js in zip(pairs, jobs)
+        for _ in js
+    ]
+    self._score(flat, groups)
     return jobs
 
   def _reason(self, scorings: list[dict], seed: int) -> None:
@@ -297,7 +306,7 @@ class Labeler:
       s['cot'] = r.text.strip()
       s['prompt'] += constitution_lib.render_feedback_answer_suffix(r.text, self.fmt)
 
-  def _score(self, scorings: list[dict]) -> None:
+  def _score(self, scorings: list[dict], groups: Sequence[int]) -> None:
     tok, model = self.pretrained.tokenizer, self.pretrained.model
     limit = min(self.max_len, model.cfg.max_positions)
     rows = []  # (scoring index, prompt ids, per-option continuation ids)
@@ -320,9 +329,13 @@ class Labeler:
         prompt_ids = conversation.keep_last(prompt_ids, keep, tok)
       s['boundary_tokens'] = boundary
       rows.append((i, prompt_ids, conts))
-    # Longest first, so each scoring call holds rows of similar length (tight buckets); the
+    # Longest first, so each scoring call holds rows of similar length (tight buckets), and a
+    # conversation's rows together, so that a call can prefill their shared text once; the
     # prompt runs once per call and both options read its KV cache.
-    rows.sort(key=lambda r: -len(r[1]))
+    longest = collections.defaultdict(int)
+    for i, p, _ in rows:
+      longest[groups[i]] = max(longest[groups[i]], len(p))
+    rows.sort(key=lambda r: (-longest[groups[r[0]]], groups[r[0]], -len(r[1])))
     logprobs: dict[tuple[int, str], float] = {}
     step = max(1, int(self.cfg.score_batch_size))
     for lo in range(0, len(rows), step):

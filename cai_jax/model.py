@@ -275,9 +275,10 @@ class Attention(nnx.Module):
   def _prefix_allowed(self, prefix: SharedPrefix, positions):
     """[B, T, Sp]: the prefix slots each query sees -- all valid ones (the prefix comes first),
     within the window on sliding-window layers (prefix slot s holds position s)."""
-    allowed = jnp.broadcast_to(prefix.mask[None, None, :], (*positions.shape, prefix.mask.shape[0]))
+    mask = prefix.mask if prefix.mask.ndim == 2 else prefix.mask[None]  # [B or 1, Sp]
+    allowed = jnp.broadcast_to(mask[:, None, :], (*positions.shape, mask.shape[-1]))
     if self.cfg.is_sliding(self.layer):
-      k_pos = jnp.arange(prefix.mask.shape[0])[None, None, :]
+      k_pos = jnp.arange(mask.shape[-1])[None, None, :]
       allowed &= (positions[:, :, None] - k_pos) < self.cfg.sliding_window
     return allowed
 
@@ -295,7 +296,7 @@ class Attention(nnx.Module):
     logits = jnp.sum(q[..., None] * k_cache.astype(f32)[:, :, None], axis=-2)  # [B, K, G, S]
     logits = self._mask_logits(logits[:, :, :, None], allowed)[:, :, :, 0]
     if prefix is not None:
-      shared = jnp.einsum('BKGH,KHS->BKGS', q, prefix.k.astype(f32))
+      shared = jnp.einsum(prefix.spec('BKGH,{}KHS->BKGS'), q, prefix.k.astype(f32))
       shared = self._mask_logits(shared[:, :, :, None], prefix_allowed)[:, :, :, 0]
       logits = jnp.concatenate([shared, logits], axis=-1)  # one softmax over prefix + own slots
     # A fusion barrier: otherwise XLA recomputes the softmax inside the value reduction.
@@ -305,7 +306,7 @@ class Attention(nnx.Module):
       shared, probs = probs[..., :sp], probs[..., sp:]
     out = jnp.sum(probs[..., None] * v_cache.astype(f32)[:, :, None], axis=-2)  # [B, K, G, H]
     if prefix is not None:
-      out = out + jnp.einsum('BKGS,KSH->BKGH', shared, prefix.v.astype(f32))
+      out = out + jnp.einsum(prefix.spec('BKGS,{}KSH->BKGH'), shared, prefix.v.astype(f32))
     return out[:, None].astype(dt)
 
   def __call__(self, x, positions, key_mask, cache, cache_index, inv_freq, prefix=None):
@@ -351,7 +352,8 @@ class Attention(nnx.Module):
       spec = 'BTKGH,BKHS->BKGTS' if cache is not None else 'BTKGH,BKSH->BKGTS'
       logits = self._mask_logits(jnp.einsum(spec, q, k.astype(dt)).astype(jnp.float32), allowed)
       if prefix is not None:  # the prefix's one copy, then each row's own slots: one softmax
-        shared = jnp.einsum('BTKGH,KHS->BKGTS', q, prefix.k.astype(dt)).astype(jnp.float32)
+        shared = jnp.einsum(prefix.spec('BTKGH,{}KHS->BKGTS'), q, prefix.k.astype(dt))
+        shared = shared.astype(jnp.float32)
         logits = jnp.concatenate([self._mask_logits(shared, prefix_allowed), logits], axis=-1)
       probs = jax.nn.softmax(logits, axis=-1).astype(dt)
       if prefix is not None:
@@ -359,7 +361,7 @@ class Attention(nnx.Module):
         shared, probs = probs[..., :sp], probs[..., sp:]
       out = jnp.einsum('BKGTS,BKSH->BTKGH', probs, v.astype(dt))
       if prefix is not None:
-        out = out + jnp.einsum('BKGTS,KSH->BTKGH', shared, prefix.v.astype(dt))
+        out = out + jnp.einsum(prefix.spec('BKGTS,{}KSH->BTKGH'), shared, prefix.v.astype(dt))
     out = out.reshape(b, t, n, cfg.head_dim)
     # 'BTNH,NHD->BTD' by dot_general: jnp.einsum contracts (H, N) in that order, which made
     # XLA transpose the weight in every call.
@@ -544,11 +546,16 @@ def cache_write_prefix(cache: list[dict], prefix: list[dict]) -> list[dict]:
 
 
 class SharedPrefix(NamedTuple):
-  """One layer's view of a shared prefix: keys [K, H, Sp], values [K, Sp, H], mask [Sp]."""
+  """One layer's view of a prefix: keys [K, H, Sp], values [K, Sp, H] and mask [Sp] when all
+  rows share one copy; [B, K, H, Sp], [B, K, Sp, H] and [B, Sp] when each row has its group's."""
 
   k: jax.Array
   v: jax.Array
   mask: jax.Array
+
+  def spec(self, template: str) -> str:
+    """An einsum spec whose prefix operand has a row axis (B) only when per row."""
+    return template.format('B' if self.k.ndim == 4 else '')
 
 
 class Prefix(NamedTuple):
@@ -562,13 +569,20 @@ class Prefix(NamedTuple):
 
   kv: list[dict]
   mask: jax.Array
+  # Groups: kv holds G prefixes (batch G, mask [G, Sp]) and rows [B] names each row's. Rows of a
+  # group share text no other group has (the two option orders of one feedback label); each row
+  # reads a gathered copy -- prefill is saved, the reads are not. None: one prefix for all rows.
+  rows: jax.Array | None = None
 
   def layer(self, i: int) -> SharedPrefix:
-    return SharedPrefix(self.kv[i]['k'][0], self.kv[i]['v'][0], self.mask)
+    k, v = self.kv[i]['k'], self.kv[i]['v']
+    if self.rows is None:
+      return SharedPrefix(k[0], v[0], self.mask)
+    return SharedPrefix(k[self.rows], v[self.rows], self.mask[self.rows])
 
   @property
   def length(self) -> int:
-    return self.mask.shape[0]
+    return self.mask.shape[-1]
 
 
 class ScalarHeadModel(nnx.Module):

@@ -73,6 +73,26 @@ def test_bfloat16_reuse_stays_close():
   assert all(len(t) == 6 and np.isfinite(lp).all() for t, lp in zip(out.tokens, out.logprobs))
 
 
+@pytest.mark.parametrize('family', ['llama', 'gemma2'])
+def test_groups_of_rows_share_their_own_prefixes(family):
+  # Three conversations, each scored in both option orders, plus one row alone: nothing is
+  # shared by the whole batch, but each conversation's two rows share all but their options.
+  pt = _peaked(f'random:tiny-{family}')
+  convs = [f'Conversation {i}: ' + f'a long exchange about topic {i}. ' * 3 for i in range(3)]
+  texts = [c + tail for c in convs for tail in (' (A) yes (B) no', ' (A) no (B) yes')]
+  prompts = [pt.tokenizer.encode(t) for t in texts + ['A row of its own.']]
+  cache = sampling.PrefixCache(pt.model, min_tokens=16, block=16)
+  opts = _options(pt, len(prompts))
+  np.testing.assert_allclose(
+      sampling.score_options(pt.model, prompts, opts, prefix_cache=cache),
+      sampling.score_options(pt.model, prompts, opts),
+      atol=1e-5,
+  )
+  assert (cache.misses, cache.hits, cache.group_prefixes, len(cache)) == (0, 0, 3, 0)
+  groups, lengths = prefix_lib.find_groups(prompts, 16, 16)
+  assert groups == [0, 0, 1, 1, 2, 2, -1] and all(n >= 96 for n in lengths)
+
+
 def test_no_shared_prefix_takes_the_plain_path():
   pt = _peaked('random:tiny')
   prompts = [pt.tokenizer.encode(t) for t in TAILS]  # only the BOS in common

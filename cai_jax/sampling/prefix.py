@@ -15,6 +15,10 @@ longest common token prefix is most of its prefill. `generate` and `score_option
    prefix's single copy and to its own slots in one softmax (`model.Prefix`: the cascade /
    Hydragen decomposition), and decode the same way: a step reads the prefix once for the batch.
 
+`score_options` also finds groups when the batch as a whole shares too little: rows that share a
+long prefix among themselves (a feedback label's two option orders; the three model pairs a judge
+compares on one conversation) get their group's prefix, computed once per call (`split_groups`).
+
 The result equals the plain path (the softmax over prefix + own slots is the softmax over the
 concatenation); the tests hold greedy tokens identical and log-probs within 1e-5 in float32.
 A batch with no prefix of at least `min_tokens` takes the plain path.
@@ -56,17 +60,17 @@ def common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
 
 
 def _prefix_fn(graphdef, params, tokens, mask):
-  """The keys and values of one right-padded prefix [1, Sp] at positions 0..Sp-1."""
+  """The keys and values of G right-padded prefixes [G, Sp] at positions 0..Sp-1."""
   common.compile_counts['prefix'] += 1
   model = nnx.merge(graphdef, params)
-  sp = tokens.shape[1]
+  g, sp = tokens.shape
   cfg = model.cfg
-  shapes = {'k': (1, cfg.n_kv_heads, cfg.head_dim, sp), 'v': (1, cfg.n_kv_heads, sp, cfg.head_dim)}
+  shapes = {'k': (g, cfg.n_kv_heads, cfg.head_dim, sp), 'v': (g, cfg.n_kv_heads, sp, cfg.head_dim)}
   cache = [
       {kv: jnp.zeros(shapes[kv], jnp.dtype(cfg.dtype)) for kv in ('k', 'v')}
       for _ in range(cfg.n_layers)
   ]
-  positions = jnp.arange(sp, dtype=jnp.int32)[None]
+  positions = jnp.broadcast_to(jnp.arange(sp, dtype=jnp.int32)[None], (g, sp))
   _, cache = model.hidden(tokens, positions, mask, cache, 0)
   return [{kv: sharding.constrain(c[kv], _PREFIX_NAMES[kv]) for kv in ('k', 'v')} for c in cache]
 
@@ -90,6 +94,7 @@ class PrefixCache:
         collections.OrderedDict()
     )
     self.hits = self.misses = 0
+    self.group_prefixes = 0  # per-call group prefixes computed (split_groups)
     self.reused_tokens = 0  # prompt tokens not prefilled thanks to a shared prefix
 
   @classmethod
@@ -169,3 +174,62 @@ def split(prompts: Sequence[Sequence[int]], cache: PrefixCache | None, model):
   if prefix is None:
     return prompts, 0, None
   return [p[n:] for p in prompts], n, prefix
+
+
+def find_groups(
+    prompts: Sequence[Sequence[int]], min_tokens: int, block: int
+) -> tuple[list[int], list[int]]:
+  """(group of each row or -1, prefix length of each group): runs of prompts that share at least
+  `min_tokens` (in sorted order), each group's prefix cut to a multiple of `block` and one token
+  short of its shortest prompt. Single rows form no group: computing a prefix for one row saves
+  nothing."""
+  order = sorted(range(len(prompts)), key=lambda i: list(prompts[i]))
+  row_group, lengths = [-1] * len(prompts), []
+  i = 0
+  while i < len(order):
+    first, shared, j = prompts[order[i]], len(prompts[order[i]]), i + 1
+    while j < len(order):
+      n = common_prefix_length([first[:shared], prompts[order[j]]])
+      if n < min_tokens:
+        break
+      shared, j = n, j + 1
+    members = order[i:j]
+    n = min(shared, min(len(prompts[r]) for r in members) - 1) // block * block
+    if len(members) > 1 and n >= min_tokens:
+      for r in members:
+        row_group[r] = len(lengths)
+      lengths.append(n)
+    i = j
+  return row_group, lengths
+
+
+def split_groups(prompts: Sequence[Sequence[int]], cache: PrefixCache | None, model, batch: int):
+  """(remainders, per-row prefix lengths, prefix with rows): prompts with no prefix shared by the
+  whole batch may still come in groups (both option orders of a feedback label, the model pairs
+  a judge compares on one conversation); each group's prefix is computed once, in one batched
+  prefill, for this call only. `batch` is the padded batch the rows go in. (prompts, [0]*n, None)
+  when groups would save under a quarter of the prompt tokens."""
+  none = (prompts, [0] * len(prompts), None)
+  if cache is None or len(prompts) < 2:
+    return none
+  row_group, lengths = find_groups(prompts, cache.min_tokens, cache.block)
+  saved = sum(lengths[g] for g in row_group if g >= 0) - sum(lengths)
+  if saved < sum(len(p) for p in prompts) // 4:
+    return none
+  cache.group_prefixes += len(lengths)
+  cache.reused_tokens += saved
+  heads = [prompts[row_group.index(g)][:n] for g, n in enumerate(lengths)]
+  sp = -(-max(lengths) // cache.block) * cache.block
+  g_pad = common.batch_bucket(len(heads) + 1)  # + the empty group of rows with no prefix
+  tokens = np.zeros((g_pad, sp), np.int32)
+  mask = np.zeros((g_pad, sp), bool)
+  for g, h in enumerate(heads):
+    tokens[g, : len(h)], mask[g, : len(h)] = h, True
+  graphdef, params = nnx.split(model)
+  kv = common.jitted(_prefix_fn, graphdef)(params, jnp.asarray(tokens), jnp.asarray(mask))
+  empty = len(heads)  # all-masked: rows outside every group see no prefix slot
+  rows = np.full((batch,), empty, np.int32)
+  rows[: len(prompts)] = [g if g >= 0 else empty for g in row_group]
+  lens = [lengths[g] if g >= 0 else 0 for g in row_group]
+  rest = [p[n:] for p, n in zip(prompts, lens)]
+  return rest, lens, model_lib.Prefix(kv, jnp.asarray(mask), common.put_batch(rows))

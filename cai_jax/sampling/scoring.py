@@ -104,7 +104,7 @@ def _score_options_fn(graphdef, params, tokens, mask, options, cache, prefix=Non
   model = nnx.merge(graphdef, params)
   b, p = tokens.shape
   n_opt, c = options.shape[1], options.shape[2]
-  positions = common.prompt_positions(mask) + prefix_len
+  positions = common.prompt_positions(mask) + jnp.reshape(prefix_len, (-1, 1))  # [B] or scalar
   hidden, cache = common.run_prompt(model, tokens, positions, mask, cache, prefix)
   first = jax.nn.log_softmax(model.logits_from_hidden(hidden[:, -1:])[:, 0], axis=-1)  # [B, V]
   key_mask = jnp.concatenate([mask, jnp.ones((b, c), bool)], axis=1)
@@ -151,9 +151,13 @@ def score_options(
       raise ValueError(f'row {i} has an empty option')
     conts.append(row)
   c = common.length_bucket(max(len(x) for row in conts for x in row), 4)
-  rest, prefix_len, prefix = prefix_lib.split(prompts, prefix_cache, model)
-  t = common.length_bucket(max(len(x) for x in rest))
   b = common.batch_bucket(len(prompts))
+  rest, prefix_len, prefix = prefix_lib.split(prompts, prefix_cache, model)
+  prefix_len = np.full((b,), prefix_len, np.int32)
+  if prefix is None:  # no prefix the whole batch shares: perhaps groups of rows share one
+    rest, lens, prefix = prefix_lib.split_groups(prompts, prefix_cache, model, b)
+    prefix_len[: len(lens)] = lens
+  t = common.length_bucket(max(len(x) for x in rest))
   pad_id = conversation.pad_id(None, cfg)
   tokens, mask = common.left_pad(rest, b, t, pad_id)
   opts = np.full((b, n_opt, c), pad_id, np.int32)
@@ -170,7 +174,7 @@ def score_options(
               common.put_batch(opts),
               model_lib.init_cache(cfg, b, t + c),
               prefix,
-              jnp.int32(prefix_len),
+              common.put_batch(prefix_len),
           )
       )
   )
