@@ -19,7 +19,9 @@ from cai_jax import (
     critique_revision,
     evaluate,
     evaluate_feedback,
+    evaluation_pm,
     feedback,
+    harmfulness,
     ppo,
     preference,
     sft,
@@ -39,7 +41,7 @@ class Stage(NamedTuple):
 # prompts; the pretrained model is fine-tuned on the revisions (sft). RL-CAI: the feedback model
 # (the pretrained one) labels pairs of the SFT model's responses, a preference model learns the
 # labels, and PPO trains the SFT model against it. evaluate_feedback measures the labels; evaluate
-# compares the models. A model role is named after the stage that makes it ('sft', 'preference',
+# compares the models, also with the evaluation PM and the harmfulness model. A model role is named after the stage that makes it ('sft', 'preference',
 # 'ppo'; see stages.MODEL_ROLES).
 STAGES: dict[str, Stage] = {
     'critique_revision': Stage(critique_revision, (), models=('helpful',)),
@@ -48,6 +50,10 @@ STAGES: dict[str, Stage] = {
     'evaluate_feedback': Stage(evaluate_feedback, (), models=('pretrained',)),
     'preference': Stage(preference, ('feedback',), models=('pretrained', 'helpful')),
     'ppo': Stage(ppo, ('sft', 'preference')),
+    # Evaluation models no training stage reads (after ppo: redoing them redoes no policy): the
+    # evaluation PM (comparisons the RL PM never saw) and the absolute harmfulness model.
+    'evaluation_pm': Stage(evaluation_pm, ('feedback',), models=('pretrained',)),
+    'harmfulness': Stage(harmfulness, (), models=('pretrained',)),
     'evaluate': Stage(
         evaluate,
         ('critique_revision', 'sft', 'preference', 'ppo'),
@@ -120,7 +126,10 @@ def _run_stages(ctx: stages.Context, names: list[str]) -> list[tuple[str, str, f
 
 def _upstream_unused(config, name: str, upstream: str) -> bool:
   """Whether the config makes an upstream stage's output unnecessary: ppo with a synthetic
-  reward needs no PM, and ppo with an explicit `ppo.policy_source` needs no SFT model."""
+  reward needs no PM, ppo with an explicit `ppo.policy_source` needs no SFT model, and an
+  evaluation PM of human comparisons alone needs no feedback."""
+  if name == 'evaluation_pm':
+    return upstream == 'feedback' and not config.evaluation_pm.use_ai_labels
   if name != 'ppo':
     return False
   return (upstream == 'preference' and config.ppo.reward == 'synthetic') or (
