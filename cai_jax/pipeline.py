@@ -110,7 +110,7 @@ def _run_stages(ctx: stages.Context, names: list[str]) -> list[tuple[str, str, f
       rows.append((name, 'reused', 0.0))
       continue
     for u in STAGES[name].reads:  # before the claim: a stage that cannot start writes nothing
-      if not _upstream_unused(ctx.config, name, u):
+      if not upstream_unused(ctx.config, name, u):
         ctx.require(u, name)
     stages.claim(ctx, name)
     try:
@@ -124,13 +124,18 @@ def _run_stages(ctx: stages.Context, names: list[str]) -> list[tuple[str, str, f
   return rows
 
 
-def _upstream_unused(config, name: str, upstream: str) -> bool:
-  """Whether the config makes an upstream stage's output unnecessary: ppo with a synthetic
-  reward needs no PM, ppo with an explicit `ppo.policy_source` needs no SFT model, and an
-  evaluation PM of human comparisons alone needs no feedback."""
-  if name == 'evaluation_pm':
+def upstream_unused(config, name: str, upstream: str) -> bool:
+  """Whether the config makes an upstream stage's output unnecessary (then it is neither required
+  nor part of the stage's fingerprint): ppo with a synthetic reward needs no PM, ppo with an
+  explicit `ppo.policy_source` needs no SFT model, an evaluation PM of human comparisons alone
+  needs no feedback, and evaluate without 'ppo' among its models needs no RL-CAI model."""
+  if name == 'evaluation_pm' and 'evaluation_pm' in config:
     return upstream == 'feedback' and not config.evaluation_pm.use_ai_labels
-  if name != 'ppo':
+  if name == 'evaluate' and 'evaluate' in config:
+    models = config.evaluate.models
+    names = models.split(',') if isinstance(models, str) else models
+    return upstream == 'ppo' and 'ppo' not in [m.strip() for m in names]
+  if name != 'ppo' or 'ppo' not in config:
     return False
   return (upstream == 'preference' and config.ppo.reward == 'synthetic') or (
       upstream == 'sft' and bool(config.ppo.policy_source)

@@ -147,7 +147,7 @@ class Context:
   def stage_config_fingerprint(self, name: str) -> dict:
     c = self.config
     # Imported here: the stage table imports every stage module, and each of them imports this one.
-    from cai_jax.pipeline import STAGES
+    from cai_jax.pipeline import STAGES, upstream_unused
 
     fields = {k: _plain(c[k]) for k in GLOBAL_FIELDS if k in c}
     if 'model' in fields:  # the given models' sources, resolved, for the stages that load them
@@ -161,7 +161,9 @@ class Context:
     if name == 'feedback' and 'preference' in c:  # an HH-RLHF helpfulness file: no AI labels
       fields['hh_rlhf_helpfulness'] = bool(c.preference.helpful_mix.path)
     fields['inputs'] = input_fingerprints(c, name)
-    fields['upstream'] = {u: self.fingerprint(u) for u in STAGES[name].reads}
+    fields['upstream'] = {
+        u: self.fingerprint(u) for u in STAGES[name].reads if not upstream_unused(c, name, u)
+    }
     return fields
 
   def fingerprint(self, name: str) -> str:

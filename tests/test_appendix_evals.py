@@ -77,7 +77,7 @@ def test_stage_reports_accuracy_per_eval(evals_dir, tmp_path):
 
   c = tiny.get_config()
   c.stages = 'evaluate_feedback'
-  c.evaluate_feedback.limit = 3
+  c.evaluate_feedback.limit = 3  # of the HHH comparisons too
   c.evaluate_feedback.evals = ('HarmfulVsEthical', 'HarmfulnessClassification')
   with sharding.use_mesh(sharding.make_mesh(c.mesh.shape), c.logical_axis_rules):
     pipeline.run(stages.Context(c, tmp_path))
