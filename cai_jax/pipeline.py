@@ -41,8 +41,9 @@ class Stage(NamedTuple):
 # prompts; the pretrained model is fine-tuned on the revisions (sft). RL-CAI: the feedback model
 # (the pretrained one) labels pairs of the SFT model's responses, a preference model learns the
 # labels, and PPO trains the SFT model against it. evaluate_feedback measures the labels; evaluate
-# compares the models, also with the evaluation PM and the harmfulness model. A model role is named after the stage that makes it ('sft', 'preference',
-# 'ppo'; see stages.MODEL_ROLES).
+# compares the models, also with two models no training stage reads: the evaluation PM and the
+# harmfulness model. A model role is named after the stage that makes it ('sft', 'preference',
+# 'ppo', ...; see stages.MODEL_ROLES).
 STAGES: dict[str, Stage] = {
     'critique_revision': Stage(critique_revision, (), models=('helpful',)),
     'sft': Stage(sft, ('critique_revision',), models=('pretrained',)),
