@@ -226,6 +226,7 @@ def revise_chunk(
         critique_prompts or [None] * len(out),
     ):
       revision = r.text.strip()
+      fitted = (rp,) if cp is None else (cp, rp)  # the round's prompts: critique-free, one
       o['rounds'].append(
           dict(
               principle=p[k].name,
@@ -234,8 +235,8 @@ def revise_chunk(
               revision_request=p[k].revision_request,
               revision=revision,
               empty_revision=not revision,
-              few_shots=[cp.few_shots, rp.few_shots] if cp is not None else [rp.few_shots],
-              turns_dropped=[cp.turns_dropped, rp.turns_dropped] if cp is not None else [rp.turns_dropped],
+              few_shots=[f.few_shots for f in fitted],
+              turns_dropped=[f.turns_dropped for f in fitted],
           )
       )
       if c is not None:

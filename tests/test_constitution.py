@@ -389,9 +389,7 @@ def test_critique_free_revision_prompt_golden(small):
   )
   history = [C.CritiqueRevisionRound(kind, None, ' I would rather not.')]
   second = C.render_critique_free_revision_prompt(small, CONVERSATION, ' You fool.', true, history)
-  assert second == (
-      first + ' I would rather not.\n\nRevisionRequest: Make it true.\n\nRevision:'
-  )
+  assert second == (first + ' I would rather not.\n\nRevisionRequest: Make it true.\n\nRevision:')
 
 
 def test_critique_and_revision_prompts_chat(small):
