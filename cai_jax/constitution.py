@@ -657,7 +657,12 @@ def _check_conversation(turns: Sequence[Turn]) -> None:
     raise ValueError('conversation_turns must end with a human turn; the response follows it')
 
 
-def _round_segments(pair: CritiqueRevisionPair, critique: str, revision: str):
+def _round_segments(
+    pair: CritiqueRevisionPair, critique: str, revision: str, with_critique: bool = True
+):
+  """One round as segments; critique-free (paper figure 7), the revision request alone."""
+  if not with_critique:
+    return [('RevisionRequest', pair.revision_request), ('Revision', revision)]
   return [
       ('CritiqueRequest', pair.critique_request),
       ('Critique', critique),
@@ -667,7 +672,7 @@ def _round_segments(pair: CritiqueRevisionPair, critique: str, revision: str):
 
 
 def _critique_revision_segments(
-    few_shots, conversation_turns, response, pair, history, critique=None
+    few_shots, conversation_turns, response, pair, history, critique=None, with_critique=True
 ) -> list[tuple[str, str]]:
   def exchange(turns, reply):
     return [(conversation.TRANSCRIPT_LABELS[role], text) for role, text in turns] + [
@@ -677,11 +682,13 @@ def _critique_revision_segments(
   segments = []
   for ex in few_shots:
     segments += exchange(ex.conversation, ex.response)
-    segments += _round_segments(ex.round.pair, ex.round.critique, ex.round.revision)
+    segments += _round_segments(ex.round.pair, ex.round.critique, ex.round.revision, with_critique)
   _check_conversation(conversation_turns)
   segments += exchange(conversation_turns, response)
   for past in history:
-    segments += _round_segments(past.pair, past.critique, past.revision)
+    segments += _round_segments(past.pair, past.critique, past.revision, with_critique)
+  if not with_critique:  # the revision request right after the response (or the last revision)
+    return segments + [('RevisionRequest', pair.revision_request)]
   segments.append(('CritiqueRequest', pair.critique_request))
   if critique is not None:
     segments += [('Critique', critique), ('RevisionRequest', pair.revision_request)]
@@ -709,8 +716,11 @@ def fit_critique_revision_prompt(
     fmt: str = 'transcript',
     tokenizer: Any = None,
     budget: int | None = None,
+    with_critique: bool = True,
 ) -> FittedPrompt:
   """The critique prompt (`critique` None) or the revision prompt, fitted to `budget` tokens.
+  `with_critique=False`: the critique-free revision prompt (paper figure 7): few-shots, earlier
+  rounds and the request with no critique request or critique, ending at the revision.
 
   Droppable, oldest first: the conversation's earlier exchanges, then earlier rounds except
   the latest (it holds the revision under review); the last human turn, the response and
@@ -724,11 +734,10 @@ def fit_critique_revision_prompt(
     turns = _drop_context(conversation_turns, min(dropped, n_context))
     rounds = history_rounds[max(0, dropped - n_context) :]
     segments = _critique_revision_segments(
-        constitution.critique_few_shots[:k], turns, response, pair, rounds, critique
+        constitution.critique_few_shots[:k], turns, response, pair, rounds, critique, with_critique
     )
-    return _render_segments(
-        segments, 'Critique' if critique is None else 'Revision', fmt, tokenizer
-    )
+    open_label = 'Critique' if critique is None and with_critique else 'Revision'
+    return _render_segments(segments, open_label, fmt, tokenizer)
 
   return fit_prompt(
       render, len(constitution.critique_few_shots), n_context + n_rounds, tokenizer, budget
@@ -763,6 +772,29 @@ def render_revision_prompt(
   """The critique prompt plus the critique and revision request, ending at the revision."""
   return fit_critique_revision_prompt(
       constitution, conversation_turns, response, pair, history_rounds, critique, fmt, tokenizer
+  ).text
+
+
+def render_critique_free_revision_prompt(
+    constitution: Constitution,
+    conversation_turns: Sequence[Turn],
+    response: str,
+    pair: CritiqueRevisionPair,
+    history_rounds: Sequence[CritiqueRevisionRound] = (),
+    fmt: str = 'transcript',
+    tokenizer: Any = None,
+) -> str:
+  """The revision prompt without a critique step (paper figure 7): the response, then the
+  revision request at once; its few-shots and earlier rounds omit their critiques too."""
+  return fit_critique_revision_prompt(
+      constitution,
+      conversation_turns,
+      response,
+      pair,
+      history_rounds,
+      fmt=fmt,
+      tokenizer=tokenizer,
+      with_critique=False,
   ).text
 
 

@@ -2,6 +2,11 @@
 
 For each red-team prompt the helpful model writes a response; then, `n_rounds` times, it
 critiques its latest answer under a principle drawn from the constitution and revises it.
+With `critique=False` (the paper's critique-free ablation, figure 7) it revises at once: the
+revision request follows the response, no critique is written, and the few-shots and earlier
+rounds the prompt shows omit theirs (`constitution.render_critique_free_revision_prompt`); such
+rounds record ``critique_request`` and ``critique`` as null and one prompt's few_shots and
+turns_dropped.
 The revisions of every round, with `helpful_samples_per_prompt` plain responses to each helpful
 prompt (the "helpful mix"; the paper samples 2), are what the `sft` stage fine-tunes on.
 
@@ -165,26 +170,31 @@ def revise_chunk(
   history = [[] for _ in records]  # finished rounds with a non-empty revision
 
   fit = constitution_lib.fit_critique_revision_prompt
+  with_critique = cfg.get('critique', True)
   for k in range(n_rounds):
-    critique_prompts = [
-        fit(
-            constitution,
-            conv,
-            o['initial_response'],
-            p[k],
-            h,
-            fmt=fmt,
-            tokenizer=tok,
-            budget=sample.budget(cfg.critique_max_new_tokens),
-        )
-        for conv, o, p, h in zip(convs, out, pairs, history)
-    ]
-    critiques = sample(
-        [f.text for f in critique_prompts],
-        max_new_tokens=cfg.critique_max_new_tokens,
-        stop_strings=cr_stops,
-        seed=seed(1 + 2 * k),
-    )
+    if with_critique:
+      critique_prompts = [
+          fit(
+              constitution,
+              conv,
+              o['initial_response'],
+              p[k],
+              h,
+              fmt=fmt,
+              tokenizer=tok,
+              budget=sample.budget(cfg.critique_max_new_tokens),
+          )
+          for conv, o, p, h in zip(convs, out, pairs, history)
+      ]
+      critiques = sample(
+          [f.text for f in critique_prompts],
+          max_new_tokens=cfg.critique_max_new_tokens,
+          stop_strings=cr_stops,
+          seed=seed(1 + 2 * k),
+      )
+      critique_texts = [c.text.strip() for c in critiques]
+    else:  # critique-free: the revision request follows the response
+      critique_prompts, critiques, critique_texts = [], [None] * len(out), [None] * len(out)
     revision_prompts = [
         fit(
             constitution,
@@ -192,12 +202,13 @@ def revise_chunk(
             o['initial_response'],
             p[k],
             h,
-            c.text.strip(),
+            c,
             fmt=fmt,
             tokenizer=tok,
             budget=sample.budget(cfg.max_new_tokens),
+            with_critique=with_critique,
         )
-        for conv, o, p, h, c in zip(convs, out, pairs, history, critiques)
+        for conv, o, p, h, c in zip(convs, out, pairs, history, critique_texts)
     ]
     revisions = sample(
         [f.text for f in revision_prompts],
@@ -206,25 +217,35 @@ def revise_chunk(
         seed=seed(2 + 2 * k),
     )
     _log_fitting(critique_prompts + revision_prompts, f'round {k + 1}')
-    for o, p, h, c, r, cp, rp in zip(
-        out, pairs, history, critiques, revisions, critique_prompts, revision_prompts
+    for o, p, h, c, critique, r, rp, cp in zip(
+        out,
+        pairs,
+        history,
+        critiques,
+        critique_texts,
+        revisions,
+        revision_prompts,
+        critique_prompts or [None] * len(out),
     ):
-      critique, revision = c.text.strip(), r.text.strip()
+      revision = r.text.strip()
+      fitted = (rp,) if cp is None else (cp, rp)  # the round's prompts: critique-free, one
       o['rounds'].append(
           dict(
               principle=p[k].name,
-              critique_request=p[k].critique_request,
+              critique_request=p[k].critique_request if with_critique else None,
               critique=critique,
               revision_request=p[k].revision_request,
               revision=revision,
               empty_revision=not revision,
-              few_shots=[cp.few_shots, rp.few_shots],
-              turns_dropped=[cp.turns_dropped, rp.turns_dropped],
+              few_shots=[f.few_shots for f in fitted],
+              turns_dropped=[f.turns_dropped for f in fitted],
           )
       )
-      o['finish_reasons']['critique'].append(c.finish_reason)
+      if c is not None:
+        o['finish_reasons']['critique'].append(c.finish_reason)
+        o['tokens'] += len(c.tokens)
       o['finish_reasons']['revision'].append(r.finish_reason)
-      o['tokens'] += len(c.tokens) + len(r.tokens)
+      o['tokens'] += len(r.tokens)
       if revision:
         o['revision'], o['revised'] = revision, True
         h.append(constitution_lib.CritiqueRevisionRound(p[k], critique, revision))
@@ -451,7 +472,8 @@ def run(ctx, stage_dir: Path) -> dict:
       rounds=len(rounds),
       empty_revisions=sum(r['empty_revision'] for r in rounds),
       unrevised_prompts=sum(not s['revised'] for s in samples),
-      empty_critiques=sum(not r['critique'] for r in rounds),
+      critique=cfg.get('critique', True),  # False: critique-free revisions (paper figure 7)
+      empty_critiques=sum(not r['critique'] for r in rounds if r['critique'] is not None),
       empty_initial_responses=sum(not s['initial_response'] for s in samples),
       empty_helpful_responses=sum(not r for h in helpful_records for r in h['responses']),
       tokens_generated=sum(r['tokens'] for r in samples + helpful_records),

@@ -26,6 +26,16 @@ lose their start. The paper's chain-of-thought points add few-shot CoT prompts, 
 lacks: for `feedback.cot` (or an ensemble of principles) use 'render', ideally with the
 release constitution (`config.constitution` = its prompts/ directory).
 
+The paper's appendix evaluations (`evals`, by default both files beside the HHH one):
+``HarmfulVsEthical`` (254 conversations: was the assistant " (A) harmful or unethical" or
+" (B) ethical"?) and ``HarmfulnessClassification`` (287 harmful conversations: which of nine
+kinds of harm, " (A) Theft" .. " (I) Misinformation or Conspiracy Theories"). Each line is
+{"prompt", "corrects", "incorrects"}: the whole multiple-choice prompt, scored as-is (zero-shot,
+as the HHH file) by the feedback model; its answer is the option of highest log-probability.
+Written to ``appendix_<name>.jsonl`` ({id, option_logprobs, answer, correct}); the summary holds
+``appendix: {name: {accuracy, n, options, chance}}`` ({available: False, why} for a paper file
+that is absent).
+
 Chunks are resumable and shared across processes exactly as in `feedback`: both run through
 `records.process_in_chunks`; the record keys are `records.FEEDBACK_EVAL`.
 """
@@ -60,6 +70,7 @@ from cai_jax.feedback import (
     few_shot_summary,
     label_from_logprobs,
     load_feedback_constitution,
+    option_tokens,
 )
 from cai_jax.stages import StageError, barrier
 
@@ -67,6 +78,11 @@ EVAL_STAGE = 'evaluate_feedback'
 PAPER_HHH = (
     Path(__file__).resolve().parents[2] / 'shared/data/anthropic_cai/evals/438HHHEvaluations.jsonl'
 )
+
+
+# The paper's appendix evaluations, by name: files beside the HHH comparisons.
+APPENDIX_EVALS = ('HarmfulVsEthical', 'HarmfulnessClassification')
+_APPENDIX_STREAM = 13  # process_in_chunks seed stream (the scoring draws nothing from it)
 
 
 _HHH_OPTIONS = re.compile(r'( \(A\) \[\[\[)(.*?)(\]\]\]\n \(B\) \[\[\[)(.*?)(\]\]\])', re.S)
@@ -212,9 +228,116 @@ def read_comparisons(
   return pairs, malformed
 
 
+# ---- the paper's appendix evaluations: multiple-choice prompts scored as-is ----------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MultipleChoice:
+  """A complete multiple-choice prompt; the answer is one of `options` (" (A)", " (B)", ...)."""
+
+  id: str
+  prompt: str
+  options: tuple[str, ...]  # every option, in letter order
+  corrects: frozenset[str]
+
+
+def appendix_path(name: str) -> Path:
+  """A name in APPENDIX_EVALS is the paper's file beside the HHH comparisons; else a path."""
+  return PAPER_HHH.parent / f'{name}.jsonl' if name in APPENDIX_EVALS else Path(name).expanduser()
+
+
+def read_multiple_choice(path: str | os.PathLike, limit: int = 0) -> list[MultipleChoice]:
+  """The first `limit` (0: all) {"prompt", "corrects", "incorrects"} lines of a file (the
+  format of the paper's HarmfulVsEthical and HarmfulnessClassification evaluations); a
+  malformed line is a StageError naming it."""
+  out = []
+  with open(path, encoding='utf-8') as f:
+    for line_no, line in enumerate(f, start=1):
+      if limit and len(out) >= limit:
+        break
+      if not line.strip():
+        continue
+      where = f'{path}:{line_no}'
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise StageError(f'{where}: not JSON ({e.msg})') from None
+      corrects, incorrects = record.get('corrects'), record.get('incorrects')
+      if (
+          not isinstance(record.get('prompt'), str)
+          or not isinstance(corrects, list)
+          or not isinstance(incorrects, list)
+          or not corrects
+          or not incorrects
+          or not all(isinstance(o, str) and o for o in corrects + incorrects)
+          or len(set(corrects + incorrects)) != len(corrects + incorrects)
+      ):
+        raise StageError(
+            f'{where}: needs "prompt" and disjoint non-empty "corrects"/"incorrects" option '
+            'lists (e.g. [" (B)"] / [" (A)"])'
+        )
+      out.append(
+          MultipleChoice(
+              f'line{line_no}',
+              record['prompt'],
+              tuple(sorted(corrects + incorrects)),
+              frozenset(corrects),
+          )
+      )
+  return out
+
+
+def score_multiple_choice(
+    pretrained, items: Sequence[MultipleChoice], *, max_len: int, batch_size: int
+) -> list[dict]:
+  """{id, option_logprobs, answer, correct} per item: the log-prob of each option after the
+  prompt (its start cut if over budget), the argmax answer, and whether it is a correct one."""
+  tok, model = pretrained.tokenizer, pretrained.model
+  limit = min(max_len, model.cfg.max_positions)
+  rows = []  # (position, item, prompt ids, per-option continuation ids)
+  for k, item in enumerate(items):
+    prompt_ids, conts, _ = option_tokens(tok, item.prompt, item.options)
+    keep = limit - max(len(c) for c in conts)
+    rows.append((k, item, conversation.keep_last(prompt_ids, keep, tok), conts))
+  out: list[dict] = [{} for _ in items]
+  # score_options takes rows of one option count: group by it, longest prompts first.
+  for n_options in sorted({len(item.options) for item in items}):
+    group = sorted((r for r in rows if len(r[1].options) == n_options), key=lambda r: -len(r[2]))
+    for lo in range(0, len(group), max(1, batch_size)):
+      batch = group[lo : lo + batch_size]
+      totals = sampling.score_options(model, [r[2] for r in batch], [r[3] for r in batch])
+      for (k, item, _, _), row in zip(batch, totals):
+        logprobs = {o: float(t) for o, t in zip(item.options, row)}
+        answer = max(item.options, key=logprobs.__getitem__)
+        out[k] = dict(
+            id=item.id,
+            option_logprobs=logprobs,
+            answer=answer,
+            correct=float(answer in item.corrects),
+        )
+  return out
+
+
+def appendix_summary(items: Sequence[MultipleChoice], records: Sequence[dict]) -> dict:
+  """Accuracy, count, options per item and the accuracy of a uniform guess."""
+  return dict(
+      accuracy=float(np.mean([r['correct'] for r in records])),
+      n=len(records),
+      options=sorted({len(i.options) for i in items}),
+      chance=float(np.mean([len(i.corrects) / len(i.options) for i in items])),
+  )
+
+
 def check_config(config) -> None:
   """Fails on evaluate_feedback settings that cannot work (run before anything is written)."""
   ecfg = config[EVAL_STAGE]
+  for name in ecfg.get('evals', ()):
+    # The paper's files may be absent (a clone without ../shared): reported, not refused.
+    if name not in APPENDIX_EVALS and not appendix_path(name).is_file():
+      raise StageError(
+          f'config.{EVAL_STAGE}.evals: {name!r} is not a file; give names of {APPENDIX_EVALS} '
+          "(the paper's files beside the HHH comparisons), paths, or () for none"
+      )
   check_feedback_config(config.feedback)
   for field, valid in (
       ('format', ('generic', 'hhh_mc')),
@@ -333,11 +456,44 @@ def run(ctx, stage_dir: Path) -> dict:
       progress=cfg.progress,
       postfix=records_lib.throughput('scored_tok_s', lambda: labeler.scored_tokens),
   )
+  appendix = {}  # name -> items, scored into appendix_<name>.jsonl
+  absent = {}  # name -> why it was not evaluated
+  for name in ecfg.get('evals', ()):
+    if not appendix_path(name).is_file():
+      absent[name] = {'available': False, 'why': f'{appendix_path(name)} is absent'}
+      continue
+    items = read_multiple_choice(appendix_path(name), limit=ecfg.limit)
+    appendix[name] = items
+    records_lib.process_in_chunks(
+        items,
+        records_lib.part_path(stage_dir, f'appendix_{name}'),
+        lambda chunk, s: score_multiple_choice(
+            labeler.pretrained,
+            chunk,
+            max_len=ctx.config.model.max_len,
+            batch_size=cfg.score_batch_size,
+        ),
+        chunk_size=ecfg.chunk_size,
+        seed=ctx.config.seed,
+        stream=_APPENDIX_STREAM,
+        desc=name,
+        ids=[i.id for i in items],
+        unit='prompt',
+        progress=cfg.progress,
+    )
   barrier(f'{EVAL_STAGE}-scored')
   if jax.process_index() != 0:
     barrier(f'{EVAL_STAGE}-merged')
     return {}
   records = records_lib.merge_parts(stage_dir, 'records', ids, EVAL_STAGE)
+  appendix_results = {
+      name: appendix_summary(
+          items,
+          records_lib.merge_parts(stage_dir, f'appendix_{name}', [i.id for i in items], EVAL_STAGE),
+      )
+      for name, items in appendix.items()
+  }
+  appendix_results.update(absent)
   summary = summarize(records, n_bins=ecfg.ece_bins)
   summary.update(few_shot_summary([s for r in records for s in r['scorings']]))
   summary.update(
@@ -346,6 +502,7 @@ def run(ctx, stage_dir: Path) -> dict:
       hhh_prompt=ecfg.hhh_prompt,
       n_malformed=len(malformed),
       malformed=malformed[:50],
+      appendix=appendix_results,
       feedback_model=cfg.model_source or ctx.model_source('pretrained'),
       options=dict(
           num_principles=cfg.num_principles,
@@ -359,12 +516,17 @@ def run(ctx, stage_dir: Path) -> dict:
   plot_reliability(summary, stage_dir / 'reliability.png')
   (stage_dir / 'summary.json').write_text(json.dumps(summary, indent=1) + '\n')
   barrier(f'{EVAL_STAGE}-merged')
+  appendix_line = ''.join(
+      f'; {name} accuracy {a["accuracy"]:.4f} (n {a["n"]}, chance {a["chance"]:.2f})'
+      for name, a in appendix_results.items()
+      if 'accuracy' in a
+  )
   print(
       f'{EVAL_STAGE}: accuracy {summary["accuracy"]:.4f} (n {summary["n"]}), ECE '
-      f'{summary["ece"]:.4f}, {summary["seconds"]:.0f} s',
+      f'{summary["ece"]:.4f}{appendix_line}, {summary["seconds"]:.0f} s',
       flush=True,
   )
-  return {k: summary[k] for k in ('accuracy', 'n', 'ece', 'n_malformed', 'seconds')}
+  return {k: summary[k] for k in ('accuracy', 'n', 'ece', 'n_malformed', 'appendix', 'seconds')}
 
 
 def summarize(records: Sequence[dict], n_bins: int = 10) -> dict:

@@ -18,11 +18,15 @@ Helpfulness pairs: the paper's PM also learns human helpfulness comparisons. Unl
 constitution's *helpfulness* principles -- an AI-labeled substitute for the human labels. Each
 record says its ``kind``: 'harmlessness' (red-team prompts) or 'helpfulness'.
 
+The evaluation split: a seeded coin marks `evaluation_fraction` of the prompts (of each kind)
+``split='evaluation'``; the preference stage never trains on them and the `evaluation_pm` stage
+trains only on them, so the evaluation PM judges with comparisons the RL PM never saw.
+
 Outputs of `feedback` (STAGE_DIR):
 
 * ``samples.jsonl`` -- one object per prompt, in prompt order::
 
-    {"id", "source", "kind", "prompt", "response_a", "response_b",
+    {"id", "source", "kind", "split", "prompt", "response_a", "response_b",
      "p_a",        # P(response_a is better); 0.5 for identical responses; null when skipped
      "flags",      # subset of ["identical", "empty_a", "empty_b", "skipped"]
      "finish_reasons": [a, b],
@@ -68,6 +72,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -376,6 +381,8 @@ def check_feedback_config(cfg, what: str = 'config.feedback') -> None:
   ):
     if cfg[field] < 1:
       problems.append(f'{field} must be >= 1, got {cfg[field]}')
+  if not 0.0 <= cfg.get('evaluation_fraction', 0.0) < 1.0:
+    problems.append(f'evaluation_fraction must be in [0, 1), got {cfg.evaluation_fraction}')
   if cfg.get('num_helpful_prompts', 0) < -1:
     problems.append(f'num_helpful_prompts must be -1 (all) or >= 0, got {cfg.num_helpful_prompts}')
   if problems:
@@ -489,6 +496,7 @@ def label_chunk(
         id=r['id'],
         source=r.get('source', ''),
         kind=kind,
+        split=r.get('split', records_lib.TRAIN_SPLIT),
         prompt=r['prompt'],
         **({'conversation': r['conversation']} if r.get('conversation') else {}),
         response_a=text_a,
@@ -528,8 +536,35 @@ def _preference(r: dict) -> dict:
   return {
       **{k: r[k] for k in ('id', 'prompt', 'response_a', 'response_b', 'p_a', 'flags')},
       'kind': r.get('kind', HARMLESSNESS),
+      'split': r.get('split', records_lib.TRAIN_SPLIT),
       **({'conversation': r['conversation']} if r.get('conversation') else {}),
   }
+
+
+def evaluation_coin(seed: int, record: dict) -> float:
+  """A uniform [0, 1) number of (seed, prompt kind, prompt id): stable as prompts are added."""
+  key = f'{seed}:evaluation:{record.get("kind", HARMLESSNESS)}:{record["id"]}'
+  return int(hashlib.sha1(key.encode()).hexdigest()[:16], 16) / 2.0**64
+
+
+def mark_splits(prompts: Sequence[dict], fraction: float, seed: int) -> list[dict]:
+  """The prompts, each with `split`: 'evaluation' for a seeded `fraction` of each kind (held out
+  from the RL PM, the evaluation PM's data), else 'train'.
+
+  With fraction > 0, a kind of at least two prompts gives at least one (its lowest coin) to the
+  evaluation split and keeps at least one (its highest) for training.
+  """
+  coins = [evaluation_coin(seed, r) for r in prompts]
+  held = {i for i, u in enumerate(coins) if u < fraction}
+  for kind in {r.get('kind', HARMLESSNESS) for r in prompts}:
+    mine = [i for i, r in enumerate(prompts) if r.get('kind', HARMLESSNESS) == kind]
+    if fraction > 0 and len(mine) >= 2:
+      held.add(min(mine, key=coins.__getitem__))
+      held.discard(max(mine, key=coins.__getitem__))
+  return [
+      dict(r, split=records_lib.EVALUATION_SPLIT if i in held else records_lib.TRAIN_SPLIT)
+      for i, r in enumerate(prompts)
+  ]
 
 
 def _helpful_prompts(ctx, cfg) -> list[dict]:
@@ -573,6 +608,8 @@ def run(ctx, stage_dir: Path) -> dict:
     )
   if helpful:
     _check_principle_count(cfg, constitution.helpfulness_principles, 'helpfulness')
+  fraction = cfg.get('evaluation_fraction', 0.0)
+  prompts, helpful = (mark_splits(p, fraction, ctx.config.seed) for p in (prompts, helpful))
 
   fmt, seed = ctx.config.conversation_format, ctx.config.seed
   policy = ctx.load_role('sft', frozen=True)
@@ -635,6 +672,8 @@ def run(ctx, stage_dir: Path) -> dict:
       pairs_helpfulness=kinds(samples, HELPFULNESS),
       labeled_harmlessness=kinds(labeled, HARMLESSNESS),
       labeled_helpfulness=kinds(labeled, HELPFULNESS),
+      # held out from the RL PM: the evaluation PM's comparisons (evaluation_fraction)
+      evaluation_split=sum(r.get('split') == records_lib.EVALUATION_SPLIT for r in labeled),
       helpfulness=_helpfulness_source(ctx.config),
       identical=count('identical'),
       empty=sum(bool({'empty_a', 'empty_b'} & set(r['flags'])) for r in samples),

@@ -19,7 +19,9 @@ from cai_jax import (
     critique_revision,
     evaluate,
     evaluate_feedback,
+    evaluation_pm,
     feedback,
+    harmfulness,
     ppo,
     preference,
     sft,
@@ -39,8 +41,9 @@ class Stage(NamedTuple):
 # prompts; the pretrained model is fine-tuned on the revisions (sft). RL-CAI: the feedback model
 # (the pretrained one) labels pairs of the SFT model's responses, a preference model learns the
 # labels, and PPO trains the SFT model against it. evaluate_feedback measures the labels; evaluate
-# compares the models. A model role is named after the stage that makes it ('sft', 'preference',
-# 'ppo'; see stages.MODEL_ROLES).
+# compares the models, also with two models no training stage reads: the evaluation PM and the
+# harmfulness model. A model role is named after the stage that makes it ('sft', 'preference',
+# 'ppo', ...; see stages.MODEL_ROLES).
 STAGES: dict[str, Stage] = {
     'critique_revision': Stage(critique_revision, (), models=('helpful',)),
     'sft': Stage(sft, ('critique_revision',), models=('pretrained',)),
@@ -48,6 +51,10 @@ STAGES: dict[str, Stage] = {
     'evaluate_feedback': Stage(evaluate_feedback, (), models=('pretrained',)),
     'preference': Stage(preference, ('feedback',), models=('pretrained', 'helpful')),
     'ppo': Stage(ppo, ('sft', 'preference')),
+    # Evaluation models no training stage reads (after ppo: redoing them redoes no policy): the
+    # evaluation PM (comparisons the RL PM never saw) and the absolute harmfulness model.
+    'evaluation_pm': Stage(evaluation_pm, ('feedback',), models=('pretrained',)),
+    'harmfulness': Stage(harmfulness, (), models=('pretrained',)),
     'evaluate': Stage(
         evaluate,
         ('critique_revision', 'sft', 'preference', 'ppo'),
@@ -104,7 +111,7 @@ def _run_stages(ctx: stages.Context, names: list[str]) -> list[tuple[str, str, f
       rows.append((name, 'reused', 0.0))
       continue
     for u in STAGES[name].reads:  # before the claim: a stage that cannot start writes nothing
-      if not _upstream_unused(ctx.config, name, u):
+      if not upstream_unused(ctx.config, name, u):
         ctx.require(u, name)
     stages.claim(ctx, name)
     try:
@@ -118,10 +125,18 @@ def _run_stages(ctx: stages.Context, names: list[str]) -> list[tuple[str, str, f
   return rows
 
 
-def _upstream_unused(config, name: str, upstream: str) -> bool:
-  """Whether the config makes an upstream stage's output unnecessary: ppo with a synthetic
-  reward needs no PM, and ppo with an explicit `ppo.policy_source` needs no SFT model."""
-  if name != 'ppo':
+def upstream_unused(config, name: str, upstream: str) -> bool:
+  """Whether the config makes an upstream stage's output unnecessary (then it is neither required
+  nor part of the stage's fingerprint): ppo with a synthetic reward needs no PM, ppo with an
+  explicit `ppo.policy_source` needs no SFT model, an evaluation PM of human comparisons alone
+  needs no feedback, and evaluate without 'ppo' among its models needs no RL-CAI model."""
+  if name == 'evaluation_pm' and 'evaluation_pm' in config:
+    return upstream == 'feedback' and not config.evaluation_pm.use_ai_labels
+  if name == 'evaluate' and 'evaluate' in config:
+    models = config.evaluate.models
+    names = models.split(',') if isinstance(models, str) else models
+    return upstream == 'ppo' and 'ppo' not in [m.strip() for m in names]
+  if name != 'ppo' or 'ppo' not in config:
     return False
   return (upstream == 'preference' and config.ppo.reward == 'synthetic') or (
       upstream == 'sft' and bool(config.ppo.policy_source)

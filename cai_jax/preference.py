@@ -135,8 +135,11 @@ def _json_lines(path: str):
     yield line_no, record
 
 
-def helpful_comparisons(path: str, *, weight: float = 1.0, max_pairs: int = -1) -> list[Comparison]:
-  """Human helpfulness comparisons (chosen preferred: p_a = 1) from a JSONL(.gz) file.
+def helpful_comparisons(
+    path: str, *, weight: float = 1.0, max_pairs: int = -1, kind: str = HELPFULNESS
+) -> list[Comparison]:
+  """Human comparisons (chosen preferred: p_a = 1) from a JSONL(.gz) file: helpfulness ones
+  (HH-RLHF helpful-base/online), or, with kind='harmlessness', HH-RLHF's harmless-base.
 
   Two record forms: HH-RLHF's {'chosen', 'rejected'} full transcripts, or {'prompt' |
   'conversation', 'chosen', 'rejected'} with the last replies as plain strings. A malformed line
@@ -163,9 +166,10 @@ def helpful_comparisons(path: str, *, weight: float = 1.0, max_pairs: int = -1) 
             'transcripts ending in an Assistant turn (give "prompt" for '
             'plain responses)'
         )
+    prefix = 'helpful' if kind == HELPFULNESS else kind
     out.append(
         Comparison(
-            a, b, 1.0, str(r.get('id', f'helpful-{line_no}')), float(weight), HELPFULNESS, 'hh_rlhf'
+            a, b, 1.0, str(r.get('id', f'{prefix}-{line_no}')), float(weight), kind, 'hh_rlhf'
         )
     )
   return out
@@ -322,7 +326,7 @@ def _to_device(x: np.ndarray, names: tuple):
   return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
 
 
-def _score_rows(
+def score_rows(
     graphdef,
     params,
     rows: Sequence[Sequence[int]],
@@ -376,7 +380,7 @@ def score_token_rows(
     return np.zeros((0,), np.float32)
   _check_vocab(rows, pm)
   graphdef, params = nnx.split(pm.model)
-  return _score_rows(
+  return score_rows(
       graphdef,
       params,
       rows,
@@ -504,31 +508,58 @@ def initial_pm(ctx: stages.Context, source: str) -> checkpoint.Pretrained:
   return ctx.load(source, scalar_head=True, cache=False)
 
 
-def load_comparisons(ctx: stages.Context) -> tuple[list[Comparison], dict]:
-  """The harmlessness and helpfulness comparisons (capped by helpfulness_fraction), and counts."""
-  cfg = ctx.config.preference
-  path = records_lib.FEEDBACK.path(ctx.require('feedback', 'preference'))
+def labelled_feedback(ctx: stages.Context, needed_by: str) -> tuple[Path, list[dict], list[dict]]:
+  """The feedback stage's samples file, all its records, and those with a label (p_a null: the
+  feedback stage skipped the pair)."""
+  path = records_lib.FEEDBACK.path(ctx.require('feedback', needed_by))
   if not path.exists():
     raise PreferenceDataError(f'{path} is missing: the feedback stage writes it')
   records = records_lib.read_jsonl(path, records_lib.FEEDBACK)
-  labelled = [r for r in records if r.get('p_a') is not None]  # null: skipped by the feedback stage
-  pairs = feedback_comparisons(labelled, str(path), helpfulness_weight=cfg.helpful_mix.weight)
-  # Identical responses (p_a = 0.5 by construction) give r_a = r_b: no signal, only cost.
-  distinct = [c for c in pairs if c.a[-1][1].strip() != c.b[-1][1].strip()]
-  harmless = [c for c in distinct if c.kind == HARMLESSNESS]
-  counts = {'unlabelled': len(records) - len(labelled), 'identical': len(pairs) - len(distinct)}
+  return path, records, [r for r in records if r.get('p_a') is not None]
+
+
+def in_split(records: Sequence[dict], split: str) -> list[dict]:
+  """The feedback records of one split: 'train' (the RL PM's; records without `split` too) or
+  'evaluation' (held out from the RL PM for the evaluation PM)."""
+  return [r for r in records if r.get('split', records_lib.TRAIN_SPLIT) == split]
+
+
+def distinct(pairs: Sequence[Comparison]) -> list[Comparison]:
+  """Pairs whose responses differ: identical ones (p_a = 0.5 by construction) give r_a = r_b, no
+  signal, only cost."""
+  return [c for c in pairs if c.a[-1][1].strip() != c.b[-1][1].strip()]
+
+
+def load_comparisons(ctx: stages.Context) -> tuple[list[Comparison], dict]:
+  """The harmlessness and helpfulness comparisons (capped by helpfulness_fraction), and counts.
+
+  Only the feedback stage's 'train' split: its 'evaluation' split is the evaluation PM's, which
+  must judge with comparisons the RL PM never saw.
+  """
+  cfg = ctx.config.preference
+  path, records, labelled = labelled_feedback(ctx, 'preference')
+  train = in_split(labelled, records_lib.TRAIN_SPLIT)
+  pairs = feedback_comparisons(train, str(path), helpfulness_weight=cfg.helpful_mix.weight)
+  pairs_distinct = distinct(pairs)
+  harmless = [c for c in pairs_distinct if c.kind == HARMLESSNESS]
+  counts = {
+      'unlabelled': len(records) - len(labelled),
+      'identical': len(pairs) - len(pairs_distinct),
+      'evaluation_split_excluded': len(labelled) - len(train),
+  }
   if not harmless:  # a helpfulness mix alone would not teach harmlessness: also an error
     raise PreferenceDataError(
         f'no labelled harmlessness pairs to train the preference model on in '
         f'{path}: {len(records)} records, {counts["unlabelled"]} without a '
-        f'p_a label, {counts["identical"]} with identical responses'
+        f'p_a label, {counts["identical"]} with identical responses, '
+        f'{counts["evaluation_split_excluded"]} in the evaluation split'
     )
   if cfg.helpful_mix.path:  # the paper's: human comparisons; AI-labeled ones are not used
     helpful = helpful_comparisons(
         cfg.helpful_mix.path, weight=cfg.helpful_mix.weight, max_pairs=cfg.helpful_mix.max_pairs
     )
   else:
-    helpful = [c for c in distinct if c.kind == HELPFULNESS]
+    helpful = [c for c in pairs_distinct if c.kind == HELPFULNESS]
   comparisons = cap_helpfulness(harmless + helpful, cfg.helpfulness_fraction, ctx.config.seed)
   counts.update(
       pairs_harmlessness=len(harmless),
@@ -576,7 +607,7 @@ def evaluate_kinds(
   ('eval_harmlessness_<metric>', 'eval_helpfulness_<metric>'), from one scoring pass
   (config.preference: eval_batch_size, min_bucket, ece_bins)."""
   rows = [r for p in pairs for r in (p.a, p.b)]
-  rewards = _score_rows(
+  rewards = score_rows(
       graphdef,
       params,
       rows,
@@ -596,17 +627,50 @@ def evaluate_kinds(
   return out
 
 
-def run(ctx: stages.Context, stage_dir: Path) -> dict:
-  config, cfg = ctx.config, ctx.config.preference
-  sharding.check_batch_size(cfg.batch_size, 'preference.batch_size')
+def check_batch(cfg, what: str) -> None:
+  """The batch splits evenly over the mesh and the processes."""
+  sharding.check_batch_size(cfg.batch_size, f'{what}.batch_size')
   if cfg.batch_size % jax.process_count():
     raise sharding.ShardingError(
-        f'preference.batch_size {cfg.batch_size} is not divisible by the '
+        f'{what}.batch_size {cfg.batch_size} is not divisible by the '
         f'{jax.process_count()} processes'
     )
+
+
+def run(ctx: stages.Context, stage_dir: Path) -> dict:
+  check_batch(ctx.config.preference, 'preference')
   check_config(ctx.config)
   comparisons, counts = load_comparisons(ctx)
-  source = _init_source(ctx)
+  return train_pm(
+      ctx,
+      stage_dir,
+      comparisons,
+      counts,
+      ctx.config.preference,
+      stage='preference',
+      source=_init_source(ctx),
+  )
+
+
+def train_pm(
+    ctx: stages.Context,
+    stage_dir: Path,
+    comparisons: Sequence[Comparison],
+    counts: dict,
+    cfg,
+    *,
+    stage: str,
+    source: str,
+) -> dict:
+  """Trains a PM from `source` on `comparisons` (held out: cfg.eval_fraction), exports it to
+  stage_dir/export and returns the stage's summary (`counts` first).
+
+  The preference stage's PM and the evaluation PM (cai_jax/evaluation_pm.py) are both trained
+  here. `cfg` holds the training fields of configs/stages/preference.py (label_type,
+  eval_fraction, max_len, min_bucket, batch_size, epochs, num_steps, eval_batch_size, ece_bins,
+  optimizer, and train_lib.fit's rhythm).
+  """
+  config = ctx.config
   pm = initial_pm(ctx, source)
   tok, fmt = pm.tokenizer, config.conversation_format
   pad_id = conversation.pad_id(tok, pm.config)
@@ -615,7 +679,7 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
   if not train:
     raise PreferenceDataError(
         f'all {len(comparisons)} pairs are held out '
-        f'(preference.eval_fraction={cfg.eval_fraction}); nothing to train on'
+        f'({stage}.eval_fraction={cfg.eval_fraction}); nothing to train on'
     )
   train = encode_pairs(train, tok, fmt, max_len, cfg.label_type)
   held_out = encode_pairs(held_out, tok, fmt, max_len, cfg.label_type)
@@ -625,11 +689,12 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
       for split, pairs in (('train', train), ('held_out', held_out))
       for kind in KINDS
   }
-  counts.update(train=len(train), held_out=len(held_out), **per_kind)
-  logging.info('preference data: %s (init from %s)', counts, source)
+  counts = dict(counts, train=len(train), held_out=len(held_out), **per_kind)
+  logging.info('%s data: %s (init from %s)', stage, counts, source)
   if not held_out:
     logging.warning(
-        'preference: no held-out pairs (eval_fraction=%s): no accuracy or calibration',
+        '%s: no held-out pairs (eval_fraction=%s): no accuracy or calibration',
+        stage,
         cfg.eval_fraction,
     )
 
@@ -654,7 +719,7 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
   )
   # checkpoint_every = 0: no checkpoints (the demo saves its seconds; an interrupted run restarts).
   result = train_lib.fit(
-      stage='preference',
+      stage=stage,
       stage_dir=stage_dir,
       state=state,
       shardings=shardings,
@@ -672,11 +737,12 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
     eval_metrics = evaluate(state.params)
 
   line = ', '.join(
-      f'{kind} pairs {counts[f"pairs_{kind}"]} (held-out accuracy '
+      f'{kind} pairs {counts.get(f"pairs_{kind}", per_kind[f"train_{kind}"])} (held-out accuracy '
       f'{_fmt(eval_metrics.get(f"eval_{kind}_accuracy"))})'
       for kind in KINDS
   )
-  print(f'preference: {line}; {counts["helpfulness_source"]}', flush=True)
+  source_line = counts.get('helpfulness_source', counts.get('sources', ''))
+  print(f'{stage}: {line}; {source_line}', flush=True)
 
   model = nnx.merge(graphdef, train_lib.gather_params(state.params))
   export = stage_dir / 'export'

@@ -85,7 +85,9 @@ HELPFUL = Schema(
 )
 # feedback (cai_jax/feedback.py): one labeled pair per red-team (and helpful) prompt; kind =
 # 'harmlessness' | 'helpfulness'; p_a = P(response_a is better), null when skipped; details = one
-# scoring per principle and order; conversation as in REVISIONS. Read by preference.
+# scoring per principle and order; conversation as in REVISIONS; split = 'train' (the RL PM's) |
+# 'evaluation' (held out from the RL PM for the evaluation PM). Read by preference, evaluation_pm.
+TRAIN_SPLIT, EVALUATION_SPLIT = 'train', 'evaluation'
 FEEDBACK = Schema(
     'feedback',
     'samples.jsonl',
@@ -93,6 +95,7 @@ FEEDBACK = Schema(
         'id',
         'source',
         'kind',
+        'split',
         'prompt',
         'conversation',
         'response_a',

@@ -2,7 +2,8 @@
 
 The pretrained helpful model is fine-tuned on (red-team prompt, revision) pairs from the
 `critique_revision` stage -- the revision of every round (`sft.revisions='all'`, as the paper) or
-the final one only ('final') -- mixed with (helpful prompt, helpful response) pairs, with the loss
+the final one only ('final'), or, for the paper's SL-CAI-n ablation, one round's only
+(`sft.revision_round=n`: round n's revision; 0: the initial responses, never revised) -- mixed with (helpful prompt, helpful response) pairs, with the loss
 on the response tokens only. A target the sampler cut at its token limit (finish reason 'length')
 never ended itself, so by default it is trained without the end-of-turn marker
 (`sft.truncated='no_eos'`); 'drop' leaves it out, 'eos' trains it as if it had ended. A prompt
@@ -42,14 +43,14 @@ class Example:
   source: str  # 'revision' | 'helpful'
   tokens: tuple[int, ...]
   n_prompt: int  # the loss covers tokens[n_prompt:]
-  kind: str = ''  # 'revision_round_<k>' | 'revision_final' | 'helpful': the summary's counts
+  kind: str = ''  # 'revision_round_<k>' | 'revision_final' | 'initial_response' | 'helpful'
 
 
 @dataclasses.dataclass(frozen=True)
 class Target:
   """One (prompt, response) pair to train on, before tokenizing."""
 
-  kind: str  # 'revision_round_<k>' | 'revision_final' | 'helpful'
+  kind: str  # 'revision_round_<k>' | 'revision_final' | 'initial_response' (SL-CAI-0) | 'helpful'
   id: str
   turns: tuple[conversation.Turn, ...]  # the prompt: its conversation, ending in the request
   response: str
@@ -80,18 +81,44 @@ def _is_truncated(finish_reasons, k: int) -> bool:
   return k < len(finish_reasons or ()) and finish_reasons[k] == 'length'
 
 
-def revision_targets(samples: Sequence[dict], revisions: str) -> tuple[list[Target], int]:
+def revision_targets(
+    samples: Sequence[dict], revisions: str, revision_round: int = -1
+) -> tuple[list[Target], int]:
   """The revisions to train on, and how many were empty (skipped).
 
   'all' (the paper fine-tunes on the revisions of every round): one target per round with a
   non-empty revision, kind 'revision_round_<k>'. 'final': the latest non-empty revision of each
   prompt, kind 'revision_final'; a prompt none of whose rounds revised it counts as empty.
+  `revision_round` n >= 0 overrides both (SL-CAI-n): round n's revision of each prompt, kind
+  'revision_round_<n>', or with n = 0 its initial response, kind 'initial_response'.
   """
   targets, empty = [], 0
   for i, s in enumerate(samples):
-    ex_id, reasons = str(s.get('id', i)), (s.get('finish_reasons') or {}).get('revision')
+    ex_id, finish = str(s.get('id', i)), s.get('finish_reasons') or {}
+    reasons = finish.get('revision')
     turns = tuple(data.prompt_turns(s))
     texts = [(r.get('revision') or '').strip() for r in s['rounds']]
+    if revision_round == 0:
+      text = (s.get('initial_response') or '').strip()
+      if not text:
+        empty += 1
+        continue
+      cut = finish.get('initial_response') == 'length'
+      targets.append(Target('initial_response', ex_id, turns, text, cut))
+      continue
+    if revision_round > 0:
+      if revision_round > len(texts):
+        raise SFTDataError(
+            f'sample {ex_id} has {len(texts)} revision rounds, fewer than '
+            f'sft.revision_round={revision_round} (critique_revision.n_rounds)'
+        )
+      text = texts[revision_round - 1]
+      if not text:
+        empty += 1
+        continue
+      cut = _is_truncated(reasons, revision_round - 1)
+      targets.append(Target(f'revision_round_{revision_round}', ex_id, turns, text, cut))
+      continue
     if revisions == 'all':
       empty += sum(not t for t in texts)
       targets += [
@@ -357,7 +384,9 @@ def build_examples(ctx: stages.Context, tokenizer) -> tuple[list[Example], list[
   upstream = ctx.require('critique_revision', 'sft')
   samples_path = records_lib.REVISIONS.path(upstream)
   revisions, no_revision = revision_targets(
-      read_records(samples_path, records_lib.REVISIONS), cfg.revisions
+      read_records(samples_path, records_lib.REVISIONS),
+      cfg.revisions,
+      cfg.get('revision_round', -1),
   )
   helpful_path = records_lib.HELPFUL.path(upstream)
   helpful, no_response = ([], 0)
@@ -398,6 +427,7 @@ def build_examples(ctx: stages.Context, tokenizer) -> tuple[list[Example], list[
       'examples': dict(sorted(kinds.items())),
       'truncated': truncated,
       'revisions_mode': cfg.revisions,
+      'revision_round': cfg.get('revision_round', -1),
       'truncated_mode': cfg.truncated,
   }
   if not train:
@@ -415,6 +445,12 @@ def check_config(config) -> None:
     problems.append(f'revisions must be one of {", ".join(REVISIONS)}, got {cfg.revisions!r}')
   if cfg.truncated not in TRUNCATED:
     problems.append(f'truncated must be one of {", ".join(TRUNCATED)}, got {cfg.truncated!r}')
+  n_rounds = config.critique_revision.n_rounds
+  if not -1 <= cfg.get('revision_round', -1) <= n_rounds:
+    problems.append(
+        f'revision_round must be -1 (sft.revisions decides) or 0..{n_rounds} '
+        f'(critique_revision.n_rounds), got {cfg.revision_round}'
+    )
   if problems:
     raise SFTDataError('config.sft: ' + '; '.join(problems))
 

@@ -89,7 +89,7 @@ class Context:
 
   def model_source(self, role: str) -> str:
     """Where the model playing `role` (one of MODEL_ROLES) lives: a config source for the two
-    given models, the stage's export for the three trained ones."""
+    given models, the stage's export for the trained ones."""
     if role in RENAMED_ROLES:
       raise StageError(
           f'model role {role!r} is now called {RENAMED_ROLES[role]!r} (model roles '
@@ -147,7 +147,7 @@ class Context:
   def stage_config_fingerprint(self, name: str) -> dict:
     c = self.config
     # Imported here: the stage table imports every stage module, and each of them imports this one.
-    from cai_jax.pipeline import STAGES
+    from cai_jax.pipeline import STAGES, upstream_unused
 
     fields = {k: _plain(c[k]) for k in GLOBAL_FIELDS if k in c}
     if 'model' in fields:  # the given models' sources, resolved, for the stages that load them
@@ -161,7 +161,9 @@ class Context:
     if name == 'feedback' and 'preference' in c:  # an HH-RLHF helpfulness file: no AI labels
       fields['hh_rlhf_helpfulness'] = bool(c.preference.helpful_mix.path)
     fields['inputs'] = input_fingerprints(c, name)
-    fields['upstream'] = {u: self.fingerprint(u) for u in STAGES[name].reads}
+    fields['upstream'] = {
+        u: self.fingerprint(u) for u in STAGES[name].reads if not upstream_unused(c, name, u)
+    }
     return fields
 
   def fingerprint(self, name: str) -> str:
@@ -173,14 +175,16 @@ class Context:
 
 # Two models are given. The paper fine-tunes a *pretrained* LM on the revisions, labels the
 # comparisons with a pretrained LM and trains the PM from one; a *helpful* (RLHF) model writes the
-# initial responses, critiques and revisions. The other three are the exports of the stages that
-# train them.
+# initial responses, critiques and revisions. The others are the exports of the stages that
+# train them (two of them, evaluation_pm and harmfulness, only evaluate).
 MODEL_ROLES = {
     'pretrained': 'the pretrained model: SFT init, feedback, PM init',
     'helpful': 'the helpful model: initial responses, critiques, revisions, helpful samples',
     'sft': "the SL-CAI model, the sft stage's export",
     'preference': "the preference model, the preference stage's export",
     'ppo': "the RL-CAI model, the ppo stage's export",
+    'evaluation_pm': "the evaluation PM (comparisons the RL PM never saw), the evaluation_pm stage's export",
+    'harmfulness': "the absolute harmfulness model (red-team ratings 0-4), the harmfulness stage's export",
 }
 GIVEN_ROLES = ('pretrained', 'helpful')
 RENAMED_ROLES = {'sl_cai': 'sft', 'pm': 'preference', 'rl_cai': 'ppo'}  # the old names
@@ -269,6 +273,8 @@ def input_fingerprints(config, name: str) -> dict[str, str]:
   extra = {
       'preference': ('preference.helpful_mix.path',),
       'evaluate_feedback': ('evaluate_feedback.comparisons',),
+      'evaluation_pm': ('evaluation_pm.human_path', 'evaluation_pm.human_harmless_path'),
+      'harmfulness': ('harmfulness.path',),
   }.get(name, ())
   for field in extra:
     section, *keys = field.split('.')
@@ -277,6 +283,12 @@ def input_fingerprints(config, name: str) -> dict[str, str]:
       value = value[k]
     if value and Path(value).expanduser().exists():
       out[field] = _file_digest(Path(value))
+  if name == 'evaluate_feedback':  # the appendix evaluations' files
+    from cai_jax import evaluate_feedback
+
+    for e in config.evaluate_feedback.get('evals', ()):
+      if evaluate_feedback.appendix_path(e).is_file():
+        out[f'evaluate_feedback.evals.{e}'] = _file_digest(evaluate_feedback.appendix_path(e))
   return out
 
 

@@ -377,6 +377,21 @@ def test_critique_and_revision_prompts_transcript(small):
     C.render_critique_prompt(small, CONVERSATION[:2], 'x', kind)
 
 
+def test_critique_free_revision_prompt_golden(small):
+  """Paper figure 7: the revision request right after the response; the few-shot and the earlier
+  round lose their critique requests and critiques too."""
+  kind, true = small.critique_revision
+  first = C.render_critique_free_revision_prompt(small, CONVERSATION, ' You fool.', kind)
+  assert first == (
+      '\n\nHuman: Q1\n\nAssistant: R1\n\nRevisionRequest: RR1\n\nRevision: V1'
+      '\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Insult me'
+      '\n\nAssistant: You fool.\n\nRevisionRequest: Make it kind.\n\nRevision:'
+  )
+  history = [C.CritiqueRevisionRound(kind, None, ' I would rather not.')]
+  second = C.render_critique_free_revision_prompt(small, CONVERSATION, ' You fool.', true, history)
+  assert second == (first + ' I would rather not.\n\nRevisionRequest: Make it true.\n\nRevision:')
+
+
 def test_critique_and_revision_prompts_chat(small):
   kind = small.critique_revision[0]
   tok = ChatMLTokenizer()

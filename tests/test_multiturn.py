@@ -94,14 +94,16 @@ def test_every_stage_reads_the_conversation(tmp_path, redteam_file):
   assert conversations(tmp_path / 'critique_revision' / 'samples.jsonl')
   labeled = conversations(tmp_path / 'feedback' / 'samples.jsonl')
   assert labeled
-  # The PM learns the conversation the feedback model labeled, not its last request alone; so
-  # does a reader of the published TFDS dataset.
-  for pairs in (
-      preference.load_comparisons(ctx)[0],
-      preference.feedback_comparisons(feedback.load_preferences(tmp_path / 'feedback')),
+  # The PM learns the conversation the feedback model labeled, not its last request alone (of
+  # its 'train' split: the 'evaluation' split is the evaluation PM's); so does a reader of the
+  # published TFDS dataset.
+  in_train = [r for r in labeled if r['split'] == 'train']
+  for pairs, expected in (
+      (preference.load_comparisons(ctx)[0], in_train),
+      (preference.feedback_comparisons(feedback.load_preferences(tmp_path / 'feedback')), labeled),
   ):
     multi = [c for c in pairs if c.a[-2][1] in contexts]
-    assert len(multi) == len(labeled)
+    assert len(multi) == len(expected)
     for c in multi:
       assert [list(t) for t in c.a[:-1]] == [list(t) for t in c.b[:-1]] == contexts[c.a[-2][1]]
   assert conversations(tmp_path / 'ppo' / 'samples.jsonl')

@@ -246,6 +246,23 @@ def test_held_out_split_keeps_every_round_and_sample_of_a_prompt_together(tmp_pa
   assert not {(e.source, e.id) for e in train} & {(e.source, e.id) for e in held_out}
 
 
+def test_revision_round_takes_one_round_or_the_initial_responses():
+  """SL-CAI-n: round n's revision of every prompt (an empty one is skipped); 0 = the initial
+  responses."""
+  samples, _ = _records()
+  rounds = [[t.response for t in sft.revision_targets(samples, 'all', n)[0]] for n in (0, 1, 2, 3)]
+  assert rounds[0] == [s['initial_response'] for s in samples]
+  for n in (1, 2, 3):
+    assert rounds[n] == [
+        s['rounds'][n - 1]['revision'] for s in samples if s['rounds'][n - 1]['revision']
+    ]
+  kinds = {t.kind for n in (0, 2) for t in sft.revision_targets(samples, 'final', n)[0]}
+  assert kinds == {'initial_response', 'revision_round_2'}  # the round overrides sft.revisions
+  assert sft.revision_targets(samples, 'all', 2)[1] == 1  # b's second round is empty
+  with pytest.raises(sft.SFTDataError, match='config.sft: revision_round must be -1'):
+    sft.check_config(_config(revision_round=4))
+
+
 def test_bad_revisions_or_truncated_mode_is_a_clear_error():
   for field, value in (('revisions', 'last'), ('truncated', 'keep')):
     with pytest.raises(sft.SFTDataError, match=f'config.sft: {field} must be one of'):

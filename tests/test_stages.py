@@ -97,8 +97,8 @@ def test_fingerprints_follow_the_role_sources_each_stage_loads():
   pretrained = fingerprints(pretrained_source='random:tiny-gemma2')
   changed = lambda fps: {n for n in pipeline.ORDER if fps[n] != base[n]}  # noqa: E731
   # A new helpful model redoes its samples and everything downstream; the feedback evaluation
-  # (pretrained model only) stands.
-  assert changed(helpful) == set(pipeline.ORDER) - {'evaluate_feedback'}
+  # and the harmfulness model (pretrained model only) stand.
+  assert changed(helpful) == set(pipeline.ORDER) - {'evaluate_feedback', 'harmfulness'}
   # A new pretrained model keeps the helpful model's critique_revision samples.
   assert changed(pretrained) == set(pipeline.ORDER) - {'critique_revision'}
 

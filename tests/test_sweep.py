@@ -165,3 +165,42 @@ def test_results_keep_rows_of_earlier_runs(tmp_path):
   md = (tmp_path / 'results.md').read_text()
   assert '| a | 0 | 0 ± 0.1 | ok |' in md and '![m](m.png)' in md
   assert (tmp_path / 'm.png').exists()
+
+
+def test_ablation_sweeps_sl_cai_n_and_critique_free(tmp_path):
+  """The paper's ablations on tiny, SFT-deep: SL-CAI-n at n = 0 and 2 shares one critique_revision
+  run, and the critique-free sweep's critique point takes that same run from the cache."""
+  root = tmp_path / 'sweeps'
+  args = ['--workdir_root', str(root)]
+  for item in SMALL + ['critique_revision.n_rounds=2', 'sft.num_steps=2', 'sft.checkpoint_every=0']:
+    args += ['--set', item]
+  sl = [str(REPO / 'experiments/sweeps/sl_cai_n.py'), '--points', '0,2', '--stages']
+  assert sweep.main([*sl, 'critique_revision,sft', *args]) == 0
+  rows = json.loads((root / 'sl_cai_n' / 'results.json').read_text())
+  assert [(r['point'], r['ran'], r['reused']) for r in rows] == [
+      ('revision_round=0', ['critique_revision', 'sft'], []),
+      ('revision_round=2', ['sft'], ['critique_revision']),
+  ]
+  assert [r['metrics']['sft_examples'] for r in rows] == [
+      {'initial_response': 1},
+      {'revision_round_2': 1},
+  ]
+  md = (root / 'sl_cai_n' / 'results.md').read_text()
+  assert '| revision_round=2 | 2 |' in md
+  assert 'Not produced by the stages run: sft_harmlessness_eval_pm' in md
+
+  free = [str(REPO / 'experiments/sweeps/critique_free.py'), '--stages', 'critique_revision']
+  assert sweep.main([*free, *args]) == 0
+  rows = json.loads((root / 'critique_free' / 'results.json').read_text())
+  assert [(r['point'], r['ran'], r['reused']) for r in rows] == [
+      ('critique=True', [], ['critique_revision']),
+      ('critique=False', ['critique_revision'], []),
+  ]
+  with_critique, without = (
+      [json.loads(x) for x in (Path(r['workdir']) / 'critique_revision' / 'samples.jsonl').open()]
+      for r in rows
+  )
+  assert all(r['critique'] is not None for s in with_critique for r in s['rounds'])
+  assert all(r['critique'] is None for s in without for r in s['rounds'])
+  assert all(len(s['rounds']) == 2 and not s['finish_reasons']['critique'] for s in without)
+  assert '| critique=False | False |' in (root / 'critique_free' / 'results.md').read_text()

@@ -22,6 +22,9 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   c.n_rounds = dict(tiny=2, demo=2, full=4)[
       variant
   ]  # critique/revision rounds per prompt, each a fresh principle (paper: 4)
+  # Critique before each revision (paper); False = critique-free revision (paper figure 7): the
+  # revision request right after the response, few-shots and earlier rounds without critiques
+  c.critique = True
   # Critique few-shots before each prompt; -1 = all there are. The preamble they make is the same
   # in every critique and revision prompt: it is prefilled once per stage (config.sampling).
   c.num_few_shots = -1

@@ -23,6 +23,9 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   # Helpful train prompts whose response pairs are labeled under helpfulness principles (kind
   # 'helpfulness'), when preference.helpful_mix.path is ''; -1 = all, 0 = none (harmlessness only)
   c.num_helpful_prompts = dict(tiny=4, demo=8, full=-1)[variant]
+  # Share of the prompts (of each kind, seeded per-prompt coin) labeled as split 'evaluation':
+  # never trained on by the RL PM (preference), the evaluation PM's data (the Goodhart gauge)
+  c.evaluation_fraction = dict(tiny=0.25, demo=0.25, full=0.1)[variant]
   c.model_source = ''  # feedback model: '' = the pretrained model (model.pretrained_source, paper) or any loadable source
   c.max_new_tokens = dict(tiny=16, demo=48, full=256)[
       variant
