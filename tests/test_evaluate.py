@@ -307,3 +307,83 @@ def test_workdir_of_another_config_is_refused(tmp_path):
   assert 'critique_revision was made by a different config' in err and 'seed: 0 -> 1' in err, err
   assert '--config.force=critique_revision' in err
   assert 'Traceback' not in r.stderr
+
+
+# ---- the judge, its principles and what each signal is independent of -------------------------
+
+
+def _judge_rows(tmp_path, **evaluate_fields):
+  config = tiny.get_config()
+  config.evaluate.update(evaluate_fields)
+  ctx = stages.Context(config, Path(tmp_path))
+  principles = {k: evaluate.judge_principles(ctx, k) for k in evaluate.KINDS}
+  rows = evaluate.independence_rows(ctx, principles, evaluate.scorer_status(ctx))
+  return {r['signal'].split(' (')[0].split(':')[0]: r for r in rows}, ctx
+
+
+def test_independence_table_says_when_the_judge_is_the_labeler(tmp_path):
+  rows, ctx = _judge_rows(tmp_path)  # the default judge: the pretrained model, the labeler
+  assert rows['harmlessness Elo']['labeler'] == 'same as labeler'
+  assert rows['helpfulness Elo']['labeler'] == 'same as labeler'
+  assert rows['harmlessness Elo']['training_principles'] == 'yes'
+  assert rows['RL PM score']['rl_pm'] == 'no: it is the RL PM'
+  assert 'evaluation PM score' in rows and 'unavailable' in rows['evaluation PM score']['signal']
+  # A role played by the same model is still the labeler; another source is not.
+  assert _judge_rows(tmp_path, judge_source='helpful')[0]['harmlessness Elo']['labeler'] == (
+      'same as labeler'
+  )
+  rows, ctx = _judge_rows(tmp_path, judge_source='random:small')
+  assert (
+      rows['harmlessness Elo']['labeler'] == 'yes' and evaluate.judge_source(ctx) == 'random:small'
+  )
+  rows, ctx = _judge_rows(tmp_path, judge_model='random:small')  # the old name still works
+  assert rows['harmlessness Elo']['labeler'] == 'yes'
+  # A judge asked under a training principle is not independent of the training principles.
+  training = evaluate.constitution_lib.load_constitution('tiny')
+  rows, _ = _judge_rows(tmp_path, harmlessness_principle=training.feedback_principles[0])
+  assert rows['harmlessness Elo']['training_principles'] == (
+      'no: 1 of its 1 principles are training principles'
+  )
+
+
+def test_evaluation_principles_are_held_out_from_the_training_constitutions():
+  held_out = evaluate.constitution_lib.load_evaluation_principles('evaluation')
+  assert 6 <= len(held_out.harmlessness) <= 10 and 3 <= len(held_out.helpfulness) <= 5
+  for name in ('default', 'tiny'):
+    c = evaluate.constitution_lib.load_constitution(name)
+    training = {r.critique_request for r in c.critique_revision} | set(c.feedback_principles)
+    training |= set(c.helpfulness_principles)
+    assert not training & (set(held_out.harmlessness) | set(held_out.helpfulness))
+
+
+def test_bad_evaluate_settings_are_one_line(tmp_path):
+  config = tiny.get_config()
+  config.evaluate.constitution = str(tmp_path / 'missing.json')
+  with pytest.raises(stages.StageError, match=r'config.evaluate.constitution: .*missing.json'):
+    evaluate.check_config(config)
+  config = tiny.get_config()
+  config.evaluate.rl_curve_every = -1
+  with pytest.raises(stages.StageError, match=r'config.evaluate.rl_curve_every: .*>= 0, got -1'):
+    evaluate.check_config(config)
+
+
+def test_an_optional_stage_joins_the_fingerprint_once_it_has_run(tmp_path):
+  """evaluate never requires the scorers' stages; once one has finished, evaluate's fingerprint
+  holds it, so a finished evaluate is redone with the new scorer."""
+  config = tiny.get_config()
+  ctx = stages.Context(config, tmp_path)
+  before = ctx.stage_config_fingerprint('evaluate')
+  assert 'optional' not in before  # workdirs without the scorers keep their fingerprints
+  assert ctx.optional('evaluation_pm') == (
+      None,
+      f'the evaluation_pm stage did not run in {tmp_path}',
+  )
+  d = tmp_path / 'evaluation_pm'
+  d.mkdir()
+  (d / 'DONE.json').write_text(json.dumps({'fingerprint': 'a' * 16, 'summary': {}}))
+  if 'evaluation_pm' in pipeline.STAGES:  # the stage's own fingerprint must match this config
+    fake_upstream(config, tmp_path, 'evaluation_pm', {})
+  after = ctx.stage_config_fingerprint('evaluate')
+  assert set(after['optional']) == {'evaluation_pm'}
+  assert stages.diff_fields(before, after)[0].startswith('optional.evaluation_pm')
+  assert stages._only_inputs_changed(stages.diff_fields(before, after))  # redone, not refused
