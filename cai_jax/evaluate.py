@@ -721,7 +721,7 @@ def rl_curve_markdown(curve: dict, plot: str | None) -> list[str]:
   lines = [
       '## Over RL training',
       '',
-      f'PPO\'s policy every {curve["every"]} steps (step 0: '
+      f'PPO\'s policy every {curve["every"]} step(s) (step 0: '
       f'the policy PPO started from; step {curve["steps"][-1]}: RL-CAI), each answering the first '
       f'{curve["prompts"]["redteam"]} red-team and {curve["prompts"]["helpful"]} helpful held-out '
       f'prompts (at most {curve["max_new_tokens"]} new tokens). Elo: each step against step 0 '
@@ -817,6 +817,7 @@ def plot_rl_curve(stage_dir: Path, curve: dict | None) -> str | None:
   )
   ax_len.set_ylabel('mean response tokens')
   for ax in (ax_elo, ax_pm, ax_ref):
+    ax.set_xticks(steps)
     if ax.get_legend_handles_labels()[0]:
       ax.legend(fontsize=7)
   ax_len.legend(fontsize=7, loc='lower right')
@@ -891,7 +892,7 @@ def scorer_status(ctx) -> dict[str, dict]:
     d, why = ctx.optional(name)
     out[name] = dict(
         available=d is not None,
-        why='' if d is not None else f'{why} ({how})',
+        why='' if d is not None else f'{why}; {how}',
         source=ctx.model_source(name) if d is not None else None,
     )
   return out
@@ -953,7 +954,7 @@ def independence_rows(ctx, principles: dict[str, tuple[tuple[str, ...], str]], s
         )
     )
   else:
-    rows.append(dict(signal=f'evaluation PM score: unavailable — {ev["why"]}'))
+    rows.append(dict(signal='evaluation PM score: unavailable (why: under the per-model metrics)'))
   hm = scorers['harmfulness']
   if hm['available']:
     rows.append(
@@ -966,7 +967,7 @@ def independence_rows(ctx, principles: dict[str, tuple[tuple[str, ...], str]], s
         )
     )
   else:
-    rows.append(dict(signal=f'absolute harmfulness: unavailable — {hm["why"]}'))
+    rows.append(dict(signal='absolute harmfulness: unavailable (why: under the per-model metrics)'))
   rows.append(
       dict(
           signal='refusal rate (keyword classifier)',

@@ -56,6 +56,7 @@ RULES = (
     ('*.schedule', _one_of('cosine', 'linear', 'constant')),
     ('*batch_size', _int_at_least(1)),
     ('*.chunk_size', _int_at_least(1)),
+    ('evaluate.rl_curve_max_new_tokens', _int_at_least(0)),  # 0 = evaluate.max_new_tokens
     ('*max_new_tokens', _int_at_least(1)),
     ('*.max_to_keep', _int_at_least(1)),
     ('*.checkpoint_every', _int_at_least(0)),

@@ -190,7 +190,7 @@ def test_report_and_summary(evaluated):
   assert '| same as labeler |' in report  # the judge is the feedback model
   assert '| RL PM score (the reward PPO maximized) | no: trained on them |' in report
   assert '| evaluation PM score | yes: comparisons the RL PM never saw |' in report
-  assert 'absolute harmfulness: unavailable — the harmfulness stage did not run' in report
+  assert '| absolute harmfulness: unavailable (why: under the per-model metrics) |' in report
   assert '- harmfulness: unavailable — the harmfulness stage did not run' in report
   assert '| harmlessness: RL PM on red-team | harmlessness: eval PM on red-team |' in report
   assert '## Over RL training' in report

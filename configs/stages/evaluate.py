@@ -55,14 +55,15 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   )  # critique_revision samples scored for the curve (the first N); -1 = all
 
   # Curves over RL (paper figures 8 and 10): ppo keeps its policy every K-th step, and evaluate
-  # measures each kept policy, the one PPO started from (step 0) and the final one.
+  # measures each kept policy, the one PPO started from (step 0) and the final one. With the
+  # prompts and length above, steps 0 and the last reuse sft's and ppo's responses.
   c.rl_curve_every = dict(tiny=0, demo=1, full=0)[
       variant
   ]  # K: evaluate every K-th PPO step's policy (ppo keeps an HF snapshot of each); 0 = off
-  c.rl_curve_prompts = dict(tiny=2, demo=2, full=-1)[
+  c.rl_curve_prompts = dict(tiny=-1, demo=-1, full=-1)[
       variant
   ]  # red-team and helpful prompts per curve point: the first N of each kind above; -1 = all
-  c.rl_curve_max_new_tokens = dict(tiny=0, demo=16, full=0)[
+  c.rl_curve_max_new_tokens = dict(tiny=0, demo=0, full=0)[
       variant
   ]  # longest response of the curve points (tokens); 0 = max_new_tokens
   return c
