@@ -93,10 +93,10 @@ class Context:
     from cai_jax.pipeline import STAGES
 
     if not self.is_done(name):
-      return None, f'the {name} stage did not run in {self.workdir}'
+      return None, f'the {name} stage did not run in this workdir'  # no path: summaries compare
     if name in STAGES and not reusable(self, name):
       return None, (
-          f'the {name} stage in {self.workdir} was made by a different config: rerun '
+          f'the {name} stage in this workdir was made by a different config: rerun '
           f'--config.stages={name}'
       )
     return self.stage_dir(name), ''
