@@ -332,7 +332,8 @@ def save_snapshot(policy: Decoder, tok, model_config, stage_dir: Path, step: int
   redoes the step replaces it, one that does not finds it complete."""
   out = snapshot_path(stage_dir, step)
   tmp = out.with_name(out.name + '.tmp')
-  shutil.rmtree(tmp, ignore_errors=True)
+  if jax.process_index() == 0:  # save_pretrained writes on process 0 too
+    shutil.rmtree(tmp, ignore_errors=True)
   checkpoint.save_pretrained(checkpoint.Pretrained(policy, tok, model_config, str(out)), str(tmp))
   if jax.process_index() == 0:
     shutil.rmtree(out, ignore_errors=True)
