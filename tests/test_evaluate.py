@@ -98,7 +98,7 @@ def _config():
   e = c.evaluate
   e.num_redteam_prompts, e.num_helpful_prompts, e.max_new_tokens = 2, 1, 4
   e.n_bootstrap, e.bootstrap_seed = 20, 7
-  e.rl_curve_every, e.rl_curve_prompts = 1, -1  # ppo's 4 tiny steps: snapshots 1, 2, 3
+  e.rl_curve_every, e.rl_curve_prompts = 2, -1  # ppo's 4 tiny steps: a snapshot after step 2
   return c
 
 
@@ -170,16 +170,16 @@ def test_report_and_summary(evaluated):
   assert summary['revision_curve']['revisions'] == [0, 1]
   assert summary['revision_curve']['n'] == [6, 5]
 
-  # The curve over RL: step 0 (sft), the snapshots 1-3, the export at step 4.
+  # The curve over RL: step 0 (sft), the snapshot at step 2, the export at step 4.
   curve = summary['rl_curve']
-  assert curve['steps'] == [0, 1, 2, 3, 4] and len(curve['metrics']) == 5
+  assert curve['steps'] == [0, 2, 4] and len(curve['metrics']) == 3
   assert curve['sources']['step_000000'] == str(ctx.stage_dir('sft') / 'export')
   assert curve['sources']['step_000002'] == str(ppo.snapshot_path(ctx.stage_dir('ppo'), 2))
   assert curve['metrics'][0]['harmlessness_pm'] == summary['metrics']['sft']['harmlessness_pm']
-  assert curve['metrics'][4]['harmlessness_eval_pm'] == x['harmlessness_eval_pm']  # x: ppo's
-  assert curve['harmlessness']['n_comparisons'] == 4 * 2  # steps 1-4 vs step 0, 2 prompts
+  assert curve['metrics'][2]['harmlessness_eval_pm'] == x['harmlessness_eval_pm']  # x: ppo's
+  assert curve['harmlessness']['n_comparisons'] == 2 * 2  # steps 2 and 4 vs step 0, 2 prompts
   assert curve['harmlessness']['elo']['step_000000']['elo'] == 0.0
-  assert curve['helpfulness']['n_comparisons'] == 4
+  assert curve['helpfulness']['n_comparisons'] == 2
 
   report = (d / 'report.md').read_text()
   assert report.index('## What each signal is independent of') < report.index('## Per-model')
@@ -194,7 +194,7 @@ def test_report_and_summary(evaluated):
   assert '- harmfulness: unavailable — the harmfulness stage did not run' in report
   assert '| harmlessness: RL PM on red-team | harmlessness: eval PM on red-team |' in report
   assert '## Over RL training' in report
-  for step in range(5):
+  for step in (0, 2, 4):
     assert f'\n| {step} | ' in report
   for heading in (
       '## Per-model metrics',
@@ -221,7 +221,7 @@ def test_report_and_summary(evaluated):
       done['sft']['harmlessness_eval_pm']
       == summary['metrics']['sft']['harmlessness_eval_pm']['mean']
   )
-  assert done['sft']['harmfulness'] is None and done['rl_curve_steps'] == [0, 1, 2, 3, 4]
+  assert done['sft']['harmfulness'] is None and done['rl_curve_steps'] == [0, 2, 4]
   assert done['models'] == 'helpful = pretrained: random:tiny'
 
 
