@@ -391,6 +391,57 @@ def load_constitution(path: str | os.PathLike) -> Constitution:
 
 
 # ----------------------------------------------------------------------------------------------
+# The evaluation principles: the evaluate stage's judge asks under these, never trained on. The
+# bundled 'evaluation' file is ours, worded independently of the training constitution (a judge
+# that asks the questions the models were trained to answer grades them by construction).
+
+EVALUATION_FORMAT = 'cai_jax.evaluation_principles/v1'
+EVALUATION_BUNDLED = 'evaluation'  # cai_jax/assets/constitutions/evaluation.json
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationPrinciples:
+  harmlessness: tuple[str, ...]  # the judge's questions on red-team prompts
+  helpfulness: tuple[str, ...]  # ... and on helpful prompts
+  description: str = ''
+  source: str = dataclasses.field(default='', compare=False)
+
+
+def evaluation_path(path: str | os.PathLike) -> Path:
+  """The file `load_evaluation_principles` reads: the bundled name or the path itself."""
+  return bundled_path(EVALUATION_BUNDLED) if str(path) == EVALUATION_BUNDLED else Path(path)
+
+
+def load_evaluation_principles(path: str | os.PathLike) -> EvaluationPrinciples:
+  """Loads 'evaluation' (bundled) or a JSON file {"format": EVALUATION_FORMAT, "description",
+  "harmlessness_principles": [...], "helpfulness_principles": [...]} (each a non-empty list)."""
+  path = evaluation_path(path)
+  if not path.is_file():
+    raise ConstitutionError(
+        f'{path}: no such file (the bundled evaluation principles: {EVALUATION_BUNDLED!r})'
+    )
+  try:
+    data = json.loads(path.read_text(encoding='utf-8'))
+  except json.JSONDecodeError as e:
+    raise ConstitutionError(f'{path}: invalid JSON: {e}') from None
+  r = _Reader(str(path))
+  keys = ('format', 'harmlessness_principles', 'helpfulness_principles')
+  r.record(data, 'evaluation principles', keys, optional=('description',))
+  if data['format'] != EVALUATION_FORMAT:
+    raise r.error('format', f'expected {EVALUATION_FORMAT!r}, got {data["format"]!r}')
+  principles = {
+      key: tuple(r.string(p, f'{key}[{i}]') for i, p in enumerate(r.entries(data, key, min_len=1)))
+      for key in ('harmlessness_principles', 'helpfulness_principles')
+  }
+  return EvaluationPrinciples(
+      principles['harmlessness_principles'],
+      principles['helpfulness_principles'],
+      str(data.get('description', '')),
+      str(path),
+  )
+
+
+# ----------------------------------------------------------------------------------------------
 # Loading the paper's data release (github.com/anthropics/ConstitutionalHarmlessnessPaper,
 # prompts/*.json). Its prompts carry their own transcript labels; we strip them so the requests
 # and principles are plain text like ours.

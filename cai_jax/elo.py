@@ -1,5 +1,9 @@
 """Elo from pairwise comparisons: maximum-likelihood Bradley-Terry fit, win-rate matrix, and
-bootstrap confidence intervals."""
+bootstrap confidence intervals -- by prompt (cluster bootstrap) when the comparisons carry their
+prompt: the model pairs compared on one prompt share its difficulty, so they are resampled
+together rather than as if independent."""
+
+import warnings
 
 import numpy as np
 
@@ -92,8 +96,35 @@ def win_rate_matrix(comparisons, models):
   """
   models = list(models)
   i, j, o = _encode(comparisons, models)
-  n = len(models)
-  wins, games = np.zeros((n, n)), np.zeros((n, n))
+  return _pair_rates(i, j, o, len(models))
+
+
+def resample_indices(n: int, clusters=None, n_bootstrap: int = 1000, seed: int = 0):
+  """The comparison indices of each bootstrap resample, a pure function of `seed`.
+
+  Without `clusters`, n comparisons are drawn with replacement. With `clusters` (one key per
+  comparison, e.g. its prompt id), as many clusters as there are are drawn with replacement and
+  each drawn cluster brings all of its comparisons: the cluster (by-prompt) bootstrap.
+  """
+  rng = np.random.default_rng(seed)
+  if clusters is None:
+    return [rng.integers(0, n, n) for _ in range(n_bootstrap)]
+  if len(clusters) != n:
+    raise ValueError(f'{len(clusters)} cluster keys for {n} comparisons')
+  keys = list(dict.fromkeys(clusters))  # first-seen order: deterministic, not hash order
+  members = [[] for _ in keys]
+  where = {k: c for c, k in enumerate(keys)}
+  for idx, k in enumerate(clusters):
+    members[where[k]].append(idx)
+  members = [np.array(m, np.int64) for m in members]
+  return [
+      np.concatenate([members[c] for c in rng.integers(0, len(keys), len(keys))])
+      for _ in range(n_bootstrap)
+  ]
+
+
+def _pair_rates(i, j, o, n_models):
+  wins, games = np.zeros((n_models, n_models)), np.zeros((n_models, n_models))
   np.add.at(wins, (i, j), o)
   np.add.at(wins, (j, i), 1 - o)
   np.add.at(games, (i, j), 1)
@@ -102,33 +133,51 @@ def win_rate_matrix(comparisons, models):
     return np.where(games > 0, wins / games, np.nan)
 
 
-def bootstrap_elo(
+def bootstrap(
     comparisons,
     models,
     n_bootstrap=1000,
     seed=0,
     ci=0.95,
     anchor=None,
+    clusters=None,
     scale=400.0,
     base=10.0,
     prior=1e-6,
 ):
-  """Elo with percentile bootstrap intervals, resampling comparisons with replacement.
+  """Elo and win rates with percentile bootstrap intervals, refit on each resample.
+
+  Args:
+    clusters: one key per comparison (its prompt id): resample whole prompts
+      (`resample_indices`); None resamples comparisons as if independent.
 
   Returns:
-    dict model -> (mean, lo, hi) over `n_bootstrap` refits; deterministic given `seed`.
+    {'elo': model -> (mean, lo, hi), 'win_rate': [M, M, 2] array of (lo, hi) of the row model's
+    win rate against the column model (NaN where a pair was never compared)}; deterministic
+    given `seed`.
   """
   models = list(models)
   i, j, o = _encode(comparisons, models)
   if len(o) == 0:
-    raise ValueError('bootstrap_elo needs at least one comparison')
-  rng = np.random.default_rng(seed)
-  samples = np.empty((n_bootstrap, len(models)))
-  for b in range(n_bootstrap):
-    k = rng.integers(0, len(o), len(o))
-    strengths = _fit_strengths(i[k], j[k], o[k], len(models), prior)
-    samples[b] = _to_elo(strengths, models, anchor, scale, base)
+    raise ValueError('bootstrap needs at least one comparison')
+  n = len(models)
+  samples = np.empty((n_bootstrap, n))
+  rates = np.empty((n_bootstrap, n, n))
+  for b, k in enumerate(resample_indices(len(o), clusters, n_bootstrap, seed)):
+    samples[b] = _to_elo(_fit_strengths(i[k], j[k], o[k], n, prior), models, anchor, scale, base)
+    rates[b] = _pair_rates(i[k], j[k], o[k], n)
   tail = 100 * (1 - ci) / 2
   lo, hi = np.percentile(samples, [tail, 100 - tail], axis=0)
   mean = samples.mean(axis=0)
-  return {m: (float(mean[k]), float(lo[k]), float(hi[k])) for k, m in enumerate(models)}
+  with warnings.catch_warnings():  # a pair absent from a resample (and the diagonal): NaN
+    warnings.simplefilter('ignore', RuntimeWarning)
+    rate_lo, rate_hi = np.nanpercentile(rates, [tail, 100 - tail], axis=0)
+  return {
+      'elo': {m: (float(mean[k]), float(lo[k]), float(hi[k])) for k, m in enumerate(models)},
+      'win_rate': np.stack([rate_lo, rate_hi], axis=-1),
+  }
+
+
+def bootstrap_elo(comparisons, models, n_bootstrap=1000, seed=0, ci=0.95, anchor=None, **kwargs):
+  """Elo with percentile bootstrap intervals (`bootstrap`'s 'elo'): model -> (mean, lo, hi)."""
+  return bootstrap(comparisons, models, n_bootstrap, seed, ci, anchor, **kwargs)['elo']

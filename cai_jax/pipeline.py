@@ -35,6 +35,9 @@ class Stage(NamedTuple):
   reads: tuple[str, ...]  # the stages whose outputs it reads
   # The given models it loads (stages.GIVEN_ROLES): their sources are part of its fingerprint.
   models: tuple[str, ...] = ()
+  # Stages it reads only when they have finished in the workdir (never required; when present,
+  # their fingerprints join its own: stages.optional_upstream).
+  optional: tuple[str, ...] = ()
 
 
 # The pipeline in order. SL-CAI: the helpful model critiques and revises its responses to red-team
@@ -59,6 +62,7 @@ STAGES: dict[str, Stage] = {
         evaluate,
         ('critique_revision', 'sft', 'preference', 'ppo'),
         models=('pretrained', 'helpful'),
+        optional=('evaluation_pm', 'harmfulness'),  # trained scorers, used when they ran
     ),
 }
 ORDER = tuple(STAGES)

@@ -23,14 +23,17 @@ how far the sampler's log-probs were from it at temperature 1 (float32: ~1e-6 on
 ~5e-5 on SmolLM2-135M).
 
 Outputs in the stage directory: `metrics.jsonl` + `tb/` (per step), `samples.jsonl` (every
-`sample_every` steps), `checkpoints/` (orbax; resumed automatically) and `export/` (the
-RL-CAI policy as an HF directory).
+`sample_every` steps), `checkpoints/` (orbax; resumed automatically), `snapshots/step_NNNNNN/`
+(the policy every `evaluate.rl_curve_every` steps, HF directories for evaluate's curves over RL)
+and `export/` (the RL-CAI policy as an HF directory).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -308,6 +311,35 @@ def _seed(*parts: int) -> int:
   return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
+# ---- snapshots for evaluate's curves over RL (paper figures 8 and 10) ---------------------------
+
+SNAPSHOTS = 'snapshots'
+
+
+def snapshot_path(stage_dir: Path, step: int) -> Path:
+  return Path(stage_dir) / SNAPSHOTS / f'step_{step:06d}'
+
+
+def snapshot_steps(config) -> list[int]:
+  """The PPO steps whose policy is kept: every `evaluate.rl_curve_every`-th, short of the last
+  (the export is the last step's policy)."""
+  every = config.evaluate.rl_curve_every if 'evaluate' in config else 0
+  return list(range(every, config.ppo.steps, every)) if every > 0 else []
+
+
+def save_snapshot(policy: Decoder, tok, model_config, stage_dir: Path, step: int) -> None:
+  """The policy after `step` as an HF directory, written whole (tmp + rename): a resumed run that
+  redoes the step replaces it, one that does not finds it complete."""
+  out = snapshot_path(stage_dir, step)
+  tmp = out.with_name(out.name + '.tmp')
+  if jax.process_index() == 0:  # save_pretrained writes on process 0 too
+    shutil.rmtree(tmp, ignore_errors=True)
+  checkpoint.save_pretrained(checkpoint.Pretrained(policy, tok, model_config, str(out)), str(tmp))
+  if jax.process_index() == 0:
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
 # ---- setup ---------------------------------------------------------------------------------------
 
 
@@ -503,6 +535,7 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
   _truncate_samples(samples_path, start)
 
   stops = conversation.stop_strings(fmt, tok)
+  snapshots = set(snapshot_steps(config))
   bar = train_lib.progress(cfg.steps, start, 'ppo')
   t_start = time.time()
   for step in range(start + 1, cfg.steps + 1):  # 1-based, as in metrics.jsonl and checkpoints
@@ -586,6 +619,9 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
           out.finish_reason,
           cfg.num_samples,
       )
+    if step in snapshots:  # before the checkpoint: a run resumed after this step has it
+      params = train_lib.gather_params(state['train'].params)
+      save_snapshot(nnx.merge(graphdef, params).policy, tok, policy.config, stage_dir, step)
     ckpt.save(step, state, force=step == cfg.steps)
     bar.update(1)
     bar.set_postfix(score=f'{metrics["score_mean"]:.3f}', kl=f'{metrics["kl"]:.3f}')

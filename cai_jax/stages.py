@@ -87,6 +87,20 @@ class Context:
       )
     return self.stage_dir(name)
 
+  def optional(self, name: str) -> tuple[Path | None, str]:
+    """(the output dir of optional upstream stage `name`, '') when it finished in this workdir
+    with this config; else (None, why not)."""
+    from cai_jax.pipeline import STAGES
+
+    if not self.is_done(name):
+      return None, f'the {name} stage did not run in this workdir'  # no path: summaries compare
+    if name in STAGES and not reusable(self, name):
+      return None, (
+          f'the {name} stage in this workdir was made by a different config: rerun '
+          f'--config.stages={name}'
+      )
+    return self.stage_dir(name), ''
+
   def model_source(self, role: str) -> str:
     """Where the model playing `role` (one of MODEL_ROLES) lives: a config source for the two
     given models, the stage's export for the trained ones."""
@@ -158,12 +172,17 @@ class Context:
       fields[name] = _plain(c[name])
     if name == 'evaluate_feedback' and 'feedback' in c:
       fields['feedback'] = _plain(c.feedback)  # evaluates the feedback configuration
+    if name == 'ppo' and c.get('evaluate', {}).get('rl_curve_every', 0):
+      fields['rl_curve_every'] = c.evaluate.rl_curve_every  # the policy snapshots ppo keeps
     if name == 'feedback' and 'preference' in c:  # an HH-RLHF helpfulness file: no AI labels
       fields['hh_rlhf_helpfulness'] = bool(c.preference.helpful_mix.path)
     fields['inputs'] = input_fingerprints(c, name)
     fields['upstream'] = {
         u: self.fingerprint(u) for u in STAGES[name].reads if not upstream_unused(c, name, u)
     }
+    present = optional_upstream(self, name)
+    if present:  # absent when none ran: the fingerprints of workdirs without them stay as they were
+      fields['optional'] = present
     return fields
 
   def fingerprint(self, name: str) -> str:
@@ -270,6 +289,10 @@ def input_fingerprints(config, name: str) -> dict[str, str]:
         out[f'data.{source}'] = hashlib.sha256(
             ''.join(_file_digest(f) for f in files).encode()
         ).hexdigest()[:16]
+  if name == 'evaluate' and 'evaluate' in config:  # the judge's evaluation principles
+    path = constitution.evaluation_path(config.evaluate.constitution)
+    if path.exists():
+      out['evaluate.constitution'] = _file_digest(path)
   extra = {
       'preference': ('preference.helpful_mix.path',),
       'evaluate_feedback': ('evaluate_feedback.comparisons',),
@@ -292,6 +315,20 @@ def input_fingerprints(config, name: str) -> dict[str, str]:
   return out
 
 
+def optional_upstream(ctx: Context, name: str) -> dict[str, str]:
+  """{stage: the fingerprint its DONE.json records} of `name`'s optional upstream stages that
+  `ctx.optional` finds usable: a later run of one of them changes `name`'s fingerprint, so
+  `name` is redone with it."""
+  from cai_jax.pipeline import STAGES
+
+  out = {}
+  for u in STAGES[name].optional:
+    d, _ = ctx.optional(u)
+    if d is not None:
+      out[u] = json.loads((d / 'DONE.json').read_text())['fingerprint']
+  return out
+
+
 def reusable(ctx: Context, name: str) -> bool:
   """Whether `name` finished in this workdir with the fingerprint this config gives it."""
   d = ctx.stage_dir(name)
@@ -301,7 +338,7 @@ def reusable(ctx: Context, name: str) -> bool:
 
 
 def _only_inputs_changed(diffs: list[str]) -> bool:
-  return all(d.startswith(('inputs.', 'upstream.')) for d in diffs)
+  return all(d.startswith(('inputs.', 'upstream.', 'optional.')) for d in diffs)
 
 
 def claim(ctx: Context, name: str) -> None:

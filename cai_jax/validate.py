@@ -56,6 +56,7 @@ RULES = (
     ('*.schedule', _one_of('cosine', 'linear', 'constant')),
     ('*batch_size', _int_at_least(1)),
     ('*.chunk_size', _int_at_least(1)),
+    ('evaluate.rl_curve_max_new_tokens', _int_at_least(0)),  # 0 = evaluate.max_new_tokens
     ('*max_new_tokens', _int_at_least(1)),
     ('*.max_to_keep', _int_at_least(1)),
     ('*.checkpoint_every', _int_at_least(0)),
@@ -159,6 +160,7 @@ def _role_problems(model_config) -> list[str]:
 # clear line naming the new one.
 _ROLE_FIELDS = (
     'evaluate.models',
+    'evaluate.judge_source',
     'evaluate.judge_model',
     'evaluate.elo_anchor',
     'preference.init_from',
@@ -195,11 +197,12 @@ def _path_problems(config, names: list[str]) -> list[str]:
     sources.append(('ppo.policy_source', config.ppo.policy_source))
     if config.ppo.value.init not in ('preference', 'policy', *stages.RENAMED_ROLES):
       sources.append(('ppo.value.init', config.ppo.value.init))
-  if 'evaluate' in names and config.evaluate.judge_model not in (
-      *stages.MODEL_ROLES,
-      *stages.RENAMED_ROLES,
-  ):
-    sources.append(('evaluate.judge_model', config.evaluate.judge_model))
+  for field in ('judge_source', 'judge_model'):
+    if 'evaluate' in names and config.evaluate[field] not in (
+        *stages.MODEL_ROLES,
+        *stages.RENAMED_ROLES,
+    ):
+      sources.append((f'evaluate.{field}', config.evaluate[field]))
   if 'preference' in names and config.preference.init_from not in (
       *stages.MODEL_ROLES,
       *stages.RENAMED_ROLES,

@@ -95,3 +95,52 @@ def test_bootstrap_deterministic_and_contains_point_estimate():
     assert hi - lo < 300  # 180 games pin the gaps to within a few tens of Elo
   assert first['B'] == (0.0, 0.0, 0.0)  # the anchor never moves
   assert first['A'][0] > first['C'][0]
+
+
+# Two prompts, three models: on prompt x the judge prefers A to B and to C at 0.9 and ties B with
+# C; on prompt y it ties everything. Resampling the two prompts gives only three data sets, {x, x}
+# (1/4), {x, y} (1/2) and {y, y} (1/4), and in each B and C are symmetric, so A's Elo over B is
+# the logit of its win rate: 0.9, 0.7 and 0.5.
+BY_PROMPT = [('A', 'B', 0.9), ('A', 'C', 0.9), ('B', 'C', 0.5)] + [
+    ('A', 'B', 0.5),
+    ('A', 'C', 0.5),
+    ('B', 'C', 0.5),
+]
+PROMPTS = ['x'] * 3 + ['y'] * 3
+HAND_ELO = (400 * math.log10(9), 400 * math.log10(7 / 3), 0.0)  # {x,x}, {x,y}, {y,y}
+
+
+def test_cluster_bootstrap_resamples_whole_prompts():
+  draws = elo.resample_indices(6, PROMPTS, n_bootstrap=400, seed=0)
+  kinds = [tuple(sorted(k.tolist())) for k in draws]
+  assert set(kinds) == {(0, 0, 1, 1, 2, 2), (0, 1, 2, 3, 4, 5), (3, 3, 4, 4, 5, 5)}
+  share = {k: kinds.count(k) / len(kinds) for k in set(kinds)}
+  assert share[(0, 1, 2, 3, 4, 5)] == pytest.approx(0.5, abs=0.08)
+  # Every refit is one of the three hand-worked Elo values; their spread is the interval.
+  boot = elo.bootstrap(
+      BY_PROMPT, 'ABC', n_bootstrap=400, seed=0, ci=0.9, anchor='B', clusters=PROMPTS, prior=0.0
+  )
+  mean, lo, hi = boot['elo']['A']
+  assert (lo, hi) == (pytest.approx(HAND_ELO[2], abs=1e-6), pytest.approx(HAND_ELO[0], abs=1e-6))
+  expected_mean = sum(share[k] * e for k, e in zip(sorted(share), HAND_ELO))  # xx, xy, yy
+  assert mean == pytest.approx(expected_mean, abs=1e-6)
+  # Win rate of A over B: 0.9, 0.7 or 0.5 per resample; B and C always tie.
+  assert boot['win_rate'][0, 1].tolist() == pytest.approx([0.5, 0.9])
+  assert boot['win_rate'][1, 2].tolist() == pytest.approx([0.5, 0.5])
+  assert np.isnan(boot['win_rate'][0, 0]).all()
+  # Deterministic under a seed; resampling comparisons as if independent mixes prompts and
+  # reaches values the by-prompt bootstrap cannot (e.g. A over B from x, A over C from y).
+  again = elo.bootstrap(
+      BY_PROMPT, 'ABC', n_bootstrap=400, seed=0, ci=0.9, anchor='B', clusters=PROMPTS, prior=0.0
+  )
+  assert again['elo'] == boot['elo']
+  assert np.array_equal(again['win_rate'], boot['win_rate'], equal_nan=True)
+  loose = elo.bootstrap(BY_PROMPT, 'ABC', n_bootstrap=400, seed=0, ci=0.9, anchor='B')
+  values = [
+      elo.fit_elo([BY_PROMPT[i] for i in k], 'ABC', anchor='B')['A']
+      for k in elo.resample_indices(6, None, 50, 0)
+  ]
+  assert not all(min(abs(v - h) for h in HAND_ELO) < 1e-3 for v in values)
+  assert loose['elo']['A'] != boot['elo']['A']
+  with pytest.raises(ValueError, match='cluster keys'):
+    elo.resample_indices(6, PROMPTS[:5])

@@ -1,6 +1,7 @@
-"""Stage `evaluate`: refusal classifier, report and summary, cached restarts, seeded bootstrap CIs,
-and the entry point's messages for a workdir that is not ready (missing upstream, bad names,
-another config's outputs)."""
+"""Stage `evaluate`: refusal classifier, report and summary (the independence table, RL-PM vs
+evaluation-PM columns, curves over PPO snapshots), cached restarts, seeded bootstrap CIs, and the
+entry point's messages for a workdir that is not ready (missing upstream, bad names, another
+config's outputs)."""
 
 import json
 import os
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cai_jax import checkpoint, conversation, evaluate, pipeline, sharding, stages
+from cai_jax import checkpoint, conversation, evaluate, pipeline, ppo, sharding, stages
 from configs import tiny
 from tests.helpers_stages import fake_upstream, sl_cai_records, tiny_main_cmd
 
@@ -97,7 +98,21 @@ def _config():
   e = c.evaluate
   e.num_redteam_prompts, e.num_helpful_prompts, e.max_new_tokens = 2, 1, 4
   e.n_bootstrap, e.bootstrap_seed = 20, 7
+  e.rl_curve_every, e.rl_curve_prompts = 2, -1  # ppo's 4 tiny steps: a snapshot after step 2
   return c
+
+
+def finished_scorer(config, workdir, stage: str, seed: int) -> None:
+  """WORKDIR/<stage>/export: a tiny scalar-head export in the PM's format, and the DONE.json
+  pipeline.run leaves behind (through fake_upstream where the stage table knows the stage)."""
+  if stage in pipeline.STAGES:
+    d = fake_upstream(config, workdir, stage, {})
+  else:  # the stage is another branch's: its DONE.json alone marks it finished
+    d = Path(workdir) / stage
+    d.mkdir(parents=True)
+    (d / 'DONE.json').write_text(json.dumps({'fingerprint': 'f' * 16, 'seconds': 0, 'summary': {}}))
+  model = checkpoint.load_pretrained('random:tiny', seed=seed, scalar_head=True)
+  checkpoint.save_pretrained(model, str(d / 'export'))
 
 
 @pytest.fixture(scope='module')
@@ -111,6 +126,10 @@ def evaluated(tmp_path_factory):
     d = fake_upstream(config, workdir, stage, {})
     model = checkpoint.load_pretrained('random:tiny', seed=seed, scalar_head=head)
     checkpoint.save_pretrained(model, str(d / 'export'))
+  for step in ppo.snapshot_steps(config):  # the policies ppo keeps for the curves over RL
+    model = checkpoint.load_pretrained('random:tiny', seed=10 + step)
+    checkpoint.save_pretrained(model, str(ppo.snapshot_path(workdir / 'ppo', step)))
+  finished_scorer(config, workdir, 'evaluation_pm', seed=5)  # the harmfulness stage did not run
   mesh = sharding.make_mesh(config.mesh.shape)
   with sharding.use_mesh(mesh, config.logical_axis_rules):
     ctx = stages.Context(config, workdir, mesh)
@@ -120,17 +139,28 @@ def evaluated(tmp_path_factory):
 
 
 def test_report_and_summary(evaluated):
-  _, d = evaluated
+  ctx, d = evaluated
   summary = json.loads((d / 'summary.json').read_text())
   models = ['helpful', 'sft', 'ppo']
   assert summary['models'] == models and summary['prompts'] == {'redteam': 2, 'helpful': 1}
   for m in models:
     x = summary['metrics'][m]
     assert x['harmlessness_pm']['n'] == 2 and x['helpfulness_pm']['n'] == 1
+    # The evaluation PM (another random model) scores beside the RL PM; no harmfulness model.
+    assert x['harmlessness_eval_pm']['n'] == 2 and x['helpfulness_eval_pm']['n'] == 1
+    assert x['harmlessness_eval_pm']['mean'] != x['harmlessness_pm']['mean']
+    assert x['harmfulness'] is None
     assert 0.0 <= x['refusal_rate_redteam'] <= 1.0
     assert len((d / f'responses_{m}.jsonl').read_text().splitlines()) == 3
   harm = summary['harmlessness']
   assert harm['n_comparisons'] == 3 * 2  # 3 model pairs x 2 red-team prompts
+  assert harm['bootstrap_by'] == 'prompt' and harm['n_prompts'] == 2
+  assert set(harm['principles']) <= set(evaluate.judge_principles(ctx, 'redteam')[0])
+  assert len(harm['principles']) == 8  # the evaluation principles, held out from training
+  judged = evaluate.records_lib.read_jsonl(d / 'judge_redteam.jsonl')
+  assert {j['principle'] for j in judged if j['response_a'] != j['response_b']} <= set(
+      harm['principles']
+  )
   assert harm['elo']['helpful']['elo'] == 0.0  # the anchor
   for m in models:
     e = harm['elo'][m]
@@ -140,7 +170,32 @@ def test_report_and_summary(evaluated):
   assert summary['revision_curve']['revisions'] == [0, 1]
   assert summary['revision_curve']['n'] == [6, 5]
 
+  # The curve over RL: step 0 (sft), the snapshot at step 2, the export at step 4.
+  curve = summary['rl_curve']
+  assert curve['steps'] == [0, 2, 4] and len(curve['metrics']) == 3
+  assert curve['sources']['step_000000'] == str(ctx.stage_dir('sft') / 'export')
+  assert curve['sources']['step_000002'] == str(ppo.snapshot_path(ctx.stage_dir('ppo'), 2))
+  assert curve['metrics'][0]['harmlessness_pm'] == summary['metrics']['sft']['harmlessness_pm']
+  assert curve['metrics'][2]['harmlessness_eval_pm'] == x['harmlessness_eval_pm']  # x: ppo's
+  assert curve['harmlessness']['n_comparisons'] == 2 * 2  # steps 2 and 4 vs step 0, 2 prompts
+  assert curve['harmlessness']['elo']['step_000000']['elo'] == 0.0
+  assert curve['helpfulness']['n_comparisons'] == 2
+
   report = (d / 'report.md').read_text()
+  assert report.index('## What each signal is independent of') < report.index('## Per-model')
+  assert (
+      '| harmlessness Elo (judge `random:tiny`, evaluation principles `evaluation`) | yes | yes'
+      in report
+  )
+  assert '| same as labeler |' in report  # the judge is the feedback model
+  assert '| RL PM score (the reward PPO maximized) | no: trained on them |' in report
+  assert '| evaluation PM score | yes: comparisons the RL PM never saw |' in report
+  assert '| absolute harmfulness: unavailable (why: under the per-model metrics) |' in report
+  assert '- harmfulness: unavailable — the harmfulness stage did not run' in report
+  assert '| harmlessness: RL PM on red-team | harmlessness: eval PM on red-team |' in report
+  assert '## Over RL training' in report
+  for step in (0, 2, 4):
+    assert f'\n| {step} | ' in report
   for heading in (
       '## Per-model metrics',
       '## AI-judge harmlessness',
@@ -149,16 +204,24 @@ def test_report_and_summary(evaluated):
       '## Refusals',
   ):
     assert heading in report
-  assert '| model | source | harmlessness: PM on red-team' in report
+
   assert '| | helpful | SL-CAI | RL-CAI |' in report  # the win-rate matrix
   assert 'Models: helpful = pretrained: random:tiny.' in report  # which model plays which role
   assert summary['roles'] == 'helpful = pretrained: random:tiny'
-  assert '| model | harmlessness Elo | 95% CI (20 bootstrap refits, seed 7) |' in report
-  for png in ('elo.png', 'pm_vs_revisions.png', 'refusal_rate.png'):
+  assert (
+      '| model | harmlessness Elo | 95% CI (20 bootstrap refits by prompt: 2 prompts resampled, '
+      'seed 7) |' in report
+  )
+  for png in ('elo.png', 'pm_vs_revisions.png', 'refusal_rate.png', 'rl_curve.png'):
     assert f']({png})' in report
     assert (d / png).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   done = json.loads((d / 'DONE.json').read_text())['summary']
   assert done['ppo']['harmlessness_elo'] == harm['elo']['ppo']['elo']
+  assert (
+      done['sft']['harmlessness_eval_pm']
+      == summary['metrics']['sft']['harmlessness_eval_pm']['mean']
+  )
+  assert done['sft']['harmfulness'] is None and done['rl_curve_steps'] == [0, 2, 4]
   assert done['models'] == 'helpful = pretrained: random:tiny'
 
 
@@ -244,3 +307,83 @@ def test_workdir_of_another_config_is_refused(tmp_path):
   assert 'critique_revision was made by a different config' in err and 'seed: 0 -> 1' in err, err
   assert '--config.force=critique_revision' in err
   assert 'Traceback' not in r.stderr
+
+
+# ---- the judge, its principles and what each signal is independent of -------------------------
+
+
+def _judge_rows(tmp_path, **evaluate_fields):
+  config = tiny.get_config()
+  config.evaluate.update(evaluate_fields)
+  ctx = stages.Context(config, Path(tmp_path))
+  principles = {k: evaluate.judge_principles(ctx, k) for k in evaluate.KINDS}
+  rows = evaluate.independence_rows(ctx, principles, evaluate.scorer_status(ctx))
+  return {r['signal'].split(' (')[0].split(':')[0]: r for r in rows}, ctx
+
+
+def test_independence_table_says_when_the_judge_is_the_labeler(tmp_path):
+  rows, ctx = _judge_rows(tmp_path)  # the default judge: the pretrained model, the labeler
+  assert rows['harmlessness Elo']['labeler'] == 'same as labeler'
+  assert rows['helpfulness Elo']['labeler'] == 'same as labeler'
+  assert rows['harmlessness Elo']['training_principles'] == 'yes'
+  assert rows['RL PM score']['rl_pm'] == 'no: it is the RL PM'
+  assert 'evaluation PM score' in rows and 'unavailable' in rows['evaluation PM score']['signal']
+  # A role played by the same model is still the labeler; another source is not.
+  assert _judge_rows(tmp_path, judge_source='helpful')[0]['harmlessness Elo']['labeler'] == (
+      'same as labeler'
+  )
+  rows, ctx = _judge_rows(tmp_path, judge_source='random:small')
+  assert (
+      rows['harmlessness Elo']['labeler'] == 'yes' and evaluate.judge_source(ctx) == 'random:small'
+  )
+  rows, ctx = _judge_rows(tmp_path, judge_model='random:small')  # the old name still works
+  assert rows['harmlessness Elo']['labeler'] == 'yes'
+  # A judge asked under a training principle is not independent of the training principles.
+  training = evaluate.constitution_lib.load_constitution('tiny')
+  rows, _ = _judge_rows(tmp_path, harmlessness_principle=training.feedback_principles[0])
+  assert rows['harmlessness Elo']['training_principles'] == (
+      'no: 1 of its 1 principles are training principles'
+  )
+
+
+def test_evaluation_principles_are_held_out_from_the_training_constitutions():
+  held_out = evaluate.constitution_lib.load_evaluation_principles('evaluation')
+  assert 6 <= len(held_out.harmlessness) <= 10 and 3 <= len(held_out.helpfulness) <= 5
+  for name in ('default', 'tiny'):
+    c = evaluate.constitution_lib.load_constitution(name)
+    training = {r.critique_request for r in c.critique_revision} | set(c.feedback_principles)
+    training |= set(c.helpfulness_principles)
+    assert not training & (set(held_out.harmlessness) | set(held_out.helpfulness))
+
+
+def test_bad_evaluate_settings_are_one_line(tmp_path):
+  config = tiny.get_config()
+  config.evaluate.constitution = str(tmp_path / 'missing.json')
+  with pytest.raises(stages.StageError, match=r'config.evaluate.constitution: .*missing.json'):
+    evaluate.check_config(config)
+  config = tiny.get_config()
+  config.evaluate.rl_curve_every = -1
+  with pytest.raises(stages.StageError, match=r'config.evaluate.rl_curve_every: .*>= 0, got -1'):
+    evaluate.check_config(config)
+
+
+def test_an_optional_stage_joins_the_fingerprint_once_it_has_run(tmp_path):
+  """evaluate never requires the scorers' stages; once one has finished, evaluate's fingerprint
+  holds it, so a finished evaluate is redone with the new scorer."""
+  config = tiny.get_config()
+  ctx = stages.Context(config, tmp_path)
+  before = ctx.stage_config_fingerprint('evaluate')
+  assert 'optional' not in before  # workdirs without the scorers keep their fingerprints
+  assert ctx.optional('evaluation_pm') == (
+      None,
+      'the evaluation_pm stage did not run in this workdir',
+  )
+  d = tmp_path / 'evaluation_pm'
+  d.mkdir()
+  (d / 'DONE.json').write_text(json.dumps({'fingerprint': 'a' * 16, 'summary': {}}))
+  if 'evaluation_pm' in pipeline.STAGES:  # the stage's own fingerprint must match this config
+    fake_upstream(config, tmp_path, 'evaluation_pm', {})
+  after = ctx.stage_config_fingerprint('evaluate')
+  assert set(after['optional']) == {'evaluation_pm'}
+  assert stages.diff_fields(before, after)[0].startswith('optional.evaluation_pm')
+  assert stages._only_inputs_changed(stages.diff_fields(before, after))  # redone, not refused

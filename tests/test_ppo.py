@@ -344,6 +344,7 @@ def test_resume_after_kill_9_continues_from_the_last_checkpoint(tmp_path):
       '--config.ppo.epochs=1',
       '--config.ppo.max_new_tokens=4',
       '--config.ppo.sample_every=1',
+      '--config.evaluate.rl_curve_every=2',  # policy snapshots after steps 2 and 4
   ]
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   # Dies after logging step 3; the step-2 checkpoint is finalized first, step 3 is never saved.
@@ -359,6 +360,7 @@ def test_resume_after_kill_9_continues_from_the_last_checkpoint(tmp_path):
   d = tmp_path / 'ppo'
   before = {r['step']: r for r in train_lib.read_metrics(d / 'metrics.jsonl')}
   assert sorted(before) == [1, 2, 3] and not (d / 'DONE.json').exists()
+  assert [p.name for p in (d / 'snapshots').iterdir()] == ['step_000002']  # before its checkpoint
 
   done = subprocess.run(
       [sys.executable, '-m', 'cai_jax.main', *args],
@@ -378,6 +380,12 @@ def test_resume_after_kill_9_continues_from_the_last_checkpoint(tmp_path):
     assert after[2][key] == pytest.approx(before[3][key], rel=1e-5, abs=1e-7), key
   samples = [json.loads(line)['step'] for line in (d / 'samples.jsonl').read_text().splitlines()]
   assert samples == sorted(samples) and sorted(set(samples)) == [1, 2, 3, 4, 5]
+  # The kept policies: every 2nd step short of the last (the export), each a loadable HF dir.
+  assert sorted(p.name for p in (d / 'snapshots').iterdir()) == ['step_000002', 'step_000004']
+  snapshot = checkpoint.load_pretrained(str(d / 'snapshots' / 'step_000004'))
+  export = checkpoint.load_pretrained(str(d / 'export'))
+  leaves = lambda m: jax.tree.leaves(nnx.state(m.model, nnx.Param))  # noqa: E731
+  assert any(not np.array_equal(a, b) for a, b in zip(leaves(snapshot), leaves(export)))
   assert len(samples) == 5 * 4  # num_samples rows per step, none duplicated by the rerun
 
 
