@@ -48,7 +48,13 @@ from cai_jax.stages import StageError, roles_line
 STAGE = 'evaluate'
 KINDS = ('redteam', 'helpful')
 # The model roles `evaluate.models` may name (keys: the stages that make them) and their titles.
-MODEL_TITLES = {'pretrained': 'pretrained', 'helpful': 'helpful', 'sft': 'SL-CAI', 'ppo': 'RL-CAI'}
+MODEL_TITLES = {
+    'pretrained': 'pretrained',
+    'helpful': 'helpful',
+    'sft': 'SL-CAI',
+    'ppo': 'RL-CAI',
+    'dpo': 'DPO',
+}
 
 # ---- refusals ---------------------------------------------------------------------------------
 
@@ -637,6 +643,8 @@ def run(ctx, stage_dir: Path) -> dict:
   t0 = time.time()
   cfg = ctx.config.evaluate
   models = _models(cfg)
+  if 'dpo' not in models and ctx.is_done('dpo'):  # the DPO model joins once its stage has run
+    models.append('dpo')
   stage_dir.mkdir(parents=True, exist_ok=True)
   prompts = held_out_prompts(ctx)
 

@@ -17,6 +17,7 @@ import jax
 
 from cai_jax import (
     critique_revision,
+    dpo,
     evaluate,
     evaluate_feedback,
     feedback,
@@ -38,9 +39,10 @@ class Stage(NamedTuple):
 # The pipeline in order. SL-CAI: the helpful model critiques and revises its responses to red-team
 # prompts; the pretrained model is fine-tuned on the revisions (sft). RL-CAI: the feedback model
 # (the pretrained one) labels pairs of the SFT model's responses, a preference model learns the
-# labels, and PPO trains the SFT model against it. evaluate_feedback measures the labels; evaluate
+# labels, and PPO trains the SFT model against it; DPO trains it on the labels directly, for
+# comparison. evaluate_feedback measures the labels; evaluate
 # compares the models. A model role is named after the stage that makes it ('sft', 'preference',
-# 'ppo'; see stages.MODEL_ROLES).
+# 'ppo', 'dpo'; see stages.MODEL_ROLES).
 STAGES: dict[str, Stage] = {
     'critique_revision': Stage(critique_revision, (), models=('helpful',)),
     'sft': Stage(sft, ('critique_revision',), models=('pretrained',)),
@@ -48,9 +50,10 @@ STAGES: dict[str, Stage] = {
     'evaluate_feedback': Stage(evaluate_feedback, (), models=('pretrained',)),
     'preference': Stage(preference, ('feedback',), models=('pretrained', 'helpful')),
     'ppo': Stage(ppo, ('sft', 'preference')),
+    'dpo': Stage(dpo, ('sft', 'feedback')),
     'evaluate': Stage(
         evaluate,
-        ('critique_revision', 'sft', 'preference', 'ppo'),
+        ('critique_revision', 'sft', 'preference', 'ppo', 'dpo'),
         models=('pretrained', 'helpful'),
     ),
 }
@@ -120,7 +123,13 @@ def _run_stages(ctx: stages.Context, names: list[str]) -> list[tuple[str, str, f
 
 def _upstream_unused(config, name: str, upstream: str) -> bool:
   """Whether the config makes an upstream stage's output unnecessary: ppo with a synthetic
-  reward needs no PM, and ppo with an explicit `ppo.policy_source` needs no SFT model."""
+  reward needs no PM, and ppo with an explicit `ppo.policy_source` needs no SFT model; dpo on
+  critique_revision's pairs needs no feedback; evaluate needs dpo only when `evaluate.models`
+  names it (else the DPO model joins when its stage has finished)."""
+  if name == 'dpo':
+    return upstream == 'feedback' and config.dpo.pairs == 'revisions'
+  if name == 'evaluate':
+    return upstream == 'dpo' and 'dpo' not in [m.strip() for m in config.evaluate.models.split(',')]
   if name != 'ppo':
     return False
   return (upstream == 'preference' and config.ppo.reward == 'synthetic') or (

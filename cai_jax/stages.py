@@ -158,6 +158,8 @@ class Context:
       fields[name] = _plain(c[name])
     if name == 'evaluate_feedback' and 'feedback' in c:
       fields['feedback'] = _plain(c.feedback)  # evaluates the feedback configuration
+    if name == 'evaluate':  # the DPO model joins the contestants once its stage has finished
+      fields['dpo_done'] = self.is_done('dpo')
     if name == 'feedback' and 'preference' in c:  # an HH-RLHF helpfulness file: no AI labels
       fields['hh_rlhf_helpfulness'] = bool(c.preference.helpful_mix.path)
     fields['inputs'] = input_fingerprints(c, name)
@@ -173,7 +175,7 @@ class Context:
 
 # Two models are given. The paper fine-tunes a *pretrained* LM on the revisions, labels the
 # comparisons with a pretrained LM and trains the PM from one; a *helpful* (RLHF) model writes the
-# initial responses, critiques and revisions. The other three are the exports of the stages that
+# initial responses, critiques and revisions. The others are the exports of the stages that
 # train them.
 MODEL_ROLES = {
     'pretrained': 'the pretrained model: SFT init, feedback, PM init',
@@ -181,6 +183,7 @@ MODEL_ROLES = {
     'sft': "the SL-CAI model, the sft stage's export",
     'preference': "the preference model, the preference stage's export",
     'ppo': "the RL-CAI model, the ppo stage's export",
+    'dpo': "the DPO model (SL-CAI trained on the AI labels directly), the dpo stage's export",
 }
 GIVEN_ROLES = ('pretrained', 'helpful')
 RENAMED_ROLES = {'sl_cai': 'sft', 'pm': 'preference', 'rl_cai': 'ppo'}  # the old names
