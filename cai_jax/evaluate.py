@@ -643,7 +643,9 @@ def run(ctx, stage_dir: Path) -> dict:
   t0 = time.time()
   cfg = ctx.config.evaluate
   models = _models(cfg)
-  if 'dpo' not in models and ctx.is_done('dpo'):  # the DPO model joins once its stage has run
+  # The DPO model joins once its stage has run (before evaluate: an evaluation finished earlier is
+  # reused as it is; --config.force=evaluate redoes it with DPO).
+  if 'dpo' not in models and ctx.is_done('dpo'):
     models.append('dpo')
   stage_dir.mkdir(parents=True, exist_ok=True)
   prompts = held_out_prompts(ctx)

@@ -158,8 +158,6 @@ class Context:
       fields[name] = _plain(c[name])
     if name == 'evaluate_feedback' and 'feedback' in c:
       fields['feedback'] = _plain(c.feedback)  # evaluates the feedback configuration
-    if name == 'evaluate':  # the DPO model joins the contestants once its stage has finished
-      fields['dpo_done'] = self.is_done('dpo')
     if name == 'feedback' and 'preference' in c:  # an HH-RLHF helpfulness file: no AI labels
       fields['hh_rlhf_helpfulness'] = bool(c.preference.helpful_mix.path)
     fields['inputs'] = input_fingerprints(c, name)
