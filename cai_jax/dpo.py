@@ -96,25 +96,53 @@ def dpo_loss(logp_chosen, logp_rejected, ref_chosen, ref_rejected, p, beta, weig
   }
 
 
-def sequence_logprobs(model, tokens, loss_mask):
+def sequence_logprobs(model, tokens, loss_mask, chunk: int = 0):
   """log pi(response | prompt) per row [N]: the token log-probs summed over loss_mask (float32).
 
   tokens, loss_mask: [N, T], right-padded (the causal mask keeps pads out of view); loss_mask is
-  1 on the response tokens. The [N, T, V] logits are formed whole: `dpo.max_len` bounds them.
+  1 on the response tokens. chunk = 0 forms the [N, T, V] logits whole; chunk > 0 forms them
+  `chunk` positions at a time in a scan whose body is rematerialized, so neither pass holds more
+  than [N, chunk, V] of them (SmolLM2's 49k vocabulary at 1024 tokens: 200 MB per row whole).
   """
-  logits, _ = model(tokens)
-  logits = logits[:, :-1].astype(jnp.float32)
-  targets = tokens[:, 1:]
+  targets, weights = tokens[:, 1:], loss_mask[:, 1:].astype(jnp.float32)
+  if not chunk:
+    logits, _ = model(tokens)
+    return jnp.sum(_token_logprobs(logits[:, :-1], targets) * weights, axis=1)
+  hidden, _ = model.hidden(tokens)
+  hidden = hidden[:, :-1]
+  b, t, _ = hidden.shape
+  chunk = min(chunk, t)
+  pad = -t % chunk
+  if pad:  # padded positions carry weight 0
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets, weights = jnp.pad(targets, ((0, 0), (0, pad))), jnp.pad(weights, ((0, 0), (0, pad)))
+  split = lambda x: jnp.moveaxis(x.reshape(b, -1, chunk, *x.shape[2:]), 1, 0)  # noqa: E731
+
+  @jax.checkpoint  # the backward pass recomputes a chunk's logits instead of keeping them
+  def chunk_logprobs(h, y):
+    return _token_logprobs(model.logits_from_hidden(h), y)
+
+  def body(total, xs):
+    h, y, w = xs
+    return total + jnp.sum(chunk_logprobs(h, y) * w, axis=1), None
+
+  total, _ = jax.lax.scan(
+      body, jnp.zeros((b,), jnp.float32), (split(hidden), split(targets), split(weights))
+  )
+  return total
+
+
+def _token_logprobs(logits, targets):
+  logits = logits.astype(jnp.float32)
   picked = jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
-  logp = picked - jax.nn.logsumexp(logits, -1)
-  return jnp.sum(logp * loss_mask[:, 1:].astype(jnp.float32), axis=1)
+  return picked - jax.nn.logsumexp(logits, -1)
 
 
-def make_loss_fn(beta: float):
+def make_loss_fn(beta: float, chunk: int = 0):
   """loss_fn(model, batch) for train_lib: B pairs run as 2B rows [chosen..., rejected...]."""
 
   def loss_fn(model, batch):
-    logp = sequence_logprobs(model, batch['tokens'], batch['loss_mask'])
+    logp = sequence_logprobs(model, batch['tokens'], batch['loss_mask'], chunk)
     chosen, rejected = jnp.split(logp, 2)
     ref_chosen, ref_rejected = jnp.split(batch['ref_logp'], 2)
     return dpo_loss(
@@ -270,9 +298,9 @@ def pack_pairs(
   return batch
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _sequence_logprobs(graphdef, params, tokens, loss_mask):
-  logp = sequence_logprobs(nnx.merge(graphdef, params), tokens, loss_mask)
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _sequence_logprobs(graphdef, params, tokens, loss_mask, chunk):
+  logp = sequence_logprobs(nnx.merge(graphdef, params), tokens, loss_mask, chunk)
   return sharding.constrain(logp, (None,))  # replicated: every host reads all of them
 
 
@@ -289,7 +317,11 @@ def pair_logprobs(
   for length, rows in batches:
     batch = train_lib.device_batch(pack_pairs(pairs, rows, length, pad_id))
     logp = np.asarray(
-        jax.device_get(_sequence_logprobs(graphdef, params, batch['tokens'], batch['loss_mask']))
+        jax.device_get(
+            _sequence_logprobs(
+                graphdef, params, batch['tokens'], batch['loss_mask'], cfg.loss_chunk
+            )
+        )
     )
     for r, i in enumerate(rows):
       if i >= 0:
@@ -354,6 +386,8 @@ def check_config(config) -> None:
     problems.append(
         f'num_steps must be >= 1 or -1 with epochs > 0, got {cfg.num_steps}, {cfg.epochs}'
     )
+  if cfg.loss_chunk < 0:
+    problems.append(f'loss_chunk must be >= 0, got {cfg.loss_chunk}')
   if cfg.kl_prompts < 0 or cfg.kl_max_new_tokens < 1:
     problems.append(
         f'kl_prompts must be >= 0 and kl_max_new_tokens >= 1, got {cfg.kl_prompts}, '
@@ -417,7 +451,9 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
   graphdef, state, shardings = train_lib.init_state(policy.model, tx)
   model_config = policy.config
   policy = dataclasses.replace(policy, model=None)  # the reference and the train state remain
-  train_step = train_lib.make_train_step(graphdef, tx, make_loss_fn(cfg.beta), shardings, schedule)
+  train_step = train_lib.make_train_step(
+      graphdef, tx, make_loss_fn(cfg.beta, cfg.loss_chunk), shardings, schedule
+  )
 
   kl_prompts = list(dict.fromkeys(p.prompt for p in held_out))[: cfg.kl_prompts]
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from helpers_stages import fake_upstream, sl_cai_records, tiny_main_cmd
 
 from cai_jax import checkpoint, dpo, pipeline, sharding, stages, train_lib
@@ -65,6 +66,25 @@ def test_hand_computed_value_of_the_batch_loss():
   assert float(aux['margin']) == pytest.approx((0.5 * 3 + 3 * 0.5 * 2) / 4)
   assert float(aux['reward_chosen']) == pytest.approx((0.5 * 2 + 0) / 4)
   assert float(aux['logp_rejected']) == pytest.approx((-20 - 18) / 4)
+
+
+def test_chunked_log_probs_and_their_gradient_equal_the_whole_logits():
+  model = checkpoint.load_pretrained('random:tiny', seed=0).model
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(3, 200, (4, 21)), jnp.int32)
+  mask = jnp.asarray(np.arange(21)[None] >= np.array([[5], [9], [20], [3]]), jnp.int32)
+  graphdef, params = nnx.split(model)
+
+  def total(params, chunk):
+    logp = dpo.sequence_logprobs(nnx.merge(graphdef, params), tokens, mask, chunk)
+    return jnp.sum(logp * jnp.arange(1.0, 5.0)), logp
+
+  grad = jax.jit(jax.value_and_grad(total, has_aux=True), static_argnums=1)
+  (_, whole), g_whole = grad(params, 0)
+  (_, chunked), g_chunked = grad(params, 8)  # 20 positions = 8 + 8 + 4
+  np.testing.assert_allclose(chunked, whole, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g_chunked), jax.tree.leaves(g_whole)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_targets_hard_labels_smoothing_and_orientation():

@@ -51,6 +51,9 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   ]  # orbax checkpoint every N steps and at the end; 0 = none
   c.max_to_keep = 2  # orbax max_to_keep
   c.log_every = 1  # train metrics (metrics.jsonl, TensorBoard) every N steps; eval rows always
+  # Positions per chunk of the log-prob pass (logits formed a chunk at a time, recomputed in the
+  # backward pass); 0 = whole logits. tiny: 0, as sft.loss_chunk (XLA:CPU fake-mesh deadlock).
+  c.loss_chunk = dict(tiny=0, demo=64, full=256)[variant]
   c.kl_prompts = dict(tiny=4, demo=2, full=64)[
       variant
   ]  # held-out prompts the policy samples for eval_kl; 0 = no KL
