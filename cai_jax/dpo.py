@@ -279,12 +279,17 @@ def pack_pairs(
   """B pairs as 2B right-padded rows [chosen_0..chosen_B-1, rejected_0..rejected_B-1] with their
   loss masks, the reference's log-probs `ref_logp[i] = (chosen, rejected)` and the targets;
   filler rows (-1) weigh 0."""
-  examples = [sft.Example('', '', p.chosen, p.n_prompt_chosen) for p in pairs]
-  examples += [sft.Example('', '', p.rejected, p.n_prompt_rejected) for p in pairs]
-  n = len(pairs)
-  batch = sft.pack(
-      examples, [i for i in rows] + [i + n if i >= 0 else -1 for i in rows], length, pad_id
-  )
+  examples, index = [], []
+  for side in ('chosen', 'rejected'):
+    for i in rows:
+      if i >= 0:
+        p = pairs[i]
+        tokens, n_prompt = (
+            (p.chosen, p.n_prompt_chosen) if side == 'chosen' else (p.rejected, p.n_prompt_rejected)
+        )
+        examples.append(sft.Example('', side, tokens, n_prompt))
+      index.append(len(examples) - 1 if i >= 0 else -1)
+  batch = sft.pack(examples, index, length, pad_id)
   ref = np.zeros((2 * len(rows),), np.float32)
   if ref_logp is not None:
     for r, i in enumerate(rows):
