@@ -277,7 +277,7 @@ def stage_programs(config, mesh, only: str = '') -> list[Program]:
   state each stage keeps resident beside them."""
   import jax.numpy as jnp
 
-  from cai_jax import pipeline, preference, sft, train_lib
+  from cai_jax import dpo, pipeline, preference, sft, train_lib
 
   m = config.model
   cfg, frozen_cfg = model_config(config), model_config(config, frozen=True)
@@ -399,6 +399,29 @@ def stage_programs(config, mesh, only: str = '') -> list[Program]:
 
   if 'ppo' in wanted:
     out += ppo_programs(config, cfg, mesh, helpful, sl_cai, pm, size)
+
+  if 'dpo' in wanted:
+    dc = config.dpo
+    dpo_len = min(dc.max_len, max_len) if dc.max_len > 0 else max_len
+    length = train_lib.bucket_length(dpo_len, dpo_len, dc.min_bucket)
+    tx, schedule = train_lib.make_optimizer(dc.optimizer, 1000)
+    graphdef, params = decoder(cfg, mesh)
+    pairs, seqs = dc.batch_size, 2 * dc.batch_size
+    batch = {
+        'tokens': rows(mesh, (seqs, length), jnp.int32),
+        'loss_mask': rows(mesh, (seqs, length), jnp.int32),
+        'ref_logp': rows(mesh, (seqs,), jnp.float32),
+        'target': rows(mesh, (pairs,), jnp.float32),
+        'weight': rows(mesh, (pairs,), jnp.float32),
+    }
+    # The frozen SL-CAI reference stays beside the train state (its log-probs are precomputed,
+    # and it scores the KL samples at the end).
+    loss_fn = dpo.make_loss_fn(dc.beta, dc.loss_chunk)
+    program, _, _ = train_program(
+        'dpo', 'policy', graphdef, params, tx, loss_fn, batch, keep('SL-CAI'), schedule
+    )
+    program.shape += f' loss_chunk={dc.loss_chunk}'
+    out.append(program)
 
   if 'evaluate' in wanted:
     ev, pc = config.evaluate, config.preference

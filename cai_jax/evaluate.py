@@ -61,7 +61,13 @@ from cai_jax.stages import StageError, roles_line
 STAGE = 'evaluate'
 KINDS = ('redteam', 'helpful')
 # The model roles `evaluate.models` may name (keys: the stages that make them) and their titles.
-MODEL_TITLES = {'pretrained': 'pretrained', 'helpful': 'helpful', 'sft': 'SL-CAI', 'ppo': 'RL-CAI'}
+MODEL_TITLES = {
+    'pretrained': 'pretrained',
+    'helpful': 'helpful',
+    'sft': 'SL-CAI',
+    'ppo': 'RL-CAI',
+    'dpo': 'DPO',
+}
 # The trained scorers evaluate reads when their stages finished in the workdir (pipeline.py's
 # `optional` reads; model roles of the same names), and what to do when they did not.
 SCORERS = {
@@ -1116,6 +1122,10 @@ def run(ctx, stage_dir: Path) -> dict:
   t0 = time.time()
   cfg = ctx.config.evaluate
   models = _models(cfg)
+  # The DPO model joins once its stage has finished in this workdir with this config (an
+  # optional read: a later dpo run changes evaluate's fingerprint, so evaluate is redone).
+  if 'dpo' not in models and ctx.optional('dpo')[0] is not None:
+    models.append('dpo')
   stage_dir.mkdir(parents=True, exist_ok=True)
   prompts = held_out_prompts(ctx)
   points = rl_curve_points(ctx)

@@ -17,6 +17,7 @@ import jax
 
 from cai_jax import (
     critique_revision,
+    dpo,
     evaluate,
     evaluate_feedback,
     evaluation_pm,
@@ -43,10 +44,11 @@ class Stage(NamedTuple):
 # The pipeline in order. SL-CAI: the helpful model critiques and revises its responses to red-team
 # prompts; the pretrained model is fine-tuned on the revisions (sft). RL-CAI: the feedback model
 # (the pretrained one) labels pairs of the SFT model's responses, a preference model learns the
-# labels, and PPO trains the SFT model against it. evaluate_feedback measures the labels; evaluate
-# compares the models, also with two models no training stage reads: the evaluation PM and the
-# harmfulness model. A model role is named after the stage that makes it ('sft', 'preference',
-# 'ppo', ...; see stages.MODEL_ROLES).
+# labels, and PPO trains the SFT model against it; DPO trains it on the labels directly, for
+# comparison. evaluate_feedback measures the labels; evaluate compares the models, also with two
+# models no training stage reads: the evaluation PM and the harmfulness model. A model role is
+# named after the stage that makes it ('sft', 'preference', 'ppo', 'dpo', ...; see
+# stages.MODEL_ROLES).
 STAGES: dict[str, Stage] = {
     'critique_revision': Stage(critique_revision, (), models=('helpful',)),
     'sft': Stage(sft, ('critique_revision',), models=('pretrained',)),
@@ -54,15 +56,17 @@ STAGES: dict[str, Stage] = {
     'evaluate_feedback': Stage(evaluate_feedback, (), models=('pretrained',)),
     'preference': Stage(preference, ('feedback',), models=('pretrained', 'helpful')),
     'ppo': Stage(ppo, ('sft', 'preference')),
+    'dpo': Stage(dpo, ('sft', 'feedback')),
     # Evaluation models no training stage reads (after ppo: redoing them redoes no policy): the
     # evaluation PM (comparisons the RL PM never saw) and the absolute harmfulness model.
     'evaluation_pm': Stage(evaluation_pm, ('feedback',), models=('pretrained',)),
     'harmfulness': Stage(harmfulness, (), models=('pretrained',)),
     'evaluate': Stage(
         evaluate,
-        ('critique_revision', 'sft', 'preference', 'ppo'),
+        ('critique_revision', 'sft', 'preference', 'ppo', 'dpo'),
         models=('pretrained', 'helpful'),
-        optional=('evaluation_pm', 'harmfulness'),  # trained scorers, used when they ran
+        # The DPO model joins the contestants, and the trained scorers score, when they ran.
+        optional=('dpo', 'evaluation_pm', 'harmfulness'),
     ),
 }
 ORDER = tuple(STAGES)
@@ -132,14 +136,17 @@ def _run_stages(ctx: stages.Context, names: list[str]) -> list[tuple[str, str, f
 def upstream_unused(config, name: str, upstream: str) -> bool:
   """Whether the config makes an upstream stage's output unnecessary (then it is neither required
   nor part of the stage's fingerprint): ppo with a synthetic reward needs no PM, ppo with an
-  explicit `ppo.policy_source` needs no SFT model, an evaluation PM of human comparisons alone
-  needs no feedback, and evaluate without 'ppo' among its models needs no RL-CAI model."""
+  explicit `ppo.policy_source` needs no SFT model, dpo on critique_revision's pairs needs no
+  feedback, an evaluation PM of human comparisons alone needs no feedback, and evaluate needs
+  ppo and dpo only when `evaluate.models` names them (a finished dpo joins anyway: `optional`)."""
+  if name == 'dpo' and 'dpo' in config:
+    return upstream == 'feedback' and config.dpo.pairs == 'revisions'
   if name == 'evaluation_pm' and 'evaluation_pm' in config:
     return upstream == 'feedback' and not config.evaluation_pm.use_ai_labels
   if name == 'evaluate' and 'evaluate' in config:
     models = config.evaluate.models
     names = models.split(',') if isinstance(models, str) else models
-    return upstream == 'ppo' and 'ppo' not in [m.strip() for m in names]
+    return upstream in ('ppo', 'dpo') and upstream not in [m.strip() for m in names]
   if name != 'ppo' or 'ppo' not in config:
     return False
   return (upstream == 'preference' and config.ppo.reward == 'synthetic') or (

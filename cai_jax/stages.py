@@ -202,6 +202,7 @@ MODEL_ROLES = {
     'sft': "the SL-CAI model, the sft stage's export",
     'preference': "the preference model, the preference stage's export",
     'ppo': "the RL-CAI model, the ppo stage's export",
+    'dpo': "the DPO model (SL-CAI trained on the AI labels directly), the dpo stage's export",
     'evaluation_pm': "the evaluation PM (comparisons the RL PM never saw), the evaluation_pm stage's export",
     'harmfulness': "the absolute harmfulness model (red-team ratings 0-4), the harmfulness stage's export",
 }

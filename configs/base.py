@@ -18,6 +18,7 @@ STAGE_CONFIGS = (
     'evaluate_feedback',
     'preference',
     'ppo',
+    'dpo',
     'evaluation_pm',
     'harmfulness',
     'evaluate',
@@ -29,7 +30,12 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   c.variant = variant  # which preset the stage defaults below come from: tiny | demo | full
   c.seed = 0  # global seed: model init (random models), data shuffles, sampling, principle draws
   # Stages to run, comma-separated, in pipeline order (the table: cai_jax/pipeline.py).
-  c.stages = 'critique_revision,sft,feedback,preference,ppo,evaluation_pm,harmfulness,evaluate'
+  # tiny and demo add dpo, so that evaluate compares four models.
+  c.stages = 'critique_revision,sft,feedback,preference,ppo,' + (
+      'evaluation_pm,harmfulness,evaluate'
+      if variant == 'full'
+      else 'dpo,evaluation_pm,harmfulness,evaluate'
+  )
   c.force = ''  # comma-separated stages to redo (each redoes everything after it too)
   c.compilation_cache_dir = (
       '~/.cache/cai_jax/xla'  # persistent XLA compile cache ('' = off): reruns skip compiles

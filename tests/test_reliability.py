@@ -96,7 +96,7 @@ def test_empty_stage_list_and_missing_paths_are_errors(tmp_path):
   proc = run_main(tmp_path / 'w', '--config.stages=')
   assert proc.returncode != 0 and errors(proc) == [
       'cai_jax: error: config.stages is empty: name one or more of critique_revision, sft, '
-      'feedback, evaluate_feedback, preference, ppo, evaluation_pm, harmfulness, evaluate'
+      'feedback, evaluate_feedback, preference, ppo, dpo, evaluation_pm, harmfulness, evaluate'
   ]
   proc = run_main(
       tmp_path / 'w',

@@ -204,3 +204,20 @@ def test_ablation_sweeps_sl_cai_n_and_critique_free(tmp_path):
   assert all(r['critique'] is None for s in without for r in s['rounds'])
   assert all(len(s['rounds']) == 2 and not s['finish_reasons']['critique'] for s in without)
   assert '| critique=False | False |' in (root / 'critique_free' / 'results.md').read_text()
+
+
+def test_ppo_vs_dpo_sweep_runs_on_tiny(tmp_path):
+  """The shipped PPO-vs-DPO sweep, its first point, end to end: both KLs and the DPO model's Elo
+  and PM score beside RL-CAI's in the results."""
+  root = tmp_path / 'sweeps'
+  args = ['--workdir_root', str(root), '--points', '0']
+  for item in [*SMALL, 'sft.num_steps=4', 'evaluate.n_bootstrap=10']:
+    args += ['--set', item]
+  assert sweep.main([str(REPO / 'experiments/sweeps/ppo_vs_dpo.py'), *args]) == 0
+  (row,) = json.loads((root / 'ppo_vs_dpo' / 'results.json').read_text())
+  assert row['status'] == 'ok' and row['overrides'] == {'dpo.beta': 0.5, 'ppo.kl.coef': 0.2}
+  m = row['metrics']
+  for key in ('ppo_kl', 'dpo_kl', 'dpo_harmlessness_elo', 'ppo_harmlessness_elo'):
+    assert m[key] is not None, key
+  assert m['dpo_kl'] >= 0 and m['ppo_kl'] >= 0
+  assert set(m['dpo_pm_score']) >= {'mean', 'stderr'}

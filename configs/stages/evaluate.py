@@ -12,9 +12,7 @@ import ml_collections
 
 def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.models = (
-      'helpful,sft,ppo'  # models compared, comma-separated roles: pretrained | helpful | sft | ppo
-  )
+  c.models = 'helpful,sft,ppo'  # models compared, comma-separated roles: pretrained | helpful | sft | ppo | dpo (dpo joins when its stage has run)
   c.num_redteam_prompts = dict(tiny=4, demo=4, full=-1)[
       variant
   ]  # red-team prompts: the first N of the test split; -1 = all
