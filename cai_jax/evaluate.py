@@ -897,9 +897,13 @@ def scorer_status(ctx) -> dict[str, dict]:
   out = {}
   for name, how in SCORERS.items():
     d, why = ctx.optional(name)
+    # A stage that ran without its data (harmfulness with no ratings file) says so in DONE.json.
+    done = json.loads((d / 'DONE.json').read_text()).get('summary', {}) if d else {}
+    if done.get('available') is False:  # its own reason says what to give it
+      d, why, how = None, done.get('why') or f'the {name} stage trained no model', ''
     out[name] = dict(
         available=d is not None,
-        why='' if d is not None else f'{why}; {how}',
+        why='' if d is not None else '; '.join(x for x in (why, how) if x),
         source=ctx.model_source(name) if d is not None else None,
     )
   return out
