@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -178,13 +177,7 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
     }
 
   lengths = [len(r) for r in train_rows]
-  plan = lambda epoch: train_lib.epoch_batches(  # noqa: E731
-      lengths, cfg.batch_size, config.seed, epoch, max_len=max_len, min_bucket=cfg.min_bucket
-  )
-  steps_per_epoch = len(plan(0))
-  total_steps = (
-      cfg.num_steps if cfg.num_steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
-  )
+  plan, steps_per_epoch, total_steps = train_lib.plan_epochs(cfg, lengths, config.seed, max_len)
   tx, schedule = train_lib.make_optimizer(cfg.optimizer, total_steps)
   graphdef, state, shardings = train_lib.init_state(model.model, tx)
   model_config = model.config

@@ -699,13 +699,7 @@ def train_pm(
     )
 
   lengths = [max(len(p.a), len(p.b)) for p in train]
-  plan = lambda epoch: train_lib.epoch_batches(
-      lengths, cfg.batch_size, config.seed, epoch, max_len=max_len, min_bucket=cfg.min_bucket
-  )
-  steps_per_epoch = len(plan(0))
-  total_steps = (
-      cfg.num_steps if cfg.num_steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
-  )
+  plan, steps_per_epoch, total_steps = train_lib.plan_epochs(cfg, lengths, config.seed, max_len)
 
   tx, schedule = train_lib.make_optimizer(cfg.optimizer, total_steps)
   graphdef, state, shardings = train_lib.init_state(pm.model, tx)

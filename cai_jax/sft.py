@@ -18,7 +18,6 @@ import dataclasses
 import functools
 import hashlib
 import logging
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -476,13 +475,7 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
 
   max_len, min_bucket = config.model.max_len, cfg.min_bucket
   lengths = [len(e.tokens) for e in train]
-  plan = lambda epoch: train_lib.epoch_batches(
-      lengths, cfg.batch_size, config.seed, epoch, max_len=max_len, min_bucket=min_bucket
-  )
-  steps_per_epoch = len(plan(0))
-  total_steps = (
-      cfg.num_steps if cfg.num_steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
-  )
+  plan, steps_per_epoch, total_steps = train_lib.plan_epochs(cfg, lengths, config.seed, max_len)
   eval_batches = train_lib.epoch_batches(
       [len(e.tokens) for e in held_out],
       cfg.batch_size,

@@ -527,6 +527,20 @@ def epoch_batches(
   return batches
 
 
+def plan_epochs(
+    cfg, lengths: Sequence[int], seed: int, max_len: int
+) -> tuple[Callable[[int], list[tuple[int, list[int]]]], int, int]:
+  """(plan, steps_per_epoch, total_steps) of a trainer's stage config (batch_size, min_bucket,
+  num_steps, epochs): plan(epoch) is that epoch's `epoch_batches`; total_steps is num_steps, or
+  else enough steps for `epochs` passes (at least one)."""
+  plan = lambda epoch: epoch_batches(  # noqa: E731
+      lengths, cfg.batch_size, seed, epoch, max_len=max_len, min_bucket=cfg.min_bucket
+  )
+  steps_per_epoch = len(plan(0))
+  total = cfg.num_steps if cfg.num_steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
+  return plan, steps_per_epoch, total
+
+
 def local_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """This process's slice of a global batch (multi-host: each process feeds its own rows)."""
   n, p = jax.process_count(), jax.process_index()

@@ -180,3 +180,25 @@ def max_abs_diff(a, b, mask=None) -> float:
   if mask is not None:
     d = d[np.asarray(mask, bool)]
   return float(d.max())
+
+
+def run_on_eight_devices(script: str) -> dict:
+  """Runs `script` in a fresh Python that sees 8 CPU devices (XLA_FLAGS must be set before jax is
+  imported, so not in this process) and returns the JSON object its last line prints."""
+  import json
+  import os
+  import subprocess
+  import sys
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(
+      os.environ,
+      XLA_FLAGS='--xla_force_host_platform_device_count=8',
+      JAX_PLATFORMS='cpu',
+      PYTHONPATH=root + os.pathsep + os.environ.get('PYTHONPATH', ''),
+  )
+  proc = subprocess.run(
+      [sys.executable, '-c', script], env=env, cwd=root, capture_output=True, text=True, timeout=300
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,10 +1,6 @@
 """Prefix reuse (cai_jax/sampling/prefix.py): a shared prompt prefix computed once and read as one
 copy gives the same tokens and log-probs as prefilling every row in full."""
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -12,6 +8,7 @@ import pytest
 
 from cai_jax import checkpoint, sampling
 from cai_jax.sampling import prefix as prefix_lib
+import helpers
 
 PREAMBLE = 'The few-shot preamble that every prompt repeats, word for word. ' * 3
 TAILS = ['Human: hi', 'a', 'The quick brown fox', 'Assistant: ok then', 'x' * 40]
@@ -160,23 +157,7 @@ _SHARDED_SCRIPT = textwrap.dedent("""
 
 
 def test_reuse_under_a_mesh_of_eight_devices():
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(
-      os.environ,
-      XLA_FLAGS='--xla_force_host_platform_device_count=8',
-      JAX_PLATFORMS='cpu',
-      PYTHONPATH=root + os.pathsep + os.environ.get('PYTHONPATH', ''),
-  )
-  proc = subprocess.run(
-      [sys.executable, '-c', _SHARDED_SCRIPT],
-      env=env,
-      cwd=root,
-      capture_output=True,
-      text=True,
-      timeout=300,
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  result = helpers.run_on_eight_devices(_SHARDED_SCRIPT)
   assert result['same'] and result['misses'] == 1 and result['lp'] < 1e-5, result
 
 

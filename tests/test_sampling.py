@@ -1,8 +1,5 @@
 """Tests for cai_jax.sampling on tiny random models (byte tokenizer, vocab 320)."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import functools
@@ -14,6 +11,8 @@ import pytest
 from flax import nnx
 
 from cai_jax import checkpoint, sampling
+
+import helpers
 
 PROMPTS = ['Human: hi', 'a', 'The quick brown fox', 'Assistant: ok then']
 
@@ -362,24 +361,6 @@ _SHARDED_SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_greedy_equals_unsharded():
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(
-      os.environ,
-      XLA_FLAGS='--xla_force_host_platform_device_count=8',
-      JAX_PLATFORMS='cpu',
-      PYTHONPATH=root + os.pathsep + os.environ.get('PYTHONPATH', ''),
-  )
-  proc = subprocess.run(
-      [sys.executable, '-c', _SHARDED_SCRIPT],
-      env=env,
-      cwd=root,
-      capture_output=True,
-      text=True,
-      timeout=300,
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  import json
-
-  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  result = helpers.run_on_eight_devices(_SHARDED_SCRIPT)
   assert result['same'], result
   assert result['lp'] < 1e-5 and result['score'] < 1e-5, result
