@@ -66,7 +66,7 @@ def _strip_timings(x):
     return {
         k: _strip_timings(v)
         for k, v in x.items()
-        if 'seconds' not in k and k not in ('timings', 'sources')
+        if 'seconds' not in k and k not in ('timings', 'sources', 'source')
     }
   if isinstance(x, list):
     return [_strip_timings(v) for v in x]
