@@ -1013,9 +1013,10 @@ def score_all(ctx, scorers: dict, conversations: Sequence, revisions: Sequence):
 
 def rl_curve_points(ctx) -> list[tuple[int, str]]:
   """(PPO step, model source) of the curve: step 0 the policy PPO started from, each kept
-  snapshot (ppo.snapshot_steps) at a multiple of `rl_curve_every`, the last step its export."""
+  snapshot (ppo.snapshot_steps) at a multiple of `rl_curve_every`, the last step its export.
+  None when off, or when RL-CAI is not among the models evaluated (an SL-only evaluation)."""
   c = ctx.config
-  if not c.evaluate.rl_curve_every:
+  if not c.evaluate.rl_curve_every or 'ppo' not in _models(c.evaluate):
     return []
   points = [(0, c.ppo.policy_source or ctx.model_source('sft'))]
   for step in ppo.snapshot_steps(c):

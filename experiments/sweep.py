@@ -191,11 +191,20 @@ def select_points(points, selection: str | None):
 # ---- stage cache ------------------------------------------------------------------------------
 
 
-def stage_fingerprints(config) -> dict[str, str]:
-  """Every stage's fingerprint under `config` (what WORKDIR/<stage>/fingerprint.json records)."""
+def stage_fingerprints(config, cache: Path | None = None) -> dict[str, str]:
+  """Every stage's fingerprint under `config` (what WORKDIR/<stage>/fingerprint.json records).
+
+  A stage's optional upstream stages (pipeline.Stage.optional) join its fingerprint when they
+  will be in the point's workdir: those it runs, and those `cache` holds finished.
+  """
   from cai_jax import pipeline, stages
 
   ctx = stages.Context(config, Path('.'))
+  fps = {name: ctx.fingerprint(name) for name in pipeline.ORDER}
+  present = set(pipeline.parse_stage_list(config.stages))
+  if cache is not None:
+    present |= {s for s in pipeline.ORDER if (cache / f'{s}-{fps[s]}' / 'DONE.json').exists()}
+  ctx = stages.Context(config, Path('.'), assume_done=frozenset(present))
   return {name: ctx.fingerprint(name) for name in pipeline.ORDER}
 
 
@@ -224,7 +233,7 @@ def link_stages(workdir: Path, cache: Path, config, run_stages: list[str]) -> di
   """Links the point's stages (and finished cached upstream ones) into `workdir`."""
   from cai_jax import pipeline
 
-  fps = stage_fingerprints(config)
+  fps = stage_fingerprints(config, cache)
   workdir.mkdir(parents=True, exist_ok=True)
   for name in pipeline.ORDER:
     target = cache / f'{name}-{fps[name]}'
@@ -499,7 +508,7 @@ def run_sweep(
     except stages.StageError as e:
       raise SweepError(str(e)) from None
     workdir = root / name
-    fps = stage_fingerprints(config)
+    fps = stage_fingerprints(config, cache)
     shared_with = {s: seen[(s, fps[s])] for s in to_run if (s, fps[s]) in seen}
     cmd = point_command(base, workdir, overrides)
     print(f'[{name}] {" ".join(f"{k}={cli_value(v)}" for k, v in point.items())}', flush=True)

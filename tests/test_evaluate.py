@@ -387,3 +387,13 @@ def test_an_optional_stage_joins_the_fingerprint_once_it_has_run(tmp_path):
   assert set(after['optional']) == {'evaluation_pm'}
   assert stages.diff_fields(before, after)[0].startswith('optional.evaluation_pm')
   assert stages._only_inputs_changed(stages.diff_fields(before, after))  # redone, not refused
+
+
+def test_no_rl_curve_without_rl_cai_among_the_models():
+  """An SL-only evaluation (the SL-CAI-n sweep's) has no PPO run to draw a curve over."""
+  import types
+
+  config = tiny.get_config()
+  config.evaluate.rl_curve_every = 1
+  config.evaluate.models = 'helpful,sft'
+  assert evaluate.rl_curve_points(types.SimpleNamespace(config=config)) == []
