@@ -309,6 +309,51 @@ class Attention(nnx.Module):
       out = out + jnp.einsum(prefix.spec('BKGS,{}KSH->BKGH'), shared, prefix.v.astype(f32))
     return out[:, None].astype(dt)
 
+  def _with_prefix(self, q, logits, v, prefix: SharedPrefix, prefix_allowed, dt):
+    """Attention over the prefix and the rows' own slots (`logits` [B, K, G, T, S]) as two
+    softmax pieces joined by their maxima and sums: the cascade decomposition.
+
+    The prefix piece is laid out as XLA:CPU's matrix product makes it, [K, B, G, T, Sp] for one
+    shared copy (every row's queries against it in one product per KV head) and [B, K, G, T, Sp]
+    per row; the layout the own slots use ('BTKGH,KHS->BKGTS') costs three times as long here,
+    where the logits over a long prefix are most of the work.
+    """
+    f32 = jnp.float32
+    b, t, kh, g, h = q.shape
+    shared_copy = prefix.k.ndim == 3
+    if shared_copy:
+      qq = q.transpose(2, 0, 3, 1, 4).reshape(kh, b * g * t, h)
+      pl = jnp.einsum('KMH,KHS->KMS', qq, prefix.k.astype(dt)).reshape(kh, b, g, t, -1)
+      allowed = prefix_allowed[None, :, None]  # [1, B, 1, T, Sp]
+    else:
+      qq = q.transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, h)
+      pl = jnp.einsum('BKMH,BKHS->BKMS', qq, prefix.k.astype(dt)).reshape(b, kh, g, t, -1)
+      allowed = prefix_allowed[:, None, None]  # [B, 1, 1, T, Sp]
+    pl = pl.astype(f32)
+    if self.cfg.attn_softcap is not None:
+      pl = jnp.tanh(pl / self.cfg.attn_softcap) * self.cfg.attn_softcap
+    pl = jnp.where(allowed, pl, jnp.finfo(f32).min)
+    p_top = pl.max(-1)
+    pe = jnp.exp(pl - p_top[..., None])
+    p_sum = pe.sum(-1)
+    if shared_copy:
+      p_out = jnp.einsum('KMS,KSH->KMH', pe.reshape(kh, b * g * t, -1).astype(dt), prefix.v)
+      p_out = p_out.reshape(kh, b, g, t, h).transpose(1, 0, 2, 3, 4)  # [B, K, G, T, H]
+      p_top, p_sum = p_top.transpose(1, 0, 2, 3), p_sum.transpose(1, 0, 2, 3)
+    else:
+      p_out = jnp.einsum('BKMS,BKSH->BKMH', pe.reshape(b, kh, g * t, -1).astype(dt), prefix.v)
+      p_out = p_out.reshape(b, kh, g, t, h)
+    o_top = logits.max(-1)  # [B, K, G, T]
+    oe = jnp.exp(logits - o_top[..., None])
+    o_sum = oe.sum(-1)
+    o_out = jnp.einsum('BKGTS,BKSH->BKGTH', oe.astype(dt), v.astype(dt))
+    top = jnp.maximum(p_top, o_top)
+    wp, wo = jnp.exp(p_top - top), jnp.exp(o_top - top)  # each piece's share, rescaled
+    out = (p_out.astype(f32) * wp[..., None] + o_out.astype(f32) * wo[..., None]) / (
+        p_sum * wp + o_sum * wo
+    )[..., None]
+    return out.transpose(0, 3, 1, 2, 4).astype(dt)  # [B, T, K, G, H]
+
   def __call__(self, x, positions, key_mask, cache, cache_index, inv_freq, prefix=None):
     cfg, dt = self.cfg, x.dtype
     q = jnp.einsum('BTD,DNH->BTNH', x, self.q[...].astype(dt))
@@ -351,17 +396,11 @@ class Attention(nnx.Module):
     else:
       spec = 'BTKGH,BKHS->BKGTS' if cache is not None else 'BTKGH,BKSH->BKGTS'
       logits = self._mask_logits(jnp.einsum(spec, q, k.astype(dt)).astype(jnp.float32), allowed)
-      if prefix is not None:  # the prefix's one copy, then each row's own slots: one softmax
-        shared = jnp.einsum(prefix.spec('BTKGH,{}KHS->BKGTS'), q, prefix.k.astype(dt))
-        shared = shared.astype(jnp.float32)
-        logits = jnp.concatenate([self._mask_logits(shared, prefix_allowed), logits], axis=-1)
-      probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-      if prefix is not None:
-        sp = prefix.k.shape[-1]
-        shared, probs = probs[..., :sp], probs[..., sp:]
-      out = jnp.einsum('BKGTS,BKSH->BTKGH', probs, v.astype(dt))
-      if prefix is not None:
-        out = out + jnp.einsum(prefix.spec('BKGTS,{}KSH->BTKGH'), shared, prefix.v.astype(dt))
+      if prefix is None:
+        probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+        out = jnp.einsum('BKGTS,BKSH->BTKGH', probs, v.astype(dt))
+      else:
+        out = self._with_prefix(q, logits, v, prefix, prefix_allowed, dt)
     out = out.reshape(b, t, n, cfg.head_dim)
     # 'BTNH,NHD->BTD' by dot_general: jnp.einsum contracts (H, N) in that order, which made
     # XLA transpose the weight in every call.
