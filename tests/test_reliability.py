@@ -112,6 +112,104 @@ def test_empty_stage_list_and_missing_paths_are_errors(tmp_path):
   assert not (tmp_path / 'w').exists()
 
 
+def test_unreadable_input_files_are_one_line_before_anything_is_written(tmp_path, copy_of):
+  not_utf8 = tmp_path / 'latin1.json'
+  not_utf8.write_bytes(b'{"description": "caf\xe9 \xff"}')
+  model = tmp_path / 'model'
+  model.mkdir()
+  (model / 'config.json').write_text('{\n "model_type": "llama",\n}\n')
+  comparisons = tmp_path / 'comparisons.jsonl'
+  comparisons.write_bytes(b'{"conversation": "\xff"}\n')
+  cases = {
+      f'--config.constitution={not_utf8}': (
+          f'cai_jax: error: config.constitution: {not_utf8}: not valid UTF-8 JSON: '
+          "'utf-8' codec can't decode byte 0xe9"
+      ),
+      f'--config.model.source={model}': (
+          'cai_jax: error: config.model.source (the pretrained model: SFT init, feedback, PM '
+          f"init) '{model}' cannot be loaded: {model}/config.json: not valid UTF-8 JSON "
+          '(Expecting property name enclosed in double quotes: line 3'
+      ),
+      f'--config.evaluate_feedback.comparisons={comparisons}': (
+          f'cai_jax: error: config.evaluate_feedback.comparisons: {comparisons} is not UTF-8 '
+          "text ('utf-8' codec can't decode byte 0xff"
+      ),
+  }
+  before = tree_digest(copy_of)
+  for flag, expected in cases.items():
+    for workdir in (tmp_path / 'never', copy_of):
+      proc = run_main(workdir, flag, '--config.stages=critique_revision,sft,evaluate_feedback')
+      assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+      (line,) = errors(proc)
+      assert line.startswith(expected), line
+  assert not (tmp_path / 'never').exists()
+  assert tree_digest(copy_of) == before
+
+
+def test_an_unknown_field_or_config_path_is_one_line(tmp_path):
+  workdir = tmp_path / 'never'
+  broken = tmp_path / 'broken.py'
+  broken.write_text('def get_config(:\n')
+  cases = [
+      (
+          tiny_main_cmd(workdir, '--config.sft.bogus=1'),
+          "cai_jax: error: --config.sft.bogus: 'bogus' is not a field of the config",
+      ),
+      (
+          tiny_main_cmd(workdir, '--config.sft.optimizer.nope=1'),
+          "cai_jax: error: --config.sft.optimizer.nope: 'nope' is not a field of the config",
+      ),
+      (
+          [
+              sys.executable,
+              '-m',
+              'cai_jax.main',
+              '--config',
+              'configs/tyni.py',
+              '--workdir',
+              str(workdir),
+          ],
+          'cai_jax: error: --config configs/tyni.py: no such file',
+      ),
+      (
+          [sys.executable, '-m', 'cai_jax.main', f'--config={broken}', '--workdir', str(workdir)],
+          f"cai_jax: error: --config {broken}: cannot load it: SyntaxError('invalid syntax'",
+      ),
+  ]
+  for cmd, expected in cases:
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.strip().startswith(expected), proc.stderr[-3000:]
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-3000:]
+  assert not workdir.exists()
+
+
+def test_api_arguments_of_the_wrong_kind_are_one_value_error(tmp_path):
+  from cai_jax import checkpoint, sampling
+
+  pt = checkpoint.load_pretrained('random:tiny')
+  for prompts, match in (
+      ('hello', r'^prompt_tokens is a string'),
+      (['hello'], r"^prompt_tokens\[0\] is 'hello', not a list of token ids"),
+      ([[5, 6], [1, 'x']], r'^prompt_tokens\[1\] is .*not a list of token ids'),
+  ):
+    with pytest.raises(ValueError, match=match):
+      sampling.generate(pt.model, prompts, max_new_tokens=2)
+  for conversation, match in (
+      ([], r'^prompts\[0\] is an empty conversation$'),
+      ([('human', '')], r'^prompts\[0\]: its last human turn is empty'),
+      ([('human', 'hi'), ('assistant', 'ok'), ('human', ' \n')], 'last human turn is empty'),
+      ('  ', r'^prompts\[0\] is an empty prompt$'),
+  ):
+    with pytest.raises(ValueError, match=match):
+      sampling.generate_responses(pt, [conversation], max_new_tokens=2)
+  a_file = tmp_path / 'model'
+  a_file.write_text('not a directory')
+  with pytest.raises(ValueError, match='is a file, not a directory'):
+    checkpoint.save_pretrained(pt, str(a_file))
+  assert a_file.read_text() == 'not a directory'
+
+
 def test_a_rejected_value_in_a_finished_workdir_changes_nothing(copy_of):
   before = tree_digest(copy_of)
   proc = run_main(copy_of, '--config.force=sft', '--config.stages=sft', '--config.sft.batch_size=0')
@@ -248,6 +346,10 @@ def test_a_full_disk_ends_the_run_in_seconds_and_a_rerun_with_space_resumes(tmp_
     (line,) = errors(proc)
     assert line.startswith('cai_jax: error: no space left on device writing ')
     assert 'MiB free on its filesystem' in line
+    # orbax's failed background writes stay in the log: the console ends with that one line.
+    for noise in ('Traceback', 'Logging error', 'Event loop is closed', 'RESOURCE_EXHAUSTED'):
+      assert noise not in proc.stderr, (noise, proc.stderr[-3000:])
+    assert proc.stderr.rstrip().splitlines()[-1] == line
     assert not (workdir / 'sft' / 'DONE.json').exists()
     subprocess.run(['mount', '-o', 'remount,size=256m', str(mnt)], check=True)
     proc = run_main(workdir, '--config.stages=critique_revision,sft')
