@@ -87,8 +87,8 @@ def test_every_bad_value_is_reported_at_once_and_nothing_is_written(tmp_path):
       "cai_jax: error: config.conversation_format='bogus': expected one of transcript, chat_template",
       'cai_jax: error: config.sft.batch_size=-5: expected an integer >= 1',
       'cai_jax: error: config.sft.optimizer.learning_rate=nan: expected a finite number in (0, inf]',
-      'cai_jax: error: config.ppo.temperature=-1.0: expected a finite number in [0, inf]',
       'cai_jax: error: config.ppo.guard.max_kl=-1.0: expected a finite number in [0, inf]',
+      'cai_jax: error: config.ppo.temperature=-1.0: expected a finite number in [0, inf]',
       'cai_jax: error: config.critique_revision: n_rounds must be >= 1 (the paper uses 4), got 0',
   ]
   assert 'Traceback' not in proc.stderr
