@@ -306,16 +306,25 @@ def _check_vocab(tok, cfg: ModelConfig, where: str):
     )
 
 
+def _read_json(path: str):
+  """A model directory's JSON file; one that is not UTF-8 JSON is a CheckpointError naming it."""
+  try:
+    with open(path, encoding='utf-8') as f:
+      return json.load(f)
+  except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both are
+    raise CheckpointError(f'{path}: not valid UTF-8 JSON ({e})') from None
+
+
 def _read_hf_dir(path: str):
   cfg_file = os.path.join(path, 'config.json')
   if not os.path.isdir(path) or not os.path.exists(cfg_file):
     raise CheckpointError(f'{path}: not an HF model directory (no config.json)')
-  with open(cfg_file) as f:
-    cfg = config_from_hf(json.load(f), cfg_file)
+  cfg = config_from_hf(_read_json(cfg_file), cfg_file)
   index = os.path.join(path, 'model.safetensors.index.json')
   if os.path.exists(index):
-    with open(index) as f:
-      weight_map = json.load(f)['weight_map']
+    weight_map = _read_json(index).get('weight_map')
+    if not isinstance(weight_map, dict):
+      raise CheckpointError(f'{index}: no "weight_map" object')
     files = {fn: None for fn in sorted(set(weight_map.values()))}
   else:
     single = os.path.join(path, 'model.safetensors')
@@ -346,6 +355,8 @@ def save_pretrained(pretrained: Pretrained, out_dir: str, *, max_shard_bytes: in
 
   A ScalarHeadModel writes its trunk as the causal LM plus `score_head.safetensors`.
   """
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise ValueError(f'out_dir {out_dir!r} is a file, not a directory')
   os.makedirs(out_dir, exist_ok=True)
   model, cfg = pretrained.model, pretrained.config
   trunk = model.trunk if isinstance(model, ScalarHeadModel) else model

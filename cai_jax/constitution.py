@@ -385,8 +385,8 @@ def load_constitution(path: str | os.PathLike) -> Constitution:
     )
   try:
     data = json.loads(path.read_text(encoding='utf-8'))
-  except json.JSONDecodeError as e:
-    raise ConstitutionError(f'{path}: invalid JSON: {e}') from None
+  except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError for a file that is not UTF-8
+    raise ConstitutionError(f'{path}: not valid UTF-8 JSON: {e}') from None
   return constitution_from_dict(data, source=str(path))
 
 
@@ -422,8 +422,8 @@ def load_evaluation_principles(path: str | os.PathLike) -> EvaluationPrinciples:
     )
   try:
     data = json.loads(path.read_text(encoding='utf-8'))
-  except json.JSONDecodeError as e:
-    raise ConstitutionError(f'{path}: invalid JSON: {e}') from None
+  except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError for a file that is not UTF-8
+    raise ConstitutionError(f'{path}: not valid UTF-8 JSON: {e}') from None
   r = _Reader(str(path))
   keys = ('format', 'harmlessness_principles', 'helpfulness_principles')
   r.record(data, 'evaluation principles', keys, optional=('description',))
@@ -511,7 +511,7 @@ def load_paper_release(directory: str | os.PathLike) -> Constitution:
   for name in PAPER_FILES:
     try:
       data[name] = json.loads((directory / name).read_text(encoding='utf-8'))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
       raise ConstitutionError(f'{directory / name}: cannot read: {e}') from None
   try:
     return _from_paper_release(directory, data)

@@ -354,6 +354,10 @@ def comparisons_path(cfg) -> Path:
     path = Path(cfg.comparisons)
     if not path.is_file():
       raise StageError(f'config.{EVAL_STAGE}.comparisons: no such file {path}')
+    try:  # read up front: a file that is not UTF-8 fails here, not after the run has started
+      path.read_bytes().decode('utf-8')
+    except UnicodeDecodeError as e:
+      raise StageError(f'config.{EVAL_STAGE}.comparisons: {path} is not UTF-8 text ({e})') from None
     return path
   if not PAPER_HHH.is_file():
     raise StageError(

@@ -6,14 +6,34 @@ are reused, unfinished ones resume.
 """
 
 import errno
+import glob
 import json
 import os
 import sys
 import time
 from pathlib import Path
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+
+def _no_tpu_probe() -> None:
+  """On a machine without a TPU, libtpu (installed with the test extra) still prints
+  'Failed to find host bounds' and 'unexpected worker hostname' from C++ when jax starts its
+  backends. With no Google PCI device (TPUs are vendor 0x1ae0), no NVIDIA GPU and JAX_PLATFORMS
+  unset, the run is CPU only: say so before jax reads its environment."""
+  if 'JAX_PLATFORMS' in os.environ or glob.glob('/dev/nvidia[0-9]*'):
+    return
+  for vendor in glob.glob('/sys/bus/pci/devices/*/vendor'):
+    try:
+      if Path(vendor).read_text().strip() == '0x1ae0':
+        return
+    except OSError:
+      continue
+  os.environ['JAX_PLATFORMS'] = 'cpu'
+
+
+_no_tpu_probe()
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Path to a config file (configs/*.py).', lock_config=True
@@ -30,7 +50,7 @@ def main(argv):
   from cai_jax.constitution import ConstitutionError
   from cai_jax.data import DataSourceError
 
-  config = _CONFIG.value
+  config = _loaded_config()
   _quiet_console()
   if config.compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir', os.path.expanduser(config.compilation_cache_dir))
@@ -71,6 +91,42 @@ def main(argv):
     (workdir / 'timings.md').write_text(table + '\n')
     (workdir / 'timings.json').write_text(json.dumps(rows))
   logging.info('done')
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with a config file that cannot be loaded or an override naming no
+  field (`--config.sft.bogus=1`) as one error line rather than ml_collections' tracebacks."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    key = str(e).strip('"\'')
+    given = [a for a in argv[1:] if a.startswith('--config.') and key in a.split('=')[0].split('.')]
+    flag = given[0].split('=')[0][2:] if given else f'config field {key!r}'
+    sys.exit(f'cai_jax: error: --{flag}: {key!r} is not a field of the config')
+  except Exception as e:  # the config file's own code failed (a syntax error, say)
+    sys.exit(f'cai_jax: error: --config {_config_arg(argv)}: cannot load it: {e!r}')
+
+
+def _config_arg(argv) -> str:
+  for i, a in enumerate(argv):
+    if a.startswith('--config='):
+      return a.split('=', 1)[1]
+    if a == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return '?'
+
+
+def _loaded_config():
+  """The --config file's ConfigDict; a file that is not there is one error line."""
+  config = _CONFIG.value
+  try:
+    config.get('stages')  # ml_collections hands back a stand-in that raises on first use
+  except OSError as e:
+    path = _config_arg(sys.argv)
+    if not Path(path).is_file():
+      sys.exit(f'cai_jax: error: --config {path}: no such file')
+    sys.exit(f'cai_jax: error: --config {path}: cannot load it: {e.__cause__ or e}')
+  return config
 
 
 def _model_banner(ctx) -> str:
@@ -114,7 +170,18 @@ def _quiet_console() -> None:
     console.setLevel(std.WARNING)
     # TFDS warns on every read of our own named builder configs; the log keeps it.
     console.addFilter(lambda r: not str(r.msg).startswith('Using custom data configuration'))
+    # orbax's background save threads log every failed write with its traceback (a full disk:
+    # dozens), and asyncio reports their closed event loops: the log keeps them, the console
+    # ends with our one line (`_exit_on_io_error`).
+    console.addFilter(lambda r: f'{os.sep}orbax{os.sep}' not in r.pathname and r.name != 'asyncio')
     tfds.disable_progress_bar()
+    # A handler that fails in a dying background thread prints '--- Logging error ---' blocks,
+    # and event loops collected after a failed save print 'Exception ignored in' tracebacks:
+    # both go to the log only.
+    std.raiseExceptions = False
+    sys.unraisablehook = lambda u: std.getLogger('cai_jax').debug(
+        'ignored in %r: %r', u.object, u.exc_value
+    )
 
 
 def _log_to_workdir(workdir: Path) -> None:
@@ -156,4 +223,4 @@ def _exit_on_io_error(e: OSError, workdir: Path) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -531,6 +531,7 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
     state = ckpt.restore_latest(state)
     train_lib.announce(f'ppo: resumed from the checkpoint after step {start}')
   writer = train_lib.MetricsWriter(stage_dir, resume_step=start)
+  guard = train_lib.Guard('ppo', cfg.get('guard'), stage_dir, state['train'].params)
   samples_path = records_lib.PPO_SAMPLES.path(stage_dir)
   _truncate_samples(samples_path, start)
 
@@ -606,6 +607,9 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
         train_seconds=t_train,
         step_seconds=time.time() - t0,
     )
+    if guard.broken(metrics):  # off a cliff without a NaN: stop as the NaN guard does
+      _close(ckpt, bar, writer)
+      guard.check(step, metrics, ckpt)
     writer.write(step, metrics)
     if cfg.sample_every and step % cfg.sample_every == 0 and jax.process_index() == 0:
       _write_samples(
@@ -668,10 +672,14 @@ def _stop_if_not_finite(updates, step, ckpt, bar, writer) -> None:
   """A NaN/inf loss ends the run without saving its state; the last good checkpoint stays."""
   if not train_lib.non_finite(updates):
     return
+  _close(ckpt, bar, writer)
+  train_lib.check_finite('ppo', step, updates, ckpt)
+
+
+def _close(ckpt, bar, writer) -> None:
   bar.close()
   ckpt.close()  # waits for the last good save, if one is in flight
   writer.close()
-  train_lib.check_finite('ppo', step, updates, ckpt)
 
 
 def _step_metrics(scores, final_rewards, stats, updates, out, truncated, rollout, cfg) -> dict:
@@ -696,6 +704,7 @@ def _step_metrics(scores, final_rewards, stats, updates, out, truncated, rollout
               'grad_norm',
           )
       },
+      'param_norm': updates[-1]['param_norm'],  # after this step's last update
       'explained_variance': float(stats['explained_variance']),
       'value_mean': float(stats['value_mean']),
       'return_mean': float(stats['return_mean']),

@@ -175,6 +175,8 @@ class Context:
       fields['model'].update({f'{r}_source': role_source(c.model, r) for r in STAGES[name].models})
     if name in c:
       fields[name] = _plain(c[name])
+      if isinstance(fields[name], dict):  # a guard that did not fire changed nothing: loosening
+        fields[name].pop('guard', None)  # it resumes a stopped run instead of redoing it
     if name == 'evaluate_feedback' and 'feedback' in c:
       fields['feedback'] = _plain(c.feedback)  # evaluates the feedback configuration
     if name == 'ppo' and c.get('evaluate', {}).get('rl_curve_every', 0):

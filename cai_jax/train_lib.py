@@ -198,7 +198,8 @@ def make_train_step(
 ):
   """The jitted pure step `(state, batch) -> (state, metrics)`.
 
-  metrics: loss, grad_norm (before clipping), lr (with a schedule), and loss_fn's aux. With
+  metrics: loss, grad_norm (before clipping), param_norm (after the update), lr (with a
+  schedule), and loss_fn's aux. With
   `seed`, loss_fn gets `rng=fold_in(key(seed), step)`. The batch keeps the sharding it was built
   with (`sharding.global_batch`: rows over ('data', 'fsdp')). The state is donated.
   """
@@ -213,7 +214,12 @@ def make_train_step(
     (loss, aux), grads = jax.value_and_grad(compute, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), **aux}
+    metrics = {
+        'loss': loss,
+        'grad_norm': optax.tree.norm(grads),
+        'param_norm': optax.tree.norm(params),  # after the update: the divergence guard reads it
+        **aux,
+    }
     if schedule is not None:
       metrics['lr'] = schedule(state.step)
     return TrainState(params, opt_state, state.step + 1), metrics
@@ -287,6 +293,81 @@ def check_finite(stage: str, step: int, metrics: list[dict] | dict, ckpt=None) -
       f'state or exporting a model, {kept}. Lower the learning rate and rerun '
       f'with --config.force={stage}, or check the data and rerun as is to resume'
   )
+
+
+class DivergedError(stages.StageError):
+  """A training step left a bound of the stage's `guard` config (finite, but off a cliff); its
+  state was not saved."""
+
+
+# guard field -> (metric, how the bound reads): 'jump' = |value| over bound x max(1, |first|)
+# (param_norm's first: before the run's first update), 'max' = value over bound, 'rise' = value
+# over the first logged value + bound. 0 turns one off.
+GUARD_FIELDS = {
+    'loss_jump': ('loss', 'jump'),
+    'param_norm_jump': ('param_norm', 'jump'),
+    'max_kl': ('kl', 'max'),
+    'entropy_rise': ('entropy', 'rise'),
+}
+
+
+class Guard:
+  """The divergence guard beside the NaN guard: bounds on a trainer's host metrics, from its
+  stage config's `guard` block (GUARD_FIELDS). A step past one stops the run like a NaN does:
+  before its state is saved, without an export. 'jump' and 'rise' bounds are measured from the
+  first row of the stage's metrics.jsonl (a resumed run keeps the reference it started with),
+  param_norm's from `params`, the parameters the run starts or resumes from."""
+
+  def __init__(self, stage: str, guard_cfg, stage_dir: Path | None = None, params=None):
+    self.stage = stage
+    self.bounds = {
+        field: float(guard_cfg[field])
+        for field in GUARD_FIELDS
+        if guard_cfg is not None and field in guard_cfg and float(guard_cfg[field]) > 0
+    }
+    rows = read_metrics(Path(stage_dir) / 'metrics.jsonl') if stage_dir is not None else []
+    self.first = dict(rows[0]) if rows else {}
+    if params is not None:  # the norm to measure from is the one before any update of this run
+      self.first['param_norm'] = float(optax.tree.norm(params))
+
+  def broken(self, metrics: dict) -> list[str]:
+    """The bounds `metrics` (one step's host metrics) are past, as 'metric=value (bound)'."""
+    out = []
+    for field, limit in sorted(self.bounds.items()):
+      name, kind = GUARD_FIELDS[field]
+      value = metrics.get(name)
+      if not isinstance(value, (int, float)) or not math.isfinite(value):
+        continue  # absent (not this trainer's metric), or the NaN guard's case
+      first = self.first.setdefault(name, value)
+      if kind == 'jump' and abs(value) > limit * max(1.0, abs(first)):
+        out.append(
+            f'{name}={value:.4g} (over guard.{field}={limit:g} x max(1, {first:.4g}) at the start)'
+        )
+      elif kind == 'max' and value > limit:
+        out.append(f'{name}={value:.4g} (over guard.{field}={limit:g})')
+      elif kind == 'rise' and value - first > limit:
+        out.append(
+            f"{name}={value:.4g} (up {value - first:.4g} from the first step's {first:.4g}, "
+            f'over guard.{field}={limit:g})'
+        )
+    return out
+
+  def check(self, step: int, metrics: dict, ckpt=None) -> None:
+    """Raises DivergedError when this step's metrics are past a bound (before its checkpoint)."""
+    bad = self.broken(metrics)
+    if not bad:
+      return
+    last = ckpt.latest_step() if ckpt is not None else None
+    kept = (
+        f'the last good checkpoint (step {last}) is kept in {ckpt.directory}'
+        if last is not None
+        else 'no checkpoint had been saved'
+    )
+    raise DivergedError(
+        f'{self.stage}: diverged at step {step}: {"; ".join(bad)}; stopped without saving this '
+        f'state or exporting a model, {kept}. Lower the learning rate and rerun with '
+        f'--config.force={self.stage} (or loosen config.{self.stage}.guard)'
+    )
 
 
 def gather_params(params, mesh=None):
@@ -595,7 +676,8 @@ def fit(
 
   Resumes from the newest checkpoint in stage_dir/checkpoints, then trains on
   `make_batch(length, rows)` (a host batch) of `planned_batches(plan, ...)` up to total_steps.
-  A non-finite step stops the run before its state is saved. The stage config `cfg` sets the
+  A non-finite step, or one past a bound of cfg.guard (`Guard`), stops the run before its
+  state is saved. The stage config `cfg` sets the
   rhythm: `evaluate(params) -> dict` runs every cfg.eval_every steps and at the end, into that
   step's row; rows are written every cfg.log_every steps and at every evaluation; checkpoints
   every cfg.checkpoint_every steps and at the end (0 = none), cfg.max_to_keep of them kept.
@@ -618,6 +700,7 @@ def fit(
     announce(f'{stage}: resumed from the checkpoint at step {int(state.step)}')
   start = int(state.step)
   writer = MetricsWriter(stage_dir, resume_step=start)
+  guard = Guard(stage, cfg.get('guard'), stage_dir, state.params)
   bar = progress(total_steps, start, stage)
   metrics, eval_metrics, tokens, t0 = {}, {}, 0, time.time()
   try:
@@ -626,6 +709,7 @@ def fit(
       metrics = host_metrics(metrics)
       done = step + 1
       check_finite(stage, done, metrics, ckpt)  # the finally below closes ckpt
+      guard.check(done, metrics, ckpt)
       tokens += metrics.get('tokens', 0)
       evaluated = done == total_steps or (eval_every and done % eval_every == 0)
       if evaluated and evaluate is not None:

@@ -44,6 +44,7 @@ def _one_of(*values):
 
 # (dotted-field pattern, (predicate, expectation)); the first matching pattern decides.
 RULES = (
+    ('*.guard.*', _number(0)),  # divergence bounds (train_lib.Guard); 0 = off
     ('*.optimizer.learning_rate', _number(0, low_open=True)),
     ('*_optimizer.learning_rate', _number(0, low_open=True)),
     ('*.warmup_steps', _int_at_least(0)),

@@ -288,7 +288,10 @@ def test_validation_errors_name_file_and_key(tmp_path, path, value, message):
 
 
 def test_unreadable_files(tmp_path):
-  assert 'invalid JSON' in _error('{"critique_revision": [', tmp_path)
+  assert 'not valid UTF-8 JSON: Expecting' in _error('{"critique_revision": [', tmp_path)
+  (tmp_path / 'latin1.json').write_bytes(b'{"description": "caf\xe9"}')
+  with pytest.raises(C.ConstitutionError, match="not valid UTF-8 JSON: 'utf-8' codec"):
+    C.load_constitution(tmp_path / 'latin1.json')
   assert 'expected a JSON object' in _error('[1, 2]', tmp_path)
   with pytest.raises(C.ConstitutionError, match='no such file or directory'):
     C.load_constitution(tmp_path / 'missing.json')

@@ -57,6 +57,36 @@ def test_reuse_gives_the_same_tokens_and_logprobs(family):
   assert cache.reused_tokens == n * len(prompts) * 3 - n
 
 
+def test_a_rows_result_does_not_depend_on_what_the_cache_holds():
+  """A resumed run starts with a cold cache: the batch it redoes must give bit-identical numbers
+  to the same batch after earlier batches had filled the cache (here with a prefix one block
+  shorter, which the batch could have read instead of computing its own)."""
+  pt = _peaked('random:tiny-llama')
+  batch = _prompts(pt, PREAMBLE + 'and one more shared sentence. ', TAILS[:3])
+  earlier = _prompts(pt, PREAMBLE, ['q', 'r'])
+  opts = _options(pt, len(batch))
+  kw = dict(max_new_tokens=12, temperature=1.0, seed=5, stop_tokens=[])
+
+  def results(cache):
+    out = sampling.generate(pt.model, batch, prefix_cache=cache, **kw)
+    return (
+        out.tokens,
+        out.logprobs,
+        sampling.score_options(pt.model, batch, opts, prefix_cache=cache),
+    )
+
+  cold = prefix_lib.PrefixCache(pt.model, min_tokens=16, block=16)
+  warm = prefix_lib.PrefixCache(pt.model, min_tokens=16, block=16)
+  sampling.generate(pt.model, earlier, prefix_cache=warm, **kw)  # keeps the shorter prefix
+  assert len(warm) == 1 and len(next(iter(warm._entries))) < prefix_lib.common_prefix_length(batch)
+  (t1, lp1, s1), (t2, lp2, s2) = results(cold), results(warm)
+  assert t1 == t2
+  for a, b in zip(lp1, lp2):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(s1, s2)
+  assert cold.hits == warm.hits == 1  # the batch's own prefix, computed once, read by scoring
+
+
 def test_bfloat16_reuse_stays_close():
   pt = _peaked('random:tiny', 'bfloat16')
   prompts = _prompts(pt)

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cai_jax import stages, train_lib
@@ -78,6 +79,7 @@ def test_every_bad_value_is_reported_at_once_and_nothing_is_written(tmp_path):
       '--config.conversation_format=bogus',
       '--config.sft.optimizer.learning_rate=nan',
       '--config.ppo.temperature=-1.0',
+      '--config.ppo.guard.max_kl=-1.0',
   )
   assert proc.returncode != 0
   assert errors(proc) == [
@@ -85,6 +87,7 @@ def test_every_bad_value_is_reported_at_once_and_nothing_is_written(tmp_path):
       "cai_jax: error: config.conversation_format='bogus': expected one of transcript, chat_template",
       'cai_jax: error: config.sft.batch_size=-5: expected an integer >= 1',
       'cai_jax: error: config.sft.optimizer.learning_rate=nan: expected a finite number in (0, inf]',
+      'cai_jax: error: config.ppo.guard.max_kl=-1.0: expected a finite number in [0, inf]',
       'cai_jax: error: config.ppo.temperature=-1.0: expected a finite number in [0, inf]',
       'cai_jax: error: config.critique_revision: n_rounds must be >= 1 (the paper uses 4), got 0',
   ]
@@ -110,6 +113,104 @@ def test_empty_stage_list_and_missing_paths_are_errors(tmp_path):
       "directory '/nonexistent/helpful.jsonl'"
   ]
   assert not (tmp_path / 'w').exists()
+
+
+def test_unreadable_input_files_are_one_line_before_anything_is_written(tmp_path, copy_of):
+  not_utf8 = tmp_path / 'latin1.json'
+  not_utf8.write_bytes(b'{"description": "caf\xe9 \xff"}')
+  model = tmp_path / 'model'
+  model.mkdir()
+  (model / 'config.json').write_text('{\n "model_type": "llama",\n}\n')
+  comparisons = tmp_path / 'comparisons.jsonl'
+  comparisons.write_bytes(b'{"conversation": "\xff"}\n')
+  cases = {
+      f'--config.constitution={not_utf8}': (
+          f'cai_jax: error: config.constitution: {not_utf8}: not valid UTF-8 JSON: '
+          "'utf-8' codec can't decode byte 0xe9"
+      ),
+      f'--config.model.source={model}': (
+          'cai_jax: error: config.model.source (the pretrained model: SFT init, feedback, PM '
+          f"init) '{model}' cannot be loaded: {model}/config.json: not valid UTF-8 JSON "
+          '(Expecting property name enclosed in double quotes: line 3'
+      ),
+      f'--config.evaluate_feedback.comparisons={comparisons}': (
+          f'cai_jax: error: config.evaluate_feedback.comparisons: {comparisons} is not UTF-8 '
+          "text ('utf-8' codec can't decode byte 0xff"
+      ),
+  }
+  before = tree_digest(copy_of)
+  for flag, expected in cases.items():
+    for workdir in (tmp_path / 'never', copy_of):
+      proc = run_main(workdir, flag, '--config.stages=critique_revision,sft,evaluate_feedback')
+      assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+      (line,) = errors(proc)
+      assert line.startswith(expected), line
+  assert not (tmp_path / 'never').exists()
+  assert tree_digest(copy_of) == before
+
+
+def test_an_unknown_field_or_config_path_is_one_line(tmp_path):
+  workdir = tmp_path / 'never'
+  broken = tmp_path / 'broken.py'
+  broken.write_text('def get_config(:\n')
+  cases = [
+      (
+          tiny_main_cmd(workdir, '--config.sft.bogus=1'),
+          "cai_jax: error: --config.sft.bogus: 'bogus' is not a field of the config",
+      ),
+      (
+          tiny_main_cmd(workdir, '--config.sft.optimizer.nope=1'),
+          "cai_jax: error: --config.sft.optimizer.nope: 'nope' is not a field of the config",
+      ),
+      (
+          [
+              sys.executable,
+              '-m',
+              'cai_jax.main',
+              '--config',
+              'configs/tyni.py',
+              '--workdir',
+              str(workdir),
+          ],
+          'cai_jax: error: --config configs/tyni.py: no such file',
+      ),
+      (
+          [sys.executable, '-m', 'cai_jax.main', f'--config={broken}', '--workdir', str(workdir)],
+          f"cai_jax: error: --config {broken}: cannot load it: SyntaxError('invalid syntax'",
+      ),
+  ]
+  for cmd, expected in cases:
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.strip().startswith(expected), proc.stderr[-3000:]
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-3000:]
+  assert not workdir.exists()
+
+
+def test_api_arguments_of_the_wrong_kind_are_one_value_error(tmp_path):
+  from cai_jax import checkpoint, sampling
+
+  pt = checkpoint.load_pretrained('random:tiny')
+  for prompts, match in (
+      ('hello', r'^prompt_tokens is a string'),
+      (['hello'], r"^prompt_tokens\[0\] is 'hello', not a list of token ids"),
+      ([[5, 6], [1, 'x']], r'^prompt_tokens\[1\] is .*not a list of token ids'),
+  ):
+    with pytest.raises(ValueError, match=match):
+      sampling.generate(pt.model, prompts, max_new_tokens=2)
+  for conversation, match in (
+      ([], r'^prompts\[0\] is an empty conversation$'),
+      ([('human', '')], r'^prompts\[0\]: its last human turn is empty'),
+      ([('human', 'hi'), ('assistant', 'ok'), ('human', ' \n')], 'last human turn is empty'),
+      ('  ', r'^prompts\[0\] is an empty prompt$'),
+  ):
+    with pytest.raises(ValueError, match=match):
+      sampling.generate_responses(pt, [conversation], max_new_tokens=2)
+  a_file = tmp_path / 'model'
+  a_file.write_text('not a directory')
+  with pytest.raises(ValueError, match='is a file, not a directory'):
+    checkpoint.save_pretrained(pt, str(a_file))
+  assert a_file.read_text() == 'not a directory'
 
 
 def test_a_rejected_value_in_a_finished_workdir_changes_nothing(copy_of):
@@ -165,6 +266,103 @@ def test_check_finite_names_the_step_and_the_last_good_checkpoint():
 
 
 # ---- the workdir lock -------------------------------------------------------------------------
+
+
+def test_the_guard_stops_a_finite_run_gone_off_a_cliff_and_names_the_bound(tmp_path):
+  from configs.stages import guard as guard_config
+
+  cfg = guard_config.guard('tiny', rl=True)
+  (tmp_path / 'metrics.jsonl').write_text(json.dumps({'step': 1, 'loss': 2.0, 'entropy': 1.5}))
+  guard = train_lib.Guard('ppo', cfg, tmp_path, params={'w': np.full((4,), 5.0)})  # norm 10
+  healthy = {'loss': 1500.0, 'entropy': 3.4, 'kl': 99.0, 'param_norm': 900.0, 'other': 1e30}
+  assert guard.broken(healthy) == []
+  guard.check(7, healthy)
+  for metric, value, bound in (
+      ('loss', 2001.0, 'over guard.loss_jump=1000 x max(1, 2) at the start'),
+      ('entropy', 3.6, "up 2.1 from the first step's 1.5, over guard.entropy_rise=2"),
+      ('kl', 101.0, 'over guard.max_kl=100'),
+      ('param_norm', 1001.0, 'over guard.param_norm_jump=100 x max(1, 10) at the start'),
+  ):
+    with pytest.raises(train_lib.DivergedError) as e:
+      guard.check(7, {**healthy, metric: value})
+    assert str(e.value).startswith(f'ppo: diverged at step 7: {metric}=')
+    assert bound in str(e.value) and 'no checkpoint had been saved' in str(e.value)
+  off = train_lib.Guard('sft', {'loss_jump': 0.0}, None)  # 0 turns a bound off
+  assert off.broken({'loss': 1e30}) == []
+
+
+def test_ppo_at_a_learning_rate_of_1e6_stops_at_its_first_step(tmp_path):
+  """The issue's case: finite all along (no NaN), every weight ~1e6, the policy noise."""
+  workdir = tmp_path / 'run'
+  cmd = [
+      sys.executable,
+      '-m',
+      'cai_jax.main',
+      '--config',
+      str(REPO / 'configs' / 'ppo_toy.py'),
+      '--workdir',
+      str(workdir),
+      '--config.ppo.steps=3',
+      '--config.ppo.policy_optimizer.learning_rate=1e6',
+  ]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  (line,) = errors(proc)
+  assert line.startswith('cai_jax: error: ppo: diverged at step 1: param_norm='), line
+  assert 'over guard.param_norm_jump=100' in line and 'no checkpoint had been saved' in line
+  assert not (workdir / 'ppo' / 'export').exists() and not (workdir / 'ppo' / 'DONE.json').exists()
+  assert not list((workdir / 'ppo' / 'checkpoints').glob('[0-9]*'))
+
+
+def test_kill_9_in_critique_revision_and_feedback_with_prefix_reuse_writes_the_same_records(
+    finished, tmp_path
+):
+  """Killed halfway through writing a chunk, three times (critique_revision's helpful chunk,
+  feedback's second and third), with prefix reuse on: every resume starts with a cold prefix
+  cache, and the records come out byte for byte as in an uninterrupted run."""
+  args = ['--config.stages=critique_revision,sft,feedback', '--config.sampling.prefix_reuse=True']
+  reference = tmp_path / 'reference'
+  shutil.copytree(finished, reference)
+  proc = run_main(reference, *args)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+  killed = tmp_path / 'killed'
+  shutil.copytree(finished, killed)
+  shutil.rmtree(killed / 'critique_revision')  # sft stays finished: its fingerprint is the config's
+  for kill_at in (
+      2,
+      3,
+      2,
+  ):  # appends: CR red-team, CR helpful | CR helpful, FB 1, FB 2 | FB 2, FB 3
+    cmd = [sys.executable, str(REPO / 'tests/scripts/fb_kill_run.py'), str(kill_at)]
+    cmd += tiny_main_cmd(killed, *SMALL, *args)[3:]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+  assert not (killed / 'feedback' / 'DONE.json').exists()
+  proc = run_main(killed, *args)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for rel in (
+      'critique_revision/samples.jsonl',
+      'critique_revision/helpful.jsonl',
+      'feedback/samples.jsonl',
+  ):
+    assert (killed / rel).read_bytes() == (reference / rel).read_bytes(), rel
+
+
+def test_a_cpu_run_prints_nothing_from_libtpu(tmp_path):
+  """libtpu (the test extra) is installed but there is no TPU: the console has our lines only."""
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}  # conftest sets it
+  cmd = tiny_main_cmd(
+      tmp_path / 'run',
+      '--config.stages=critique_revision',
+      '--config.critique_revision.num_prompts=2',
+  )
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  console = proc.stdout + proc.stderr
+  for marker in ('host bounds', 'worker hostname', 'InitGoogle', 'libtpu', 'E0000', 'TPU'):
+    assert marker not in console, (marker, console[:3000])
+  assert console.startswith('config: '), console[:3000]
 
 
 def test_a_second_run_on_a_busy_workdir_is_refused_and_a_stale_lock_taken_over(copy_of):
@@ -248,6 +446,10 @@ def test_a_full_disk_ends_the_run_in_seconds_and_a_rerun_with_space_resumes(tmp_
     (line,) = errors(proc)
     assert line.startswith('cai_jax: error: no space left on device writing ')
     assert 'MiB free on its filesystem' in line
+    # orbax's failed background writes stay in the log: the console ends with that one line.
+    for noise in ('Traceback', 'Logging error', 'Event loop is closed', 'RESOURCE_EXHAUSTED'):
+      assert noise not in proc.stderr, (noise, proc.stderr[-3000:])
+    assert proc.stderr.rstrip().splitlines()[-1] == line
     assert not (workdir / 'sft' / 'DONE.json').exists()
     subprocess.run(['mount', '-o', 'remount,size=256m', str(mnt)], check=True)
     proc = run_main(workdir, '--config.stages=critique_revision,sft')

@@ -90,9 +90,24 @@ def run_prompt(model, tokens, positions, mask, cache, shared=None):
 def prepare_prompts(prompt_tokens, vocab_size, limit, truncate):
   if truncate not in ('error', 'left'):
     raise ValueError(f"truncate must be 'error' or 'left', got {truncate!r}")
+  if isinstance(prompt_tokens, (str, bytes)):
+    raise ValueError(
+        'prompt_tokens is a string; it takes lists of token ids (tokenize the text first, or '
+        'call generate_responses with the text)'
+    )
   prompts, dropped = [], []
   for i, p in enumerate(prompt_tokens):
-    p = [int(t) for t in np.asarray(p, dtype=np.int64).reshape(-1)]
+    try:
+      if isinstance(p, (str, bytes)) or (
+          isinstance(p, (list, tuple)) and any(isinstance(t, (str, bytes)) for t in p)
+      ):
+        raise ValueError  # np.asarray would read '7' as 7
+      p = [int(t) for t in np.asarray(p, dtype=np.int64).reshape(-1)]
+    except (ValueError, TypeError, OverflowError):
+      raise ValueError(
+          f'prompt_tokens[{i}] is {str(p)[:40]!r}, not a list of token ids (tokenize the text '
+          'first, or call generate_responses with the text)'
+      ) from None
     if not p:
       raise ValueError(f'prompt {i} is empty; every prompt needs at least one token')
     bad = [t for t in p if not 0 <= t < vocab_size]

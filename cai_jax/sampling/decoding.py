@@ -533,6 +533,26 @@ def generate_batched(
   )
 
 
+def _check_prompt(i: int, p) -> None:
+  """A reply needs something to reply to: no empty prompt, conversation or last human turn."""
+  if isinstance(p, str):
+    if not p.strip():
+      raise ValueError(f'prompts[{i}] is an empty prompt')
+    return
+  turns = list(p)
+  if not turns:
+    raise ValueError(f'prompts[{i}] is an empty conversation')
+  for role, text in turns:
+    if role not in (conversation.HUMAN, conversation.ASSISTANT) or not isinstance(text, str):
+      raise ValueError(
+          f'prompts[{i}] has a turn {(role, text)!r}: turns are (role, text) with '
+          f"role 'human' or 'assistant'"
+      )
+  human = [text for role, text in turns if role == conversation.HUMAN]
+  if not human or not human[-1].strip():
+    raise ValueError(f'prompts[{i}]: its last human turn is empty (or missing)')
+
+
 def generate_responses(
     pretrained,
     prompts: Sequence[str | Sequence[conversation.Turn]],
@@ -557,6 +577,10 @@ def generate_responses(
   """
   conversation.check_format(fmt)
   tok = pretrained.tokenizer
+  if isinstance(prompts, str):
+    raise ValueError('prompts is a string; it takes a list of prompts (or of conversations)')
+  for i, p in enumerate(prompts):
+    _check_prompt(i, p)
   texts = [p if isinstance(p, str) else conversation.render(p, fmt, tok) for p in prompts]
   encoded = [conversation.encode(tok, t)[0] for t in texts]
   if truncate == 'left':

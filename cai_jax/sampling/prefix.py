@@ -10,7 +10,9 @@ longest common token prefix is most of its prefill. `generate` and `score_option
    common text ends a few tokens apart agree on one prefix) and kept one token short of the
    shortest prompt (each row needs a token of its own to predict from);
 2. take that prefix's keys and values from the cache, or compute them once (a batch-1 prefill)
-   and keep them, evicting the least recently used entries past `max_tokens`;
+   and keep them, evicting the least recently used entries past `max_tokens`. The split point
+   depends on the batch alone, never on what the cache holds, and a kept prefix is bit for bit
+   the one a cold cache computes: a row's result is the same warm or cold (resumes);
 3. prefill only each row's remainder, at positions that continue the prefix, attending to the
    prefix's single copy and to its own slots in one softmax (`model.Prefix`: the cascade /
    Hydragen decomposition), and decode the same way: a step reads the prefix once for the batch.
@@ -130,18 +132,14 @@ class PrefixCache:
     if n < self.min_tokens:
       return 0, None
     head = tuple(int(t) for t in prompts[0][:n])
-    # The longest kept prefix of this batch's: a batch whose common text runs a block further
-    # than an earlier one's still reads the earlier prefix rather than computing another.
-    best = max(
-        (k for k in self._entries if len(k) <= n and head[: len(k)] == k),
-        key=len,
-        default=None,
-    )
-    if best is not None and n - len(best) < max(self.block * 4, n // 8):
-      self._entries.move_to_end(best)
+    # Only this very prefix is reused, never a shorter kept one: the split point is then a pure
+    # function of the batch, so a row's numbers do not depend on what earlier calls left in the
+    # cache (a run resumed with a cold cache writes the same records as an uninterrupted one).
+    if head in self._entries:
+      self._entries.move_to_end(head)
       self.hits += 1
-      self.reused_tokens += len(best) * len(prompts)
-      return len(best), self._entries[best]
+      self.reused_tokens += n * len(prompts)
+      return n, self._entries[head]
     self.misses += 1
     prefix = compute_prefix(model, head, self.block)
     self.reused_tokens += n * (len(prompts) - 1)

@@ -9,7 +9,7 @@ on Hugging Face's CAI recipe instead (revision chosen over the initial response,
 
 import ml_collections
 
-from configs.stages import optimizer
+from configs.stages import guard, optimizer
 
 
 def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
@@ -50,6 +50,7 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
       variant
   ]  # orbax checkpoint every N steps and at the end; 0 = none
   c.max_to_keep = 2  # orbax max_to_keep
+  c.guard = guard.guard(variant)  # divergence bounds (configs/stages/guard.py)
   c.log_every = 1  # train metrics (metrics.jsonl, TensorBoard) every N steps; eval rows always
   # Positions per chunk of the log-prob pass (logits formed a chunk at a time, recomputed in the
   # backward pass); 0 = whole logits. tiny: 0, as sft.loss_chunk (XLA:CPU fake-mesh deadlock).

@@ -7,7 +7,7 @@ scores it with the PM, subtracts beta * KL to the frozen SL-CAI reference per to
 
 import ml_collections
 
-from configs.stages import optimizer
+from configs.stages import guard, optimizer
 
 
 def _optimizer(lr: float, variant: str) -> ml_collections.ConfigDict:
@@ -105,5 +105,6 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
       2 if variant != 'full' else 20
   )  # orbax checkpoint every N PPO steps (and at the end)
   c.max_to_keep = 2  # orbax max_to_keep
+  c.guard = guard.guard(variant, rl=True)  # divergence bounds (configs/stages/guard.py)
   c.seed_offset = 0  # rollout seed = config.seed + seed_offset (prompt order and sampling)
   return c

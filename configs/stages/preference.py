@@ -16,7 +16,7 @@ are reported per kind (eval_harmlessness_*, eval_helpfulness_*) and over both (e
 
 import ml_collections
 
-from configs.stages import optimizer
+from configs.stages import guard, optimizer
 
 
 def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
@@ -52,6 +52,7 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   )  # conversations per forward pass when scoring held-out pairs
   c.checkpoint_every = checkpoint_every  # orbax checkpoint every N steps and at the end (resume starts there); 0 = none
   c.max_to_keep = 2  # orbax max_to_keep
+  c.guard = guard.guard(variant)  # divergence bounds (configs/stages/guard.py)
   c.log_every = 1  # train metrics (metrics.jsonl, TensorBoard) every N steps; eval rows always
 
   c.optimizer = optimizer.adamw(

@@ -8,7 +8,7 @@ rounds, and a fixed step count keeps its time).
 
 import ml_collections
 
-from configs.stages import optimizer
+from configs.stages import guard, optimizer
 
 
 def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
@@ -42,6 +42,7 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   c.eval_every = every  # held-out eval loss every N steps (and at the end); 0 = only at the end
   c.checkpoint_every = every  # orbax checkpoint every N steps and at the end (resume); 0 = none
   c.max_to_keep = 2  # orbax max_to_keep
+  c.guard = guard.guard(variant)  # divergence bounds (configs/stages/guard.py)
   c.log_every = 1  # train metrics (metrics.jsonl, TensorBoard) every N steps; eval rows always
   # Positions per chunk of the fused float32 cross-entropy; 0 = whole logits, then the loss.
   # tiny: 0, because on fake multi-device CPU meshes the chunk scan's per-chunk all-reduces

@@ -1,6 +1,8 @@
 """Runs `python -m cai_jax.main ARGS...` and kill -9s itself halfway through writing chunk N.
 
   python tests/scripts/fb_kill_run.py N --config configs/tiny.py --workdir W ...
+  python tests/scripts/fb_kill_run.py write:N ...  # right after the Nth whole JSONL file
+                                                    # (records.write_jsonl: evaluate's outputs)
 
 Used by tests/test_feedback.py: the process dies by SIGKILL (no cleanup, no atexit) after the
 first N - 1 chunks were appended and fsynced and half of chunk N's text reached the file, which
@@ -36,6 +38,22 @@ def _append_then_die(kill_at: int):
   return wrapped
 
 
+def _write_then_die(kill_after: int):
+  calls = [0]
+  write = records.write_jsonl
+
+  def wrapped(path, chunk_records):
+    write(path, chunk_records)
+    calls[0] += 1
+    if calls[0] >= kill_after:
+      os.kill(os.getpid(), signal.SIGKILL)
+
+  return wrapped
+
+
 if __name__ == '__main__':
-  records._append = _append_then_die(int(sys.argv[1]))
+  if sys.argv[1].startswith('write:'):
+    records.write_jsonl = _write_then_die(int(sys.argv[1].split(':')[1]))
+  else:
+    records._append = _append_then_die(int(sys.argv[1]))
   app.run(main.main, argv=[sys.argv[0]] + sys.argv[2:])
