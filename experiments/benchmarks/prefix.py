@@ -47,7 +47,7 @@ _REPEATS = flags.DEFINE_integer('repeats', 2, 'timed runs per engine, alternated
 _MAX_LEN = flags.DEFINE_integer('max_len', 2048, 'prompt + new tokens budget')
 _SKIP_HF = flags.DEFINE_bool('skip_transformers', False, 'time cai_jax only')
 _BREAKDOWN = flags.DEFINE_bool(
-    'breakdown', False, 'also split the few-shots\' extra seconds into prefill and decode'
+    'breakdown', False, "also split the few-shots' extra seconds into prefill and decode"
 )
 
 
@@ -180,8 +180,8 @@ def print_breakdown(model, few, zero, cache, kw, best):
   decode_zero = best['zero-shot'] - rows_zero
   print(
       f'few-shots add {best["reuse"] - best["zero-shot"]:.2f} s to the reuse run: '
-      f'{shared:.2f} s the shared preamble\'s one prefill, '
-      f'{rows_few - rows_zero:.2f} s the rows\' own prefill ({rows_few:.2f} vs {rows_zero:.2f} s '
+      f"{shared:.2f} s the shared preamble's one prefill, "
+      f"{rows_few - rows_zero:.2f} s the rows' own prefill ({rows_few:.2f} vs {rows_zero:.2f} s "
       f'zero-shot), {decode_few - decode_zero:.2f} s the decode steps '
       f'({decode_few:.2f} vs {decode_zero:.2f} s zero-shot)'
   )

@@ -32,7 +32,7 @@ _NEW_TOKENS = flags.DEFINE_integer('new_tokens', 64, 'tokens generated per row')
 _REPEATS = flags.DEFINE_integer('repeats', 2, 'timed runs per setting (best is kept)')
 _SKIP_HF = flags.DEFINE_bool('skip_transformers', False, 'time cai_jax only')
 _BREAKDOWN = flags.DEFINE_bool(
-    'breakdown', False, 'also time the decode step\'s pieces at each batch size (see decode_pieces)'
+    'breakdown', False, "also time the decode step's pieces at each batch size (see decode_pieces)"
 )
 
 QUESTIONS = [
@@ -235,7 +235,8 @@ def main(argv):
       context = np.mean([len(p) for p in prompts]) + n_new / 2
       flops = model_flops_per_token(cfg, s_len)  # we attend over the whole bucketed cache
       line = (
-          f'B={b:3d} cai_jax {ours_tps:8.1f} tok/s (decode step {step_s * 1e3:7.1f} ms, '
+          f'B={b:3d} cai_jax {ours_tps:8.1f} tok/s ({t_ours:.2f} s, prefill {t_prefill:.2f} s, '
+          f'decode step {step_s * 1e3:7.1f} ms, '
           f'{flops * b / step_s / peak:6.1%} of roofline, '
           f'{(param_bytes + cache_bytes) / step_s / 1e9:6.1f} GB/s)'
       )
