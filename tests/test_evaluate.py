@@ -9,6 +9,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cai_jax import checkpoint, conversation, evaluate, pipeline, ppo, sharding, stages
@@ -51,6 +52,26 @@ def test_refusals_are_detected(text):
 @pytest.mark.parametrize('text', NOT_REFUSALS)
 def test_non_refusals_are_not(text):
   assert not evaluate.is_refusal(text)
+
+
+def test_model_metrics_rates_by_prompt_kind():
+  # Red team: one refusal of four, one empty response, one cut at the token limit; helpful: one
+  # over-refusal of two. Each rate counts its own kind's responses only.
+  texts = [REFUSALS[0], NOT_REFUSALS[0], NOT_REFUSALS[1], '', REFUSALS[1], NOT_REFUSALS[2]]
+  kinds = ['redteam'] * 4 + ['helpful'] * 2
+  records = [
+      dict(kind=k, response=t, tokens=len(t), finish_reason='length' if i == 1 else 'stop')
+      for i, (k, t) in enumerate(zip(kinds, texts))
+  ]
+  rewards = np.arange(6, dtype=np.float64)
+  x = evaluate.model_metrics(records, rewards, {'evaluation_pm': None})
+  assert x['refusal_rate_redteam'] == 0.25 and x['refusal_rate_helpful'] == 0.5
+  assert x['empty_rate_redteam'] == 0.25 and x['empty_rate_helpful'] == 0.0
+  assert x['truncated_rate_redteam'] == 0.25 and x['truncated_rate_helpful'] == 0.0
+  assert x['mean_tokens_helpful'] == (len(texts[4]) + len(texts[5])) / 2
+  assert x['harmlessness_pm'] == evaluate.mean_stderr([0.0, 1.0, 2.0, 3.0])
+  assert x['helpfulness_pm'] == evaluate.mean_stderr([4.0, 5.0])
+  assert x['harmlessness_eval_pm'] is None and x['harmfulness'] is None
 
 
 def test_mean_stderr():
@@ -150,8 +171,11 @@ def test_report_and_summary(evaluated):
     assert x['harmlessness_eval_pm']['n'] == 2 and x['helpfulness_eval_pm']['n'] == 1
     assert x['harmlessness_eval_pm']['mean'] != x['harmlessness_pm']['mean']
     assert x['harmfulness'] is None
-    assert 0.0 <= x['refusal_rate_redteam'] <= 1.0
-    assert len((d / f'responses_{m}.jsonl').read_text().splitlines()) == 3
+    responses = evaluate.records_lib.read_jsonl(d / f'responses_{m}.jsonl')
+    assert len(responses) == 3
+    for kind in evaluate.KINDS:  # the summary's rates are those of the responses it wrote
+      rs = [r['response'] for r in responses if r['kind'] == kind]
+      assert x[f'refusal_rate_{kind}'] == np.mean([evaluate.is_refusal(r) for r in rs])
   harm = summary['harmlessness']
   assert harm['n_comparisons'] == 3 * 2  # 3 model pairs x 2 red-team prompts
   assert harm['bootstrap_by'] == 'prompt' and harm['n_prompts'] == 2

@@ -321,9 +321,11 @@ def test_stage_learns_synthetic_preference(finished):
   assert summary['eval_pairs'] == (
       summary['eval_harmlessness_pairs'] + summary['eval_helpfulness_pairs']
   )
-  assert summary['eval_harmlessness_accuracy'] > 0.9, summary
-  assert summary['eval_helpfulness_accuracy'] > 0.6, summary
-  assert summary['eval_accuracy'] > 0.85, summary
+  # The README's figure: every held-out pair of both kinds on the preferred side (38 pairs).
+  print({k: summary[k] for k in summary if k.startswith('eval_') and 'accuracy' in k})
+  assert summary['eval_harmlessness_accuracy'] == 1.0, summary
+  assert summary['eval_helpfulness_accuracy'] == 1.0, summary
+  assert summary['eval_accuracy'] == 1.0, summary
   assert summary['eval_loss'] < 0.6  # from ln 2 = 0.693 towards the label entropy H(0.8) = 0.500
   assert 0.0 <= summary['eval_ece'] <= 1.0 and 0.0 <= summary['eval_ece_soft'] < 0.2
   rows = train_lib.read_metrics(workdir / 'preference' / 'metrics.jsonl')
@@ -354,7 +356,9 @@ def test_ai_labeled_helpfulness_pairs_are_the_substitute(setup, tmp_path):
   assert summary['train_helpfulness'] + summary['held_out_helpfulness'] == N_HELPFUL
   for kind in ('harmlessness', 'helpfulness'):
     assert summary[f'eval_{kind}_pairs'] == summary[f'held_out_{kind}'] > 0
-    assert 0.0 <= summary[f'eval_{kind}_accuracy'] <= 1.0 and summary[f'eval_{kind}_loss'] > 0
+    # One epoch of the same synthetic preference (1.0 on each kind when measured): learned,
+    # and a loss below chance's ln 2.
+    assert summary[f'eval_{kind}_accuracy'] > 0.85 and summary[f'eval_{kind}_loss'] < 0.69, summary
 
 
 def test_export_round_trip_gives_the_same_rewards(finished, setup):

@@ -15,7 +15,7 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
 NEW_TOKENS = 48
-TIE = 1e-4  # a divergence is accepted only at a near-tie of the top-2 logits
+TIE = 1e-4  # a divergence at a top-2 logit gap above this is a bug, not summation order
 
 QUESTIONS = [
     'What is the capital of France?',
@@ -110,7 +110,9 @@ def test_greedy_matches_transformers(smol, hf_model, prompts):
     )
     assert min(ours_gap, hf_gap) <= TIE, f'prompt {i} diverges at {j} without a near-tie'
   print(f'greedy parity: {exact}/{len(prompts)} rows identical, {len(ties)} near-tie divergences')
-  assert exact >= len(prompts) // 2
+  # The README's figure: every row identical. A divergence at a near-tie (printed above, with
+  # the gaps) is float32 summation order, not a bug, but it still fails the claim.
+  assert exact == len(prompts), ties
 
 
 def test_score_matches_transformers(smol, hf_model, prompts):

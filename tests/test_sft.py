@@ -299,7 +299,13 @@ def test_mix_draws_helpful_per_revision_ratio():
   assert sft.mix(revisions, helpful, -1, 0) == revisions + helpful
   mixed = sft.mix(revisions, helpful, 2.0, 0)
   assert mixed[:4] == revisions and len(mixed) == 12 and set(mixed[4:]) == set(helpful)
-  assert sft.mix(revisions, helpful, 0.5, 0) == sft.mix(revisions, helpful, 0.5, 0)
+  # 0.5 per revision: round(0.5 * 4) = 2 helpful pairs, two different ones (a draw without
+  # repeats while there are enough), fixed by the seed and moved by another seed.
+  half = {seed: sft.mix(revisions, helpful, 0.5, seed)[4:] for seed in range(8)}
+  assert all(len(h) == 2 and len(set(h)) == 2 and set(h) <= set(helpful) for h in half.values())
+  assert sft.mix(revisions, helpful, 0.5, 3)[4:] == half[3]
+  assert len({tuple(h) for h in half.values()}) > 1
+  assert sft.mix(revisions, helpful, 0.0, 0) == revisions
 
 
 def test_optimizer_schedule_warms_up_then_decays():

@@ -217,7 +217,25 @@ def test_ppo_vs_dpo_sweep_runs_on_tiny(tmp_path):
   (row,) = json.loads((root / 'ppo_vs_dpo' / 'results.json').read_text())
   assert row['status'] == 'ok' and row['overrides'] == {'dpo.beta': 0.5, 'ppo.kl.coef': 0.2}
   m = row['metrics']
-  for key in ('ppo_kl', 'dpo_kl', 'dpo_harmlessness_elo', 'ppo_harmlessness_elo'):
-    assert m[key] is not None, key
+  # Each cell is the number its stage wrote in the point's own workdir, not merely present.
+  point = Path(row['workdir'])
+  done = lambda stage: json.loads((point / stage / 'DONE.json').read_text())['summary']
+  evaluated = json.loads((point / 'evaluate' / 'summary.json').read_text())
+  assert set(evaluated['models']) == {'helpful', 'sft', 'ppo', 'dpo'}  # DPO judged beside RL-CAI
+  assert m['ppo_kl'] == done('ppo')['kl_last'] and m['dpo_kl'] == done('dpo')['eval_kl']
   assert m['dpo_kl'] >= 0 and m['ppo_kl'] >= 0
-  assert set(m['dpo_pm_score']) >= {'mean', 'stderr'}
+  assert m['dpo_eval_accuracy'] == done('dpo')['eval_accuracy']
+  for method in ('ppo', 'dpo'):
+    assert m[f'{method}_harmlessness_elo'] == evaluated['harmlessness']['elo'][method]
+  assert m['dpo_pm_score'] == evaluated['metrics']['dpo']['harmlessness_pm']
+  assert m['dpo_refusal_rate'] == evaluated['metrics']['dpo']['refusal_rate_redteam']
+  # The table: one row, the point's overrides and both KLs beside each method's Elo.
+  lines = (root / 'ppo_vs_dpo' / 'results.md').read_text().splitlines()
+  header = next(l for l in lines if l.startswith('| point |'))
+  cells = lambda line: [c.strip() for c in line.strip('|').split('|')]
+  (table_row,) = [l for l in lines if l.startswith(f'| {row["point"]} |')]
+  cell = dict(zip(cells(header), cells(table_row)))
+  assert (cell['dpo.beta'], cell['ppo.kl.coef']) == ('0.5', '0.2')
+  for key in ('ppo_kl', 'dpo_kl', 'dpo_harmlessness_elo', 'ppo_harmlessness_elo', 'dpo_pm_score'):
+    assert cell[key] == sweep.format_value(m[key]), key
+  assert cell['status'] == 'ok'

@@ -5,8 +5,8 @@ constitution, on SmolLM2-135M float32 (issue 17).
 once, untimed), then the round-1 critique prompts exactly as the stage renders them
 (`constitution.fit_critique_revision_prompt`, the demo's chat template, max_len 2048 so no
 few-shot is dropped). Timed, greedy, 64 new tokens per row, same machine, same run, runs
-alternated (the best of --repeats is kept; cai_jax's engines get an untimed warm-up run for
-their compiles):
+alternated (the best of --repeats is kept; every engine, transformers included, first gets an
+untimed warm-up run):
 
   reuse       cai_jax with a PrefixCache (the few-shot preamble computed once and read as one
               copy; the cache is emptied before each timed run, so its one prefill is counted)
@@ -20,7 +20,14 @@ Ends with exactly:
   few-shot critique cost vs zero-shot: X.XX        (reuse on few-shot prompts / zero-shot)
   few-shot critique speedup vs transformers: X.XX  (transformers / reuse)
 
+With --breakdown it then splits what the few-shots add to the reuse run (its seconds less the
+zero-shot reuse run's) into the shared preamble's one prefill, the rows' own prefill (which
+attends over the preamble), and the decode steps (which read it): each prefill is timed alone
+(a generate call of one new token, the preamble already cached for the rows' prefill), the
+decode is the rest of the run.
+
   python experiments/benchmarks/prefix.py [--prompts=32] [--repeats=2] [--skip_transformers]
+      [--breakdown]
 """
 
 from __future__ import annotations
@@ -39,6 +46,9 @@ _BATCH = flags.DEFINE_integer('batch_size', 32, 'rows per generate call (all eng
 _REPEATS = flags.DEFINE_integer('repeats', 2, 'timed runs per engine, alternated (best kept)')
 _MAX_LEN = flags.DEFINE_integer('max_len', 2048, 'prompt + new tokens budget')
 _SKIP_HF = flags.DEFINE_bool('skip_transformers', False, 'time cai_jax only')
+_BREAKDOWN = flags.DEFINE_bool(
+    'breakdown', False, "also split the few-shots' extra seconds into prefill and decode"
+)
 
 
 def critique_prompts(pt, n: int, new_tokens: int, max_len: int):
@@ -110,16 +120,16 @@ def main(_):
   }
   if not _SKIP_HF.value:
     runs['transformers'] = hf_runner(few, _NEW_TOKENS.value, _BATCH.value)
-  # Warm-up of cai_jax's engines (XLA compiles); transformers compiles nothing, so its runs are
-  # all timed (its first run is also its output).
-  outputs = {name: fn() for name, fn in runs.items() if name != 'transformers'}
+  # One untimed run of every engine first: cai_jax's XLA compiles, and transformers' first-call
+  # costs (oneDNN kernel selection, allocator growth), so no engine is timed cold. The warm-up
+  # runs are also the outputs compared below.
+  outputs = {name: fn() for name, fn in runs.items()}
   best = {name: float('inf') for name in runs}
   for _ in range(_REPEATS.value):  # alternated, so background load hits every engine alike
     for name, fn in runs.items():
       t = time.perf_counter()
-      out = fn()
+      fn()
       best[name] = min(best[name], time.perf_counter() - t)
-      outputs.setdefault(name, out)
   assert outputs['reuse'].tokens == outputs['plain'].tokens, 'prefix reuse changed greedy tokens'
   same_hf = None
   if 'transformers' in outputs:
@@ -136,8 +146,45 @@ def main(_):
   )
   print(f'reuse speedup vs plain cai_jax: {best["plain"] / best["reuse"]:.2f}')
   print(f'few-shot critique cost vs zero-shot: {best["reuse"] / best["zero-shot"]:.2f}')
+  if _BREAKDOWN.value:
+    print_breakdown(pt.model, few, zero, cache, kw, best)
   if 'transformers' in best:
     print(f'few-shot critique speedup vs transformers: {best["transformers"] / best["reuse"]:.2f}')
+
+
+def print_breakdown(model, few, zero, cache, kw, best):
+  """The few-shots' extra seconds in the reuse run, split into prefill and decode (see the
+  module docstring); best of --repeats, each timed piece warmed first."""
+  import jax
+
+  from cai_jax import sampling
+
+  def timed(fn):
+    fn()
+    seconds = float('inf')
+    for _ in range(_REPEATS.value):
+      t = time.perf_counter()
+      fn()
+      seconds = min(seconds, time.perf_counter() - t)
+    return seconds
+
+  def shared_prefill():
+    cache.clear()
+    jax.block_until_ready(cache.find(model, few)[1].kv)
+
+  one = dict(kw, max_new_tokens=1)
+  shared = timed(shared_prefill)
+  rows_few = timed(lambda: sampling.generate_batched(model, few, prefix_cache=cache, **one))
+  rows_zero = timed(lambda: sampling.generate_batched(model, zero, prefix_cache=cache, **one))
+  decode_few = best['reuse'] - shared - rows_few
+  decode_zero = best['zero-shot'] - rows_zero
+  print(
+      f'few-shots add {best["reuse"] - best["zero-shot"]:.2f} s to the reuse run: '
+      f"{shared:.2f} s the shared preamble's one prefill, "
+      f"{rows_few - rows_zero:.2f} s the rows' own prefill ({rows_few:.2f} vs {rows_zero:.2f} s "
+      f'zero-shot), {decode_few - decode_zero:.2f} s the decode steps '
+      f'({decode_few:.2f} vs {decode_zero:.2f} s zero-shot)'
+  )
 
 
 def hf_runner(prompts, new_tokens: int, batch_size: int):

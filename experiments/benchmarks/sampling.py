@@ -6,8 +6,14 @@ the measured matmul FLOP/s roofline and the decode memory bandwidth achieved. La
 `sampling speedup vs transformers at B=16: X.XX` (float32, or the first dtype run).
 
 Timed runs alternate between the two so background load hits both alike; the best is kept.
+Every engine runs once untimed first (XLA compiles; transformers' first-call costs).
+
+With --breakdown, each batch size also gets one line splitting a decode step into the LM head,
+the MLPs, the attention projections and the decode attention, each timed alone (see
+`decode_pieces`).
 
   python experiments/benchmarks/sampling.py --batch_sizes=1,16,64 --dtypes=float32,bfloat16
+      [--breakdown]
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ _DTYPES = flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'model dtypes to 
 _NEW_TOKENS = flags.DEFINE_integer('new_tokens', 64, 'tokens generated per row')
 _REPEATS = flags.DEFINE_integer('repeats', 2, 'timed runs per setting (best is kept)')
 _SKIP_HF = flags.DEFINE_bool('skip_transformers', False, 'time cai_jax only')
+_BREAKDOWN = flags.DEFINE_bool(
+    'breakdown', False, "also time the decode step's pieces at each batch size (see decode_pieces)"
+)
 
 QUESTIONS = [
     'What is the capital of France?',
@@ -83,6 +92,71 @@ def _transformers_generate(hf, prompts, n_new, device):
     assert out.shape[1] == width + n_new
 
   return run
+
+
+def decode_pieces(cfg, b: int, s_len: int, dtype: str, repeats: int) -> dict[str, tuple]:
+  """{piece: (seconds, flops)} of one decode step's pieces for b rows, each its own jitted
+  program over all layers (a `lax.scan` over stacked random weights of the model's shapes, one
+  token per row): the LM head, the MLPs, the attention projections, and the attention over a
+  cache of s_len slots in the model's layout (keys [B, K, H, S], values [B, K, S, H]).
+
+  Micro-benchmarks, not the fused step: they show where a step's time goes and the matmul rate
+  at this batch size, and their sum need not equal the measured step.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  dt = jnp.dtype(dtype)
+  d, f, v, n_l = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.n_layers
+  n, k, h = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+  keys = iter(jax.random.split(jax.random.key(0), 16))
+  rand = lambda *shape: (jax.random.normal(next(keys), shape, jnp.float32) * 0.02).astype(dt)
+  x = rand(b, d)
+
+  def over_layers(layer):
+    return jax.jit(lambda x, w: jax.lax.scan(lambda c, wl: (layer(c, wl), None), x, w)[0])
+
+  def mlp(c, w):
+    gate, up, down = w
+    return c + (jax.nn.silu(c @ gate) * (c @ up)) @ down
+
+  def projections(c, w):
+    wq, wk, wv, wo = w
+    q, kk, vv = c @ wq, c @ wk, c @ wv
+    return c + q @ wo + (kk.sum(-1, keepdims=True) + vv.sum(-1, keepdims=True)).astype(c.dtype)
+
+  def attention(q, w):
+    k_cache, v_cache = w  # [B, K, H, S], [B, K, S, H]
+    logits = jnp.einsum('BKGH,BKHS->BKGS', q, k_cache).astype(jnp.float32) * h**-0.5
+    probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+    return jnp.einsum('BKGS,BKSH->BKGH', probs, v_cache)
+
+  pieces = {
+      'LM head': (jax.jit(lambda x, e: x @ e.T), x, rand(v, d), 2 * b * d * v),
+      'MLPs': (
+          over_layers(mlp),
+          x,
+          (rand(n_l, d, f), rand(n_l, d, f), rand(n_l, f, d)),
+          2 * b * 3 * d * f * n_l,
+      ),
+      'attention projections': (
+          over_layers(projections),
+          x,
+          (rand(n_l, d, n * h), rand(n_l, d, k * h), rand(n_l, d, k * h), rand(n_l, n * h, d)),
+          2 * b * d * (2 * n * h + 2 * k * h) * n_l,
+      ),
+      'decode attention': (
+          over_layers(attention),
+          rand(b, k, n // k, h),
+          (rand(n_l, b, k, h, s_len), rand(n_l, b, k, s_len, h)),
+          4 * b * n * h * s_len * n_l,
+      ),
+  }
+  out = {}
+  for name, (fn, arg, weights, flops) in pieces.items():
+    jax.block_until_ready(fn(arg, weights))  # compile
+    out[name] = (_best(lambda: jax.block_until_ready(fn(arg, weights)), repeats), flops)
+  return out
 
 
 def model_flops_per_token(cfg, context: int) -> float:
@@ -161,7 +235,8 @@ def main(argv):
       context = np.mean([len(p) for p in prompts]) + n_new / 2
       flops = model_flops_per_token(cfg, s_len)  # we attend over the whole bucketed cache
       line = (
-          f'B={b:3d} cai_jax {ours_tps:8.1f} tok/s (decode step {step_s * 1e3:7.1f} ms, '
+          f'B={b:3d} cai_jax {ours_tps:8.1f} tok/s ({t_ours:.2f} s, prefill {t_prefill:.2f} s, '
+          f'decode step {step_s * 1e3:7.1f} ms, '
           f'{flops * b / step_s / peak:6.1%} of roofline, '
           f'{(param_bytes + cache_bytes) / step_s / 1e9:6.1f} GB/s)'
       )
@@ -174,6 +249,16 @@ def main(argv):
         if b == 16 and headline is None:
           headline = speedup
       print(line, flush=True)
+      if _BREAKDOWN.value:
+        pieces = decode_pieces(cfg, b, s_len, dtype, max(_REPEATS.value, 3))
+        matmul = [pieces[p] for p in ('LM head', 'MLPs', 'attention projections')]
+        print(
+            f'  B={b} {dtype} decode step pieces, each alone: '
+            + ', '.join(f'{name} {t * 1e3:.1f} ms' for name, (t, _) in pieces.items())
+            + f'; matrix products {sum(t for t, _ in matmul) * 1e3:.1f} ms at '
+            f'{sum(fl for _, fl in matmul) / sum(t for t, _ in matmul) / 1e9:.1f} GFLOP/s',
+            flush=True,
+        )
     del hf
   if headline is not None:
     print(f'sampling speedup vs transformers at B=16: {headline:.2f}')

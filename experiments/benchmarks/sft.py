@@ -7,7 +7,12 @@ excluded; process CPU time per step is printed too, as a check when other proces
 machine. MFU-style figure: 6 x params x tokens/s over the matmul FLOP/s
 measured in this run.
 
+With --breakdown, each framework's step is also split into its forward pass (the loss alone,
+timed by itself), the backward pass (loss and gradients, less the forward) and the rest (clipping
+and the optimizer update), with the forward's FLOP/s as a share of the measured matmul rate.
+
   python experiments/benchmarks/sft.py [--batch 8] [--seq 256] [--steps 4] [--loss_chunk 0]
+      [--breakdown]
 """
 
 import argparse
@@ -24,6 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
+from flax import nnx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cai_jax import checkpoint, sft, sharding, train_lib  # noqa: E402
@@ -86,15 +92,25 @@ class JaxTrainer:
       self.pretrained = checkpoint.load_pretrained('smollm2-135m')
       tx, schedule = train_lib.make_optimizer(OPTIMIZER, 1000)
       graphdef, self.state, shardings = train_lib.init_state(self.pretrained.model, tx)
-      self.step_fn = train_lib.make_train_step(
-          graphdef, tx, sft.make_loss_fn(loss_chunk), shardings, schedule
-      )
+      loss_fn = sft.make_loss_fn(loss_chunk)
+      self.step_fn = train_lib.make_train_step(graphdef, tx, loss_fn, shardings, schedule)
       self.batch = sharding.global_batch(batch)
+      compute = lambda params, batch: loss_fn(nnx.merge(graphdef, params), batch)[0]
+      self.forward_fn = jax.jit(compute)
+      self.grad_fn = jax.jit(jax.value_and_grad(compute))
 
   def step(self) -> float:
     with sharding.use_mesh(self.mesh, sharding.DEFAULT_RULES):
       self.state, metrics = self.step_fn(self.state, self.batch)
       return float(metrics['loss'])  # waits for the step
+
+  def forward(self) -> None:
+    with sharding.use_mesh(self.mesh, sharding.DEFAULT_RULES):
+      jax.block_until_ready(self.forward_fn(self.state.params, self.batch))
+
+  def forward_backward(self) -> None:
+    with sharding.use_mesh(self.mesh, sharding.DEFAULT_RULES):
+      jax.block_until_ready(self.grad_fn(self.state.params, self.batch))
 
 
 class TorchTrainer:
@@ -123,6 +139,30 @@ class TorchTrainer:
     self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), OPTIMIZER.grad_clip)
     self.opt.step()
     return float(loss.detach())
+
+  def forward(self) -> None:
+    with self.torch.no_grad():
+      self.model(input_ids=self.input_ids, labels=self.labels)
+
+  def forward_backward(self) -> None:
+    self.model.zero_grad(set_to_none=True)
+    self.model(input_ids=self.input_ids, labels=self.labels).loss.backward()
+
+
+def breakdown(name: str, trainer, step_s: float, steps: int, flops_per_forward: float, peak: float):
+  """Prints the step split into forward, backward and the rest (each warmed once, best of
+  `steps`)."""
+  best = {}
+  for part in ('forward', 'forward_backward'):
+    fn = getattr(trainer, part)
+    fn()
+    best[part] = min(_timed(fn) for _ in range(steps))
+  fwd, bwd = best['forward'], best['forward_backward'] - best['forward']
+  print(
+      f'{name:5s} step breakdown: forward {fwd:.2f} s ({flops_per_forward / fwd / peak:.0%} of the '
+      f'measured matmul rate), backward {bwd:.2f} s ({bwd / fwd:.1f}x the forward), '
+      f'clipping + optimizer {step_s - best["forward_backward"]:.2f} s'
+  )
 
 
 def measure(name: str, trainer, warmup: int, steps: int) -> dict:
@@ -157,6 +197,9 @@ def main():
       '--warmup', type=int, default=1, help='untimed steps per framework (compilation)'
   )
   parser.add_argument('--loss_chunk', type=int, default=64, help='sft.loss_chunk of our step')
+  parser.add_argument(
+      '--breakdown', action='store_true', help='also split each step into forward and backward'
+  )
   args = parser.parse_args()
 
   import torch
@@ -177,11 +220,17 @@ def main():
   cfg = ours.pretrained.config
   checkpoint.save_pretrained(ours.pretrained, hf_dir)  # the same weights for PyTorch
   results = {'jax': measure('jax', ours, args.warmup, args.steps)}
+  if args.breakdown:
+    peak = max(matmul_flops().values())
+    forward_flops = 2 * cfg.num_params() * tokens
+    breakdown('jax', ours, results['jax']['wall'], args.steps, forward_flops, peak)
   del ours
   gc.collect()
   jax.clear_caches()
   theirs = TorchTrainer(batch, hf_dir)
   results['torch'] = measure('torch', theirs, args.warmup, args.steps)
+  if args.breakdown:
+    breakdown('torch', theirs, results['torch']['wall'], args.steps, forward_flops, peak)
   del theirs
   gc.collect()
   shutil.rmtree(hf_dir, ignore_errors=True)
