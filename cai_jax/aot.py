@@ -336,6 +336,28 @@ def table(results: list[Result], hbm: int, kind: str, devices: int) -> str:
   return '\n'.join(lines)
 
 
+def fit_errors(results: list[Result], hbm: int, remedies: list[str]) -> list[str]:
+  """One line per program that leaves under FREE_FRACTION of `hbm` free, or ran out of memory
+  by an amount its message does not say."""
+  errors = []
+  for r in results:
+    if r.error and r.memory_from_error() is None:
+      errors.append(
+          f'aot: error: {r.program.stage}/{r.program.name} [{r.program.shape}] does not fit, '
+          f'and the compiler did not say by how much: {r.error}'
+      )
+    elif r.total > (1 - FREE_FRACTION) * hbm:
+      errors.append(
+          f'aot: error: {r.program.stage}/{r.program.name} [{r.program.shape}] needs '
+          f'{"" if r.memory else "at least "}{r.total / GIB:.2f} GiB per device '
+          f'({r.total} bytes, of which {r.resident / GIB:.2f} GiB resident state) of '
+          f'{hbm / GIB:.2f} GiB HBM, leaving under {FREE_FRACTION:.0%} free; try '
+          + ', '.join(remedies[:-1])
+          + f' or {remedies[-1]}'
+      )
+  return errors
+
+
 def check(config) -> tuple[list[Result], list[str], str, str, int]:
   """Compiles everything; returns the results, the not-fitting errors, the summary line, the
   chip kind and the device count."""
@@ -363,24 +385,8 @@ def check(config) -> tuple[list[Result], list[str], str, str, int]:
   with sharding.use_mesh(mesh, config.logical_axis_rules):
     programs = stage_programs(config, mesh, _PROGRAMS.value)
     results = compile_all(programs, log=lambda s: print(s, flush=True))
-  errors = []
   remedies = [] if config.model.get('remat', 'none') == 'full' else ['--config.model.remat=full']
-  remedies += ['a smaller batch', 'a bigger mesh']
-  for r in results:
-    if r.error and r.memory_from_error() is None:
-      errors.append(
-          f'aot: error: {r.program.stage}/{r.program.name} [{r.program.shape}] does not fit, '
-          f'and the compiler did not say by how much: {r.error}'
-      )
-    elif r.total > (1 - FREE_FRACTION) * hbm:
-      errors.append(
-          f'aot: error: {r.program.stage}/{r.program.name} [{r.program.shape}] needs '
-          f'{"" if r.memory else "at least "}{r.total / GIB:.2f} GiB per device '
-          f'({r.total} bytes, of which {r.resident / GIB:.2f} GiB resident state) of '
-          f'{hbm / GIB:.2f} GiB HBM, leaving under {FREE_FRACTION:.0%} free; try '
-          + ', '.join(remedies[:-1])
-          + f' or {remedies[-1]}'
-      )
+  errors = fit_errors(results, hbm, remedies + ['a smaller batch', 'a bigger mesh'])
   peak = max((r.total for r in results), default=0)
   summary = (
       f'aot: {len(results)} programs compiled for {topology}, peak {peak / GIB:.1f} GiB of '
