@@ -224,7 +224,7 @@ def sampler_programs(
     extra = (shared, i32)  # generate passes both, None for no prefix
     shape = f'B={b} P={p} N={n}' + (f' prefix={sp}' if sp else '')
     over = ' over a shared prefix' if sp else ''
-    stay = resident if shared is None else resident | prefix.resident
+    stay = resident if prefix is None else resident | prefix.resident  # for the whole stage
 
     def prefill():
       return common.jitted(decoding._prefill, graphdef, strategy, donate_argnums=(3,)).lower(
@@ -359,7 +359,7 @@ def score_options_program(
         groups, ' over group prefixes'
     )
     shape = f'B={b} T={t} options=2x{c}' + (f' prefix={groups}x{sp}' if sp else '')
-    stay = resident if shared is None else resident | prefix.resident
+    stay = resident if prefix is None else resident | prefix.resident  # for the whole stage
     return Program(stage, name, shape, lower, stay, None, flops)
 
   out = [one(None, 0, 0)]
@@ -600,11 +600,12 @@ def stage_programs(config, mesh, only: str = '') -> list[Program]:
 
   if 'feedback' in wanted:
     fb = config.feedback
+    # The feedback model's PrefixCache lives as long as the stage: labels and samples alternate.
     out += sample(
         'feedback',
         'SL-CAI',
         sl_cai,
-        keep('helpful'),
+        keep('helpful') | (prefix.resident if prefix else {}),
         fb.batch_size,
         fb.max_new_tokens,
         fb.temperature,
