@@ -275,21 +275,23 @@ AGREEMENT = """
 from cai_jax import aot, aot_programs, sharding
 from cai_jax.model import ModelConfig
 
-devices = aot.topology_devices('v5e:2x4')
-mesh = sharding.make_mesh((1, 8, 1), devices=devices)
+devices = aot.topology_devices('v5e:1x1')
+mesh = sharding.make_mesh((1, 1, 1), devices=devices)
 cfg = ModelConfig.smollm2_135m(dtype='bfloat16', param_dtype='bfloat16')
 with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
   pm = aot_programs.scalar_head_model(cfg, mesh)
-  program = aot_programs.rewards_program('test', 'PM', cfg, pm, mesh, {}, batch_size=16, length=1024)
+  program = aot_programs.rewards_program('test', 'PM', cfg, pm, mesh, {}, batch_size=4, length=1024)
   [result] = aot.compile_all([program], log=lambda s: None)
-print(program.model_flops / len(devices), result.flops)
+print(program.model_flops, result.flops)
 """
 
 
 @pytest.mark.slow
 def test_model_flops_of_a_forward_agree_with_the_compiler():
-  """SmolLM2-135M's PM forward (no remat, no loop) on v5e:2x4: the analytic count is within 15%
-  of the compiler's, per device."""
+  """SmolLM2-135M's PM forward (no remat, no loop; attention is a quarter of it at 1,024 tokens)
+  on one v5e chip: the analytic count is within 15% of the compiler's. (On a sharded mesh libtpu
+  may split an FSDP matmul into a loop over the shards, whose body it counts once: SmolLM2's PM
+  forward at 1,024 tokens on v5e:2x4 counts 0.64 of the analytic FLOPs, at 256 tokens 1.01.)"""
   r = subprocess.run(
       [sys.executable, '-c', AGREEMENT], capture_output=True, text=True, timeout=900, cwd=REPO
   )
