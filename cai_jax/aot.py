@@ -15,11 +15,11 @@ size cannot be read fails the program.
 Time and MFU, per device: model FLOPs are the analytic count (`aot_programs.forward_flops`: 6 x
 matmul parameters x tokens for a train step, 2 x for a forward, plus attention; remat's
 recompute excluded); hardware FLOPs and bytes accessed are the compiler's (remat included; a
-loop body, such as the chunked LM head or the decode step, counted once). The time is libtpu's
-cost model where it gives one (v5p), never below the model FLOPs at peak; elsewhere (v4, v5e) the
-roofline bound max(FLOPs / peak, bytes accessed / HBM bandwidth), marked >=, and the MFU beside
-it is then an upper bound (<=). MFU = model FLOPs / time / the chip's peak. Decode rows are one
-step of the loop.
+loop body, such as the chunked LM head, the decode step or an FSDP matmul that libtpu splits
+over the shards, counted once). The time is libtpu's cost model where it gives one, never below
+the FLOPs at peak; where it gives none, the roofline bound max(FLOPs / peak, bytes accessed / HBM
+bandwidth), marked >=, and the MFU beside it is then an upper bound (<=). MFU = model FLOPs /
+time / the chip's peak, at most 100% by construction. Decode rows are one step of the loop.
 """
 
 from __future__ import annotations
