@@ -9,9 +9,17 @@ evaluate's sampler) compile once.
 
 Memory per device = the compiled program (arguments + temporaries + outputs - aliased) plus that
 resident state. Not counted: XLA's fragmentation, hence the 10% margin. The HBM is what libtpu
-reports as available (it says so when a program does not fit); FLOPs and seconds are the
-compiler's cost model for one device, and MFU = FLOPs / seconds / the chip's peak (for the
-decode loop the model sees one pass of its body).
+reports as available (it says so when a program does not fit); an out-of-memory message whose
+size cannot be read fails the program.
+
+Time and MFU, per device: model FLOPs are the analytic count (`aot_programs.forward_flops`: 6 x
+matmul parameters x tokens for a train step, 2 x for a forward, plus attention; remat's
+recompute excluded); hardware FLOPs and bytes accessed are the compiler's (remat included; a
+loop body, such as the chunked LM head, the decode step or an FSDP matmul that libtpu splits
+over the shards, counted once). The time is libtpu's cost model where it gives one, never below
+the FLOPs at peak; where it gives none, the roofline bound max(FLOPs / peak, bytes accessed / HBM
+bandwidth), marked >=, and the MFU beside it is then an upper bound (<=). MFU = model FLOPs /
+time / the chip's peak, at most 100% by construction. Decode rows are one step of the loop.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ import time  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from cai_jax import compile_log  # noqa: E402
 from cai_jax.aot_programs import AotError, Program, stage_programs  # noqa: E402
 
 GIB = 2**30
@@ -81,7 +90,21 @@ def topology_devices(topology: str) -> list:
 
   kwargs = {'chip_config_name': 'megacore'} if chip_kind(topology) in _MEGACORE else {}
   try:
-    desc = topologies.get_topology_desc(topology_name=topology, platform='tpu', **kwargs)
+    try:
+      desc = topologies.get_topology_desc(topology_name=topology, platform='tpu', **kwargs)
+    except (jax.errors.JaxRuntimeError, ValueError, RuntimeError) as e:
+      # A slice smaller than one host's chips (e.g. 'v5e:1x1', the coverage test's): that
+      # slice is its own host.
+      dims = re.fullmatch(r'[^:]+:(\d+(?:x\d+)*)', topology.strip())
+      if 'chips_per_host_bounds' not in str(e) or dims is None:
+        raise
+      bounds = tuple(int(d) for d in dims.group(1).split('x'))
+      desc = topologies.get_topology_desc(
+          topology_name=topology,
+          platform='tpu',
+          chips_per_host_bounds=(bounds + (1, 1))[:3],
+          **kwargs,
+      )
     return list(desc.devices)
   except (jax.errors.JaxRuntimeError, ValueError, RuntimeError) as e:
     reason = str(e).strip().splitlines()[0][:160]
@@ -120,10 +143,12 @@ class Result:
   program: Program
   seconds: float
   memory: dict[str, int] | None  # argument, temp, output, alias, program (bytes per device)
-  flops: float | None
-  est_seconds: float | None
+  flops: float | None  # the compiler's (hardware) FLOPs per device
+  est_seconds: float | None  # libtpu's cost model, where it answers
   same_as: str | None = None  # an identical program compiled earlier
   error: str | None = None  # the compiler's out-of-memory message
+  bytes_accessed: float | None = None  # the compiler's, per device
+  lowered: list = dataclasses.field(default_factory=list)  # compile_log keys of this lowering
 
   @property
   def resident(self) -> int:
@@ -131,16 +156,48 @@ class Result:
 
   @property
   def total(self) -> int:
-    needed = self.memory['program'] if self.memory else self.memory_from_error()
+    needed = self.memory['program'] if self.memory else self.memory_from_error() or 0
     return needed + self.resident
 
-  def memory_from_error(self) -> int:
+  def memory_from_error(self) -> int | None:
+    """The bytes an out-of-memory message says the program needs; None if it does not say."""
     found = re.search(r'required for [^(]*\(([\d.]+)([KMGT])\)', self.error or '')
-    return int(float(found.group(1)) * 1024 ** ('KMGT'.index(found.group(2)) + 1)) if found else 0
+    if not found:
+      return None
+    return int(float(found.group(1)) * 1024 ** ('KMGT'.index(found.group(2)) + 1))
 
 
-def as_json(r: Result) -> dict:
+@dataclasses.dataclass
+class Timing:
+  """One program's time and MFU on one device of `kind` (see the module docstring)."""
+
+  model_flops: float | None  # per device
+  seconds: float | None
+  bound: bool  # seconds is the roofline lower bound (MFU an upper bound)
+  mfu: float | None
+
+
+def timing(r: Result, kind: str, devices: int) -> Timing:
+  from cai_jax import memory
+
+  peak, bandwidth = memory.PEAK_FLOPS.get(kind), memory.HBM_BYTES_PER_S.get(kind)
+  model = r.program.model_flops / devices if r.program.model_flops else None
+  if not peak or r.flops is None:
+    return Timing(model, None, False, None)
+  compute = max(r.flops, model or 0) / peak
+  if r.est_seconds:
+    seconds, bound = max(r.est_seconds, compute), False
+  elif bandwidth and r.bytes_accessed:
+    seconds, bound = max(compute, r.bytes_accessed / bandwidth), True
+  else:
+    return Timing(model, None, False, None)
+  mfu = model / seconds / peak if model and seconds > 0 else None
+  return Timing(model, seconds, bound, mfu)
+
+
+def as_json(r: Result, kind: str = '', devices: int = 1) -> dict:
   p = r.program
+  t = timing(r, kind, devices)
   return {
       'stage': p.stage,
       'program': p.name,
@@ -150,9 +207,16 @@ def as_json(r: Result) -> dict:
       'memory': r.memory,
       'resident': p.resident,
       'total': r.total,
-      'flops': r.flops,
-      'estimated_seconds': r.est_seconds,
+      'hardware_flops': r.flops,
+      'bytes_accessed': r.bytes_accessed,
+      'cost_model_seconds': r.est_seconds,
+      'model_flops': t.model_flops,
+      'seconds': t.seconds,
+      'seconds_is_roofline_bound': t.bound,
+      'mfu': t.mfu,
+      'per_step': p.per_step,
       'error': r.error,
+      'lowered': r.lowered,
   }
 
 
@@ -163,7 +227,8 @@ def compile_all(programs: list[Program], log=print) -> list[Result]:
   while queue:
     program = queue.pop(0)
     t0 = time.time()
-    lowered = program.lower()
+    with compile_log.record() as keys:
+      lowered = program.lower()
     key = hashlib.sha1(lowered.as_text().encode()).hexdigest()
     label = f'{program.stage}/{program.name}'
     compiled = None
@@ -174,6 +239,7 @@ def compile_all(programs: list[Program], log=print) -> list[Result]:
           program=program,
           seconds=time.time() - t0,
           same_as=f'{first.program.stage}/{first.program.name}',
+          lowered=keys or first.lowered,
       )
     else:
       try:
@@ -183,7 +249,13 @@ def compile_all(programs: list[Program], log=print) -> list[Result]:
           raise
         compiled = None
         result = Result(
-            program, time.time() - t0, None, None, None, error=str(e).strip().splitlines()[0]
+            program,
+            time.time() - t0,
+            None,
+            None,
+            None,
+            error=str(e).strip().splitlines()[0],
+            lowered=keys,
         )
       if compiled is not None:
         ma = compiled.memory_analysis()
@@ -203,6 +275,8 @@ def compile_all(programs: list[Program], log=print) -> list[Result]:
             mem,
             cost.get('flops'),
             seconds if seconds and seconds > 0 else None,
+            bytes_accessed=cost.get('bytes accessed'),
+            lowered=keys,
         )
       # Follow-ups need only the output layout; executables are dropped at once (a full-size
       # PPO learner's compile alone takes most of a 24 GiB host).
@@ -229,13 +303,11 @@ def compile_all(programs: list[Program], log=print) -> list[Result]:
   return results
 
 
-def table(results: list[Result], hbm: int, kind: str) -> str:
-  from cai_jax import memory
-
-  peak = memory.PEAK_FLOPS.get(kind)
+def table(results: list[Result], hbm: int, kind: str, devices: int) -> str:
   head = (
       '| stage | program | shape | compile s | args GiB | temp GiB | out-alias GiB '
-      '| program GiB | resident GiB (not args) | total GiB | % HBM | TFLOP | est. ms | MFU |'
+      '| program GiB | resident GiB (not args) | total GiB | % HBM | model TFLOP | HW TFLOP '
+      '| est. ms | MFU |'
   )
   lines = [head, '|' + '---|' * (head.count('|') - 1)]
   g = lambda b: f'{b / GIB:.2f}'
@@ -246,22 +318,49 @@ def table(results: list[Result], hbm: int, kind: str) -> str:
       m = r.memory
       mem = [g(m['argument']), g(m['temp']), g(m['output'] - m['alias']), g(m['program'])]
     else:
-      mem = ['-', '-', '-', f'>{g(r.memory_from_error())} (OOM)']
-    tflop = f'{r.flops / 1e12:.2f}' if r.flops else '-'
-    est = f'{r.est_seconds * 1e3:.1f}' if r.est_seconds else '-'
-    mfu = f'{r.flops / r.est_seconds / peak:.0%}' if r.flops and r.est_seconds and peak else '-'
+      needed = r.memory_from_error()
+      mem = ['-', '-', '-', f'>{g(needed)} (OOM)' if needed is not None else 'OOM (size unknown)']
+    t = timing(r, kind, devices)
+    step = '/step' if p.per_step else ''
+    model = f'{t.model_flops / 1e12:.3g}{step}' if t.model_flops else '-'
+    hw = f'{r.flops / 1e12:.3g}{step}' if r.flops else '-'
+    est = f'{">=" if t.bound else ""}{t.seconds * 1e3:.3g}{step}' if t.seconds else '-'
+    mfu = f'{"<=" if t.bound else ""}{t.mfu:.0%}' if t.mfu is not None else '-'
     compile_s = f'{r.seconds:.1f}' + (f' (= {r.same_as})' if r.same_as else '')
     lines.append(
         f'| {p.stage} | {p.name} | {p.shape} | {compile_s} | '
         + ' | '.join(mem)
         + f' | {g(r.resident)} ({resident}) | {g(r.total)} | {r.total / hbm:.0%} | '
-        f'{tflop} | {est} | {mfu} |'
+        f'{model} | {hw} | {est} | {mfu} |'
     )
   return '\n'.join(lines)
 
 
-def check(config) -> tuple[list[Result], list[str], str]:
-  """Compiles everything; returns the results, the not-fitting errors and the summary line."""
+def fit_errors(results: list[Result], hbm: int, remedies: list[str]) -> list[str]:
+  """One line per program that leaves under FREE_FRACTION of `hbm` free, or ran out of memory
+  by an amount its message does not say."""
+  errors = []
+  for r in results:
+    if r.error and r.memory_from_error() is None:
+      errors.append(
+          f'aot: error: {r.program.stage}/{r.program.name} [{r.program.shape}] does not fit, '
+          f'and the compiler did not say by how much: {r.error}'
+      )
+    elif r.total > (1 - FREE_FRACTION) * hbm:
+      errors.append(
+          f'aot: error: {r.program.stage}/{r.program.name} [{r.program.shape}] needs '
+          f'{"" if r.memory else "at least "}{r.total / GIB:.2f} GiB per device '
+          f'({r.total} bytes, of which {r.resident / GIB:.2f} GiB resident state) of '
+          f'{hbm / GIB:.2f} GiB HBM, leaving under {FREE_FRACTION:.0%} free; try '
+          + ', '.join(remedies[:-1])
+          + f' or {remedies[-1]}'
+      )
+  return errors
+
+
+def check(config) -> tuple[list[Result], list[str], str, str, int]:
+  """Compiles everything; returns the results, the not-fitting errors, the summary line, the
+  chip kind and the device count."""
   from cai_jax import sharding
 
   topology = config.get('tpu_topology', '')
@@ -286,26 +385,15 @@ def check(config) -> tuple[list[Result], list[str], str]:
   with sharding.use_mesh(mesh, config.logical_axis_rules):
     programs = stage_programs(config, mesh, _PROGRAMS.value)
     results = compile_all(programs, log=lambda s: print(s, flush=True))
-  errors = []
   remedies = [] if config.model.get('remat', 'none') == 'full' else ['--config.model.remat=full']
-  remedies += ['a smaller batch', 'a bigger mesh']
-  for r in results:
-    if r.total > (1 - FREE_FRACTION) * hbm:
-      errors.append(
-          f'aot: error: {r.program.stage}/{r.program.name} [{r.program.shape}] needs '
-          f'{"" if r.memory else "at least "}{r.total / GIB:.2f} GiB per device '
-          f'({r.total} bytes, of which {r.resident / GIB:.2f} GiB resident state) of '
-          f'{hbm / GIB:.2f} GiB HBM, leaving under {FREE_FRACTION:.0%} free; try '
-          + ', '.join(remedies[:-1])
-          + f' or {remedies[-1]}'
-      )
+  errors = fit_errors(results, hbm, remedies + ['a smaller batch', 'a bigger mesh'])
   peak = max((r.total for r in results), default=0)
   summary = (
       f'aot: {len(results)} programs compiled for {topology}, peak {peak / GIB:.1f} GiB of '
       f'{hbm / GIB:.1f} GiB HBM per device'
   )
-  print(table(results, hbm, kind), flush=True)
-  return results, errors, summary
+  print(table(results, hbm, kind, mesh.size), flush=True)
+  return results, errors, summary, kind, mesh.size
 
 
 def main(argv):
@@ -313,12 +401,12 @@ def main(argv):
   from cai_jax import sharding, stages
 
   try:
-    results, errors, summary = check(_CONFIG.value)
+    results, errors, summary, kind, devices = check(_CONFIG.value)
   except (AotError, sharding.ShardingError, stages.StageError) as e:
     sys.exit(f'aot: error: {e}')
   if _JSON.value:
     with open(_JSON.value, 'w') as f:
-      json.dump([as_json(r) for r in results], f, indent=1)
+      json.dump([as_json(r, kind, devices) for r in results], f, indent=1)
   for e in errors:
     print(e, file=sys.stderr, flush=True)
   print(f'aot: compile time {sum(r.seconds for r in results):.0f}s', flush=True)

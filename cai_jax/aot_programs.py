@@ -152,6 +152,25 @@ class Program:
   lower: Callable[[], Any]  # -> jax.stages.Lowered
   resident: dict[str, int]  # other state on the device meanwhile: name -> bytes
   then: Callable[[Any, Any], list[Program]] | None = None  # (out_info, out_shardings) -> more
+  # Model FLOPs of one call, all devices together (`forward_flops`; x3 for a train step); None
+  # where the program runs no model (a train state's creation).
+  model_flops: float | None = None
+  per_step: bool = False  # a decode loop: its FLOPs, time and MFU are one step's
+
+
+# ---- model FLOPs -------------------------------------------------------------------------------
+
+
+def forward_flops(cfg, tokens: int, context: int, logits: int = 0, trunks: int = 1) -> float:
+  """Model FLOPs of a forward pass: 2 per matmul parameter per token (the LM head only for the
+  `logits` tokens that compute it) plus attention's two matmuls, 4 x layers x heads x head_dim
+  per query per slot of the `context` it reads (dense, as PaLM's 6N + 12LHQT counts it).
+  Embedding lookups, norms and softmaxes are not counted; remat's recompute is not either.
+  """
+  d, f, h = cfg.d_model, cfg.d_ff, cfg.head_dim
+  layer = d * h * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + (3 if cfg.mlp == 'gated' else 2) * d * f
+  attention = 4 * cfg.n_layers * cfg.n_heads * h * context
+  return trunks * tokens * (2 * cfg.n_layers * layer + attention) + logits * 2 * cfg.vocab_size * d
 
 
 def _strategy(temperature, top_k, top_p):
@@ -180,8 +199,11 @@ def sampler_programs(
     top_k=None,
     top_p=None,
     min_prompt_bucket=None,
+    prefix=None,
 ):
-  """`sampling.generate`'s prefill and decode at the largest (batch, prompt, new-token) bucket."""
+  """`sampling.generate`'s prefill and decode at the largest (batch, prompt, new-token) bucket;
+  with `prefix` (a `PrefixSpec`: the stage passes a PrefixCache), also the shared prefix's prefill
+  and the rows' prefill and decode over it."""
   import jax
   import jax.numpy as jnp
 
@@ -196,35 +218,120 @@ def sampler_programs(
   stop_ids = replicated(mesh, (decoding._STOP_ID_SLOTS,), jnp.int32)
   f32, i32 = (replicated(mesh, (), t) for t in (jnp.float32, jnp.int32))
   knobs = decoding.Knobs(temperature=f32, top_p=f32, max_new=i32, stop_ids=stop_ids)
-  shape = f'B={b} P={p} N={n}'
 
-  def prefill():
-    return common.jitted(decoding._prefill, graphdef, strategy, donate_argnums=(3,)).lower(
-        params,
-        rows(mesh, (b, p), jnp.int32, ('batch',)),
-        rows(mesh, (b, p), bool, ('batch',)),
-        kv_cache(cfg, mesh, b, p + n),
-        rows(mesh, (b,), jnp.int32),
-        replicated(mesh, (), jnp.uint32),
-        knobs,
-        rows(mesh, (b,), bool),
+  def programs(shared, sp):
+    """Prefill, then decode, with a shared prefix of sp slots (None: the plain path)."""
+    extra = (shared, i32)  # generate passes both, None for no prefix
+    shape = f'B={b} P={p} N={n}' + (f' prefix={sp}' if sp else '')
+    over = ' over a shared prefix' if sp else ''
+    stay = resident if prefix is None else resident | prefix.resident  # for the whole stage
+
+    def prefill():
+      return common.jitted(decoding._prefill, graphdef, strategy, donate_argnums=(3,)).lower(
+          params,
+          rows(mesh, (b, p), jnp.int32, ('batch',)),
+          rows(mesh, (b, p), bool, ('batch',)),
+          kv_cache(cfg, mesh, b, p + n),
+          rows(mesh, (b,), jnp.int32),
+          replicated(mesh, (), jnp.uint32),
+          knobs,
+          rows(mesh, (b,), bool),
+          *extra,
+      )
+
+    def decode(out_info, out_shardings):
+      state = jax.tree.map(
+          lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+          out_info,
+          out_shardings,
+      )
+      jit = common.jitted(decoding._decode, graphdef, strategy, donate_argnums=(1,))
+      lower = lambda: jit.lower(params, state, i32, knobs, i32, shared)
+      flops = forward_flops(cfg, b, p + n + sp, logits=b)
+      return [Program(stage, f'{who} decode{over}', shape, lower, stay, None, flops, True)]
+
+    flops = forward_flops(cfg, b * p, p + sp, logits=b)
+    return Program(stage, f'{who} prefill{over}', shape, prefill, stay, decode, flops)
+
+  out = [programs(None, 0)]
+  if prefix is not None:
+    sp = prefix.slots(limit)
+    if sp:
+      out += [prefix.program(stage, who, cfg, model, mesh, resident, 1, sp)]
+      out += [programs(prefix.shared(cfg, mesh, 1, sp), sp)]
+  return out
+
+
+@dataclasses.dataclass
+class PrefixSpec:
+  """A stage's `sampling.PrefixCache` (config.sampling), for the programs that read it."""
+
+  max_tokens: int  # the cache's bound, in slots
+  min_tokens: int
+  block: int
+  resident: dict[str, int]  # the cache at its bound, per device
+
+  @classmethod
+  def from_config(cls, config, cfg, mesh):
+    s = config.sampling
+    if not s.prefix_reuse:
+      return None
+    # Every kept entry is a batch-1 prefix laid out as _prefix_fn constrains it; at the bound
+    # they hold max_tokens slots in all.
+    held = cls(s.prefix_cache_tokens, s.min_prefix_tokens, s.prefix_block, {})
+    held.resident = {'prefix cache': tree_bytes(held.shared(cfg, mesh, 1, s.prefix_cache_tokens))}
+    return held
+
+  def slots(self, limit: int) -> int:
+    """The longest shared prefix of prompts of at most `limit` tokens: a block multiple, one
+    token short of the shortest prompt (0 if under min_tokens)."""
+    sp = (limit - 1) // self.block * self.block
+    return sp if sp >= self.min_tokens else 0
+
+  def shared(self, cfg, mesh, groups: int, sp: int, batch: int = 0):
+    """A `model.Prefix` of `groups` prefixes of sp slots (batch: the rows naming their group)."""
+    import jax.numpy as jnp
+
+    from cai_jax import model as model_lib
+    from cai_jax.sampling import prefix as prefix_lib
+
+    size = {None: groups, 'kv_heads': cfg.n_kv_heads, 'head_dim': cfg.head_dim, 'length': sp}
+    names = prefix_lib._PREFIX_NAMES
+    kv = [
+        {
+            kv: rows(mesh, tuple(size[x] for x in names[kv]), jnp.dtype(cfg.dtype), names[kv])
+            for kv in ('k', 'v')
+        }
+        for _ in range(cfg.n_layers)
+    ]
+    if not batch:
+      return model_lib.Prefix(kv, replicated(mesh, (sp,), bool))
+    return model_lib.Prefix(
+        kv, replicated(mesh, (groups, sp), bool), rows(mesh, (batch,), jnp.int32)
     )
 
-  def decode(out_info, out_shardings):
-    state = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), out_info, out_shardings
+  def program(self, stage, who, cfg, model, mesh, resident, groups, sp):
+    """`prefix._prefix_fn`: the keys and values of `groups` prefixes of sp tokens."""
+    import jax.numpy as jnp
+
+    from cai_jax.sampling import common, prefix as prefix_lib
+
+    graphdef, params = model
+    lower = lambda: common.jitted(prefix_lib._prefix_fn, graphdef).lower(
+        params, replicated(mesh, (groups, sp), jnp.int32), replicated(mesh, (groups, sp), bool)
     )
-    lower = lambda: common.jitted(decoding._decode, graphdef, strategy, donate_argnums=(1,)).lower(
-        params, state, i32, knobs, i32
-    )
-    return [Program(stage, f'{who} decode', shape, lower, resident)]
-
-  return [Program(stage, f'{who} prefill', shape, prefill, resident, then=decode)]
+    name = f'{who} prefix prefill' + (' (groups)' if groups > 1 else '')
+    flops = forward_flops(cfg, groups * sp, sp)
+    return Program(stage, name, f'G={groups} Sp={sp}', lower, resident | self.resident, None, flops)
 
 
-def score_options_program(stage, who, cfg, model, mesh, resident, *, batch_size, max_len):
+def score_options_program(
+    stage, who, cfg, model, mesh, resident, *, batch_size, max_len, prefix=None
+):
   """`sampling.score_options` (the (A)/(B) labels) at its largest bucket: prompts that fill
-  max_len but for the option tokens, two options of at most 4 tokens."""
+  max_len but for the option tokens, two options of at most 4 tokens. With `prefix` (the stage's
+  PrefixCache), also over a prefix the whole batch shares and over per-group prefixes (one per
+  conversation's option orders: `prefix.split_groups`), each with its prefix's prefill."""
   import jax.numpy as jnp
 
   from cai_jax.sampling import common, scoring
@@ -232,18 +339,44 @@ def score_options_program(stage, who, cfg, model, mesh, resident, *, batch_size,
   graphdef, params = model
   b = common.batch_bucket(batch_size)
   c = common.length_bucket(3, 4)  # ' (A)' / ' (B)': a few tokens in every tokenizer
-  t = common.length_bucket(min(max_len, cfg.max_positions) - 1)
-  lower = lambda: common.jitted(scoring._score_options_fn, graphdef).lower(
-      params,
-      rows(mesh, (b, t), jnp.int32, ('batch',)),
-      rows(mesh, (b, t), bool, ('batch',)),
-      rows(mesh, (b, 2, c), jnp.int32, ('batch',)),
-      kv_cache(cfg, mesh, b, t + c),
-  )
-  return Program(stage, f'{who} score_options', f'B={b} T={t} options=2x{c}', lower, resident)
+  limit = min(max_len, cfg.max_positions)
+  t = common.length_bucket(limit - 1)
+
+  def one(shared, sp, groups):
+    extra = (shared, rows(mesh, (b,), jnp.int32))  # score_options passes both
+    lower = lambda: common.jitted(scoring._score_options_fn, graphdef).lower(
+        params,
+        rows(mesh, (b, t), jnp.int32, ('batch',)),
+        rows(mesh, (b, t), bool, ('batch',)),
+        rows(mesh, (b, 2, c), jnp.int32, ('batch',)),
+        kv_cache(cfg, mesh, b, t + c),
+        *extra,
+    )
+    flops = forward_flops(cfg, b * t, t + sp, logits=b) + 2 * forward_flops(
+        cfg, b * (c - 1), t + c + sp, logits=b * (c - 1)
+    )
+    name = f'{who} score_options' + {0: '', 1: ' over a shared prefix'}.get(
+        groups, ' over group prefixes'
+    )
+    shape = f'B={b} T={t} options=2x{c}' + (f' prefix={groups}x{sp}' if sp else '')
+    stay = resident if prefix is None else resident | prefix.resident  # for the whole stage
+    return Program(stage, name, shape, lower, stay, None, flops)
+
+  out = [one(None, 0, 0)]
+  sp = prefix.slots(limit - 3) if prefix is not None else 0  # each row keeps its option tokens
+  if sp:
+    # Groups have 2 rows or more: at most b // 2 of them, plus the empty group.
+    g = common.batch_bucket(b // 2 + 1)
+    out += [
+        prefix.program(stage, who, cfg, model, mesh, resident, 1, sp),
+        one(prefix.shared(cfg, mesh, 1, sp), sp, 1),
+        prefix.program(stage, who, cfg, model, mesh, resident, g, sp),
+        one(prefix.shared(cfg, mesh, g, sp, batch=b), sp, g),
+    ]
+  return out
 
 
-def rewards_program(stage, who, model, mesh, resident, *, batch_size, length):
+def rewards_program(stage, who, cfg, model, mesh, resident, *, batch_size, length):
   """`preference._rewards`: the PM's reward of each conversation (scoring, no gradients)."""
   import jax.numpy as jnp
 
@@ -255,21 +388,105 @@ def rewards_program(stage, who, model, mesh, resident, *, batch_size, length):
   lower = lambda: preference._rewards.lower(
       graphdef, params, rows(mesh, (b, length), jnp.int32), rows(mesh, (b,), jnp.int32)
   )
-  return Program(stage, f'{who} rewards', f'B={b} T={length}', lower, resident)
+  flops = forward_flops(cfg, b * length, length)
+  return Program(stage, f'{who} rewards', f'B={b} T={length}', lower, resident, None, flops)
 
 
 def train_program(
-    stage, who, graphdef, params, tx, loss_fn, batch, resident, schedule=None, seed=None
+    stage, who, graphdef, params, tx, loss_fn, batch, resident, schedule=None, seed=None, *, flops
 ):
-  """`train_lib.make_train_step` as the stage builds it, on the abstract train state."""
+  """`train_lib.make_train_step` as the stage builds it, on the abstract train state, after the
+  state's creation from the loaded model (`train_lib.init_state`). `flops`: one forward's."""
+  import functools
+
+  import jax
+
   from cai_jax import train_lib
 
   abstract, shardings = train_lib.abstract_train_state(params, tx)
   step = train_lib.make_train_step(graphdef, tx, loss_fn, shardings, schedule, seed=seed)
   b, t = batch['tokens'].shape
   shape = f'B={b} T={t}'
-  lower = lambda: step.lower(placed(abstract, shardings), batch)
-  return Program(stage, f'{who} train step', shape, lower, resident), abstract, shardings
+  init = jax.jit(functools.partial(train_lib._build_state, tx), out_shardings=shardings)
+  return (
+      [
+          Program(stage, f'{who} train state init', '', lambda: init.lower(params), resident),
+          Program(
+              stage,
+              f'{who} train step',
+              shape,
+              lambda: step.lower(placed(abstract, shardings), batch),
+              resident,
+              None,
+              3 * flops,
+          ),
+      ],
+      abstract,
+      shardings,
+  )
+
+
+def pm_programs(stage, section, cfg, mesh, max_len, loss_fn, targets, resident) -> list[Program]:
+  """A scalar-head model's training (preference, evaluation_pm, harmfulness: `section` is its
+  config) at its own batch sizes: the train step, and the held-out scoring with the train
+  state's float32 parameters while the rest of the state stays."""
+  import jax.numpy as jnp
+
+  from cai_jax import train_lib
+
+  pairs = 'p_a' in targets
+  length = train_lib.bucket_length(max_len, max_len, section.min_bucket)
+  tx, schedule = train_lib.make_optimizer(section.optimizer, 1000)
+  graphdef, params = scalar_head_model(cfg, mesh)
+  seqs = 2 * section.batch_size if pairs else section.batch_size
+  batch = {
+      'tokens': rows(mesh, (seqs, length), jnp.int32),
+      'read_index': rows(mesh, (seqs,), jnp.int32),
+  } | {k: rows(mesh, (section.batch_size,), jnp.float32) for k in targets}
+  who = 'PM' if pairs else 'regressor'
+  programs, abstract, shardings = train_program(
+      stage,
+      who,
+      graphdef,
+      params,
+      tx,
+      loss_fn,
+      batch,
+      resident,
+      schedule,
+      flops=forward_flops(cfg, seqs * length, length),
+  )
+  state = placed(abstract, shardings)
+  held = {'train state - params': tree_bytes(state) - tree_bytes(state.params)}
+  eval_batch = section.eval_batch_size
+  score = rewards_program(
+      stage,
+      f'{who} held-out',
+      cfg,
+      (graphdef, state.params),
+      mesh,
+      resident | held,
+      batch_size=eval_batch,
+      length=length,
+  )
+  return programs + [score]
+
+
+def score_program(stage, who, cfg, model, mesh, resident, *, batch_size, length, n_cont):
+  """`sampling.score`: log-probs of continuations (DPO's KL samples)."""
+  import jax.numpy as jnp
+
+  from cai_jax.sampling import common, scoring
+
+  graphdef, params = model
+  b = common.batch_bucket(batch_size)
+  t = common.length_bucket(length)
+  n_cont = common.length_bucket(n_cont, 8)
+  lower = lambda: common.jitted(scoring._score_fn, graphdef, static_argnums=(3,)).lower(
+      params, rows(mesh, (b, t), jnp.int32), rows(mesh, (b, t), bool), n_cont
+  )
+  flops = forward_flops(cfg, b * t, t, logits=b * n_cont)
+  return Program(stage, f'{who} score', f'B={b} T={t}', lower, resident, None, flops)
 
 
 def stage_programs(config, mesh, only: str = '') -> list[Program]:
@@ -277,7 +494,7 @@ def stage_programs(config, mesh, only: str = '') -> list[Program]:
   state each stage keeps resident beside them."""
   import jax.numpy as jnp
 
-  from cai_jax import dpo, pipeline, preference, sft, train_lib
+  from cai_jax import dpo, harmfulness, pipeline, preference, sft, train_lib
 
   m = config.model
   cfg, frozen_cfg = model_config(config), model_config(config, frozen=True)
@@ -294,8 +511,12 @@ def stage_programs(config, mesh, only: str = '') -> list[Program]:
       'PM': tree_bytes(pm[1]),
   }
   keep = lambda *names: {n: size[n] for n in names}
+  # Each stage that samples or judges with few-shot prompts keeps a PrefixCache of its model.
+  prefix = PrefixSpec.from_config(config, frozen_cfg, mesh)
 
-  def sample(stage, who, model, resident, batch_size, new, temperature, top_k=None, top_p=None):
+  def sample(
+      stage, who, model, resident, batch_size, new, temperature, top_k=None, top_p=None, **kw
+  ):
     """The sampler's programs for `new` tokens after prompts that fill the rest of max_len."""
     return sampler_programs(
         stage,
@@ -310,13 +531,25 @@ def stage_programs(config, mesh, only: str = '') -> list[Program]:
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
+        **kw,
     )
 
   def score(stage, who, resident, batch_size):
     """(A)/(B) scoring by the helpful model: the feedback model and evaluate's judge."""
     return score_options_program(
-        stage, who, frozen_cfg, helpful, mesh, resident, batch_size=batch_size, max_len=max_len
+        stage,
+        who,
+        frozen_cfg,
+        helpful,
+        mesh,
+        resident,
+        batch_size=batch_size,
+        max_len=max_len,
+        prefix=prefix,
     )
+
+  def capped(section_len):
+    return min(section_len, max_len) if section_len > 0 else max_len
 
   wanted = pipeline.parse_stage_list(config.stages)
   if only:
@@ -341,6 +574,7 @@ def stage_programs(config, mesh, only: str = '') -> list[Program]:
         cr.temperature,
         cr.top_k,
         cr.top_p,
+        prefix=prefix,
     )
 
   if 'sft' in wanted:
@@ -348,19 +582,30 @@ def stage_programs(config, mesh, only: str = '') -> list[Program]:
     tx, schedule = train_lib.make_optimizer(sc.optimizer, 1000)
     graphdef, params = decoder(cfg, mesh)
     batch = {k: rows(mesh, (sc.batch_size, max_len), jnp.int32) for k in ('tokens', 'loss_mask')}
-    program, _, _ = train_program(
-        'sft', 'SL-CAI', graphdef, params, tx, sft.make_loss_fn(sc.loss_chunk), batch, {}, schedule
+    tokens = sc.batch_size * max_len
+    programs, _, _ = train_program(
+        'sft',
+        'SL-CAI',
+        graphdef,
+        params,
+        tx,
+        sft.make_loss_fn(sc.loss_chunk),
+        batch,
+        {},
+        schedule,
+        flops=forward_flops(cfg, tokens, max_len, logits=tokens),
     )
-    program.shape += f' loss_chunk={sc.loss_chunk}'
-    out.append(program)
+    programs[-1].shape += f' loss_chunk={sc.loss_chunk}'
+    out += programs
 
   if 'feedback' in wanted:
     fb = config.feedback
+    # The feedback model's PrefixCache lives as long as the stage: labels and samples alternate.
     out += sample(
         'feedback',
         'SL-CAI',
         sl_cai,
-        keep('helpful'),
+        keep('helpful') | (prefix.resident if prefix else {}),
         fb.batch_size,
         fb.max_new_tokens,
         fb.temperature,
@@ -376,33 +621,23 @@ def stage_programs(config, mesh, only: str = '') -> list[Program]:
           fb.batch_size,
           fb.cot_max_new_tokens,
           fb.cot_temperature,
+          prefix=prefix,
       )
-    out.append(score('feedback', 'feedback-model', keep('SL-CAI'), fb.score_batch_size))
+    out += score('feedback', 'feedback-model', keep('SL-CAI'), fb.score_batch_size)
 
   if 'preference' in wanted:
     pc = config.preference
-    pm_len = min(pc.max_len, max_len) if pc.max_len > 0 else max_len
-    length = train_lib.bucket_length(pm_len, pm_len, pc.min_bucket)
-    tx, schedule = train_lib.make_optimizer(pc.optimizer, 1000)
-    graphdef, params = scalar_head_model(cfg, mesh)
-    batch = {
-        'tokens': rows(mesh, (2 * pc.batch_size, length), jnp.int32),
-        'read_index': rows(mesh, (2 * pc.batch_size,), jnp.int32),
-        'p_a': rows(mesh, (pc.batch_size,), jnp.float32),
-        'weight': rows(mesh, (pc.batch_size,), jnp.float32),
-    }
     # initial_pm puts a new head on the pretrained model; the train state holds the only copy.
-    program, _, _ = train_program(
-        'preference', 'PM', graphdef, params, tx, preference.pair_loss, batch, {}, schedule
+    out += pm_programs(
+        'preference', pc, cfg, mesh, capped(pc.max_len), preference.pair_loss, ('p_a', 'weight'), {}
     )
-    out.append(program)
 
   if 'ppo' in wanted:
     out += ppo_programs(config, cfg, mesh, helpful, sl_cai, pm, size)
 
   if 'dpo' in wanted:
     dc = config.dpo
-    dpo_len = min(dc.max_len, max_len) if dc.max_len > 0 else max_len
+    dpo_len = capped(dc.max_len)
     length = train_lib.bucket_length(dpo_len, dpo_len, dc.min_bucket)
     tx, schedule = train_lib.make_optimizer(dc.optimizer, 1000)
     graphdef, params = decoder(cfg, mesh)
@@ -414,14 +649,103 @@ def stage_programs(config, mesh, only: str = '') -> list[Program]:
         'target': rows(mesh, (pairs,), jnp.float32),
         'weight': rows(mesh, (pairs,), jnp.float32),
     }
-    # The frozen SL-CAI reference stays beside the train state (its log-probs are precomputed,
-    # and it scores the KL samples at the end).
-    loss_fn = dpo.make_loss_fn(dc.beta, dc.loss_chunk)
-    program, _, _ = train_program(
-        'dpo', 'policy', graphdef, params, tx, loss_fn, batch, keep('SL-CAI'), schedule
+    # The reference's log-probs of every pair first (the frozen SL-CAI model, before training).
+    ref_seqs = 2 * dc.eval_batch_size
+    ref_lower = lambda: dpo._sequence_logprobs.lower(
+        sl_cai[0],
+        sl_cai[1],
+        rows(mesh, (ref_seqs, length), jnp.int32),
+        rows(mesh, (ref_seqs, length), jnp.int32),
+        dc.loss_chunk,
     )
-    program.shape += f' loss_chunk={dc.loss_chunk}'
-    out.append(program)
+    out.append(
+        Program(
+            'dpo',
+            'reference log-probs',
+            f'B={ref_seqs} T={length}',
+            ref_lower,
+            {},
+            None,
+            forward_flops(frozen_cfg, ref_seqs * length, length, logits=ref_seqs * length),
+        )
+    )
+    # The frozen SL-CAI reference stays beside the train state (it scores the KL samples).
+    loss_fn = dpo.make_loss_fn(dc.beta, dc.loss_chunk)
+    tokens = seqs * length
+    programs, abstract, shardings = train_program(
+        'dpo',
+        'policy',
+        graphdef,
+        params,
+        tx,
+        loss_fn,
+        batch,
+        keep('SL-CAI'),
+        schedule,
+        flops=forward_flops(cfg, tokens, length, logits=tokens),
+    )
+    programs[-1].shape += f' loss_chunk={dc.loss_chunk}'
+    out += programs
+    # KL(policy || reference) at the end: the policy samples at temperature 1, both score.
+    state = placed(abstract, shardings)
+    policy = (graphdef, state.params)
+    held = keep('SL-CAI') | {'train state - params': tree_bytes(state) - tree_bytes(state.params)}
+    kl_new = dc.kl_max_new_tokens
+    out += sampler_programs(
+        'dpo',
+        'policy KL',
+        cfg,
+        policy,
+        mesh,
+        held,
+        batch_size=dc.kl_prompts,
+        max_new_tokens=kl_new,
+        max_prompt_len=max_len - kl_new,
+        temperature=1.0,
+    )
+    for who, model, model_cfg in (('policy KL', policy, cfg), ('reference KL', sl_cai, frozen_cfg)):
+      out.append(
+          score_program(
+              'dpo',
+              who,
+              model_cfg,
+              model,
+              mesh,
+              held,
+              batch_size=dc.kl_prompts,
+              length=max_len,
+              n_cont=kl_new,
+          )
+      )
+
+  if 'evaluation_pm' in wanted:
+    ec = config.evaluation_pm
+    # Trained with preference's recipe at its own config's sizes (they are not halved with
+    # preference.batch_size).
+    out += pm_programs(
+        'evaluation_pm',
+        ec,
+        cfg,
+        mesh,
+        capped(ec.max_len),
+        preference.pair_loss,
+        ('p_a', 'weight'),
+        {},
+    )
+
+  if 'harmfulness' in wanted:
+    hc = config.harmfulness
+    # Runs only with config.harmfulness.path (HH-RLHF's red-team ratings); compiled either way.
+    out += pm_programs(
+        'harmfulness',
+        hc,
+        cfg,
+        mesh,
+        capped(hc.max_len),
+        harmfulness.regression_loss,
+        ('rating', 'weight'),
+        {},
+    )
 
   if 'evaluate' in wanted:
     ev, pc = config.evaluate, config.preference
@@ -436,12 +760,13 @@ def stage_programs(config, mesh, only: str = '') -> list[Program]:
         ev.max_new_tokens,
         ev.temperature,
     )
-    out.append(score('evaluate', 'judge', {}, config.feedback.score_batch_size))
-    pm_len = min(pc.max_len, max_len) if pc.max_len > 0 else max_len
+    out += score('evaluate', 'judge', {}, config.feedback.score_batch_size)
+    pm_len = capped(pc.max_len)
     out.append(
         rewards_program(
             'evaluate',
             'PM',
+            frozen_cfg,
             pm,
             mesh,
             keep('helpful'),
@@ -516,6 +841,7 @@ def ppo_programs(config, cfg, mesh, helpful, reference, pm, size) -> list[Progra
         rewards_program(
             'ppo',
             'PM',
+            cfg,
             pm,
             mesh,
             {k: v for k, v in cached.items() if k != 'PM'} | {'learner state': state_bytes},
@@ -550,6 +876,10 @@ def ppo_programs(config, cfg, mesh, helpful, reference, pm, size) -> list[Progra
           lower,
           {k: v for k, v in cached.items() if k != 'reference'}
           | {'learner state - params': state_bytes - param_bytes},
+          None,
+          # The policy with its value head (another trunk unless shared) and the reference.
+          forward_flops(cfg, pp.batch_size * total, total, 2 * pp.batch_size * pp.max_new_tokens, 2)
+          + (0 if pp.value.shared_trunk else forward_flops(cfg, pp.batch_size * total, total)),
       )
   )
   # 4. One learner update on a minibatch.
@@ -558,8 +888,19 @@ def ppo_programs(config, cfg, mesh, helpful, reference, pm, size) -> list[Progra
       k: rows(mesh, (mb, pp.max_new_tokens), jnp.float32)
       for k in ('old_logp', 'old_values', 'advantages', 'returns')
   }
-  program, _, _ = train_program(
-      'ppo', 'learner', graphdef, params, tx, ppo.make_loss_fn(pp), batch, cached, policy_lr
+  flops = forward_flops(cfg, mb * total, total, mb * pp.max_new_tokens)
+  if not pp.value.shared_trunk:
+    flops += forward_flops(cfg, mb * total, total)
+  programs, _, _ = train_program(
+      'ppo',
+      'learner',
+      graphdef,
+      params,
+      tx,
+      ppo.make_loss_fn(pp),
+      batch,
+      cached,
+      policy_lr,
+      flops=flops,
   )
-  out.append(program)
-  return out
+  return out + programs

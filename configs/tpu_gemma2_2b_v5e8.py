@@ -20,4 +20,10 @@ def get_config():
   # decode would need ~14.9 of the chip's 15.75 GiB; shared, PPO's peak is 11.5 GiB
   # (cai_jax.aot on v5e:2x4).
   c.ppo.value.shared_trunk = True
+  # With prefix reuse (the default), score_options over per-group prefixes takes one prefix per
+  # group of rows, replicated: at 64 prompts (64 group slots x 1,984 slots x 26 layers) that
+  # argument alone is 12.59 GiB per device, and with the rows' cache, the model and the prefix
+  # cache at its bound 15.6 GiB of the 15.75 (aot_programs.PrefixSpec on v5e:2x4, before any
+  # temporaries). 16 prompts: 3.15 GiB. The judge in evaluate uses it too.
+  c.feedback.score_batch_size = 16
   return c

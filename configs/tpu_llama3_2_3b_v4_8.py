@@ -15,9 +15,11 @@ def get_config():
       mesh_shape=(1, 4, 1),
       multi_host=False,
   )
-  # Scoring (A)/(B) on 64 prompts x 2 orders x 4 options at 2048 tokens takes 27.6 of a v4's
-  # 30.75 GiB, 29.1 beside the resident SL-CAI sampler (cai_jax.aot): over the 90% line. 32 fits.
-  c.feedback.score_batch_size = 32
+  # Scoring (A)/(B) on 64 prompts x 2 orders x 4 options at 2048 tokens took 29.1 of a v4's
+  # 30.75 GiB beside the resident SL-CAI sampler (cai_jax.aot, before prefix reuse), 22.4 at 32.
+  # Prefix reuse adds per-group prefixes (6.78 GiB per device at 32 prompts, 3.39 at 16) and the
+  # prefix cache at its bound (0.88 GiB): 16.
+  c.feedback.score_batch_size = 16
   # The value head shares the policy's trunk: with a trunk of its own, PPO's learner state
   # (float32 masters and AdamW moments of two 3.2B models) is 18 GiB per device and the train step
   # needs 32.3 GiB (cai_jax.aot on v4:2x2x1).

@@ -175,8 +175,152 @@ def test_a_program_that_does_not_fit_fails_naming_it():
       '--config.model.remat=none',
   )
   assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
-  assert r.stdout.strip().splitlines()[-1].startswith('aot: 1 programs compiled for v5e:2x4')
+  # The train state's creation, then the step.
+  assert r.stdout.strip().splitlines()[-1].startswith('aot: 2 programs compiled for v5e:2x4')
   error = [line for line in r.stderr.splitlines() if line.startswith('aot: error: ')]
   assert len(error) == 1, r.stderr[-3000:]
   assert 'sft/SL-CAI train step' in error[0] and '15.75 GiB HBM' in error[0]
   assert '--config.model.remat=full' in error[0]
+
+
+# ---- what a pipeline run compiles, against what aot compiles ------------------------------------
+
+TINY_CONFIG = 'configs/tiny.py'
+# Smaller than tiny's defaults where it only saves time (as tests/test_pipeline.py): every stage
+# still runs, and a stage's largest shapes come from its config, not from how many prompts it has.
+TINY_OVERRIDES = [
+    '--config.critique_revision.num_prompts=6',
+    '--config.critique_revision.chunk_size=2',
+]
+# Programs a tiny run compiles that a real run does not: a 'random:' model's initializer
+# (sharding.init_module); real runs load checkpoints.
+NOT_IN_A_REAL_RUN = {'jit(init)'}
+
+
+def record_pipeline(workdir, out):
+  """Runs the tiny pipeline (python -m cai_jax.main) recording every program it compiles."""
+  code = (
+      'import json, runpy, sys\n'
+      'from cai_jax import compile_log\n'
+      f'sys.argv = ["cai_jax.main", "--config", {TINY_CONFIG!r}, "--workdir", {str(workdir)!r}, '
+      f'*{TINY_OVERRIDES!r}]\n'
+      'code = 0\n'
+      'with compile_log.record() as programs:\n'
+      '  try:\n'
+      '    runpy.run_module("cai_jax.main", run_name="__main__")\n'
+      '  except SystemExit as e:\n'
+      '    code = e.code\n'
+      f'json.dump(programs, open({str(out)!r}, "w"))\n'
+      'sys.exit(code)\n'
+  )
+  return subprocess.run(
+      [sys.executable, '-c', code], capture_output=True, text=True, timeout=1800, cwd=REPO
+  )
+
+
+@pytest.fixture(scope='module')
+def tiny_1x1(tmp_path_factory):
+  """aot on configs/tiny.py itself (its stage sizes, one device: v5e:1x1, as the run's CPU)."""
+  out = tmp_path_factory.mktemp('aot_tiny') / 'programs.json'
+  r = run_aot(
+      '--config',
+      TINY_CONFIG,
+      '--config.model.architecture=tiny',
+      '--config.tpu_topology=v5e:1x1',
+      f'--json={out}',
+      timeout=1800,
+  )
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  return r.stdout, json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_aot_compiles_every_program_the_tiny_pipeline_compiles(tiny_1x1, tmp_path):
+  from cai_jax import compile_log
+
+  out = tmp_path / 'compiled.json'
+  r = record_pipeline(tmp_path / 'work', out)
+  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+  compiled = [(n, tuple(a)) for n, a in json.loads(out.read_text()) if n not in NOT_IN_A_REAL_RUN]
+  names = {n for n, _ in compiled}
+  # The run went through the prefix-reuse path and every kind of program.
+  for name in ('jit(_prefix_fn)', 'jit(_prefill)', 'jit(_decode)', 'jit(_score_options_fn)'):
+    assert name in names, sorted(names)
+  assert {'jit(step)', 'jit(_rewards)', 'jit(rollout_fn)', 'jit(_build_state)'} <= names
+  _, programs = tiny_1x1
+  checked = [(n, tuple(a)) for p in programs for n, a in p['lowered']]
+  missing = compile_log.missing(compiled, checked)
+  assert not missing, 'aot does not compile (a larger bucket of):\n' + '\n'.join(
+      f'{n} ({len(a)} args: {", ".join(x for x in a if "," in x)})' for n, a in missing
+  )
+
+
+@pytest.mark.slow
+def test_no_mfu_over_100_percent(tiny_1x1):
+  stdout, programs = tiny_1x1
+  for p in programs:
+    assert p['mfu'] is None or 0 < p['mfu'] <= 1, p
+    if p['model_flops']:
+      assert p['seconds'] >= p['model_flops'] / 197e12, p  # v5e's peak
+  cells = [row['MFU'] for row in _rows(stdout).values()]
+  assert any(c != '-' for c in cells)
+  for c in cells:
+    if c != '-':
+      assert int(c.lstrip('<=').rstrip('%')) <= 100, c
+  decode = [p for p in programs if p['program'].endswith('decode')]
+  assert decode and all(p['per_step'] for p in decode)
+  assert all('/step' in _rows(stdout)[f"{p['stage']}/{p['program']}"]['est. ms'] for p in decode)
+
+
+AGREEMENT = """
+from cai_jax import aot, aot_programs, sharding
+from cai_jax.model import ModelConfig
+
+devices = aot.topology_devices('v5e:1x1')
+mesh = sharding.make_mesh((1, 1, 1), devices=devices)
+cfg = ModelConfig.smollm2_135m(dtype='bfloat16', param_dtype='bfloat16')
+with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
+  pm = aot_programs.scalar_head_model(cfg, mesh)
+  program = aot_programs.rewards_program('test', 'PM', cfg, pm, mesh, {}, batch_size=4, length=1024)
+  [result] = aot.compile_all([program], log=lambda s: None)
+print(program.model_flops, result.flops)
+"""
+
+
+@pytest.mark.slow
+def test_model_flops_of_a_forward_agree_with_the_compiler():
+  """SmolLM2-135M's PM forward (no remat, no loop; attention is a quarter of it at 1,024 tokens)
+  on one v5e chip: the analytic count is within 15% of the compiler's. (On a sharded mesh libtpu
+  may split an FSDP matmul into a loop over the shards, whose body it counts once: SmolLM2's PM
+  forward at 1,024 tokens on v5e:2x4 counts 0.64 of the analytic FLOPs, at 256 tokens 1.01.)"""
+  r = subprocess.run(
+      [sys.executable, '-c', AGREEMENT], capture_output=True, text=True, timeout=900, cwd=REPO
+  )
+  assert r.returncode == 0, r.stderr[-3000:]
+  model, hardware = (float(x) for x in r.stdout.split())
+  assert abs(model / hardware - 1) < 0.15, (model, hardware)
+
+
+def test_an_out_of_memory_of_unknown_size_fails_the_program():
+  code = (
+      'from cai_jax import aot\n'
+      'from cai_jax.aot_programs import Program\n'
+      'p = Program("sft", "SL-CAI train step", "B=32", None, {"SL-CAI": 1 << 30})\n'
+      'said = aot.Result(p, 1.0, None, None, None, error="RESOURCE_EXHAUSTED: Ran out of memory '
+      'in memory space hbm. Used 20.5G of 15.75G hbm.")\n'
+      'sized = aot.Result(p, 1.0, None, None, None, error="RESOURCE_EXHAUSTED: XLA:TPU compile '
+      'permanent error. Ran out of memory in memory space hbm. Used 20.5G of 15.75G hbm. Exceeded '
+      'hbm capacity by 4.75G. Total hbm usage >= 20.75G: reserved 256.00M program 20.50G '
+      'arguments 0B. Output size 0B; shares 0B with arguments. Program hbm requirement 20.50G: '
+      'global 0B; HLO temp 20.50G (some required for x (20.50G)).")\n'
+      'print(said.memory_from_error(), sized.memory_from_error())\n'
+      'for e in aot.fit_errors([said, sized], 16 << 30, ["a smaller batch"]):\n'
+      '  print(e)\n'
+  )
+  r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=REPO)
+  assert r.returncode == 0, r.stderr[-3000:]
+  lines = r.stdout.strip().splitlines()
+  assert lines[0] == f'None {int(20.5 * 2**30)}'
+  assert len(lines) == 3, lines
+  assert 'did not say by how much' in lines[1] and 'sft/SL-CAI train step' in lines[1]
+  assert 'needs at least 21.50 GiB' in lines[2]
