@@ -40,8 +40,15 @@ BACKENDS = {
     'splash_interpret': ('cpu', 'gpu', 'tpu'),
     'cudnn': ('gpu',),
 }
-# Key block of `blockwise` (see experiments/benchmarks/attention.py).
+# Key block of `blockwise`. On CPU `auto` runs blockwise for passes of CPU_BLOCKWISE_MIN_QUERIES
+# queries or more, dense below: experiments/benchmarks/attention.py on this 2-core machine (loaded
+# by other jobs; dense / blockwise seconds measured in turn in one run, SmolLM2's heads, batch 4,
+# float32) gave T = S = 256: forward 0.99x, forward + backward 1.44x; 512: 1.02x, 1.24x; 1024:
+# 1.27x, 1.17x; 2048: 1.55x, 1.40x (10.97 s vs 7.08 s; 29.2 s vs 20.9 s); but 64 queries over
+# 1344 slots (a continuation after a long prompt) 0.72x: the scan costs more than the few
+# logits it saves. Up to one block blockwise is dense's work in one step.
 BLOCK = 512
+CPU_BLOCKWISE_MIN_QUERIES = 256
 _NEG = float(np.finfo(np.float32).min)
 
 
@@ -79,12 +86,11 @@ def own_slots_mask(t: int, key_mask, cache_index, window: int | None) -> Mask:
   return Mask(q_slots, key_mask, True, window, None if offset is None else int(offset))
 
 
-def resolve(name: str, platform: str, softcap: float | None = None) -> str:
+def resolve(name: str, platform: str, softcap: float | None = None, queries: int | None = None):
   """The implementation `name` runs on `platform` ('cpu', 'gpu', 'tpu') for a model whose logit
-  soft-cap is `softcap`. `auto`: splash on TPU; cuDNN on GPU (blockwise for soft-capped Gemma 2,
-  which cuDNN's flash does not do); on CPU blockwise, which experiments/benchmarks/attention.py
-  measured faster than dense from one key block up (and `blockwise` runs a single block as one
-  dense block, so short sequences lose nothing).
+  soft-cap is `softcap`, in a pass of `queries` queries (None: a long one). `auto`: splash on
+  TPU; cuDNN on GPU (blockwise for soft-capped Gemma 2: cuDNN's flash has no soft-cap); on CPU
+  blockwise from CPU_BLOCKWISE_MIN_QUERIES queries on and dense below (measured, see above).
   """
   if name != 'auto':
     return name
@@ -92,7 +98,7 @@ def resolve(name: str, platform: str, softcap: float | None = None) -> str:
     return 'splash'
   if platform == 'gpu':
     return 'cudnn' if softcap is None else 'blockwise'
-  return 'blockwise'
+  return 'dense' if queries is not None and queries < CPU_BLOCKWISE_MIN_QUERIES else 'blockwise'
 
 
 def check(name: str, platform: str, softcap: float | None = None) -> str | None:
@@ -116,7 +122,7 @@ def check(name: str, platform: str, softcap: float | None = None) -> str | None:
 
 def attend(name, q, k, v, mask: Mask, *, softcap=None, k_layout='BKSH', stats=False):
   """Attention by implementation `name` ('auto': resolved for the default backend)."""
-  name = resolve(name, jax.default_backend(), softcap)
+  name = resolve(name, jax.default_backend(), softcap, q.shape[1])
   kw = dict(softcap=softcap, k_layout=k_layout, stats=stats)
   if name == 'dense':
     return dense(q, k, v, mask, **kw)

@@ -313,7 +313,7 @@ class Attention(nnx.Module):
     f32 = jnp.float32
     b, t, kh, g, h = q.shape
     softcap = self.cfg.attn_softcap
-    impl = attention.resolve(impl, jax.default_backend(), softcap)
+    impl = attention.resolve(impl, jax.default_backend(), softcap, b * t)
     shared_copy = prefix.k.ndim == 3
     if impl != 'dense':
       if shared_copy:

@@ -172,6 +172,11 @@ def test_what_auto_runs_and_what_is_refused():
   assert attention.resolve('auto', 'gpu') == 'cudnn'
   assert attention.resolve('auto', 'gpu', softcap=50.0) == 'blockwise'
   assert attention.resolve('auto', 'cpu') == 'blockwise'
+  assert (
+      attention.resolve('auto', 'cpu', queries=attention.CPU_BLOCKWISE_MIN_QUERIES) == 'blockwise'
+  )
+  assert attention.resolve('auto', 'cpu', queries=64) == 'dense'
+  assert attention.resolve('auto', 'tpu', queries=64) == 'splash'
   assert attention.resolve('dense', 'tpu') == 'dense'
   for name in ('auto', 'dense', 'blockwise', 'splash_interpret'):
     assert attention.check(name, 'cpu') is None
