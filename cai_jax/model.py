@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cai_jax import sharding
+from cai_jax import attention, sharding
 
 FAMILIES = ('llama', 'mistral', 'qwen2', 'gemma2', 'gpt2')
 SLIDING, FULL = 'sliding_attention', 'full_attention'
@@ -73,6 +73,7 @@ class ModelConfig:
   param_dtype: str = 'float32'
   dtype: str = 'float32'  # compute dtype
   remat: str = 'none'  # what a decoder layer keeps for the backward pass; see REMAT_POLICIES
+  attention: str = 'auto'  # cai_jax.attention implementation of every pass but decoding's
 
   def __post_init__(self):
     if self.family not in FAMILIES:
@@ -85,6 +86,10 @@ class ModelConfig:
       )
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f'unknown remat {self.remat!r}; valid: {", ".join(REMAT_POLICIES)}')
+    if self.attention not in attention.IMPLEMENTATIONS:
+      raise ValueError(
+          f'unknown attention {self.attention!r}; valid: {", ".join(attention.IMPLEMENTATIONS)}'
+      )
     for field in ('dtype', 'param_dtype'):
       if getattr(self, field) not in DTYPES:
         raise ValueError(f'unknown {field} {getattr(self, field)!r}; valid: {", ".join(DTYPES)}')
@@ -257,30 +262,14 @@ class Attention(nnx.Module):
     if cfg.out_bias:
       self.o_bias = _param(rngs, (d,), ('norm',), pd, 'zeros')
 
-  def _allowed(self, t, s, key_mask, cache_index):
-    # Causality is on cache slots; see docs/DESIGN.md.
-    q_slot = cache_index + jnp.arange(t)[:, None]
-    k_slot = jnp.arange(s)[None, :]
-    allowed = k_slot <= q_slot
-    if self.cfg.is_sliding(self.layer):
-      allowed &= (q_slot - k_slot) < self.cfg.sliding_window
-    return allowed[None] & key_mask[:, None, :]
+  def _window(self):
+    return self.cfg.sliding_window if self.cfg.is_sliding(self.layer) else None
 
-  def _mask_logits(self, logits, allowed):
-    """Soft-caps float32 logits [B, K, G, T, S] and masks the slots `allowed` [B, T, S] forbids."""
-    if self.cfg.attn_softcap is not None:
-      logits = jnp.tanh(logits / self.cfg.attn_softcap) * self.cfg.attn_softcap
-    return jnp.where(allowed[:, None, None], logits, jnp.finfo(jnp.float32).min)
-
-  def _prefix_allowed(self, prefix: SharedPrefix, positions):
-    """[B, T, Sp]: the prefix slots each query sees -- all valid ones (the prefix comes first),
-    within the window on sliding-window layers (prefix slot s holds position s)."""
+  def _prefix_mask(self, prefix: SharedPrefix, positions) -> attention.Mask:
+    """The prefix slots each query sees: all valid ones (the prefix comes first), within the
+    window on sliding-window layers (prefix slot s holds position s)."""
     mask = prefix.mask if prefix.mask.ndim == 2 else prefix.mask[None]  # [B or 1, Sp]
-    allowed = jnp.broadcast_to(mask[:, None, :], (*positions.shape, mask.shape[-1]))
-    if self.cfg.is_sliding(self.layer):
-      k_pos = jnp.arange(mask.shape[-1])[None, None, :]
-      allowed &= (positions[:, :, None] - k_pos) < self.cfg.sliding_window
-    return allowed
+    return attention.Mask(positions, mask, causal=False, window=self._window())
 
   def _decode_attention(self, q, k_cache, v_cache, allowed, dt, prefix=None, prefix_allowed=None):
     """One new token per row (q [B, 1, K, G, H]) against the cache, as two reductions.
@@ -294,10 +283,11 @@ class Attention(nnx.Module):
     f32 = jnp.float32
     q = q[:, 0].astype(f32)  # [B, K, G, H]
     logits = jnp.sum(q[..., None] * k_cache.astype(f32)[:, :, None], axis=-2)  # [B, K, G, S]
-    logits = self._mask_logits(logits[:, :, :, None], allowed)[:, :, :, 0]
+    softcap = self.cfg.attn_softcap
+    logits = attention.mask_logits(logits[:, :, :, None], allowed, softcap)[:, :, :, 0]
     if prefix is not None:
       shared = jnp.einsum(prefix.spec('BKGH,{}KHS->BKGS'), q, prefix.k.astype(f32))
-      shared = self._mask_logits(shared[:, :, :, None], prefix_allowed)[:, :, :, 0]
+      shared = attention.mask_logits(shared[:, :, :, None], prefix_allowed, softcap)[:, :, :, 0]
       logits = jnp.concatenate([shared, logits], axis=-1)  # one softmax over prefix + own slots
     # A fusion barrier: otherwise XLA recomputes the softmax inside the value reduction.
     probs = jax.lax.optimization_barrier(jax.nn.softmax(logits, axis=-1))
@@ -309,44 +299,64 @@ class Attention(nnx.Module):
       out = out + jnp.einsum(prefix.spec('BKGS,{}KSH->BKGH'), shared, prefix.v.astype(f32))
     return out[:, None].astype(dt)
 
-  def _with_prefix(self, q, logits, v, prefix: SharedPrefix, prefix_allowed, dt):
-    """Attention over the prefix and the rows' own slots (`logits` [B, K, G, T, S]) as two
-    softmax pieces joined by their maxima and sums: the cascade decomposition.
+  def _with_prefix(self, impl, q, k, v, own: attention.Mask, prefix: SharedPrefix, shared, dt):
+    """Attention over the prefix (mask `shared`) and the rows' own slots (mask `own`, cache
+    layout) as two softmax pieces joined by their maxima and sums: the cascade decomposition.
 
-    The prefix piece is laid out as XLA:CPU's matrix product makes it, [K, B, G, T, Sp] for one
-    shared copy (every row's queries against it in one product per KV head) and [B, K, G, T, Sp]
-    per row; the layout the own slots use ('BTKGH,KHS->BKGTS') costs three times as long here,
-    where the logits over a long prefix are most of the work.
+    Each piece is `attention.attend(..., stats=True)` by implementation `impl`. For `dense` the
+    prefix piece keeps the layout XLA:CPU's matrix product makes, [K, B, G, T, Sp] for one shared
+    copy (every row's queries against it in one product per KV head) and [B, K, G, T, Sp] per
+    row; the layout the own slots use ('BTKGH,KHS->BKGTS') costs three times as long here, where
+    the logits over a long prefix are most of the work. The others fold the rows into the query
+    axis (one copy is one batch row) and never form the prefix's logits whole.
     """
     f32 = jnp.float32
     b, t, kh, g, h = q.shape
+    softcap = self.cfg.attn_softcap
+    impl = attention.resolve(impl, jax.default_backend(), softcap, b * t)
     shared_copy = prefix.k.ndim == 3
-    if shared_copy:
-      qq = q.transpose(2, 0, 3, 1, 4).reshape(kh, b * g * t, h)
-      pl = jnp.einsum('KMH,KHS->KMS', qq, prefix.k.astype(dt)).reshape(kh, b, g, t, -1)
-      allowed = prefix_allowed[None, :, None]  # [1, B, 1, T, Sp]
+    if impl != 'dense':
+      if shared_copy:
+        folded = attention.Mask(
+            shared.q_slots.reshape(1, b * t), shared.key_mask, False, shared.window
+        )
+        p_out, p_top, p_sum = attention.attend(
+            impl, q.reshape(1, b * t, kh, g, h), prefix.k[None], prefix.v[None], folded,
+            softcap=softcap, k_layout='BKHS', stats=True,
+        )  # fmt: skip
+        p_out = p_out.reshape(kh, g, b, t, h).transpose(2, 0, 1, 3, 4)
+        p_top, p_sum = (x.reshape(kh, g, b, t).transpose(2, 0, 1, 3) for x in (p_top, p_sum))
+      else:
+        p_out, p_top, p_sum = attention.attend(
+            impl, q, prefix.k, prefix.v, shared, softcap=softcap, k_layout='BKHS', stats=True
+        )
     else:
-      qq = q.transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, h)
-      pl = jnp.einsum('BKMH,BKHS->BKMS', qq, prefix.k.astype(dt)).reshape(b, kh, g, t, -1)
-      allowed = prefix_allowed[:, None, None]  # [B, 1, 1, T, Sp]
-    pl = pl.astype(f32)
-    if self.cfg.attn_softcap is not None:
-      pl = jnp.tanh(pl / self.cfg.attn_softcap) * self.cfg.attn_softcap
-    pl = jnp.where(allowed, pl, jnp.finfo(f32).min)
-    p_top = pl.max(-1)
-    pe = jnp.exp(pl - p_top[..., None])
-    p_sum = pe.sum(-1)
-    if shared_copy:
-      p_out = jnp.einsum('KMS,KSH->KMH', pe.reshape(kh, b * g * t, -1).astype(dt), prefix.v)
-      p_out = p_out.reshape(kh, b, g, t, h).transpose(1, 0, 2, 3, 4)  # [B, K, G, T, H]
-      p_top, p_sum = p_top.transpose(1, 0, 2, 3), p_sum.transpose(1, 0, 2, 3)
-    else:
-      p_out = jnp.einsum('BKMS,BKSH->BKMH', pe.reshape(b, kh, g * t, -1).astype(dt), prefix.v)
-      p_out = p_out.reshape(b, kh, g, t, h)
-    o_top = logits.max(-1)  # [B, K, G, T]
-    oe = jnp.exp(logits - o_top[..., None])
-    o_sum = oe.sum(-1)
-    o_out = jnp.einsum('BKGTS,BKSH->BKGTH', oe.astype(dt), v.astype(dt))
+      prefix_allowed = shared.allowed()  # [B, T, Sp]
+      if shared_copy:
+        qq = q.transpose(2, 0, 3, 1, 4).reshape(kh, b * g * t, h)
+        pl = jnp.einsum('KMH,KHS->KMS', qq, prefix.k.astype(dt)).reshape(kh, b, g, t, -1)
+        allowed = prefix_allowed[None, :, None]  # [1, B, 1, T, Sp]
+      else:
+        qq = q.transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, h)
+        pl = jnp.einsum('BKMH,BKHS->BKMS', qq, prefix.k.astype(dt)).reshape(b, kh, g, t, -1)
+        allowed = prefix_allowed[:, None, None]  # [B, 1, 1, T, Sp]
+      pl = pl.astype(f32)
+      if softcap is not None:
+        pl = jnp.tanh(pl / softcap) * softcap
+      pl = jnp.where(allowed, pl, jnp.finfo(f32).min)
+      p_top = pl.max(-1)
+      pe = jnp.exp(pl - p_top[..., None])
+      p_sum = pe.sum(-1)
+      if shared_copy:
+        p_out = jnp.einsum('KMS,KSH->KMH', pe.reshape(kh, b * g * t, -1).astype(dt), prefix.v)
+        p_out = p_out.reshape(kh, b, g, t, h).transpose(1, 0, 2, 3, 4)  # [B, K, G, T, H]
+        p_top, p_sum = p_top.transpose(1, 0, 2, 3), p_sum.transpose(1, 0, 2, 3)
+      else:
+        p_out = jnp.einsum('BKMS,BKSH->BKMH', pe.reshape(b, kh, g * t, -1).astype(dt), prefix.v)
+        p_out = p_out.reshape(b, kh, g, t, h)
+    o_out, o_top, o_sum = attention.attend(
+        impl, q, k, v, own, softcap=softcap, k_layout='BKHS', stats=True
+    )
     top = jnp.maximum(p_top, o_top)
     wp, wo = jnp.exp(p_top - top), jnp.exp(o_top - top)  # each piece's share, rescaled
     out = (p_out.astype(f32) * wp[..., None] + o_out.astype(f32) * wo[..., None]) / (
@@ -383,24 +393,23 @@ class Attention(nnx.Module):
           for kv in ('k', 'v')
       }
       k, v = cache['k'], cache['v']
-      s = cache_length([cache])
     else:
       # [B, K, S, H]: the layout whose forward and backward dots XLA runs without transposes.
       k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-      s = t
-    allowed = self._allowed(t, s, key_mask, cache_index)  # [B, T, S]
-    prefix_allowed = None if prefix is None else self._prefix_allowed(prefix, positions)
+    own = attention.own_slots_mask(t, key_mask, cache_index, self._window())
+    shared = None if prefix is None else self._prefix_mask(prefix, positions)
 
     if cache is not None and t == 1:
+      allowed = own.allowed()  # [B, 1, S]
+      prefix_allowed = None if prefix is None else shared.allowed()
       out = self._decode_attention(q, k, v, allowed, dt, prefix, prefix_allowed)
+    elif prefix is not None:
+      out = self._with_prefix(cfg.attention, q, k, v, own, prefix, shared, dt)
     else:
-      spec = 'BTKGH,BKHS->BKGTS' if cache is not None else 'BTKGH,BKSH->BKGTS'
-      logits = self._mask_logits(jnp.einsum(spec, q, k.astype(dt)).astype(jnp.float32), allowed)
-      if prefix is None:
-        probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-        out = jnp.einsum('BKGTS,BKSH->BTKGH', probs, v.astype(dt))
-      else:
-        out = self._with_prefix(q, logits, v, prefix, prefix_allowed, dt)
+      out = attention.attend(
+          cfg.attention, q, k, v, own, softcap=cfg.attn_softcap,
+          k_layout='BKHS' if cache is not None else 'BKSH',
+      )  # fmt: skip
     out = out.reshape(b, t, n, cfg.head_dim)
     # 'BTNH,NHD->BTD' by dot_general: jnp.einsum contracts (H, N) in that order, which made
     # XLA transpose the weight in every call.

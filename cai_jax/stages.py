@@ -157,7 +157,7 @@ class Context:
         param_dtype=param_dtype,
         seed=self.config.seed,
         scalar_head=scalar_head,
-        model_overrides={'remat': m.get('remat', 'none')},
+        model_overrides={'remat': m.get('remat', 'none'), 'attention': m.get('attention', 'auto')},
     )
     if cache:
       self._models[key] = pretrained

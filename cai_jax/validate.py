@@ -264,6 +264,20 @@ def check_precision(model_config) -> None:
     )
 
 
+def attention_problem(model_config) -> str | None:
+  """`model.attention` this backend cannot run, in one line naming what would; None if it can.
+  The soft-cap (which cuDNN lacks) is known here from `model.architecture` when it is set."""
+  import jax
+
+  from cai_jax import attention
+  from cai_jax.model import ModelConfig
+
+  preset = getattr(ModelConfig, model_config.get('architecture', '') or '_', None)
+  softcap = preset().attn_softcap if callable(preset) else None
+  name = model_config.get('attention', 'auto')
+  return attention.check(name, jax.default_backend(), softcap)
+
+
 def problems(config, workdir: Path) -> list[str]:
   """Every problem with running `config.stages` (and `config.force`) in `workdir`; [] if none."""
   from cai_jax import constitution, conversation
@@ -281,6 +295,9 @@ def problems(config, workdir: Path) -> list[str]:
     check_precision(config.model)
   except stages.StageError as e:
     out.append(str(e))
+  problem = attention_problem(config.model)
+  if problem:
+    out.append(problem)
   if config.conversation_format not in conversation.FORMATS:
     out.append(
         f'config.conversation_format={config.conversation_format!r}: expected one of '
