@@ -34,7 +34,7 @@ class AotError(Exception):
 def model_config(config, *, frozen: bool = False):
   """The ModelConfig preset `config.model.architecture` with the config's dtypes and remat, as
   `Context.load` builds it (frozen: model.frozen_param_dtype)."""
-  from cai_jax import stages
+  from cai_jax import attention, stages
   from cai_jax.model import ModelConfig
 
   m = config.model
@@ -45,7 +45,11 @@ def model_config(config, *, frozen: bool = False):
         '(e.g. gemma2_2b, llama3_2_3b, qwen2_5_7b)'
     )
   param_dtype = stages.frozen_param_dtype(m) if frozen else m.param_dtype
-  return preset(dtype=m.dtype, param_dtype=param_dtype, remat=m.get('remat', 'none'))
+  cfg = preset(dtype=m.dtype, param_dtype=param_dtype, remat=m.get('remat', 'none'))
+  # The kernel the config would run on the TPU, not on this host's CPU.
+  return cfg.replace(
+      attention=attention.resolve(m.get('attention', 'auto'), 'tpu', cfg.attn_softcap)
+  )
 
 
 def abstract_module(ctor: Callable[[], Any], mesh):
