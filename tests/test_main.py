@@ -105,15 +105,23 @@ def test_missing_model_path_is_one_clear_line(tmp_path):
   assert 'Traceback' not in r.stderr and not (tmp_path / 'w').exists()
 
 
-def test_ci_runs_exactly_the_readme_test_command():
-  """README's first lines are the two commands (main job, tests); .ci/run ends with the second."""
+def test_ci_runs_exactly_the_readme_commands():
+  """README's first lines are the two commands (demo, tests); .ci/run reads both from there,
+  runs the demo in a virtualenv of its own with `pip check` after it, and ends with the tests."""
   readme = (REPO / 'README.md').read_text().splitlines()
   block = readme[readme.index('```bash') + 1 : readme.index('```', readme.index('```bash') + 1)]
   assert len(block) == 2 and 'python -m cai_jax.main --config configs/demo.py' in block[0]
-  assert 'python -m pytest' in block[1]
+  assert 'python -m pytest' in block[1] and '[test]' not in block[0]
   ci = [
-      line
+      line.strip()
       for line in (REPO / '.ci' / 'run').read_text().splitlines()
-      if line and not line.startswith('#')
+      if line.strip() and not line.lstrip().startswith('#')
   ]
-  assert ci[-1] == block[1]
+  # The two lines .ci/run extracts, extracted by its own code.
+  extract = [line for line in ci if line.startswith(('demo_cmd=', 'test_cmd='))]
+  script = '\n'.join(extract + ['printf "%s\\n%s" "$demo_cmd" "$test_cmd"'])
+  out = subprocess.run(['bash', '-c', script], cwd=REPO, capture_output=True, text=True, check=True)
+  assert out.stdout.splitlines() == block
+  venv = next(i for i, line in enumerate(ci) if line.startswith('python3 -m venv'))
+  demo = ci.index('bash -c "$demo_cmd"')
+  assert venv < demo < ci.index('pip check') < ci.index('bash -c "$test_cmd"') == len(ci) - 1
