@@ -17,9 +17,9 @@ from pathlib import Path
 def _no_tpu_probe() -> None:
   """On a machine without a TPU, libtpu (installed with the test extra) still prints
   'Failed to find host bounds' and 'unexpected worker hostname' from C++ when jax starts its
-  backends. With no Google PCI device (TPUs are vendor 0x1ae0), no NVIDIA GPU and JAX_PLATFORMS
-  unset, the run is CPU only: say so before jax reads its environment."""
-  if 'JAX_PLATFORMS' in os.environ or glob.glob('/dev/nvidia[0-9]*'):
+  backends. With no Google PCI device (TPUs are vendor 0x1ae0), no NVIDIA or AMD GPU and
+  JAX_PLATFORMS unset, the run is CPU only: say so before jax reads its environment."""
+  if 'JAX_PLATFORMS' in os.environ or glob.glob('/dev/nvidia[0-9]*') or os.path.exists('/dev/kfd'):
     return
   for vendor in glob.glob('/sys/bus/pci/devices/*/vendor'):
     try:
