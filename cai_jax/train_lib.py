@@ -271,6 +271,14 @@ def non_finite(metrics: list[dict] | dict) -> dict[str, float]:
   }
 
 
+def _kept_checkpoint(ckpt) -> str:
+  """What a stopped run keeps: its last checkpoint on disk, named, or that there is none."""
+  last = ckpt.latest_step() if ckpt is not None else None
+  if last is None:
+    return 'no checkpoint had been saved'
+  return f'the last good checkpoint (step {last}) is kept in {ckpt.directory}'
+
+
 def check_finite(stage: str, step: int, metrics: list[dict] | dict, ckpt=None) -> None:
   """Raises NonFiniteError at the first step whose loss or gradient norm is not finite.
 
@@ -281,12 +289,7 @@ def check_finite(stage: str, step: int, metrics: list[dict] | dict, ckpt=None) -
   bad = non_finite(metrics)
   if not bad:
     return
-  last = ckpt.latest_step() if ckpt is not None else None
-  kept = (
-      f'the last good checkpoint (step {last}) is kept in {ckpt.directory}'
-      if last is not None
-      else 'no checkpoint had been saved'
-  )
+  kept = _kept_checkpoint(ckpt)
   values = ', '.join(f'{k}={v}' for k, v in sorted(bad.items()))
   raise NonFiniteError(
       f'{stage}: non-finite {values} at step {step}; stopped without saving this '
@@ -357,12 +360,7 @@ class Guard:
     bad = self.broken(metrics)
     if not bad:
       return
-    last = ckpt.latest_step() if ckpt is not None else None
-    kept = (
-        f'the last good checkpoint (step {last}) is kept in {ckpt.directory}'
-        if last is not None
-        else 'no checkpoint had been saved'
-    )
+    kept = _kept_checkpoint(ckpt)
     raise DivergedError(
         f'{self.stage}: diverged at step {step}: {"; ".join(bad)}; stopped without saving this '
         f'state or exporting a model, {kept}. Lower the learning rate and rerun with '
