@@ -1,6 +1,7 @@
 """The whole pipeline through the entry point on configs/tiny.py: killed with SIGKILL at several
-points (inside critique_revision, sft and ppo) and rerun with the same command each time, it ends
-with the same final artifacts as an uninterrupted run."""
+points (inside critique_revision, sft, ppo and evaluate; prefix reuse on, as tiny's default) and
+rerun with the same command each time, it ends with the same final artifacts as an uninterrupted
+run."""
 
 import hashlib
 import json
@@ -42,6 +43,8 @@ KILL_POINTS = {
     'critique_revision': lambda w: _lines(w / 'critique_revision' / 'samples.jsonl') >= 1,
     'sft': lambda w: _lines(w / 'sft' / 'metrics.jsonl') >= 2,
     'ppo': lambda w: _lines(w / 'ppo' / 'metrics.jsonl') >= 2,
+    # evaluate writes each model's responses as a whole file: killed after the second.
+    'evaluate': lambda w: len(list((w / 'evaluate').glob('responses_*.jsonl'))) >= 2,
 }
 
 
@@ -76,12 +79,13 @@ def _strip_timings(x):
 def artifacts(workdir: Path) -> dict:
   """What a user keeps from a run: generated data, model exports, metrics, the evaluation."""
   out = {}
+  evaluated = sorted(str(p.relative_to(workdir)) for p in (workdir / 'evaluate').glob('*.jsonl'))
+  assert 'evaluate/responses_ppo.jsonl' in evaluated and 'evaluate/judge_redteam.jsonl' in evaluated
   for rel in (
       'critique_revision/samples.jsonl',
       'critique_revision/helpful.jsonl',
       'feedback/samples.jsonl',
-      'evaluate/responses_ppo.jsonl',
-      'evaluate/judge_redteam.jsonl',
+      *evaluated,
   ):
     out[rel] = [
         _strip_timings(json.loads(line)) for line in (workdir / rel).read_text().splitlines()
