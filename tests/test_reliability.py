@@ -245,7 +245,15 @@ def test_force_keeps_what_it_replaces_until_the_redo_has_finished(copy_of):
 
 def test_sft_stops_at_the_first_non_finite_step_and_exports_nothing(copy_of):
   shutil.rmtree(copy_of / 'sft')
-  proc = run_main(copy_of, '--config.stages=sft', '--config.sft.optimizer.learning_rate=1e6')
+  # The divergence guard would stop this run a step before its NaN (param_norm at step 1): off,
+  # so the NaN guard is what stops it.
+  proc = run_main(
+      copy_of,
+      '--config.stages=sft',
+      '--config.sft.optimizer.learning_rate=1e6',
+      '--config.sft.guard.param_norm_jump=0',
+      '--config.sft.guard.loss_jump=0',
+  )
   assert proc.returncode != 0
   (line,) = errors(proc)
   assert line.startswith('cai_jax: error: sft: non-finite ') and ' at step ' in line
