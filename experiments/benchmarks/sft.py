@@ -32,14 +32,11 @@ import ml_collections  # noqa: E402
 from flax import nnx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cai_jax import checkpoint, sft, sharding, train_lib  # noqa: E402
+from cai_jax import checkpoint, sft, sharding, train_lib, wheel_data  # noqa: E402
 
 # Compiling the 30-layer step takes minutes on a small CPU; keep it for the next run (as the tests do).
 if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
-  _cache = os.environ.get('CAI_JAX_CACHE') or os.path.join(
-      os.path.expanduser('~'), '.cache', 'cai_jax'
-  )
-  jax.config.update('jax_compilation_cache_dir', os.path.join(_cache, 'jax'))
+  jax.config.update('jax_compilation_cache_dir', str(wheel_data.cache_root() / 'jax'))
 
 OPTIMIZER = ml_collections.ConfigDict(
     dict(
