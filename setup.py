@@ -48,6 +48,9 @@ setup(
         # jax[tpu] brings libtpu, whose compiler tests/test_aot.py runs without a TPU.
         'test': [
             'pytest',
+            # The suite runs on two workers (README line 5): its subprocess pipeline runs are
+            # single-threaded most of the time, so two cores finish it in about half the time.
+            'pytest-xdist',
             'torch==2.13.0',
             'accelerate',
             'nbclient',
