@@ -120,7 +120,7 @@ def test_model_logits_and_gradients_match_dense(family, impl, small_blocks):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * np.abs(b).max())
 
 
-@pytest.mark.parametrize('family', ['llama', 'gemma2'])
+@pytest.mark.parametrize('family', ['llama', 'gemma2', 'qwen2'])
 @pytest.mark.parametrize('impl', ['blockwise', 'splash_interpret'])
 def test_prefix_and_cache_continuation_match_dense(family, impl, small_blocks):
   """A shared prefix (the cascade join) read by left-padded rows, then a continuation at cache
