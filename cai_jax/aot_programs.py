@@ -34,8 +34,9 @@ class AotError(Exception):
 def model_config(config, *, frozen: bool = False):
   """The ModelConfig preset `config.model.architecture` with the config's dtypes and remat, as
   `Context.load` builds it (frozen: model.frozen_param_dtype)."""
-  from cai_jax import attention, stages
-  from cai_jax.model import ModelConfig
+  from cai_jax import bookkeeping
+  from cai_jax.models import attention
+  from cai_jax.models.decoder import ModelConfig
 
   m = config.model
   preset = getattr(ModelConfig, m.architecture, None) if m.architecture else None
@@ -44,7 +45,7 @@ def model_config(config, *, frozen: bool = False):
         f'config.model.architecture={m.architecture!r} is not a ModelConfig preset '
         '(e.g. gemma2_2b, llama3_2_3b, qwen2_5_7b)'
     )
-  param_dtype = stages.frozen_param_dtype(m) if frozen else m.param_dtype
+  param_dtype = bookkeeping.frozen_param_dtype(m) if frozen else m.param_dtype
   cfg = preset(dtype=m.dtype, param_dtype=param_dtype, remat=m.get('remat', 'none'))
   # The kernel the config would run on the TPU, not on this host's CPU.
   return cfg.replace(
@@ -57,7 +58,7 @@ def abstract_module(ctor: Callable[[], Any], mesh):
   import jax
   from flax import nnx
 
-  from cai_jax import sharding
+  from cai_jax.utils import sharding
 
   box = {}
 
@@ -82,7 +83,7 @@ def abstract_module(ctor: Callable[[], Any], mesh):
 def decoder(cfg, mesh):
   from flax import nnx
 
-  from cai_jax.model import Decoder
+  from cai_jax.models.decoder import Decoder
 
   return abstract_module(lambda: Decoder(cfg, rngs=nnx.Rngs(0)), mesh)
 
@@ -90,7 +91,7 @@ def decoder(cfg, mesh):
 def scalar_head_model(cfg, mesh):
   from flax import nnx
 
-  from cai_jax.model import ScalarHeadModel
+  from cai_jax.models.decoder import ScalarHeadModel
 
   return abstract_module(lambda: ScalarHeadModel(cfg, rngs=nnx.Rngs(0)), mesh)
 
@@ -100,7 +101,7 @@ def rows(mesh, shape, dtype, names=('batch', 'length')):
   import jax
   from jax.sharding import NamedSharding
 
-  from cai_jax import sharding
+  from cai_jax.utils import sharding
 
   names = tuple(names[: len(shape)]) + (None,) * (len(shape) - len(names))
   return jax.ShapeDtypeStruct(
@@ -119,7 +120,7 @@ def kv_cache(cfg, mesh, batch: int, length: int):
   """The sampler's KV cache (`model.init_cache`) as placed arguments, laid out by its axis names."""
   import jax.numpy as jnp
 
-  from cai_jax import model as model_lib
+  from cai_jax.models import decoder as model_lib
 
   size = {'batch': batch, 'kv_heads': cfg.n_kv_heads, 'head_dim': cfg.head_dim, 'length': length}
   names = model_lib._CACHE_NAMES  # init_cache's layout; it places through a concrete mesh only
@@ -133,14 +134,14 @@ def kv_cache(cfg, mesh, batch: int, length: int):
 
 
 def placed(abstract, shardings):
-  from cai_jax import train_lib
+  from cai_jax.training import train_lib
 
   return train_lib.abstract_state(abstract, shardings)
 
 
 def tree_bytes(tree) -> int:
   """Bytes the most loaded device holds of a tree of placed ShapeDtypeStructs."""
-  from cai_jax import sharding
+  from cai_jax.utils import sharding
 
   return sharding.per_device_bytes(tree)['max']
 
@@ -296,7 +297,7 @@ class PrefixSpec:
     """A `model.Prefix` of `groups` prefixes of sp slots (batch: the rows naming their group)."""
     import jax.numpy as jnp
 
-    from cai_jax import model as model_lib
+    from cai_jax.models import decoder as model_lib
     from cai_jax.sampling import prefix as prefix_lib
 
     size = {None: groups, 'kv_heads': cfg.n_kv_heads, 'head_dim': cfg.head_dim, 'length': sp}
@@ -384,7 +385,8 @@ def rewards_program(stage, who, cfg, model, mesh, resident, *, batch_size, lengt
   """`preference._rewards`: the PM's reward of each conversation (scoring, no gradients)."""
   import jax.numpy as jnp
 
-  from cai_jax import preference, sharding
+  from cai_jax.stages import preference
+  from cai_jax.utils import sharding
 
   graphdef, params = model
   n = sharding.batch_axis_size(mesh)
@@ -405,7 +407,7 @@ def train_program(
 
   import jax
 
-  from cai_jax import train_lib
+  from cai_jax.training import train_lib
 
   abstract, shardings = train_lib.abstract_train_state(params, tx)
   step = train_lib.make_train_step(graphdef, tx, loss_fn, shardings, schedule, seed=seed)
@@ -436,7 +438,7 @@ def pm_programs(stage, section, cfg, mesh, max_len, loss_fn, targets, resident) 
   state's float32 parameters while the rest of the state stays."""
   import jax.numpy as jnp
 
-  from cai_jax import train_lib
+  from cai_jax.training import train_lib
 
   pairs = 'p_a' in targets
   length = train_lib.bucket_length(max_len, max_len, section.min_bucket)
@@ -498,7 +500,9 @@ def stage_programs(config, mesh, only: str = '') -> list[Program]:
   state each stage keeps resident beside them."""
   import jax.numpy as jnp
 
-  from cai_jax import dpo, harmfulness, pipeline, preference, sft, train_lib
+  from cai_jax import pipeline
+  from cai_jax.stages import dpo, harmfulness, preference, sft
+  from cai_jax.training import train_lib
 
   m = config.model
   cfg, frozen_cfg = model_config(config), model_config(config, frozen=True)
@@ -788,13 +792,14 @@ def _padded(cfg, n):
 
 
 def ppo_programs(config, cfg, mesh, helpful, reference, pm, size) -> list[Program]:
-  """PPO's rollout sampler, PM scoring, rollout forward and learner step (cai_jax/ppo.py)."""
+  """PPO's rollout sampler, PM scoring, rollout forward and learner step (cai_jax/stages/ppo.py)."""
   import jax.numpy as jnp
   from flax import nnx
 
-  from cai_jax import ppo, train_lib
-  from cai_jax.model import Decoder, ScalarHeadModel
+  from cai_jax.models.decoder import Decoder, ScalarHeadModel
   from cai_jax.sampling import common
+  from cai_jax.stages import ppo
+  from cai_jax.training import train_lib
 
   pp, max_len = config.ppo, config.model.max_len
   max_prompt_tokens = min(pp.max_prompt_tokens, max_len - pp.max_new_tokens)

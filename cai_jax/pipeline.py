@@ -1,7 +1,7 @@
 """The pipeline, named once: the stage table (Bai et al. 2022, figure 1) and the loop that runs it.
 
 Each stage is the module of the same name, entered through its `run(ctx, stage_dir)` and checked,
-before anything runs, by its `check_config(config)` where it has one. `cai_jax/stages.py` keeps
+before anything runs, by its `check_config(config)` where it has one. `cai_jax/bookkeeping.py` keeps
 the bookkeeping (fingerprints, DONE.json, the trash) that makes the loop resumable.
 """
 
@@ -15,29 +15,18 @@ from typing import NamedTuple
 
 import jax
 
-from cai_jax import (
-    critique_revision,
-    dpo,
-    evaluate,
-    evaluate_feedback,
-    evaluation_pm,
-    feedback,
-    harmfulness,
-    ppo,
-    preference,
-    sft,
-    stages,
-)
-from cai_jax.stages import StageError
+from cai_jax import bookkeeping
+from cai_jax.bookkeeping import StageError
+from cai_jax.stages import critique_revision, dpo, evaluate, evaluate_feedback, evaluation_pm, feedback, harmfulness, ppo, preference, sft
 
 
 class Stage(NamedTuple):
   module: ModuleType  # holds run(ctx, stage_dir) and, where it has one, check_config(config)
   reads: tuple[str, ...]  # the stages whose outputs it reads
-  # The given models it loads (stages.GIVEN_ROLES): their sources are part of its fingerprint.
+  # The given models it loads (bookkeeping.GIVEN_ROLES): their sources are part of its fingerprint.
   models: tuple[str, ...] = ()
   # Stages it reads only when they have finished in the workdir (never required; when present,
-  # their fingerprints join its own: stages.optional_upstream).
+  # their fingerprints join its own: bookkeeping.optional_upstream).
   optional: tuple[str, ...] = ()
 
 
@@ -48,7 +37,7 @@ class Stage(NamedTuple):
 # comparison. evaluate_feedback measures the labels; evaluate compares the models, also with two
 # models no training stage reads: the evaluation PM and the harmfulness model. A model role is
 # named after the stage that makes it ('sft', 'preference', 'ppo', 'dpo', ...; see
-# stages.MODEL_ROLES).
+# bookkeeping.MODEL_ROLES).
 STAGES: dict[str, Stage] = {
     'critique_revision': Stage(critique_revision, (), models=('helpful',)),
     'sft': Stage(sft, ('critique_revision',), models=('pretrained',)),
@@ -83,7 +72,7 @@ def parse_stage_list(value: str | tuple | list, what: str = 'config.stages') -> 
   return sorted(set(names), key=ORDER.index)
 
 
-def run(ctx: stages.Context) -> list[tuple[str, str, float]]:
+def run(ctx: bookkeeping.Context) -> list[tuple[str, str, float]]:
   """Runs config.stages in order; returns (stage, 'ran'|'reused', seconds) rows.
 
   `config.force` moves the forced stages (and everything after them) to WORKDIR/.trash; they are
@@ -95,8 +84,8 @@ def run(ctx: stages.Context) -> list[tuple[str, str, float]]:
   if forced and jax.process_index() == 0:
     first = min(ORDER.index(f) for f in forced)
     for name in ORDER[first:]:  # the forced stage and everything after it
-      moved[name] = stages.move_to_trash(ctx.workdir, name)
-  stages.barrier('force')
+      moved[name] = bookkeeping.move_to_trash(ctx.workdir, name)
+  bookkeeping.barrier('force')
   try:
     rows = _run_stages(ctx, names)
   except BaseException:
@@ -107,28 +96,28 @@ def run(ctx: stages.Context) -> list[tuple[str, str, float]]:
           os.replace(trashed, ctx.stage_dir(name))
     raise
   if jax.process_index() == 0:
-    shutil.rmtree(ctx.workdir / stages.TRASH, ignore_errors=True)
+    shutil.rmtree(ctx.workdir / bookkeeping.TRASH, ignore_errors=True)
   return rows
 
 
-def _run_stages(ctx: stages.Context, names: list[str]) -> list[tuple[str, str, float]]:
+def _run_stages(ctx: bookkeeping.Context, names: list[str]) -> list[tuple[str, str, float]]:
   rows = []
   for name in names:
     t0 = time.time()
-    if stages.reusable(ctx, name):
+    if bookkeeping.reusable(ctx, name):
       rows.append((name, 'reused', 0.0))
       continue
     for u in STAGES[name].reads:  # before the claim: a stage that cannot start writes nothing
       if not upstream_unused(ctx.config, name, u):
         ctx.require(u, name)
-    stages.claim(ctx, name)
+    bookkeeping.claim(ctx, name)
     try:
       summary = STAGES[name].module.run(ctx, ctx.stage_dir(name)) or {}
     finally:
       ctx._models.clear()  # the next stage starts with the device memory to itself
     seconds = time.time() - t0
-    stages.mark_done(ctx, name, seconds, summary)
-    stages.barrier(f'done-{name}')
+    bookkeeping.mark_done(ctx, name, seconds, summary)
+    bookkeeping.barrier(f'done-{name}')
     rows.append((name, 'ran', seconds))
   return rows
 

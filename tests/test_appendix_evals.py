@@ -7,8 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from cai_jax import checkpoint, conversation, evaluate_feedback, pipeline, sampling, sharding, stages
-from cai_jax.feedback import option_tokens
+from cai_jax import bookkeeping, pipeline, sampling
+from cai_jax.method import conversation
+from cai_jax.models import checkpoint
+from cai_jax.stages import evaluate_feedback
+from cai_jax.stages.feedback import option_tokens
+from cai_jax.utils import sharding
 
 LETTERS = tuple(f' ({c})' for c in 'ABCDEFGHI')
 
@@ -42,7 +46,7 @@ def test_malformed_line_is_named(tmp_path):
       + json.dumps({'prompt': 'Q?', 'corrects': [' (A)'], 'incorrects': [' (A)']})
       + '\n'
   )
-  with pytest.raises(stages.StageError, match=r'mc\.jsonl:2: needs "prompt" and disjoint'):
+  with pytest.raises(bookkeeping.StageError, match=r'mc\.jsonl:2: needs "prompt" and disjoint'):
     evaluate_feedback.read_multiple_choice(path)
   assert len(evaluate_feedback.read_multiple_choice(path, limit=1)) == 1
 
@@ -80,7 +84,7 @@ def test_stage_reports_accuracy_per_eval(evals_dir, tmp_path):
   c.evaluate_feedback.limit = 3  # of the HHH comparisons too
   c.evaluate_feedback.evals = ('HarmfulVsEthical', 'HarmfulnessClassification')
   with sharding.use_mesh(sharding.make_mesh(c.mesh.shape), c.logical_axis_rules):
-    pipeline.run(stages.Context(c, tmp_path))
+    pipeline.run(bookkeeping.Context(c, tmp_path))
   summary = json.loads((tmp_path / 'evaluate_feedback' / 'DONE.json').read_text())['summary']
   ethical, kinds = (summary['appendix'][n] for n in evaluate_feedback.APPENDIX_EVALS)
   assert (ethical['n'], ethical['options'], ethical['chance']) == (3, [2], 0.5)

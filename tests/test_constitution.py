@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cai_jax import constitution as C
-from cai_jax import conversation
+from cai_jax.method import constitution as C
+from cai_jax.method import conversation
 
 SHARED = Path(__file__).resolve().parents[2] / 'shared'
 PAPER_PROMPTS = SHARED / 'data' / 'anthropic_cai' / 'prompts'
@@ -577,13 +577,13 @@ def test_critique_and_revision_after_three_rounds(small):
 
 
 def byte_count(text):
-  from cai_jax import checkpoint
+  from cai_jax.models import checkpoint
 
   return C.count_tokens(checkpoint.byte_tokenizer(), text)
 
 
 def test_over_long_conversation_loses_oldest_turns_not_few_shots(small):
-  from cai_jax import checkpoint
+  from cai_jax.models import checkpoint
 
   tok = checkpoint.byte_tokenizer()  # one token per byte: budgets are easy to reason about
   true = small.critique_revision[1]
@@ -650,7 +650,7 @@ def test_over_long_conversation_loses_oldest_turns_not_few_shots(small):
 
 
 def test_max_len_too_small_for_the_few_shots(small):
-  from cai_jax import checkpoint
+  from cai_jax.models import checkpoint
 
   tok = checkpoint.byte_tokenizer()
   n, cost, full = C.few_shot_cost(small, 'critique_revision', tok, 'transcript')
@@ -668,7 +668,7 @@ def test_max_len_too_small_for_the_few_shots(small):
 
 def smollm2_tokenizer():
   """SmolLM2's tokenizer alone, from the HF copy `load_pretrained` caches of the GGUF."""
-  from cai_jax import checkpoint
+  from cai_jax.models import checkpoint
 
   transformers = pytest.importorskip('transformers')
   try:

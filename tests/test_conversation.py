@@ -7,8 +7,11 @@ byte tokenizer never do: it is where sampling and training ids could disagree.
 
 import pytest
 
-from cai_jax import checkpoint, conversation, feedback, ppo, preference, sampling, sft
-from cai_jax import model as model_lib
+from cai_jax import sampling
+from cai_jax.method import conversation
+from cai_jax.models import checkpoint
+from cai_jax.models import decoder as model_lib
+from cai_jax.stages import feedback, ppo, preference, sft
 
 BOS, EOT = '<|begin_of_text|>', '<|eot_id|>'
 LLAMA3_TEMPLATE = (

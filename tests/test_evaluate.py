@@ -12,7 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cai_jax import checkpoint, conversation, evaluate, pipeline, ppo, sharding, stages
+from cai_jax import bookkeeping, pipeline
+from cai_jax.method import conversation
+from cai_jax.models import checkpoint
+from cai_jax.stages import evaluate, ppo
+from cai_jax.utils import sharding
 from configs import tiny
 from tests.helpers_stages import fake_upstream, sl_cai_records, tiny_main_cmd
 
@@ -153,7 +157,7 @@ def evaluated(tmp_path_factory):
   finished_scorer(config, workdir, 'evaluation_pm', seed=5)  # the harmfulness stage did not run
   mesh = sharding.make_mesh(config.mesh.shape)
   with sharding.use_mesh(mesh, config.logical_axis_rules):
-    ctx = stages.Context(config, workdir, mesh)
+    ctx = bookkeeping.Context(config, workdir, mesh)
     rows = pipeline.run(ctx)
   assert rows[0][:2] == ('evaluate', 'ran')
   return ctx, workdir / 'evaluate'
@@ -259,7 +263,7 @@ def test_restart_uses_cached_responses_and_reproduces_cis(evaluated, monkeypatch
   def fail(*args, **kwargs):
     raise AssertionError('a cached model or judgement was recomputed')
 
-  from cai_jax import feedback
+  from cai_jax.stages import feedback
 
   monkeypatch.setattr(evaluate.sampling, 'generate_responses', fail)
   monkeypatch.setattr(feedback.Labeler, 'label', fail)
@@ -339,7 +343,7 @@ def test_workdir_of_another_config_is_refused(tmp_path):
 def _judge_rows(tmp_path, **evaluate_fields):
   config = tiny.get_config()
   config.evaluate.update(evaluate_fields)
-  ctx = stages.Context(config, Path(tmp_path))
+  ctx = bookkeeping.Context(config, Path(tmp_path))
   principles = {k: evaluate.judge_principles(ctx, k) for k in evaluate.KINDS}
   rows = evaluate.independence_rows(ctx, principles, evaluate.scorer_status(ctx))
   return {r['signal'].split(' (')[0].split(':')[0]: r for r in rows}, ctx
@@ -383,11 +387,13 @@ def test_evaluation_principles_are_held_out_from_the_training_constitutions():
 def test_bad_evaluate_settings_are_one_line(tmp_path):
   config = tiny.get_config()
   config.evaluate.constitution = str(tmp_path / 'missing.json')
-  with pytest.raises(stages.StageError, match=r'config.evaluate.constitution: .*missing.json'):
+  with pytest.raises(bookkeeping.StageError, match=r'config.evaluate.constitution: .*missing.json'):
     evaluate.check_config(config)
   config = tiny.get_config()
   config.evaluate.rl_curve_every = -1
-  with pytest.raises(stages.StageError, match=r'config.evaluate.rl_curve_every: .*>= 0, got -1'):
+  with pytest.raises(
+      bookkeeping.StageError, match=r'config.evaluate.rl_curve_every: .*>= 0, got -1'
+  ):
     evaluate.check_config(config)
 
 
@@ -395,7 +401,7 @@ def test_an_optional_stage_joins_the_fingerprint_once_it_has_run(tmp_path):
   """evaluate never requires the scorers' stages; once one has finished, evaluate's fingerprint
   holds it, so a finished evaluate is redone with the new scorer."""
   config = tiny.get_config()
-  ctx = stages.Context(config, tmp_path)
+  ctx = bookkeeping.Context(config, tmp_path)
   before = ctx.stage_config_fingerprint('evaluate')
   assert 'optional' not in before  # workdirs without the scorers keep their fingerprints
   assert ctx.optional('evaluation_pm') == (
@@ -409,8 +415,10 @@ def test_an_optional_stage_joins_the_fingerprint_once_it_has_run(tmp_path):
     fake_upstream(config, tmp_path, 'evaluation_pm', {})
   after = ctx.stage_config_fingerprint('evaluate')
   assert set(after['optional']) == {'evaluation_pm'}
-  assert stages.diff_fields(before, after)[0].startswith('optional.evaluation_pm')
-  assert stages._only_inputs_changed(stages.diff_fields(before, after))  # redone, not refused
+  assert bookkeeping.diff_fields(before, after)[0].startswith('optional.evaluation_pm')
+  assert bookkeeping._only_inputs_changed(
+      bookkeeping.diff_fields(before, after)
+  )  # redone, not refused
 
 
 def test_no_rl_curve_without_rl_cai_among_the_models():

@@ -15,9 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cai_jax import checkpoint, constitution as C, evaluate_feedback, feedback, records, sampling
-from cai_jax import pipeline, sharding, stages
-from cai_jax.feedback import Pair, label_from_logprobs
+from cai_jax import bookkeeping, pipeline
+from cai_jax import sampling
+from cai_jax.method import constitution as C
+from cai_jax.models import checkpoint
+from cai_jax.stages import evaluate_feedback, feedback
+from cai_jax.stages.feedback import Pair, label_from_logprobs
+from cai_jax.utils import records
+from cai_jax.utils import sharding
 from configs import tiny
 
 REPO = Path(__file__).resolve().parents[1]
@@ -343,7 +348,7 @@ def test_read_generic_reports_malformed_line_numbers(tmp_path):
   assert [m['line'] for m in malformed] == [3, 4, 5]
   assert 'not JSON' in malformed[0]['error'] and '"rejected"' in malformed[1]['error']
   assert "human's turn" in malformed[2]['error']
-  with pytest.raises(stages.StageError, match=r'c\.jsonl:3: malformed generic comparison'):
+  with pytest.raises(bookkeeping.StageError, match=r'c\.jsonl:3: malformed generic comparison'):
     evaluate_feedback.read_comparisons(path, 'generic', on_malformed='fail')
   assert (
       len(evaluate_feedback.read_comparisons(path, 'generic', limit=2, on_malformed='fail')[0]) == 2
@@ -381,7 +386,7 @@ def test_read_paper_file(paper_file):
 
 def test_missing_default_comparisons_is_a_clear_error(monkeypatch, tmp_path):
   monkeypatch.setattr(evaluate_feedback, 'PAPER_HHH', tmp_path / 'absent.jsonl')
-  with pytest.raises(stages.StageError, match='--config.evaluate_feedback.comparisons=PATH'):
+  with pytest.raises(bookkeeping.StageError, match='--config.evaluate_feedback.comparisons=PATH'):
     evaluate_feedback.comparisons_path(types.SimpleNamespace(comparisons=''))
 
 
@@ -403,7 +408,7 @@ def tiny_config(**overrides):
 def run_stages(config, workdir, models=()):
   mesh = sharding.make_mesh(config.mesh.shape)
   with sharding.use_mesh(mesh, config.logical_axis_rules):
-    ctx = stages.Context(config, Path(workdir), mesh)
+    ctx = bookkeeping.Context(config, Path(workdir), mesh)
     ctx._models.update(models)
     return pipeline.run(ctx)
 
@@ -451,7 +456,7 @@ def test_evaluate_generic_with_every_option(tmp_path, tiny_model):
 
 def test_evaluate_malformed_fail_names_the_line(tmp_path, tiny_model):
   path = write_generic(tmp_path / 'c.jsonl')
-  with pytest.raises(stages.StageError, match=r'c\.jsonl:3: .*on_malformed=skip'):
+  with pytest.raises(bookkeeping.StageError, match=r'c\.jsonl:3: .*on_malformed=skip'):
     evaluate(
         tmp_path / 'w',
         tiny_model,
@@ -519,7 +524,7 @@ def test_feedback_stage_resumes_after_kill_9(tmp_path, tiny_model):
     d = workdir / 'sft'
     d.mkdir(parents=True)
     checkpoint.save_pretrained(tiny_model, str(d / 'export'))
-    ctx = stages.Context(config, workdir)
+    ctx = bookkeeping.Context(config, workdir)
     fp = ctx.fingerprint('sft')
     (d / 'fingerprint.json').write_text(
         json.dumps({'fingerprint': fp, 'fields': ctx.stage_config_fingerprint('sft')}, default=str)

@@ -16,9 +16,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cai_jax import checkpoint, conversation, pipeline, ppo, preference, rl, sharding, stages
-from cai_jax import train_lib
-from cai_jax.model import ScalarHeadModel
+from cai_jax import bookkeeping, pipeline
+from cai_jax.method import conversation, rl
+from cai_jax.models import checkpoint
+from cai_jax.models.decoder import ScalarHeadModel
+from cai_jax.stages import ppo, preference
+from cai_jax.training import train_lib
+from cai_jax.utils import sharding
 from configs import ppo_toy
 from helpers_stages import fake_upstream
 
@@ -243,7 +247,7 @@ def test_tokenizer_mismatch_is_a_clear_error(tiny):
 def _run_stage(config, workdir, tiny):
   mesh = sharding.make_mesh(config.mesh.shape)
   with sharding.use_mesh(mesh, config.logical_axis_rules):
-    ctx = stages.Context(config, Path(workdir), mesh)
+    ctx = bookkeeping.Context(config, Path(workdir), mesh)
     ctx._models[(config.ppo.policy_source, False, 'float32')] = (
         tiny  # the random tiny model, made once
     )
@@ -254,7 +258,7 @@ def test_no_prompts_is_a_clear_error(tmp_path, tiny):
   c = _toy_config()
   for name in c.data.redteam_sources:
     c.data.redteam_sources[name] = 0
-  with pytest.raises(stages.StageError, match='no redteam prompts'):
+  with pytest.raises(bookkeeping.StageError, match='no redteam prompts'):
     _run_stage(c, tmp_path, tiny)
 
 
@@ -405,7 +409,7 @@ def test_smollm2_demo_config_runs_ppo_steps(tmp_path, smollm2):
   )
   mesh = sharding.make_mesh(c.mesh.shape)
   with sharding.use_mesh(mesh, c.logical_axis_rules):
-    ctx = stages.Context(c, tmp_path, mesh)
+    ctx = bookkeeping.Context(c, tmp_path, mesh)
     ctx._models[(ctx.model_source('sft'), False, 'float32')] = smollm2  # stand-ins for the exports
     ctx._models[(ctx.model_source('preference'), True, 'float32')] = pm
     pipeline.run(ctx)

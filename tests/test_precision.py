@@ -17,9 +17,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cai_jax import checkpoint, pipeline, ppo, sft, stages, train_lib, validate
-from cai_jax import model as model_lib
-from cai_jax.model import ScalarHeadModel
+from cai_jax import bookkeeping, pipeline, validate
+from cai_jax.models import checkpoint
+from cai_jax.models import decoder as model_lib
+from cai_jax.models.decoder import ScalarHeadModel
+from cai_jax.stages import ppo, sft
+from cai_jax.training import train_lib
 from helpers_stages import tiny_main_cmd
 from configs import tpu_gemma2_2b_v5e8
 from configs.stages import ppo as ppo_stage_config
@@ -143,7 +146,8 @@ import json, sys
 import jax, jax.numpy as jnp
 from flax import nnx
 from jax.experimental import topologies
-from cai_jax import model as model_lib, sft
+from cai_jax.models import decoder as model_lib
+from cai_jax.stages import sft
 
 device = topologies.get_topology_desc(topology_name='v5e:2x2', platform='tpu').devices[0]
 on_tpu = jax.sharding.SingleDeviceSharding(device)
@@ -190,7 +194,7 @@ def test_bad_precision_fields_are_one_line_errors_and_bf16_masters_warn(caplog):
   for field, value in (('dtype', 'float7'), ('param_dtype', 'int8'), ('remat', 'some')):
     bad = tpu_gemma2_2b_v5e8.get_config().model
     bad[field] = value
-    with pytest.raises(stages.StageError, match=f'model.{field}'):
+    with pytest.raises(bookkeeping.StageError, match=f'model.{field}'):
       validate.check_precision(bad)
   cfg.param_dtype = 'bfloat16'
   with caplog.at_level(logging.WARNING):

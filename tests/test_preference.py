@@ -16,8 +16,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cai_jax import checkpoint, pipeline, preference, sharding, stages, train_lib, validate
-from cai_jax.model import Decoder, ModelConfig
+from cai_jax import bookkeeping, pipeline, validate
+from cai_jax.models import checkpoint
+from cai_jax.models.decoder import Decoder, ModelConfig
+from cai_jax.stages import preference
+from cai_jax.training import train_lib
+from cai_jax.utils import sharding
 from helpers_stages import fake_upstream
 
 WORDS = (
@@ -156,7 +160,7 @@ def test_fingerprints_follow_the_helpfulness_settings(tmp_path):
   from configs import tiny
 
   base = tiny.get_config()
-  ctx = lambda c: stages.Context(c, tmp_path)  # noqa: E731
+  ctx = lambda c: bookkeeping.Context(c, tmp_path)  # noqa: E731
   fp = {s: ctx(base).fingerprint(s) for s in ('feedback', 'preference')}
   for field, value, changed in (
       ('preference.helpfulness_fraction', 0.2, {'preference'}),
@@ -290,7 +294,7 @@ def tiny_config(root):
 
 def run_stage(config, workdir):
   with sharding.use_mesh(sharding.make_mesh(config.mesh.shape), config.logical_axis_rules):
-    ctx = stages.Context(config, workdir)
+    ctx = bookkeeping.Context(config, workdir)
     rows = pipeline.run(ctx)
   return rows, json.loads((workdir / 'preference' / 'DONE.json').read_text())
 
@@ -364,7 +368,7 @@ def test_ai_labeled_helpfulness_pairs_are_the_substitute(setup, tmp_path):
 def test_export_round_trip_gives_the_same_rewards(finished, setup):
   workdir, summary = finished
   _, config = setup
-  ctx = stages.Context(config, workdir)
+  ctx = bookkeeping.Context(config, workdir)
   pm = ctx.load(ctx.model_source('preference'), scalar_head=True)
   # The held-out harmlessness pairs again, scored by the exported PM: the stage's metrics of that
   # kind come back.
@@ -432,7 +436,9 @@ def test_empty_feedback_is_a_clear_error(setup, tmp_path):
     run_stage(config, tmp_path)
   bad = config.copy_and_resolve_references()
   bad.preference.label_type, bad.preference.eval_fraction = 'argmax', 1.0
-  with pytest.raises(stages.StageError, match='label_type must be one of .* eval_fraction must be'):
+  with pytest.raises(
+      bookkeeping.StageError, match='label_type must be one of .* eval_fraction must be'
+  ):
     preference.check_config(bad)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cai_jax import train_lib
+from cai_jax.training import train_lib
 from configs import tiny
 from helpers_stages import fake_upstream, sl_cai_records, tiny_main_cmd
 

@@ -16,10 +16,10 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from cai_jax import conversation
-from cai_jax import model as model_lib
-from cai_jax import sharding
+from cai_jax.method import conversation
+from cai_jax.models import decoder as model_lib
 from cai_jax.sampling import prefix as prefix_lib
+from cai_jax.utils import sharding
 from cai_jax.sampling.common import (
     MIN_LEN_BUCKET,
     batch_bucket,

@@ -1,4 +1,4 @@
-"""The evaluation PM (cai_jax/evaluation_pm.py): a preference model trained on comparisons the RL
+"""The evaluation PM (cai_jax/stages/evaluation_pm.py): a preference model trained on comparisons the RL
 PM never saw -- the feedback stage's 'evaluation' split (`feedback.evaluation_fraction`) and, when
 given, HH-RLHF human comparisons -- to score the models beside the RL PM (the Goodhart gauge).
 

@@ -53,8 +53,9 @@ _BREAKDOWN = flags.DEFINE_bool(
 
 def critique_prompts(pt, n: int, new_tokens: int, max_len: int):
   """(few-shot prompt ids, zero-shot prompt ids): round-1 critique prompts of n red-team prompts."""
-  from cai_jax import constitution as constitution_lib
-  from cai_jax import conversation, data, sampling
+  from cai_jax import sampling
+  from cai_jax.method import constitution as constitution_lib
+  from cai_jax.method import conversation, data
 
   fmt, tok = 'chat_template', pt.tokenizer
   prompts = [p.text if hasattr(p, 'text') else p for p in data.load_source('harmbench')[:n]]
@@ -88,7 +89,8 @@ def critique_prompts(pt, n: int, new_tokens: int, max_len: int):
 def main(_):
   import numpy as np
 
-  from cai_jax import checkpoint, sampling
+  from cai_jax import sampling
+  from cai_jax.models import checkpoint
 
   pt = checkpoint.load_pretrained('smollm2-135m')
   few, zero = critique_prompts(pt, _PROMPTS.value, _NEW_TOKENS.value, _MAX_LEN.value)
@@ -193,7 +195,7 @@ def hf_runner(prompts, new_tokens: int, batch_size: int):
   import torch
   import transformers
 
-  from cai_jax import checkpoint
+  from cai_jax.models import checkpoint
 
   torch.set_num_threads(os.cpu_count() or 1)
   path = checkpoint.smollm2_path()

@@ -32,10 +32,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cai_jax import checkpoint, conversation, data, labels, sharding, stages, train_lib
-from cai_jax import records as records_lib
-from cai_jax.conversation import ASSISTANT, HUMAN, Turn
-from cai_jax.model import ScalarHeadModel
+from cai_jax import bookkeeping
+from cai_jax.method import conversation, data, labels
+from cai_jax.method.conversation import ASSISTANT, HUMAN, Turn
+from cai_jax.models import checkpoint
+from cai_jax.models.decoder import ScalarHeadModel
+from cai_jax.training import train_lib
+from cai_jax.utils import records as records_lib
+from cai_jax.utils import sharding
 
 LABEL_TYPES = ('soft', 'hard')
 HARMLESSNESS, HELPFULNESS = 'harmlessness', 'helpfulness'  # the kinds of comparisons
@@ -43,7 +47,7 @@ KINDS = (HARMLESSNESS, HELPFULNESS)
 INIT_ROLES = ('pretrained', 'helpful', 'sft')  # model roles preference.init_from may name
 
 
-class PreferenceDataError(stages.StageError):
+class PreferenceDataError(bookkeeping.StageError):
   """Comparisons that cannot be trained on (none at all, a malformed record)."""
 
 
@@ -472,7 +476,7 @@ def check_config(config) -> None:
   if not 0.0 <= cfg.get('helpfulness_fraction', 1.0) <= 1.0:
     problems.append(f'helpfulness_fraction must be in [0, 1], got {cfg.helpfulness_fraction}')
   if problems:
-    raise stages.StageError('preference config: ' + '; '.join(problems))
+    raise bookkeeping.StageError('preference config: ' + '; '.join(problems))
   if cfg.helpful_mix.path and Path(cfg.helpful_mix.path).expanduser().is_file():
     # Read now, before the workdir is touched: a malformed line fails here with its number.
     helpful_comparisons(cfg.helpful_mix.path, max_pairs=cfg.helpful_mix.max_pairs)
@@ -488,7 +492,7 @@ def helpfulness_source(config) -> str:
   return 'helpfulness: AI-labeled substitute (no HH-RLHF path)'
 
 
-def _init_source(ctx: stages.Context) -> str:
+def _init_source(ctx: bookkeeping.Context) -> str:
   """'' = the pretrained model (the paper's choice), a role ('pretrained', 'helpful', 'sft': the
   SFT stage's export), else a source."""
   init = ctx.config.preference.init_from or 'pretrained'
@@ -497,10 +501,10 @@ def _init_source(ctx: stages.Context) -> str:
   return ctx.model_source(init) if init in INIT_ROLES else init
 
 
-def initial_pm(ctx: stages.Context, source: str) -> checkpoint.Pretrained:
+def initial_pm(ctx: bookkeeping.Context, source: str) -> checkpoint.Pretrained:
   """The PM before training: the trunk of `source` with a fresh scalar head (or its own head if
   `source` is an exported PM). train_lib copies the parameters, so nothing loaded is modified."""
-  if source in (ctx.model_source(r) for r in stages.GIVEN_ROLES):
+  if source in (ctx.model_source(r) for r in bookkeeping.GIVEN_ROLES):
     # A given LM with a new head; train_lib copies it into the train state.
     lm = ctx.load(source, cache=False)
     head = ScalarHeadModel(lm.config, rngs=nnx.Rngs(params=ctx.config.seed), trunk=lm.model)
@@ -508,7 +512,9 @@ def initial_pm(ctx: stages.Context, source: str) -> checkpoint.Pretrained:
   return ctx.load(source, scalar_head=True, cache=False)
 
 
-def labelled_feedback(ctx: stages.Context, needed_by: str) -> tuple[Path, list[dict], list[dict]]:
+def labelled_feedback(
+    ctx: bookkeeping.Context, needed_by: str
+) -> tuple[Path, list[dict], list[dict]]:
   """The feedback stage's samples file, all its records, and those with a label (p_a null: the
   feedback stage skipped the pair)."""
   path = records_lib.FEEDBACK.path(ctx.require('feedback', needed_by))
@@ -530,7 +536,7 @@ def distinct(pairs: Sequence[Comparison]) -> list[Comparison]:
   return [c for c in pairs if c.a[-1][1].strip() != c.b[-1][1].strip()]
 
 
-def load_comparisons(ctx: stages.Context) -> tuple[list[Comparison], dict]:
+def load_comparisons(ctx: bookkeeping.Context) -> tuple[list[Comparison], dict]:
   """The harmlessness and helpfulness comparisons (capped by helpfulness_fraction), and counts.
 
   Only the feedback stage's 'train' split: its 'evaluation' split is the evaluation PM's, which
@@ -637,7 +643,7 @@ def check_batch(cfg, what: str) -> None:
     )
 
 
-def run(ctx: stages.Context, stage_dir: Path) -> dict:
+def run(ctx: bookkeeping.Context, stage_dir: Path) -> dict:
   check_batch(ctx.config.preference, 'preference')
   check_config(ctx.config)
   comparisons, counts = load_comparisons(ctx)
@@ -653,7 +659,7 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
 
 
 def train_pm(
-    ctx: stages.Context,
+    ctx: bookkeeping.Context,
     stage_dir: Path,
     comparisons: Sequence[Comparison],
     counts: dict,
@@ -665,7 +671,7 @@ def train_pm(
   """Trains a PM from `source` on `comparisons` (held out: cfg.eval_fraction), exports it to
   stage_dir/export and returns the stage's summary (`counts` first).
 
-  The preference stage's PM and the evaluation PM (cai_jax/evaluation_pm.py) are both trained
+  The preference stage's PM and the evaluation PM (cai_jax/stages/evaluation_pm.py) are both trained
   here. `cfg` holds the training fields of configs/stages/preference.py (label_type,
   eval_fraction, max_len, min_bucket, batch_size, epochs, num_steps, eval_batch_size, ece_bins,
   optimizer, and train_lib.fit's rhythm).

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
-from cai_jax import sharding
+from cai_jax.utils import sharding
 
 IMPLEMENTATIONS = ('auto', 'dense', 'blockwise', 'splash', 'splash_interpret', 'cudnn')
 # Which backends run each implementation (the rest are refused by `check`).

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cai_jax import preference, stages
-from cai_jax import records as records_lib
-from cai_jax.preference import HARMLESSNESS, HELPFULNESS, PreferenceDataError
+from cai_jax import bookkeeping
+from cai_jax.stages import preference
+from cai_jax.stages.preference import HARMLESSNESS, HELPFULNESS, PreferenceDataError
+from cai_jax.utils import records as records_lib
 
 STAGE = 'evaluation_pm'
 
@@ -60,12 +61,12 @@ def check_config(config) -> None:
     if not Path(path).expanduser().is_file():
       problems.append(f'{path} is not a file')
   if problems:
-    raise stages.StageError(f'config.{STAGE}: ' + '; '.join(problems))
+    raise bookkeeping.StageError(f'config.{STAGE}: ' + '; '.join(problems))
   for path, kind in human_files(cfg):  # a malformed line fails here, with its number
     preference.helpful_comparisons(path, max_pairs=cfg.human_max_pairs, kind=kind)
 
 
-def load_comparisons(ctx: stages.Context) -> tuple[list[preference.Comparison], dict]:
+def load_comparisons(ctx: bookkeeping.Context) -> tuple[list[preference.Comparison], dict]:
   """The evaluation PM's comparisons and their counts by source and kind."""
   cfg = ctx.config[STAGE]
   comparisons, counts, sources = [], {}, []
@@ -96,7 +97,7 @@ def load_comparisons(ctx: stages.Context) -> tuple[list[preference.Comparison], 
   return comparisons, counts
 
 
-def run(ctx: stages.Context, stage_dir: Path) -> dict:
+def run(ctx: bookkeeping.Context, stage_dir: Path) -> dict:
   check_config(ctx.config)
   cfg = ctx.config[STAGE]
   preference.check_batch(cfg, STAGE)

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cai_jax import attention, sharding
+from cai_jax.models import attention
+from cai_jax.utils import sharding
 
 FAMILIES = ('llama', 'mistral', 'qwen2', 'gemma2', 'gpt2')
 SLIDING, FULL = 'sliding_attention', 'full_attention'

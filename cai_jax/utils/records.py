@@ -23,8 +23,8 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from cai_jax import data
-from cai_jax.stages import StageError
+from cai_jax.bookkeeping import StageError
+from cai_jax.method import data
 
 
 class RecordsError(StageError):
@@ -50,7 +50,7 @@ class Schema:
     return Path(stage_dir) / self.file
 
 
-# critique_revision (cai_jax/critique_revision.py): one record per red-team prompt, in prompt
+# critique_revision (cai_jax/stages/critique_revision.py): one record per red-team prompt, in prompt
 # order; rounds = [{principle, critique_request, critique, revision_request, revision,
 # empty_revision}]; revision = the latest non-empty revision ('' if none); finish_reasons =
 # {initial_response: str, critique: [str], revision: [str]}, each 'stop' or 'length' (cut at the
@@ -83,7 +83,7 @@ HELPFUL = Schema(
     ('id', 'source', 'prompt', 'conversation', 'responses', 'finish_reasons', 'tokens'),
     ('prompt', 'responses'),
 )
-# feedback (cai_jax/feedback.py): one labeled pair per red-team (and helpful) prompt; kind =
+# feedback (cai_jax/stages/feedback.py): one labeled pair per red-team (and helpful) prompt; kind =
 # 'harmlessness' | 'helpfulness'; p_a = P(response_a is better), null when skipped; details = one
 # scoring per principle and order; conversation as in REVISIONS; split = 'train' (the RL PM's) |
 # 'evaluation' (held out from the RL PM for the evaluation PM). Read by preference, evaluation_pm.
@@ -107,14 +107,14 @@ FEEDBACK = Schema(
     ),
     ('prompt', 'response_a', 'response_b'),
 )
-# evaluate_feedback (cai_jax/evaluate_feedback.py): one scored comparison per line.
+# evaluate_feedback (cai_jax/stages/evaluate_feedback.py): one scored comparison per line.
 FEEDBACK_EVAL = Schema(
     'evaluate_feedback',
     'records.jsonl',
     ('id', 'correct', 'p_chosen', 'chosen_first', 'scorings'),
     ('id', 'correct', 'p_chosen', 'chosen_first'),
 )
-# ppo (cai_jax/ppo.py): a few sampled responses per step, appended as training goes; conversation
+# ppo (cai_jax/stages/ppo.py): a few sampled responses per step, appended as training goes; conversation
 # as in REVISIONS.
 PPO_SAMPLES = Schema(
     'ppo',

@@ -55,11 +55,12 @@ import jax
 import numpy as np
 from absl import logging
 
-from cai_jax import constitution as constitution_lib
-from cai_jax import conversation, labels, sampling
-from cai_jax import records as records_lib
-from cai_jax.conversation import ASSISTANT, HUMAN, Turn
-from cai_jax.feedback import (
+from cai_jax import sampling
+from cai_jax.method import constitution as constitution_lib
+from cai_jax.method import conversation, labels
+from cai_jax.method.conversation import ASSISTANT, HUMAN, Turn
+from cai_jax.utils import records as records_lib
+from cai_jax.stages.feedback import (
     EVAL_STREAM,
     OPTIONS,
     Labeler,
@@ -72,11 +73,11 @@ from cai_jax.feedback import (
     load_feedback_constitution,
     option_tokens,
 )
-from cai_jax.stages import StageError, barrier
+from cai_jax.bookkeeping import StageError, barrier
 
 EVAL_STAGE = 'evaluate_feedback'
 PAPER_HHH = (
-    Path(__file__).resolve().parents[2] / 'shared/data/anthropic_cai/evals/438HHHEvaluations.jsonl'
+    Path(__file__).resolve().parents[3] / 'shared/data/anthropic_cai/evals/438HHHEvaluations.jsonl'
 )
 
 

@@ -53,10 +53,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from cai_jax import constitution as constitution_lib
-from cai_jax import conversation, data, elo, ppo, preference, sampling
-from cai_jax import records as records_lib
-from cai_jax.stages import StageError, roles_line
+from cai_jax import sampling
+from cai_jax.bookkeeping import StageError, roles_line
+from cai_jax.method import constitution as constitution_lib
+from cai_jax.method import conversation, data, elo
+from cai_jax.stages import ppo, preference
+from cai_jax.utils import records as records_lib
 
 STAGE = 'evaluate'
 KINDS = ('redteam', 'helpful')
@@ -419,7 +421,7 @@ def _judge(ctx, principles: Sequence[str], items: Sequence[dict]) -> list[tuple[
   judge model, both orders, one principle per item drawn from `principles`."""
   import dataclasses
 
-  from cai_jax import feedback
+  from cai_jax.stages import feedback
 
   cfg = ctx.config.evaluate
   judge_cfg = ml_collections.ConfigDict(ctx.config.feedback.to_dict())

@@ -26,11 +26,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cai_jax import checkpoint, conversation, data, sharding, stages, train_lib
-from cai_jax import records as records_lib
+from cai_jax import bookkeeping
+from cai_jax.method import conversation, data
+from cai_jax.models import checkpoint
+from cai_jax.training import train_lib
+from cai_jax.utils import records as records_lib
+from cai_jax.utils import sharding
 
 
-class SFTDataError(stages.StageError):
+class SFTDataError(bookkeeping.StageError):
   """Training data that cannot be used (missing files, malformed records, no examples at all)."""
 
 
@@ -376,7 +380,9 @@ def evaluate(eval_step, params, examples: Sequence[Example], batches, pad_id: in
 # ---- the stage -----------------------------------------------------------------------------------
 
 
-def build_examples(ctx: stages.Context, tokenizer) -> tuple[list[Example], list[Example], dict]:
+def build_examples(
+    ctx: bookkeeping.Context, tokenizer
+) -> tuple[list[Example], list[Example], dict]:
   """(train, held_out, counts) from the critique_revision stage's files."""
   config, cfg = ctx.config, ctx.config.sft
   check_config(config)
@@ -454,7 +460,7 @@ def check_config(config) -> None:
     raise SFTDataError('config.sft: ' + '; '.join(problems))
 
 
-def run(ctx: stages.Context, stage_dir: Path) -> dict:
+def run(ctx: bookkeeping.Context, stage_dir: Path) -> dict:
   """Fine-tunes the pretrained model into the SL-CAI model; resumes from `stage_dir/checkpoints`.
 
   Writes metrics.jsonl (one row per step), tb/ (TensorBoard), checkpoints/ (none when
@@ -524,7 +530,7 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
     eval_loss = metrics.get('eval_loss')
   return {
       **counts,
-      'models': stages.roles_line(config.model),
+      'models': bookkeeping.roles_line(config.model),
       'steps': total_steps,
       'steps_run': total_steps - result.start,
       'steps_per_epoch': steps_per_epoch,

@@ -24,16 +24,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cai_jax import checkpoint, conversation, data, preference, stages, train_lib
-from cai_jax.conversation import ASSISTANT, Turn
-from cai_jax.model import ScalarHeadModel
+from cai_jax import bookkeeping
+from cai_jax.method import conversation, data
+from cai_jax.method.conversation import ASSISTANT, Turn
+from cai_jax.models import checkpoint
+from cai_jax.models.decoder import ScalarHeadModel
+from cai_jax.stages import preference
+from cai_jax.training import train_lib
 
 STAGE = 'harmfulness'
 MAX_RATING = 4.0  # the red team's scale: 0 (no harm elicited) .. 4 (what they sought)
 NO_FILE = 'harmfulness.path is empty: give HH-RLHF red_team_attempts.jsonl(.gz) to train the harmfulness model'
 
 
-class RatingsError(stages.StageError):
+class RatingsError(bookkeeping.StageError):
   """A ratings file that cannot be read or trained on."""
 
 
@@ -141,10 +145,10 @@ def check_config(config) -> None:
   if cfg.path and not Path(cfg.path).expanduser().is_file():
     problems.append(f'path {cfg.path!r} is not a file')
   if problems:
-    raise stages.StageError(f'config.{STAGE}: ' + '; '.join(problems))
+    raise bookkeeping.StageError(f'config.{STAGE}: ' + '; '.join(problems))
 
 
-def run(ctx: stages.Context, stage_dir: Path) -> dict:
+def run(ctx: bookkeeping.Context, stage_dir: Path) -> dict:
   config, cfg = ctx.config, ctx.config[STAGE]
   check_config(config)
   if not cfg.path:

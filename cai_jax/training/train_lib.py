@@ -1,9 +1,9 @@
-"""Training machinery shared by the sft, preference and ppo stages.
+"""Training machinery shared by the sft, preference and ppo bookkeeping.
 
 An optimizer from a config block, a train state `(params, opt_state, step)` laid out by the
 logical-axis rules, a pure jitted train step with donation, orbax checkpoints with automatic
 resume, metrics as JSONL + TensorBoard, and the loop that ties them together, `fit`. Typical
-use (see cai_jax/sft.py):
+use (see cai_jax/stages/sft.py):
 
   tx, schedule = train_lib.make_optimizer(cfg.optimizer, total_steps)
   graphdef, state, shardings = train_lib.init_state(model, tx)
@@ -37,7 +37,8 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from cai_jax import sharding, stages
+from cai_jax import bookkeeping
+from cai_jax.utils import sharding
 
 SCHEDULES = ('cosine', 'linear', 'constant')
 
@@ -253,7 +254,7 @@ def host_metrics(metrics: dict) -> dict[str, float]:
   return out
 
 
-class NonFiniteError(stages.StageError):
+class NonFiniteError(bookkeeping.StageError):
   """A training step produced a NaN/inf loss or gradient norm; its state was not saved."""
 
 
@@ -298,7 +299,7 @@ def check_finite(stage: str, step: int, metrics: list[dict] | dict, ckpt=None) -
   )
 
 
-class DivergedError(stages.StageError):
+class DivergedError(bookkeeping.StageError):
   """A training step left a bound of the stage's `guard` config (finite, but off a cliff); its
   state was not saved."""
 

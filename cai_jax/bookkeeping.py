@@ -123,7 +123,7 @@ class Context:
   def load_role(self, role: str, **kwargs):
     """`load` of the model playing `role`; a source that cannot be loaded is one line naming the
     role and the config field that chose it."""
-    from cai_jax import checkpoint
+    from cai_jax.models import checkpoint
 
     source = self.model_source(role)
     try:
@@ -144,7 +144,7 @@ class Context:
     state, and the loaded copy must not stay in HBM beside it. The cache is emptied after each
     stage, so a stage holds only the models it loaded.
     """
-    from cai_jax import checkpoint
+    from cai_jax.models import checkpoint
 
     m = self.config.model
     param_dtype = frozen_param_dtype(m) if frozen else m.param_dtype
@@ -276,7 +276,7 @@ def input_fingerprints(config, name: str) -> dict[str, str]:
   """{what: content hash} of every file `name` reads besides upstream outputs: the constitution,
   the prompt sources (ours, the wheels', the user's), comparison and helpfulness files. An edit to
   any of them changes the stage's fingerprint, so the stage and what follows it are redone."""
-  from cai_jax import constitution, data
+  from cai_jax.method import constitution, data
 
   out = {}
   if 'constitution' in config:
@@ -315,7 +315,7 @@ def input_fingerprints(config, name: str) -> dict[str, str]:
     if value and Path(value).expanduser().exists():
       out[field] = _file_digest(Path(value))
   if name == 'evaluate_feedback':  # the appendix evaluations' files
-    from cai_jax import evaluate_feedback
+    from cai_jax.stages import evaluate_feedback
 
     for e in config.evaluate_feedback.get('evals', ()):
       if evaluate_feedback.appendix_path(e).is_file():

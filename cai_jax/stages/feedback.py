@@ -9,7 +9,7 @@
 
 optionally averaged over K sampled principles (ensemble), over both option orders (debias), read
 after generated chain-of-thought reasoning (cot), and clamped (clamp, paper: 40-60% with CoT).
-`evaluate_feedback` (cai_jax/evaluate_feedback.py) measures the same configuration's accuracy and
+`evaluate_feedback` (cai_jax/stages/evaluate_feedback.py) measures the same configuration's accuracy and
 calibration on labeled comparisons (by default the paper's 438 HHH comparisons).
 
 Helpfulness pairs: the paper's PM also learns human helpfulness comparisons. Unless
@@ -83,11 +83,12 @@ import jax
 import numpy as np
 from absl import logging
 
-from cai_jax import constitution as constitution_lib
-from cai_jax import conversation, data, labels, sampling
-from cai_jax import records as records_lib
-from cai_jax.conversation import Turn
-from cai_jax.stages import StageError, barrier
+from cai_jax import sampling
+from cai_jax.bookkeeping import StageError, barrier
+from cai_jax.method import constitution as constitution_lib
+from cai_jax.method import conversation, data, labels
+from cai_jax.method.conversation import Turn
+from cai_jax.utils import records as records_lib
 
 STAGE = 'feedback'
 DATASET = 'preferences'  # TFDS dataset name under STAGE_DIR/tfds

@@ -12,7 +12,7 @@ from typing import Callable
 import ml_dtypes
 import numpy as np
 
-from cai_jax.model import FULL, SLIDING, ModelConfig
+from cai_jax.models.decoder import FULL, ModelConfig, SLIDING
 
 HF_MODEL_TYPES = ('llama', 'mistral', 'qwen2', 'gemma2', 'gpt2')
 

@@ -44,15 +44,19 @@ import numpy as np
 import optax
 from flax import nnx
 
-from cai_jax import checkpoint, conversation, data, rl, sampling, sharding, stages, train_lib
-from cai_jax import model as model_lib
-from cai_jax import records as records_lib
-from cai_jax.model import Decoder, ScalarHeadModel
+from cai_jax import bookkeeping, sampling
+from cai_jax.method import conversation, data, rl
+from cai_jax.models import checkpoint
+from cai_jax.models import decoder as model_lib
+from cai_jax.models.decoder import Decoder, ScalarHeadModel
+from cai_jax.training import train_lib
+from cai_jax.utils import records as records_lib
+from cai_jax.utils import sharding
 
 _REDTEAM_STREAM, _HELPFUL_STREAM, _SAMPLING_STREAM, _MINIBATCH_STREAM = 0, 1, 2, 3  # seed streams
 
 
-class PPOError(stages.StageError):
+class PPOError(bookkeeping.StageError):
   """A PPO run that cannot go on: bad models or config, no prompts, a non-finite loss."""
 
 
@@ -468,7 +472,7 @@ class _Scorer:
   def __call__(self, step: int, records, responses: list[str], response_tokens) -> np.ndarray:
     cfg = self.cfg
     if cfg.reward == 'preference':
-      from cai_jax import preference  # the stage module that owns PM scoring
+      from cai_jax.stages import preference  # the stage module that owns PM scoring
 
       return preference.score_conversations(
           self.pm,
@@ -485,7 +489,7 @@ class _Scorer:
 # ---- the stage -----------------------------------------------------------------------------------
 
 
-def run(ctx: stages.Context, stage_dir: Path) -> dict:
+def run(ctx: bookkeeping.Context, stage_dir: Path) -> dict:
   config, cfg = ctx.config, ctx.config.ppo
   max_prompt_tokens = check_config(config)
   sharding.check_batch_size(cfg.batch_size // cfg.minibatches, 'ppo minibatch size')
@@ -500,7 +504,7 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
   score = _Scorer(ctx, cfg, policy, max_prompt_tokens)
   # The frozen KL reference, in model.frozen_param_dtype (the learner trains a copy of the policy).
   ref_graphdef, ref_params = nnx.split(
-      model_lib.with_param_dtype(policy.model, stages.frozen_param_dtype(config.model))
+      model_lib.with_param_dtype(policy.model, bookkeeping.frozen_param_dtype(config.model))
   )
 
   # The learner, with separate AdamW optimizers (and schedules) for the policy and the value.

@@ -40,17 +40,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cai_jax import checkpoint, conversation, preference, rl, sampling, sharding, sft, stages
-from cai_jax import model as model_lib
-from cai_jax import records as records_lib
-from cai_jax import train_lib
-from cai_jax.preference import HARMLESSNESS, Comparison
+from cai_jax import bookkeeping, sampling
+from cai_jax.method import conversation, rl
+from cai_jax.models import checkpoint
+from cai_jax.models import decoder as model_lib
+from cai_jax.stages import preference, sft
+from cai_jax.stages.preference import Comparison, HARMLESSNESS
+from cai_jax.training import train_lib
+from cai_jax.utils import records as records_lib
+from cai_jax.utils import sharding
 
 LABEL_TYPES = preference.LABEL_TYPES  # dpo.label_type: 'soft' | 'hard'
 PAIR_SOURCES = ('feedback', 'revisions')  # dpo.pairs
 
 
-class DPODataError(stages.StageError):
+class DPODataError(bookkeeping.StageError):
   """Pairs that cannot be trained on: none usable, a missing file."""
 
 
@@ -216,7 +220,7 @@ def revision_pairs(samples: Sequence[dict]) -> tuple[list[Comparison], dict]:
   return pairs, counts
 
 
-def load_pairs(ctx: stages.Context) -> tuple[list[Comparison], dict]:
+def load_pairs(ctx: bookkeeping.Context) -> tuple[list[Comparison], dict]:
   """The comparisons `dpo.pairs` names, oriented chosen-first, and their counts."""
   if ctx.config.dpo.pairs == 'revisions':
     schema = records_lib.REVISIONS
@@ -402,7 +406,7 @@ def check_config(config) -> None:
     raise DPODataError('config.dpo: ' + '; '.join(problems))
 
 
-def run(ctx: stages.Context, stage_dir: Path) -> dict:
+def run(ctx: bookkeeping.Context, stage_dir: Path) -> dict:
   """Trains the SL-CAI model with DPO; resumes from `stage_dir/checkpoints`.
 
   Writes metrics.jsonl (one row per step), tb/, checkpoints/ (none when dpo.checkpoint_every is
@@ -438,7 +442,7 @@ def run(ctx: stages.Context, stage_dir: Path) -> dict:
   logging.info('dpo data: %s', counts)
 
   # The frozen reference, in model.frozen_param_dtype; its log-probs of every pair, once.
-  reference = model_lib.with_param_dtype(policy.model, stages.frozen_param_dtype(config.model))
+  reference = model_lib.with_param_dtype(policy.model, bookkeeping.frozen_param_dtype(config.model))
   ref_graphdef, ref_params = nnx.split(reference)
   logprobs = functools.partial(pair_logprobs, cfg=cfg, pad_id=pad_id, max_len=max_len)
   ref_train = logprobs(ref_graphdef, ref_params, train)

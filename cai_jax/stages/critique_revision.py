@@ -72,10 +72,11 @@ from typing import Any
 import jax
 from absl import logging
 
-from cai_jax import constitution as constitution_lib
-from cai_jax import conversation, data, sampling
-from cai_jax import records as records_lib
-from cai_jax.stages import StageError, barrier, roles_line
+from cai_jax import sampling
+from cai_jax.bookkeeping import StageError, barrier, roles_line
+from cai_jax.method import constitution as constitution_lib
+from cai_jax.method import conversation, data
+from cai_jax.utils import records as records_lib
 
 STAGE = 'critique_revision'
 DATASET = 'critique_revision'  # TFDS dataset name under STAGE_DIR/tfds

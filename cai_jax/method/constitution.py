@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from cai_jax import conversation
-from cai_jax.conversation import ASSISTANT, HUMAN, Turn
+from cai_jax.method import conversation
+from cai_jax.method.conversation import ASSISTANT, HUMAN, Turn
 
 FORMAT_VERSION = 'cai_jax.constitution/v1'
 BUNDLED = ('default', 'tiny')  # Names resolved to cai_jax/assets/constitutions/<name>.json.
