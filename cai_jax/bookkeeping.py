@@ -1,6 +1,9 @@
-"""The models the stages share, their artifacts and the bookkeeping that makes them resumable.
+"""What a stage is handed (`Context`: the config, the workdir, the mesh, the model roles and their
+loading) and the bookkeeping that makes the pipeline resumable.
 
-The stage table and the loop over it are in `cai_jax/pipeline.py`. Each stage writes under
+The bookkeeping knows no stage: the stage table (`cai_jax/pipeline.py`, handed to the Context as
+`table`) says, for each stage, what it reads (upstream stages, given models, optional stages) and
+which files it hashes (its `inputs(config)`). Each stage writes under
 `WORKDIR/<stage>/`. On start it records the fingerprint of the config fields it depends on (`fingerprint.json`); on success it writes `DONE.json`. A rerun reuses a
 finished stage, resumes an unfinished one, and refuses to mix outputs of different configs.
 """
@@ -16,16 +19,15 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import jax
 import ml_collections
 
+from cai_jax.models import checkpoint
+from cai_jax.utils.errors import StageError  # also bookkeeping.StageError, as the stages say
+
 GLOBAL_FIELDS = ('seed', 'model', 'constitution', 'conversation_format', 'data')
-
-
-class StageError(RuntimeError):
-  """A pipeline-level problem (bad stage name, missing upstream, mixed configs)."""
 
 
 def _plain(x):
@@ -66,6 +68,11 @@ class Context:
   # Stages to take as finished with this config without looking (a sweep predicting the
   # fingerprints of a run before it happens: experiments/sweep.py).
   assume_done: frozenset = frozenset()
+  # The stage table, {name: entry} (pipeline.STAGES; `pipeline.context` fills it). An entry has
+  # `reads`, `models`, `optional`, `unused(config, upstream)`, `inputs(config)` (the files the
+  # stage hashes: {what: a path, or a list of paths hashed together}) and
+  # `fingerprint_fields(config)` (config outside the stage's section that it depends on).
+  table: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   def stage_dir(self, name: str) -> Path:
     return self.workdir / name
@@ -93,13 +100,11 @@ class Context:
   def optional(self, name: str) -> tuple[Path | None, str]:
     """(the output dir of optional upstream stage `name`, '') when it finished in this workdir
     with this config; else (None, why not)."""
-    from cai_jax.pipeline import STAGES
-
     if name in self.assume_done:
       return self.stage_dir(name), ''
     if not self.is_done(name):
       return None, f'the {name} stage did not run in this workdir'  # no path: summaries compare
-    if name in STAGES and not reusable(self, name):
+    if name in self.table and not reusable(self, name):
       return None, (
           f'the {name} stage in this workdir was made by a different config: rerun '
           f'--config.stages={name}'
@@ -123,8 +128,6 @@ class Context:
   def load_role(self, role: str, **kwargs):
     """`load` of the model playing `role`; a source that cannot be loaded is one line naming the
     role and the config field that chose it."""
-    from cai_jax.models import checkpoint
-
     source = self.model_source(role)
     try:
       return self.load(source, **kwargs)
@@ -144,8 +147,6 @@ class Context:
     state, and the loaded copy must not stay in HBM beside it. The cache is emptied after each
     stage, so a stage holds only the models it loaded.
     """
-    from cai_jax.models import checkpoint
-
     m = self.config.model
     param_dtype = frozen_param_dtype(m) if frozen else m.param_dtype
     key = (source, scalar_head, param_dtype)
@@ -165,28 +166,19 @@ class Context:
 
   def stage_config_fingerprint(self, name: str) -> dict:
     c = self.config
-    # Imported here: the stage table imports every stage module, and each of them imports this one.
-    from cai_jax.pipeline import STAGES, upstream_unused
-
+    stage = self.table[name]
     fields = {k: _plain(c[k]) for k in GLOBAL_FIELDS if k in c}
     if 'model' in fields:  # the given models' sources, resolved, for the stages that load them
       for field in ('source', *(f'{r}_source' for r in GIVEN_ROLES)):
         fields['model'].pop(field, None)
-      fields['model'].update({f'{r}_source': role_source(c.model, r) for r in STAGES[name].models})
+      fields['model'].update({f'{r}_source': role_source(c.model, r) for r in stage.models})
     if name in c:
       fields[name] = _plain(c[name])
       if isinstance(fields[name], dict):  # a guard that did not fire changed nothing: loosening
         fields[name].pop('guard', None)  # it resumes a stopped run instead of redoing it
-    if name == 'evaluate_feedback' and 'feedback' in c:
-      fields['feedback'] = _plain(c.feedback)  # evaluates the feedback configuration
-    if name == 'ppo' and c.get('evaluate', {}).get('rl_curve_every', 0):
-      fields['rl_curve_every'] = c.evaluate.rl_curve_every  # the policy snapshots ppo keeps
-    if name == 'feedback' and 'preference' in c:  # an HH-RLHF helpfulness file: no AI labels
-      fields['hh_rlhf_helpfulness'] = bool(c.preference.helpful_mix.path)
-    fields['inputs'] = input_fingerprints(c, name)
-    fields['upstream'] = {
-        u: self.fingerprint(u) for u in STAGES[name].reads if not upstream_unused(c, name, u)
-    }
+    fields.update({k: _plain(v) for k, v in stage.fingerprint_fields(c).items()})
+    fields['inputs'] = input_fingerprints(stage.inputs(c))
+    fields['upstream'] = {u: self.fingerprint(u) for u in stage.reads if not stage.unused(c, u)}
     present = optional_upstream(self, name)
     if present:  # absent when none ran: the fingerprints of workdirs without them stay as they were
       fields['optional'] = present
@@ -272,54 +264,17 @@ def _file_digest(path: Path) -> str:
   return _HASHED[key]
 
 
-def input_fingerprints(config, name: str) -> dict[str, str]:
-  """{what: content hash} of every file `name` reads besides upstream outputs: the constitution,
-  the prompt sources (ours, the wheels', the user's), comparison and helpfulness files. An edit to
-  any of them changes the stage's fingerprint, so the stage and what follows it are redone."""
-  from cai_jax.method import constitution, data
-
+def input_fingerprints(inputs: Mapping[str, Path | Sequence[Path]]) -> dict[str, str]:
+  """{what: content hash} of the files a stage reads besides upstream outputs (its
+  `inputs(config)`: the constitution, the prompt sources, comparison and helpfulness files; a list
+  of paths hashes as one). An edit to any of them changes the stage's fingerprint, so the stage
+  and what follows it are redone."""
   out = {}
-  if 'constitution' in config:
-    c = str(config.constitution)
-    path = constitution.bundled_path(c) if c in constitution.BUNDLED else Path(c)
-    if path.exists():
-      out['constitution'] = _file_digest(path)
-  if 'data' in config:
-    d = config.data
-    for kind in ('redteam_sources', 'helpful_sources'):
-      for source, count in sorted(d.get(kind, {}).items()):
-        if count == 0:
-          continue
-        try:
-          files = data.source_files(source, d.get('paths'))
-        except data.DataSourceError:
-          continue  # the stage that reads it reports the missing source
-        out[f'data.{source}'] = hashlib.sha256(
-            ''.join(_file_digest(f) for f in files).encode()
-        ).hexdigest()[:16]
-  if name == 'evaluate' and 'evaluate' in config:  # the judge's evaluation principles
-    path = constitution.evaluation_path(config.evaluate.constitution)
-    if path.exists():
-      out['evaluate.constitution'] = _file_digest(path)
-  extra = {
-      'preference': ('preference.helpful_mix.path',),
-      'evaluate_feedback': ('evaluate_feedback.comparisons',),
-      'evaluation_pm': ('evaluation_pm.human_path', 'evaluation_pm.human_harmless_path'),
-      'harmfulness': ('harmfulness.path',),
-  }.get(name, ())
-  for field in extra:
-    section, *keys = field.split('.')
-    value = config[section]
-    for k in keys:
-      value = value[k]
-    if value and Path(value).expanduser().exists():
-      out[field] = _file_digest(Path(value))
-  if name == 'evaluate_feedback':  # the appendix evaluations' files
-    from cai_jax.stages import evaluate_feedback
-
-    for e in config.evaluate_feedback.get('evals', ()):
-      if evaluate_feedback.appendix_path(e).is_file():
-        out[f'evaluate_feedback.evals.{e}'] = _file_digest(evaluate_feedback.appendix_path(e))
+  for what, paths in inputs.items():
+    if isinstance(paths, (list, tuple)):
+      out[what] = hashlib.sha256(''.join(_file_digest(f) for f in paths).encode()).hexdigest()[:16]
+    else:
+      out[what] = _file_digest(paths)
   return out
 
 
@@ -327,10 +282,8 @@ def optional_upstream(ctx: Context, name: str) -> dict[str, str]:
   """{stage: the fingerprint its DONE.json records} of `name`'s optional upstream stages that
   `ctx.optional` finds usable: a later run of one of them changes `name`'s fingerprint, so
   `name` is redone with it."""
-  from cai_jax.pipeline import STAGES
-
   out = {}
-  for u in STAGES[name].optional:
+  for u in ctx.table[name].optional:
     d, _ = ctx.optional(u)
     if d is not None:  # finished with this config, so its fingerprint is the one it recorded
       out[u] = ctx.fingerprint(u)

@@ -66,7 +66,7 @@ def main(argv):
       sys.exit('\n'.join(f'cai_jax: error: {p}' for p in problems))
     mesh = sharding.make_mesh(config.mesh.shape)
     with sharding.use_mesh(mesh, config.logical_axis_rules):
-      ctx = bookkeeping.Context(config, workdir, mesh)
+      ctx = pipeline.context(config, workdir, mesh)
       banner = _model_banner(ctx)  # loads the given models: one that cannot load fails here
       workdir.mkdir(parents=True, exist_ok=True)
       _log_to_workdir(workdir)

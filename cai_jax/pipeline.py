@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from pathlib import Path
 from types import ModuleType
 from typing import NamedTuple
 
@@ -17,17 +18,56 @@ import jax
 
 from cai_jax import bookkeeping
 from cai_jax.bookkeeping import StageError
-from cai_jax.stages import critique_revision, dpo, evaluate, evaluate_feedback, evaluation_pm, feedback, harmfulness, ppo, preference, sft
+from cai_jax.stages import (
+    critique_revision,
+    dpo,
+    evaluate,
+    evaluate_feedback,
+    evaluation_pm,
+    feedback,
+    harmfulness,
+    ppo,
+    preference,
+    sft,
+)
 
 
 class Stage(NamedTuple):
-  module: ModuleType  # holds run(ctx, stage_dir) and, where it has one, check_config(config)
-  reads: tuple[str, ...]  # the stages whose outputs it reads
-  # The given models it loads (bookkeeping.GIVEN_ROLES): their sources are part of its fingerprint.
-  models: tuple[str, ...] = ()
-  # Stages it reads only when they have finished in the workdir (never required; when present,
-  # their fingerprints join its own: bookkeeping.optional_upstream).
-  optional: tuple[str, ...] = ()
+  """A stage of the table: its module and what the module declares next to its `run`."""
+
+  module: ModuleType  # holds run(ctx, stage_dir), check_config(config), inputs(config), READS...
+
+  @property
+  def reads(self) -> tuple[str, ...]:
+    """The stages whose outputs it reads."""
+    return self.module.READS
+
+  @property
+  def models(self) -> tuple[str, ...]:
+    """The given models it loads (bookkeeping.GIVEN_ROLES): their sources join its fingerprint."""
+    return getattr(self.module, 'MODELS', ())
+
+  @property
+  def optional(self) -> tuple[str, ...]:
+    """Stages it reads only when they have finished in the workdir (never required; when present,
+    their fingerprints join its own: bookkeeping.optional_upstream)."""
+    return getattr(self.module, 'OPTIONAL', ())
+
+  def unused(self, config, upstream: str) -> bool:
+    """Whether the config makes upstream stage `upstream` unnecessary (the module's
+    `upstream_unused`): then it is neither required nor part of the fingerprint."""
+    f = getattr(self.module, 'upstream_unused', None)
+    return bool(f and f(config, upstream))
+
+  def inputs(self, config) -> dict:
+    """The files it hashes into its fingerprint (the module's `inputs(config)`)."""
+    return self.module.inputs(config)
+
+  def fingerprint_fields(self, config) -> dict:
+    """Config outside its own section that its fingerprint holds (the module's
+    `fingerprint_fields(config)`, where it has one)."""
+    f = getattr(self.module, 'fingerprint_fields', None)
+    return f(config) if f else {}
 
 
 # The pipeline in order. SL-CAI: the helpful model critiques and revises its responses to red-team
@@ -35,28 +75,24 @@ class Stage(NamedTuple):
 # (the pretrained one) labels pairs of the SFT model's responses, a preference model learns the
 # labels, and PPO trains the SFT model against it; DPO trains it on the labels directly, for
 # comparison. evaluate_feedback measures the labels; evaluate compares the models, also with two
-# models no training stage reads: the evaluation PM and the harmfulness model. A model role is
-# named after the stage that makes it ('sft', 'preference', 'ppo', 'dpo', ...; see
-# bookkeeping.MODEL_ROLES).
+# models no training stage reads (after ppo: redoing them redoes no policy): the evaluation PM and
+# the harmfulness model. A model role is named after the stage that makes it ('sft',
+# 'preference', 'ppo', 'dpo', ...; see bookkeeping.MODEL_ROLES). What each stage reads is
+# declared in its module (READS, MODELS, OPTIONAL, inputs).
 STAGES: dict[str, Stage] = {
-    'critique_revision': Stage(critique_revision, (), models=('helpful',)),
-    'sft': Stage(sft, ('critique_revision',), models=('pretrained',)),
-    'feedback': Stage(feedback, ('sft',), models=('pretrained',)),
-    'evaluate_feedback': Stage(evaluate_feedback, (), models=('pretrained',)),
-    'preference': Stage(preference, ('feedback',), models=('pretrained', 'helpful')),
-    'ppo': Stage(ppo, ('sft', 'preference')),
-    'dpo': Stage(dpo, ('sft', 'feedback')),
-    # Evaluation models no training stage reads (after ppo: redoing them redoes no policy): the
-    # evaluation PM (comparisons the RL PM never saw) and the absolute harmfulness model.
-    'evaluation_pm': Stage(evaluation_pm, ('feedback',), models=('pretrained',)),
-    'harmfulness': Stage(harmfulness, (), models=('pretrained',)),
-    'evaluate': Stage(
+    m.__name__.rpartition('.')[2]: Stage(m)
+    for m in (
+        critique_revision,
+        sft,
+        feedback,
+        evaluate_feedback,
+        preference,
+        ppo,
+        dpo,
+        evaluation_pm,
+        harmfulness,
         evaluate,
-        ('critique_revision', 'sft', 'preference', 'ppo', 'dpo'),
-        models=('pretrained', 'helpful'),
-        # The DPO model joins the contestants, and the trained scorers score, when they ran.
-        optional=('dpo', 'evaluation_pm', 'harmfulness'),
-    ),
+    )
 }
 ORDER = tuple(STAGES)
 
@@ -123,24 +159,14 @@ def _run_stages(ctx: bookkeeping.Context, names: list[str]) -> list[tuple[str, s
 
 
 def upstream_unused(config, name: str, upstream: str) -> bool:
-  """Whether the config makes an upstream stage's output unnecessary (then it is neither required
-  nor part of the stage's fingerprint): ppo with a synthetic reward needs no PM, ppo with an
-  explicit `ppo.policy_source` needs no SFT model, dpo on critique_revision's pairs needs no
-  feedback, an evaluation PM of human comparisons alone needs no feedback, and evaluate needs
-  ppo and dpo only when `evaluate.models` names them (a finished dpo joins anyway: `optional`)."""
-  if name == 'dpo' and 'dpo' in config:
-    return upstream == 'feedback' and config.dpo.pairs == 'revisions'
-  if name == 'evaluation_pm' and 'evaluation_pm' in config:
-    return upstream == 'feedback' and not config.evaluation_pm.use_ai_labels
-  if name == 'evaluate' and 'evaluate' in config:
-    models = config.evaluate.models
-    names = models.split(',') if isinstance(models, str) else models
-    return upstream in ('ppo', 'dpo') and upstream not in [m.strip() for m in names]
-  if name != 'ppo' or 'ppo' not in config:
-    return False
-  return (upstream == 'preference' and config.ppo.reward == 'synthetic') or (
-      upstream == 'sft' and bool(config.ppo.policy_source)
-  )
+  """Whether the config makes an upstream stage's output unnecessary for stage `name` (then it is
+  neither required nor part of the stage's fingerprint): each stage's `upstream_unused`."""
+  return STAGES[name].unused(config, upstream)
+
+
+def context(config, workdir, mesh=None, **kwargs) -> bookkeeping.Context:
+  """The Context the stages are handed, holding this stage table."""
+  return bookkeeping.Context(config, Path(workdir), mesh, table=STAGES, **kwargs)
 
 
 def timing_table(rows, total: float) -> str:

@@ -197,14 +197,14 @@ def stage_fingerprints(config, cache: Path | None = None) -> dict[str, str]:
   A stage's optional upstream stages (pipeline.Stage.optional) join its fingerprint when they
   will be in the point's workdir: those it runs, and those `cache` holds finished.
   """
-  from cai_jax import bookkeeping, pipeline
+  from cai_jax import pipeline
 
-  ctx = bookkeeping.Context(config, Path('.'))
+  ctx = pipeline.context(config, Path('.'))
   fps = {name: ctx.fingerprint(name) for name in pipeline.ORDER}
   present = set(pipeline.parse_stage_list(config.stages))
   if cache is not None:
     present |= {s for s in pipeline.ORDER if (cache / f'{s}-{fps[s]}' / 'DONE.json').exists()}
-  ctx = bookkeeping.Context(config, Path('.'), assume_done=frozenset(present))
+  ctx = pipeline.context(config, Path('.'), assume_done=frozenset(present))
   return {name: ctx.fingerprint(name) for name in pipeline.ORDER}
 
 

@@ -84,7 +84,7 @@ def test_stage_reports_accuracy_per_eval(evals_dir, tmp_path):
   c.evaluate_feedback.limit = 3  # of the HHH comparisons too
   c.evaluate_feedback.evals = ('HarmfulVsEthical', 'HarmfulnessClassification')
   with sharding.use_mesh(sharding.make_mesh(c.mesh.shape), c.logical_axis_rules):
-    pipeline.run(bookkeeping.Context(c, tmp_path))
+    pipeline.run(pipeline.context(c, tmp_path))
   summary = json.loads((tmp_path / 'evaluate_feedback' / 'DONE.json').read_text())['summary']
   ethical, kinds = (summary['appendix'][n] for n in evaluate_feedback.APPENDIX_EVALS)
   assert (ethical['n'], ethical['options'], ethical['chance']) == (3, [2], 0.5)

@@ -122,7 +122,7 @@ def run_stage(config, workdir):
   """What `python -m cai_jax.main` does with the config, in this process (same mesh)."""
   mesh = sharding.make_mesh(config.mesh.shape)
   with sharding.use_mesh(mesh, config.logical_axis_rules):
-    return pipeline.run(bookkeeping.Context(config, Path(workdir), mesh))
+    return pipeline.run(pipeline.context(config, Path(workdir), mesh))
 
 
 @pytest.fixture(scope='module')
@@ -330,7 +330,7 @@ def test_processes_split_chunks_and_merge_in_order(tmp_path):
 )
 def test_bad_inputs_are_clear_errors(prompt_files, tmp_path, extra, message):
   with pytest.raises(bookkeeping.StageError, match=message):
-    pipeline.run(bookkeeping.Context(make_config(prompt_files, **extra), tmp_path))
+    pipeline.run(pipeline.context(make_config(prompt_files, **extra), tmp_path))
 
 
 def test_empty_split_and_zero_principles_are_clear_errors(prompt_files, tmp_path):
@@ -340,11 +340,11 @@ def test_empty_split_and_zero_principles_are_clear_errors(prompt_files, tmp_path
       prompt_files, **{'data.paths.hh_rlhf_redteam': str(only_test), 'data.test_fraction': 0.99}
   )
   with pytest.raises(bookkeeping.StageError, match='train split of .*redteam_sources is empty'):
-    pipeline.run(bookkeeping.Context(c, tmp_path / 'a'))
+    pipeline.run(pipeline.context(c, tmp_path / 'a'))
 
   bad = json.loads(constitution_lib.bundled_path('tiny').read_text())
   bad['critique_revision'] = []
   (tmp_path / 'none.json').write_text(json.dumps(bad))
   c = make_config(prompt_files, constitution=str(tmp_path / 'none.json'))
   with pytest.raises(ConstitutionError, match="'critique_revision': expected a non-empty list"):
-    pipeline.run(bookkeeping.Context(c, tmp_path / 'b'))
+    pipeline.run(pipeline.context(c, tmp_path / 'b'))

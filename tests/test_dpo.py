@@ -129,7 +129,7 @@ def _upstream(config, workdir: Path, records: list[dict]) -> None:
 def _run(config, workdir: Path):
   mesh = sharding.make_mesh(config.mesh.shape)
   with sharding.use_mesh(mesh, config.logical_axis_rules):
-    return pipeline.run(bookkeeping.Context(config, workdir, mesh))
+    return pipeline.run(pipeline.context(config, workdir, mesh))
 
 
 def synthetic_records(n: int, seed: int = 0) -> list[dict]:

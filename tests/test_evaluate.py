@@ -157,7 +157,7 @@ def evaluated(tmp_path_factory):
   finished_scorer(config, workdir, 'evaluation_pm', seed=5)  # the harmfulness stage did not run
   mesh = sharding.make_mesh(config.mesh.shape)
   with sharding.use_mesh(mesh, config.logical_axis_rules):
-    ctx = bookkeeping.Context(config, workdir, mesh)
+    ctx = pipeline.context(config, workdir, mesh)
     rows = pipeline.run(ctx)
   assert rows[0][:2] == ('evaluate', 'ran')
   return ctx, workdir / 'evaluate'
@@ -343,7 +343,7 @@ def test_workdir_of_another_config_is_refused(tmp_path):
 def _judge_rows(tmp_path, **evaluate_fields):
   config = tiny.get_config()
   config.evaluate.update(evaluate_fields)
-  ctx = bookkeeping.Context(config, Path(tmp_path))
+  ctx = pipeline.context(config, Path(tmp_path))
   principles = {k: evaluate.judge_principles(ctx, k) for k in evaluate.KINDS}
   rows = evaluate.independence_rows(ctx, principles, evaluate.scorer_status(ctx))
   return {r['signal'].split(' (')[0].split(':')[0]: r for r in rows}, ctx
@@ -401,7 +401,7 @@ def test_an_optional_stage_joins_the_fingerprint_once_it_has_run(tmp_path):
   """evaluate never requires the scorers' stages; once one has finished, evaluate's fingerprint
   holds it, so a finished evaluate is redone with the new scorer."""
   config = tiny.get_config()
-  ctx = bookkeeping.Context(config, tmp_path)
+  ctx = pipeline.context(config, tmp_path)
   before = ctx.stage_config_fingerprint('evaluate')
   assert 'optional' not in before  # workdirs without the scorers keep their fingerprints
   assert ctx.optional('evaluation_pm') == (

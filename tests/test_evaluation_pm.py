@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from cai_jax import bookkeeping, pipeline, validate
+from cai_jax import pipeline, validate
 from cai_jax.stages import feedback, preference
 from cai_jax.utils import records as records_lib
 from cai_jax.utils import sharding
@@ -65,7 +65,7 @@ def test_preference_never_sees_the_evaluation_split(setup):
   _, config, workdir, records = setup
   held = {r['id'] for r in records if r['split'] == records_lib.EVALUATION_SPLIT}
   assert 0 < len(held) < N_PAIRS
-  comparisons, counts = preference.load_comparisons(bookkeeping.Context(config, workdir))
+  comparisons, counts = preference.load_comparisons(pipeline.context(config, workdir))
   assert not held & {c.id for c in comparisons}
   assert counts['evaluation_split_excluded'] == len(held)
   assert len(comparisons) == N_PAIRS - len(held)
@@ -78,7 +78,7 @@ def test_stage_trains_on_the_evaluation_split_and_human_comparisons(setup):
   config.evaluation_pm.human_path = str(root / 'human.jsonl')
   assert validate.problems(config, workdir) == []
   with sharding.use_mesh(sharding.make_mesh(config.mesh.shape), config.logical_axis_rules):
-    ctx = bookkeeping.Context(config, workdir)
+    ctx = pipeline.context(config, workdir)
     rows = pipeline.run(ctx)
     assert rows[0][:2] == ('evaluation_pm', 'ran')
     summary = json.loads((workdir / 'evaluation_pm' / 'DONE.json').read_text())['summary']

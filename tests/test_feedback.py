@@ -408,7 +408,7 @@ def tiny_config(**overrides):
 def run_stages(config, workdir, models=()):
   mesh = sharding.make_mesh(config.mesh.shape)
   with sharding.use_mesh(mesh, config.logical_axis_rules):
-    ctx = bookkeeping.Context(config, Path(workdir), mesh)
+    ctx = pipeline.context(config, Path(workdir), mesh)
     ctx._models.update(models)
     return pipeline.run(ctx)
 
@@ -524,7 +524,7 @@ def test_feedback_stage_resumes_after_kill_9(tmp_path, tiny_model):
     d = workdir / 'sft'
     d.mkdir(parents=True)
     checkpoint.save_pretrained(tiny_model, str(d / 'export'))
-    ctx = bookkeeping.Context(config, workdir)
+    ctx = pipeline.context(config, workdir)
     fp = ctx.fingerprint('sft')
     (d / 'fingerprint.json').write_text(
         json.dumps({'fingerprint': fp, 'fields': ctx.stage_config_fingerprint('sft')}, default=str)

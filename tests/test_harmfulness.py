@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from cai_jax import bookkeeping, pipeline, validate
+from cai_jax import pipeline, validate
 from cai_jax.stages import harmfulness, preference
 from cai_jax.utils import sharding
 from test_preference import WORDS, numpy_tiny_source
@@ -29,7 +29,7 @@ def red_team_records(n, seed=0):
 
 def _run(config, workdir):
   with sharding.use_mesh(sharding.make_mesh(config.mesh.shape), config.logical_axis_rules):
-    ctx = bookkeeping.Context(config, workdir)
+    ctx = pipeline.context(config, workdir)
     pipeline.run(ctx)
     summary = json.loads((workdir / 'harmfulness' / 'DONE.json').read_text())['summary']
     return ctx, summary

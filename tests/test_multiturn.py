@@ -7,7 +7,6 @@ import json
 import jax
 import pytest
 
-from cai_jax import bookkeeping
 from cai_jax import pipeline
 from cai_jax.method import conversation, data
 from cai_jax.models import checkpoint
@@ -51,7 +50,7 @@ def _config(redteam_file, stage_list):
 def _run(config, workdir):
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   with sharding.use_mesh(mesh, config.logical_axis_rules):
-    ctx = bookkeeping.Context(config, workdir, mesh)
+    ctx = pipeline.context(config, workdir, mesh)
     pipeline.run(ctx)
     return ctx
 

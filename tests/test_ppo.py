@@ -247,7 +247,7 @@ def test_tokenizer_mismatch_is_a_clear_error(tiny):
 def _run_stage(config, workdir, tiny):
   mesh = sharding.make_mesh(config.mesh.shape)
   with sharding.use_mesh(mesh, config.logical_axis_rules):
-    ctx = bookkeeping.Context(config, Path(workdir), mesh)
+    ctx = pipeline.context(config, Path(workdir), mesh)
     ctx._models[(config.ppo.policy_source, False, 'float32')] = (
         tiny  # the random tiny model, made once
     )
@@ -409,7 +409,7 @@ def test_smollm2_demo_config_runs_ppo_steps(tmp_path, smollm2):
   )
   mesh = sharding.make_mesh(c.mesh.shape)
   with sharding.use_mesh(mesh, c.logical_axis_rules):
-    ctx = bookkeeping.Context(c, tmp_path, mesh)
+    ctx = pipeline.context(c, tmp_path, mesh)
     ctx._models[(ctx.model_source('sft'), False, 'float32')] = smollm2  # stand-ins for the exports
     ctx._models[(ctx.model_source('preference'), True, 'float32')] = pm
     pipeline.run(ctx)

@@ -160,7 +160,7 @@ def test_fingerprints_follow_the_helpfulness_settings(tmp_path):
   from configs import tiny
 
   base = tiny.get_config()
-  ctx = lambda c: bookkeeping.Context(c, tmp_path)  # noqa: E731
+  ctx = lambda c: pipeline.context(c, tmp_path)  # noqa: E731
   fp = {s: ctx(base).fingerprint(s) for s in ('feedback', 'preference')}
   for field, value, changed in (
       ('preference.helpfulness_fraction', 0.2, {'preference'}),
@@ -294,7 +294,7 @@ def tiny_config(root):
 
 def run_stage(config, workdir):
   with sharding.use_mesh(sharding.make_mesh(config.mesh.shape), config.logical_axis_rules):
-    ctx = bookkeeping.Context(config, workdir)
+    ctx = pipeline.context(config, workdir)
     rows = pipeline.run(ctx)
   return rows, json.loads((workdir / 'preference' / 'DONE.json').read_text())
 
@@ -368,7 +368,7 @@ def test_ai_labeled_helpfulness_pairs_are_the_substitute(setup, tmp_path):
 def test_export_round_trip_gives_the_same_rewards(finished, setup):
   workdir, summary = finished
   _, config = setup
-  ctx = bookkeeping.Context(config, workdir)
+  ctx = pipeline.context(config, workdir)
   pm = ctx.load(ctx.model_source('preference'), scalar_head=True)
   # The held-out harmlessness pairs again, scored by the exported PM: the stage's metrics of that
   # kind come back.

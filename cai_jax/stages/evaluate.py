@@ -1088,6 +1088,34 @@ def _curve_judgements(ctx, principles, records, steps, stage_dir, summary_kind) 
 # ---- the stage --------------------------------------------------------------------------------
 
 
+# What the stage reads (the table, cai_jax/pipeline.py, and the bookkeeping use these).
+READS = ('critique_revision', 'sft', 'preference', 'ppo', 'dpo')
+MODELS = ('pretrained', 'helpful')  # the judge (by default the labeler) and the helpful model
+# The DPO model joins the contestants, and the trained scorers score, when they ran.
+OPTIONAL = ('dpo', 'evaluation_pm', 'harmfulness')
+
+
+def upstream_unused(config, upstream: str) -> bool:
+  """ppo and dpo are needed only when `evaluate.models` names them (a finished dpo joins anyway:
+  OPTIONAL)."""
+  if 'evaluate' not in config:
+    return False
+  models = config.evaluate.models
+  names = models.split(',') if isinstance(models, str) else models
+  return upstream in ('ppo', 'dpo') and upstream not in [m.strip() for m in names]
+
+
+def inputs(config) -> dict:
+  """The files it hashes into its fingerprint: the constitution, the prompt sources and the
+  judge's evaluation principles (`evaluate.constitution`)."""
+  out = data.stage_inputs(config)
+  if 'evaluate' in config:
+    path = constitution_lib.evaluation_path(config.evaluate.constitution)
+    if path.exists():
+      out['evaluate.constitution'] = path
+  return out
+
+
 def check_config(config) -> None:
   """Fails on evaluate settings that cannot work (run before anything is written)."""
   cfg = config.evaluate

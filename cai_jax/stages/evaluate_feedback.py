@@ -57,7 +57,7 @@ from absl import logging
 
 from cai_jax import sampling
 from cai_jax.method import constitution as constitution_lib
-from cai_jax.method import conversation, labels
+from cai_jax.method import conversation, data, labels
 from cai_jax.method.conversation import ASSISTANT, HUMAN, Turn
 from cai_jax.utils import records as records_lib
 from cai_jax.stages.feedback import (
@@ -327,6 +327,26 @@ def appendix_summary(items: Sequence[MultipleChoice], records: Sequence[dict]) -
       options=sorted({len(i.options) for i in items}),
       chance=float(np.mean([len(i.corrects) / len(i.options) for i in items])),
   )
+
+
+# What the stage reads (the table, cai_jax/pipeline.py, and the bookkeeping use these).
+READS = ()  # labeled comparisons from files, no upstream stage
+MODELS = ('pretrained',)  # the feedback model
+
+
+def inputs(config) -> dict:
+  """The files it hashes into its fingerprint: the constitution, the prompt sources, the labeled
+  comparisons (`evaluate_feedback.comparisons`) and the appendix evaluations' files."""
+  out = data.stage_inputs(config, 'evaluate_feedback.comparisons')
+  for e in config.evaluate_feedback.get('evals', ()):
+    if appendix_path(e).is_file():
+      out[f'evaluate_feedback.evals.{e}'] = appendix_path(e)
+  return out
+
+
+def fingerprint_fields(config) -> dict:
+  """Config outside `evaluate_feedback` it depends on: the feedback configuration it evaluates."""
+  return {'feedback': config.feedback} if 'feedback' in config else {}
 
 
 def check_config(config) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cai_jax import bookkeeping
+from cai_jax.method import data
 from cai_jax.stages import preference
 from cai_jax.stages.preference import HARMLESSNESS, HELPFULNESS, PreferenceDataError
 from cai_jax.utils import records as records_lib
@@ -35,6 +36,26 @@ def human_files(cfg) -> list[tuple[str, str]]:
       for path, kind in ((cfg.human_path, HELPFULNESS), (cfg.human_harmless_path, HARMLESSNESS))
       if path
   ]
+
+
+# What the stage reads (the table, cai_jax/pipeline.py, and the bookkeeping use these).
+READS = ('feedback',)  # the 'evaluation' split of the AI labels
+MODELS = ('pretrained',)  # the PM's initialization
+
+
+def upstream_unused(config, upstream: str) -> bool:
+  """An evaluation PM of human comparisons alone (`use_ai_labels=False`) needs no feedback."""
+  return (
+      'evaluation_pm' in config
+      and upstream == 'feedback'
+      and not config.evaluation_pm.use_ai_labels
+  )
+
+
+def inputs(config) -> dict:
+  """The files it hashes into its fingerprint: the constitution, the prompt sources and the
+  HH-RLHF human comparisons it trains on."""
+  return data.stage_inputs(config, 'evaluation_pm.human_path', 'evaluation_pm.human_harmless_path')
 
 
 def check_config(config) -> None:

@@ -64,7 +64,7 @@ Resuming and multiple hosts: pairs are processed in fixed chunks (``chunk_size``
 order, each chunk with seeds derived from (seed, chunk index) only, appended and fsynced when
 finished; a restart drops a torn last line and redoes only chunks with missing ids, so the
 result equals an uninterrupted run's. Each process takes its contiguous share of the chunks
-(`data.shard_for_process`) into ``samples.<process>.jsonl``; process 0 merges them in order.
+(`sharding.shard_for_process`) into ``samples.<process>.jsonl``; process 0 merges them in order.
 The engine is `records.process_in_chunks`; the record keys are `records.FEEDBACK`.
 """
 
@@ -388,6 +388,24 @@ def check_feedback_config(cfg, what: str = 'config.feedback') -> None:
     problems.append(f'num_helpful_prompts must be -1 (all) or >= 0, got {cfg.num_helpful_prompts}')
   if problems:
     raise StageError(f'{what}: ' + '; '.join(problems))
+
+
+# What the stage reads (the table, cai_jax/pipeline.py, and the bookkeeping use these).
+READS = ('sft',)  # the SL-CAI model samples the pairs
+MODELS = ('pretrained',)  # the feedback model
+
+
+def inputs(config) -> dict:
+  """The files it hashes into its fingerprint: the constitution and the prompt sources."""
+  return data.stage_inputs(config)
+
+
+def fingerprint_fields(config) -> dict:
+  """Config outside `feedback` it depends on: with an HH-RLHF helpfulness file
+  (`preference.helpful_mix.path`) it labels no helpfulness pairs."""
+  if 'preference' not in config:
+    return {}
+  return {'hh_rlhf_helpfulness': bool(config.preference.helpful_mix.path)}
 
 
 def check_config(config) -> None:

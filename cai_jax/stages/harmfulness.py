@@ -131,6 +131,17 @@ def regression_metrics(pred: Sequence[float], rating: Sequence[float]) -> dict[s
   }
 
 
+# What the stage reads (the table, cai_jax/pipeline.py, and the bookkeeping use these).
+READS = ()  # the red-team ratings from a file, no upstream stage
+MODELS = ('pretrained',)  # the regressor's initialization
+
+
+def inputs(config) -> dict:
+  """The files it hashes into its fingerprint: the constitution, the prompt sources and the
+  red-team ratings (`harmfulness.path`)."""
+  return data.stage_inputs(config, 'harmfulness.path')
+
+
 def check_config(config) -> None:
   """Fails, before the workdir is touched, on harmfulness settings that cannot work."""
   cfg = config[STAGE]

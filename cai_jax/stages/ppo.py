@@ -347,6 +347,32 @@ def save_snapshot(policy: Decoder, tok, model_config, stage_dir: Path, step: int
 # ---- setup ---------------------------------------------------------------------------------------
 
 
+# What the stage reads (the table, cai_jax/pipeline.py, and the bookkeeping use these).
+READS = ('sft', 'preference')  # the policy's initialization and the PM
+MODELS = ()  # no given model: the policy is the SFT model's export
+
+
+def upstream_unused(config, upstream: str) -> bool:
+  """A synthetic reward needs no PM; an explicit `ppo.policy_source` needs no SFT model."""
+  if 'ppo' not in config:
+    return False
+  return (upstream == 'preference' and config.ppo.reward == 'synthetic') or (
+      upstream == 'sft' and bool(config.ppo.policy_source)
+  )
+
+
+def inputs(config) -> dict:
+  """The files it hashes into its fingerprint: the constitution and the prompt sources."""
+  return data.stage_inputs(config)
+
+
+def fingerprint_fields(config) -> dict:
+  """Config outside `ppo` it depends on: `evaluate.rl_curve_every`, the policy snapshots it keeps."""
+  if not config.get('evaluate', {}).get('rl_curve_every', 0):
+    return {}
+  return {'rl_curve_every': config.evaluate.rl_curve_every}
+
+
 def check_config(config) -> int:
   """Problems with config.ppo as one error; returns the prompt token budget."""
   cfg, max_len = config.ppo, config.model.max_len

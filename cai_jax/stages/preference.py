@@ -459,6 +459,17 @@ class EncodedPair:
   kind: str
 
 
+# What the stage reads (the table, cai_jax/pipeline.py, and the bookkeeping use these).
+READS = ('feedback',)  # the labeled comparisons
+MODELS = ('pretrained', 'helpful')  # the PM's initialization (preference.init_from)
+
+
+def inputs(config) -> dict:
+  """The files it hashes into its fingerprint: the constitution, the prompt sources and the
+  HH-RLHF helpfulness comparisons (`preference.helpful_mix.path`)."""
+  return data.stage_inputs(config, 'preference.helpful_mix.path')
+
+
 def check_config(config) -> None:
   """Fails fast, before any loading, on preference settings that cannot work."""
   cfg = config.preference

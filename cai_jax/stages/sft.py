@@ -443,6 +443,16 @@ def build_examples(
   return train, held_out, counts
 
 
+# What the stage reads (the table, cai_jax/pipeline.py, and the bookkeeping use these).
+READS = ('critique_revision',)  # the revisions (and helpful samples)
+MODELS = ('pretrained',)  # the model it fine-tunes
+
+
+def inputs(config) -> dict:
+  """The files it hashes into its fingerprint: the constitution and the prompt sources."""
+  return data.stage_inputs(config)
+
+
 def check_config(config) -> None:
   """Fails on sft settings that cannot work (run before anything is written)."""
   cfg, problems = config.sft, []

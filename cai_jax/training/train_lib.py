@@ -37,7 +37,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from cai_jax import bookkeeping
+from cai_jax.utils.errors import StageError
 from cai_jax.utils import sharding
 
 SCHEDULES = ('cosine', 'linear', 'constant')
@@ -254,7 +254,7 @@ def host_metrics(metrics: dict) -> dict[str, float]:
   return out
 
 
-class NonFiniteError(bookkeeping.StageError):
+class NonFiniteError(StageError):
   """A training step produced a NaN/inf loss or gradient norm; its state was not saved."""
 
 
@@ -299,7 +299,7 @@ def check_finite(stage: str, step: int, metrics: list[dict] | dict, ckpt=None) -
   )
 
 
-class DivergedError(bookkeeping.StageError):
+class DivergedError(StageError):
   """A training step left a bound of the stage's `guard` config (finite, but off a cliff); its
   state was not saved."""
 

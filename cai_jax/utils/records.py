@@ -23,8 +23,8 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from cai_jax.bookkeeping import StageError
-from cai_jax.method import data
+from cai_jax.utils.errors import StageError
+from cai_jax.utils import sharding
 
 
 class RecordsError(StageError):
@@ -244,7 +244,7 @@ def process_in_chunks(
 
   Chunk k is items[k * chunk_size:(k + 1) * chunk_size] and seeds(step) is
   chunk_seed(seed, stream, k, step), whichever process runs it; processes take contiguous runs
-  of chunks (data.shard_for_process). Records carry an 'id' (`ids[i]` is item i's; default
+  of chunks (sharding.shard_for_process). Records carry an 'id' (`ids[i]` is item i's; default
   item['id']). Chunks whose ids are all in `path` already are skipped; a partly written chunk is
   redone in full (same inputs, same seeds) and only its missing records appended. The progress
   bar (process 0) shows `postfix()`. Returns {'resumed': n, 'new': n}.
@@ -255,7 +255,7 @@ def process_in_chunks(
       (k, list(range(i, min(i + chunk_size, len(items)))))
       for k, i in enumerate(range(0, len(items), chunk_size))
   ]
-  mine = data.shard_for_process(chunks, process_index, process_count)
+  mine = sharding.shard_for_process(chunks, process_index, process_count)
   done = {r['id'] for r in read_jsonl(path, repair=True)}
   total = sum(len(idx) for _, idx in mine)
   resumed = sum(ids[i] in done for _, idx in mine for i in idx)

@@ -297,3 +297,20 @@ def maybe_initialize_distributed(cfg) -> None:
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   logging.info('jax.distributed.initialize(%s)', kwargs)
   jax.distributed.initialize(**kwargs)
+
+
+def shard_for_process(
+    items: Sequence, process_index: int | None = None, process_count: int | None = None
+) -> list:
+  """This process's contiguous slice of `items`; slices of processes 0..n-1 concatenate to
+  `items`, so gathered results come back in the original order. Sizes differ by at most one
+  (the first len(items) % n processes get the extra item). Defaults come from jax."""
+  if process_index is None or process_count is None:
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} not in [0, {process_count})')
+  base, extra = divmod(len(items), process_count)
+  start = process_index * base + min(process_index, extra)
+  stop = start + base + (process_index < extra)
+  return list(items[start:stop])

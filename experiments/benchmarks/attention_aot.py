@@ -27,7 +27,7 @@ from jax.experimental import topologies  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from cai_jax.models import attention  # noqa: E402
-from cai_jax.utils import sharding
+from cai_jax.utils import sharding  # noqa: E402
 
 
 def main():

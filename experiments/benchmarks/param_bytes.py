@@ -20,7 +20,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from cai_jax.models.decoder import Decoder, ModelConfig  # noqa: E402
-from cai_jax.training import train_lib
+from cai_jax.training import train_lib  # noqa: E402
 from cai_jax.utils import sharding  # noqa: E402
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from cai_jax.method import labels
+from cai_jax.method import labels  # noqa: E402
 from cai_jax.stages import evaluate_feedback, feedback  # noqa: E402
 
 

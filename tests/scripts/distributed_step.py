@@ -23,9 +23,9 @@ from flax import nnx  # noqa: E402
 
 from cai_jax.models import checkpoint, decoder as model_lib  # noqa: E402
 from cai_jax.models.decoder import ModelConfig  # noqa: E402
-from cai_jax.stages import sft
-from cai_jax.training import train_lib
-from cai_jax.utils import sharding
+from cai_jax.stages import sft  # noqa: E402
+from cai_jax.training import train_lib  # noqa: E402
+from cai_jax.utils import sharding  # noqa: E402
 from configs import tiny  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
