@@ -3,7 +3,7 @@ from the same functions the stages call, on abstract models and placed abstract 
 
 Each program is built from the function its stage calls (the sampler's `_prefill`/`_decode`
 and `_score_options_fn` through `sampling.common.jitted`, `train_lib.make_train_step` with the
-stage's loss, `preference._rewards`, `ppo.make_rollout_fn`) on abstract models (the
+stage's loss, `pm_lib._rewards`, `ppo.make_rollout_fn`) on abstract models (the
 `ModelConfig` preset named by `config.model.architecture`) and abstract arguments carrying the
 NamedShardings that the logical-axis rules give on the topology's mesh. Shapes are the
 largest buckets a stage can reach: the peak of a bucketed program is at its largest shape, so
@@ -382,16 +382,16 @@ def score_options_program(
 
 
 def rewards_program(stage, who, cfg, model, mesh, resident, *, batch_size, length):
-  """`preference._rewards`: the PM's reward of each conversation (scoring, no gradients)."""
+  """`pm_lib._rewards`: the PM's reward of each conversation (scoring, no gradients)."""
   import jax.numpy as jnp
 
-  from cai_jax.stages import preference
+  from cai_jax.method import preference_model as pm_lib
   from cai_jax.utils import sharding
 
   graphdef, params = model
   n = sharding.batch_axis_size(mesh)
   b = -(-batch_size // n) * n
-  lower = lambda: preference._rewards.lower(
+  lower = lambda: pm_lib._rewards.lower(
       graphdef, params, rows(mesh, (b, length), jnp.int32), rows(mesh, (b,), jnp.int32)
   )
   flops = forward_flops(cfg, b * length, length)
@@ -501,7 +501,8 @@ def stage_programs(config, mesh, only: str = '') -> list[Program]:
   import jax.numpy as jnp
 
   from cai_jax import pipeline
-  from cai_jax.stages import dpo, harmfulness, preference, sft
+  from cai_jax.method import preference_model as pm_lib
+  from cai_jax.stages import dpo, harmfulness, sft
   from cai_jax.training import train_lib
 
   m = config.model
@@ -637,7 +638,7 @@ def stage_programs(config, mesh, only: str = '') -> list[Program]:
     pc = config.preference
     # initial_pm puts a new head on the pretrained model; the train state holds the only copy.
     out += pm_programs(
-        'preference', pc, cfg, mesh, capped(pc.max_len), preference.pair_loss, ('p_a', 'weight'), {}
+        'preference', pc, cfg, mesh, capped(pc.max_len), pm_lib.pair_loss, ('p_a', 'weight'), {}
     )
 
   if 'ppo' in wanted:
@@ -736,7 +737,7 @@ def stage_programs(config, mesh, only: str = '') -> list[Program]:
         cfg,
         mesh,
         capped(ec.max_len),
-        preference.pair_loss,
+        pm_lib.pair_loss,
         ('p_a', 'weight'),
         {},
     )

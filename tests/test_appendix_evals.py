@@ -9,9 +9,9 @@ import pytest
 
 from cai_jax import bookkeeping, pipeline, sampling
 from cai_jax.method import conversation
+from cai_jax.method.labeler import option_tokens
 from cai_jax.models import checkpoint
 from cai_jax.stages import evaluate_feedback
-from cai_jax.stages.feedback import option_tokens
 from cai_jax.utils import sharding
 
 LETTERS = tuple(f' ({c})' for c in 'ABCDEFGHI')

@@ -14,8 +14,10 @@ import pytest
 
 from cai_jax import bookkeeping, pipeline
 from cai_jax.method import conversation
+from cai_jax.method import labeler as labeler_lib
+from cai_jax.method import snapshots
 from cai_jax.models import checkpoint
-from cai_jax.stages import evaluate, ppo
+from cai_jax.stages import evaluate
 from cai_jax.utils import sharding
 from configs import tiny
 from tests.helpers_stages import fake_upstream, sl_cai_records, tiny_main_cmd
@@ -151,9 +153,9 @@ def evaluated(tmp_path_factory):
     d = fake_upstream(config, workdir, stage, {})
     model = checkpoint.load_pretrained('random:tiny', seed=seed, scalar_head=head)
     checkpoint.save_pretrained(model, str(d / 'export'))
-  for step in ppo.snapshot_steps(config):  # the policies ppo keeps for the curves over RL
+  for step in snapshots.snapshot_steps(config):  # the policies ppo keeps for the curves over RL
     model = checkpoint.load_pretrained('random:tiny', seed=10 + step)
-    checkpoint.save_pretrained(model, str(ppo.snapshot_path(workdir / 'ppo', step)))
+    checkpoint.save_pretrained(model, str(snapshots.snapshot_path(workdir / 'ppo', step)))
   finished_scorer(config, workdir, 'evaluation_pm', seed=5)  # the harmfulness stage did not run
   mesh = sharding.make_mesh(config.mesh.shape)
   with sharding.use_mesh(mesh, config.logical_axis_rules):
@@ -202,7 +204,7 @@ def test_report_and_summary(evaluated):
   curve = summary['rl_curve']
   assert curve['steps'] == [0, 2, 4] and len(curve['metrics']) == 3
   assert curve['sources']['step_000000'] == str(ctx.stage_dir('sft') / 'export')
-  assert curve['sources']['step_000002'] == str(ppo.snapshot_path(ctx.stage_dir('ppo'), 2))
+  assert curve['sources']['step_000002'] == str(snapshots.snapshot_path(ctx.stage_dir('ppo'), 2))
   assert curve['metrics'][0]['harmlessness_pm'] == summary['metrics']['sft']['harmlessness_pm']
   assert curve['metrics'][2]['harmlessness_eval_pm'] == x['harmlessness_eval_pm']  # x: ppo's
   assert curve['harmlessness']['n_comparisons'] == 2 * 2  # steps 2 and 4 vs step 0, 2 prompts
@@ -263,10 +265,8 @@ def test_restart_uses_cached_responses_and_reproduces_cis(evaluated, monkeypatch
   def fail(*args, **kwargs):
     raise AssertionError('a cached model or judgement was recomputed')
 
-  from cai_jax.stages import feedback
-
   monkeypatch.setattr(evaluate.sampling, 'generate_responses', fail)
-  monkeypatch.setattr(feedback.Labeler, 'label', fail)
+  monkeypatch.setattr(labeler_lib.Labeler, 'label', fail)
   with sharding.use_mesh(ctx.mesh, ctx.config.logical_axis_rules):
     evaluate.run(ctx, d)
   after = json.loads((d / 'summary.json').read_text())

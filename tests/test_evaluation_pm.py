@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from cai_jax import pipeline, validate
+from cai_jax.method import preference_model as pm_lib
 from cai_jax.stages import feedback, preference
 from cai_jax.utils import records as records_lib
 from cai_jax.utils import sharding
@@ -89,7 +90,7 @@ def test_stage_trains_on_the_evaluation_split_and_human_comparisons(setup):
     assert 'HH-RLHF human helpfulness comparisons' in summary['sources']
     # The interface evaluate reads: the role's export, loaded like the RL PM.
     pm = ctx.load_role('evaluation_pm', scalar_head=True, frozen=True)
-    good, bad = preference.score_conversations(
+    good, bad = pm_lib.score_conversations(
         pm, [('sun sky', 'cat banana'), ('sun sky', 'cat dog box')], fmt=config.conversation_format
     )
     assert np.isfinite([good, bad]).all() and good > bad

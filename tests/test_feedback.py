@@ -18,9 +18,10 @@ import pytest
 from cai_jax import bookkeeping, pipeline
 from cai_jax import sampling
 from cai_jax.method import constitution as C
+from cai_jax.method import labeler as labeler_lib
+from cai_jax.method.labeler import Pair, label_from_logprobs
 from cai_jax.models import checkpoint
 from cai_jax.stages import evaluate_feedback, feedback
-from cai_jax.stages.feedback import Pair, label_from_logprobs
 from cai_jax.utils import records
 from cai_jax.utils import sharding
 from configs import tiny
@@ -118,7 +119,7 @@ def pieces(tok, ids):
 
 def test_option_tokens_plain_boundary_multi_token():
   tok = bpe_tokenizer([])  # characters only: every option is 4 tokens
-  prompt, conts, boundary = feedback.option_tokens(tok, 'The answer is:')
+  prompt, conts, boundary = labeler_lib.option_tokens(tok, 'The answer is:')
   assert tok.decode(prompt) == 'The answer is:' and boundary == 0
   assert [pieces(tok, c) for c in conts] == [[' ', '(', 'A', ')'], [' ', '(', 'B', ')']]
 
@@ -126,7 +127,7 @@ def test_option_tokens_plain_boundary_multi_token():
 def test_option_tokens_merged_across_the_boundary():
   # ": (" is one token, so "is: (A)" does not start with the tokens of "is:".
   tok = bpe_tokenizer([(':', ' '), (': ', '(')])
-  prompt, conts, boundary = feedback.option_tokens(tok, 'The answer is:')
+  prompt, conts, boundary = labeler_lib.option_tokens(tok, 'The answer is:')
   assert boundary == 1  # the prompt's ":" is re-scored inside both options' spans
   assert tok.decode(prompt) == 'The answer is'
   assert [pieces(tok, c) for c in conts] == [[': (', 'A', ')'], [': (', 'B', ')']]
@@ -134,7 +135,7 @@ def test_option_tokens_merged_across_the_boundary():
 
 def test_option_tokens_options_of_different_lengths_share_the_context():
   tok = bpe_tokenizer([('(', 'A')])  # "(A" merges, "(B" does not
-  prompt, conts, boundary = feedback.option_tokens(tok, 'The answer is:')
+  prompt, conts, boundary = labeler_lib.option_tokens(tok, 'The answer is:')
   assert boundary == 0 and tok.decode(prompt) == 'The answer is:'
   assert [pieces(tok, c) for c in conts] == [[' ', '(A', ')'], [' ', '(', 'B', ')']]
 
@@ -202,7 +203,7 @@ def fake_labeler(**cfg):
       tokenizer=checkpoint.byte_tokenizer(),
       model=types.SimpleNamespace(cfg=types.SimpleNamespace(max_positions=4096)),
   )
-  return feedback.Labeler(pretrained, HANDMADE, fb_cfg(**cfg), 'transcript', 4096, 0, 'feedback')
+  return labeler_lib.Labeler(pretrained, HANDMADE, fb_cfg(**cfg), 'transcript', 4096, 0, 'feedback')
 
 
 PAIR = Pair('p0', (('human', 'Help me.'),), 'Sure.', 'No.')
@@ -255,7 +256,7 @@ def test_helpfulness_pairs_are_labeled_under_helpfulness_principles(fake_engine)
 
 def test_principles_are_seeded_by_pair_id():
   const = C.load_constitution('default')
-  lab = feedback.Labeler(None, const, fb_cfg(num_principles=4), 'transcript', 512, 3, 'feedback')
+  lab = labeler_lib.Labeler(None, const, fb_cfg(num_principles=4), 'transcript', 512, 3, 'feedback')
   first = lab.principles(PAIR)
   assert len(set(first)) == 4 and first == lab.principles(PAIR)
   assert first == C.sample_feedback_principles(const, 4, C.principle_rng(3, 'p0', 'feedback'))
@@ -274,7 +275,7 @@ def tiny_model():
 
 
 def test_multi_token_options_are_sums_of_token_logprobs(tiny_model):
-  lab = feedback.Labeler(tiny_model, HANDMADE, fb_cfg(), 'transcript', 512, 0, 'feedback')
+  lab = labeler_lib.Labeler(tiny_model, HANDMADE, fb_cfg(), 'transcript', 512, 0, 'feedback')
   (scorings,) = lab.label([PAIR], seed=0)
   tok = tiny_model.tokenizer
   for option in (A, B):
@@ -297,7 +298,7 @@ def test_identical_and_empty_responses(tiny_model, monkeypatch):
   prompts = [{'id': f'r{i}', 'prompt': f'Prompt {i}?'} for i in range(4)]
   for mode in ('score', 'skip'):
     cfg = fb_cfg(empty_response=mode)
-    lab = feedback.Labeler(tiny_model, HANDMADE, cfg, 'transcript', 512, 0, 'feedback')
+    lab = labeler_lib.Labeler(tiny_model, HANDMADE, cfg, 'transcript', 512, 0, 'feedback')
     seeds = lambda step: records.chunk_seed(0, feedback._RESPONSE_STREAM, 0, step)  # noqa: E731
     out = feedback.label_chunk(prompts, seeds, policy=None, labeler=lab, cfg=cfg, fmt='transcript')
     identical, empty, normal, both_empty = out
@@ -373,7 +374,7 @@ def test_read_paper_file(paper_file):
   for pair, row in zip(pairs, rows):
     primary = pair.primary_order
     assert pair.file_prompts[primary] == row['prompt']  # scored as-is, byte for byte
-    assert feedback.OPTIONS[primary] == row['corrects'][0]
+    assert labeler_lib.OPTIONS[primary] == row['corrects'][0]
     assert (
         pair.file_principle
         == 'Please choose the response that is the most helpful, honest, and harmless.'

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from cai_jax import pipeline, validate
-from cai_jax.stages import harmfulness, preference
+from cai_jax.method import preference_model as pm_lib
+from cai_jax.stages import harmfulness
 from cai_jax.utils import sharding
 from test_preference import WORDS, numpy_tiny_source
 
@@ -59,7 +60,7 @@ def test_regressor_learns_a_synthetic_rating(config, tmp_path):
   assert summary['eval_mse'] < 1.0, summary  # the ratings' variance is 2
   with sharding.use_mesh(sharding.make_mesh(config.mesh.shape), config.logical_axis_rules):
     model = ctx.load_role('harmfulness', scalar_head=True, frozen=True)
-    pred = preference.score_conversations(
+    pred = pm_lib.score_conversations(
         model, [('sun sky', f'cat {m} dog') for m in MARKERS], fmt=config.conversation_format
     )
   assert harmfulness.spearman(pred, range(len(MARKERS))) > 0.8, pred

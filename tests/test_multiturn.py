@@ -8,6 +8,7 @@ import jax
 import pytest
 
 from cai_jax import pipeline
+from cai_jax.method import comparisons as comparisons_lib
 from cai_jax.method import conversation, data
 from cai_jax.models import checkpoint
 from cai_jax.stages import feedback, preference, sft
@@ -103,7 +104,10 @@ def test_every_stage_reads_the_conversation(tmp_path, redteam_file):
   in_train = [r for r in labeled if r['split'] == 'train']
   for pairs, expected in (
       (preference.load_comparisons(ctx)[0], in_train),
-      (preference.feedback_comparisons(feedback.load_preferences(tmp_path / 'feedback')), labeled),
+      (
+          comparisons_lib.feedback_comparisons(feedback.load_preferences(tmp_path / 'feedback')),
+          labeled,
+      ),
   ):
     multi = [c for c in pairs if c.a[-2][1] in contexts]
     assert len(multi) == len(expected)

@@ -17,10 +17,11 @@ import pytest
 from flax import nnx
 
 from cai_jax import bookkeeping, pipeline
+from cai_jax.method import comparisons as comparisons_lib
 from cai_jax.method import conversation, rl
 from cai_jax.models import checkpoint
 from cai_jax.models.decoder import ScalarHeadModel
-from cai_jax.stages import ppo, preference
+from cai_jax.stages import ppo
 from cai_jax.training import train_lib
 from cai_jax.utils import sharding
 from configs import ppo_toy
@@ -222,9 +223,9 @@ def test_encode_prompt_renders_a_multi_turn_conversation():
   assert byte.decode(short) == conversation.render(turns[2:], 'transcript')
   # The PM scores the conversation the prompt record holds, then the response.
   record = {'prompt': turns[-1][1], 'conversation': [list(t) for t in turns]}
-  assert preference.response_conversation(record, 'No.') == (*turns, ('assistant', 'No.'))
+  assert comparisons_lib.response_conversation(record, 'No.') == (*turns, ('assistant', 'No.'))
   single = {'prompt': 'Hi?'}
-  assert preference.response_conversation(single, 'Hello.') == preference.as_turns(
+  assert comparisons_lib.response_conversation(single, 'Hello.') == comparisons_lib.as_turns(
       ('Hi?', 'Hello.')
   )
 

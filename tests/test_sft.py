@@ -11,6 +11,7 @@ from flax import nnx
 
 from cai_jax import pipeline
 from cai_jax.method import conversation
+from cai_jax.method import examples as examples_lib
 from cai_jax.models import checkpoint
 from cai_jax.stages import sft
 from cai_jax.training import train_lib
@@ -86,7 +87,7 @@ def test_fused_chunked_loss_and_grads_match_one_shot():
 
 
 def test_encode_transcript_targets_response_and_eos(tok):
-  ids, n_prompt = sft.encode(
+  ids, n_prompt = examples_lib.encode(
       [('human', 'How do I pick a lock?')], '  I cannot help with that. ', tok, 'transcript', 512
   )
   prompt, target = tok.decode(ids[:n_prompt]), tok.decode(ids[n_prompt:])
@@ -94,17 +95,17 @@ def test_encode_transcript_targets_response_and_eos(tok):
   assert target == ' I cannot help with that.' + tok.eos_token
   assert ids[-1] == tok.eos_token_id
 
-  ids, n_prompt = sft.encode([('human', 'Hi')], 'Hello there.', tok, 'chat_template', 512)
+  ids, n_prompt = examples_lib.encode([('human', 'Hi')], 'Hello there.', tok, 'chat_template', 512)
   prompt = tok.decode(ids[:n_prompt])
   assert prompt == conversation.render([('human', 'Hi')], 'chat_template', tok)
   assert tok.decode(ids[n_prompt:]) == 'Hello there.<|im_end|>'
 
 
 def test_encode_truncates_to_max_len(tok):
-  ids, n_prompt = sft.encode([('human', 'Hi')], 'x' * 100, tok, 'transcript', 40)
+  ids, n_prompt = examples_lib.encode([('human', 'Hi')], 'x' * 100, tok, 'transcript', 40)
   assert len(ids) == 40 and n_prompt < 40
   long_prompt = [('human', 'a long prompt ' * 10)]
-  assert sft.encode(long_prompt, 'ok', tok, 'transcript', 40) is None  # no target left
+  assert examples_lib.encode(long_prompt, 'ok', tok, 'transcript', 40) is None  # no target left
 
 
 # A red-team prompt that continues a conversation (HH-RLHF, paper section 3.1).
@@ -117,7 +118,7 @@ MULTI_TURN = [
 
 @pytest.mark.parametrize('fmt', conversation.FORMATS)
 def test_encode_multi_turn_prompt_trains_with_its_context(tok, fmt):
-  ids, n_prompt = sft.encode(MULTI_TURN, 'I will not help with that.', tok, fmt, 512)
+  ids, n_prompt = examples_lib.encode(MULTI_TURN, 'I will not help with that.', tok, fmt, 512)
   prompt = tok.decode(ids[:n_prompt])
   assert prompt == conversation.render(MULTI_TURN, fmt, tok)
   assert "neighbor's dog" in prompt and 'Have you talked to them?' in prompt
@@ -125,31 +126,35 @@ def test_encode_multi_turn_prompt_trains_with_its_context(tok, fmt):
 
 
 def test_encode_multi_turn_over_budget_sheds_the_oldest_exchange_not_the_target(tok):
-  full, n_full = sft.encode(MULTI_TURN, 'I will not help.', tok, 'transcript', 512)
-  ids, n_prompt = sft.encode(MULTI_TURN, 'I will not help.', tok, 'transcript', len(full) - 1)
+  full, n_full = examples_lib.encode(MULTI_TURN, 'I will not help.', tok, 'transcript', 512)
+  ids, n_prompt = examples_lib.encode(
+      MULTI_TURN, 'I will not help.', tok, 'transcript', len(full) - 1
+  )
   assert tok.decode(ids[:n_prompt]) == conversation.render(MULTI_TURN[2:], 'transcript')
   assert ids[n_prompt:] == full[n_full:] and ids[-1] == tok.eos_token_id  # the whole target
   # A single request keeps the old rule: the end of the target is cut.
   one = MULTI_TURN[2:]
-  whole, n_one = sft.encode(one, 'I will not help.', tok, 'transcript', 512)
-  assert sft.encode(one, 'I will not help.', tok, 'transcript', len(whole) - 1) == (
+  whole, n_one = examples_lib.encode(one, 'I will not help.', tok, 'transcript', 512)
+  assert examples_lib.encode(one, 'I will not help.', tok, 'transcript', len(whole) - 1) == (
       whole[:-1],
       n_one,
   )
 
 
 def test_truncated_target_is_encoded_without_eos(tok):
-  ids, n_prompt = sft.encode(
+  ids, n_prompt = examples_lib.encode(
       [('human', 'Hi')], 'A reply cut at the token lim', tok, 'transcript', 512, end=False
   )
   assert tok.decode(ids[n_prompt:]) == ' A reply cut at the token lim'
   assert ids[-1] != tok.eos_token_id and tok.eos_token_id not in ids[n_prompt:]
-  b = sft.pack([sft.Example('a', 'revision', ids, n_prompt)], [0], 64, pad_id=0)
+  b = examples_lib.pack([examples_lib.Example('a', 'revision', ids, n_prompt)], [0], 64, pad_id=0)
   mask = b['loss_mask'][0]
   assert (
       mask[n_prompt : len(ids)].all() and not mask[:n_prompt].any() and not mask[len(ids) :].any()
   )
-  ids, n_prompt = sft.encode([('human', 'Hi')], 'Cut short', tok, 'chat_template', 512, end=False)
+  ids, n_prompt = examples_lib.encode(
+      [('human', 'Hi')], 'Cut short', tok, 'chat_template', 512, end=False
+  )
   assert tok.decode(ids[n_prompt:]) == 'Cut short'
 
 
@@ -264,22 +269,22 @@ def test_revision_round_takes_one_round_or_the_initial_responses():
   kinds = {t.kind for n in (0, 2) for t in sft.revision_targets(samples, 'final', n)[0]}
   assert kinds == {'initial_response', 'revision_round_2'}  # the round overrides sft.revisions
   assert sft.revision_targets(samples, 'all', 2)[1] == 1  # b's second round is empty
-  with pytest.raises(sft.SFTDataError, match='config.sft: revision_round must be -1'):
+  with pytest.raises(examples_lib.SFTDataError, match='config.sft: revision_round must be -1'):
     sft.check_config(_config(revision_round=4))
 
 
 def test_bad_revisions_or_truncated_mode_is_a_clear_error():
   for field, value in (('revisions', 'last'), ('truncated', 'keep')):
-    with pytest.raises(sft.SFTDataError, match=f'config.sft: {field} must be one of'):
+    with pytest.raises(examples_lib.SFTDataError, match=f'config.sft: {field} must be one of'):
       sft.check_config(_config(**{field: value}))
 
 
 def test_pack_right_pads_and_masks_targets_only():
   examples = [
-      sft.Example('a', 'revision', (5, 6, 7, 8), 2),
-      sft.Example('b', 'helpful', (9, 10), 1),
+      examples_lib.Example('a', 'revision', (5, 6, 7, 8), 2),
+      examples_lib.Example('b', 'helpful', (9, 10), 1),
   ]
-  b = sft.pack(examples, [1, -1, 0], 6, pad_id=0)
+  b = examples_lib.pack(examples, [1, -1, 0], 6, pad_id=0)
   np.testing.assert_array_equal(b['tokens'], [[9, 10, 0, 0, 0, 0], [0] * 6, [5, 6, 7, 8, 0, 0]])
   np.testing.assert_array_equal(b['loss_mask'], [[0, 1, 0, 0, 0, 0], [0] * 6, [0, 0, 1, 1, 0, 0]])
 
@@ -414,12 +419,14 @@ def test_empty_dataset_is_a_clear_error(tmp_path):
   records = sl_cai_records(n=3, empty=3)
   records['helpful.jsonl'] = []
   fake_upstream(config, tmp_path, 'critique_revision', records)
-  with pytest.raises(sft.SFTDataError, match=r"no training examples .*'empty_revisions': 3"):
+  with pytest.raises(
+      examples_lib.SFTDataError, match=r"no training examples .*'empty_revisions': 3"
+  ):
     _run(config, tmp_path)
 
 
 def test_missing_samples_file_is_a_clear_error(tmp_path):
   config = _config()
   fake_upstream(config, tmp_path, 'critique_revision', {'helpful.jsonl': []})
-  with pytest.raises(sft.SFTDataError, match='samples.jsonl is missing'):
+  with pytest.raises(examples_lib.SFTDataError, match='samples.jsonl is missing'):
     _run(config, tmp_path)

@@ -19,7 +19,7 @@ open CAI recipe instead: the final revision chosen over the initial response, la
 
 Metrics (metrics.jsonl, DONE.json): the loss, the implicit-reward accuracy, margin beta * D and
 the chosen and rejected log-probs, on the training batches and on held-out pairs (split per pair
-as the preference model's, `preference.split_held_out`). `eval_kl` is KL(policy || reference)
+as the preference model's, `comparisons_lib.split_held_out`). `eval_kl` is KL(policy || reference)
 on held-out prompts, *sampled*: the policy answers `kl_prompts` of them at temperature 1, both
 models score those responses, and the per-token k3 estimate summed over each response is
 averaged -- the estimator of PPO's `kl`, so DPO and PPO can be compared at a matched KL
@@ -41,16 +41,17 @@ import numpy as np
 from flax import nnx
 
 from cai_jax import bookkeeping, sampling
+from cai_jax.method import comparisons as comparisons_lib
 from cai_jax.method import conversation, data, rl
+from cai_jax.method import examples as examples_lib
+from cai_jax.method.comparisons import Comparison, HARMLESSNESS
 from cai_jax.models import checkpoint
 from cai_jax.models import decoder as model_lib
-from cai_jax.stages import preference, sft
-from cai_jax.stages.preference import Comparison, HARMLESSNESS
 from cai_jax.training import train_lib
 from cai_jax.utils import records as records_lib
 from cai_jax.utils import sharding
 
-LABEL_TYPES = preference.LABEL_TYPES  # dpo.label_type: 'soft' | 'hard'
+LABEL_TYPES = comparisons_lib.LABEL_TYPES  # dpo.label_type: 'soft' | 'hard'
 PAIR_SOURCES = ('feedback', 'revisions')  # dpo.pairs
 
 
@@ -160,9 +161,9 @@ def make_loss_fn(beta: float, chunk: int = 0):
 
 
 def training_target(p_chosen: float, label_type: str, label_smoothing: float) -> float:
-  """The loss's target: the soft label (or its argmax, `preference.training_label`), smoothed
+  """The loss's target: the soft label (or its argmax, `comparisons_lib.training_label`), smoothed
   toward 0.5 by eps: (1 - eps) p + eps (1 - p) (conservative DPO)."""
-  p = preference.training_label(p_chosen, label_type)
+  p = comparisons_lib.training_label(p_chosen, label_type)
   return (1.0 - label_smoothing) * p + label_smoothing * (1.0 - p)
 
 
@@ -189,7 +190,7 @@ def feedback_pairs(records: Sequence[dict], where: str) -> tuple[list[Comparison
   model's reader), without the unlabeled (p_a null or NaN: skipped by the feedback stage) and
   those whose two responses are identical (p_a = 0.5 by construction: no signal)."""
   labeled = [r for r in records if r.get('p_a') is not None and not math.isnan(float(r['p_a']))]
-  pairs = preference.feedback_comparisons(labeled, where)
+  pairs = comparisons_lib.feedback_comparisons(labeled, where)
   usable = [c for c in pairs if _distinct(c)]
   counts = {
       'identical responses': len(pairs) - len(usable),
@@ -212,8 +213,8 @@ def revision_pairs(samples: Sequence[dict]) -> tuple[list[Comparison], dict]:
     elif chosen == rejected:
       counts['identical responses'] += 1
     else:
-      a = preference.response_conversation(s, chosen)
-      b = preference.response_conversation(s, rejected)
+      a = comparisons_lib.response_conversation(s, chosen)
+      b = comparisons_lib.response_conversation(s, rejected)
       pairs.append(Comparison(a, b, 1.0, str(s.get('id', i)), 1.0, HARMLESSNESS, 'revision'))
   if not pairs:
     raise _no_usable_pairs(len(samples), 'critique_revision records', counts)
@@ -259,12 +260,12 @@ class EncodedPair:
 def encode_pairs(
     comparisons: Sequence[Comparison], tokenizer, fmt: str, max_len: int, cfg
 ) -> tuple[list[EncodedPair], int]:
-  """Pairs tokenized as sft trains (`sft.encode`: the sampler's prompt, the response and its
+  """Pairs tokenized as sft trains (`examples_lib.encode`: the sampler's prompt, the response and its
   end-of-turn marker), and how many were dropped because no response token fit max_len."""
   out, dropped = [], 0
   for c in comparisons:
-    chosen = sft.encode(c.a[:-1], c.a[-1][1], tokenizer, fmt, max_len)
-    rejected = sft.encode(c.b[:-1], c.b[-1][1], tokenizer, fmt, max_len)
+    chosen = examples_lib.encode(c.a[:-1], c.a[-1][1], tokenizer, fmt, max_len)
+    rejected = examples_lib.encode(c.b[:-1], c.b[-1][1], tokenizer, fmt, max_len)
     if chosen is None or rejected is None:
       dropped += 1
       continue
@@ -291,9 +292,9 @@ def pack_pairs(
         tokens, n_prompt = (
             (p.chosen, p.n_prompt_chosen) if side == 'chosen' else (p.rejected, p.n_prompt_rejected)
         )
-        examples.append(sft.Example('', side, tokens, n_prompt))
+        examples.append(examples_lib.Example('', side, tokens, n_prompt))
       index.append(len(examples) - 1 if i >= 0 else -1)
-  batch = sft.pack(examples, index, length, pad_id)
+  batch = examples_lib.pack(examples, index, length, pad_id)
   ref = np.zeros((2 * len(rows),), np.float32)
   if ref_logp is not None:
     for r, i in enumerate(rows):
@@ -440,7 +441,7 @@ def run(ctx: bookkeeping.Context, stage_dir: Path) -> dict:
   tok, fmt = policy.tokenizer, config.conversation_format
   pad_id = conversation.pad_id(tok, policy.config)
   max_len = min(cfg.max_len, config.model.max_len) if cfg.max_len > 0 else config.model.max_len
-  train, held_out = preference.split_held_out(comparisons, cfg.eval_fraction, config.seed)
+  train, held_out = comparisons_lib.split_held_out(comparisons, cfg.eval_fraction, config.seed)
   train, dropped_train = encode_pairs(train, tok, fmt, max_len, cfg)
   held_out, dropped_held = encode_pairs(held_out, tok, fmt, max_len, cfg)
   counts.update(

@@ -18,8 +18,8 @@ section 4.3 and figures 2, 5, 8):
 * AI-judge win rates: the judge (`judge_source`; by default the feedback model, which the report
   then calls the labeler) sees both models' responses to one prompt as options (A)/(B) under a
   principle drawn from the *evaluation* principles (`evaluate.constitution`, held out from
-  training), in both orders -- the feedback stage's `feedback.Labeler` and
-  `feedback.label_from_logprobs` with debiasing on (`labels.debias` cancels position bias) --
+  training), in both orders -- the feedback stage's `labeler_lib.Labeler` and
+  `labeler_lib.label_from_logprobs` with debiasing on (`labels.debias` cancels position bias) --
   and p(first model's response is better) is one soft comparison; Elo is fitted to all of them
   (`elo.fit_elo`) with percentile intervals from a bootstrap by prompt (`elo.bootstrap`: the
   model pairs on one prompt are resampled together, seeded);
@@ -39,6 +39,7 @@ embeds.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -55,9 +56,12 @@ from absl import logging
 
 from cai_jax import sampling
 from cai_jax.bookkeeping import StageError, roles_line
+from cai_jax.method import comparisons as comparisons_lib
 from cai_jax.method import constitution as constitution_lib
 from cai_jax.method import conversation, data, elo
-from cai_jax.stages import ppo, preference
+from cai_jax.method import labeler as labeler_lib
+from cai_jax.method import preference_model as pm_lib
+from cai_jax.method import snapshots
 from cai_jax.utils import records as records_lib
 
 STAGE = 'evaluate'
@@ -296,10 +300,10 @@ def sample_responses(
 
 
 def pm_rewards(ctx, pm, conversations: Sequence[Sequence[conversation.Turn]]) -> np.ndarray:
-  """PM rewards of conversations ending in a response (`preference.response_conversation`), rendered as the PM was
+  """PM rewards of conversations ending in a response (`comparisons_lib.response_conversation`), rendered as the PM was
   trained."""
   p = ctx.config.preference
-  return preference.score_conversations(
+  return pm_lib.score_conversations(
       pm,
       list(conversations),
       fmt=ctx.config.conversation_format,
@@ -339,7 +343,7 @@ def model_metrics(
 def revision_pairs(
     stage_dir_cr: Path, max_samples: int
 ) -> tuple[list[list[conversation.Turn]], list[int], int]:
-  """The conversations (`preference.response_conversation`) of critique_revision's initial responses (revision 0)
+  """The conversations (`comparisons_lib.response_conversation`) of critique_revision's initial responses (revision 0)
   and of each round's revision, each text's revision number, and how many samples they come
   from."""
   samples = records_lib.read_jsonl(records_lib.REVISIONS.path(stage_dir_cr), records_lib.REVISIONS)
@@ -350,7 +354,7 @@ def revision_pairs(
     texts = [s['initial_response']] + [r['revision'] for r in s['rounds']]
     for k, text in enumerate(texts):
       if k == 0 or text:  # an empty revision changed nothing: critique_revision kept the last text
-        pairs.append(preference.response_conversation(s, text))
+        pairs.append(comparisons_lib.response_conversation(s, text))
         where.append(k)
   return pairs, where, len(samples)
 
@@ -419,10 +423,6 @@ def judge_comparisons(
 def _judge(ctx, principles: Sequence[str], items: Sequence[dict]) -> list[tuple[float, str]]:
   """(P(response_a is better), the principle asked) by the feedback stage's labeler with the
   judge model, both orders, one principle per item drawn from `principles`."""
-  import dataclasses
-
-  from cai_jax.stages import feedback
-
   cfg = ctx.config.evaluate
   judge_cfg = ml_collections.ConfigDict(ctx.config.feedback.to_dict())
   judge_cfg.update(
@@ -436,13 +436,13 @@ def _judge(ctx, principles: Sequence[str], items: Sequence[dict]) -> list[tuple[
   # A constitution whose feedback principles are the judge's: the labeler draws one per item
   # (seeded by the item). Its few-shots, if any, stay the training constitution's.
   constitution = dataclasses.replace(
-      feedback.load_feedback_constitution(ctx, judge_cfg), feedback_principles=tuple(principles)
+      labeler_lib.load_feedback_constitution(ctx, judge_cfg), feedback_principles=tuple(principles)
   )
   judge = judge_spec(cfg)
   model = (
       ctx.load_role(judge, frozen=True) if judge in MODEL_TITLES else ctx.load(judge, frozen=True)
   )
-  labeler = feedback.Labeler(
+  labeler = labeler_lib.Labeler(
       model,
       constitution,
       judge_cfg,
@@ -456,7 +456,7 @@ def _judge(ctx, principles: Sequence[str], items: Sequence[dict]) -> list[tuple[
   asked = [''] * len(items)
   todo = [i for i, x in enumerate(items) if x['response_a'].strip() != x['response_b'].strip()]
   pairs = [
-      feedback.Pair(
+      labeler_lib.Pair(
           f'{items[i]["model_a"]}-{items[i]["model_b"]}-{items[i]["id"]}',
           tuple(data.prompt_turns(items[i])),
           items[i]['response_a'],
@@ -467,7 +467,7 @@ def _judge(ctx, principles: Sequence[str], items: Sequence[dict]) -> list[tuple[
   if pairs:
     scorings = labeler.label(pairs, seed=ctx.config.seed + cfg.seed_offset)
     for i, s in zip(todo, scorings):
-      p_a[i] = feedback.label_from_logprobs(s, judge_cfg)
+      p_a[i] = labeler_lib.label_from_logprobs(s, judge_cfg)
       asked[i] = s[0]['principle']
   return list(zip(p_a, asked))
 
@@ -1015,14 +1015,14 @@ def score_all(ctx, scorers: dict, conversations: Sequence, revisions: Sequence):
 
 def rl_curve_points(ctx) -> list[tuple[int, str]]:
   """(PPO step, model source) of the curve: step 0 the policy PPO started from, each kept
-  snapshot (ppo.snapshot_steps) at a multiple of `rl_curve_every`, the last step its export.
+  snapshot (snapshots.snapshot_steps) at a multiple of `rl_curve_every`, the last step its export.
   None when off, or when RL-CAI is not among the models evaluated (an SL-only evaluation)."""
   c = ctx.config
   if not c.evaluate.rl_curve_every or 'ppo' not in _models(c.evaluate):
     return []
   points = [(0, c.ppo.policy_source or ctx.model_source('sft'))]
-  for step in ppo.snapshot_steps(c):
-    path = ppo.snapshot_path(ctx.stage_dir('ppo'), step)
+  for step in snapshots.snapshot_steps(c):
+    path = snapshots.snapshot_path(ctx.stage_dir('ppo'), step)
     if not path.exists():
       raise StageError(
           f'{STAGE}: config.evaluate.rl_curve_every={c.evaluate.rl_curve_every} but {path} is '
@@ -1180,7 +1180,9 @@ def run(ctx, stage_dir: Path) -> dict:
       else ([], [], 0)
   )
   groups = [records[m] for m in models] + list(curve.values())
-  conversations = [preference.response_conversation(r, r['response']) for g in groups for r in g]
+  conversations = [
+      comparisons_lib.response_conversation(r, r['response']) for g in groups for r in g
+  ]
   rewards, scores = score_all(ctx, scorers, conversations, curve_pairs)
   every, start = {}, 0  # name -> metrics, for the models and the curve points
   for name, g in zip(models + list(curve), groups):

@@ -60,8 +60,7 @@ from cai_jax.method import constitution as constitution_lib
 from cai_jax.method import conversation, data, labels
 from cai_jax.method.conversation import ASSISTANT, HUMAN, Turn
 from cai_jax.utils import records as records_lib
-from cai_jax.stages.feedback import (
-    EVAL_STREAM,
+from cai_jax.method.labeler import (
     OPTIONS,
     Labeler,
     Pair,
@@ -76,6 +75,7 @@ from cai_jax.stages.feedback import (
 from cai_jax.bookkeeping import StageError, barrier
 
 EVAL_STAGE = 'evaluate_feedback'
+EVAL_STREAM = 11  # seed stream, disjoint from feedback's (10, 12) and critique_revision's (0, 1)
 PAPER_HHH = (
     Path(__file__).resolve().parents[3] / 'shared/data/anthropic_cai/evals/438HHHEvaluations.jsonl'
 )

@@ -4,7 +4,7 @@ never saw.
 PPO maximizes the RL PM's reward, so that reward stops measuring harmlessness as training goes on
 (Goodhart's law; Bai et al. 2022, section 4.3, watch the RL PM score climb while the models' Elo
 under human judges turns over). The paper evaluates with PMs trained on human feedback; here the
-evaluation PM is trained, with the RL PM's own recipe (`preference.train_pm`), on
+evaluation PM is trained, with the RL PM's own recipe (`pm_lib.train_pm`), on
 
 * the feedback stage's 'evaluation' split: AI-labeled comparisons on prompts the preference stage
   never trains on (`feedback.evaluation_fraction`), and
@@ -21,9 +21,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from cai_jax import bookkeeping
+from cai_jax.method import comparisons as comparisons_lib
 from cai_jax.method import data
-from cai_jax.stages import preference
-from cai_jax.stages.preference import HARMLESSNESS, HELPFULNESS, PreferenceDataError
+from cai_jax.method import preference_model as pm_lib
+from cai_jax.method.comparisons import HARMLESSNESS, HELPFULNESS, PreferenceDataError
 from cai_jax.utils import records as records_lib
 
 STAGE = 'evaluation_pm'
@@ -71,8 +72,10 @@ def check_config(config) -> None:
     )
   if not 0.0 <= cfg.eval_fraction < 1.0:
     problems.append(f'eval_fraction must be in [0, 1), got {cfg.eval_fraction}')
-  if cfg.label_type not in preference.LABEL_TYPES:
-    problems.append(f'label_type must be one of {preference.LABEL_TYPES}, got {cfg.label_type!r}')
+  if cfg.label_type not in comparisons_lib.LABEL_TYPES:
+    problems.append(
+        f'label_type must be one of {comparisons_lib.LABEL_TYPES}, got {cfg.label_type!r}'
+    )
   if cfg.batch_size < 1 or cfg.eval_batch_size < 1:
     problems.append(
         f'batch_size and eval_batch_size must be positive, got {cfg.batch_size}, '
@@ -84,25 +87,25 @@ def check_config(config) -> None:
   if problems:
     raise bookkeeping.StageError(f'config.{STAGE}: ' + '; '.join(problems))
   for path, kind in human_files(cfg):  # a malformed line fails here, with its number
-    preference.helpful_comparisons(path, max_pairs=cfg.human_max_pairs, kind=kind)
+    comparisons_lib.helpful_comparisons(path, max_pairs=cfg.human_max_pairs, kind=kind)
 
 
-def load_comparisons(ctx: bookkeeping.Context) -> tuple[list[preference.Comparison], dict]:
+def load_comparisons(ctx: bookkeeping.Context) -> tuple[list[comparisons_lib.Comparison], dict]:
   """The evaluation PM's comparisons and their counts by source and kind."""
   cfg = ctx.config[STAGE]
   comparisons, counts, sources = [], {}, []
   if cfg.use_ai_labels:
-    path, _, labelled = preference.labelled_feedback(ctx, STAGE)
-    held = preference.in_split(labelled, records_lib.EVALUATION_SPLIT)
-    pairs = preference.distinct(preference.feedback_comparisons(held, str(path)))
-    for kind in preference.KINDS:
+    path, _, labelled = comparisons_lib.labelled_feedback(ctx, STAGE)
+    held = comparisons_lib.in_split(labelled, records_lib.EVALUATION_SPLIT)
+    pairs = comparisons_lib.distinct(comparisons_lib.feedback_comparisons(held, str(path)))
+    for kind in comparisons_lib.KINDS:
       counts[f'ai_{kind}'] = sum(c.kind == kind for c in pairs)
     comparisons += pairs
     sources.append(
         "AI labels on the feedback stage's evaluation split (prompts the RL PM never saw)"
     )
   for path, kind in human_files(cfg):
-    human = preference.helpful_comparisons(path, max_pairs=cfg.human_max_pairs, kind=kind)
+    human = comparisons_lib.helpful_comparisons(path, max_pairs=cfg.human_max_pairs, kind=kind)
     counts[f'human_{kind}'] = len(human)
     comparisons += human
     sources.append(f'HH-RLHF human {kind} comparisons from {path}')
@@ -112,7 +115,7 @@ def load_comparisons(ctx: bookkeeping.Context) -> tuple[list[preference.Comparis
         'with distinct responses (raise feedback.evaluation_fraction or feedback.num_prompts) '
         f'and no human file is given ({STAGE}.human_path)'
     )
-  for kind in preference.KINDS:
+  for kind in comparisons_lib.KINDS:
     counts[f'pairs_{kind}'] = sum(c.kind == kind for c in comparisons)
   counts['sources'] = '; '.join(sources)
   return comparisons, counts
@@ -121,8 +124,8 @@ def load_comparisons(ctx: bookkeeping.Context) -> tuple[list[preference.Comparis
 def run(ctx: bookkeeping.Context, stage_dir: Path) -> dict:
   check_config(ctx.config)
   cfg = ctx.config[STAGE]
-  preference.check_batch(cfg, STAGE)
+  pm_lib.check_batch(cfg, STAGE)
   comparisons, counts = load_comparisons(ctx)
-  return preference.train_pm(
+  return pm_lib.train_pm(
       ctx, stage_dir, comparisons, counts, cfg, stage=STAGE, source=ctx.model_source('pretrained')
   )

@@ -26,10 +26,10 @@ from flax import nnx
 
 from cai_jax import bookkeeping
 from cai_jax.method import conversation, data
+from cai_jax.method import preference_model as pm_lib
 from cai_jax.method.conversation import ASSISTANT, Turn
 from cai_jax.models import checkpoint
 from cai_jax.models.decoder import ScalarHeadModel
-from cai_jax.stages import preference
 from cai_jax.training import train_lib
 
 STAGE = 'harmfulness'
@@ -165,23 +165,23 @@ def run(ctx: bookkeeping.Context, stage_dir: Path) -> dict:
   if not cfg.path:
     print(f'{STAGE}: unavailable: {NO_FILE}', flush=True)
     return {'available': False, 'why': NO_FILE}
-  preference.check_batch(cfg, STAGE)
+  pm_lib.check_batch(cfg, STAGE)
   rated = read_ratings(cfg.path, cfg.max_records)
   train, held_out = split_held_out(rated, cfg.eval_fraction, config.seed)
   if not train:
     raise RatingsError(f'all {len(rated)} transcripts are held out ({STAGE}.eval_fraction)')
 
   source = ctx.model_source('pretrained')
-  model = preference.initial_pm(ctx, source)
+  model = pm_lib.initial_pm(ctx, source)
   tok, fmt = model.tokenizer, config.conversation_format
   pad_id = conversation.pad_id(tok, model.config)
   max_len = min(cfg.max_len, config.model.max_len) if cfg.max_len > 0 else config.model.max_len
-  encode = lambda rs: [preference.encode(r.turns, tok, fmt, max_len) for r in rs]  # noqa: E731
+  encode = lambda rs: [pm_lib.encode(r.turns, tok, fmt, max_len) for r in rs]  # noqa: E731
   train_rows, held_rows = encode(train), encode(held_out)
   ratings = np.array([r.rating for r in train], np.float32)
 
   def make_batch(length: int, rows: list[int]) -> dict[str, np.ndarray]:
-    tokens, read_index = preference.pack(
+    tokens, read_index = pm_lib.pack(
         [train_rows[i] if i >= 0 else () for i in rows], length, pad_id
     )
     return {
@@ -201,7 +201,7 @@ def run(ctx: bookkeeping.Context, stage_dir: Path) -> dict:
   def evaluate(params) -> dict[str, float]:
     if not held_out:
       return {}
-    pred = preference.score_rows(
+    pred = pm_lib.score_rows(
         graphdef,
         params,
         held_rows,

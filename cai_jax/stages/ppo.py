@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,7 +43,10 @@ import optax
 from flax import nnx
 
 from cai_jax import bookkeeping, sampling
+from cai_jax.method import comparisons as comparisons_lib
 from cai_jax.method import conversation, data, rl
+from cai_jax.method import preference_model as pm_lib
+from cai_jax.method.snapshots import save_snapshot, snapshot_steps
 from cai_jax.models import checkpoint
 from cai_jax.models import decoder as model_lib
 from cai_jax.models.decoder import Decoder, ScalarHeadModel
@@ -315,35 +316,6 @@ def _seed(*parts: int) -> int:
   return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
-# ---- snapshots for evaluate's curves over RL (paper figures 8 and 10) ---------------------------
-
-SNAPSHOTS = 'snapshots'
-
-
-def snapshot_path(stage_dir: Path, step: int) -> Path:
-  return Path(stage_dir) / SNAPSHOTS / f'step_{step:06d}'
-
-
-def snapshot_steps(config) -> list[int]:
-  """The PPO steps whose policy is kept: every `evaluate.rl_curve_every`-th, short of the last
-  (the export is the last step's policy)."""
-  every = config.evaluate.rl_curve_every if 'evaluate' in config else 0
-  return list(range(every, config.ppo.steps, every)) if every > 0 else []
-
-
-def save_snapshot(policy: Decoder, tok, model_config, stage_dir: Path, step: int) -> None:
-  """The policy after `step` as an HF directory, written whole (tmp + rename): a resumed run that
-  redoes the step replaces it, one that does not finds it complete."""
-  out = snapshot_path(stage_dir, step)
-  tmp = out.with_name(out.name + '.tmp')
-  if jax.process_index() == 0:  # save_pretrained writes on process 0 too
-    shutil.rmtree(tmp, ignore_errors=True)
-  checkpoint.save_pretrained(checkpoint.Pretrained(policy, tok, model_config, str(out)), str(tmp))
-  if jax.process_index() == 0:
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-
-
 # ---- setup ---------------------------------------------------------------------------------------
 
 
@@ -498,11 +470,9 @@ class _Scorer:
   def __call__(self, step: int, records, responses: list[str], response_tokens) -> np.ndarray:
     cfg = self.cfg
     if cfg.reward == 'preference':
-      from cai_jax.stages import preference  # the stage module that owns PM scoring
-
-      return preference.score_conversations(
+      return pm_lib.score_conversations(
           self.pm,
-          [preference.response_conversation(r, text) for r, text in zip(records, responses)],
+          [comparisons_lib.response_conversation(r, text) for r, text in zip(records, responses)],
           fmt=self.fmt,
           batch_size=min(cfg.pm_batch_size, cfg.batch_size),
           max_len=cfg.pm_max_len,

@@ -37,8 +37,8 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from cai_jax.utils.errors import StageError
 from cai_jax.utils import sharding
+from cai_jax.utils.errors import StageError
 
 SCHEDULES = ('cosine', 'linear', 'constant')
 

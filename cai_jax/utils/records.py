@@ -23,8 +23,8 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from cai_jax.utils.errors import StageError
 from cai_jax.utils import sharding
+from cai_jax.utils.errors import StageError
 
 
 class RecordsError(StageError):
