@@ -3,7 +3,7 @@ from the same functions the stages call, on abstract models and placed abstract 
 
 Each program is built from the function its stage calls (the sampler's `_prefill`/`_decode`
 and `_score_options_fn` through `sampling.common.jitted`, `train_lib.make_train_step` with the
-stage's loss, `pm_lib._rewards`, `ppo.make_rollout_fn`) on abstract models (the
+stage's loss, `preference_model._rewards`, `ppo.make_rollout_fn`) on abstract models (the
 `ModelConfig` preset named by `config.model.architecture`) and abstract arguments carrying the
 NamedShardings that the logical-axis rules give on the topology's mesh. Shapes are the
 largest buckets a stage can reach: the peak of a bucketed program is at its largest shape, so
@@ -382,7 +382,7 @@ def score_options_program(
 
 
 def rewards_program(stage, who, cfg, model, mesh, resident, *, batch_size, length):
-  """`pm_lib._rewards`: the PM's reward of each conversation (scoring, no gradients)."""
+  """`preference_model._rewards`: the PM's reward of each conversation (scoring, no gradients)."""
   import jax.numpy as jnp
 
   from cai_jax.method import preference_model as pm_lib

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 from cai_jax import bookkeeping, pipeline
+from cai_jax.evaluation import judge as judge_lib
+from cai_jax.evaluation import scores as scores_lib
 from cai_jax.method import conversation
 from cai_jax.method import labeler as labeler_lib
 from cai_jax.method import snapshots
@@ -52,12 +54,12 @@ NOT_REFUSALS = [
 
 @pytest.mark.parametrize('text', REFUSALS)
 def test_refusals_are_detected(text):
-  assert evaluate.is_refusal(text)
+  assert scores_lib.is_refusal(text)
 
 
 @pytest.mark.parametrize('text', NOT_REFUSALS)
 def test_non_refusals_are_not(text):
-  assert not evaluate.is_refusal(text)
+  assert not scores_lib.is_refusal(text)
 
 
 def test_model_metrics_rates_by_prompt_kind():
@@ -70,28 +72,28 @@ def test_model_metrics_rates_by_prompt_kind():
       for i, (k, t) in enumerate(zip(kinds, texts))
   ]
   rewards = np.arange(6, dtype=np.float64)
-  x = evaluate.model_metrics(records, rewards, {'evaluation_pm': None})
+  x = scores_lib.model_metrics(records, rewards, {'evaluation_pm': None})
   assert x['refusal_rate_redteam'] == 0.25 and x['refusal_rate_helpful'] == 0.5
   assert x['empty_rate_redteam'] == 0.25 and x['empty_rate_helpful'] == 0.0
   assert x['truncated_rate_redteam'] == 0.25 and x['truncated_rate_helpful'] == 0.0
   assert x['mean_tokens_helpful'] == (len(texts[4]) + len(texts[5])) / 2
-  assert x['harmlessness_pm'] == evaluate.mean_stderr([0.0, 1.0, 2.0, 3.0])
-  assert x['helpfulness_pm'] == evaluate.mean_stderr([4.0, 5.0])
+  assert x['harmlessness_pm'] == scores_lib.mean_stderr([0.0, 1.0, 2.0, 3.0])
+  assert x['helpfulness_pm'] == scores_lib.mean_stderr([4.0, 5.0])
   assert x['harmlessness_eval_pm'] is None and x['harmfulness'] is None
 
 
 def test_mean_stderr():
-  assert evaluate.mean_stderr([1.0, 3.0]) == {'mean': 2.0, 'stderr': 1.0, 'n': 2}
-  assert evaluate.mean_stderr([2.0]) == {'mean': 2.0, 'stderr': None, 'n': 1}
-  assert evaluate.mean_stderr([])['n'] == 0
+  assert scores_lib.mean_stderr([1.0, 3.0]) == {'mean': 2.0, 'stderr': 1.0, 'n': 2}
+  assert scores_lib.mean_stderr([2.0]) == {'mean': 2.0, 'stderr': None, 'n': 1}
+  assert scores_lib.mean_stderr([])['n'] == 0
 
 
 def test_elo_table_seeded():
   comparisons = [('a', 'b', 0.8), ('b', 'c', 0.6), ('a', 'c', 0.9), ('c', 'a', 0.3)] * 3
   kw = dict(n_bootstrap=50, ci=0.9, anchor='a')
-  one = evaluate.elo_table(comparisons, ['a', 'b', 'c'], seed=3, **kw)
-  assert one == evaluate.elo_table(comparisons, ['a', 'b', 'c'], seed=3, **kw)
-  other = evaluate.elo_table(comparisons, ['a', 'b', 'c'], seed=4, **kw)
+  one = judge_lib.elo_table(comparisons, ['a', 'b', 'c'], seed=3, **kw)
+  assert one == judge_lib.elo_table(comparisons, ['a', 'b', 'c'], seed=3, **kw)
+  other = judge_lib.elo_table(comparisons, ['a', 'b', 'c'], seed=4, **kw)
   assert one['elo']['b']['lo'] != other['elo']['b']['lo']
   assert one['elo']['a'] == {'elo': 0.0, 'lo': 0.0, 'hi': 0.0, 'bootstrap_mean': 0.0}
   assert (
@@ -179,13 +181,13 @@ def test_report_and_summary(evaluated):
     assert x['harmfulness'] is None
     responses = evaluate.records_lib.read_jsonl(d / f'responses_{m}.jsonl')
     assert len(responses) == 3
-    for kind in evaluate.KINDS:  # the summary's rates are those of the responses it wrote
+    for kind in scores_lib.KINDS:  # the summary's rates are those of the responses it wrote
       rs = [r['response'] for r in responses if r['kind'] == kind]
-      assert x[f'refusal_rate_{kind}'] == np.mean([evaluate.is_refusal(r) for r in rs])
+      assert x[f'refusal_rate_{kind}'] == np.mean([scores_lib.is_refusal(r) for r in rs])
   harm = summary['harmlessness']
   assert harm['n_comparisons'] == 3 * 2  # 3 model pairs x 2 red-team prompts
   assert harm['bootstrap_by'] == 'prompt' and harm['n_prompts'] == 2
-  assert set(harm['principles']) <= set(evaluate.judge_principles(ctx, 'redteam')[0])
+  assert set(harm['principles']) <= set(judge_lib.judge_principles(ctx, 'redteam')[0])
   assert len(harm['principles']) == 8  # the evaluation principles, held out from training
   judged = evaluate.records_lib.read_jsonl(d / 'judge_redteam.jsonl')
   assert {j['principle'] for j in judged if j['response_a'] != j['response_b']} <= set(
@@ -344,8 +346,8 @@ def _judge_rows(tmp_path, **evaluate_fields):
   config = tiny.get_config()
   config.evaluate.update(evaluate_fields)
   ctx = pipeline.context(config, Path(tmp_path))
-  principles = {k: evaluate.judge_principles(ctx, k) for k in evaluate.KINDS}
-  rows = evaluate.independence_rows(ctx, principles, evaluate.scorer_status(ctx))
+  principles = {k: judge_lib.judge_principles(ctx, k) for k in scores_lib.KINDS}
+  rows = judge_lib.independence_rows(ctx, principles, scores_lib.scorer_status(ctx))
   return {r['signal'].split(' (')[0].split(':')[0]: r for r in rows}, ctx
 
 
@@ -362,7 +364,7 @@ def test_independence_table_says_when_the_judge_is_the_labeler(tmp_path):
   )
   rows, ctx = _judge_rows(tmp_path, judge_source='random:small')
   assert (
-      rows['harmlessness Elo']['labeler'] == 'yes' and evaluate.judge_source(ctx) == 'random:small'
+      rows['harmlessness Elo']['labeler'] == 'yes' and judge_lib.judge_source(ctx) == 'random:small'
   )
   rows, ctx = _judge_rows(tmp_path, judge_model='random:small')  # the old name still works
   assert rows['harmlessness Elo']['labeler'] == 'yes'

@@ -19,7 +19,7 @@ open CAI recipe instead: the final revision chosen over the initial response, la
 
 Metrics (metrics.jsonl, DONE.json): the loss, the implicit-reward accuracy, margin beta * D and
 the chosen and rejected log-probs, on the training batches and on held-out pairs (split per pair
-as the preference model's, `comparisons_lib.split_held_out`). `eval_kl` is KL(policy || reference)
+as the preference model's, `comparisons.split_held_out`). `eval_kl` is KL(policy || reference)
 on held-out prompts, *sampled*: the policy answers `kl_prompts` of them at temperature 1, both
 models score those responses, and the per-token k3 estimate summed over each response is
 averaged -- the estimator of PPO's `kl`, so DPO and PPO can be compared at a matched KL
@@ -161,7 +161,7 @@ def make_loss_fn(beta: float, chunk: int = 0):
 
 
 def training_target(p_chosen: float, label_type: str, label_smoothing: float) -> float:
-  """The loss's target: the soft label (or its argmax, `comparisons_lib.training_label`), smoothed
+  """The loss's target: the soft label (or its argmax, `comparisons.training_label`), smoothed
   toward 0.5 by eps: (1 - eps) p + eps (1 - p) (conservative DPO)."""
   p = comparisons_lib.training_label(p_chosen, label_type)
   return (1.0 - label_smoothing) * p + label_smoothing * (1.0 - p)
@@ -260,7 +260,7 @@ class EncodedPair:
 def encode_pairs(
     comparisons: Sequence[Comparison], tokenizer, fmt: str, max_len: int, cfg
 ) -> tuple[list[EncodedPair], int]:
-  """Pairs tokenized as sft trains (`examples_lib.encode`: the sampler's prompt, the response and its
+  """Pairs tokenized as sft trains (`examples.encode`: the sampler's prompt, the response and its
   end-of-turn marker), and how many were dropped because no response token fit max_len."""
   out, dropped = [], 0
   for c in comparisons:

@@ -4,7 +4,7 @@ never saw.
 PPO maximizes the RL PM's reward, so that reward stops measuring harmlessness as training goes on
 (Goodhart's law; Bai et al. 2022, section 4.3, watch the RL PM score climb while the models' Elo
 under human judges turns over). The paper evaluates with PMs trained on human feedback; here the
-evaluation PM is trained, with the RL PM's own recipe (`pm_lib.train_pm`), on
+evaluation PM is trained, with the RL PM's own recipe (`preference_model.train_pm`), on
 
 * the feedback stage's 'evaluation' split: AI-labeled comparisons on prompts the preference stage
   never trains on (`feedback.evaluation_fraction`), and
