@@ -19,6 +19,7 @@ from cai_jax import bookkeeping, pipeline
 from cai_jax import sampling
 from cai_jax.method import constitution as C
 from cai_jax.method import labeler as labeler_lib
+from cai_jax.method import prompts as prompts_lib
 from cai_jax.method.labeler import Pair, label_from_logprobs
 from cai_jax.models import checkpoint
 from cai_jax.stages import evaluate_feedback, feedback
@@ -630,7 +631,7 @@ def test_few_shots_shown_under_independently_drawn_principles():
   assert any(len(set(d)) > 1 for d in drawn)  # examples of one prompt differ in principle
   pair = Pair('p3', PAIR.conversation, 'a', 'b')
   order0, order1 = labeler.scorings(pair)
-  expected = C.render_feedback_prompt(
+  expected = prompts_lib.render_feedback_prompt(
       labeler.constitution,
       pair.conversation,
       order0['principle'],

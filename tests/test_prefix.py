@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from cai_jax import sampling
+from cai_jax.method import prompts as prompts_lib
 from cai_jax.models import checkpoint
 from cai_jax.sampling import prefix as prefix_lib
 import helpers
@@ -210,7 +211,7 @@ def test_smollm2_critique_prompts_with_few_shots(smollm2):
     pair = constitution_lib.sample_critique_revision_pairs(
         c, 1, constitution_lib.principle_rng(0, i, 'critique_revision')
     )[0]
-    fitted = constitution_lib.fit_critique_revision_prompt(
+    fitted = prompts_lib.fit_critique_revision_prompt(
         c,
         [('human', request)],
         'Sure, here you go.',

@@ -1,5 +1,5 @@
 """The AI labeler (paper section 4.1): the feedback model reads the multiple-choice prompt of
-`constitution.render_feedback_prompt` -- few-shot examples, the conversation, a sampled principle,
+`prompts.render_feedback_prompt` -- few-shot examples, the conversation, a sampled principle,
 "Options: (A) ... (B) ...", "The answer is:" -- and the label is
 
     p_a = softmax(log P(" (A)"), log P(" (B)"))[0],
@@ -21,6 +21,7 @@ from cai_jax import sampling
 from cai_jax.bookkeeping import StageError
 from cai_jax.method import constitution as constitution_lib
 from cai_jax.method import conversation, labels
+from cai_jax.method import prompts as prompts_lib
 from cai_jax.method.comparisons import HARMLESSNESS, HELPFULNESS
 from cai_jax.method.conversation import Turn
 
@@ -171,14 +172,14 @@ class Labeler:
       few_shot_principles = None if pair.file_prompts else self.few_shot_principles(pair, k)
       for order in orders:
         if pair.file_prompts is not None:
-          fitted = constitution_lib.FittedPrompt(pair.file_prompts[order], 0, 0, 0)
+          fitted = prompts_lib.FittedPrompt(pair.file_prompts[order], 0, 0, 0)
         else:
           a, b = (
               (pair.response_a, pair.response_b)
               if order == 0
               else (pair.response_b, pair.response_a)
           )
-          fitted = constitution_lib.fit_feedback_prompt(
+          fitted = prompts_lib.fit_feedback_prompt(
               self.constitution,
               pair.conversation,
               principle,
@@ -221,14 +222,14 @@ class Labeler:
         temperature=self.cfg.cot_temperature,
         batch_size=self.cfg.batch_size,
         seed=seed,
-        stop_strings=constitution_lib.feedback_cot_stop_strings(self.fmt, tok),
+        stop_strings=prompts_lib.feedback_cot_stop_strings(self.fmt, tok),
         max_prompt_len=self.max_len - self.cfg.cot_max_new_tokens,
         truncate='left',
         prefix_cache=self.prefix_cache,
     )
     for s, r in zip(scorings, responses):
       s['cot'] = r.text.strip()
-      s['prompt'] += constitution_lib.render_feedback_answer_suffix(r.text, self.fmt)
+      s['prompt'] += prompts_lib.render_feedback_answer_suffix(r.text, self.fmt)
 
   def _score(self, scorings: list[dict], groups: Sequence[int]) -> None:
     tok, model = self.pretrained.tokenizer, self.pretrained.model
@@ -314,7 +315,7 @@ def check_few_shots(labeler: Labeler, what: str) -> None:
   c, tok, cfg = labeler.constitution, labeler.pretrained.tokenizer, labeler.cfg
   what = f'{what} (feedback.num_few_shots={cfg.num_few_shots})'
   try:
-    constitution_lib.check_few_shot_budget(
+    prompts_lib.check_few_shot_budget(
         c, 'feedback', tok, labeler.fmt, labeler.budget(), cot=cfg.cot, what=what
     )
   except ValueError as e:

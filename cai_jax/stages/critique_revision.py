@@ -4,7 +4,7 @@ For each red-team prompt the helpful model writes a response; then, `n_rounds` t
 critiques its latest answer under a principle drawn from the constitution and revises it.
 With `critique=False` (the paper's critique-free ablation, figure 7) it revises at once: the
 revision request follows the response, no critique is written, and the few-shots and earlier
-rounds the prompt shows omit theirs (`constitution.render_critique_free_revision_prompt`); such
+rounds the prompt shows omit theirs (`prompts.render_critique_free_revision_prompt`); such
 rounds record ``critique_request`` and ``critique`` as null and one prompt's few_shots and
 turns_dropped.
 The revisions of every round, with `helpful_samples_per_prompt` plain responses to each helpful
@@ -28,7 +28,7 @@ Outputs in the stage directory:
      "tokens"}            # tokens generated for this prompt
 
   Prompts are fitted to model.max_len less the tokens generated after them
-  (`constitution.fit_critique_revision_prompt`): the oldest conversation turns and earlier
+  (`prompts.fit_critique_revision_prompt`): the oldest conversation turns and earlier
   rounds go first, then few-shots from the end; a whole segment, never a cut through text.
 
   An empty revision (nothing but whitespace before a stop string or the token limit) is
@@ -76,6 +76,7 @@ from cai_jax import sampling
 from cai_jax.bookkeeping import StageError, barrier, roles_line
 from cai_jax.method import constitution as constitution_lib
 from cai_jax.method import conversation, data
+from cai_jax.method import prompts as prompts_lib
 from cai_jax.utils import records as records_lib
 
 STAGE = 'critique_revision'
@@ -138,7 +139,7 @@ def revise_chunk(
   """Initial responses, then `n_rounds` critique/revision rounds, for one chunk of prompts."""
   cfg, fmt, tok = sample.cfg, sample.fmt, sample.pretrained.tokenizer
   convs = [data.prompt_turns(r) for r in records]
-  cr_stops = constitution_lib.critique_revision_stop_strings(fmt, tok)
+  cr_stops = prompts_lib.critique_revision_stop_strings(fmt, tok)
 
   initial = sample(
       [conversation.fit_turns(c, fmt, tok, sample.budget(cfg.max_new_tokens)) for c in convs],
@@ -170,7 +171,7 @@ def revise_chunk(
   ]
   history = [[] for _ in records]  # finished rounds with a non-empty revision
 
-  fit = constitution_lib.fit_critique_revision_prompt
+  fit = prompts_lib.fit_critique_revision_prompt
   with_critique = cfg.get('critique', True)
   for k in range(n_rounds):
     if with_critique:
@@ -255,7 +256,7 @@ def revise_chunk(
   return out
 
 
-def _log_fitting(fitted: Sequence[constitution_lib.FittedPrompt], where: str) -> None:
+def _log_fitting(fitted: Sequence[prompts_lib.FittedPrompt], where: str) -> None:
   """One warning per batch for prompts that had to shed turns or few-shots to fit."""
   turns = sum(f.turns_dropped > 0 for f in fitted)
   fewer = [f for f in fitted if f.few_shots < f.few_shots_total]
@@ -384,7 +385,7 @@ def check_few_shots(constitution, sample: _Sampler, cfg) -> None:
   budget = sample.budget(max(cfg.max_new_tokens, cfg.critique_max_new_tokens))
   tok, what = sample.pretrained.tokenizer, f'config.{STAGE}.num_few_shots={cfg.num_few_shots}'
   try:
-    constitution_lib.check_few_shot_budget(constitution, STAGE, tok, sample.fmt, budget, what=what)
+    prompts_lib.check_few_shot_budget(constitution, STAGE, tok, sample.fmt, budget, what=what)
   except ValueError as e:
     raise StageError(str(e)) from None
 

@@ -2,7 +2,7 @@
 
 `feedback`: for each red-team prompt the SL-CAI model samples two responses; the feedback model
 (by default the pretrained helpful model, as in the paper) reads the multiple-choice prompt of
-`constitution.render_feedback_prompt` -- few-shot examples, the conversation, a sampled principle,
+`prompts.render_feedback_prompt` -- few-shot examples, the conversation, a sampled principle,
 "Options: (A) ... (B) ...", "The answer is:" -- and the label is
 
     p_a = softmax(log P(" (A)"), log P(" (B)"))[0],
