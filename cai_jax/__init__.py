@@ -9,7 +9,7 @@ __all__ = ['load_pretrained', 'save_pretrained', 'Pretrained']
 
 def __getattr__(name):
   if name in __all__:
-    from cai_jax.models import checkpoint
+    from cai_jax.models import checkpoint  # lazily: `import cai_jax` stays cheap
 
     return getattr(checkpoint, name)
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

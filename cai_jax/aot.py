@@ -45,6 +45,8 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from cai_jax.aot_programs import AotError, Program, stage_programs  # noqa: E402
+from cai_jax.bookkeeping import StageError  # noqa: E402
+from cai_jax.utils import memory, sharding  # noqa: E402
 from cai_jax.utils import compile_log  # noqa: E402
 
 GIB = 2**30
@@ -120,8 +122,6 @@ def available_hbm(mesh) -> tuple[int, str]:
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec as P
 
-  from cai_jax.utils import memory
-
   too_big = jax.ShapeDtypeStruct((1 << 40,), jnp.int8, sharding=NamedSharding(mesh, P()))
   try:
     jax.jit(lambda x: x + 1).lower(too_big).compile()
@@ -178,8 +178,6 @@ class Timing:
 
 
 def timing(r: Result, kind: str, devices: int) -> Timing:
-  from cai_jax.utils import memory
-
   peak, bandwidth = memory.PEAK_FLOPS.get(kind), memory.HBM_BYTES_PER_S.get(kind)
   model = r.program.model_flops / devices if r.program.model_flops else None
   if not peak or r.flops is None:
@@ -361,8 +359,6 @@ def fit_errors(results: list[Result], hbm: int, remedies: list[str]) -> list[str
 def check(config) -> tuple[list[Result], list[str], str, str, int]:
   """Compiles everything; returns the results, the not-fitting errors, the summary line, the
   chip kind and the device count."""
-  from cai_jax.utils import sharding
-
   topology = config.get('tpu_topology', '')
   devices = topology_devices(topology)
   try:
@@ -398,12 +394,9 @@ def check(config) -> tuple[list[Result], list[str], str, str, int]:
 
 def main(argv):
   del argv
-  from cai_jax import bookkeeping
-  from cai_jax.utils import sharding
-
   try:
     results, errors, summary, kind, devices = check(_CONFIG.value)
-  except (AotError, sharding.ShardingError, bookkeeping.StageError) as e:
+  except (AotError, sharding.ShardingError, StageError) as e:
     sys.exit(f'aot: error: {e}')
   if _JSON.value:
     with open(_JSON.value, 'w') as f:

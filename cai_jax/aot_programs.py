@@ -34,6 +34,7 @@ class AotError(Exception):
 def model_config(config, *, frozen: bool = False):
   """The ModelConfig preset `config.model.architecture` with the config's dtypes and remat, as
   `Context.load` builds it (frozen: model.frozen_param_dtype)."""
+  # Imported here, as everything in this module: aot.py sets libtpu's environment first.
   from cai_jax import bookkeeping
   from cai_jax.models import attention
   from cai_jax.models.decoder import ModelConfig
@@ -55,6 +56,7 @@ def model_config(config, *, frozen: bool = False):
 
 def abstract_module(ctor: Callable[[], Any], mesh):
   """(graphdef, params): the module's state as ShapeDtypeStructs placed by the logical rules."""
+  # Imported here, as everything in this module: aot.py sets libtpu's environment first.
   import jax
   from flax import nnx
 
@@ -81,6 +83,7 @@ def abstract_module(ctor: Callable[[], Any], mesh):
 
 
 def decoder(cfg, mesh):
+  # Imported here, as everything in this module: aot.py sets libtpu's environment first.
   from flax import nnx
 
   from cai_jax.models.decoder import Decoder
@@ -89,6 +92,7 @@ def decoder(cfg, mesh):
 
 
 def scalar_head_model(cfg, mesh):
+  # Imported here, as everything in this module: aot.py sets libtpu's environment first.
   from flax import nnx
 
   from cai_jax.models.decoder import ScalarHeadModel
@@ -98,6 +102,7 @@ def scalar_head_model(cfg, mesh):
 
 def rows(mesh, shape, dtype, names=('batch', 'length')):
   """A [B, ...] argument with its rows over the mesh's batch axes (as the stages place them)."""
+  # Imported here, as everything in this module: aot.py sets libtpu's environment first.
   import jax
   from jax.sharding import NamedSharding
 
@@ -118,6 +123,7 @@ def replicated(mesh, shape, dtype):
 
 def kv_cache(cfg, mesh, batch: int, length: int):
   """The sampler's KV cache (`model.init_cache`) as placed arguments, laid out by its axis names."""
+  # Imported here, as everything in this module: aot.py sets libtpu's environment first.
   import jax.numpy as jnp
 
   from cai_jax.models import decoder as model_lib
@@ -134,6 +140,7 @@ def kv_cache(cfg, mesh, batch: int, length: int):
 
 
 def placed(abstract, shardings):
+  # Imported here, as everything in this module: aot.py sets libtpu's environment first.
   from cai_jax.training import train_lib
 
   return train_lib.abstract_state(abstract, shardings)
@@ -141,6 +148,7 @@ def placed(abstract, shardings):
 
 def tree_bytes(tree) -> int:
   """Bytes the most loaded device holds of a tree of placed ShapeDtypeStructs."""
+  # Imported here, as everything in this module: aot.py sets libtpu's environment first.
   from cai_jax.utils import sharding
 
   return sharding.per_device_bytes(tree)['max']
@@ -179,6 +187,7 @@ def forward_flops(cfg, tokens: int, context: int, logits: int = 0, trunks: int =
 
 
 def _strategy(temperature, top_k, top_p):
+  # Imported here, as everything in this module: aot.py sets libtpu's environment first.
   from cai_jax.sampling import decoding
 
   greedy = temperature == 0.0
@@ -209,6 +218,7 @@ def sampler_programs(
   """`sampling.generate`'s prefill and decode at the largest (batch, prompt, new-token) bucket;
   with `prefix` (a `PrefixSpec`: the stage passes a PrefixCache), also the shared prefix's prefill
   and the rows' prefill and decode over it."""
+  # Imported here, as everything in this module: aot.py sets libtpu's environment first.
   import jax
   import jax.numpy as jnp
 
@@ -295,6 +305,7 @@ class PrefixSpec:
 
   def shared(self, cfg, mesh, groups: int, sp: int, batch: int = 0):
     """A `model.Prefix` of `groups` prefixes of sp slots (batch: the rows naming their group)."""
+    # Imported here, as everything in this module: aot.py sets libtpu's environment first.
     import jax.numpy as jnp
 
     from cai_jax.models import decoder as model_lib
@@ -317,6 +328,7 @@ class PrefixSpec:
 
   def program(self, stage, who, cfg, model, mesh, resident, groups, sp):
     """`prefix._prefix_fn`: the keys and values of `groups` prefixes of sp tokens."""
+    # Imported here, as everything in this module: aot.py sets libtpu's environment first.
     import jax.numpy as jnp
 
     from cai_jax.sampling import common, prefix as prefix_lib
@@ -337,6 +349,7 @@ def score_options_program(
   max_len but for the option tokens, two options of at most 4 tokens. With `prefix` (the stage's
   PrefixCache), also over a prefix the whole batch shares and over per-group prefixes (one per
   conversation's option orders: `prefix.split_groups`), each with its prefix's prefill."""
+  # Imported here, as everything in this module: aot.py sets libtpu's environment first.
   import jax.numpy as jnp
 
   from cai_jax.sampling import common, scoring
@@ -383,6 +396,7 @@ def score_options_program(
 
 def rewards_program(stage, who, cfg, model, mesh, resident, *, batch_size, length):
   """`preference_model._rewards`: the PM's reward of each conversation (scoring, no gradients)."""
+  # Imported here, as everything in this module: aot.py sets libtpu's environment first.
   import jax.numpy as jnp
 
   from cai_jax.method import preference_model as pm_lib
@@ -403,6 +417,7 @@ def train_program(
 ):
   """`train_lib.make_train_step` as the stage builds it, on the abstract train state, after the
   state's creation from the loaded model (`train_lib.init_state`). `flops`: one forward's."""
+  # Imported here, as everything in this module: aot.py sets libtpu's environment first.
   import functools
 
   import jax
@@ -436,6 +451,7 @@ def pm_programs(stage, section, cfg, mesh, max_len, loss_fn, targets, resident) 
   """A scalar-head model's training (preference, evaluation_pm, harmfulness: `section` is its
   config) at its own batch sizes: the train step, and the held-out scoring with the train
   state's float32 parameters while the rest of the state stays."""
+  # Imported here, as everything in this module: aot.py sets libtpu's environment first.
   import jax.numpy as jnp
 
   from cai_jax.training import train_lib
@@ -480,6 +496,7 @@ def pm_programs(stage, section, cfg, mesh, max_len, loss_fn, targets, resident) 
 
 def score_program(stage, who, cfg, model, mesh, resident, *, batch_size, length, n_cont):
   """`sampling.score`: log-probs of continuations (DPO's KL samples)."""
+  # Imported here, as everything in this module: aot.py sets libtpu's environment first.
   import jax.numpy as jnp
 
   from cai_jax.sampling import common, scoring
@@ -498,6 +515,7 @@ def score_program(stage, who, cfg, model, mesh, resident, *, batch_size, length,
 def stage_programs(config, mesh, only: str = '') -> list[Program]:
   """Every stage's programs (`only`: comma-separated stages, '' = config.stages), with the
   state each stage keeps resident beside them."""
+  # Imported here, as everything in this module: aot.py sets libtpu's environment first.
   import jax.numpy as jnp
 
   from cai_jax import pipeline
@@ -787,6 +805,7 @@ def stage_programs(config, mesh, only: str = '') -> list[Program]:
 
 
 def _padded(cfg, n):
+  # Imported here, as everything in this module: aot.py sets libtpu's environment first.
   from cai_jax.sampling import common
 
   return common.length_bucket(min(n, cfg.max_positions))
@@ -794,6 +813,7 @@ def _padded(cfg, n):
 
 def ppo_programs(config, cfg, mesh, helpful, reference, pm, size) -> list[Program]:
   """PPO's rollout sampler, PM scoring, rollout forward and learner step (cai_jax/stages/ppo.py)."""
+  # Imported here, as everything in this module: aot.py sets libtpu's environment first.
   import jax.numpy as jnp
   from flax import nnx
 

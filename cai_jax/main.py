@@ -44,6 +44,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def main(argv):
   del argv
+  # Imported once the flags have parsed: --help and a bad --config answer in one line without
+  # loading jax and the models.
   import jax
 
   from cai_jax import bookkeeping, pipeline, validate
@@ -136,7 +138,7 @@ def _model_banner(ctx) -> str:
   'models: helpful = pretrained: X' (or 'models: pretrained: X; helpful: Y'), 'model X: ...'."""
   import jax
 
-  from cai_jax import bookkeeping
+  from cai_jax import bookkeeping  # as main's: loaded once the flags have parsed
 
   m = ctx.config.model
   lines = [f'models: {bookkeeping.roles_line(m)}']

