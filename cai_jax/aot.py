@@ -46,8 +46,8 @@ from ml_collections import config_flags  # noqa: E402
 
 from cai_jax.aot_programs import AotError, Program, stage_programs  # noqa: E402
 from cai_jax.bookkeeping import StageError  # noqa: E402
-from cai_jax.utils import memory, sharding  # noqa: E402
 from cai_jax.utils import compile_log  # noqa: E402
+from cai_jax.utils import memory, sharding  # noqa: E402
 
 GIB = 2**30
 FREE_FRACTION = 0.1  # a program must leave this share of HBM free (fragmentation, runtime buffers)

@@ -454,10 +454,10 @@ def pm_programs(stage, section, cfg, mesh, max_len, loss_fn, targets, resident) 
   # Imported here, as everything in this module: aot.py sets libtpu's environment first.
   import jax.numpy as jnp
 
-  from cai_jax.training import train_lib
+  from cai_jax.training import loop, train_lib
 
   pairs = 'p_a' in targets
-  length = train_lib.bucket_length(max_len, max_len, section.min_bucket)
+  length = loop.bucket_length(max_len, max_len, section.min_bucket)
   tx, schedule = train_lib.make_optimizer(section.optimizer, 1000)
   graphdef, params = scalar_head_model(cfg, mesh)
   seqs = 2 * section.batch_size if pairs else section.batch_size
@@ -521,7 +521,7 @@ def stage_programs(config, mesh, only: str = '') -> list[Program]:
   from cai_jax import pipeline
   from cai_jax.method import preference_model as pm_lib
   from cai_jax.stages import dpo, harmfulness, sft
-  from cai_jax.training import train_lib
+  from cai_jax.training import loop, train_lib
 
   m = config.model
   cfg, frozen_cfg = model_config(config), model_config(config, frozen=True)
@@ -665,7 +665,7 @@ def stage_programs(config, mesh, only: str = '') -> list[Program]:
   if 'dpo' in wanted:
     dc = config.dpo
     dpo_len = capped(dc.max_len)
-    length = train_lib.bucket_length(dpo_len, dpo_len, dc.min_bucket)
+    length = loop.bucket_length(dpo_len, dpo_len, dc.min_bucket)
     tx, schedule = train_lib.make_optimizer(dc.optimizer, 1000)
     graphdef, params = decoder(cfg, mesh)
     pairs, seqs = dc.batch_size, 2 * dc.batch_size
@@ -798,7 +798,7 @@ def stage_programs(config, mesh, only: str = '') -> list[Program]:
             mesh,
             keep('helpful'),
             batch_size=ev.batch_size,
-            length=train_lib.bucket_length(pm_len, max(pm_len, pc.min_bucket), pc.min_bucket),
+            length=loop.bucket_length(pm_len, max(pm_len, pc.min_bucket), pc.min_bucket),
         )
     )
   return out
@@ -820,7 +820,7 @@ def ppo_programs(config, cfg, mesh, helpful, reference, pm, size) -> list[Progra
   from cai_jax.models.decoder import Decoder, ScalarHeadModel
   from cai_jax.sampling import common
   from cai_jax.stages import ppo
-  from cai_jax.training import train_lib
+  from cai_jax.training import loop, train_lib
 
   pp, max_len = config.ppo, config.model.max_len
   max_prompt_tokens = min(pp.max_prompt_tokens, max_len - pp.max_new_tokens)
@@ -866,7 +866,7 @@ def ppo_programs(config, cfg, mesh, helpful, reference, pm, size) -> list[Progra
   # 2. The PM's scores of the rendered (prompt, response) conversations.
   if pp.reward == 'preference':
     bucket = min(pp.pm_max_len, 1 << (max_prompt_tokens + pp.max_new_tokens + 8 - 1).bit_length())
-    length = train_lib.bucket_length(pp.pm_max_len, max(pp.pm_max_len, bucket), bucket)
+    length = loop.bucket_length(pp.pm_max_len, max(pp.pm_max_len, bucket), bucket)
     out.append(
         rewards_program(
             'ppo',

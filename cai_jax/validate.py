@@ -20,7 +20,7 @@ import ml_collections
 from cai_jax import bookkeeping, pipeline
 from cai_jax.method import constitution, conversation
 from cai_jax.models import attention
-from cai_jax.models.decoder import DTYPES, REMAT_POLICIES, ModelConfig
+from cai_jax.models.decoder import DTYPES, ModelConfig, REMAT_POLICIES
 
 _MODEL_KEYWORDS = ('smollm2-135m',)
 

@@ -20,7 +20,7 @@ from helpers_stages import fake_upstream, sl_cai_records, tiny_main_cmd
 from cai_jax import bookkeeping, pipeline
 from cai_jax.models import checkpoint
 from cai_jax.stages import dpo
-from cai_jax.training import train_lib
+from cai_jax.training import metrics as metrics_lib
 from cai_jax.utils import sharding
 from configs import tiny
 
@@ -176,7 +176,7 @@ def test_synthetic_preference_is_learned_on_held_out_pairs(tmp_path):
       summary['eval_margin'] > 0 and summary['eval_reward_chosen'] > summary['eval_reward_rejected']
   )
   assert summary['eval_kl'] > 0
-  rows = train_lib.read_metrics(tmp_path / 'dpo' / 'metrics.jsonl')
+  rows = metrics_lib.read_metrics(tmp_path / 'dpo' / 'metrics.jsonl')
   assert [r['step'] for r in rows] == list(range(1, 31))
   assert rows[0]['loss'] == pytest.approx(math.log(2), abs=1e-3)  # policy = reference at step 1
   assert rows[-1]['loss'] < rows[0]['loss']
@@ -266,7 +266,7 @@ def _main(workdir: Path) -> subprocess.CompletedProcess:
 def _final(workdir: Path) -> tuple[dict, list[dict]]:
   summary = json.loads((workdir / 'dpo' / 'DONE.json').read_text())['summary']
   drop = lambda d: {k: v for k, v in d.items() if 'seconds' not in k and k not in ('export', 'steps_run')}  # noqa: E731
-  return drop(summary), train_lib.read_metrics(workdir / 'dpo' / 'metrics.jsonl')
+  return drop(summary), metrics_lib.read_metrics(workdir / 'dpo' / 'metrics.jsonl')
 
 
 @pytest.mark.slow

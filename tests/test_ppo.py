@@ -22,6 +22,7 @@ from cai_jax.method import conversation, rl
 from cai_jax.models import checkpoint
 from cai_jax.models.decoder import ScalarHeadModel
 from cai_jax.stages import ppo
+from cai_jax.training import metrics as metrics_lib
 from cai_jax.training import train_lib
 from cai_jax.utils import sharding
 from configs import ppo_toy
@@ -282,7 +283,7 @@ def test_toy_run_raises_the_synthetic_reward(tmp_path, tiny):
   _run_stage(c, tmp_path, tiny)
   seconds = time.time() - t0
   d = tmp_path / 'ppo'
-  rows = train_lib.read_metrics(d / 'metrics.jsonl')
+  rows = metrics_lib.read_metrics(d / 'metrics.jsonl')
   assert [r['step'] for r in rows] == list(range(1, 17))
   for key in (
       'step',
@@ -332,7 +333,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny):
     _run_stage(c, tmp_path, tiny)
   d = tmp_path / 'ppo'
   assert sorted(int(p.name) for p in (d / 'checkpoints').iterdir() if p.name.isdigit()) == [1, 2]
-  assert [r['step'] for r in train_lib.read_metrics(d / 'metrics.jsonl')] == [1, 2]
+  assert [r['step'] for r in metrics_lib.read_metrics(d / 'metrics.jsonl')] == [1, 2]
   assert not (d / 'DONE.json').exists() and not (d / 'export').exists()
 
 
@@ -363,7 +364,7 @@ def test_resume_after_kill_9_continues_from_the_last_checkpoint(tmp_path):
   )
   assert killed.returncode == -9, killed.stderr[-3000:]
   d = tmp_path / 'ppo'
-  before = {r['step']: r for r in train_lib.read_metrics(d / 'metrics.jsonl')}
+  before = {r['step']: r for r in metrics_lib.read_metrics(d / 'metrics.jsonl')}
   assert sorted(before) == [1, 2, 3] and not (d / 'DONE.json').exists()
   assert [p.name for p in (d / 'snapshots').iterdir()] == ['step_000002']  # before its checkpoint
 
@@ -378,7 +379,7 @@ def test_resume_after_kill_9_continues_from_the_last_checkpoint(tmp_path):
   assert done.returncode == 0, done.stderr[-3000:]
   summary = json.loads((d / 'DONE.json').read_text())['summary']
   assert summary['resumed_from'] == 2  # the step-2 checkpoint; step 3 had none
-  after = train_lib.read_metrics(d / 'metrics.jsonl')
+  after = metrics_lib.read_metrics(d / 'metrics.jsonl')
   assert [r['step'] for r in after] == [1, 2, 3, 4, 5]
   # Step 3 again from the step-2 checkpoint: the same prompts, samples and update as before.
   for key in ('score_mean', 'kl', 'policy_loss', 'value_loss', 'response_length'):
@@ -414,7 +415,7 @@ def test_smollm2_demo_config_runs_ppo_steps(tmp_path, smollm2):
     ctx._models[(ctx.model_source('sft'), False, 'float32')] = smollm2  # stand-ins for the exports
     ctx._models[(ctx.model_source('preference'), True, 'float32')] = pm
     pipeline.run(ctx)
-  rows = train_lib.read_metrics(tmp_path / 'ppo' / 'metrics.jsonl')
+  rows = metrics_lib.read_metrics(tmp_path / 'ppo' / 'metrics.jsonl')
   assert [r['step'] for r in rows] == [1, 2]
   assert all(
       math.isfinite(r['policy_loss']) and r['kl'] >= 0 and r['logprob_gap'] < 1e-3 for r in rows

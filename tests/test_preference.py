@@ -22,6 +22,7 @@ from cai_jax.method import preference_model as pm_lib
 from cai_jax.models import checkpoint
 from cai_jax.models.decoder import Decoder, ModelConfig
 from cai_jax.stages import preference
+from cai_jax.training import metrics as metrics_lib
 from cai_jax.training import train_lib
 from cai_jax.utils import sharding
 from helpers_stages import fake_upstream
@@ -338,7 +339,7 @@ def test_stage_learns_synthetic_preference(finished):
   assert summary['eval_accuracy'] == 1.0, summary
   assert summary['eval_loss'] < 0.6  # from ln 2 = 0.693 towards the label entropy H(0.8) = 0.500
   assert 0.0 <= summary['eval_ece'] <= 1.0 and 0.0 <= summary['eval_ece_soft'] < 0.2
-  rows = train_lib.read_metrics(workdir / 'preference' / 'metrics.jsonl')
+  rows = metrics_lib.read_metrics(workdir / 'preference' / 'metrics.jsonl')
   assert [r['step'] for r in rows] == list(range(1, summary['steps'] + 1))
   assert {'loss', 'accuracy', 'lr', 'grad_norm'} <= set(rows[0])
   assert rows[-1]['eval_accuracy'] == summary['eval_accuracy']
@@ -403,7 +404,7 @@ def test_resume_after_interrupt_continues_from_checkpoint(finished, setup, monke
   fake_upstream(config, workdir, 'feedback', {'samples.jsonl': synthetic_records(N_PAIRS)})
   every = config.preference.checkpoint_every
   calls = []
-  real_step, real_write = train_lib.make_train_step, train_lib.MetricsWriter.write
+  real_step, real_write = train_lib.make_train_step, metrics_lib.MetricsWriter.write
 
   def counting_step(*args, **kw):
     step = real_step(*args, **kw)
@@ -415,18 +416,18 @@ def test_resume_after_interrupt_continues_from_checkpoint(finished, setup, monke
       raise KeyboardInterrupt
 
   monkeypatch.setattr(train_lib, 'make_train_step', counting_step)
-  monkeypatch.setattr(train_lib.MetricsWriter, 'write', interrupting_write)
+  monkeypatch.setattr(metrics_lib.MetricsWriter, 'write', interrupting_write)
   with pytest.raises(KeyboardInterrupt):
     run_stage(config, workdir)
   assert not (workdir / 'preference' / 'DONE.json').exists()
   assert len(calls) == every + 1
 
-  monkeypatch.setattr(train_lib.MetricsWriter, 'write', real_write)
+  monkeypatch.setattr(metrics_lib.MetricsWriter, 'write', real_write)
   calls.clear()
   rows, done = run_stage(config, workdir)
   assert rows[0][:2] == ('preference', 'ran')
   assert len(calls) == reference['steps'] - every  # resumed at the checkpoint, not from step 0
-  steps = [r['step'] for r in train_lib.read_metrics(workdir / 'preference' / 'metrics.jsonl')]
+  steps = [r['step'] for r in metrics_lib.read_metrics(workdir / 'preference' / 'metrics.jsonl')]
   assert steps == list(range(1, reference['steps'] + 1))  # the log reads as one run
   # Same data order and optimizer state after the restore: the same PM as the uninterrupted run.
   assert done['summary']['eval_loss'] == pytest.approx(reference['eval_loss'], abs=1e-5)

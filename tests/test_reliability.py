@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from cai_jax import bookkeeping
+from cai_jax.training import metrics as metrics_lib
 from cai_jax.training import train_lib
 from helpers_stages import tiny_main_cmd
 
@@ -428,7 +429,7 @@ def test_a_second_run_while_the_first_is_running_refuses(tmp_path):
   assert second.returncode != 0 and 'Traceback' not in second.stderr
   (line,) = errors(second)
   assert line.startswith(f'cai_jax: error: {workdir} is in use by pid {first.pid} on ')
-  rows = train_lib.read_metrics(workdir / 'sft' / 'metrics.jsonl')
+  rows = metrics_lib.read_metrics(workdir / 'sft' / 'metrics.jsonl')
   assert [r['step'] for r in rows] == list(range(1, 301))  # one run's rows, once each
 
 
@@ -487,12 +488,12 @@ def test_a_writer_thread_killed_by_enospc_is_raised_not_waited_on(tmp_path):
   t = threading.Thread(target=dies)
   t.start()
   t.join()
-  writer = train_lib.MetricsWriter(tmp_path, tensorboard=False)
+  writer = metrics_lib.MetricsWriter(tmp_path, tensorboard=False)
   try:
     with pytest.raises(OSError, match='No space left on device'):
       writer.write(1, {'loss': 1.0})
   finally:
-    train_lib._BACKGROUND_IO_ERRORS.clear()
+    metrics_lib._BACKGROUND_IO_ERRORS.clear()
     writer.close()
 
 

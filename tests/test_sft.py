@@ -14,6 +14,8 @@ from cai_jax.method import conversation
 from cai_jax.method import examples as examples_lib
 from cai_jax.models import checkpoint
 from cai_jax.stages import sft
+from cai_jax.training import loop
+from cai_jax.training import metrics as metrics_lib
 from cai_jax.training import train_lib
 from cai_jax.utils import sharding
 from configs import tiny
@@ -292,16 +294,16 @@ def test_pack_right_pads_and_masks_targets_only():
 def test_epoch_batches_are_bucketed_deterministic_and_cover_each_example_once():
   lengths = [5, 40, 33, 64, 65, 10, 120, 31, 200, 7]
   kw = dict(max_len=128, min_bucket=32)
-  e0 = train_lib.epoch_batches(lengths, 3, seed=1, epoch=0, **kw)
-  assert e0 == train_lib.epoch_batches(lengths, 3, seed=1, epoch=0, **kw)
-  e1 = train_lib.epoch_batches(lengths, 3, seed=1, epoch=1, **kw)
+  e0 = loop.epoch_batches(lengths, 3, seed=1, epoch=0, **kw)
+  assert e0 == loop.epoch_batches(lengths, 3, seed=1, epoch=0, **kw)
+  e1 = loop.epoch_batches(lengths, 3, seed=1, epoch=1, **kw)
   assert e1 != e0 and len(e1) == len(e0)
   for batches in (e0, e1):
     rows = [i for _, batch in batches for i in batch if i >= 0]
     assert sorted(rows) == list(range(len(lengths)))
     for length, batch in batches:
       assert length in (32, 64, 128) and len(batch) == 3
-      assert all(train_lib.bucket_length(lengths[i], **kw) == length for i in batch if i >= 0)
+      assert all(loop.bucket_length(lengths[i], **kw) == length for i in batch if i >= 0)
 
 
 def test_mix_draws_helpful_per_revision_ratio():
@@ -354,7 +356,7 @@ def test_stage_trains_exports_and_resumes(tmp_path, monkeypatch):
   ref = tmp_path / 'ref'
   fake_upstream(config, ref, 'critique_revision', sl_cai_records())
   _run(config, ref)
-  rows = train_lib.read_metrics(ref / 'sft' / 'metrics.jsonl')
+  rows = metrics_lib.read_metrics(ref / 'sft' / 'metrics.jsonl')
   assert [r['step'] for r in rows] == list(range(1, 13))
   assert {'loss', 'lr', 'grad_norm', 'tokens'} <= set(rows[0])
   assert [r['step'] for r in rows if 'eval_loss' in r] == [6, 12]
@@ -375,27 +377,27 @@ def test_stage_trains_exports_and_resumes(tmp_path, monkeypatch):
   # checkpoint and ends exactly where the uninterrupted run ended.
   crashed = tmp_path / 'crashed'
   fake_upstream(config, crashed, 'critique_revision', sl_cai_records())
-  real_write = train_lib.MetricsWriter.write
+  real_write = metrics_lib.MetricsWriter.write
 
   def crash_at_10(self, step, metrics):
     if step == 10:
       raise KeyboardInterrupt('simulated crash')
     real_write(self, step, metrics)
 
-  monkeypatch.setattr(train_lib.MetricsWriter, 'write', crash_at_10)
+  monkeypatch.setattr(metrics_lib.MetricsWriter, 'write', crash_at_10)
   with pytest.raises(KeyboardInterrupt):
     _run(config, crashed)
-  monkeypatch.setattr(train_lib.MetricsWriter, 'write', real_write)
+  monkeypatch.setattr(metrics_lib.MetricsWriter, 'write', real_write)
   assert not (crashed / 'sft' / 'DONE.json').exists()
   written = []
   monkeypatch.setattr(
-      train_lib.MetricsWriter,
+      metrics_lib.MetricsWriter,
       'write',
       lambda self, step, m: (written.append(step), real_write(self, step, m)),
   )
   _run(config, crashed)
   assert written[0] in (5, 9), written  # resumed after the checkpoint at 4 or 8, not from scratch
-  resumed = train_lib.read_metrics(crashed / 'sft' / 'metrics.jsonl')
+  resumed = metrics_lib.read_metrics(crashed / 'sft' / 'metrics.jsonl')
   assert [r['step'] for r in resumed] == list(range(1, 13))
   for a, b in zip(rows, resumed):
     assert a['loss'] == pytest.approx(b['loss'], abs=1e-6), (a, b)
@@ -407,7 +409,7 @@ def test_checkpoint_every_zero_trains_without_checkpoints(tmp_path):
   config = _config(checkpoint_every=0)
   fake_upstream(config, tmp_path, 'critique_revision', sl_cai_records())
   _run(config, tmp_path)
-  rows = train_lib.read_metrics(tmp_path / 'sft' / 'metrics.jsonl')
+  rows = metrics_lib.read_metrics(tmp_path / 'sft' / 'metrics.jsonl')
   assert [r['step'] for r in rows] == list(range(1, 13))
   assert [r['step'] for r in rows if 'eval_loss' in r] == [6, 12]
   assert not list((tmp_path / 'sft').glob('checkpoints/*'))

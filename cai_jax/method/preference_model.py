@@ -32,6 +32,8 @@ from cai_jax.method.comparisons import (
 from cai_jax.method.conversation import Turn
 from cai_jax.models import checkpoint
 from cai_jax.models.decoder import ScalarHeadModel
+from cai_jax.training import loop
+from cai_jax.training import metrics as metrics_lib
 from cai_jax.training import train_lib
 from cai_jax.utils import sharding
 
@@ -130,10 +132,10 @@ def score_rows(
   order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
   out = np.zeros((len(rows),), np.float32)
   starts = range(0, len(order), batch_size)
-  bar = train_lib.progress(len(starts), desc='score') if progress else None
+  bar = metrics_lib.progress(len(starts), desc='score') if progress else None
   for s in starts:
     idx = order[s : s + batch_size]
-    length = train_lib.bucket_length(
+    length = loop.bucket_length(
         max(len(rows[i]) for i in idx), max(max_len, min_bucket), min_bucket
     )
     tokens, read_index = pack([rows[i][-length:] for i in idx], length, pad_id, batch_size)
@@ -333,7 +335,7 @@ def train_pm(
   The preference stage's PM and the evaluation PM (cai_jax/stages/evaluation_pm.py) are both trained
   here. `cfg` holds the training fields of configs/stages/preference.py (label_type,
   eval_fraction, max_len, min_bucket, batch_size, epochs, num_steps, eval_batch_size, ece_bins,
-  optimizer, and train_lib.fit's rhythm).
+  optimizer, and loop.fit's rhythm).
   """
   config = ctx.config
   pm = initial_pm(ctx, source)
@@ -364,7 +366,7 @@ def train_pm(
     )
 
   lengths = [max(len(p.a), len(p.b)) for p in train]
-  plan, steps_per_epoch, total_steps = train_lib.plan_epochs(cfg, lengths, config.seed, max_len)
+  plan, steps_per_epoch, total_steps = loop.plan_epochs(cfg, lengths, config.seed, max_len)
 
   tx, schedule = train_lib.make_optimizer(cfg.optimizer, total_steps)
   graphdef, state, shardings = train_lib.init_state(pm.model, tx)
@@ -377,7 +379,7 @@ def train_pm(
       else {}
   )
   # checkpoint_every = 0: no checkpoints (the demo saves its seconds; an interrupted run restarts).
-  result = train_lib.fit(
+  result = loop.fit(
       stage=stage,
       stage_dir=stage_dir,
       state=state,

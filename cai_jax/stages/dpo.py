@@ -47,6 +47,8 @@ from cai_jax.method import examples as examples_lib
 from cai_jax.method.comparisons import Comparison, HARMLESSNESS
 from cai_jax.models import checkpoint
 from cai_jax.models import decoder as model_lib
+from cai_jax.training import loop
+from cai_jax.training import metrics as metrics_lib
 from cai_jax.training import train_lib
 from cai_jax.utils import records as records_lib
 from cai_jax.utils import sharding
@@ -321,11 +323,11 @@ def pair_logprobs(
   cfg.eval_batch_size pairs of similar length."""
   out = np.zeros((len(pairs), 2), np.float32)
   lengths = [max(len(p.chosen), len(p.rejected)) for p in pairs]
-  batches = train_lib.epoch_batches(
+  batches = loop.epoch_batches(
       lengths, cfg.eval_batch_size, 0, 0, max_len=max_len, min_bucket=cfg.min_bucket, shuffle=False
   )
   for length, rows in batches:
-    batch = train_lib.device_batch(pack_pairs(pairs, rows, length, pad_id))
+    batch = loop.device_batch(pack_pairs(pairs, rows, length, pad_id))
     logp = np.asarray(
         jax.device_get(
             _sequence_logprobs(
@@ -465,7 +467,7 @@ def run(ctx: bookkeeping.Context, stage_dir: Path) -> dict:
   ref_held = logprobs(ref_graphdef, ref_params, held_out)
 
   lengths = [max(len(p.chosen), len(p.rejected)) for p in train]
-  plan, steps_per_epoch, total_steps = train_lib.plan_epochs(cfg, lengths, config.seed, max_len)
+  plan, steps_per_epoch, total_steps = loop.plan_epochs(cfg, lengths, config.seed, max_len)
   tx, schedule = train_lib.make_optimizer(cfg.optimizer, total_steps)
   graphdef, state, shardings = train_lib.init_state(policy.model, tx)
   model_config = policy.config
@@ -502,7 +504,7 @@ def run(ctx: bookkeeping.Context, stage_dir: Path) -> dict:
       )
     return out
 
-  result = train_lib.fit(
+  result = loop.fit(
       stage='dpo',
       stage_dir=stage_dir,
       state=state,
@@ -520,7 +522,7 @@ def run(ctx: bookkeeping.Context, stage_dir: Path) -> dict:
   if result.start == total_steps:  # resumed after the last step: evaluate again
     eval_metrics = evaluate(state.params)
   if not metrics and jax.process_index() == 0:  # resumed after the last step: report from the log
-    metrics = (train_lib.read_metrics(stage_dir / 'metrics.jsonl') or [{}])[-1]
+    metrics = (metrics_lib.read_metrics(stage_dir / 'metrics.jsonl') or [{}])[-1]
   fmt3 = lambda x: 'n/a' if x is None or math.isnan(x) else f'{x:.3f}'  # noqa: E731
   print(
       f'dpo: {counts["train"]} training pairs, held-out accuracy '

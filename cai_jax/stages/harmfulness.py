@@ -30,6 +30,7 @@ from cai_jax.method import preference_model as pm_lib
 from cai_jax.method.conversation import ASSISTANT, Turn
 from cai_jax.models import checkpoint
 from cai_jax.models.decoder import ScalarHeadModel
+from cai_jax.training import loop
 from cai_jax.training import train_lib
 
 STAGE = 'harmfulness'
@@ -192,7 +193,7 @@ def run(ctx: bookkeeping.Context, stage_dir: Path) -> dict:
     }
 
   lengths = [len(r) for r in train_rows]
-  plan, steps_per_epoch, total_steps = train_lib.plan_epochs(cfg, lengths, config.seed, max_len)
+  plan, steps_per_epoch, total_steps = loop.plan_epochs(cfg, lengths, config.seed, max_len)
   tx, schedule = train_lib.make_optimizer(cfg.optimizer, total_steps)
   graphdef, state, shardings = train_lib.init_state(model.model, tx)
   model_config = model.config
@@ -214,7 +215,7 @@ def run(ctx: bookkeeping.Context, stage_dir: Path) -> dict:
         f'eval_{k}': v for k, v in regression_metrics(pred, [r.rating for r in held_out]).items()
     }
 
-  result = train_lib.fit(
+  result = loop.fit(
       stage=STAGE,
       stage_dir=stage_dir,
       state=state,

@@ -50,6 +50,9 @@ from cai_jax.method.snapshots import save_snapshot, snapshot_steps
 from cai_jax.models import checkpoint
 from cai_jax.models import decoder as model_lib
 from cai_jax.models.decoder import Decoder, ScalarHeadModel
+from cai_jax.training import checkpoints as checkpoints_lib
+from cai_jax.training import loop
+from cai_jax.training import metrics as metrics_lib
 from cai_jax.training import train_lib
 from cai_jax.utils import records as records_lib
 from cai_jax.utils import sharding
@@ -523,21 +526,21 @@ def run(ctx: bookkeeping.Context, stage_dir: Path) -> dict:
       kl_coef=jnp.float32(kl_ctl['coef']),
       reward_stats={k: jnp.float32(v) for k, v in rl.running_stats_init().items()},
   )
-  ckpt = train_lib.Checkpointer(
+  ckpt = checkpoints_lib.Checkpointer(
       stage_dir / 'checkpoints', save_every=cfg.checkpoint_every, max_to_keep=cfg.max_to_keep
   )
   start = ckpt.latest_step() or 0
   if start:
     state = ckpt.restore_latest(state)
-    train_lib.announce(f'ppo: resumed from the checkpoint after step {start}')
-  writer = train_lib.MetricsWriter(stage_dir, resume_step=start)
+    metrics_lib.announce(f'ppo: resumed from the checkpoint after step {start}')
+  writer = metrics_lib.MetricsWriter(stage_dir, resume_step=start)
   guard = train_lib.Guard('ppo', cfg.get('guard'), stage_dir, state['train'].params)
   samples_path = records_lib.PPO_SAMPLES.path(stage_dir)
   _truncate_samples(samples_path, start)
 
   stops = conversation.stop_strings(fmt, tok)
   snapshots = set(snapshot_steps(config))
-  bar = train_lib.progress(cfg.steps, start, 'ppo')
+  bar = metrics_lib.progress(cfg.steps, start, 'ppo')
   t_start = time.time()
   for step in range(start + 1, cfg.steps + 1):  # 1-based, as in metrics.jsonl and checkpoints
     t0 = time.time()
@@ -578,7 +581,7 @@ def run(ctx: bookkeeping.Context, stage_dir: Path) -> dict:
         rollout_fn(
             state['train'].params,
             ref_params,
-            train_lib.device_batch(rollout),
+            loop.device_batch(rollout),
             jnp.asarray(final_rewards),
             state['kl_coef'],
         )
@@ -638,7 +641,7 @@ def run(ctx: bookkeeping.Context, stage_dir: Path) -> dict:
   checkpoint.save_pretrained(
       checkpoint.Pretrained(rl_cai, tok, policy.config, str(export)), str(export)
   )
-  history = train_lib.read_metrics(stage_dir / 'metrics.jsonl')
+  history = metrics_lib.read_metrics(stage_dir / 'metrics.jsonl')
   mean = lambda rows, k: float(np.mean([r[k] for r in rows])) if rows else None
   return {
       'steps': cfg.steps,
@@ -662,7 +665,7 @@ def _train_on(train_state, train_step, rollout: dict[str, np.ndarray], cfg, seed
     for k in range(cfg.minibatches):
       rows = order[k * size : (k + 1) * size]
       train_state, m = train_step(
-          train_state, train_lib.device_batch({n: v[rows] for n, v in rollout.items()})
+          train_state, loop.device_batch({n: v[rows] for n, v in rollout.items()})
       )
       updates.append(m)
   return train_state, [train_lib.host_metrics(m) for m in updates]

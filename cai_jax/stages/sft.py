@@ -30,6 +30,8 @@ from cai_jax import bookkeeping
 from cai_jax.method import conversation, data
 from cai_jax.method.examples import Example, SFTDataError, encode, pack
 from cai_jax.models import checkpoint
+from cai_jax.training import loop
+from cai_jax.training import metrics as metrics_lib
 from cai_jax.training import train_lib
 from cai_jax.utils import records as records_lib
 from cai_jax.utils import sharding
@@ -296,10 +298,10 @@ def make_loss_fn(loss_chunk: int = 0):
 
 
 def evaluate(eval_step, params, examples: Sequence[Example], batches, pad_id: int) -> float:
-  """Token-weighted mean loss over `batches` (train_lib.epoch_batches) of held-out `examples`."""
+  """Token-weighted mean loss over `batches` (loop.epoch_batches) of held-out `examples`."""
   nll, n = 0.0, 0
   for length, rows in batches:
-    loss, aux = eval_step(params, train_lib.device_batch(pack(examples, rows, length, pad_id)))
+    loss, aux = eval_step(params, loop.device_batch(pack(examples, rows, length, pad_id)))
     k = int(aux['tokens'])
     nll, n = nll + float(loss) * k, n + k
   return nll / max(n, 1)
@@ -419,8 +421,8 @@ def run(ctx: bookkeeping.Context, stage_dir: Path) -> dict:
 
   max_len, min_bucket = config.model.max_len, cfg.min_bucket
   lengths = [len(e.tokens) for e in train]
-  plan, steps_per_epoch, total_steps = train_lib.plan_epochs(cfg, lengths, config.seed, max_len)
-  eval_batches = train_lib.epoch_batches(
+  plan, steps_per_epoch, total_steps = loop.plan_epochs(cfg, lengths, config.seed, max_len)
+  eval_batches = loop.epoch_batches(
       [len(e.tokens) for e in held_out],
       cfg.batch_size,
       config.seed,
@@ -442,7 +444,7 @@ def run(ctx: bookkeeping.Context, stage_dir: Path) -> dict:
   held_out_loss = lambda params: {
       'eval_loss': evaluate(eval_step, params, held_out, eval_batches, pad_id)
   }
-  result = train_lib.fit(
+  result = loop.fit(
       stage='sft',
       stage_dir=stage_dir,
       state=state,
@@ -464,7 +466,7 @@ def run(ctx: bookkeeping.Context, stage_dir: Path) -> dict:
   export = stage_dir / 'export'
   checkpoint.save_pretrained(checkpoint.Pretrained(model, tok, pretrained.config), str(export))
   if not metrics and jax.process_index() == 0:  # resumed after the last step: report from the log
-    metrics = (train_lib.read_metrics(stage_dir / 'metrics.jsonl') or [{}])[-1]
+    metrics = (metrics_lib.read_metrics(stage_dir / 'metrics.jsonl') or [{}])[-1]
     eval_loss = metrics.get('eval_loss')
   return {
       **counts,

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / 'tests'))  # helper
 
 from cai_jax import pipeline  # noqa: E402
 from cai_jax.models import checkpoint  # noqa: E402
-from cai_jax.training import train_lib  # noqa: E402
+from cai_jax.training import metrics as metrics_lib
 from cai_jax.utils import sharding  # noqa: E402
 from configs import demo  # noqa: E402
 from helpers_stages import fake_upstream  # noqa: E402
@@ -86,7 +86,7 @@ def main(argv):
       'train_seconds',
       'step_seconds',
   )
-  for r in train_lib.read_metrics(workdir / 'ppo' / 'metrics.jsonl'):
+  for r in metrics_lib.read_metrics(workdir / 'ppo' / 'metrics.jsonl'):
     print(r['step'], ' '.join(f'{k}={r[k]:.4g}' for k in keys if k in r))
   print(json.dumps({'rows': rows, 'wall_seconds': round(wall, 1), 'cpu_seconds': round(cpu, 1)}))
 
