@@ -3,7 +3,7 @@ from the same functions the stages call, on abstract models and placed abstract 
 
 Each program is built from the function its stage calls (the sampler's `_prefill`/`_decode`
 and `_score_options_fn` through `sampling.common.jitted`, `train_lib.make_train_step` with the
-stage's loss, `preference_model._rewards`, `ppo.make_rollout_fn`) on abstract models (the
+stage's loss, `preference_model._rewards`, `ppo_learner.make_rollout_fn`) on abstract models (the
 `ModelConfig` preset named by `config.model.architecture`) and abstract arguments carrying the
 NamedShardings that the logical-axis rules give on the topology's mesh. Shapes are the
 largest buckets a stage can reach: the peak of a bucketed program is at its largest shape, so
@@ -812,14 +812,14 @@ def _padded(cfg, n):
 
 
 def ppo_programs(config, cfg, mesh, helpful, reference, pm, size) -> list[Program]:
-  """PPO's rollout sampler, PM scoring, rollout forward and learner step (cai_jax/stages/ppo.py)."""
+  """PPO's rollout sampler, PM scoring, rollout forward and learner step (cai_jax/stages/ppo.py, cai_jax/training/ppo_learner.py)."""
   # Imported here, as everything in this module: aot.py sets libtpu's environment first.
   import jax.numpy as jnp
   from flax import nnx
 
   from cai_jax.models.decoder import Decoder, ScalarHeadModel
   from cai_jax.sampling import common
-  from cai_jax.stages import ppo
+  from cai_jax.training import ppo_learner
   from cai_jax.training import loop, train_lib
 
   pp, max_len = config.ppo, config.model.max_len
@@ -829,13 +829,13 @@ def ppo_programs(config, cfg, mesh, helpful, reference, pm, size) -> list[Progra
   def actor_critic():
     policy = Decoder(cfg, rngs=nnx.Rngs(0))
     value = ScalarHeadModel(cfg, rngs=nnx.Rngs(1), trunk=policy if pp.value.shared_trunk else None)
-    return ppo.ActorCritic(policy, value)
+    return ppo_learner.ActorCritic(policy, value)
 
   graphdef, params = abstract_module(actor_critic, mesh)
   n_updates = pp.steps * pp.epochs * pp.minibatches
   policy_tx, policy_lr = train_lib.make_optimizer(pp.policy_optimizer, n_updates)
   value_tx, _ = train_lib.make_optimizer(pp.value_optimizer, n_updates)
-  tx = ppo.per_model_optimizer({'policy': policy_tx, 'value': value_tx})
+  tx = ppo_learner.per_model_optimizer({'policy': policy_tx, 'value': value_tx})
   abstract, shardings = train_lib.abstract_train_state(params, tx)
   state = placed(abstract, shardings)
   state_bytes, param_bytes = tree_bytes(state), tree_bytes(state.params)
@@ -890,7 +890,7 @@ def ppo_programs(config, cfg, mesh, helpful, reference, pm, size) -> list[Progra
         'response_mask': rows(mesh, (b, pp.max_new_tokens), jnp.float32),
     }
 
-  rollout_fn = ppo.make_rollout_fn(graphdef, reference[0], pp)
+  rollout_fn = ppo_learner.make_rollout_fn(graphdef, reference[0], pp)
   lower = lambda: rollout_fn.lower(
       state.params,
       reference[1],
@@ -927,7 +927,7 @@ def ppo_programs(config, cfg, mesh, helpful, reference, pm, size) -> list[Progra
       graphdef,
       params,
       tx,
-      ppo.make_loss_fn(pp),
+      ppo_learner.make_loss_fn(pp),
       batch,
       cached,
       policy_lr,

@@ -25,6 +25,7 @@ from cai_jax.stages import ppo
 from cai_jax.training import metrics as metrics_lib
 from cai_jax.training import train_lib
 from cai_jax.utils import sharding
+from cai_jax.training import ppo_learner
 from configs import ppo_toy
 from helpers_stages import fake_upstream
 
@@ -40,7 +41,7 @@ def tiny():
 
 def _actor_critic(tiny, shared=False):
   trunk = tiny.model if shared else nnx.clone(tiny.model)
-  return ppo.ActorCritic(
+  return ppo_learner.ActorCritic(
       tiny.model, ScalarHeadModel(tiny.config, rngs=nnx.Rngs(params=1), trunk=trunk)
   )
 
@@ -58,7 +59,7 @@ def _toy_config(**ppo_overrides):
 
 def _hand_made_batch():
   """Two rows, prompt bucket 4, response length 4: row 0 answers 4 tokens, row 1 one token."""
-  return ppo.pack_rollout(
+  return ppo_learner.pack_rollout(
       [[10, 11, 12], [20, 21]], [[30, 31, 32, 33], [40]], prompt_len=4, response_len=4, pad_id=PAD
   )
 
@@ -83,8 +84,8 @@ def test_response_logprobs_match_a_plain_forward(tiny):
   full, _ = tiny.model(b['tokens'], b['positions'], b['key_mask'])
   want = jax.nn.log_softmax(full[:, 3:-1], -1)
   want = jnp.take_along_axis(want, b['tokens'][:, 4:, None], -1)[..., 0]
-  logits = ppo.response_logits(tiny.model, b['tokens'], b['positions'], b['key_mask'], 4, 1.0)
-  got = ppo.token_logprobs(logits, b['tokens'][:, 4:])
+  logits = ppo_learner.response_logits(tiny.model, b['tokens'], b['positions'], b['key_mask'], 4, 1.0)
+  got = ppo_learner.token_logprobs(logits, b['tokens'][:, 4:])
   np.testing.assert_allclose(got, want, atol=1e-5)
 
 
@@ -98,10 +99,10 @@ def test_loss_on_hand_made_batch(tiny, shared):
   graphdef, params = nnx.split(ac, nnx.Param)
   if shared:  # the value part of a shared-trunk learner is the head alone
     assert sorted(params['value'].keys()) == ['head', 'head_bias']
-  loss_fn = jax.jit(lambda p, batch: ppo.make_loss_fn(cfg)(nnx.merge(graphdef, p), batch))
+  loss_fn = jax.jit(lambda p, batch: ppo_learner.make_loss_fn(cfg)(nnx.merge(graphdef, p), batch))
   b = {k: jnp.asarray(v) for k, v in _hand_made_batch().items()}
   logits, values = nnx.merge(graphdef, params)(b['tokens'], b['positions'], b['key_mask'], 4, 1.0)
-  logp = ppo.token_logprobs(logits, b['tokens'][:, 4:])
+  logp = ppo_learner.token_logprobs(logits, b['tokens'][:, 4:])
   mask = b['response_mask']
   adv = jnp.array([[1.0, -1.0, 2.0, 0.5], [3.0, 7.0, 7.0, 7.0]])  # row 1's last three are padding
   p = np.exp(np.asarray(jax.nn.log_softmax(logits, -1)))
@@ -149,7 +150,7 @@ def _rollout(tiny, cfg, policy_noise=0.0, zero_value_head=False, final=(1.0, -0.
         lambda x: x + policy_noise * jax.random.normal(next(keys), x.shape), params['policy']
     )
   ref_graphdef, ref_params = nnx.split(tiny.model, nnx.Param)
-  fn = ppo.make_rollout_fn(graphdef, ref_graphdef, cfg)
+  fn = ppo_learner.make_rollout_fn(graphdef, ref_graphdef, cfg)
   b = {k: jnp.asarray(v) for k, v in _hand_made_batch().items()}
   return (
       jax.device_get(fn(params, ref_params, b, jnp.asarray(final, jnp.float32), jnp.float32(0.1))),

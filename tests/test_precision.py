@@ -21,8 +21,8 @@ from cai_jax import bookkeeping, pipeline, validate
 from cai_jax.models import checkpoint
 from cai_jax.models import decoder as model_lib
 from cai_jax.models.decoder import ScalarHeadModel
-from cai_jax.stages import ppo, sft
-from cai_jax.training import train_lib
+from cai_jax.stages import sft
+from cai_jax.training import ppo_learner, train_lib
 from helpers_stages import tiny_main_cmd
 from configs import tpu_gemma2_2b_v5e8
 from configs.stages import ppo as ppo_stage_config
@@ -41,7 +41,7 @@ def _sft_batch(b=4, t=48, seed=0):
 
 
 def _ppo_batch():
-  b = ppo.pack_rollout(
+  b = ppo_learner.pack_rollout(
       [[10, 11, 12], [20, 21]], [[30, 31, 32, 33], [40]], prompt_len=4, response_len=4, pad_id=PAD
   )
   b = {k: jnp.asarray(v) for k, v in b.items()}
@@ -76,7 +76,7 @@ def _one_step(stage: str, param_dtype: str) -> float:
     cfg = ppo_stage_config.get_config('full')
     opt_cfg = cfg.policy_optimizer
     value = ScalarHeadModel(tiny.config, rngs=nnx.Rngs(params=1), trunk=nnx.clone(tiny.model))
-    model, loss_fn, batch = ppo.ActorCritic(tiny.model, value), ppo.make_loss_fn(cfg), _ppo_batch()
+    model, loss_fn, batch = ppo_learner.ActorCritic(tiny.model, value), ppo_learner.make_loss_fn(cfg), _ppo_batch()
   tx, schedule = train_lib.make_optimizer(opt_cfg, 1000)
   graphdef, state, shardings = train_lib.init_state(model, tx)
   before = jax.device_get(state.params)
