@@ -819,8 +819,8 @@ def ppo_programs(config, cfg, mesh, helpful, reference, pm, size) -> list[Progra
 
   from cai_jax.models.decoder import Decoder, ScalarHeadModel
   from cai_jax.sampling import common
-  from cai_jax.training import ppo_learner
   from cai_jax.training import loop, train_lib
+  from cai_jax.training import ppo_learner
 
   pp, max_len = config.ppo, config.model.max_len
   max_prompt_tokens = min(pp.max_prompt_tokens, max_len - pp.max_new_tokens)

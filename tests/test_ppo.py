@@ -23,9 +23,9 @@ from cai_jax.models import checkpoint
 from cai_jax.models.decoder import ScalarHeadModel
 from cai_jax.stages import ppo
 from cai_jax.training import metrics as metrics_lib
+from cai_jax.training import ppo_learner
 from cai_jax.training import train_lib
 from cai_jax.utils import sharding
-from cai_jax.training import ppo_learner
 from configs import ppo_toy
 from helpers_stages import fake_upstream
 
@@ -84,7 +84,9 @@ def test_response_logprobs_match_a_plain_forward(tiny):
   full, _ = tiny.model(b['tokens'], b['positions'], b['key_mask'])
   want = jax.nn.log_softmax(full[:, 3:-1], -1)
   want = jnp.take_along_axis(want, b['tokens'][:, 4:, None], -1)[..., 0]
-  logits = ppo_learner.response_logits(tiny.model, b['tokens'], b['positions'], b['key_mask'], 4, 1.0)
+  logits = ppo_learner.response_logits(
+      tiny.model, b['tokens'], b['positions'], b['key_mask'], 4, 1.0
+  )
   got = ppo_learner.token_logprobs(logits, b['tokens'][:, 4:])
   np.testing.assert_allclose(got, want, atol=1e-5)
 

@@ -76,7 +76,11 @@ def _one_step(stage: str, param_dtype: str) -> float:
     cfg = ppo_stage_config.get_config('full')
     opt_cfg = cfg.policy_optimizer
     value = ScalarHeadModel(tiny.config, rngs=nnx.Rngs(params=1), trunk=nnx.clone(tiny.model))
-    model, loss_fn, batch = ppo_learner.ActorCritic(tiny.model, value), ppo_learner.make_loss_fn(cfg), _ppo_batch()
+    model, loss_fn, batch = (
+        ppo_learner.ActorCritic(tiny.model, value),
+        ppo_learner.make_loss_fn(cfg),
+        _ppo_batch(),
+    )
   tx, schedule = train_lib.make_optimizer(opt_cfg, 1000)
   graphdef, state, shardings = train_lib.init_state(model, tx)
   before = jax.device_get(state.params)

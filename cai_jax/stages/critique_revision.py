@@ -77,6 +77,7 @@ from cai_jax.bookkeeping import StageError, barrier, roles_line
 from cai_jax.method import constitution as constitution_lib
 from cai_jax.method import conversation, data
 from cai_jax.method import prompts as prompts_lib
+from cai_jax.method import stage_inputs
 from cai_jax.utils import records as records_lib
 
 STAGE = 'critique_revision'
@@ -347,7 +348,7 @@ MODELS = ('helpful',)  # the given models it loads: their sources join its finge
 
 def inputs(config) -> dict:
   """The files it hashes into its fingerprint: the constitution and the prompt sources."""
-  return data.stage_inputs(config)
+  return stage_inputs.files(config)
 
 
 def check_config(config) -> None:

@@ -42,8 +42,9 @@ from flax import nnx
 
 from cai_jax import bookkeeping, sampling
 from cai_jax.method import comparisons as comparisons_lib
-from cai_jax.method import conversation, data, rl
+from cai_jax.method import conversation, rl
 from cai_jax.method import examples as examples_lib
+from cai_jax.method import stage_inputs
 from cai_jax.method.comparisons import Comparison, HARMLESSNESS
 from cai_jax.models import checkpoint
 from cai_jax.models import decoder as model_lib
@@ -390,7 +391,7 @@ def upstream_unused(config, upstream: str) -> bool:
 
 def inputs(config) -> dict:
   """The files it hashes into its fingerprint: the constitution and the prompt sources."""
-  return data.stage_inputs(config)
+  return stage_inputs.files(config)
 
 
 def check_config(config) -> None:

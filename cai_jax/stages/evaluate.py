@@ -71,6 +71,7 @@ from cai_jax.method import comparisons as comparisons_lib
 from cai_jax.method import constitution as constitution_lib
 from cai_jax.method import conversation, data
 from cai_jax.method import snapshots
+from cai_jax.method import stage_inputs
 from cai_jax.utils import records as records_lib
 
 STAGE = 'evaluate'
@@ -260,7 +261,7 @@ def upstream_unused(config, upstream: str) -> bool:
 def inputs(config) -> dict:
   """The files it hashes into its fingerprint: the constitution, the prompt sources and the
   judge's evaluation principles (`evaluate.constitution`)."""
-  out = data.stage_inputs(config)
+  out = stage_inputs.files(config)
   if 'evaluate' in config:
     path = constitution_lib.evaluation_path(config.evaluate.constitution)
     if path.exists():

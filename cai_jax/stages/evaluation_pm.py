@@ -22,8 +22,8 @@ from pathlib import Path
 
 from cai_jax import bookkeeping
 from cai_jax.method import comparisons as comparisons_lib
-from cai_jax.method import data
 from cai_jax.method import preference_model as pm_lib
+from cai_jax.method import stage_inputs
 from cai_jax.method.comparisons import HARMLESSNESS, HELPFULNESS, PreferenceDataError
 from cai_jax.utils import records as records_lib
 
@@ -56,7 +56,7 @@ def upstream_unused(config, upstream: str) -> bool:
 def inputs(config) -> dict:
   """The files it hashes into its fingerprint: the constitution, the prompt sources and the
   HH-RLHF human comparisons it trains on."""
-  return data.stage_inputs(config, 'evaluation_pm.human_path', 'evaluation_pm.human_harmless_path')
+  return stage_inputs.files(config, 'evaluation_pm.human_path', 'evaluation_pm.human_harmless_path')
 
 
 def check_config(config) -> None:

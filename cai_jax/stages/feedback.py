@@ -94,6 +94,7 @@ from cai_jax.method.labeler import (
     label_from_logprobs,
     load_feedback_constitution,
 )
+from cai_jax.method import stage_inputs
 from cai_jax.utils import records as records_lib
 
 STAGE = 'feedback'
@@ -122,7 +123,7 @@ MODELS = ('pretrained',)  # the feedback model
 
 def inputs(config) -> dict:
   """The files it hashes into its fingerprint: the constitution and the prompt sources."""
-  return data.stage_inputs(config)
+  return stage_inputs.files(config)
 
 
 def fingerprint_fields(config) -> dict:

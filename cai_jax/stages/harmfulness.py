@@ -27,6 +27,7 @@ from flax import nnx
 from cai_jax import bookkeeping
 from cai_jax.method import conversation, data
 from cai_jax.method import preference_model as pm_lib
+from cai_jax.method import stage_inputs
 from cai_jax.method.conversation import ASSISTANT, Turn
 from cai_jax.models import checkpoint
 from cai_jax.models.decoder import ScalarHeadModel
@@ -140,7 +141,7 @@ MODELS = ('pretrained',)  # the regressor's initialization
 def inputs(config) -> dict:
   """The files it hashes into its fingerprint: the constitution, the prompt sources and the
   red-team ratings (`harmfulness.path`)."""
-  return data.stage_inputs(config, 'harmfulness.path')
+  return stage_inputs.files(config, 'harmfulness.path')
 
 
 def check_config(config) -> None:

@@ -45,6 +45,7 @@ from cai_jax import bookkeeping, sampling
 from cai_jax.method import comparisons as comparisons_lib
 from cai_jax.method import conversation, data, rl
 from cai_jax.method import preference_model as pm_lib
+from cai_jax.method import stage_inputs
 from cai_jax.method.snapshots import save_snapshot, snapshot_steps
 from cai_jax.models import checkpoint
 from cai_jax.models import decoder as model_lib
@@ -53,9 +54,15 @@ from cai_jax.training import checkpoints as checkpoints_lib
 from cai_jax.training import loop
 from cai_jax.training import metrics as metrics_lib
 from cai_jax.training import train_lib
+from cai_jax.training.ppo_learner import (
+    ActorCritic,
+    make_loss_fn,
+    make_rollout_fn,
+    pack_rollout,
+    per_model_optimizer,
+)
 from cai_jax.utils import records as records_lib
 from cai_jax.utils import sharding
-from cai_jax.training.ppo_learner import ActorCritic, make_loss_fn, make_rollout_fn, pack_rollout, per_model_optimizer
 
 _REDTEAM_STREAM, _HELPFUL_STREAM, _SAMPLING_STREAM, _MINIBATCH_STREAM = 0, 1, 2, 3  # seed streams
 
@@ -162,7 +169,7 @@ def upstream_unused(config, upstream: str) -> bool:
 
 def inputs(config) -> dict:
   """The files it hashes into its fingerprint: the constitution and the prompt sources."""
-  return data.stage_inputs(config)
+  return stage_inputs.files(config)
 
 
 def fingerprint_fields(config) -> dict:

@@ -20,7 +20,6 @@ from pathlib import Path
 
 
 from cai_jax import bookkeeping
-from cai_jax.method import data
 from cai_jax.method.comparisons import (
     Comparison,
     HARMLESSNESS,
@@ -34,6 +33,7 @@ from cai_jax.method.comparisons import (
     in_split,
     labelled_feedback,
 )
+from cai_jax.method import stage_inputs
 from cai_jax.method.preference_model import check_batch, train_pm
 from cai_jax.utils import records as records_lib
 
@@ -51,7 +51,7 @@ MODELS = ('pretrained', 'helpful')  # the PM's initialization (preference.init_f
 def inputs(config) -> dict:
   """The files it hashes into its fingerprint: the constitution, the prompt sources and the
   HH-RLHF helpfulness comparisons (`preference.helpful_mix.path`)."""
-  return data.stage_inputs(config, 'preference.helpful_mix.path')
+  return stage_inputs.files(config, 'preference.helpful_mix.path')
 
 
 def check_config(config) -> None:

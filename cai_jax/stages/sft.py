@@ -28,6 +28,7 @@ from flax import nnx
 
 from cai_jax import bookkeeping
 from cai_jax.method import conversation, data
+from cai_jax.method import stage_inputs
 from cai_jax.method.examples import Example, SFTDataError, encode, pack
 from cai_jax.models import checkpoint
 from cai_jax.training import loop
@@ -380,7 +381,7 @@ MODELS = ('pretrained',)  # the model it fine-tunes
 
 def inputs(config) -> dict:
   """The files it hashes into its fingerprint: the constitution and the prompt sources."""
-  return data.stage_inputs(config)
+  return stage_inputs.files(config)
 
 
 def check_config(config) -> None:
