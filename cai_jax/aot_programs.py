@@ -16,6 +16,11 @@ stage; a trained model's loaded copy is dropped once the train state holds its c
 cache is emptied between stages) and in PPO the learner's state.
 
 Nothing here imports jax at module level: cai_jax/aot.py sets libtpu's environment first.
+
+Why one module of ~940 lines: each stage's builder mirrors that stage's own code (its shapes, its
+bounds, the models it keeps resident), and they all share the abstract models, placed arguments
+and FLOP counts at the top; a program list split by stage would scatter those shared bounds,
+while tests/test_aot.py checks the whole list against what the stages compile.
 """
 
 from __future__ import annotations
