@@ -28,6 +28,7 @@ def test_names_that_left_a_stage_are_read_where_they_went():
 
   for old in ('feedback', 'preference', 'sft', 'train_lib'):
     sys.modules.pop(f'cai_jax.{old}', None)
+    vars(cai_jax).pop(old, None)  # the attribute an earlier import set on the package
   with pytest.warns(DeprecationWarning):
     from cai_jax import feedback, preference, sft, train_lib
   assert preference.score_conversations is preference_model.score_conversations
