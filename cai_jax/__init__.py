@@ -60,7 +60,7 @@ MOVED = {
     'preference': ('stages.preference', 'method.comparisons', 'method.preference_model'),
     'evaluation_pm': ('stages.evaluation_pm',),
     'harmfulness': ('stages.harmfulness',),
-    'ppo': ('stages.ppo', 'training.ppo_learner', 'method.snapshots'),
+    'ppo': ('stages.ppo', 'method.ppo_learner', 'method.snapshots'),
     'dpo': ('stages.dpo',),
     'evaluate': ('stages.evaluate', 'evaluation.scores', 'evaluation.judge', 'evaluation.report'),
 }

@@ -817,15 +817,15 @@ def _padded(cfg, n):
 
 
 def ppo_programs(config, cfg, mesh, helpful, reference, pm, size) -> list[Program]:
-  """PPO's rollout sampler, PM scoring, rollout forward and learner step (cai_jax/stages/ppo.py, cai_jax/training/ppo_learner.py)."""
+  """PPO's rollout sampler, PM scoring, rollout forward and learner step (cai_jax/stages/ppo.py, cai_jax/method/ppo_learner.py)."""
   # Imported here, as everything in this module: aot.py sets libtpu's environment first.
   import jax.numpy as jnp
   from flax import nnx
 
+  from cai_jax.method import ppo_learner
   from cai_jax.models.decoder import Decoder, ScalarHeadModel
   from cai_jax.sampling import common
   from cai_jax.training import loop, train_lib
-  from cai_jax.training import ppo_learner
 
   pp, max_len = config.ppo, config.model.max_len
   max_prompt_tokens = min(pp.max_prompt_tokens, max_len - pp.max_new_tokens)

@@ -1,6 +1,8 @@
 """The floor plan holds (docs/DESIGN.md; STYLE.md, Layout), read from the source with `ast`:
 
-* imports among cai_jax's modules form no cycle, function-level imports included;
+* imports among cai_jax's modules form no cycle, function-level imports included, and flow down
+  the floors (FLOORS: entry points, pipeline, stages, shared pieces, bookkeeping, engine,
+  utilities), save the one exception named in UPWARD;
 * every import of a project module names a module of the tree (no old path, no alias module);
 * no module in cai_jax/stages/ imports another stage: what two stages share lives below them;
 * an import of a project module inside a function says why, in a comment on its line or on the
@@ -17,6 +19,23 @@ PKG = ROOT / 'cai_jax'
 MAX_LINES = 600
 REASON = 'Why one module'
 IMPORT = ('import ', 'from ')
+# The floors, top to bottom (docs/DESIGN.md draws them). A module imports from its own floor or
+# below; within the stages' floor, only itself (test_no_stage_imports_another_stage).
+FLOORS = (
+    ('cai_jax', 'cai_jax.main', 'cai_jax.aot', 'cai_jax.aot_programs', 'cai_jax.validate'),
+    ('cai_jax.pipeline',),
+    ('cai_jax.stages',),
+    ('cai_jax.method', 'cai_jax.evaluation'),
+    ('cai_jax.bookkeeping',),
+    ('cai_jax.models', 'cai_jax.sampling', 'cai_jax.training'),
+    ('cai_jax.utils',),
+)
+# The one import up a floor: the sampler renders and tokenizes conversations with the shared
+# conversation format, a module that imports nothing of the project.
+UPWARD = {
+    ('cai_jax.sampling.decoding', 'cai_jax.method.conversation'),
+    ('cai_jax.sampling.scoring', 'cai_jax.method.conversation'),
+}
 
 
 def module_name(path: Path) -> str:
@@ -131,6 +150,25 @@ def oversized(path: Path) -> bool:
     return False
   doc = ast.get_docstring(ast.parse(path.read_text())) or ''
   return not any(p.strip().startswith(REASON) for p in doc.split('\n\n'))
+
+
+def floor(module: str) -> int:
+  for i, prefixes in enumerate(FLOORS):
+    for p in prefixes:
+      if module == p or (p != 'cai_jax' and module.startswith(p + '.')):
+        return i
+  raise AssertionError(f'{module} is on no floor: add its folder to FLOORS (and docs/DESIGN.md)')
+
+
+def test_imports_flow_down_the_floors():
+  mods = modules()
+  up = [
+      f'{m} imports {t}'
+      for m, p in mods.items()
+      for target, _, _ in project_imports(p, mods)
+      if (t := _resolve(target, mods)) and floor(t) < floor(m) and (m, t) not in UPWARD
+  ]
+  assert up == []
 
 
 def test_no_import_cycle():

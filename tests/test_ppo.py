@@ -19,11 +19,11 @@ from flax import nnx
 from cai_jax import bookkeeping, pipeline
 from cai_jax.method import comparisons as comparisons_lib
 from cai_jax.method import conversation, rl
+from cai_jax.method import ppo_learner
 from cai_jax.models import checkpoint
 from cai_jax.models.decoder import ScalarHeadModel
 from cai_jax.stages import ppo
 from cai_jax.training import metrics as metrics_lib
-from cai_jax.training import ppo_learner
 from cai_jax.training import train_lib
 from cai_jax.utils import sharding
 from configs import ppo_toy

@@ -18,11 +18,12 @@ import pytest
 from flax import nnx
 
 from cai_jax import bookkeeping, pipeline, validate
+from cai_jax.method import ppo_learner
 from cai_jax.models import checkpoint
 from cai_jax.models import decoder as model_lib
 from cai_jax.models.decoder import ScalarHeadModel
 from cai_jax.stages import sft
-from cai_jax.training import ppo_learner, train_lib
+from cai_jax.training import train_lib
 from helpers_stages import tiny_main_cmd
 from configs import tpu_gemma2_2b_v5e8
 from configs.stages import ppo as ppo_stage_config

@@ -54,7 +54,7 @@ from cai_jax.training import checkpoints as checkpoints_lib
 from cai_jax.training import loop
 from cai_jax.training import metrics as metrics_lib
 from cai_jax.training import train_lib
-from cai_jax.training.ppo_learner import (
+from cai_jax.method.ppo_learner import (
     ActorCritic,
     make_loss_fn,
     make_rollout_fn,
