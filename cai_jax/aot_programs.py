@@ -817,7 +817,8 @@ def _padded(cfg, n):
 
 
 def ppo_programs(config, cfg, mesh, helpful, reference, pm, size) -> list[Program]:
-  """PPO's rollout sampler, PM scoring, rollout forward and learner step (cai_jax/stages/ppo.py, cai_jax/method/ppo_learner.py)."""
+  """PPO's rollout sampler, PM scoring, rollout forward and learner step (cai_jax/stages/ppo.py,
+  cai_jax/method/ppo_learner.py)."""
   # Imported here, as everything in this module: aot.py sets libtpu's environment first.
   import jax.numpy as jnp
   from flax import nnx

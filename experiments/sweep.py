@@ -47,7 +47,8 @@ from typing import Any, Callable
 REPO = Path(__file__).resolve().parents[1]
 NAMED_BASES = ('tiny', 'demo')
 
-# Metrics of a full pipeline run (evaluate/summary.json, see cai_jax/stages/evaluate.py), for METRICS.
+# Metrics of a full pipeline run (evaluate/summary.json, see cai_jax/stages/evaluate.py and
+# cai_jax/evaluation/), for METRICS.
 _EVAL = 'evaluate/summary.json:'
 PIPELINE_METRICS = {
     'ppo_harmlessness_elo': _EVAL + 'harmlessness.elo.ppo',

@@ -1,6 +1,6 @@
-"""Each attention implementation (cai_jax/models/attention.py) against `dense`, today's reference: the
-functions alone, then whole tiny models of each family (GQA, left padding, Gemma 2's soft-cap
-and sliding window), their gradients, the shared-prefix (cascade) path and bfloat16."""
+"""Each attention implementation (cai_jax/models/attention.py) against `dense`, today's reference:
+the functions alone, then whole tiny models of each family (GQA, left padding, Gemma 2's
+soft-cap and sliding window), their gradients, the shared-prefix (cascade) path and bfloat16."""
 
 import os
 import subprocess

@@ -1,4 +1,5 @@
-"""Import and export in cai_jax/models/checkpoint.py and cai_jax/models/gguf_import.py, against transformers.
+"""Import and export in cai_jax/models/checkpoint.py and cai_jax/models/gguf_import.py, against
+transformers.
 
 Exports must load in `transformers.AutoModelForCausalLM` with the same logits and read back
 into identical parameters; the real SmolLM2 GGUF must match transformers' own GGUF loader; bad

@@ -1,6 +1,6 @@
-"""The evaluate stage's report: `summary.json` made strict JSON (`strict_json`), `report.md` with the
-independence table, PM scores, refusals, win rates and Elo, the curves over RL and the PM score
-against revisions, and the PNG plots it embeds (matplotlib, headless)."""
+"""The evaluate stage's report: `summary.json` made strict JSON (`strict_json`), `report.md` with
+the independence table, PM scores, refusals, win rates and Elo, the curves over RL and the PM
+score against revisions, and the PNG plots it embeds (matplotlib, headless)."""
 
 from __future__ import annotations
 

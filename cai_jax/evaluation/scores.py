@@ -80,8 +80,8 @@ def mean_stderr(values: Sequence[float]) -> dict:
 
 
 def pm_rewards(ctx, pm, conversations: Sequence[Sequence[conversation.Turn]]) -> np.ndarray:
-  """PM rewards of conversations ending in a response (`comparisons.response_conversation`), rendered as the PM was
-  trained."""
+  """PM rewards of conversations ending in a response (`comparisons.response_conversation`),
+  rendered as the PM was trained."""
   p = ctx.config.preference
   return pm_lib.score_conversations(
       pm,
@@ -123,9 +123,9 @@ def model_metrics(
 def revision_pairs(
     stage_dir_cr: Path, max_samples: int
 ) -> tuple[list[list[conversation.Turn]], list[int], int]:
-  """The conversations (`comparisons.response_conversation`) of critique_revision's initial responses (revision 0)
-  and of each round's revision, each text's revision number, and how many samples they come
-  from."""
+  """The conversations (`comparisons.response_conversation`) of critique_revision's initial
+  responses (revision 0) and of each round's revision, each text's revision number, and how many
+  samples they come from."""
   samples = records_lib.read_jsonl(records_lib.REVISIONS.path(stage_dir_cr), records_lib.REVISIONS)
   if max_samples >= 0:
     samples = samples[:max_samples]

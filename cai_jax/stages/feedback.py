@@ -9,8 +9,8 @@
 
 optionally averaged over K sampled principles (ensemble), over both option orders (debias), read
 after generated chain-of-thought reasoning (cot), and clamped (clamp, paper: 40-60% with CoT).
-`evaluate_feedback` (cai_jax/stages/evaluate_feedback.py) measures the same configuration's accuracy and
-calibration on labeled comparisons (by default the paper's 438 HHH comparisons).
+`evaluate_feedback` (cai_jax/stages/evaluate_feedback.py) measures the same configuration's
+accuracy and calibration on labeled comparisons (by default the paper's 438 HHH comparisons).
 
 Helpfulness pairs: the paper's PM also learns human helpfulness comparisons. Unless
 `preference.helpful_mix.path` names such a file (HH-RLHF), the stage samples two responses to

@@ -173,7 +173,7 @@ def inputs(config) -> dict:
 
 
 def fingerprint_fields(config) -> dict:
-  """Config outside `ppo` it depends on: `evaluate.rl_curve_every`, the policy snapshots it keeps."""
+  """Config outside `ppo` it depends on: `evaluate.rl_curve_every` (the policy snapshots kept)."""
   if not config.get('evaluate', {}).get('rl_curve_every', 0):
     return {}
   return {'rl_curve_every': config.evaluate.rl_curve_every}

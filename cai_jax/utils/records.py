@@ -114,8 +114,8 @@ FEEDBACK_EVAL = Schema(
     ('id', 'correct', 'p_chosen', 'chosen_first', 'scorings'),
     ('id', 'correct', 'p_chosen', 'chosen_first'),
 )
-# ppo (cai_jax/stages/ppo.py): a few sampled responses per step, appended as training goes; conversation
-# as in REVISIONS.
+# ppo (cai_jax/stages/ppo.py): a few sampled responses per step, appended as training goes;
+# conversation as in REVISIONS.
 PPO_SAMPLES = Schema(
     'ppo',
     'samples.jsonl',
