@@ -332,7 +332,8 @@ def test_stage_learns_synthetic_preference(finished):
   assert summary['eval_pairs'] == (
       summary['eval_harmlessness_pairs'] + summary['eval_helpfulness_pairs']
   )
-  # The README's figure: every held-out pair of both kinds on the preferred side (38 pairs).
+  # docs/measurements.md's figure: every held-out pair of both kinds on the preferred side
+  # (38 pairs).
   print({k: summary[k] for k in summary if k.startswith('eval_') and 'accuracy' in k})
   assert summary['eval_harmlessness_accuracy'] == 1.0, summary
   assert summary['eval_helpfulness_accuracy'] == 1.0, summary

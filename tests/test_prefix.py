@@ -101,7 +101,7 @@ def test_bfloat16_reuse_gives_the_same_greedy_tokens():
   kw = dict(max_new_tokens=20, stop_tokens=[])
   plain = sampling.generate(pt.model, prompts, **kw)
   reused = sampling.generate(pt.model, prompts, prefix_cache=cache, **kw)
-  assert reused.tokens == plain.tokens  # what the README claims for bfloat16
+  assert reused.tokens == plain.tokens  # what docs/measurements.md claims for bfloat16
   assert cache.hits == 1
 
 

@@ -112,8 +112,8 @@ def test_greedy_matches_transformers(smol, hf_model, prompts):
     )
     assert min(ours_gap, hf_gap) <= TIE, f'prompt {i} diverges at {j} without a near-tie'
   print(f'greedy parity: {exact}/{len(prompts)} rows identical, {len(ties)} near-tie divergences')
-  # The README's figure: every row identical. A divergence at a near-tie (printed above, with
-  # the gaps) is float32 summation order, not a bug, but it still fails the claim.
+  # docs/measurements.md's figure: every row identical. A divergence at a near-tie (printed above,
+  # with the gaps) is float32 summation order, not a bug, but it still fails the claim.
   assert exact == len(prompts), ties
 
 
