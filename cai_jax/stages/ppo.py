@@ -46,6 +46,13 @@ from cai_jax.method import comparisons as comparisons_lib
 from cai_jax.method import conversation, data, rl
 from cai_jax.method import preference_model as pm_lib
 from cai_jax.method import stage_inputs
+from cai_jax.method.ppo_learner import (
+    ActorCritic,
+    make_loss_fn,
+    make_rollout_fn,
+    pack_rollout,
+    per_model_optimizer,
+)
 from cai_jax.method.snapshots import save_snapshot, snapshot_steps
 from cai_jax.models import checkpoint
 from cai_jax.models import decoder as model_lib
@@ -54,13 +61,6 @@ from cai_jax.training import checkpoints as checkpoints_lib
 from cai_jax.training import loop
 from cai_jax.training import metrics as metrics_lib
 from cai_jax.training import train_lib
-from cai_jax.method.ppo_learner import (
-    ActorCritic,
-    make_loss_fn,
-    make_rollout_fn,
-    pack_rollout,
-    per_model_optimizer,
-)
 from cai_jax.utils import records as records_lib
 from cai_jax.utils import sharding
 

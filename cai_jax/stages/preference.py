@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from cai_jax import bookkeeping
+from cai_jax.method import stage_inputs
 from cai_jax.method.comparisons import (
     Comparison,
     HARMLESSNESS,
@@ -33,7 +33,6 @@ from cai_jax.method.comparisons import (
     in_split,
     labelled_feedback,
 )
-from cai_jax.method import stage_inputs
 from cai_jax.method.preference_model import check_batch, train_pm
 from cai_jax.utils import records as records_lib
 

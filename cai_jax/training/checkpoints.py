@@ -8,7 +8,6 @@ import os
 import re
 from pathlib import Path
 
-
 from cai_jax.training.metrics import raise_background_io_error
 from cai_jax.training.train_lib import abstract_state
 
