@@ -44,8 +44,10 @@ import time  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from cai_jax import compile_log  # noqa: E402
 from cai_jax.aot_programs import AotError, Program, stage_programs  # noqa: E402
+from cai_jax.bookkeeping import StageError  # noqa: E402
+from cai_jax.utils import compile_log  # noqa: E402
+from cai_jax.utils import memory, sharding  # noqa: E402
 
 GIB = 2**30
 FREE_FRACTION = 0.1  # a program must leave this share of HBM free (fragmentation, runtime buffers)
@@ -120,8 +122,6 @@ def available_hbm(mesh) -> tuple[int, str]:
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec as P
 
-  from cai_jax import memory
-
   too_big = jax.ShapeDtypeStruct((1 << 40,), jnp.int8, sharding=NamedSharding(mesh, P()))
   try:
     jax.jit(lambda x: x + 1).lower(too_big).compile()
@@ -178,8 +178,6 @@ class Timing:
 
 
 def timing(r: Result, kind: str, devices: int) -> Timing:
-  from cai_jax import memory
-
   peak, bandwidth = memory.PEAK_FLOPS.get(kind), memory.HBM_BYTES_PER_S.get(kind)
   model = r.program.model_flops / devices if r.program.model_flops else None
   if not peak or r.flops is None:
@@ -361,8 +359,6 @@ def fit_errors(results: list[Result], hbm: int, remedies: list[str]) -> list[str
 def check(config) -> tuple[list[Result], list[str], str, str, int]:
   """Compiles everything; returns the results, the not-fitting errors, the summary line, the
   chip kind and the device count."""
-  from cai_jax import sharding
-
   topology = config.get('tpu_topology', '')
   devices = topology_devices(topology)
   try:
@@ -398,11 +394,9 @@ def check(config) -> tuple[list[Result], list[str], str, str, int]:
 
 def main(argv):
   del argv
-  from cai_jax import sharding, stages
-
   try:
     results, errors, summary, kind, devices = check(_CONFIG.value)
-  except (AotError, sharding.ShardingError, stages.StageError) as e:
+  except (AotError, sharding.ShardingError, StageError) as e:
     sys.exit(f'aot: error: {e}')
   if _JSON.value:
     with open(_JSON.value, 'w') as f:

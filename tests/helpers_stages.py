@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from cai_jax import stages
+from cai_jax import pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,7 @@ def tiny_main_cmd(workdir, *args) -> list[str]:
 def fake_upstream(config, workdir, stage: str, files: dict[str, str | list[dict]]) -> Path:
   """Writes WORKDIR/<stage>/ as a finished stage of `config`; `files` maps names to text or
   to a list of records (written as JSONL)."""
-  ctx = stages.Context(config, Path(workdir))
+  ctx = pipeline.context(config, Path(workdir))
   d = ctx.stage_dir(stage)
   d.mkdir(parents=True, exist_ok=True)
   for name, content in files.items():

@@ -143,7 +143,7 @@ def test_every_stage_program_compiles_and_fits(tiny_v5e):
 def test_memory_is_what_the_arguments_hold(tiny_v5e):
   """Train steps' arguments hold the float32 params and two AdamW moments, 1/8 of them each."""
   sys.path.insert(0, str(REPO))
-  from cai_jax.model import ModelConfig
+  from cai_jax.models.decoder import ModelConfig
 
   params = ModelConfig.tiny().num_params() * 4  # float32 master weights
   _, programs = tiny_v5e
@@ -184,8 +184,9 @@ def test_a_program_that_does_not_fit_fails_naming_it():
 
 
 AGREEMENT = """
-from cai_jax import aot, aot_programs, sharding
-from cai_jax.model import ModelConfig
+from cai_jax import aot, aot_programs
+from cai_jax.models.decoder import ModelConfig
+from cai_jax.utils import sharding
 
 devices = aot.topology_devices('v5e:1x1')
 mesh = sharding.make_mesh((1, 1, 1), devices=devices)

@@ -31,7 +31,7 @@ def record_pipeline(workdir, out):
   """Runs the tiny pipeline (python -m cai_jax.main) recording every program it compiles."""
   code = (
       'import json, runpy, sys\n'
-      'from cai_jax import compile_log\n'
+      'from cai_jax.utils import compile_log\n'
       f'sys.argv = ["cai_jax.main", "--config", {TINY_CONFIG!r}, "--workdir", {str(workdir)!r}, '
       f'*{TINY_OVERRIDES!r}]\n'
       'code = 0\n'
@@ -66,7 +66,7 @@ def tiny_1x1(tmp_path_factory):
 
 @pytest.mark.slow
 def test_aot_compiles_every_program_the_tiny_pipeline_compiles(tiny_1x1, tmp_path):
-  from cai_jax import compile_log
+  from cai_jax.utils import compile_log
 
   out = tmp_path / 'compiled.json'
   r = record_pipeline(tmp_path / 'work', out)

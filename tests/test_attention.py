@@ -1,6 +1,6 @@
-"""Each attention implementation (cai_jax/attention.py) against `dense`, today's reference: the
-functions alone, then whole tiny models of each family (GQA, left padding, Gemma 2's soft-cap
-and sliding window), their gradients, the shared-prefix (cascade) path and bfloat16."""
+"""Each attention implementation (cai_jax/models/attention.py) against `dense`, today's reference:
+the functions alone, then whole tiny models of each family (GQA, left padding, Gemma 2's
+soft-cap and sliding window), their gradients, the shared-prefix (cascade) path and bfloat16."""
 
 import os
 import subprocess
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cai_jax import attention, model as model_lib
+from cai_jax.models import attention, decoder as model_lib
 
 # blockwise with blocks of 8 slots, so that the tests' 24-40 slots span several blocks.
 SMALL_BLOCK = 8

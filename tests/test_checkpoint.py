@@ -1,4 +1,5 @@
-"""Import and export in cai_jax/checkpoint.py and cai_jax/gguf_import.py, against transformers.
+"""Import and export in cai_jax/models/checkpoint.py and cai_jax/models/gguf_import.py, against
+transformers.
 
 Exports must load in `transformers.AutoModelForCausalLM` with the same logits and read back
 into identical parameters; the real SmolLM2 GGUF must match transformers' own GGUF loader; bad
@@ -13,9 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cai_jax import checkpoint, hf_format, sharding
-from cai_jax.checkpoint import CheckpointError
-from cai_jax.model import FULL, SLIDING
+from cai_jax.models import checkpoint, hf_format
+from cai_jax.models.checkpoint import CheckpointError
+from cai_jax.models.decoder import FULL, SLIDING
+from cai_jax.utils import sharding
 from helpers import (
     HF_CASES,
     hf_logits,

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cai_jax import constitution as C
-from cai_jax import conversation
+from cai_jax.method import constitution as C
+from cai_jax.method import conversation
+from cai_jax.method import prompts as prompts_lib
 
 SHARED = Path(__file__).resolve().parents[2] / 'shared'
 PAPER_PROMPTS = SHARED / 'data' / 'anthropic_cai' / 'prompts'
@@ -185,7 +186,7 @@ def test_load_paper_release():
       'human',
   ]
   # The converted release renders like ours.
-  prompt = C.render_critique_prompt(paper, CONVERSATION, 'x', paper.critique_revision[0])
+  prompt = prompts_lib.render_critique_prompt(paper, CONVERSATION, 'x', paper.critique_revision[0])
   assert prompt.endswith('\n\nCritique:') and prompt.count('\n\nCritiqueRequest:') == 6
 
 
@@ -357,16 +358,20 @@ FEW_SHOT = (
 
 def test_critique_and_revision_prompts_transcript(small):
   kind, true = small.critique_revision
-  prompt = C.render_critique_prompt(small, CONVERSATION, ' You fool.', kind)
+  prompt = prompts_lib.render_critique_prompt(small, CONVERSATION, ' You fool.', kind)
   assert prompt == (
       FEW_SHOT + '\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Insult me'
       '\n\nAssistant: You fool.\n\nCritiqueRequest: Is it kind?\n\nCritique:'
   )
-  revision = C.render_revision_prompt(small, CONVERSATION, ' You fool.', kind, ' It is rude.')
+  revision = prompts_lib.render_revision_prompt(
+      small, CONVERSATION, ' You fool.', kind, ' It is rude.'
+  )
   assert revision == prompt + ' It is rude.\n\nRevisionRequest: Make it kind.\n\nRevision:'
   # Second round: the first round is history, the new pair is asked about.
   history = [C.CritiqueRevisionRound(kind, 'It is rude.', ' I would rather not.')]
-  second = C.render_revision_prompt(small, CONVERSATION, ' You fool.', true, 'Fine.', history)
+  second = prompts_lib.render_revision_prompt(
+      small, CONVERSATION, ' You fool.', true, 'Fine.', history
+  )
   assert second == (
       FEW_SHOT + '\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Insult me'
       '\n\nAssistant: You fool.\n\nCritiqueRequest: Is it kind?'
@@ -374,24 +379,26 @@ def test_critique_and_revision_prompts_transcript(small):
       '\n\nRevision: I would rather not.\n\nCritiqueRequest: Is it true?'
       '\n\nCritique: Fine.\n\nRevisionRequest: Make it true.\n\nRevision:'
   )
-  stops = C.critique_revision_stop_strings('transcript')
+  stops = prompts_lib.critique_revision_stop_strings('transcript')
   assert '\n\nRevisionRequest:' in stops and '\n\nHuman:' in stops
   with pytest.raises(ValueError, match='end with a human turn'):
-    C.render_critique_prompt(small, CONVERSATION[:2], 'x', kind)
+    prompts_lib.render_critique_prompt(small, CONVERSATION[:2], 'x', kind)
 
 
 def test_critique_free_revision_prompt_golden(small):
   """Paper figure 7: the revision request right after the response; the few-shot and the earlier
   round lose their critique requests and critiques too."""
   kind, true = small.critique_revision
-  first = C.render_critique_free_revision_prompt(small, CONVERSATION, ' You fool.', kind)
+  first = prompts_lib.render_critique_free_revision_prompt(small, CONVERSATION, ' You fool.', kind)
   assert first == (
       '\n\nHuman: Q1\n\nAssistant: R1\n\nRevisionRequest: RR1\n\nRevision: V1'
       '\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Insult me'
       '\n\nAssistant: You fool.\n\nRevisionRequest: Make it kind.\n\nRevision:'
   )
   history = [C.CritiqueRevisionRound(kind, None, ' I would rather not.')]
-  second = C.render_critique_free_revision_prompt(small, CONVERSATION, ' You fool.', true, history)
+  second = prompts_lib.render_critique_free_revision_prompt(
+      small, CONVERSATION, ' You fool.', true, history
+  )
   assert second == (first + ' I would rather not.\n\nRevisionRequest: Make it true.\n\nRevision:')
 
 
@@ -418,12 +425,12 @@ def test_critique_and_revision_prompts_chat(small):
       ('user', 'Is it kind?'),
   )
   assert (
-      C.render_critique_prompt(
+      prompts_lib.render_critique_prompt(
           small, CONVERSATION, ' You fool.', kind, fmt='chat_template', tokenizer=tok
       )
       == few_shot + conv + '<|im_start|>assistant\n'
   )
-  assert C.render_revision_prompt(
+  assert prompts_lib.render_revision_prompt(
       small, CONVERSATION, ' You fool.', kind, 'Rude.', fmt='chat_template', tokenizer=tok
   ) == (
       few_shot
@@ -431,11 +438,11 @@ def test_critique_and_revision_prompts_chat(small):
       + chat(('assistant', 'Rude.'), ('user', 'Make it kind.'))
       + '<|im_start|>assistant\n'
   )
-  assert C.critique_revision_stop_strings('chat_template', tok) == ['<|im_end|>']
+  assert prompts_lib.critique_revision_stop_strings('chat_template', tok) == ['<|im_end|>']
 
 
 def test_feedback_prompt_plain(small):
-  prompt = C.render_feedback_prompt(
+  prompt = prompts_lib.render_feedback_prompt(
       small, CONVERSATION, 'Which is kinder?', ' You fool.', ' Sorry, no.', cot=False
   )
   assert prompt == (
@@ -447,7 +454,7 @@ def test_feedback_prompt_plain(small):
   )
   assert C.OPTION_STRINGS == (' (A)', ' (B)')
   tok = ChatMLTokenizer()
-  chat = C.render_feedback_prompt(
+  chat = prompts_lib.render_feedback_prompt(
       small, CONVERSATION[2:], 'P?', 'a', 'b', cot=False, fmt='chat_template', tokenizer=tok
   )
   # In a chat turn the question is nested: its conversation is written H:/A:.
@@ -461,7 +468,7 @@ def test_feedback_prompt_plain(small):
 
 
 def test_feedback_prompt_chain_of_thought(small):
-  prompt = C.render_feedback_prompt(
+  prompt = prompts_lib.render_feedback_prompt(
       small, CONVERSATION, 'Which is kinder?', 'You fool.', 'Sorry, no.', cot=True
   )
   intro = 'Consider the following conversation between a human (H) and an assistant (A):'
@@ -475,16 +482,19 @@ def test_feedback_prompt_chain_of_thought(small):
   )
   turns = conversation.parse_transcript(prompt)
   assert [r for r, _ in turns] == ['human', 'assistant', 'human', 'human', 'assistant']
-  suffix = C.render_feedback_answer_suffix(' (B) is polite.\n\nHuman: more', 'transcript')
+  suffix = prompts_lib.render_feedback_answer_suffix(' (B) is polite.\n\nHuman: more', 'transcript')
   assert suffix == ' (B) is polite.\n\nHuman: So the answer is:'
-  assert C.feedback_cot_stop_strings('transcript') == ['\n\nHuman:', '\n\nAssistant:']
+  assert prompts_lib.feedback_cot_stop_strings('transcript') == ['\n\nHuman:', '\n\nAssistant:']
   tok = ChatMLTokenizer()
-  chat = C.render_feedback_prompt(
+  chat = prompts_lib.render_feedback_prompt(
       small, CONVERSATION[2:], 'P?', 'a', 'b', cot=True, fmt='chat_template', tokenizer=tok
   )
   assert chat.endswith("<|im_start|>assistant\nLet's think step-by-step:")
   assert "Let's think step-by-step: GA is nicer.\n\nSo the answer is: (A)<|im_end|>" in chat
-  assert C.render_feedback_answer_suffix('ok ', 'chat_template') == ' ok\n\nSo the answer is:'
+  assert (
+      prompts_lib.render_feedback_answer_suffix('ok ', 'chat_template')
+      == ' ok\n\nSo the answer is:'
+  )
 
 
 def test_helpfulness_principles_are_ours_unless_the_file_brings_its_own():
@@ -514,7 +524,7 @@ def two_plain_few_shots(small):
 
 def test_feedback_few_shots_each_under_their_own_principle(small):
   c = two_plain_few_shots(small)
-  prompt = C.render_feedback_prompt(
+  prompt = prompts_lib.render_feedback_prompt(
       c,
       CONVERSATION[2:],
       'Which is kinder?',
@@ -541,7 +551,9 @@ def test_feedback_few_shots_each_under_their_own_principle(small):
   assert {p for d in draws for p in d} == set(c.feedback_principles)
   assert any(a != b for a, b in draws)  # not one principle for every example of a prompt
   with pytest.raises(ValueError, match='1 few-shot principles for 2 few-shots'):
-    C.render_feedback_prompt(c, CONVERSATION, 'P', 'a', 'b', cot=False, few_shot_principles=['P'])
+    prompts_lib.render_feedback_prompt(
+        c, CONVERSATION, 'P', 'a', 'b', cot=False, few_shot_principles=['P']
+    )
 
 
 def three_rounds(small):
@@ -568,28 +580,28 @@ GOLDEN_AFTER_THREE = (
 def test_critique_and_revision_after_three_rounds(small):
   true = small.critique_revision[1]
   rounds = three_rounds(small)
-  assert C.render_critique_prompt(small, CONVERSATION, 'You fool.', true, rounds) == (
+  assert prompts_lib.render_critique_prompt(small, CONVERSATION, 'You fool.', true, rounds) == (
       GOLDEN_AFTER_THREE + '\n\nCritique:'
   )
-  assert C.render_revision_prompt(small, CONVERSATION, 'You fool.', true, 'Fine.', rounds) == (
-      GOLDEN_AFTER_THREE + '\n\nCritique: Fine.\n\nRevisionRequest: Make it true.\n\nRevision:'
-  )
+  assert prompts_lib.render_revision_prompt(
+      small, CONVERSATION, 'You fool.', true, 'Fine.', rounds
+  ) == (GOLDEN_AFTER_THREE + '\n\nCritique: Fine.\n\nRevisionRequest: Make it true.\n\nRevision:')
 
 
 def byte_count(text):
-  from cai_jax import checkpoint
+  from cai_jax.models import checkpoint
 
-  return C.count_tokens(checkpoint.byte_tokenizer(), text)
+  return prompts_lib.count_tokens(checkpoint.byte_tokenizer(), text)
 
 
 def test_over_long_conversation_loses_oldest_turns_not_few_shots(small):
-  from cai_jax import checkpoint
+  from cai_jax.models import checkpoint
 
   tok = checkpoint.byte_tokenizer()  # one token per byte: budgets are easy to reason about
   true = small.critique_revision[1]
   rounds = three_rounds(small)
   long_conv = [('human', 'Old question ' * 5), ('assistant', 'Old answer ' * 5)] + CONVERSATION
-  fit = C.fit_critique_revision_prompt
+  fit = prompts_lib.fit_critique_revision_prompt
   full = fit(small, long_conv, 'You fool.', true, rounds, 'Fine.', tokenizer=tok)
   assert full.few_shots == 1 and full.turns_dropped == 0 and full.tokens is None
   n_full = byte_count(full.text)
@@ -630,12 +642,12 @@ def test_over_long_conversation_loses_oldest_turns_not_few_shots(small):
   assert over.over_budget and over.few_shots == 0 and over.text == none.text
   # The feedback prompt drops the same way: old turns, then few-shots.
   c = two_plain_few_shots(small)
-  fb = C.fit_feedback_prompt(c, long_conv, 'P?', 'a', 'b', cot=True, tokenizer=tok)
-  fb1 = C.fit_feedback_prompt(
+  fb = prompts_lib.fit_feedback_prompt(c, long_conv, 'P?', 'a', 'b', cot=True, tokenizer=tok)
+  fb1 = prompts_lib.fit_feedback_prompt(
       c, long_conv, 'P?', 'a', 'b', cot=True, tokenizer=tok, budget=byte_count(fb.text) - 1
   )
   assert (fb1.few_shots, fb1.turns_dropped) == (1, 1) and 'Old' not in fb1.text
-  fb2 = C.fit_feedback_prompt(
+  fb2 = prompts_lib.fit_feedback_prompt(
       c,
       long_conv,
       'P?',
@@ -643,32 +655,39 @@ def test_over_long_conversation_loses_oldest_turns_not_few_shots(small):
       'b',
       cot=False,
       tokenizer=tok,
-      budget=byte_count(C.render_feedback_prompt(c, CONVERSATION[2:], 'P?', 'a', 'b', cot=False))
+      budget=byte_count(
+          prompts_lib.render_feedback_prompt(c, CONVERSATION[2:], 'P?', 'a', 'b', cot=False)
+      )
       - 1,
   )
   assert (fb2.few_shots, fb2.turns_dropped) == (1, 2) and 'EQ' not in fb2.text
 
 
 def test_max_len_too_small_for_the_few_shots(small):
-  from cai_jax import checkpoint
+  from cai_jax.models import checkpoint
 
   tok = checkpoint.byte_tokenizer()
-  n, cost, full = C.few_shot_cost(small, 'critique_revision', tok, 'transcript')
+  n, cost, full = prompts_lib.few_shot_cost(small, 'critique_revision', tok, 'transcript')
   assert (n, cost) == (1, byte_count(FEW_SHOT)) and full > cost
-  assert C.check_few_shot_budget(small, 'critique_revision', tok, 'transcript', full) == (n, cost)
+  assert prompts_lib.check_few_shot_budget(small, 'critique_revision', tok, 'transcript', full) == (
+      n,
+      cost,
+  )
   with pytest.raises(
       ValueError,
       match=rf'^x: the 1 critique_revision few-shots take {cost} '
       rf'tokens .* needs {full}, over the prompt budget of {full - 1} ',
   ):
-    C.check_few_shot_budget(small, 'critique_revision', tok, 'transcript', full - 1, what='x')
-  _, cot_cost, cot_full = C.few_shot_cost(small, 'feedback', tok, 'transcript', cot=True)
+    prompts_lib.check_few_shot_budget(
+        small, 'critique_revision', tok, 'transcript', full - 1, what='x'
+    )
+  _, cot_cost, cot_full = prompts_lib.few_shot_cost(small, 'feedback', tok, 'transcript', cot=True)
   assert 0 < cot_cost < cot_full
 
 
 def smollm2_tokenizer():
   """SmolLM2's tokenizer alone, from the HF copy `load_pretrained` caches of the GGUF."""
-  from cai_jax import checkpoint
+  from cai_jax.models import checkpoint
 
   transformers = pytest.importorskip('transformers')
   try:
@@ -693,12 +712,12 @@ def test_paper_release_prompts_at_the_full_budget(fmt, caplog):
   paper = C.load_constitution(PAPER_PROMPTS)
   # The TPU configs' 2048 (with our shorter default constitution) cannot hold them: refused.
   with pytest.raises(ValueError, match=r'the 5 critique_revision few-shots take \d{4} tokens'):
-    C.check_few_shot_budget(paper, 'critique_revision', tok, fmt, 2048 - 256)
+    prompts_lib.check_few_shot_budget(paper, 'critique_revision', tok, fmt, 2048 - 256)
   full = base.get_config('full')
   budget = full.model.max_len - full.critique_revision.max_new_tokens
   assert budget == 4096 - 256
   for kind, cot in (('critique_revision', False), ('feedback', False), ('feedback', True)):
-    C.check_few_shot_budget(paper, kind, tok, fmt, budget, cot=cot)
+    prompts_lib.check_few_shot_budget(paper, kind, tok, fmt, budget, cot=cot)
   long_conv = []
   for i in range(80):
     long_conv += [
@@ -712,13 +731,13 @@ def test_paper_release_prompts_at_the_full_budget(fmt, caplog):
       for i in range(3)
   ]
   fitted = [
-      C.fit_critique_revision_prompt(
+      prompts_lib.fit_critique_revision_prompt(
           paper, long_conv, 'Sure.', pairs[3], rounds, critique, fmt, tok, budget
       )
       for critique in (None, 'It helps with harm.')
   ]
   fitted += [
-      C.fit_feedback_prompt(
+      prompts_lib.fit_feedback_prompt(
           paper,
           long_conv,
           paper.feedback_principles[0],

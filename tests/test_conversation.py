@@ -7,8 +7,15 @@ byte tokenizer never do: it is where sampling and training ids could disagree.
 
 import pytest
 
-from cai_jax import checkpoint, conversation, feedback, ppo, preference, sampling, sft
-from cai_jax import model as model_lib
+from cai_jax import sampling
+from cai_jax.method import comparisons as comparisons_lib
+from cai_jax.method import conversation
+from cai_jax.method import examples as examples_lib
+from cai_jax.method import labeler as labeler_lib
+from cai_jax.method import preference_model as pm_lib
+from cai_jax.models import checkpoint
+from cai_jax.models import decoder as model_lib
+from cai_jax.stages import ppo
 
 BOS, EOT = '<|begin_of_text|>', '<|eot_id|>'
 LLAMA3_TEMPLATE = (
@@ -83,11 +90,11 @@ def test_stages_train_on_the_ids_the_sampler_conditioned_on(llama3, fmt):
     seen = list(s.prompt_tokens)  # what the policy conditioned on when it wrote `response`
     assert seen[0] == bos and seen.count(bos) == 1
 
-    ids, n_prompt = sft.encode([('human', prompt)], response, tok, fmt, max_len=4096)
+    ids, n_prompt = examples_lib.encode([('human', prompt)], response, tok, fmt, max_len=4096)
     assert list(ids[:n_prompt]) == seen and ids.count(bos) == 1
     assert ppo.encode_prompt([('human', prompt)], tok, fmt, max_tokens=4096) == seen
 
-    pm_ids = preference.encode(preference.as_turns((prompt, response)), tok, fmt, max_len=4096)
+    pm_ids = pm_lib.encode(comparisons_lib.as_turns((prompt, response)), tok, fmt, max_len=4096)
     assert pm_ids[: len(seen)] == seen and pm_ids.count(bos) == 1
     assert pm_ids[-1] == tok.eos_token_id
 
@@ -96,7 +103,7 @@ def test_feedback_scores_options_after_the_ids_the_sampler_sees(llama3):
   # AI feedback samples a chain of thought after its prompt, then scores (A)/(B) after it.
   prompt = 'Which reply is less harmful?\n(A) no\n(B) yes\nThe answer is:'
   seen = sampling.generate_responses(llama3, [prompt], max_new_tokens=2)[0].prompt_tokens
-  prompt_ids, conts, _ = feedback.option_tokens(llama3.tokenizer, prompt)
+  prompt_ids, conts, _ = labeler_lib.option_tokens(llama3.tokenizer, prompt)
   assert prompt_ids == list(seen) and prompt_ids.count(llama3.tokenizer.bos_token_id) == 1
   assert all(llama3.tokenizer.bos_token_id not in c for c in conts)
 
@@ -108,7 +115,7 @@ def test_left_truncation_keeps_the_bos(llama3):
 
   cut = ppo.encode_prompt([('human', prompt)], tok, 'transcript', max_tokens=20)
   assert cut == [bos] + full[-19:]
-  pm_ids = preference.encode(preference.as_turns((prompt, 'Fine.')), tok, 'transcript', 20)
+  pm_ids = pm_lib.encode(comparisons_lib.as_turns((prompt, 'Fine.')), tok, 'transcript', 20)
   assert len(pm_ids) == 20 and pm_ids[0] == bos and pm_ids.count(bos) == 1
   assert pm_ids[-1] == tok.eos_token_id
   seen = sampling.generate_responses(

@@ -16,9 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cai_jax import checkpoint, critique_revision, data, pipeline, records, sharding, stages
-from cai_jax import constitution as constitution_lib
-from cai_jax.constitution import ConstitutionError
+from cai_jax import bookkeeping, pipeline
+from cai_jax.method import constitution as constitution_lib
+from cai_jax.method import data
+from cai_jax.method.constitution import ConstitutionError
+from cai_jax.models import checkpoint
+from cai_jax.stages import critique_revision
+from cai_jax.utils import records, sharding
 from helpers_stages import tiny_main_cmd
 from configs import tiny
 
@@ -118,7 +122,7 @@ def run_stage(config, workdir):
   """What `python -m cai_jax.main` does with the config, in this process (same mesh)."""
   mesh = sharding.make_mesh(config.mesh.shape)
   with sharding.use_mesh(mesh, config.logical_axis_rules):
-    return pipeline.run(stages.Context(config, Path(workdir), mesh))
+    return pipeline.run(pipeline.context(config, Path(workdir), mesh))
 
 
 @pytest.fixture(scope='module')
@@ -300,7 +304,7 @@ def test_processes_split_chunks_and_merge_in_order(tmp_path):
       process_count=2,
   ) == {'resumed': 4, 'new': 0}
   (tmp_path / 'samples.1.jsonl').unlink()
-  with pytest.raises(stages.StageError, match='3 samples records missing'):
+  with pytest.raises(bookkeeping.StageError, match='3 samples records missing'):
     records.merge_parts(tmp_path, 'samples', [r['id'] for r in items], 'test', 2)
 
 
@@ -325,8 +329,8 @@ def test_processes_split_chunks_and_merge_in_order(tmp_path):
     ],
 )
 def test_bad_inputs_are_clear_errors(prompt_files, tmp_path, extra, message):
-  with pytest.raises(stages.StageError, match=message):
-    pipeline.run(stages.Context(make_config(prompt_files, **extra), tmp_path))
+  with pytest.raises(bookkeeping.StageError, match=message):
+    pipeline.run(pipeline.context(make_config(prompt_files, **extra), tmp_path))
 
 
 def test_empty_split_and_zero_principles_are_clear_errors(prompt_files, tmp_path):
@@ -335,12 +339,12 @@ def test_empty_split_and_zero_principles_are_clear_errors(prompt_files, tmp_path
   c = make_config(
       prompt_files, **{'data.paths.hh_rlhf_redteam': str(only_test), 'data.test_fraction': 0.99}
   )
-  with pytest.raises(stages.StageError, match='train split of .*redteam_sources is empty'):
-    pipeline.run(stages.Context(c, tmp_path / 'a'))
+  with pytest.raises(bookkeeping.StageError, match='train split of .*redteam_sources is empty'):
+    pipeline.run(pipeline.context(c, tmp_path / 'a'))
 
   bad = json.loads(constitution_lib.bundled_path('tiny').read_text())
   bad['critique_revision'] = []
   (tmp_path / 'none.json').write_text(json.dumps(bad))
   c = make_config(prompt_files, constitution=str(tmp_path / 'none.json'))
   with pytest.raises(ConstitutionError, match="'critique_revision': expected a non-empty list"):
-    pipeline.run(stages.Context(c, tmp_path / 'b'))
+    pipeline.run(pipeline.context(c, tmp_path / 'b'))

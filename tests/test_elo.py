@@ -1,11 +1,11 @@
-"""Tests for Bradley-Terry Elo fits and bootstrap intervals in cai_jax/elo.py."""
+"""Tests for Bradley-Terry Elo fits and bootstrap intervals in cai_jax/method/elo.py."""
 
 import math
 
 import numpy as np
 import pytest
 
-from cai_jax import elo
+from cai_jax.method import elo
 
 ELO_LOG3 = 400 * math.log10(3)  # 190.8485: the Elo gap at which the stronger model wins 3/4
 

@@ -12,7 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cai_jax import checkpoint, conversation, evaluate, pipeline, ppo, sharding, stages
+from cai_jax import bookkeeping, pipeline
+from cai_jax.evaluation import judge as judge_lib
+from cai_jax.evaluation import scores as scores_lib
+from cai_jax.method import conversation
+from cai_jax.method import labeler as labeler_lib
+from cai_jax.method import snapshots
+from cai_jax.models import checkpoint
+from cai_jax.stages import evaluate
+from cai_jax.utils import sharding
 from configs import tiny
 from tests.helpers_stages import fake_upstream, sl_cai_records, tiny_main_cmd
 
@@ -46,12 +54,12 @@ NOT_REFUSALS = [
 
 @pytest.mark.parametrize('text', REFUSALS)
 def test_refusals_are_detected(text):
-  assert evaluate.is_refusal(text)
+  assert scores_lib.is_refusal(text)
 
 
 @pytest.mark.parametrize('text', NOT_REFUSALS)
 def test_non_refusals_are_not(text):
-  assert not evaluate.is_refusal(text)
+  assert not scores_lib.is_refusal(text)
 
 
 def test_model_metrics_rates_by_prompt_kind():
@@ -64,28 +72,28 @@ def test_model_metrics_rates_by_prompt_kind():
       for i, (k, t) in enumerate(zip(kinds, texts))
   ]
   rewards = np.arange(6, dtype=np.float64)
-  x = evaluate.model_metrics(records, rewards, {'evaluation_pm': None})
+  x = scores_lib.model_metrics(records, rewards, {'evaluation_pm': None})
   assert x['refusal_rate_redteam'] == 0.25 and x['refusal_rate_helpful'] == 0.5
   assert x['empty_rate_redteam'] == 0.25 and x['empty_rate_helpful'] == 0.0
   assert x['truncated_rate_redteam'] == 0.25 and x['truncated_rate_helpful'] == 0.0
   assert x['mean_tokens_helpful'] == (len(texts[4]) + len(texts[5])) / 2
-  assert x['harmlessness_pm'] == evaluate.mean_stderr([0.0, 1.0, 2.0, 3.0])
-  assert x['helpfulness_pm'] == evaluate.mean_stderr([4.0, 5.0])
+  assert x['harmlessness_pm'] == scores_lib.mean_stderr([0.0, 1.0, 2.0, 3.0])
+  assert x['helpfulness_pm'] == scores_lib.mean_stderr([4.0, 5.0])
   assert x['harmlessness_eval_pm'] is None and x['harmfulness'] is None
 
 
 def test_mean_stderr():
-  assert evaluate.mean_stderr([1.0, 3.0]) == {'mean': 2.0, 'stderr': 1.0, 'n': 2}
-  assert evaluate.mean_stderr([2.0]) == {'mean': 2.0, 'stderr': None, 'n': 1}
-  assert evaluate.mean_stderr([])['n'] == 0
+  assert scores_lib.mean_stderr([1.0, 3.0]) == {'mean': 2.0, 'stderr': 1.0, 'n': 2}
+  assert scores_lib.mean_stderr([2.0]) == {'mean': 2.0, 'stderr': None, 'n': 1}
+  assert scores_lib.mean_stderr([])['n'] == 0
 
 
 def test_elo_table_seeded():
   comparisons = [('a', 'b', 0.8), ('b', 'c', 0.6), ('a', 'c', 0.9), ('c', 'a', 0.3)] * 3
   kw = dict(n_bootstrap=50, ci=0.9, anchor='a')
-  one = evaluate.elo_table(comparisons, ['a', 'b', 'c'], seed=3, **kw)
-  assert one == evaluate.elo_table(comparisons, ['a', 'b', 'c'], seed=3, **kw)
-  other = evaluate.elo_table(comparisons, ['a', 'b', 'c'], seed=4, **kw)
+  one = judge_lib.elo_table(comparisons, ['a', 'b', 'c'], seed=3, **kw)
+  assert one == judge_lib.elo_table(comparisons, ['a', 'b', 'c'], seed=3, **kw)
+  other = judge_lib.elo_table(comparisons, ['a', 'b', 'c'], seed=4, **kw)
   assert one['elo']['b']['lo'] != other['elo']['b']['lo']
   assert one['elo']['a'] == {'elo': 0.0, 'lo': 0.0, 'hi': 0.0, 'bootstrap_mean': 0.0}
   assert (
@@ -147,13 +155,13 @@ def evaluated(tmp_path_factory):
     d = fake_upstream(config, workdir, stage, {})
     model = checkpoint.load_pretrained('random:tiny', seed=seed, scalar_head=head)
     checkpoint.save_pretrained(model, str(d / 'export'))
-  for step in ppo.snapshot_steps(config):  # the policies ppo keeps for the curves over RL
+  for step in snapshots.snapshot_steps(config):  # the policies ppo keeps for the curves over RL
     model = checkpoint.load_pretrained('random:tiny', seed=10 + step)
-    checkpoint.save_pretrained(model, str(ppo.snapshot_path(workdir / 'ppo', step)))
+    checkpoint.save_pretrained(model, str(snapshots.snapshot_path(workdir / 'ppo', step)))
   finished_scorer(config, workdir, 'evaluation_pm', seed=5)  # the harmfulness stage did not run
   mesh = sharding.make_mesh(config.mesh.shape)
   with sharding.use_mesh(mesh, config.logical_axis_rules):
-    ctx = stages.Context(config, workdir, mesh)
+    ctx = pipeline.context(config, workdir, mesh)
     rows = pipeline.run(ctx)
   assert rows[0][:2] == ('evaluate', 'ran')
   return ctx, workdir / 'evaluate'
@@ -173,13 +181,13 @@ def test_report_and_summary(evaluated):
     assert x['harmfulness'] is None
     responses = evaluate.records_lib.read_jsonl(d / f'responses_{m}.jsonl')
     assert len(responses) == 3
-    for kind in evaluate.KINDS:  # the summary's rates are those of the responses it wrote
+    for kind in scores_lib.KINDS:  # the summary's rates are those of the responses it wrote
       rs = [r['response'] for r in responses if r['kind'] == kind]
-      assert x[f'refusal_rate_{kind}'] == np.mean([evaluate.is_refusal(r) for r in rs])
+      assert x[f'refusal_rate_{kind}'] == np.mean([scores_lib.is_refusal(r) for r in rs])
   harm = summary['harmlessness']
   assert harm['n_comparisons'] == 3 * 2  # 3 model pairs x 2 red-team prompts
   assert harm['bootstrap_by'] == 'prompt' and harm['n_prompts'] == 2
-  assert set(harm['principles']) <= set(evaluate.judge_principles(ctx, 'redteam')[0])
+  assert set(harm['principles']) <= set(judge_lib.judge_principles(ctx, 'redteam')[0])
   assert len(harm['principles']) == 8  # the evaluation principles, held out from training
   judged = evaluate.records_lib.read_jsonl(d / 'judge_redteam.jsonl')
   assert {j['principle'] for j in judged if j['response_a'] != j['response_b']} <= set(
@@ -198,7 +206,7 @@ def test_report_and_summary(evaluated):
   curve = summary['rl_curve']
   assert curve['steps'] == [0, 2, 4] and len(curve['metrics']) == 3
   assert curve['sources']['step_000000'] == str(ctx.stage_dir('sft') / 'export')
-  assert curve['sources']['step_000002'] == str(ppo.snapshot_path(ctx.stage_dir('ppo'), 2))
+  assert curve['sources']['step_000002'] == str(snapshots.snapshot_path(ctx.stage_dir('ppo'), 2))
   assert curve['metrics'][0]['harmlessness_pm'] == summary['metrics']['sft']['harmlessness_pm']
   assert curve['metrics'][2]['harmlessness_eval_pm'] == x['harmlessness_eval_pm']  # x: ppo's
   assert curve['harmlessness']['n_comparisons'] == 2 * 2  # steps 2 and 4 vs step 0, 2 prompts
@@ -259,10 +267,8 @@ def test_restart_uses_cached_responses_and_reproduces_cis(evaluated, monkeypatch
   def fail(*args, **kwargs):
     raise AssertionError('a cached model or judgement was recomputed')
 
-  from cai_jax import feedback
-
   monkeypatch.setattr(evaluate.sampling, 'generate_responses', fail)
-  monkeypatch.setattr(feedback.Labeler, 'label', fail)
+  monkeypatch.setattr(labeler_lib.Labeler, 'label', fail)
   with sharding.use_mesh(ctx.mesh, ctx.config.logical_axis_rules):
     evaluate.run(ctx, d)
   after = json.loads((d / 'summary.json').read_text())
@@ -339,9 +345,9 @@ def test_workdir_of_another_config_is_refused(tmp_path):
 def _judge_rows(tmp_path, **evaluate_fields):
   config = tiny.get_config()
   config.evaluate.update(evaluate_fields)
-  ctx = stages.Context(config, Path(tmp_path))
-  principles = {k: evaluate.judge_principles(ctx, k) for k in evaluate.KINDS}
-  rows = evaluate.independence_rows(ctx, principles, evaluate.scorer_status(ctx))
+  ctx = pipeline.context(config, Path(tmp_path))
+  principles = {k: judge_lib.judge_principles(ctx, k) for k in scores_lib.KINDS}
+  rows = judge_lib.independence_rows(ctx, principles, scores_lib.scorer_status(ctx))
   return {r['signal'].split(' (')[0].split(':')[0]: r for r in rows}, ctx
 
 
@@ -358,7 +364,7 @@ def test_independence_table_says_when_the_judge_is_the_labeler(tmp_path):
   )
   rows, ctx = _judge_rows(tmp_path, judge_source='random:small')
   assert (
-      rows['harmlessness Elo']['labeler'] == 'yes' and evaluate.judge_source(ctx) == 'random:small'
+      rows['harmlessness Elo']['labeler'] == 'yes' and judge_lib.judge_source(ctx) == 'random:small'
   )
   rows, ctx = _judge_rows(tmp_path, judge_model='random:small')  # the old name still works
   assert rows['harmlessness Elo']['labeler'] == 'yes'
@@ -383,11 +389,13 @@ def test_evaluation_principles_are_held_out_from_the_training_constitutions():
 def test_bad_evaluate_settings_are_one_line(tmp_path):
   config = tiny.get_config()
   config.evaluate.constitution = str(tmp_path / 'missing.json')
-  with pytest.raises(stages.StageError, match=r'config.evaluate.constitution: .*missing.json'):
+  with pytest.raises(bookkeeping.StageError, match=r'config.evaluate.constitution: .*missing.json'):
     evaluate.check_config(config)
   config = tiny.get_config()
   config.evaluate.rl_curve_every = -1
-  with pytest.raises(stages.StageError, match=r'config.evaluate.rl_curve_every: .*>= 0, got -1'):
+  with pytest.raises(
+      bookkeeping.StageError, match=r'config.evaluate.rl_curve_every: .*>= 0, got -1'
+  ):
     evaluate.check_config(config)
 
 
@@ -395,7 +403,7 @@ def test_an_optional_stage_joins_the_fingerprint_once_it_has_run(tmp_path):
   """evaluate never requires the scorers' stages; once one has finished, evaluate's fingerprint
   holds it, so a finished evaluate is redone with the new scorer."""
   config = tiny.get_config()
-  ctx = stages.Context(config, tmp_path)
+  ctx = pipeline.context(config, tmp_path)
   before = ctx.stage_config_fingerprint('evaluate')
   assert 'optional' not in before  # workdirs without the scorers keep their fingerprints
   assert ctx.optional('evaluation_pm') == (
@@ -409,8 +417,10 @@ def test_an_optional_stage_joins_the_fingerprint_once_it_has_run(tmp_path):
     fake_upstream(config, tmp_path, 'evaluation_pm', {})
   after = ctx.stage_config_fingerprint('evaluate')
   assert set(after['optional']) == {'evaluation_pm'}
-  assert stages.diff_fields(before, after)[0].startswith('optional.evaluation_pm')
-  assert stages._only_inputs_changed(stages.diff_fields(before, after))  # redone, not refused
+  assert bookkeeping.diff_fields(before, after)[0].startswith('optional.evaluation_pm')
+  assert bookkeeping._only_inputs_changed(
+      bookkeeping.diff_fields(before, after)
+  )  # redone, not refused
 
 
 def test_no_rl_curve_without_rl_cai_among_the_models():

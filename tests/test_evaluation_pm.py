@@ -6,8 +6,11 @@ import json
 import numpy as np
 import pytest
 
-from cai_jax import feedback, pipeline, preference, sharding, stages, validate
-from cai_jax import records as records_lib
+from cai_jax import pipeline, validate
+from cai_jax.method import preference_model as pm_lib
+from cai_jax.stages import feedback, preference
+from cai_jax.utils import records as records_lib
+from cai_jax.utils import sharding
 from helpers_stages import fake_upstream
 from test_preference import helpful_records, numpy_tiny_source, synthetic_records
 
@@ -63,7 +66,7 @@ def test_preference_never_sees_the_evaluation_split(setup):
   _, config, workdir, records = setup
   held = {r['id'] for r in records if r['split'] == records_lib.EVALUATION_SPLIT}
   assert 0 < len(held) < N_PAIRS
-  comparisons, counts = preference.load_comparisons(stages.Context(config, workdir))
+  comparisons, counts = preference.load_comparisons(pipeline.context(config, workdir))
   assert not held & {c.id for c in comparisons}
   assert counts['evaluation_split_excluded'] == len(held)
   assert len(comparisons) == N_PAIRS - len(held)
@@ -76,7 +79,7 @@ def test_stage_trains_on_the_evaluation_split_and_human_comparisons(setup):
   config.evaluation_pm.human_path = str(root / 'human.jsonl')
   assert validate.problems(config, workdir) == []
   with sharding.use_mesh(sharding.make_mesh(config.mesh.shape), config.logical_axis_rules):
-    ctx = stages.Context(config, workdir)
+    ctx = pipeline.context(config, workdir)
     rows = pipeline.run(ctx)
     assert rows[0][:2] == ('evaluation_pm', 'ran')
     summary = json.loads((workdir / 'evaluation_pm' / 'DONE.json').read_text())['summary']
@@ -87,7 +90,7 @@ def test_stage_trains_on_the_evaluation_split_and_human_comparisons(setup):
     assert 'HH-RLHF human helpfulness comparisons' in summary['sources']
     # The interface evaluate reads: the role's export, loaded like the RL PM.
     pm = ctx.load_role('evaluation_pm', scalar_head=True, frozen=True)
-    good, bad = preference.score_conversations(
+    good, bad = pm_lib.score_conversations(
         pm, [('sun sky', 'cat banana'), ('sun sky', 'cat dog box')], fmt=config.conversation_format
     )
     assert np.isfinite([good, bad]).all() and good > bad

@@ -15,9 +15,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cai_jax import checkpoint, constitution as C, evaluate_feedback, feedback, records, sampling
-from cai_jax import pipeline, sharding, stages
-from cai_jax.feedback import Pair, label_from_logprobs
+from cai_jax import bookkeeping, pipeline
+from cai_jax import sampling
+from cai_jax.method import constitution as C
+from cai_jax.method import labeler as labeler_lib
+from cai_jax.method import prompts as prompts_lib
+from cai_jax.method.labeler import Pair, label_from_logprobs
+from cai_jax.models import checkpoint
+from cai_jax.stages import evaluate_feedback, feedback
+from cai_jax.utils import records
+from cai_jax.utils import sharding
 from configs import tiny
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,7 +120,7 @@ def pieces(tok, ids):
 
 def test_option_tokens_plain_boundary_multi_token():
   tok = bpe_tokenizer([])  # characters only: every option is 4 tokens
-  prompt, conts, boundary = feedback.option_tokens(tok, 'The answer is:')
+  prompt, conts, boundary = labeler_lib.option_tokens(tok, 'The answer is:')
   assert tok.decode(prompt) == 'The answer is:' and boundary == 0
   assert [pieces(tok, c) for c in conts] == [[' ', '(', 'A', ')'], [' ', '(', 'B', ')']]
 
@@ -121,7 +128,7 @@ def test_option_tokens_plain_boundary_multi_token():
 def test_option_tokens_merged_across_the_boundary():
   # ": (" is one token, so "is: (A)" does not start with the tokens of "is:".
   tok = bpe_tokenizer([(':', ' '), (': ', '(')])
-  prompt, conts, boundary = feedback.option_tokens(tok, 'The answer is:')
+  prompt, conts, boundary = labeler_lib.option_tokens(tok, 'The answer is:')
   assert boundary == 1  # the prompt's ":" is re-scored inside both options' spans
   assert tok.decode(prompt) == 'The answer is'
   assert [pieces(tok, c) for c in conts] == [[': (', 'A', ')'], [': (', 'B', ')']]
@@ -129,7 +136,7 @@ def test_option_tokens_merged_across_the_boundary():
 
 def test_option_tokens_options_of_different_lengths_share_the_context():
   tok = bpe_tokenizer([('(', 'A')])  # "(A" merges, "(B" does not
-  prompt, conts, boundary = feedback.option_tokens(tok, 'The answer is:')
+  prompt, conts, boundary = labeler_lib.option_tokens(tok, 'The answer is:')
   assert boundary == 0 and tok.decode(prompt) == 'The answer is:'
   assert [pieces(tok, c) for c in conts] == [[' ', '(A', ')'], [' ', '(', 'B', ')']]
 
@@ -197,7 +204,7 @@ def fake_labeler(**cfg):
       tokenizer=checkpoint.byte_tokenizer(),
       model=types.SimpleNamespace(cfg=types.SimpleNamespace(max_positions=4096)),
   )
-  return feedback.Labeler(pretrained, HANDMADE, fb_cfg(**cfg), 'transcript', 4096, 0, 'feedback')
+  return labeler_lib.Labeler(pretrained, HANDMADE, fb_cfg(**cfg), 'transcript', 4096, 0, 'feedback')
 
 
 PAIR = Pair('p0', (('human', 'Help me.'),), 'Sure.', 'No.')
@@ -250,7 +257,7 @@ def test_helpfulness_pairs_are_labeled_under_helpfulness_principles(fake_engine)
 
 def test_principles_are_seeded_by_pair_id():
   const = C.load_constitution('default')
-  lab = feedback.Labeler(None, const, fb_cfg(num_principles=4), 'transcript', 512, 3, 'feedback')
+  lab = labeler_lib.Labeler(None, const, fb_cfg(num_principles=4), 'transcript', 512, 3, 'feedback')
   first = lab.principles(PAIR)
   assert len(set(first)) == 4 and first == lab.principles(PAIR)
   assert first == C.sample_feedback_principles(const, 4, C.principle_rng(3, 'p0', 'feedback'))
@@ -269,7 +276,7 @@ def tiny_model():
 
 
 def test_multi_token_options_are_sums_of_token_logprobs(tiny_model):
-  lab = feedback.Labeler(tiny_model, HANDMADE, fb_cfg(), 'transcript', 512, 0, 'feedback')
+  lab = labeler_lib.Labeler(tiny_model, HANDMADE, fb_cfg(), 'transcript', 512, 0, 'feedback')
   (scorings,) = lab.label([PAIR], seed=0)
   tok = tiny_model.tokenizer
   for option in (A, B):
@@ -292,7 +299,7 @@ def test_identical_and_empty_responses(tiny_model, monkeypatch):
   prompts = [{'id': f'r{i}', 'prompt': f'Prompt {i}?'} for i in range(4)]
   for mode in ('score', 'skip'):
     cfg = fb_cfg(empty_response=mode)
-    lab = feedback.Labeler(tiny_model, HANDMADE, cfg, 'transcript', 512, 0, 'feedback')
+    lab = labeler_lib.Labeler(tiny_model, HANDMADE, cfg, 'transcript', 512, 0, 'feedback')
     seeds = lambda step: records.chunk_seed(0, feedback._RESPONSE_STREAM, 0, step)  # noqa: E731
     out = feedback.label_chunk(prompts, seeds, policy=None, labeler=lab, cfg=cfg, fmt='transcript')
     identical, empty, normal, both_empty = out
@@ -343,7 +350,7 @@ def test_read_generic_reports_malformed_line_numbers(tmp_path):
   assert [m['line'] for m in malformed] == [3, 4, 5]
   assert 'not JSON' in malformed[0]['error'] and '"rejected"' in malformed[1]['error']
   assert "human's turn" in malformed[2]['error']
-  with pytest.raises(stages.StageError, match=r'c\.jsonl:3: malformed generic comparison'):
+  with pytest.raises(bookkeeping.StageError, match=r'c\.jsonl:3: malformed generic comparison'):
     evaluate_feedback.read_comparisons(path, 'generic', on_malformed='fail')
   assert (
       len(evaluate_feedback.read_comparisons(path, 'generic', limit=2, on_malformed='fail')[0]) == 2
@@ -368,7 +375,7 @@ def test_read_paper_file(paper_file):
   for pair, row in zip(pairs, rows):
     primary = pair.primary_order
     assert pair.file_prompts[primary] == row['prompt']  # scored as-is, byte for byte
-    assert feedback.OPTIONS[primary] == row['corrects'][0]
+    assert labeler_lib.OPTIONS[primary] == row['corrects'][0]
     assert (
         pair.file_principle
         == 'Please choose the response that is the most helpful, honest, and harmless.'
@@ -381,7 +388,7 @@ def test_read_paper_file(paper_file):
 
 def test_missing_default_comparisons_is_a_clear_error(monkeypatch, tmp_path):
   monkeypatch.setattr(evaluate_feedback, 'PAPER_HHH', tmp_path / 'absent.jsonl')
-  with pytest.raises(stages.StageError, match='--config.evaluate_feedback.comparisons=PATH'):
+  with pytest.raises(bookkeeping.StageError, match='--config.evaluate_feedback.comparisons=PATH'):
     evaluate_feedback.comparisons_path(types.SimpleNamespace(comparisons=''))
 
 
@@ -403,7 +410,7 @@ def tiny_config(**overrides):
 def run_stages(config, workdir, models=()):
   mesh = sharding.make_mesh(config.mesh.shape)
   with sharding.use_mesh(mesh, config.logical_axis_rules):
-    ctx = stages.Context(config, Path(workdir), mesh)
+    ctx = pipeline.context(config, Path(workdir), mesh)
     ctx._models.update(models)
     return pipeline.run(ctx)
 
@@ -451,7 +458,7 @@ def test_evaluate_generic_with_every_option(tmp_path, tiny_model):
 
 def test_evaluate_malformed_fail_names_the_line(tmp_path, tiny_model):
   path = write_generic(tmp_path / 'c.jsonl')
-  with pytest.raises(stages.StageError, match=r'c\.jsonl:3: .*on_malformed=skip'):
+  with pytest.raises(bookkeeping.StageError, match=r'c\.jsonl:3: .*on_malformed=skip'):
     evaluate(
         tmp_path / 'w',
         tiny_model,
@@ -519,7 +526,7 @@ def test_feedback_stage_resumes_after_kill_9(tmp_path, tiny_model):
     d = workdir / 'sft'
     d.mkdir(parents=True)
     checkpoint.save_pretrained(tiny_model, str(d / 'export'))
-    ctx = stages.Context(config, workdir)
+    ctx = pipeline.context(config, workdir)
     fp = ctx.fingerprint('sft')
     (d / 'fingerprint.json').write_text(
         json.dumps({'fingerprint': fp, 'fields': ctx.stage_config_fingerprint('sft')}, default=str)
@@ -624,7 +631,7 @@ def test_few_shots_shown_under_independently_drawn_principles():
   assert any(len(set(d)) > 1 for d in drawn)  # examples of one prompt differ in principle
   pair = Pair('p3', PAIR.conversation, 'a', 'b')
   order0, order1 = labeler.scorings(pair)
-  expected = C.render_feedback_prompt(
+  expected = prompts_lib.render_feedback_prompt(
       labeler.constitution,
       pair.conversation,
       order0['principle'],

@@ -5,7 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from cai_jax import harmfulness, pipeline, preference, sharding, stages, validate
+from cai_jax import pipeline, validate
+from cai_jax.method import preference_model as pm_lib
+from cai_jax.stages import harmfulness
+from cai_jax.utils import sharding
 from test_preference import WORDS, numpy_tiny_source
 
 # The synthetic rating is a deterministic function of the assistant's reply: which of these words
@@ -27,7 +30,7 @@ def red_team_records(n, seed=0):
 
 def _run(config, workdir):
   with sharding.use_mesh(sharding.make_mesh(config.mesh.shape), config.logical_axis_rules):
-    ctx = stages.Context(config, workdir)
+    ctx = pipeline.context(config, workdir)
     pipeline.run(ctx)
     summary = json.loads((workdir / 'harmfulness' / 'DONE.json').read_text())['summary']
     return ctx, summary
@@ -57,7 +60,7 @@ def test_regressor_learns_a_synthetic_rating(config, tmp_path):
   assert summary['eval_mse'] < 1.0, summary  # the ratings' variance is 2
   with sharding.use_mesh(sharding.make_mesh(config.mesh.shape), config.logical_axis_rules):
     model = ctx.load_role('harmfulness', scalar_head=True, frozen=True)
-    pred = preference.score_conversations(
+    pred = pm_lib.score_conversations(
         model, [('sun sky', f'cat {m} dog') for m in MARKERS], fmt=config.conversation_format
     )
   assert harmfulness.spearman(pred, range(len(MARKERS))) > 0.8, pred

@@ -1,11 +1,11 @@
-"""Golden-number tests for the AI-feedback soft-label math in cai_jax/labels.py."""
+"""Golden-number tests for the AI-feedback soft-label math in cai_jax/method/labels.py."""
 
 import math
 
 import numpy as np
 import pytest
 
-from cai_jax import labels
+from cai_jax.method import labels
 
 
 def test_option_probability_normalizes_two_options():

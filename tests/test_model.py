@@ -1,4 +1,4 @@
-"""Parity of cai_jax/model.py with transformers (PyTorch, float32, eager attention).
+"""Parity of cai_jax/models/decoder.py with transformers (PyTorch, float32, eager attention).
 
 Each family is a tiny random transformers model built from a config here (no download), saved
 as safetensors, read back with `checkpoint.load_pretrained`, and compared logit by logit:
@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cai_jax import checkpoint, model as model_lib, sharding
+from cai_jax.models import checkpoint, decoder as model_lib
+from cai_jax.utils import sharding
 from helpers import HF_CASES, hf_logits, hf_reference, max_abs_diff, our_logits, padded_batch
 
 torch = pytest.importorskip('torch')

@@ -7,8 +7,12 @@ import json
 import jax
 import pytest
 
-from cai_jax import checkpoint, conversation, data, feedback, pipeline, preference, sft, sharding
-from cai_jax import stages
+from cai_jax import pipeline
+from cai_jax.method import comparisons as comparisons_lib
+from cai_jax.method import conversation, data
+from cai_jax.models import checkpoint
+from cai_jax.stages import feedback, preference, sft
+from cai_jax.utils import sharding
 from configs import tiny
 
 # Two human turns each: the first is a prompt of its own, the second continues the conversation.
@@ -47,7 +51,7 @@ def _config(redteam_file, stage_list):
 def _run(config, workdir):
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   with sharding.use_mesh(mesh, config.logical_axis_rules):
-    ctx = stages.Context(config, workdir, mesh)
+    ctx = pipeline.context(config, workdir, mesh)
     pipeline.run(ctx)
     return ctx
 
@@ -100,7 +104,10 @@ def test_every_stage_reads_the_conversation(tmp_path, redteam_file):
   in_train = [r for r in labeled if r['split'] == 'train']
   for pairs, expected in (
       (preference.load_comparisons(ctx)[0], in_train),
-      (preference.feedback_comparisons(feedback.load_preferences(tmp_path / 'feedback')), labeled),
+      (
+          comparisons_lib.feedback_comparisons(feedback.load_preferences(tmp_path / 'feedback')),
+          labeled,
+      ),
   ):
     multi = [c for c in pairs if c.a[-2][1] in contexts]
     assert len(multi) == len(expected)

@@ -16,9 +16,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cai_jax import checkpoint, conversation, pipeline, ppo, preference, rl, sharding, stages
-from cai_jax import train_lib
-from cai_jax.model import ScalarHeadModel
+from cai_jax import bookkeeping, pipeline
+from cai_jax.method import comparisons as comparisons_lib
+from cai_jax.method import conversation, rl
+from cai_jax.method import ppo_learner
+from cai_jax.models import checkpoint
+from cai_jax.models.decoder import ScalarHeadModel
+from cai_jax.stages import ppo
+from cai_jax.training import metrics as metrics_lib
+from cai_jax.training import train_lib
+from cai_jax.utils import sharding
 from configs import ppo_toy
 from helpers_stages import fake_upstream
 
@@ -34,7 +41,7 @@ def tiny():
 
 def _actor_critic(tiny, shared=False):
   trunk = tiny.model if shared else nnx.clone(tiny.model)
-  return ppo.ActorCritic(
+  return ppo_learner.ActorCritic(
       tiny.model, ScalarHeadModel(tiny.config, rngs=nnx.Rngs(params=1), trunk=trunk)
   )
 
@@ -52,7 +59,7 @@ def _toy_config(**ppo_overrides):
 
 def _hand_made_batch():
   """Two rows, prompt bucket 4, response length 4: row 0 answers 4 tokens, row 1 one token."""
-  return ppo.pack_rollout(
+  return ppo_learner.pack_rollout(
       [[10, 11, 12], [20, 21]], [[30, 31, 32, 33], [40]], prompt_len=4, response_len=4, pad_id=PAD
   )
 
@@ -77,8 +84,10 @@ def test_response_logprobs_match_a_plain_forward(tiny):
   full, _ = tiny.model(b['tokens'], b['positions'], b['key_mask'])
   want = jax.nn.log_softmax(full[:, 3:-1], -1)
   want = jnp.take_along_axis(want, b['tokens'][:, 4:, None], -1)[..., 0]
-  logits = ppo.response_logits(tiny.model, b['tokens'], b['positions'], b['key_mask'], 4, 1.0)
-  got = ppo.token_logprobs(logits, b['tokens'][:, 4:])
+  logits = ppo_learner.response_logits(
+      tiny.model, b['tokens'], b['positions'], b['key_mask'], 4, 1.0
+  )
+  got = ppo_learner.token_logprobs(logits, b['tokens'][:, 4:])
   np.testing.assert_allclose(got, want, atol=1e-5)
 
 
@@ -92,10 +101,10 @@ def test_loss_on_hand_made_batch(tiny, shared):
   graphdef, params = nnx.split(ac, nnx.Param)
   if shared:  # the value part of a shared-trunk learner is the head alone
     assert sorted(params['value'].keys()) == ['head', 'head_bias']
-  loss_fn = jax.jit(lambda p, batch: ppo.make_loss_fn(cfg)(nnx.merge(graphdef, p), batch))
+  loss_fn = jax.jit(lambda p, batch: ppo_learner.make_loss_fn(cfg)(nnx.merge(graphdef, p), batch))
   b = {k: jnp.asarray(v) for k, v in _hand_made_batch().items()}
   logits, values = nnx.merge(graphdef, params)(b['tokens'], b['positions'], b['key_mask'], 4, 1.0)
-  logp = ppo.token_logprobs(logits, b['tokens'][:, 4:])
+  logp = ppo_learner.token_logprobs(logits, b['tokens'][:, 4:])
   mask = b['response_mask']
   adv = jnp.array([[1.0, -1.0, 2.0, 0.5], [3.0, 7.0, 7.0, 7.0]])  # row 1's last three are padding
   p = np.exp(np.asarray(jax.nn.log_softmax(logits, -1)))
@@ -143,7 +152,7 @@ def _rollout(tiny, cfg, policy_noise=0.0, zero_value_head=False, final=(1.0, -0.
         lambda x: x + policy_noise * jax.random.normal(next(keys), x.shape), params['policy']
     )
   ref_graphdef, ref_params = nnx.split(tiny.model, nnx.Param)
-  fn = ppo.make_rollout_fn(graphdef, ref_graphdef, cfg)
+  fn = ppo_learner.make_rollout_fn(graphdef, ref_graphdef, cfg)
   b = {k: jnp.asarray(v) for k, v in _hand_made_batch().items()}
   return (
       jax.device_get(fn(params, ref_params, b, jnp.asarray(final, jnp.float32), jnp.float32(0.1))),
@@ -218,9 +227,9 @@ def test_encode_prompt_renders_a_multi_turn_conversation():
   assert byte.decode(short) == conversation.render(turns[2:], 'transcript')
   # The PM scores the conversation the prompt record holds, then the response.
   record = {'prompt': turns[-1][1], 'conversation': [list(t) for t in turns]}
-  assert preference.response_conversation(record, 'No.') == (*turns, ('assistant', 'No.'))
+  assert comparisons_lib.response_conversation(record, 'No.') == (*turns, ('assistant', 'No.'))
   single = {'prompt': 'Hi?'}
-  assert preference.response_conversation(single, 'Hello.') == preference.as_turns(
+  assert comparisons_lib.response_conversation(single, 'Hello.') == comparisons_lib.as_turns(
       ('Hi?', 'Hello.')
   )
 
@@ -243,7 +252,7 @@ def test_tokenizer_mismatch_is_a_clear_error(tiny):
 def _run_stage(config, workdir, tiny):
   mesh = sharding.make_mesh(config.mesh.shape)
   with sharding.use_mesh(mesh, config.logical_axis_rules):
-    ctx = stages.Context(config, Path(workdir), mesh)
+    ctx = pipeline.context(config, Path(workdir), mesh)
     ctx._models[(config.ppo.policy_source, False, 'float32')] = (
         tiny  # the random tiny model, made once
     )
@@ -254,7 +263,7 @@ def test_no_prompts_is_a_clear_error(tmp_path, tiny):
   c = _toy_config()
   for name in c.data.redteam_sources:
     c.data.redteam_sources[name] = 0
-  with pytest.raises(stages.StageError, match='no redteam prompts'):
+  with pytest.raises(bookkeeping.StageError, match='no redteam prompts'):
     _run_stage(c, tmp_path, tiny)
 
 
@@ -277,7 +286,7 @@ def test_toy_run_raises_the_synthetic_reward(tmp_path, tiny):
   _run_stage(c, tmp_path, tiny)
   seconds = time.time() - t0
   d = tmp_path / 'ppo'
-  rows = train_lib.read_metrics(d / 'metrics.jsonl')
+  rows = metrics_lib.read_metrics(d / 'metrics.jsonl')
   assert [r['step'] for r in rows] == list(range(1, 17))
   for key in (
       'step',
@@ -327,7 +336,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny):
     _run_stage(c, tmp_path, tiny)
   d = tmp_path / 'ppo'
   assert sorted(int(p.name) for p in (d / 'checkpoints').iterdir() if p.name.isdigit()) == [1, 2]
-  assert [r['step'] for r in train_lib.read_metrics(d / 'metrics.jsonl')] == [1, 2]
+  assert [r['step'] for r in metrics_lib.read_metrics(d / 'metrics.jsonl')] == [1, 2]
   assert not (d / 'DONE.json').exists() and not (d / 'export').exists()
 
 
@@ -358,7 +367,7 @@ def test_resume_after_kill_9_continues_from_the_last_checkpoint(tmp_path):
   )
   assert killed.returncode == -9, killed.stderr[-3000:]
   d = tmp_path / 'ppo'
-  before = {r['step']: r for r in train_lib.read_metrics(d / 'metrics.jsonl')}
+  before = {r['step']: r for r in metrics_lib.read_metrics(d / 'metrics.jsonl')}
   assert sorted(before) == [1, 2, 3] and not (d / 'DONE.json').exists()
   assert [p.name for p in (d / 'snapshots').iterdir()] == ['step_000002']  # before its checkpoint
 
@@ -373,7 +382,7 @@ def test_resume_after_kill_9_continues_from_the_last_checkpoint(tmp_path):
   assert done.returncode == 0, done.stderr[-3000:]
   summary = json.loads((d / 'DONE.json').read_text())['summary']
   assert summary['resumed_from'] == 2  # the step-2 checkpoint; step 3 had none
-  after = train_lib.read_metrics(d / 'metrics.jsonl')
+  after = metrics_lib.read_metrics(d / 'metrics.jsonl')
   assert [r['step'] for r in after] == [1, 2, 3, 4, 5]
   # Step 3 again from the step-2 checkpoint: the same prompts, samples and update as before.
   for key in ('score_mean', 'kl', 'policy_loss', 'value_loss', 'response_length'):
@@ -405,11 +414,11 @@ def test_smollm2_demo_config_runs_ppo_steps(tmp_path, smollm2):
   )
   mesh = sharding.make_mesh(c.mesh.shape)
   with sharding.use_mesh(mesh, c.logical_axis_rules):
-    ctx = stages.Context(c, tmp_path, mesh)
+    ctx = pipeline.context(c, tmp_path, mesh)
     ctx._models[(ctx.model_source('sft'), False, 'float32')] = smollm2  # stand-ins for the exports
     ctx._models[(ctx.model_source('preference'), True, 'float32')] = pm
     pipeline.run(ctx)
-  rows = train_lib.read_metrics(tmp_path / 'ppo' / 'metrics.jsonl')
+  rows = metrics_lib.read_metrics(tmp_path / 'ppo' / 'metrics.jsonl')
   assert [r['step'] for r in rows] == [1, 2]
   assert all(
       math.isfinite(r['policy_loss']) and r['kl'] >= 0 and r['logprob_gap'] < 1e-3 for r in rows

@@ -17,9 +17,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cai_jax import checkpoint, pipeline, ppo, sft, stages, train_lib, validate
-from cai_jax import model as model_lib
-from cai_jax.model import ScalarHeadModel
+from cai_jax import bookkeeping, pipeline, validate
+from cai_jax.method import ppo_learner
+from cai_jax.models import checkpoint
+from cai_jax.models import decoder as model_lib
+from cai_jax.models.decoder import ScalarHeadModel
+from cai_jax.stages import sft
+from cai_jax.training import train_lib
 from helpers_stages import tiny_main_cmd
 from configs import tpu_gemma2_2b_v5e8
 from configs.stages import ppo as ppo_stage_config
@@ -38,7 +42,7 @@ def _sft_batch(b=4, t=48, seed=0):
 
 
 def _ppo_batch():
-  b = ppo.pack_rollout(
+  b = ppo_learner.pack_rollout(
       [[10, 11, 12], [20, 21]], [[30, 31, 32, 33], [40]], prompt_len=4, response_len=4, pad_id=PAD
   )
   b = {k: jnp.asarray(v) for k, v in b.items()}
@@ -73,7 +77,11 @@ def _one_step(stage: str, param_dtype: str) -> float:
     cfg = ppo_stage_config.get_config('full')
     opt_cfg = cfg.policy_optimizer
     value = ScalarHeadModel(tiny.config, rngs=nnx.Rngs(params=1), trunk=nnx.clone(tiny.model))
-    model, loss_fn, batch = ppo.ActorCritic(tiny.model, value), ppo.make_loss_fn(cfg), _ppo_batch()
+    model, loss_fn, batch = (
+        ppo_learner.ActorCritic(tiny.model, value),
+        ppo_learner.make_loss_fn(cfg),
+        _ppo_batch(),
+    )
   tx, schedule = train_lib.make_optimizer(opt_cfg, 1000)
   graphdef, state, shardings = train_lib.init_state(model, tx)
   before = jax.device_get(state.params)
@@ -143,7 +151,8 @@ import json, sys
 import jax, jax.numpy as jnp
 from flax import nnx
 from jax.experimental import topologies
-from cai_jax import model as model_lib, sft
+from cai_jax.models import decoder as model_lib
+from cai_jax.stages import sft
 
 device = topologies.get_topology_desc(topology_name='v5e:2x2', platform='tpu').devices[0]
 on_tpu = jax.sharding.SingleDeviceSharding(device)
@@ -190,7 +199,7 @@ def test_bad_precision_fields_are_one_line_errors_and_bf16_masters_warn(caplog):
   for field, value in (('dtype', 'float7'), ('param_dtype', 'int8'), ('remat', 'some')):
     bad = tpu_gemma2_2b_v5e8.get_config().model
     bad[field] = value
-    with pytest.raises(stages.StageError, match=f'model.{field}'):
+    with pytest.raises(bookkeeping.StageError, match=f'model.{field}'):
       validate.check_precision(bad)
   cfg.param_dtype = 'bfloat16'
   with caplog.at_level(logging.WARNING):

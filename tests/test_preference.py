@@ -16,8 +16,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cai_jax import checkpoint, pipeline, preference, sharding, stages, train_lib, validate
-from cai_jax.model import Decoder, ModelConfig
+from cai_jax import bookkeeping, pipeline, validate
+from cai_jax.method import comparisons as comparisons_lib
+from cai_jax.method import preference_model as pm_lib
+from cai_jax.models import checkpoint
+from cai_jax.models.decoder import Decoder, ModelConfig
+from cai_jax.stages import preference
+from cai_jax.training import metrics as metrics_lib
+from cai_jax.training import train_lib
+from cai_jax.utils import sharding
 from helpers_stages import fake_upstream
 
 WORDS = (
@@ -41,35 +48,35 @@ R_A, R_B, P = [1.0, 0.0], [-0.5, 2.0], [0.8, 0.3]
 
 
 def test_soft_label_loss_golden():
-  loss, aux = preference.preference_loss(np.array(R_A), np.array(R_B), np.array(P))
+  loss, aux = pm_lib.preference_loss(np.array(R_A), np.array(R_B), np.array(P))
   assert float(loss) == pytest.approx((0.5014133 + 0.7269280) / 2, abs=1e-6)
   assert float(aux['accuracy']) == 1.0  # d > 0 with p > 0.5, d < 0 with p < 0.5
 
 
 def test_hard_label_loss_golden():
-  hard = [preference.training_label(p, 'hard') for p in P]
+  hard = [comparisons_lib.training_label(p, 'hard') for p in P]
   assert hard == [1.0, 0.0]
-  loss, _ = preference.preference_loss(np.array(R_A), np.array(R_B), np.array(hard))
+  loss, _ = pm_lib.preference_loss(np.array(R_A), np.array(R_B), np.array(hard))
   assert float(loss) == pytest.approx((0.2014133 + 0.1269280) / 2, abs=1e-6)
-  assert preference.training_label(0.5, 'hard') == 0.5
+  assert comparisons_lib.training_label(0.5, 'hard') == 0.5
   with pytest.raises(ValueError, match='label_type'):
-    preference.training_label(0.7, 'argmax')
+    comparisons_lib.training_label(0.7, 'argmax')
 
 
 def test_loss_weights_accuracy_and_extremes():
   # Weight 0 removes pair 2: the loss is pair 1's alone; a 0.5 label has no argmax.
-  loss, aux = preference.preference_loss(
+  loss, aux = pm_lib.preference_loss(
       np.array(R_A), np.array(R_B), np.array([0.8, 0.5]), np.array([1.0, 0.0])
   )
   assert float(loss) == pytest.approx(0.5014133, abs=1e-6)
   assert float(aux['accuracy']) == 1.0
   # Wrong side: d = -1.5 with p = 0.8 is an error; huge |d| stays finite.
-  loss, aux = preference.preference_loss(
+  loss, aux = pm_lib.preference_loss(
       np.array([-1.5, 1e4]), np.array([0.0, 0.0]), np.array([0.8, 1.0])
   )
   assert float(aux['accuracy']) == 0.5
   assert math.isfinite(float(loss))
-  metrics = preference.pair_metrics(np.array(R_A), np.array(R_B), np.array(P))
+  metrics = pm_lib.pair_metrics(np.array(R_A), np.array(R_B), np.array(P))
   assert metrics['loss'] == pytest.approx((0.5014133 + 0.7269280) / 2, abs=1e-6)
   assert metrics['accuracy'] == 1.0
 
@@ -78,14 +85,16 @@ def test_loss_weights_accuracy_and_extremes():
 
 
 def test_comparisons_from_feedback_and_helpful_files(tmp_path):
-  got = preference.feedback_comparisons(
+  got = comparisons_lib.feedback_comparisons(
       [dict(id='x', prompt='Hi?', response_a='A.', response_b='B.', p_a=0.7)]
   )
   assert got[0].a == (('human', 'Hi?'), ('assistant', 'A.')) and got[0].p_a == 0.7
-  with pytest.raises(preference.PreferenceDataError, match='lacks p_a'):
-    preference.feedback_comparisons([dict(prompt='Hi?', response_a='A.', response_b='B.')])
-  with pytest.raises(preference.PreferenceDataError, match='outside'):
-    preference.feedback_comparisons([dict(prompt='Hi?', response_a='A.', response_b='B.', p_a=1.5)])
+  with pytest.raises(comparisons_lib.PreferenceDataError, match='lacks p_a'):
+    comparisons_lib.feedback_comparisons([dict(prompt='Hi?', response_a='A.', response_b='B.')])
+  with pytest.raises(comparisons_lib.PreferenceDataError, match='outside'):
+    comparisons_lib.feedback_comparisons(
+        [dict(prompt='Hi?', response_a='A.', response_b='B.', p_a=1.5)]
+    )
 
   path = tmp_path / 'helpful.jsonl'
   rows = [
@@ -94,17 +103,17 @@ def test_comparisons_from_feedback_and_helpful_files(tmp_path):
       {'chosen': '\n\nHuman: Q3\n\nAssistant: good', 'rejected': '\n\nHuman: Q3\n\nAssistant: bad'},
   ]
   path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
-  pairs = preference.helpful_comparisons(str(path), weight=0.5)
+  pairs = comparisons_lib.helpful_comparisons(str(path), weight=0.5)
   for i, c in enumerate(pairs):
     assert c.a == (('human', f'Q{i + 1}'), ('assistant', 'good'))
     assert c.b == (('human', f'Q{i + 1}'), ('assistant', 'bad'))
     assert (c.p_a, c.weight, c.kind, c.label_source) == (1.0, 0.5, 'helpfulness', 'hh_rlhf')
-  assert len(preference.helpful_comparisons(str(path), max_pairs=2)) == 2
+  assert len(comparisons_lib.helpful_comparisons(str(path), max_pairs=2)) == 2
   # HH-RLHF's own gzipped files read the same.
   gz = tmp_path / 'train.jsonl.gz'
   with gzip.open(gz, 'wt') as f:
     f.write(path.read_text())
-  assert preference.helpful_comparisons(str(gz), weight=0.5) == pairs
+  assert comparisons_lib.helpful_comparisons(str(gz), weight=0.5) == pairs
 
 
 def test_malformed_helpful_line_is_a_one_line_error_with_its_number(tmp_path):
@@ -116,11 +125,13 @@ def test_malformed_helpful_line_is_a_one_line_error_with_its_number(tmp_path):
       }
   )
   path.write_text(f'{good}\n{good}\n{{"chosen": "\\n\\nHuman: Hi", "rejected"\n{good}\n')
-  with pytest.raises(preference.PreferenceDataError, match=r'helpful\.jsonl:3: not JSON'):
-    preference.helpful_comparisons(str(path))
+  with pytest.raises(comparisons_lib.PreferenceDataError, match=r'helpful\.jsonl:3: not JSON'):
+    comparisons_lib.helpful_comparisons(str(path))
   path.write_text(f'{good}\n{json.dumps({"chosen": "x"})}\n')
-  with pytest.raises(preference.PreferenceDataError, match=r'helpful\.jsonl:2: needs "chosen"'):
-    preference.helpful_comparisons(str(path))
+  with pytest.raises(
+      comparisons_lib.PreferenceDataError, match=r'helpful\.jsonl:2: needs "chosen"'
+  ):
+    comparisons_lib.helpful_comparisons(str(path))
   # At config-check time, before the workdir is touched: one line naming file and line.
   path.write_text(f'{good}\n{good}\n{{"chosen": \n')
   from configs import tiny
@@ -134,20 +145,20 @@ def test_malformed_helpful_line_is_a_one_line_error_with_its_number(tmp_path):
 
 
 def test_helpfulness_cap_and_per_kind_held_out():
-  harmless = preference.feedback_comparisons(synthetic_records(40))
+  harmless = comparisons_lib.feedback_comparisons(synthetic_records(40))
   helpful = [
       dataclasses.replace(c, kind='helpfulness', id=f'h{c.id}')
-      for c in preference.feedback_comparisons(synthetic_records(100, seed=5))
+      for c in comparisons_lib.feedback_comparisons(synthetic_records(100, seed=5))
   ]
-  mixed = preference.cap_helpfulness(harmless + helpful, 0.2, seed=0)
+  mixed = comparisons_lib.cap_helpfulness(harmless + helpful, 0.2, seed=0)
   assert sum(c.kind == 'helpfulness' for c in mixed) == 10  # 10 / (40 + 10) = 0.2
   assert [c for c in mixed if c.kind == 'harmlessness'] == harmless  # never dropped
-  assert preference.cap_helpfulness(harmless + helpful, 0.2, seed=0) == mixed  # seeded
-  assert preference.cap_helpfulness(harmless + helpful, 1.0, seed=0) == harmless + helpful
-  assert preference.cap_helpfulness(harmless + helpful, 0.0, seed=0) == harmless
-  assert len(preference.cap_helpfulness(harmless + helpful[:5], 0.43, seed=0)) == 45
+  assert comparisons_lib.cap_helpfulness(harmless + helpful, 0.2, seed=0) == mixed  # seeded
+  assert comparisons_lib.cap_helpfulness(harmless + helpful, 1.0, seed=0) == harmless + helpful
+  assert comparisons_lib.cap_helpfulness(harmless + helpful, 0.0, seed=0) == harmless
+  assert len(comparisons_lib.cap_helpfulness(harmless + helpful[:5], 0.43, seed=0)) == 45
   # Two helpfulness pairs at eval_fraction 0.01: one is still held out for its own accuracy.
-  train, held = preference.split_held_out(harmless + helpful[:2], 0.01, seed=0)
+  train, held = comparisons_lib.split_held_out(harmless + helpful[:2], 0.01, seed=0)
   assert [c.kind for c in held] == ['harmlessness', 'helpfulness']
   assert len(train) == 40
 
@@ -156,7 +167,7 @@ def test_fingerprints_follow_the_helpfulness_settings(tmp_path):
   from configs import tiny
 
   base = tiny.get_config()
-  ctx = lambda c: stages.Context(c, tmp_path)  # noqa: E731
+  ctx = lambda c: pipeline.context(c, tmp_path)  # noqa: E731
   fp = {s: ctx(base).fingerprint(s) for s in ('feedback', 'preference')}
   for field, value, changed in (
       ('preference.helpfulness_fraction', 0.2, {'preference'}),
@@ -177,35 +188,35 @@ def test_fingerprints_follow_the_helpfulness_settings(tmp_path):
 
 
 def test_as_turns_accepts_pairs_and_turns():
-  assert preference.as_turns(('Hi?', 'Hello.')) == (('human', 'Hi?'), ('assistant', 'Hello.'))
+  assert comparisons_lib.as_turns(('Hi?', 'Hello.')) == (('human', 'Hi?'), ('assistant', 'Hello.'))
   turns = [('human', 'Hi?'), ('assistant', 'Hello.'), ('human', 'More?'), ('assistant', 'Sure.')]
-  assert preference.as_turns(turns) == tuple(turns)
-  assert preference.as_turns([('human', 'Hi?')]) == (('human', 'Hi?'),)
+  assert comparisons_lib.as_turns(turns) == tuple(turns)
+  assert comparisons_lib.as_turns([('human', 'Hi?')]) == (('human', 'Hi?'),)
 
 
 def test_pairs_run_as_one_batch_of_2b_sequences():
   tok = checkpoint.byte_tokenizer()
-  comps = preference.feedback_comparisons(synthetic_records(3))
-  pairs = preference.encode_pairs(comps, tok, 'transcript', 64, 'hard')
+  comps = comparisons_lib.feedback_comparisons(synthetic_records(3))
+  pairs = pm_lib.encode_pairs(comps, tok, 'transcript', 64, 'hard')
   assert all(p.a[-1] == tok.eos_token_id and len(p.a) <= 64 for p in pairs)
   assert [p.target for p in pairs] == [1.0 if c.p_a > 0.5 else 0.0 for c in comps]  # hard labels
-  batch = preference.pack_pairs(pairs, [2, 0, -1], 64, pad_id=256)
+  batch = pm_lib.pack_pairs(pairs, [2, 0, -1], 64, pad_id=256)
   assert batch['tokens'].shape == (6, 64)  # rows a_2, a_0, filler, b_2, b_0, filler
   np.testing.assert_array_equal(batch['tokens'][3, : len(pairs[2].b)], pairs[2].b)
   assert batch['read_index'][0] == len(pairs[2].a) - 1 and batch['read_index'][2] == 0
   np.testing.assert_array_equal(batch['weight'], [1.0, 1.0, 0.0])  # the filler pair does not count
   # A too-long conversation keeps its end (the reply and the EOS the reward is read at).
-  ids = preference.encode([('human', 'x' * 100), ('assistant', 'the end')], tok, 'transcript', 16)
+  ids = pm_lib.encode([('human', 'x' * 100), ('assistant', 'the end')], tok, 'transcript', 16)
   assert len(ids) == 16 and tok.decode(ids).endswith('the end<|im_end|>')
-  ids = preference.encode([('human', 'Hi'), ('assistant', 'Yo')], tok, 'chat_template', 256)
+  ids = pm_lib.encode([('human', 'Hi'), ('assistant', 'Yo')], tok, 'chat_template', 256)
   assert tok.decode(ids).endswith('<|im_start|>assistant\nYo<|im_end|>\n<|im_end|>')
 
 
 def test_held_out_split_is_seeded_and_stable():
-  comps = preference.feedback_comparisons(synthetic_records(200))
-  train, held = preference.split_held_out(comps, 0.25, seed=0)
+  comps = comparisons_lib.feedback_comparisons(synthetic_records(200))
+  train, held = comparisons_lib.split_held_out(comps, 0.25, seed=0)
   assert len(train) + len(held) == 200 and 30 < len(held) < 70
-  train2, held2 = preference.split_held_out(comps[:100], 0.25, seed=0)
+  train2, held2 = comparisons_lib.split_held_out(comps[:100], 0.25, seed=0)
   assert {c.id for c in held2} == {c.id for c in held if int(c.id[1:]) < 100}
 
 
@@ -290,7 +301,7 @@ def tiny_config(root):
 
 def run_stage(config, workdir):
   with sharding.use_mesh(sharding.make_mesh(config.mesh.shape), config.logical_axis_rules):
-    ctx = stages.Context(config, workdir)
+    ctx = pipeline.context(config, workdir)
     rows = pipeline.run(ctx)
   return rows, json.loads((workdir / 'preference' / 'DONE.json').read_text())
 
@@ -329,7 +340,7 @@ def test_stage_learns_synthetic_preference(finished):
   assert summary['eval_accuracy'] == 1.0, summary
   assert summary['eval_loss'] < 0.6  # from ln 2 = 0.693 towards the label entropy H(0.8) = 0.500
   assert 0.0 <= summary['eval_ece'] <= 1.0 and 0.0 <= summary['eval_ece_soft'] < 0.2
-  rows = train_lib.read_metrics(workdir / 'preference' / 'metrics.jsonl')
+  rows = metrics_lib.read_metrics(workdir / 'preference' / 'metrics.jsonl')
   assert [r['step'] for r in rows] == list(range(1, summary['steps'] + 1))
   assert {'loss', 'accuracy', 'lr', 'grad_norm'} <= set(rows[0])
   assert rows[-1]['eval_accuracy'] == summary['eval_accuracy']
@@ -365,25 +376,25 @@ def test_ai_labeled_helpfulness_pairs_are_the_substitute(setup, tmp_path):
 def test_export_round_trip_gives_the_same_rewards(finished, setup):
   workdir, summary = finished
   _, config = setup
-  ctx = stages.Context(config, workdir)
+  ctx = pipeline.context(config, workdir)
   pm = ctx.load(ctx.model_source('preference'), scalar_head=True)
   # The held-out harmlessness pairs again, scored by the exported PM: the stage's metrics of that
   # kind come back.
-  comps = preference.feedback_comparisons(synthetic_records(N_PAIRS))
-  _, held = preference.split_held_out(comps, config.preference.eval_fraction, config.seed)
+  comps = comparisons_lib.feedback_comparisons(synthetic_records(N_PAIRS))
+  _, held = comparisons_lib.split_held_out(comps, config.preference.eval_fraction, config.seed)
   kw = dict(fmt=config.conversation_format, batch_size=8, max_len=config.preference.max_len)
-  r_a = preference.score_conversations(pm, [c.a for c in held], **kw)
-  r_b = preference.score_conversations(pm, [(c.b[0][1], c.b[1][1]) for c in held], **kw)
-  metrics = preference.pair_metrics(r_a, r_b, [c.p_a for c in held])
+  r_a = pm_lib.score_conversations(pm, [c.a for c in held], **kw)
+  r_b = pm_lib.score_conversations(pm, [(c.b[0][1], c.b[1][1]) for c in held], **kw)
+  metrics = pm_lib.pair_metrics(r_a, r_b, [c.p_a for c in held])
   assert metrics['loss'] == pytest.approx(summary['eval_harmlessness_loss'], abs=1e-5)
   assert metrics['accuracy'] == summary['eval_harmlessness_accuracy']
   # Batching and order do not change a reward.
   np.testing.assert_allclose(
-      preference.score_conversations(pm, [c.a for c in held[:3]], **kw), r_a[:3], atol=1e-5
+      pm_lib.score_conversations(pm, [c.a for c in held[:3]], **kw), r_a[:3], atol=1e-5
   )
   # Conversation scores that favour the marker word.
-  good = preference.score_conversations(pm, [('cat sky', 'red banana box')], **kw)
-  bad = preference.score_conversations(pm, [('cat sky', 'red owl box')], **kw)
+  good = pm_lib.score_conversations(pm, [('cat sky', 'red banana box')], **kw)
+  bad = pm_lib.score_conversations(pm, [('cat sky', 'red owl box')], **kw)
   assert good[0] > bad[0]
 
 
@@ -394,7 +405,7 @@ def test_resume_after_interrupt_continues_from_checkpoint(finished, setup, monke
   fake_upstream(config, workdir, 'feedback', {'samples.jsonl': synthetic_records(N_PAIRS)})
   every = config.preference.checkpoint_every
   calls = []
-  real_step, real_write = train_lib.make_train_step, train_lib.MetricsWriter.write
+  real_step, real_write = train_lib.make_train_step, metrics_lib.MetricsWriter.write
 
   def counting_step(*args, **kw):
     step = real_step(*args, **kw)
@@ -406,18 +417,18 @@ def test_resume_after_interrupt_continues_from_checkpoint(finished, setup, monke
       raise KeyboardInterrupt
 
   monkeypatch.setattr(train_lib, 'make_train_step', counting_step)
-  monkeypatch.setattr(train_lib.MetricsWriter, 'write', interrupting_write)
+  monkeypatch.setattr(metrics_lib.MetricsWriter, 'write', interrupting_write)
   with pytest.raises(KeyboardInterrupt):
     run_stage(config, workdir)
   assert not (workdir / 'preference' / 'DONE.json').exists()
   assert len(calls) == every + 1
 
-  monkeypatch.setattr(train_lib.MetricsWriter, 'write', real_write)
+  monkeypatch.setattr(metrics_lib.MetricsWriter, 'write', real_write)
   calls.clear()
   rows, done = run_stage(config, workdir)
   assert rows[0][:2] == ('preference', 'ran')
   assert len(calls) == reference['steps'] - every  # resumed at the checkpoint, not from step 0
-  steps = [r['step'] for r in train_lib.read_metrics(workdir / 'preference' / 'metrics.jsonl')]
+  steps = [r['step'] for r in metrics_lib.read_metrics(workdir / 'preference' / 'metrics.jsonl')]
   assert steps == list(range(1, reference['steps'] + 1))  # the log reads as one run
   # Same data order and optimizer state after the restore: the same PM as the uninterrupted run.
   assert done['summary']['eval_loss'] == pytest.approx(reference['eval_loss'], abs=1e-5)
@@ -429,25 +440,27 @@ def test_resume_after_interrupt_continues_from_checkpoint(finished, setup, monke
 def test_empty_feedback_is_a_clear_error(setup, tmp_path):
   _, config = setup
   fake_upstream(config, tmp_path, 'feedback', {'samples.jsonl': ''})
-  with pytest.raises(preference.PreferenceDataError, match='no labelled harmlessness pairs'):
+  with pytest.raises(comparisons_lib.PreferenceDataError, match='no labelled harmlessness pairs'):
     run_stage(config, tmp_path)
   bad = config.copy_and_resolve_references()
   bad.preference.label_type, bad.preference.eval_fraction = 'argmax', 1.0
-  with pytest.raises(stages.StageError, match='label_type must be one of .* eval_fraction must be'):
+  with pytest.raises(
+      bookkeeping.StageError, match='label_type must be one of .* eval_fraction must be'
+  ):
     preference.check_config(bad)
 
 
 def test_scoring_checks_the_model(setup):
   root, _ = setup
   pm = checkpoint.load_pretrained(str(root / 'tiny'), scalar_head=True)
-  assert preference.score_conversations(pm, [], fmt='transcript').shape == (0,)
+  assert pm_lib.score_conversations(pm, [], fmt='transcript').shape == (0,)
   lm = checkpoint.load_pretrained(str(root / 'tiny'))
   with pytest.raises(TypeError, match='scalar_head=True'):
-    preference.score_conversations(lm, [('Hi', 'Hello')], fmt='transcript')
+    pm_lib.score_conversations(lm, [('Hi', 'Hello')], fmt='transcript')
   # A tokenizer whose ids run past the model's vocabulary: the byte tokenizer's EOS is 258.
   small = checkpoint.Pretrained(pm.model, pm.tokenizer, pm.config.replace(vocab_size=256), 'small')
   with pytest.raises(checkpoint.CheckpointError, match='outside its vocabulary'):
-    preference.score_conversations(small, [('Hi', 'Hello')], fmt='transcript')
+    pm_lib.score_conversations(small, [('Hi', 'Hello')], fmt='transcript')
 
 
 def test_a_non_finite_step_stops_training_and_exports_nothing(setup, tmp_path):

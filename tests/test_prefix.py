@@ -6,7 +6,9 @@ import textwrap
 import numpy as np
 import pytest
 
-from cai_jax import checkpoint, sampling
+from cai_jax import sampling
+from cai_jax.method import prompts as prompts_lib
+from cai_jax.models import checkpoint
 from cai_jax.sampling import prefix as prefix_lib
 import helpers
 
@@ -172,7 +174,9 @@ def test_a_cache_is_for_one_model():
 _SHARDED_SCRIPT = textwrap.dedent("""
     import json
     import jax, numpy as np
-    from cai_jax import checkpoint, sampling, sharding
+    from cai_jax import sampling
+    from cai_jax.models import checkpoint
+    from cai_jax.utils import sharding
     assert jax.device_count() == 8, jax.devices()
     pre = 'The few-shot preamble that every prompt repeats, word for word. ' * 3
     kw = dict(max_new_tokens=12, stop_tokens=[])
@@ -196,8 +200,8 @@ def test_reuse_under_a_mesh_of_eight_devices():
 
 def test_smollm2_critique_prompts_with_few_shots(smollm2):
   """The real case: critique prompts under our constitution's few-shots, in the chat template."""
-  from cai_jax import constitution as constitution_lib
-  from cai_jax import conversation
+  from cai_jax.method import constitution as constitution_lib
+  from cai_jax.method import conversation
 
   c = constitution_lib.load_constitution('default')
   c = c.__class__(**{**c.__dict__, 'critique_few_shots': c.critique_few_shots[:1]})
@@ -207,7 +211,7 @@ def test_smollm2_critique_prompts_with_few_shots(smollm2):
     pair = constitution_lib.sample_critique_revision_pairs(
         c, 1, constitution_lib.principle_rng(0, i, 'critique_revision')
     )[0]
-    fitted = constitution_lib.fit_critique_revision_prompt(
+    fitted = prompts_lib.fit_critique_revision_prompt(
         c,
         [('human', request)],
         'Sure, here you go.',

@@ -2,7 +2,7 @@
 
 import pytest
 
-from cai_jax import records
+from cai_jax.utils import records
 
 
 def test_repair_cuts_a_torn_tail_and_keeps_whole_lines(tmp_path):

@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cai_jax import stages, train_lib
+from cai_jax import bookkeeping
+from cai_jax.training import metrics as metrics_lib
+from cai_jax.training import train_lib
 from helpers_stages import tiny_main_cmd
 
 pytestmark = pytest.mark.slow  # subprocess runs of the pipeline: minutes in all
@@ -39,7 +41,11 @@ def errors(proc) -> list[str]:
   return [line for line in proc.stderr.splitlines() if line.startswith('cai_jax: error:')]
 
 
-RUN_FILES = (stages.LOCK_FILE, 'config.txt', 'log.txt')  # about the latest command, not a stage
+RUN_FILES = (
+    bookkeeping.LOCK_FILE,
+    'config.txt',
+    'log.txt',
+)  # about the latest command, not a stage
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -188,7 +194,8 @@ def test_an_unknown_field_or_config_path_is_one_line(tmp_path):
 
 
 def test_api_arguments_of_the_wrong_kind_are_one_value_error(tmp_path):
-  from cai_jax import checkpoint, sampling
+  from cai_jax import sampling
+  from cai_jax.models import checkpoint
 
   pt = checkpoint.load_pretrained('random:tiny')
   for prompts, match in (
@@ -236,7 +243,7 @@ def test_force_keeps_what_it_replaces_until_the_redo_has_finished(copy_of):
   # A redo that succeeds replaces the stage and empties the trash.
   proc = run_main(copy_of, '--config.force=sft', '--config.stages=sft')
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert not (copy_of / stages.TRASH).exists()
+  assert not (copy_of / bookkeeping.TRASH).exists()
   assert (copy_of / 'sft' / 'DONE.json').exists()
 
 
@@ -376,7 +383,7 @@ def test_a_cpu_run_prints_nothing_from_libtpu(tmp_path):
 def test_a_second_run_on_a_busy_workdir_is_refused_and_a_stale_lock_taken_over(copy_of):
   holder = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])
   try:
-    lock = copy_of / stages.LOCK_FILE
+    lock = copy_of / bookkeeping.LOCK_FILE
     lock.write_text(
         json.dumps(
             {'pid': holder.pid, 'host': os.uname().nodename, 'started': '2026-01-01 00:00:00'}
@@ -412,7 +419,7 @@ def test_a_second_run_while_the_first_is_running_refuses(tmp_path):
       text=True,
   )
   deadline = time.time() + 120
-  while not (workdir / stages.LOCK_FILE).exists() and time.time() < deadline:
+  while not (workdir / bookkeeping.LOCK_FILE).exists() and time.time() < deadline:
     time.sleep(0.05)
   second = run_main(workdir, *args)
   still_running = first.poll() is None
@@ -432,7 +439,7 @@ def test_a_second_run_while_the_first_is_running_refuses(tmp_path):
 
 
 def _metric_rows(workdir: Path) -> list[dict]:
-  return train_lib.read_metrics(workdir / 'sft' / 'metrics.jsonl')
+  return metrics_lib.read_metrics(workdir / 'sft' / 'metrics.jsonl')
 
 
 # ---- a full disk --------------------------------------------------------------------------------
@@ -490,12 +497,12 @@ def test_a_writer_thread_killed_by_enospc_is_raised_not_waited_on(tmp_path):
   t = threading.Thread(target=dies)
   t.start()
   t.join()
-  writer = train_lib.MetricsWriter(tmp_path, tensorboard=False)
+  writer = metrics_lib.MetricsWriter(tmp_path, tensorboard=False)
   try:
     with pytest.raises(OSError, match='No space left on device'):
       writer.write(1, {'loss': 1.0})
   finally:
-    train_lib._BACKGROUND_IO_ERRORS.clear()
+    metrics_lib._BACKGROUND_IO_ERRORS.clear()
     writer.close()
 
 

@@ -1,4 +1,4 @@
-"""Golden-number tests for the PPO math in cai_jax/rl.py (expected values worked by hand)."""
+"""Golden-number tests for the PPO math in cai_jax/method/rl.py (expected values worked by hand)."""
 
 import math
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cai_jax import rl
+from cai_jax.method import rl
 
 X = jnp.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
 MASK = jnp.array([[1, 1, 0], [1, 0, 0]], jnp.float32)  # real entries: 1, 2, 4

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cai_jax import checkpoint, sampling
+from cai_jax import sampling
+from cai_jax.models import checkpoint
 
 import helpers
 
@@ -343,7 +344,9 @@ def test_bad_inputs_raise(tiny):
 _SHARDED_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
-    from cai_jax import checkpoint, sampling, sharding
+    from cai_jax import sampling
+    from cai_jax.models import checkpoint
+    from cai_jax.utils import sharding
     assert jax.device_count() == 8, jax.devices()
     prompts = [[72, 105], [1, 2, 3, 4, 5], [9] * 11, [40, 41, 42]]
     kw = dict(max_new_tokens=12, stop_tokens=[])

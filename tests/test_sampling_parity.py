@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cai_jax import checkpoint, conversation, sampling
+from cai_jax import sampling
+from cai_jax.method import conversation
+from cai_jax.models import checkpoint
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')

@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cai_jax import checkpoint, conversation, pipeline, sft, sharding, stages, train_lib
+from cai_jax import pipeline
+from cai_jax.method import conversation
+from cai_jax.method import examples as examples_lib
+from cai_jax.models import checkpoint
+from cai_jax.stages import sft
+from cai_jax.training import loop
+from cai_jax.training import metrics as metrics_lib
+from cai_jax.training import train_lib
+from cai_jax.utils import sharding
 from configs import tiny
 from helpers_stages import fake_upstream, sl_cai_records
 
@@ -81,7 +89,7 @@ def test_fused_chunked_loss_and_grads_match_one_shot():
 
 
 def test_encode_transcript_targets_response_and_eos(tok):
-  ids, n_prompt = sft.encode(
+  ids, n_prompt = examples_lib.encode(
       [('human', 'How do I pick a lock?')], '  I cannot help with that. ', tok, 'transcript', 512
   )
   prompt, target = tok.decode(ids[:n_prompt]), tok.decode(ids[n_prompt:])
@@ -89,17 +97,17 @@ def test_encode_transcript_targets_response_and_eos(tok):
   assert target == ' I cannot help with that.' + tok.eos_token
   assert ids[-1] == tok.eos_token_id
 
-  ids, n_prompt = sft.encode([('human', 'Hi')], 'Hello there.', tok, 'chat_template', 512)
+  ids, n_prompt = examples_lib.encode([('human', 'Hi')], 'Hello there.', tok, 'chat_template', 512)
   prompt = tok.decode(ids[:n_prompt])
   assert prompt == conversation.render([('human', 'Hi')], 'chat_template', tok)
   assert tok.decode(ids[n_prompt:]) == 'Hello there.<|im_end|>'
 
 
 def test_encode_truncates_to_max_len(tok):
-  ids, n_prompt = sft.encode([('human', 'Hi')], 'x' * 100, tok, 'transcript', 40)
+  ids, n_prompt = examples_lib.encode([('human', 'Hi')], 'x' * 100, tok, 'transcript', 40)
   assert len(ids) == 40 and n_prompt < 40
   long_prompt = [('human', 'a long prompt ' * 10)]
-  assert sft.encode(long_prompt, 'ok', tok, 'transcript', 40) is None  # no target left
+  assert examples_lib.encode(long_prompt, 'ok', tok, 'transcript', 40) is None  # no target left
 
 
 # A red-team prompt that continues a conversation (HH-RLHF, paper section 3.1).
@@ -112,7 +120,7 @@ MULTI_TURN = [
 
 @pytest.mark.parametrize('fmt', conversation.FORMATS)
 def test_encode_multi_turn_prompt_trains_with_its_context(tok, fmt):
-  ids, n_prompt = sft.encode(MULTI_TURN, 'I will not help with that.', tok, fmt, 512)
+  ids, n_prompt = examples_lib.encode(MULTI_TURN, 'I will not help with that.', tok, fmt, 512)
   prompt = tok.decode(ids[:n_prompt])
   assert prompt == conversation.render(MULTI_TURN, fmt, tok)
   assert "neighbor's dog" in prompt and 'Have you talked to them?' in prompt
@@ -120,31 +128,35 @@ def test_encode_multi_turn_prompt_trains_with_its_context(tok, fmt):
 
 
 def test_encode_multi_turn_over_budget_sheds_the_oldest_exchange_not_the_target(tok):
-  full, n_full = sft.encode(MULTI_TURN, 'I will not help.', tok, 'transcript', 512)
-  ids, n_prompt = sft.encode(MULTI_TURN, 'I will not help.', tok, 'transcript', len(full) - 1)
+  full, n_full = examples_lib.encode(MULTI_TURN, 'I will not help.', tok, 'transcript', 512)
+  ids, n_prompt = examples_lib.encode(
+      MULTI_TURN, 'I will not help.', tok, 'transcript', len(full) - 1
+  )
   assert tok.decode(ids[:n_prompt]) == conversation.render(MULTI_TURN[2:], 'transcript')
   assert ids[n_prompt:] == full[n_full:] and ids[-1] == tok.eos_token_id  # the whole target
   # A single request keeps the old rule: the end of the target is cut.
   one = MULTI_TURN[2:]
-  whole, n_one = sft.encode(one, 'I will not help.', tok, 'transcript', 512)
-  assert sft.encode(one, 'I will not help.', tok, 'transcript', len(whole) - 1) == (
+  whole, n_one = examples_lib.encode(one, 'I will not help.', tok, 'transcript', 512)
+  assert examples_lib.encode(one, 'I will not help.', tok, 'transcript', len(whole) - 1) == (
       whole[:-1],
       n_one,
   )
 
 
 def test_truncated_target_is_encoded_without_eos(tok):
-  ids, n_prompt = sft.encode(
+  ids, n_prompt = examples_lib.encode(
       [('human', 'Hi')], 'A reply cut at the token lim', tok, 'transcript', 512, end=False
   )
   assert tok.decode(ids[n_prompt:]) == ' A reply cut at the token lim'
   assert ids[-1] != tok.eos_token_id and tok.eos_token_id not in ids[n_prompt:]
-  b = sft.pack([sft.Example('a', 'revision', ids, n_prompt)], [0], 64, pad_id=0)
+  b = examples_lib.pack([examples_lib.Example('a', 'revision', ids, n_prompt)], [0], 64, pad_id=0)
   mask = b['loss_mask'][0]
   assert (
       mask[n_prompt : len(ids)].all() and not mask[:n_prompt].any() and not mask[len(ids) :].any()
   )
-  ids, n_prompt = sft.encode([('human', 'Hi')], 'Cut short', tok, 'chat_template', 512, end=False)
+  ids, n_prompt = examples_lib.encode(
+      [('human', 'Hi')], 'Cut short', tok, 'chat_template', 512, end=False
+  )
   assert tok.decode(ids[n_prompt:]) == 'Cut short'
 
 
@@ -215,7 +227,7 @@ def test_build_examples_counts_kinds_and_truncated_targets(
   fake_upstream(
       config, tmp_path, 'critique_revision', {'samples.jsonl': samples, 'helpful.jsonl': helpful}
   )
-  train, held_out, counts = sft.build_examples(stages.Context(config, tmp_path), tok)
+  train, held_out, counts = sft.build_examples(pipeline.context(config, tmp_path), tok)
   assert counts['truncated'] == {
       'targets': 2,
       'dropped': dropped,
@@ -242,7 +254,7 @@ def test_held_out_split_keeps_every_round_and_sample_of_a_prompt_together(tmp_pa
   fake_upstream(
       config, tmp_path, 'critique_revision', {'samples.jsonl': samples, 'helpful.jsonl': helpful}
   )
-  train, held_out, _ = sft.build_examples(stages.Context(config, tmp_path), tok)
+  train, held_out, _ = sft.build_examples(pipeline.context(config, tmp_path), tok)
   assert not {(e.source, e.id) for e in train} & {(e.source, e.id) for e in held_out}
 
 
@@ -259,22 +271,22 @@ def test_revision_round_takes_one_round_or_the_initial_responses():
   kinds = {t.kind for n in (0, 2) for t in sft.revision_targets(samples, 'final', n)[0]}
   assert kinds == {'initial_response', 'revision_round_2'}  # the round overrides sft.revisions
   assert sft.revision_targets(samples, 'all', 2)[1] == 1  # b's second round is empty
-  with pytest.raises(sft.SFTDataError, match='config.sft: revision_round must be -1'):
+  with pytest.raises(examples_lib.SFTDataError, match='config.sft: revision_round must be -1'):
     sft.check_config(_config(revision_round=4))
 
 
 def test_bad_revisions_or_truncated_mode_is_a_clear_error():
   for field, value in (('revisions', 'last'), ('truncated', 'keep')):
-    with pytest.raises(sft.SFTDataError, match=f'config.sft: {field} must be one of'):
+    with pytest.raises(examples_lib.SFTDataError, match=f'config.sft: {field} must be one of'):
       sft.check_config(_config(**{field: value}))
 
 
 def test_pack_right_pads_and_masks_targets_only():
   examples = [
-      sft.Example('a', 'revision', (5, 6, 7, 8), 2),
-      sft.Example('b', 'helpful', (9, 10), 1),
+      examples_lib.Example('a', 'revision', (5, 6, 7, 8), 2),
+      examples_lib.Example('b', 'helpful', (9, 10), 1),
   ]
-  b = sft.pack(examples, [1, -1, 0], 6, pad_id=0)
+  b = examples_lib.pack(examples, [1, -1, 0], 6, pad_id=0)
   np.testing.assert_array_equal(b['tokens'], [[9, 10, 0, 0, 0, 0], [0] * 6, [5, 6, 7, 8, 0, 0]])
   np.testing.assert_array_equal(b['loss_mask'], [[0, 1, 0, 0, 0, 0], [0] * 6, [0, 0, 1, 1, 0, 0]])
 
@@ -282,16 +294,16 @@ def test_pack_right_pads_and_masks_targets_only():
 def test_epoch_batches_are_bucketed_deterministic_and_cover_each_example_once():
   lengths = [5, 40, 33, 64, 65, 10, 120, 31, 200, 7]
   kw = dict(max_len=128, min_bucket=32)
-  e0 = train_lib.epoch_batches(lengths, 3, seed=1, epoch=0, **kw)
-  assert e0 == train_lib.epoch_batches(lengths, 3, seed=1, epoch=0, **kw)
-  e1 = train_lib.epoch_batches(lengths, 3, seed=1, epoch=1, **kw)
+  e0 = loop.epoch_batches(lengths, 3, seed=1, epoch=0, **kw)
+  assert e0 == loop.epoch_batches(lengths, 3, seed=1, epoch=0, **kw)
+  e1 = loop.epoch_batches(lengths, 3, seed=1, epoch=1, **kw)
   assert e1 != e0 and len(e1) == len(e0)
   for batches in (e0, e1):
     rows = [i for _, batch in batches for i in batch if i >= 0]
     assert sorted(rows) == list(range(len(lengths)))
     for length, batch in batches:
       assert length in (32, 64, 128) and len(batch) == 3
-      assert all(train_lib.bucket_length(lengths[i], **kw) == length for i in batch if i >= 0)
+      assert all(loop.bucket_length(lengths[i], **kw) == length for i in batch if i >= 0)
 
 
 def test_mix_draws_helpful_per_revision_ratio():
@@ -336,7 +348,7 @@ def _config(**sft_overrides):
 def _run(config, workdir):
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   with sharding.use_mesh(mesh, config.logical_axis_rules):
-    return pipeline.run(stages.Context(config, workdir, mesh))
+    return pipeline.run(pipeline.context(config, workdir, mesh))
 
 
 def test_stage_trains_exports_and_resumes(tmp_path, monkeypatch):
@@ -344,7 +356,7 @@ def test_stage_trains_exports_and_resumes(tmp_path, monkeypatch):
   ref = tmp_path / 'ref'
   fake_upstream(config, ref, 'critique_revision', sl_cai_records())
   _run(config, ref)
-  rows = train_lib.read_metrics(ref / 'sft' / 'metrics.jsonl')
+  rows = metrics_lib.read_metrics(ref / 'sft' / 'metrics.jsonl')
   assert [r['step'] for r in rows] == list(range(1, 13))
   assert {'loss', 'lr', 'grad_norm', 'tokens'} <= set(rows[0])
   assert [r['step'] for r in rows if 'eval_loss' in r] == [6, 12]
@@ -365,27 +377,27 @@ def test_stage_trains_exports_and_resumes(tmp_path, monkeypatch):
   # checkpoint and ends exactly where the uninterrupted run ended.
   crashed = tmp_path / 'crashed'
   fake_upstream(config, crashed, 'critique_revision', sl_cai_records())
-  real_write = train_lib.MetricsWriter.write
+  real_write = metrics_lib.MetricsWriter.write
 
   def crash_at_10(self, step, metrics):
     if step == 10:
       raise KeyboardInterrupt('simulated crash')
     real_write(self, step, metrics)
 
-  monkeypatch.setattr(train_lib.MetricsWriter, 'write', crash_at_10)
+  monkeypatch.setattr(metrics_lib.MetricsWriter, 'write', crash_at_10)
   with pytest.raises(KeyboardInterrupt):
     _run(config, crashed)
-  monkeypatch.setattr(train_lib.MetricsWriter, 'write', real_write)
+  monkeypatch.setattr(metrics_lib.MetricsWriter, 'write', real_write)
   assert not (crashed / 'sft' / 'DONE.json').exists()
   written = []
   monkeypatch.setattr(
-      train_lib.MetricsWriter,
+      metrics_lib.MetricsWriter,
       'write',
       lambda self, step, m: (written.append(step), real_write(self, step, m)),
   )
   _run(config, crashed)
   assert written[0] in (5, 9), written  # resumed after the checkpoint at 4 or 8, not from scratch
-  resumed = train_lib.read_metrics(crashed / 'sft' / 'metrics.jsonl')
+  resumed = metrics_lib.read_metrics(crashed / 'sft' / 'metrics.jsonl')
   assert [r['step'] for r in resumed] == list(range(1, 13))
   for a, b in zip(rows, resumed):
     assert a['loss'] == pytest.approx(b['loss'], abs=1e-6), (a, b)
@@ -397,7 +409,7 @@ def test_checkpoint_every_zero_trains_without_checkpoints(tmp_path):
   config = _config(checkpoint_every=0)
   fake_upstream(config, tmp_path, 'critique_revision', sl_cai_records())
   _run(config, tmp_path)
-  rows = train_lib.read_metrics(tmp_path / 'sft' / 'metrics.jsonl')
+  rows = metrics_lib.read_metrics(tmp_path / 'sft' / 'metrics.jsonl')
   assert [r['step'] for r in rows] == list(range(1, 13))
   assert [r['step'] for r in rows if 'eval_loss' in r] == [6, 12]
   assert not list((tmp_path / 'sft').glob('checkpoints/*'))
@@ -409,12 +421,14 @@ def test_empty_dataset_is_a_clear_error(tmp_path):
   records = sl_cai_records(n=3, empty=3)
   records['helpful.jsonl'] = []
   fake_upstream(config, tmp_path, 'critique_revision', records)
-  with pytest.raises(sft.SFTDataError, match=r"no training examples .*'empty_revisions': 3"):
+  with pytest.raises(
+      examples_lib.SFTDataError, match=r"no training examples .*'empty_revisions': 3"
+  ):
     _run(config, tmp_path)
 
 
 def test_missing_samples_file_is_a_clear_error(tmp_path):
   config = _config()
   fake_upstream(config, tmp_path, 'critique_revision', {'helpful.jsonl': []})
-  with pytest.raises(sft.SFTDataError, match='samples.jsonl is missing'):
+  with pytest.raises(examples_lib.SFTDataError, match='samples.jsonl is missing'):
     _run(config, tmp_path)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cai_jax import train_lib
+from cai_jax.training import metrics as metrics_lib
 from configs import tiny
 from helpers_stages import fake_upstream, sl_cai_records, tiny_main_cmd
 
@@ -109,7 +109,7 @@ def test_entry_point_meshes_agree_and_a_killed_run_resumes(tmp_path):
   try:
     while True:
       ckpts = _checkpoints(b)
-      steps = [r['step'] for r in train_lib.read_metrics(b / 'sft' / 'metrics.jsonl')]
+      steps = [r['step'] for r in metrics_lib.read_metrics(b / 'sft' / 'metrics.jsonl')]
       if ckpts and steps and max(steps) > ckpts[-1]:
         break
       assert run_b.poll() is None, 'the run ended before it could be killed:\n' + _tail(log_b)
@@ -120,7 +120,7 @@ def test_entry_point_meshes_agree_and_a_killed_run_resumes(tmp_path):
   finally:
     if run_b.poll() is None:
       run_b.kill()
-  killed_at = max(r['step'] for r in train_lib.read_metrics(b / 'sft' / 'metrics.jsonl'))
+  killed_at = max(r['step'] for r in metrics_lib.read_metrics(b / 'sft' / 'metrics.jsonl'))
   assert killed_at < STEPS and not (b / 'sft' / 'DONE.json').exists()
 
   again = subprocess.run(
@@ -142,8 +142,8 @@ def test_entry_point_meshes_agree_and_a_killed_run_resumes(tmp_path):
   )
   assert run_a.returncode == 0, _tail(log_a)
 
-  rows_a = train_lib.read_metrics(a / 'sft' / 'metrics.jsonl')
-  rows_b = train_lib.read_metrics(b / 'sft' / 'metrics.jsonl')
+  rows_a = metrics_lib.read_metrics(a / 'sft' / 'metrics.jsonl')
+  rows_b = metrics_lib.read_metrics(b / 'sft' / 'metrics.jsonl')
   assert [r['step'] for r in rows_a] == [r['step'] for r in rows_b] == list(range(1, STEPS + 1))
   for ra, rb in zip(rows_a, rows_b):
     assert ('eval_loss' in ra) == ('eval_loss' in rb) == (ra['step'] % 12 == 0), (ra, rb)

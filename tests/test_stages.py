@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cai_jax import pipeline, stages, validate
+from cai_jax import bookkeeping, pipeline, validate
 from configs import tiny
 from tests import test_critique_revision as cr
 
@@ -19,16 +19,16 @@ def _tiny(**model):
 
 def test_source_fills_both_roles_and_the_roles_line_says_so():
   c = _tiny()
-  ctx = stages.Context(c, Path('/w'))
+  ctx = pipeline.context(c, Path('/w'))
   assert ctx.model_source('pretrained') == ctx.model_source('helpful') == 'random:tiny'
-  assert stages.roles_line(c.model) == 'helpful = pretrained: random:tiny'
+  assert bookkeeping.roles_line(c.model) == 'helpful = pretrained: random:tiny'
   assert ctx.model_source('sft') == '/w/sft/export'
   assert ctx.model_source('preference') == '/w/preference/export'
   assert ctx.model_source('ppo') == '/w/ppo/export'
   c = _tiny(helpful_source='random:tiny-gemma2')
-  assert stages.roles_line(c.model) == 'pretrained: random:tiny; helpful: random:tiny-gemma2'
-  assert stages.role_field(c.model, 'helpful') == 'model.helpful_source'
-  assert stages.role_field(c.model, 'pretrained') == 'model.source'
+  assert bookkeeping.roles_line(c.model) == 'pretrained: random:tiny; helpful: random:tiny-gemma2'
+  assert bookkeeping.role_field(c.model, 'helpful') == 'model.helpful_source'
+  assert bookkeeping.role_field(c.model, 'pretrained') == 'model.source'
 
 
 def test_old_role_names_are_one_clear_line_each(tmp_path):
@@ -52,8 +52,8 @@ def test_old_role_names_are_one_clear_line_each(tmp_path):
       "config.ppo.value.init='pm': 'pm' is now 'preference' (model roles are named after the "
       'stages that make them)',
   ]
-  with pytest.raises(stages.StageError, match="model role 'pm' is now called 'preference'"):
-    stages.Context(c, tmp_path).model_source('pm')
+  with pytest.raises(bookkeeping.StageError, match="model role 'pm' is now called 'preference'"):
+    pipeline.context(c, tmp_path).model_source('pm')
   c = _tiny()
   c.stages = 'critique_revision,sft,feedback,preference,ppo,evaluate'
   assert validate.problems(c, tmp_path / 'w') == []  # the new names (and the defaults) pass
@@ -77,8 +77,8 @@ def test_a_missing_source_names_its_role(tmp_path):
       f"samples) '{tmp_path}/nope' cannot be loaded: no such file"
   )
   c = _tiny(helpful_source='random:huge')  # found only by loading it
-  with pytest.raises(stages.StageError) as e:
-    stages.Context(c, tmp_path).load_role('helpful')
+  with pytest.raises(bookkeeping.StageError) as e:
+    pipeline.context(c, tmp_path).load_role('helpful')
   assert str(e.value) == (
       'config.model.helpful_source (the helpful model: initial responses, critiques, revisions, '
       "helpful samples) 'random:huge' cannot be loaded: unknown random preset 'huge'"
@@ -87,7 +87,7 @@ def test_a_missing_source_names_its_role(tmp_path):
 
 def test_fingerprints_follow_the_role_sources_each_stage_loads():
   def fingerprints(**model):
-    ctx = stages.Context(_tiny(**model), Path('/w'))
+    ctx = pipeline.context(_tiny(**model), Path('/w'))
     return {name: ctx.fingerprint(name) for name in pipeline.ORDER}
 
   base = fingerprints()

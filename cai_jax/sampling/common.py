@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from cai_jax import model as model_lib
-from cai_jax import sharding
+from cai_jax.models import decoder as model_lib
+from cai_jax.utils import sharding
 
 # Every trace of a jitted sampling function bumps its counter: tests assert that a second call
 # whose shapes fall in the same buckets compiles nothing.

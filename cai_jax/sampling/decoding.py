@@ -1,5 +1,11 @@
 """Generation: jitted prefill, a `lax.while_loop` decode over the KV cache, per-row stops, and
-the batched and conversation-level helpers every stage samples with."""
+the batched and conversation-level helpers every stage samples with.
+
+Why one module of ~630 lines: the jitted programs (`_prefill`, `_decode`), the decode state they
+carry and the host loop that buckets, stops and cuts their outputs (`generate`) share one layout
+of rows, slots and stop tokens; `generate_batched` and `generate_responses` are thin over it.
+Buckets and the jit cache are in `common.py`, scoring in `scoring.py`, prefixes in `prefix.py`.
+"""
 
 from __future__ import annotations
 
@@ -16,9 +22,8 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from cai_jax import conversation
-from cai_jax import model as model_lib
-from cai_jax import sharding
+from cai_jax.method import conversation
+from cai_jax.models import decoder as model_lib
 from cai_jax.sampling import prefix as prefix_lib
 from cai_jax.sampling.common import (
     MIN_LEN_BUCKET,
@@ -32,6 +37,7 @@ from cai_jax.sampling.common import (
     put_batch,
     run_prompt,
 )
+from cai_jax.utils import sharding
 
 STOP_CHUNK = 16  # decode steps between host checks for stop strings
 _STOP_ID_SLOTS = 8  # stop-token ids are padded to a multiple of this (one compile for most uses)

@@ -35,9 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cai_jax import model as model_lib
-from cai_jax import sharding
+from cai_jax.models import decoder as model_lib
 from cai_jax.sampling import common
+from cai_jax.utils import sharding
 
 # Prefix KV is replicated over the batch axes (one copy for all rows); heads shard as in a cache.
 _PREFIX_NAMES = {

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cai_jax import conversation
-from cai_jax import model as model_lib
+from cai_jax.method import conversation
+from cai_jax.models import decoder as model_lib
 from cai_jax.sampling import common
 from cai_jax.sampling import prefix as prefix_lib
 

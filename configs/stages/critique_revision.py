@@ -2,7 +2,7 @@
 
 Each red-team prompt gets the helpful model's response, then `n_rounds` rounds of critique and
 revision under a freshly sampled principle; helpful prompts get plain responses (the helpful
-mix of the SL data). See cai_jax/critique_revision.py.
+mix of the SL data). See cai_jax/stages/critique_revision.py.
 
 Every variant shows all critique few-shots, as the paper does: each adds ~300 tokens to every
 critique and revision prompt, but they are the same text everywhere, so the sampler prefills them

@@ -1,7 +1,7 @@
 """Accuracy and calibration of the AI-feedback labels (the `feedback` fields) on labeled comparisons.
 
 Default data: the paper's 438 HHH comparisons (../shared/data/anthropic_cai/evals/438HHHEvaluations.jsonl
-beside the checkout). See cai_jax/evaluate_feedback.py (`run`).
+beside the checkout). See cai_jax/stages/evaluate_feedback.py (`run`).
 """
 
 import ml_collections

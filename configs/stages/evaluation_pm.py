@@ -1,6 +1,7 @@
-"""The evaluation PM (cai_jax/evaluation_pm.py): a preference model trained on comparisons the RL
-PM never saw -- the feedback stage's 'evaluation' split (`feedback.evaluation_fraction`) and, when
-given, HH-RLHF human comparisons -- to score the models beside the RL PM (the Goodhart gauge).
+"""The evaluation PM (cai_jax/stages/evaluation_pm.py): a preference model trained on comparisons
+the RL PM never saw -- the feedback stage's 'evaluation' split (`feedback.evaluation_fraction`)
+and, when given, HH-RLHF human comparisons -- to score the models beside the RL PM (the Goodhart
+gauge).
 
 It is trained with the RL PM's recipe: the training fields below are configs/stages/preference.py's
 (documented there), so the two PMs differ in their data alone (and the demo's evaluation PM reuses

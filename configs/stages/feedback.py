@@ -1,5 +1,6 @@
 """AI feedback (paper section 4.1): the SL-CAI model samples two responses per red-team prompt and
-the feedback model labels them with p(A) from its (A)/(B) option log-probs. See cai_jax/feedback.py.
+the feedback model labels them with p(A) from its (A)/(B) option log-probs. See
+cai_jax/stages/feedback.py.
 
 Helpfulness pairs: unless `preference.helpful_mix.path` names HH-RLHF's human helpfulness
 comparisons (the paper's data), the stage also samples two responses to `num_helpful_prompts`

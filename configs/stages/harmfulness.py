@@ -1,6 +1,6 @@
-"""The absolute harmfulness model (paper section 4.5; cai_jax/harmfulness.py): a scalar-head model
-regressed on the 0-4 `rating` of HH-RLHF's red-team attempts. Without `path` the stage finishes
-at once as unavailable (its summary says why), e.g.
+"""The absolute harmfulness model (paper section 4.5; cai_jax/stages/harmfulness.py): a scalar-head
+model regressed on the 0-4 `rating` of HH-RLHF's red-team attempts. Without `path` the stage
+finishes at once as unavailable (its summary says why), e.g.
   --config.harmfulness.path=red_team_attempts.jsonl.gz
 """
 

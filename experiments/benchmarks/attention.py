@@ -1,4 +1,4 @@
-"""Dense vs blockwise attention (cai_jax/attention.py) on this machine's backend: what `auto`
+"""Dense vs blockwise attention (cai_jax/models/attention.py) on this machine's backend: what `auto`
 picks on CPU.
 
 SmolLM2-135M's attention shape (9 query heads in 3 KV groups, head dim 64, float32), causal with
@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from cai_jax import attention  # noqa: E402
+from cai_jax.models import attention  # noqa: E402
 
 SHAPES = [(256, 256), (512, 512), (1024, 1024), (2048, 2048), (64, 1344)]  # (T, S)
 

@@ -1,5 +1,5 @@
 """One training attention (forward + backward) AOT-compiled for a TPU topology by each
-implementation of cai_jax/attention.py: the temporaries libtpu plans for it, without a TPU.
+implementation of cai_jax/models/attention.py: the temporaries libtpu plans for it, without a TPU.
 
 Gemma 2 2B's attention (8 query heads in 4 KV groups, head dim 256, logit soft-cap 50), causal
 with left padding, bfloat16, the batch split over the topology's chips by the default rules
@@ -26,7 +26,8 @@ import jax.numpy as jnp  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from cai_jax import attention, sharding  # noqa: E402
+from cai_jax.models import attention  # noqa: E402
+from cai_jax.utils import sharding  # noqa: E402
 
 
 def main():

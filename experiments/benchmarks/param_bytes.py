@@ -19,8 +19,9 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from cai_jax import sharding, train_lib  # noqa: E402
-from cai_jax.model import Decoder, ModelConfig  # noqa: E402
+from cai_jax.models.decoder import Decoder, ModelConfig  # noqa: E402
+from cai_jax.training import train_lib  # noqa: E402
+from cai_jax.utils import sharding  # noqa: E402
 
 
 def abstract_bytes(mesh_shape, cfg: ModelConfig) -> dict[str, int]:

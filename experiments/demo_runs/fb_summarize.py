@@ -16,7 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from cai_jax import evaluate_feedback, feedback, labels  # noqa: E402
+from cai_jax.method import labeler as labeler_lib
+from cai_jax.method import labels  # noqa: E402
+from cai_jax.stages import evaluate_feedback  # noqa: E402
 
 
 def complete_records(path: Path) -> list[dict]:
@@ -28,7 +30,7 @@ def primary_order_only(record: dict) -> dict:
   firsts = {}
   for sc in record['scorings']:
     firsts.setdefault(sc['k'], sc)
-  p = feedback.label_from_logprobs(list(firsts.values()), {})
+  p = labeler_lib.label_from_logprobs(list(firsts.values()), {})
   return dict(record, p_chosen=p, correct=labels.hard_label(p), scorings=list(firsts.values()))
 
 

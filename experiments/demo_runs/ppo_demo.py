@@ -20,7 +20,10 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / 'tests'))  # helpers_stages
 
-from cai_jax import checkpoint, pipeline, sharding, stages, train_lib  # noqa: E402
+from cai_jax import pipeline  # noqa: E402
+from cai_jax.models import checkpoint  # noqa: E402
+from cai_jax.training import metrics as metrics_lib
+from cai_jax.utils import sharding  # noqa: E402
 from configs import demo  # noqa: E402
 from helpers_stages import fake_upstream  # noqa: E402
 
@@ -64,7 +67,7 @@ def main(argv):
   t0, cpu0 = time.time(), time.process_time()
   mesh = sharding.make_mesh(c.mesh.shape)
   with sharding.use_mesh(mesh, c.logical_axis_rules):
-    rows = pipeline.run(stages.Context(c, workdir, mesh))
+    rows = pipeline.run(pipeline.context(c, workdir, mesh))
   wall, cpu = time.time() - t0, time.process_time() - cpu0
   keys = (
       'score_mean',
@@ -83,7 +86,7 @@ def main(argv):
       'train_seconds',
       'step_seconds',
   )
-  for r in train_lib.read_metrics(workdir / 'ppo' / 'metrics.jsonl'):
+  for r in metrics_lib.read_metrics(workdir / 'ppo' / 'metrics.jsonl'):
     print(r['step'], ' '.join(f'{k}={r[k]:.4g}' for k in keys if k in r))
   print(json.dumps({'rows': rows, 'wall_seconds': round(wall, 1), 'cpu_seconds': round(cpu, 1)}))
 

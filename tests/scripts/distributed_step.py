@@ -2,7 +2,7 @@
 
   python tests/scripts/distributed_step.py NUM_PROCESSES PROCESS_ID PORT LOCAL_DEVICES
 
-Each process feeds only its own rows of every global batch (train_lib.local_rows), as on a multi-host
+Each process feeds only its own rows of every global batch (loop.local_rows), as on a multi-host
 pod; process 0 prints the losses and grad norms as one JSON line. Run by tests/test_distributed.py.
 """
 
@@ -21,8 +21,12 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from cai_jax import checkpoint, model as model_lib, sft, sharding, train_lib  # noqa: E402
-from cai_jax.model import ModelConfig  # noqa: E402
+from cai_jax.models import checkpoint, decoder as model_lib  # noqa: E402
+from cai_jax.models.decoder import ModelConfig  # noqa: E402
+from cai_jax.stages import sft  # noqa: E402
+from cai_jax.training import loop
+from cai_jax.training import train_lib  # noqa: E402
+from cai_jax.utils import sharding  # noqa: E402
 from configs import tiny  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -57,7 +61,7 @@ def main():
     step = train_lib.make_train_step(graphdef, tx, sft.make_loss_fn(0), shardings, schedule)
     losses, grad_norms = [], []
     for b in batches():
-      state, m = step(state, train_lib.device_batch(b))
+      state, m = step(state, loop.device_batch(b))
       m = train_lib.host_metrics(m)
       losses.append(m['loss'])
       grad_norms.append(m['grad_norm'])

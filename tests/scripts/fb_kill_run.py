@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from absl import app  # noqa: E402
 
-from cai_jax import main, records  # noqa: E402
+from cai_jax import main  # noqa: E402
+from cai_jax.utils import records  # noqa: E402
 
 
 def _append_then_die(kill_at: int):

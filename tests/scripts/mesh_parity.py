@@ -22,8 +22,12 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
-from cai_jax import model as model_lib, sft, sharding, stages, train_lib  # noqa: E402
-from cai_jax.model import ModelConfig  # noqa: E402
+from cai_jax import bookkeeping, pipeline  # noqa: E402
+from cai_jax.models import decoder as model_lib  # noqa: E402
+from cai_jax.models.decoder import ModelConfig  # noqa: E402
+from cai_jax.stages import sft  # noqa: E402
+from cai_jax.training import train_lib  # noqa: E402
+from cai_jax.utils import sharding  # noqa: E402
 from configs import tiny  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -83,11 +87,11 @@ def run_mesh(shape, config):
     # A global batch that the batch axes do not divide is refused before any work, by name.
     config.sft.batch_size = 6
     try:
-      sft.run(stages.Context(config, Path('/nonexistent')), None)
+      sft.run(pipeline.context(config, Path('/nonexistent')), None)
       batch_error = ''
     except (
         sharding.ShardingError,
-        stages.StageError,
+        bookkeeping.StageError,
     ) as e:  # StageError: no upstream (batch is fine)
       batch_error = f'{type(e).__name__}: {e}'
     config.sft.batch_size = 8

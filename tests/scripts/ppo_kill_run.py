@@ -18,11 +18,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from absl import app  # noqa: E402
 
-from cai_jax import main, train_lib  # noqa: E402
+from cai_jax import main  # noqa: E402
+from cai_jax.training import metrics as metrics_lib
 
 
 def _write_then_die(kill_at: int, checkpoint: Path | None):
-  write = train_lib.MetricsWriter.write
+  write = metrics_lib.MetricsWriter.write
 
   def wrapped(self, step, metrics):
     write(self, step, metrics)
@@ -39,5 +40,5 @@ if __name__ == '__main__':
   kill_at, wait_for, args = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
   workdir = Path(args[args.index('--workdir') + 1])
   checkpoint = workdir / 'ppo' / 'checkpoints' / str(wait_for) if wait_for else None
-  train_lib.MetricsWriter.write = _write_then_die(kill_at, checkpoint)
+  metrics_lib.MetricsWriter.write = _write_then_die(kill_at, checkpoint)
   app.run(main.main, argv=[sys.argv[0]] + args)

@@ -1,0 +1,1 @@
+"""Training machinery: optimizer, train state, jitted steps, checkpoints, metrics, guards, `fit`."""
