@@ -29,7 +29,9 @@ def load(paths):
 
 
 def _tflop(x, step):
-  return f'{x / 1e12:.3g}{step}' if x else '-'
+  if x is None:
+    return '-'
+  return f'{x / 1e12:.3g}{step}' if x > 0 else '0'  # libtpu can report a tiny negative count
 
 
 def _gib(x):
