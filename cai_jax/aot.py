@@ -193,10 +193,13 @@ def timing(r: Result, kind: str, devices: int) -> Timing:
   return Timing(model, seconds, bound, mfu)
 
 
-def as_json(r: Result, kind: str = '', devices: int = 1) -> dict:
+def as_json(r: Result, kind: str = '', devices: int = 1, hbm: int | None = None) -> dict:
   p = r.program
   t = timing(r, kind, devices)
   return {
+      'chip': kind,
+      'devices': devices,
+      'hbm': hbm,  # bytes per device that libtpu lets a program use
       'stage': p.stage,
       'program': p.name,
       'shape': p.shape,
@@ -218,7 +221,8 @@ def as_json(r: Result, kind: str = '', devices: int = 1) -> dict:
   }
 
 
-def compile_all(programs: list[Program], log=print) -> list[Result]:
+def compile_all(programs: list[Program], log=print, done=None) -> list[Result]:
+  """Compiles each program (and its follow-ups) in turn; `done(results)` after each one."""
   import jax
 
   results, seen, queue = [], {}, list(programs)
@@ -296,6 +300,8 @@ def compile_all(programs: list[Program], log=print) -> list[Result]:
         + f': {memory} + {result.resident / GIB:.2f} GiB resident per device'
     )
     results.append(result)
+    if done is not None:
+      done(results)
     if program.then is not None and follow is not None:
       queue[0:0] = follow(program)
   return results
@@ -356,9 +362,16 @@ def fit_errors(results: list[Result], hbm: int, remedies: list[str]) -> list[str
   return errors
 
 
-def check(config) -> tuple[list[Result], list[str], str, str, int]:
+def write_json(path: str, results: list[Result], kind: str, devices: int, hbm: int) -> None:
+  with open(path + '.tmp', 'w') as f:
+    json.dump([as_json(r, kind, devices, hbm) for r in results], f, indent=1)
+  os.replace(path + '.tmp', path)
+
+
+def check(config, json_path: str = '') -> tuple[list[Result], list[str], str, str, int]:
   """Compiles everything; returns the results, the not-fitting errors, the summary line, the
-  chip kind and the device count."""
+  chip kind and the device count. With `json_path`, the rows so far are written there after
+  each program (a compile killed for host memory keeps the programs before it)."""
   topology = config.get('tpu_topology', '')
   devices = topology_devices(topology)
   try:
@@ -380,7 +393,8 @@ def check(config) -> tuple[list[Result], list[str], str, str, int]:
   )
   with sharding.use_mesh(mesh, config.logical_axis_rules):
     programs = stage_programs(config, mesh, _PROGRAMS.value)
-    results = compile_all(programs, log=lambda s: print(s, flush=True))
+    done = (lambda rs: write_json(json_path, rs, kind, mesh.size, hbm)) if json_path else None
+    results = compile_all(programs, log=lambda s: print(s, flush=True), done=done)
   remedies = [] if config.model.get('remat', 'none') == 'full' else ['--config.model.remat=full']
   errors = fit_errors(results, hbm, remedies + ['a smaller batch', 'a bigger mesh'])
   peak = max((r.total for r in results), default=0)
@@ -395,12 +409,9 @@ def check(config) -> tuple[list[Result], list[str], str, str, int]:
 def main(argv):
   del argv
   try:
-    results, errors, summary, kind, devices = check(_CONFIG.value)
+    results, errors, summary, kind, devices = check(_CONFIG.value, _JSON.value)
   except (AotError, sharding.ShardingError, StageError) as e:
     sys.exit(f'aot: error: {e}')
-  if _JSON.value:
-    with open(_JSON.value, 'w') as f:
-      json.dump([as_json(r, kind, devices) for r in results], f, indent=1)
   for e in errors:
     print(e, file=sys.stderr, flush=True)
   print(f'aot: compile time {sum(r.seconds for r in results):.0f}s', flush=True)
