@@ -103,14 +103,19 @@ def main():
   ap.add_argument('files', nargs='+')
   ap.add_argument('--compare', action='store_true', help='two files: side by side')
   ap.add_argument('--names', default='dense,auto', help='column names for --compare')
+  ap.add_argument('--stage', default='', help="only this stage's rows (a file of several stages)")
   args = ap.parse_args()
+
+  def rows(files):
+    return [r for r in load(files) if not args.stage or r['stage'] == args.stage]
+
   if args.compare:
     if len(args.files) != 2:
       ap.error('--compare takes two files')
     a, b = args.names.split(',')
-    print(compare(load(args.files[:1]), load(args.files[1:]), a, b))
+    print(compare(rows(args.files[:1]), rows(args.files[1:]), a, b))
   else:
-    print(table(load(args.files)))
+    print(table(rows(args.files)))
 
 
 if __name__ == '__main__':
