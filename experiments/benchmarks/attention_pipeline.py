@@ -16,7 +16,6 @@ Ends with exactly:
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from cai_jax.training.metrics import read_metrics  # noqa: E402
+
 TRAINING = ('sft', 'preference', 'ppo', 'dpo', 'evaluation_pm', 'harmfulness')
 GENERATED = (
     'critique_revision/samples.jsonl',
@@ -51,10 +54,6 @@ def run(workdir: Path, attention: str, overrides: list[str]) -> float:
   return time.perf_counter() - start
 
 
-def rows(path: Path) -> list[dict]:
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def main(argv: list[str]) -> None:
   workdir = next((a.split('=', 1)[1] for a in argv if a.startswith('--workdir=')), None)
   overrides = [a for a in argv if not a.startswith('--workdir=')]
@@ -68,7 +67,7 @@ def main(argv: list[str]) -> None:
     )
     if not path_a.exists():
       continue
-    ra, rd = rows(path_a), rows(path_d)
+    ra, rd = read_metrics(path_a), read_metrics(path_d)
     assert len(ra) == len(rd), (stage, len(ra), len(rd))
     keys = sorted(k for k in ra[0] if 'loss' in k)
     diff = max(abs(a[k] - d[k]) for a, d in zip(ra, rd) for k in keys)
