@@ -18,8 +18,9 @@ recompute excluded); hardware FLOPs and bytes accessed are the compiler's (remat
 loop body, such as the chunked LM head, the decode step or an FSDP matmul that libtpu splits
 over the shards, counted once). The time is libtpu's cost model where it gives one, never below
 the FLOPs at peak; where it gives none, the roofline bound max(FLOPs / peak, bytes accessed / HBM
-bandwidth), marked >=, and the MFU beside it is then an upper bound (<=). MFU = model FLOPs /
-time / the chip's peak, at most 100% by construction. Decode rows are one step of the loop.
+bandwidth), marked >=, and the MFU beside it is then an upper bound (<=; `-` where that bound is
+the model FLOPs at peak, i.e. 100%). MFU = model FLOPs / time / the chip's peak, at most 100% by
+construction. Decode rows are one step of the loop.
 """
 
 from __future__ import annotations
@@ -193,6 +194,17 @@ def timing(r: Result, kind: str, devices: int) -> Timing:
   return Timing(model, seconds, bound, mfu)
 
 
+def mfu_cell(mfu: float | None, bound: bool) -> str:
+  """The MFU column: `NN%`, `<=NN%` where the time is a roofline bound, `-` where there is none.
+
+  A bound whose compute term wins with the model FLOPs (model >= hardware FLOPs, e.g. a splash
+  forward whose kernel libtpu does not count) is exactly 100%: it says nothing, so it prints `-`.
+  """
+  if mfu is None or (bound and mfu >= 0.995):
+    return '-'
+  return f'{"<=" if bound else ""}{mfu:.0%}'
+
+
 def as_json(r: Result, kind: str = '', devices: int = 1, hbm: int | None = None) -> dict:
   p = r.program
   t = timing(r, kind, devices)
@@ -329,7 +341,7 @@ def table(results: list[Result], hbm: int, kind: str, devices: int) -> str:
     model = f'{t.model_flops / 1e12:.3g}{step}' if t.model_flops else '-'
     hw = f'{r.flops / 1e12:.3g}{step}' if r.flops else '-'
     est = f'{">=" if t.bound else ""}{t.seconds * 1e3:.3g}{step}' if t.seconds else '-'
-    mfu = f'{"<=" if t.bound else ""}{t.mfu:.0%}' if t.mfu is not None else '-'
+    mfu = mfu_cell(t.mfu, t.bound)
     compile_s = f'{r.seconds:.1f}' + (f' (= {r.same_as})' if r.same_as else '')
     lines.append(
         f'| {p.stage} | {p.name} | {p.shape} | {compile_s} | '

@@ -7,7 +7,8 @@ Columns per program, per device: GiB (the compiled program's arguments + tempora
 aliased, plus the state resident beside it) and its % of the HBM libtpu reports; model TFLOP
 (analytic, remat excluded), HW TFLOP (libtpu's count: remat included, loop bodies once, Pallas
 kernels such as splash not at all), est. ms (libtpu's cost model, or `>=` the roofline bound) and
-MFU (model FLOPs / est. time / peak; `<=` where the time is a bound). Decode rows are one step.
+MFU (model FLOPs / est. time / peak; `<=` where the time is a bound, `-` where that bound is
+100%). Decode rows are one step.
 `--compare A B` puts two runs of the same programs side by side (e.g. attention=dense vs auto):
 temporaries and total per program.
 """
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+
+from cai_jax.aot import mfu_cell
 
 GIB = 2**30
 
@@ -58,11 +61,7 @@ def table(rows) -> str:
       est = f'{">=" if r["seconds_is_roofline_bound"] else ""}{r["seconds"] * 1e3:.3g}{step}'
     else:
       est = '-'
-    mfu = (
-        f'{"<=" if r["seconds_is_roofline_bound"] else ""}{r["mfu"]:.0%}'
-        if r['mfu'] is not None
-        else '-'
-    )
+    mfu = mfu_cell(r['mfu'], r['seconds_is_roofline_bound'])
     temp = _gib(r['memory']['temp']) if r['memory'] else '-'
     compile_s = f'{r["compile_seconds"]:.0f}' + (f' (= {r["same_as"]})' if r['same_as'] else '')
     lines.append(

@@ -236,3 +236,14 @@ def test_an_out_of_memory_of_unknown_size_fails_the_program():
   assert len(lines) == 3, lines
   assert 'did not say by how much' in lines[1] and 'sft/SL-CAI train step' in lines[1]
   assert 'needs at least 21.50 GiB' in lines[2]
+
+
+def test_an_mfu_bound_of_100_percent_prints_as_no_figure():
+  code = (
+      'from cai_jax import aot\n'
+      'print(aot.mfu_cell(1.0, True), aot.mfu_cell(0.996, True), aot.mfu_cell(0.62, True), '
+      'aot.mfu_cell(1.0, False), aot.mfu_cell(0.62, False), aot.mfu_cell(None, False))\n'
+  )
+  r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=REPO)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert r.stdout.split() == ['-', '-', '<=62%', '100%', '62%', '-']
