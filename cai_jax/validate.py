@@ -9,6 +9,7 @@ each stage module's `check_config(config)` adds what only that stage knows.
 from __future__ import annotations
 
 import fnmatch
+import json
 import logging
 import math
 import os
@@ -266,11 +267,37 @@ def check_precision(model_config) -> None:
     )
 
 
+def _source_softcap(source: str) -> float | None:
+  """The attention logit soft-cap of the model at `source`, from its config.json alone (no
+  weights): only Gemma 2 has one, and our GGUF import reads no Gemma 2 (llama and qwen2 only)."""
+  if source.startswith('random:'):  # 'random:<preset>[-<family>]', e.g. random:tiny-gemma2
+    name, _, family = source.split(':', 1)[1].partition('-')
+    preset = getattr(ModelConfig, name, None) if not name.startswith('_') else None
+    try:
+      return (preset(family) if family else preset()).attn_softcap if callable(preset) else None
+    except TypeError:
+      return None  # an unknown preset: loading reports it
+  cfg_file = os.path.join(os.path.expanduser(source), 'config.json')
+  if not os.path.isfile(cfg_file):
+    return None  # a keyword, a .gguf file, or a path _source_problem reports
+  try:
+    with open(cfg_file, encoding='utf-8') as f:
+      hf = json.load(f)
+  except ValueError:
+    return None  # loading reports the broken file, naming it
+  return hf.get('attn_logit_softcapping') if isinstance(hf, dict) else None
+
+
 def attention_problem(model_config) -> str | None:
   """`model.attention` this backend cannot run, in one line naming what would; None if it can.
-  The soft-cap (which cuDNN lacks) is known here from `model.architecture` when it is set."""
+  The soft-cap (which cuDNN lacks) comes from `model.architecture` when it is set, else from the
+  given models' sources, so that a Gemma 2 checkpoint is refused before the workdir is touched."""
   preset = getattr(ModelConfig, model_config.get('architecture', '') or '_', None)
-  softcap = preset().attn_softcap if callable(preset) else None
+  if callable(preset):
+    softcap = preset().attn_softcap
+  else:
+    sources = {bookkeeping.role_source(model_config, r) for r in bookkeeping.GIVEN_ROLES}
+    softcap = next(filter(None, (_source_softcap(s) for s in sorted(sources) if s)), None)
   name = model_config.get('attention', 'auto')
   return attention.check(name, jax.default_backend(), softcap)
 

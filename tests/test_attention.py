@@ -191,6 +191,40 @@ def test_what_auto_runs_and_what_is_refused():
     model_lib.ModelConfig.tiny(attention='flash')
 
 
+def test_a_gemma2_source_is_refused_for_cudnn_on_gpu_from_its_config_json(tmp_path, monkeypatch):
+  """With no model.architecture, the soft-cap comes from the source's config.json (no weights
+  read): cudnn on a GPU is refused before the workdir for a Gemma 2 checkpoint, not mid-stage."""
+  import json
+
+  import ml_collections
+
+  from cai_jax import validate
+
+  gemma, llama = tmp_path / 'gemma', tmp_path / 'llama'
+  for d, hf in (
+      (gemma, {'model_type': 'gemma2', 'attn_logit_softcapping': 50.0}),
+      (llama, {'model_type': 'llama'}),
+  ):
+    d.mkdir()
+    (d / 'config.json').write_text(json.dumps(hf))
+  monkeypatch.setattr(validate.jax, 'default_backend', lambda: 'gpu')
+
+  def problem(**fields):
+    empty = dict(architecture='', source='', pretrained_source='', helpful_source='')
+    return validate.attention_problem(
+        ml_collections.ConfigDict({**empty, 'attention': 'cudnn', **fields})
+    )
+
+  why = problem(source=str(gemma))
+  assert 'soft-cap' in why and 'caps at 50.0' in why and '\n' not in why
+  assert 'soft-cap' in problem(pretrained_source=str(llama), helpful_source=str(gemma))
+  assert problem(source=str(llama)) is None
+  assert 'soft-cap' in problem(source='random:tiny-gemma2')
+  assert problem(source='random:tiny-llama') is None
+  assert problem(source='smollm2-135m') is None
+  assert problem(source=str(tmp_path / 'absent')) is None  # reported as a missing source instead
+
+
 def test_main_refuses_splash_on_cpu_before_the_workdir(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   r = subprocess.run(
