@@ -1,4 +1,6 @@
-"""The demo pipeline on the embedded SmolLM2-135M-Instruct, sized for a 2-core CPU (~4 min).
+"""The demo pipeline on the embedded SmolLM2-135M-Instruct, sized for a 2-core CPU.
+
+Its wall time per stage on a 2-core machine is in docs/measurements.md (Demo pipeline).
 
 python -m cai_jax.main --config configs/demo.py --workdir /tmp/demo
 """

@@ -17,13 +17,13 @@ import ml_collections
 
 def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.num_prompts = dict(tiny=6, demo=16, full=-1)[
+  c.num_prompts = dict(tiny=6, demo=8, full=-1)[
       variant
   ]  # red-team train prompts to label (after prompt_offset); -1 = all
   c.prompt_offset = 0  # skip the first N train prompts (e.g. those critique_revision used)
   # Helpful train prompts whose response pairs are labeled under helpfulness principles (kind
   # 'helpfulness'), when preference.helpful_mix.path is ''; -1 = all, 0 = none (harmlessness only)
-  c.num_helpful_prompts = dict(tiny=4, demo=8, full=-1)[variant]
+  c.num_helpful_prompts = dict(tiny=4, demo=4, full=-1)[variant]
   # Share of the prompts (of each kind, seeded per-prompt coin) labeled as split 'evaluation':
   # never trained on by the RL PM (preference), the evaluation PM's data (the Goodhart gauge)
   c.evaluation_fraction = dict(tiny=0.25, demo=0.25, full=0.1)[variant]
