@@ -47,3 +47,37 @@ def smollm2():
   except checkpoint.CheckpointError as e:
     pytest.skip(str(e))
   return checkpoint.load_pretrained('smollm2-135m')
+
+
+# The slowest modules first, by their seconds in a `--durations` run (2026-12-07): with `-n 2
+# --dist loadscope` xdist hands whole modules to the workers in collection order (once told not
+# to reorder them, below), so a heavy module handed out last runs alone on one worker while the
+# other has nothing left to do.
+SLOWEST_MODULES = (
+    'test_aot_coverage',
+    'test_aot',
+    'test_reliability',
+    'test_pipeline',
+    'test_sampling_parity',
+    'test_precision',
+    'test_dpo',
+    'test_sharding',
+    'test_sweep',
+    'test_attention',
+    'test_ppo',
+    'test_evaluate',
+    'test_feedback',
+)
+
+
+def pytest_configure(config):
+  # xdist's loadscope otherwise reorders modules by their number of tests, which puts the
+  # one-test modules of minutes (test_pipeline, test_aot_coverage) last: the order above instead.
+  if hasattr(config.option, 'loadscopereorder'):
+    config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {name: i for i, name in enumerate(SLOWEST_MODULES)}
+  # A stable sort: each module's tests keep their order, the unlisted modules theirs.
+  items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))
