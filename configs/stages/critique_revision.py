@@ -7,9 +7,8 @@ mix of the SL data). See cai_jax/stages/critique_revision.py.
 Every variant shows all critique few-shots, as the paper does: each adds ~300 tokens to every
 critique and revision prompt, but they are the same text everywhere, so the sampler prefills them
 once per stage and every row reads that one copy (cai_jax/sampling/prefix.py). The demo also
-samples cooler than the paper's T = 1, at which the 135M model mostly rambles. Its 4 red-team
-prompts fill one sampler call of 4 rows per phase (rows pad to a power of two, so 4 is where the
-demo's cost halves from 8); its 3 helpful prompts get 2 samples each, as in the paper.
+samples cooler than the paper's T = 1, at which the 135M model mostly rambles. Its 6 helpful
+prompts get 2 samples each, as in the paper: one sampler call of 6 short responses per sample.
 """
 
 import ml_collections
@@ -17,7 +16,7 @@ import ml_collections
 
 def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.num_prompts = dict(tiny=6, demo=4, full=-1)[
+  c.num_prompts = dict(tiny=6, demo=8, full=-1)[
       variant
   ]  # red-team prompts: the first N of the train split; -1 = all
   c.n_rounds = dict(tiny=2, demo=2, full=4)[
@@ -36,8 +35,8 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   c.temperature = 0.7 if variant == 'demo' else 1.0  # sampling temperature; 0 = greedy
   c.top_k = 0  # sample among the k most likely tokens; 0 = no top-k cut
   c.top_p = 0.9 if variant == 'demo' else 1.0  # nucleus sampling mass; 1.0 = no cut
-  c.batch_size = dict(tiny=6, demo=4, full=64)[variant]  # sequences per sampler call
-  c.chunk_size = dict(tiny=6, demo=4, full=256)[
+  c.batch_size = dict(tiny=6, demo=8, full=64)[variant]  # sequences per sampler call
+  c.chunk_size = dict(tiny=6, demo=8, full=256)[
       variant
   ]  # prompts per resumable unit (appended to samples.jsonl when done)
   # Helpful prompts per red-team prompt, the first N of the helpful train split (paper: 135,296

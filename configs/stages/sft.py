@@ -1,9 +1,9 @@
 """Supervised fine-tuning of the pretrained model on the revisions (SL-CAI, paper section 3).
 
 Read by `cai_jax.sft.run`. The paper fine-tunes for one epoch on the revisions of every round mixed
-with helpful samples; the small variants take a fixed number of steps instead (the demo's 7 are
-2 epochs of its 14 examples at batch 4: 4 red-team prompts x 2 rounds of revisions, 3 helpful
-prompts x 2 samples).
+with helpful samples; the small variants take a fixed number of steps instead (the demo's 8 are
+what its 2 epochs took when it trained on final revisions only: 'all' doubles its examples at 2
+rounds, and a fixed step count keeps its time).
 """
 
 import ml_collections
@@ -14,7 +14,7 @@ from configs.stages import guard, optimizer
 def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   batch_size = dict(tiny=8, demo=4, full=128)[variant]
   epochs = dict(tiny=1.0, demo=2.0, full=1.0)[variant]
-  num_steps = dict(tiny=30, demo=7, full=-1)[variant]
+  num_steps = dict(tiny=30, demo=8, full=-1)[variant]
   lr = dict(tiny=0.003, demo=1e-05, full=2e-05)[variant]
   warmup = dict(tiny=3, demo=1, full=50)[variant]
   every = dict(tiny=10, demo=5, full=200)[variant]
