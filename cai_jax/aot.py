@@ -5,7 +5,9 @@ libtpu's compiler and no TPU, for `config.tpu_topology`, and reports per-device 
 
 The programs, their shapes and the state resident beside each are built in
 cai_jax/aot_programs.py. Programs whose lowered text is identical (e.g. feedback's and
-evaluate's sampler) compile once.
+evaluate's sampler) compile once. `--lower_only` stops after lowering: the program list and each
+program's argument shapes (what tests/test_aot_coverage.py compares with a pipeline run) in
+seconds, without memory, FLOPs or the fit check.
 
 Memory per device = the compiled program (arguments + temporaries + outputs - aliased) plus that
 resident state. Not counted: XLA's fragmentation, hence the 10% margin. The HBM is what libtpu
@@ -67,6 +69,12 @@ _PROGRAMS = flags.DEFINE_string(
     'programs',
     '',
     'Comma-separated stages to compile (e.g. ' '"sft,ppo"); "" = every stage in config.stages',
+)
+_LOWER_ONLY = flags.DEFINE_bool(
+    'lower_only',
+    False,
+    'Only lower each program (its name and argument shapes, which --json records as "lowered"): '
+    'no compile, so no memory, FLOPs or fit check; a program list in seconds instead of minutes',
 )
 
 
@@ -233,8 +241,20 @@ def as_json(r: Result, kind: str = '', devices: int = 1, hbm: int | None = None)
   }
 
 
-def compile_all(programs: list[Program], log=print, done=None) -> list[Result]:
-  """Compiles each program (and its follow-ups) in turn; `done(results)` after each one."""
+def _replicated_where_unset(out_info):
+  """`out_info`'s shardings, replicated where the program leaves them to the compiler: without a
+  compile only the shapes of a follow-up's arguments are known, which is all `lower_only` needs."""
+  import jax
+
+  mesh = sharding.current_mesh()
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.tree.map(lambda s: s.sharding or rep, out_info)
+
+
+def compile_all(programs: list[Program], log=print, done=None, lower_only=False) -> list[Result]:
+  """Compiles each program (and its follow-ups) in turn; `done(results)` after each one. With
+  `lower_only`, lowers them only (results without memory or FLOPs; a follow-up's arguments take
+  replicated shardings where the compiler would have chosen: the same shapes)."""
   import jax
 
   results, seen, queue = [], {}, list(programs)
@@ -246,7 +266,21 @@ def compile_all(programs: list[Program], log=print, done=None) -> list[Result]:
     key = hashlib.sha1(lowered.as_text().encode()).hexdigest()
     label = f'{program.stage}/{program.name}'
     compiled = None
-    if key in seen:
+    if lower_only:
+      first = seen[key][0] if key in seen else None  # jax logs a repeated lowering only once
+      result = Result(
+          program,
+          time.time() - t0,
+          None,
+          None,
+          None,
+          same_as=f'{first.program.stage}/{first.program.name}' if first else None,
+          lowered=keys or (first.lowered if first else []),
+      )
+      seen.setdefault(key, (result, None))
+      out = (lowered.out_info, _replicated_where_unset(lowered.out_info))
+      follow = (lambda p, out=out: p.then(*out)) if program.then is not None else None
+    elif key in seen:
       first, follow = seen[key]
       result = dataclasses.replace(
           first,
@@ -301,6 +335,14 @@ def compile_all(programs: list[Program], log=print, done=None) -> list[Result]:
       seen[key] = (result, follow)
       del compiled
       gc.collect()
+    if lower_only:
+      log(f'aot: {label} [{program.shape}] lowered in {result.seconds:.1f}s (not compiled)')
+      results.append(result)
+      if done is not None:
+        done(results)
+      if follow is not None:
+        queue[0:0] = follow(program)
+      continue
     memory = (
         f'{result.memory["program"] / GIB:.2f} GiB'
         if result.memory
@@ -406,7 +448,12 @@ def check(config, json_path: str = '') -> tuple[list[Result], list[str], str, st
   with sharding.use_mesh(mesh, config.logical_axis_rules):
     programs = stage_programs(config, mesh, _PROGRAMS.value)
     done = (lambda rs: write_json(json_path, rs, kind, mesh.size, hbm)) if json_path else None
-    results = compile_all(programs, log=lambda s: print(s, flush=True), done=done)
+    results = compile_all(
+        programs, log=lambda s: print(s, flush=True), done=done, lower_only=_LOWER_ONLY.value
+    )
+  if _LOWER_ONLY.value:
+    summary = f'aot: {len(results)} programs lowered for {topology} (--lower_only: not compiled)'
+    return results, [], summary, kind, mesh.size
   remedies = [] if config.model.get('remat', 'none') == 'full' else ['--config.model.remat=full']
   errors = fit_errors(results, hbm, remedies + ['a smaller batch', 'a bigger mesh'])
   peak = max((r.total for r in results), default=0)
@@ -426,7 +473,8 @@ def main(argv):
     sys.exit(f'aot: error: {e}')
   for e in errors:
     print(e, file=sys.stderr, flush=True)
-  print(f'aot: compile time {sum(r.seconds for r in results):.0f}s', flush=True)
+  what = 'lowering' if _LOWER_ONLY.value else 'compile'
+  print(f'aot: {what} time {sum(r.seconds for r in results):.0f}s', flush=True)
   print(summary, flush=True)
   if errors:
     sys.exit(1)

@@ -256,3 +256,37 @@ def test_an_mfu_bound_of_100_percent_prints_as_no_figure():
   r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=REPO)
   assert r.returncode == 0, r.stderr[-3000:]
   assert r.stdout.split() == ['-', '-', '<=62%', '100%', '62%', '-']
+
+
+@pytest.mark.slow
+def test_no_mfu_over_100_percent(tiny_v5e):
+  stdout, programs = tiny_v5e
+  for p in programs.values():
+    assert p['mfu'] is None or 0 < p['mfu'] <= 1, p
+    if p['model_flops']:
+      assert p['seconds'] >= p['model_flops'] / 197e12, p  # v5e's peak
+  cells = [row['MFU'] for row in _rows(stdout).values()]
+  assert any(c != '-' for c in cells)
+  for c in cells:
+    if c != '-':
+      assert int(c.lstrip('<=').rstrip('%')) < 100, c  # a bound of 100% prints '-'
+  decode = [p for p in programs.values() if p['program'].endswith('decode')]
+  assert decode and all(p['per_step'] for p in decode)
+  assert all('/step' in _rows(stdout)[f"{p['stage']}/{p['program']}"]['est. ms'] for p in decode)
+
+
+@pytest.mark.slow
+def test_lower_only_lists_what_the_compile_lists(tiny_v5e, tmp_path):
+  """`--lower_only` (what tests/test_aot_coverage.py runs) gives the programs, their argument
+  shapes and their identical-program links that the compiling run gives, on a sharded mesh."""
+  out = tmp_path / 'lowered.json'
+  r = run_aot('--config', GEMMA_V5E, *TINY, '--lower_only', f'--json={out}')
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  assert r.stdout.strip().splitlines()[-1] == (
+      f'aot: {len(tiny_v5e[1])} programs lowered for v5e:2x4 (--lower_only: not compiled)'
+  )
+  lowered = json.loads(out.read_text())
+  compiled = list(tiny_v5e[1].values())
+  key = lambda p: (p['stage'], p['program'], p['shape'], p['same_as'], p['lowered'])
+  assert [key(p) for p in lowered] == [key(p) for p in compiled]
+  assert all(p['memory'] is None and p['hardware_flops'] is None for p in lowered)
