@@ -278,9 +278,14 @@ def compile_all(programs: list[Program], log=print, done=None, lower_only=False)
           lowered=keys or (first.lowered if first else []),
       )
       seen.setdefault(key, (result, None))
-      out = (lowered.out_info, _replicated_where_unset(lowered.out_info))
-      follow = (lambda p, out=out: p.then(*out)) if program.then is not None else None
-    elif key in seen:
+      log(f'aot: {label} [{program.shape}] lowered in {result.seconds:.1f}s (not compiled)')
+      results.append(result)
+      if done is not None:
+        done(results)
+      if program.then is not None:
+        queue[0:0] = program.then(lowered.out_info, _replicated_where_unset(lowered.out_info))
+      continue
+    if key in seen:
       first, follow = seen[key]
       result = dataclasses.replace(
           first,
@@ -335,14 +340,6 @@ def compile_all(programs: list[Program], log=print, done=None, lower_only=False)
       seen[key] = (result, follow)
       del compiled
       gc.collect()
-    if lower_only:
-      log(f'aot: {label} [{program.shape}] lowered in {result.seconds:.1f}s (not compiled)')
-      results.append(result)
-      if done is not None:
-        done(results)
-      if follow is not None:
-        queue[0:0] = follow(program)
-      continue
     memory = (
         f'{result.memory["program"] / GIB:.2f} GiB'
         if result.memory
