@@ -9,7 +9,6 @@ each stage module's `check_config(config)` adds what only that stage knows.
 from __future__ import annotations
 
 import fnmatch
-import json
 import logging
 import math
 import os
@@ -20,7 +19,7 @@ import ml_collections
 
 from cai_jax import bookkeeping, pipeline
 from cai_jax.method import constitution, conversation
-from cai_jax.models import attention
+from cai_jax.models import attention, checkpoint
 from cai_jax.models.decoder import DTYPES, ModelConfig, REMAT_POLICIES
 
 _MODEL_KEYWORDS = ('smollm2-135m',)
@@ -268,24 +267,13 @@ def check_precision(model_config) -> None:
 
 
 def _source_softcap(source: str) -> float | None:
-  """The attention logit soft-cap of the model at `source`, from its config.json alone (no
-  weights): only Gemma 2 has one, and our GGUF import reads no Gemma 2 (llama and qwen2 only)."""
-  if source.startswith('random:'):  # 'random:<preset>[-<family>]', e.g. random:tiny-gemma2
-    name, _, family = source.split(':', 1)[1].partition('-')
-    preset = getattr(ModelConfig, name, None) if not name.startswith('_') else None
-    try:
-      return (preset(family) if family else preset()).attn_softcap if callable(preset) else None
-    except TypeError:
-      return None  # an unknown preset: loading reports it
-  cfg_file = os.path.join(os.path.expanduser(source), 'config.json')
-  if not os.path.isfile(cfg_file):
-    return None  # a keyword, a .gguf file, or a path _source_problem reports
+  """The attention logit soft-cap of the model at `source`, from its config alone (no weights):
+  only Gemma 2 has one, and our GGUF import reads no Gemma 2 (llama and qwen2 only)."""
   try:
-    with open(cfg_file, encoding='utf-8') as f:
-      hf = json.load(f)
-  except ValueError:
-    return None  # loading reports the broken file, naming it
-  return hf.get('attn_logit_softcapping') if isinstance(hf, dict) else None
+    cfg = checkpoint.source_config(source)
+  except (checkpoint.CheckpointError, KeyError):
+    return None  # an unknown preset or a config.json short of a field: loading the source says so
+  return cfg.attn_softcap if cfg is not None else None
 
 
 def attention_problem(model_config) -> str | None:

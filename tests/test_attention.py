@@ -199,14 +199,12 @@ def test_a_gemma2_source_is_refused_for_cudnn_on_gpu_from_its_config_json(tmp_pa
   import ml_collections
 
   from cai_jax import validate
+  from cai_jax.models.hf_format import config_to_hf
 
   gemma, llama = tmp_path / 'gemma', tmp_path / 'llama'
-  for d, hf in (
-      (gemma, {'model_type': 'gemma2', 'attn_logit_softcapping': 50.0}),
-      (llama, {'model_type': 'llama'}),
-  ):
+  for d, family in ((gemma, 'gemma2'), (llama, 'llama')):  # config.json as an HF export writes it
     d.mkdir()
-    (d / 'config.json').write_text(json.dumps(hf))
+    (d / 'config.json').write_text(json.dumps(config_to_hf(model_lib.ModelConfig.tiny(family))))
   monkeypatch.setattr(validate.jax, 'default_backend', lambda: 'gpu')
 
   def problem(**fields):

@@ -198,6 +198,20 @@ def _random_config(preset: str) -> ModelConfig:
     raise CheckpointError(f'unknown random preset {preset!r}') from None
 
 
+def source_config(source: str) -> ModelConfig | None:
+  """The ModelConfig of `source` without reading its weights: a 'random:<preset>' or an HF
+  directory's config.json; None for a .gguf file, 'smollm2-135m' or a path that is not there
+  (`load_pretrained` reports those). A CheckpointError for an unknown preset or a bad config.json.
+  """
+  source = str(source)
+  if source.startswith('random:'):
+    return _random_config(source.split(':', 1)[1])
+  cfg_file = os.path.join(os.path.expanduser(source), 'config.json')
+  if not os.path.isfile(cfg_file):
+    return None
+  return config_from_hf(_read_json(cfg_file), cfg_file)
+
+
 def load_pretrained(
     source: str,
     *,
