@@ -292,6 +292,49 @@ def blockwise(q, k, v, mask: Mask, *, softcap=None, k_layout='BKSH', stats=False
   return _blockwise(q, k, v, *args)
 
 
+# ---- paged (the engine's) ------------------------------------------------------------------
+
+
+def paged(q, k_pool, v_pool, read, mask: Mask, *, softcap=None, block: int, n_blocks, k_scale=None,
+          v_scale=None):  # fmt: skip
+  """Attention over a page pool: row b's key slot s is pool slot `read[b, s]` (k_pool, v_pool
+  [slots, K, H]). An online softmax over key blocks of `block` slots, each gathered from the pool
+  when it is reached, for `n_blocks` (traced) blocks: a pass reads what its longest row holds,
+  not the table's width. Every call runs the same block computation, and a block a row does not
+  see adds an exact zero (its probabilities underflow to 0, the running maximum is unchanged),
+  so a row's output does not depend on the other rows or on n_blocks (sampling/engine.py).
+  int8 pools come with `k_scale`, `v_scale` [slots, K]: each block is dequantized as gathered.
+  """
+  b, t, kh, g, h = q.shape
+  dt, f32 = q.dtype, jnp.float32
+
+  def body(j, carry):
+    acc, top, total = carry
+    start = j * block
+    slots = jax.lax.dynamic_slice_in_dim(read, start, block, axis=1)  # [B, block]
+    kb, vb = k_pool[slots], v_pool[slots]  # [B, block, K, H]
+    if k_scale is not None:
+      kb = kb.astype(f32) * k_scale[slots][..., None]
+      vb = vb.astype(f32) * v_scale[slots][..., None]
+    kb, vb = kb.astype(dt), vb.astype(dt)
+    key_mask = jax.lax.dynamic_slice_in_dim(mask.key_mask, start, block, axis=1)
+    raw = jnp.einsum('BTKGH,BSKH->BKGTS', q, kb, preferred_element_type=f32)
+    logits = jnp.where(mask.allowed(start, key_mask)[:, None, None], _soft_cap(raw, softcap), _NEG)
+    new_top = jnp.maximum(top, logits.max(-1))
+    scale = jnp.exp(top - new_top)
+    p = jnp.exp(logits - new_top[..., None])
+    pv = jnp.einsum('BKGTS,BSKH->BKGTH', p.astype(dt), vb, preferred_element_type=f32)
+    return acc * scale[..., None] + pv, new_top, total * scale + p.sum(-1)
+
+  init = (
+      jnp.zeros((b, kh, g, t, h), f32),
+      jnp.full((b, kh, g, t), _NEG, f32),
+      jnp.zeros((b, kh, g, t), f32),
+  )
+  acc, _, total = jax.lax.fori_loop(0, n_blocks, body, init)
+  return (acc / total[..., None]).astype(dt).transpose(0, 3, 1, 2, 4)  # [B, T, K, G, H]
+
+
 # ---- splash (TPU) ---------------------------------------------------------------------------
 
 

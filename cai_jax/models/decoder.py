@@ -370,25 +370,28 @@ class Attention(nnx.Module):
     )[..., None]
     return out.transpose(0, 3, 1, 2, 4).astype(dt)  # [B, T, K, G, H]
 
-  def __call__(self, x, positions, key_mask, cache, cache_index, inv_freq, prefix=None):
-    cfg, dt = self.cfg, x.dtype
-    q = jnp.einsum('BTD,DNH->BTNH', x, self.q[...].astype(dt))
-    k = jnp.einsum('BTD,DKH->BTKH', x, self.k[...].astype(dt))
-    v = jnp.einsum('BTD,DKH->BTKH', x, self.v[...].astype(dt))
-    if cfg.qkv_bias:
-      q, k, v = (
-          q + self.q_bias[...].astype(dt),
-          k + self.k_bias[...].astype(dt),
-          v + self.v_bias[...].astype(dt),
-      )
-    if cfg.positions == 'rope':
-      q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-    q = sharding.constrain(q, ('batch', 'length', 'heads', 'head_dim'))
+  def _paged(self, q, k, v, positions, key_mask, pool, slots: PagedSlots):
+    """Attention over a page pool (sampling/engine.py): the new keys and values are written to
+    their pool slots, then each row reads its own, in logical order (`attention.paged`)."""
+    b, t, kh, h = k.shape
+    flat = slots.write.reshape(b * t)
+    new = {'k': k.reshape(b * t, kh, h), 'v': v.reshape(b * t, kh, h)}
+    if 'k_scale' in pool:  # int8 pages: a scale per token and head beside them
+      for kv in ('k', 'v'):
+        new[kv], new[f'{kv}_scale'] = quantize_kv(new[kv])
+    pool = {name: pool[name].at[flat].set(x.astype(pool[name].dtype)) for name, x in new.items()}
+    mask = attention.Mask(positions, key_mask, True, self._window())
+    out = attention.paged(
+        q, pool['k'], pool['v'], slots.read, mask, softcap=self.cfg.attn_softcap,
+        block=slots.block, n_blocks=slots.n_blocks, k_scale=pool.get('k_scale'),
+        v_scale=pool.get('v_scale'),
+    )  # fmt: skip
+    return out, pool
 
-    t = x.shape[1]
-    b, n, kh = x.shape[0], cfg.n_heads, cfg.n_kv_heads
-    scale = cfg.query_scale if cfg.query_scale is not None else cfg.head_dim**-0.5
-    q = q.reshape(b, t, kh, n // kh, cfg.head_dim) * jnp.asarray(scale, dt)
+  def _contiguous(self, q, k, v, positions, key_mask, cache, cache_index, prefix, dt):
+    """Attention over a contiguous cache (`init_cache`, written at `cache_index`) or, without
+    one, over the pass's own keys; with a shared `prefix`, the cascade of `_with_prefix`."""
+    cfg, t = self.cfg, q.shape[1]
     if cache is not None:
       # The cache layout (see init_cache): keys [B, K, H, S], values [B, K, S, H].
       new = {'k': k.transpose(0, 2, 3, 1), 'v': v.transpose(0, 2, 1, 3)}
@@ -416,6 +419,31 @@ class Attention(nnx.Module):
           cfg.attention, q, k, v, own, softcap=cfg.attn_softcap,
           k_layout='BKHS' if cache is not None else 'BKSH',
       )  # fmt: skip
+    return out, cache
+
+  def __call__(self, x, positions, key_mask, cache, cache_index, inv_freq, prefix=None):
+    cfg, dt = self.cfg, x.dtype
+    q = jnp.einsum('BTD,DNH->BTNH', x, self.q[...].astype(dt))
+    k = jnp.einsum('BTD,DKH->BTKH', x, self.k[...].astype(dt))
+    v = jnp.einsum('BTD,DKH->BTKH', x, self.v[...].astype(dt))
+    if cfg.qkv_bias:
+      q, k, v = (
+          q + self.q_bias[...].astype(dt),
+          k + self.k_bias[...].astype(dt),
+          v + self.v_bias[...].astype(dt),
+      )
+    if cfg.positions == 'rope':
+      q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    q = sharding.constrain(q, ('batch', 'length', 'heads', 'head_dim'))
+
+    t = x.shape[1]
+    b, n, kh = x.shape[0], cfg.n_heads, cfg.n_kv_heads
+    scale = cfg.query_scale if cfg.query_scale is not None else cfg.head_dim**-0.5
+    q = q.reshape(b, t, kh, n // kh, cfg.head_dim) * jnp.asarray(scale, dt)
+    if isinstance(cache_index, PagedSlots):
+      out, cache = self._paged(q, k, v, positions, key_mask, cache, cache_index)
+    else:
+      out, cache = self._contiguous(q, k, v, positions, key_mask, cache, cache_index, prefix, dt)
     out = out.reshape(b, t, n, cfg.head_dim)
     # 'BTNH,NHD->BTD' by dot_general: jnp.einsum contracts (H, N) in that order, which made
     # XLA transpose the weight in every call.
@@ -597,6 +625,42 @@ def cache_write_prefix(cache: list[dict], prefix: list[dict]) -> list[dict]:
       {kv: jax.lax.dynamic_update_slice_in_dim(c[kv], p[kv], 0, CACHE_SLOT_AXIS[kv]) for kv in c}
       for c, p in zip(cache, prefix)
   ]
+
+
+class PagedSlots(NamedTuple):
+  """How a call reads and writes a page pool (`init_pages`) instead of a contiguous cache.
+
+  A pool slot is page * page_size + offset; page 0 is scratch, where padding writes land. Row
+  b's logical slot s (which holds position s) is pool slot `read[b, s]`; the pass's T new keys
+  and values go to `write[b, t]`. Attention reads the first `n_blocks` blocks of `block` slots
+  (`attention.paged`); S is a multiple of `block`.
+  """
+
+  write: jax.Array  # int32 [B, T]
+  read: jax.Array  # int32 [B, S]
+  block: int
+  n_blocks: jax.Array  # int32 scalar
+
+
+def init_pages(cfg: ModelConfig, pages: int, page_size: int, dtype=None) -> list[dict]:
+  """A zeroed page pool: per layer, keys and values [pages * page_size, K, H]. With dtype int8,
+  also `k_scale` and `v_scale` [pages * page_size, K] float32: one scale per token and head."""
+  dtype = jnp.dtype(dtype or cfg.dtype)
+  shape = (pages * page_size, cfg.n_kv_heads, cfg.head_dim)
+  names = (None, 'kv_heads', 'head_dim')
+  layer = {kv: (shape, dtype, names) for kv in ('k', 'v')}
+  if dtype == jnp.int8:
+    layer |= {f'{kv}_scale': (shape[:2], jnp.float32, names[:2]) for kv in ('k', 'v')}
+  return [{n: sharding.zeros(*spec) for n, spec in layer.items()} for _ in range(cfg.n_layers)]
+
+
+def quantize_kv(x):
+  """int8 values and float32 scales [..., K] of keys or values [..., K, H]: x ~ q * scale, the
+  scale each token's and head's largest magnitude / 127."""
+  x = x.astype(jnp.float32)
+  scale = jnp.max(jnp.abs(x), axis=-1) / 127.0
+  scale = jnp.where(scale > 0, scale, 1.0)
+  return jnp.clip(jnp.round(x / scale[..., None]), -127, 127).astype(jnp.int8), scale
 
 
 class SharedPrefix(NamedTuple):

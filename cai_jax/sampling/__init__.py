@@ -19,14 +19,18 @@ from cai_jax.sampling.decoding import (
     generate_batched,
     generate_responses,
 )
+from cai_jax.sampling.engine import Engine, EngineConfig, Request
 from cai_jax.sampling.prefix import PrefixCache
 from cai_jax.sampling.scoring import ScoreOutput, score, score_options
 
 __all__ = [
     'STOP_CHUNK',
     'DecodeState',
+    'Engine',
+    'EngineConfig',
     'GenerateOutput',
     'PrefixCache',
+    'Request',
     'Response',
     'ScoreOutput',
     'batch_bucket',

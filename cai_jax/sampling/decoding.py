@@ -144,6 +144,23 @@ def _step_keys(row_keys, step):
   return jax.vmap(jax.random.fold_in, (0, None))(row_keys, step)
 
 
+def sampling_settings(temperature, top_k, top_p):
+  """(static strategy, temperature, top_p as traced scalars) of a sampling configuration, after
+  checking it: temperature 0 is greedy (top-k and top-p then ignored), top_p 1 is off."""
+  if temperature is None or not math.isfinite(temperature) or temperature < 0:
+    raise ValueError(f'temperature must be a finite number >= 0, got {temperature!r}')
+  if top_k is not None and (int(top_k) != top_k or top_k <= 0):
+    raise ValueError(f'top_k must be a positive integer or None, got {top_k!r}')
+  if top_p is not None and not 0.0 < top_p <= 1.0:  # NaN fails this too
+    raise ValueError(f'top_p must be in (0, 1] or None, got {top_p!r}')
+  greedy = temperature == 0.0
+  use_top_p = top_p is not None and top_p < 1.0 and not greedy
+  strategy = _Strategy(
+      greedy=greedy, top_k=None if greedy or top_k is None else int(top_k), top_p=use_top_p
+  )
+  return strategy, jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p if use_top_p else 1.0)
+
+
 # ---- jitted prefill and decode --------------------------------------------------------------
 
 
@@ -258,9 +275,9 @@ def _decode(graphdef, strategy, params, state: DecodeState, until, knobs, pad_id
 # ---- stops ----------------------------------------------------------------------------------
 
 
-def _default_stop_tokens(model, tokenizer):
+def _default_stop_tokens(cfg, tokenizer):
   ids = []
-  for eos in (getattr(tokenizer, 'eos_token_id', None), model.cfg.eos_token_id):
+  for eos in (getattr(tokenizer, 'eos_token_id', None), cfg.eos_token_id):
     if eos is not None and int(eos) not in ids:
       ids.append(int(eos))
   return ids
@@ -293,23 +310,31 @@ def _split_stop_strings(stop_strings, tokenizer):
   return as_ids, as_text
 
 
-def _find_stop(text: str, stop_strings) -> int:
+def stops(cfg, tokenizer, stop_tokens, stop_strings) -> tuple[list[int], list[str]]:
+  """(stop token ids, stop strings checked on the host): `stop_tokens` (None: the model's and
+  tokenizer's end tokens) plus the stop strings that are one special token."""
+  stop_ids = list(_default_stop_tokens(cfg, tokenizer) if stop_tokens is None else stop_tokens)
+  string_ids, stop_texts = _split_stop_strings(stop_strings, tokenizer)
+  return stop_ids + [i for i in string_ids if i not in stop_ids], stop_texts
+
+
+def find_stop(text: str, stop_strings) -> int:
   """Index of the earliest stop-string match in text, or -1."""
   hits = [i for i in (text.find(s) for s in stop_strings) if i >= 0]
   return min(hits) if hits else -1
 
 
-def _cut_at_stop_string(tokens, tokenizer, stop_strings):
+def cut_at_stop_string(tokens, tokenizer, stop_strings):
   """Fewest leading tokens whose text contains a stop string, and that text cut before it."""
   lo, hi = 1, len(tokens)  # decode(tokens[:hi]) contains a stop string
   while lo < hi:
     mid = (lo + hi) // 2
-    if _find_stop(tokenizer.decode(tokens[:mid]), stop_strings) >= 0:
+    if find_stop(tokenizer.decode(tokens[:mid]), stop_strings) >= 0:
       hi = mid
     else:
       lo = mid + 1
   text = tokenizer.decode(tokens[:hi])
-  return hi, text[: _find_stop(text, stop_strings)]
+  return hi, text[: find_stop(text, stop_strings)]
 
 
 # ---- generate -------------------------------------------------------------------------------
@@ -357,12 +382,7 @@ def generate(
   cfg: model_lib.ModelConfig = model.cfg
   if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
     raise ValueError(f'max_new_tokens must be a positive integer, got {max_new_tokens!r}')
-  if temperature is None or not math.isfinite(temperature) or temperature < 0:
-    raise ValueError(f'temperature must be a finite number >= 0, got {temperature!r}')
-  if top_k is not None and (int(top_k) != top_k or top_k <= 0):
-    raise ValueError(f'top_k must be a positive integer or None, got {top_k!r}')
-  if top_p is not None and not 0.0 < top_p <= 1.0:  # NaN fails this too
-    raise ValueError(f'top_p must be in (0, 1] or None, got {top_p!r}')
+  strategy, temperature_knob, top_p_knob = sampling_settings(temperature, top_k, top_p)
   if max_new_tokens >= cfg.max_positions:
     raise ValueError(
         f'max_new_tokens={max_new_tokens} leaves no room for a prompt in the '
@@ -379,17 +399,10 @@ def generate(
   if row_ids is not None and len(row_ids) != len(prompts):
     raise ValueError(f'row_ids has {len(row_ids)} entries for {len(prompts)} prompts')
 
-  stop_ids = list(_default_stop_tokens(model, tokenizer) if stop_tokens is None else stop_tokens)
-  string_ids, stop_texts = _split_stop_strings(stop_strings, tokenizer)
-  stop_ids += [i for i in string_ids if i not in stop_ids]
+  stop_ids, stop_texts = stops(model.cfg, tokenizer, stop_tokens, stop_strings)
   if any(not 0 <= int(i) < cfg.vocab_size for i in stop_ids):
     raise ValueError(f'stop_tokens {stop_ids} must be ids in [0, {cfg.vocab_size})')
 
-  greedy = temperature == 0.0
-  use_top_p = top_p is not None and top_p < 1.0 and not greedy
-  strategy = _Strategy(
-      greedy=greedy, top_k=None if greedy or top_k is None else int(top_k), top_p=use_top_p
-  )
   n_rows = len(prompts)
   rest, prefix_len, prefix = prefix_lib.split(prompts, prefix_cache, model)
   b = batch_bucket(n_rows)
@@ -409,8 +422,8 @@ def generate(
 
   graphdef, params = nnx.split(model)
   knobs = Knobs(
-      temperature=jnp.float32(max(temperature, 1e-6)),
-      top_p=jnp.float32(top_p if use_top_p else 1.0),
+      temperature=temperature_knob,
+      top_p=top_p_knob,
       max_new=jnp.int32(max_new_tokens),
       stop_ids=jnp.asarray(stop_arr),
   )
@@ -455,8 +468,8 @@ def generate(
       row = host_tokens[r, : lengths[r]].tolist()
       if stop_texts and row:
         text = tokenizer.decode(row)
-        if _find_stop(text, stop_texts) >= 0:
-          cut, text = _cut_at_stop_string(row, tokenizer, stop_texts)
+        if find_stop(text, stop_texts) >= 0:
+          cut, text = cut_at_stop_string(row, tokenizer, stop_texts)
           final[r] = (cut, 'stop', text)
           newly_done[r] = True
           continue
@@ -575,11 +588,14 @@ def generate_responses(
     truncate: str = 'left',
     progress: bool = False,
     prefix_cache: prefix_lib.PrefixCache | None = None,
+    engine=None,
 ) -> list[Response]:
   """Assistant replies to conversations (lists of (role, text) turns) or rendered prompts.
 
   The format's stop strings (e.g. "\\n\\nHuman:") end a reply; transcript replies have their
-  leading whitespace stripped (the prompt ends in "Assistant:").
+  leading whitespace stripped (the prompt ends in "Assistant:"). With an `engine`
+  (`sampling.engine.Engine` of this model) the replies come from continuous batching instead of
+  static batches of `batch_size`; prompt i samples from the same keys either way.
   """
   conversation.check_format(fmt)
   tok = pretrained.tokenizer
@@ -607,22 +623,34 @@ def generate_responses(
         )
       encoded = [conversation.keep_last(e, limit, tok) for e in encoded]
   stops = list(conversation.stop_strings(fmt, tok)) + list(stop_strings or [])
-  out = generate_batched(
-      pretrained.model,
-      encoded,
-      batch_size=batch_size,
-      progress=progress,
-      max_new_tokens=max_new_tokens,
-      temperature=temperature,
-      top_k=top_k,
-      top_p=top_p,
-      stop_strings=stops,
-      tokenizer=tok,
-      seed=seed,
-      max_prompt_len=max_prompt_len,
-      truncate=truncate,
-      prefix_cache=prefix_cache,
-  )
+  if engine is not None:
+    out = engine.generate_output(
+        encoded,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        stop_strings=stops,
+        seed=seed,
+        progress=progress,
+    )
+  else:
+    out = generate_batched(
+        pretrained.model,
+        encoded,
+        batch_size=batch_size,
+        progress=progress,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        stop_strings=stops,
+        tokenizer=tok,
+        seed=seed,
+        max_prompt_len=max_prompt_len,
+        truncate=truncate,
+        prefix_cache=prefix_cache,
+    )
   return [
       Response(
           text=t.lstrip() if fmt == 'transcript' else t,
