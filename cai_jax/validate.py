@@ -95,6 +95,12 @@ RULES = (
     ('sampling.prefix_cache_tokens', _int_at_least(0)),
     ('sampling.min_prefix_tokens', _int_at_least(1)),
     ('sampling.prefix_block', _int_at_least(1)),
+    ('sampling.engine', (lambda v: isinstance(v, bool), 'True or False')),
+    ('sampling.engine_slots', _int_at_least(1)),
+    ('sampling.engine_page_size', _int_at_least(1)),
+    ('sampling.engine_prefill_chunk', _int_at_least(1)),
+    ('sampling.engine_kv_budget_mib', _number(0, low_open=True)),
+    ('sampling.engine_kv_dtype', _one_of('', 'bfloat16', 'float32', 'int8')),
 )
 
 

@@ -82,6 +82,15 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   c.sampling.prefix_cache_tokens = 8192
   c.sampling.min_prefix_tokens = 64  # shorter shared prefixes take the plain path
   c.sampling.prefix_block = 64  # a shared prefix is cut to a multiple of this (batches agree on it)
+  # critique_revision samples through the continuous-batching engine (cai_jax/sampling/engine.py:
+  # a slot is refilled as soon as its request ends; keys and values live in pages, shared prompt
+  # chunks are shared pages) instead of static batches of its batch_size; other stages: static.
+  c.sampling.engine = False
+  c.sampling.engine_slots = 16  # requests decoding at once
+  c.sampling.engine_page_size = 16  # KV slots per page
+  c.sampling.engine_prefill_chunk = 128  # prompt tokens per prefill call and row; the sharing grain
+  c.sampling.engine_kv_budget_mib = 1024.0  # the page pool, keys and values of all layers
+  c.sampling.engine_kv_dtype = ''  # pages: '' = the model's dtype, 'bfloat16', 'float32', 'int8'
 
   c.tpu_topology = ''  # TPU slice for `python -m cai_jax.aot` (e.g. 'v5e:2x4'); '' = none
   c.mesh = ml_collections.ConfigDict()

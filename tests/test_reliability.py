@@ -364,6 +364,33 @@ def test_kill_9_in_critique_revision_and_feedback_with_prefix_reuse_writes_the_s
     assert (killed / rel).read_bytes() == (reference / rel).read_bytes(), rel
 
 
+def test_kill_9_in_critique_revision_with_the_engine_writes_the_same_records(tmp_path):
+  """With the continuous-batching engine, killed halfway through its second red-team chunk: the
+  resumed run (a cold engine, its page pool empty) writes the records of an uninterrupted run,
+  byte for byte."""
+  args = [
+      '--config.stages=critique_revision',
+      '--config.critique_revision.chunk_size=2',
+      '--config.sampling.engine=True',
+      '--config.sampling.engine_slots=3',  # fewer than a chunk's requests: slots are refilled
+      '--config.sampling.engine_kv_budget_mib=16',
+  ]
+  reference = tmp_path / 'reference'
+  proc = run_main(reference, *args)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  killed = tmp_path / 'killed'
+  cmd = [sys.executable, str(REPO / 'tests/scripts/fb_kill_run.py'), '2']
+  cmd += tiny_main_cmd(killed, *SMALL, *args)[3:]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+  torn = (killed / 'critique_revision' / 'samples.jsonl').read_text()
+  assert torn.count('\n') >= 2 and not torn.endswith('\n')  # one chunk of 2, half the next
+  proc = run_main(killed, *args)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for rel in ('critique_revision/samples.jsonl', 'critique_revision/helpful.jsonl'):
+    assert (killed / rel).read_bytes() == (reference / rel).read_bytes(), rel
+
+
 def test_a_cpu_run_prints_nothing_from_libtpu(tmp_path):
   """libtpu (the test extra) is installed but there is no TPU: the console has our lines only."""
   env = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}  # conftest sets it

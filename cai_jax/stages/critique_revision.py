@@ -101,6 +101,7 @@ class _Sampler:
   fmt: str  # config.conversation_format
   max_len: int  # config.model.max_len: prompt + new tokens
   prefix_cache: Any = None  # sampling.PrefixCache: the few-shot preamble prefilled once
+  engine: Any = None  # sampling.Engine: continuous batching instead of static batches
   tokens: int = 0
 
   def budget(self, max_new_tokens: int) -> int:
@@ -123,6 +124,7 @@ class _Sampler:
         max_prompt_len=self.max_len - max_new_tokens,
         truncate='left',
         prefix_cache=self.prefix_cache,
+        engine=self.engine,
     )
     self.tokens += sum(len(r.tokens) for r in responses)
     return responses
@@ -417,6 +419,12 @@ def run(ctx, stage_dir: Path) -> dict:
       ctx.config.conversation_format,
       ctx.config.model.max_len,
       sampling.PrefixCache.from_config(helpful_model.model, ctx.config.sampling),
+      sampling.Engine.from_config(
+          helpful_model.model,
+          ctx.config.sampling,
+          helpful_model.tokenizer,
+          ctx.config.model.max_len,
+      ),
   )
   check_few_shots(constitution, sample, cfg)
   stage_dir.mkdir(parents=True, exist_ok=True)
