@@ -82,9 +82,10 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   c.sampling.prefix_cache_tokens = 8192
   c.sampling.min_prefix_tokens = 64  # shorter shared prefixes take the plain path
   c.sampling.prefix_block = 64  # a shared prefix is cut to a multiple of this (batches agree on it)
-  # critique_revision samples through the continuous-batching engine (cai_jax/sampling/engine.py:
-  # a slot is refilled as soon as its request ends; keys and values live in pages, shared prompt
-  # chunks are shared pages) instead of static batches of its batch_size; other stages: static.
+  # Every stage that samples (critique_revision, feedback's pairs and chains of thought, PPO's
+  # rollouts, evaluate) uses the continuous-batching engine (cai_jax/sampling/engine.py: a slot is
+  # refilled as soon as its request ends; keys and values live in pages, shared prompt chunks are
+  # shared pages) instead of static batches. Off by default: on CPU it is slower (measurements.md).
   c.sampling.engine = False
   c.sampling.engine_slots = 16  # requests decoding at once
   c.sampling.engine_page_size = 16  # KV slots per page

@@ -7,6 +7,7 @@ bf16; remat recomputes each decoder layer in the backward pass and changes no nu
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -213,7 +214,8 @@ def test_tiny_pipeline_runs_in_bf16_with_the_fused_loss(tmp_path, remat):
   """Every stage, bf16 compute, float32 masters, bf16 frozen models, chunked SFT loss.
 
   Without remat the run stops after PPO: the stages after it train nothing (dpo aside, which
-  trains as SFT does) and the remat=full run goes through them in bf16."""
+  trains as SFT does) and the remat=full run goes through them in bf16, sampling every stage's
+  text through the continuous-batching engine (`sampling.engine`, bf16 pages)."""
   stages = [name for name in pipeline.ORDER if name != 'evaluate_feedback']  # not a default stage
   if remat == 'none':
     stages = stages[: stages.index('ppo') + 1]
@@ -225,6 +227,7 @@ def test_tiny_pipeline_runs_in_bf16_with_the_fused_loss(tmp_path, remat):
       '--config.sft.loss_chunk=16',
       f'--config.model.remat={remat}',
       f'--config.stages={",".join(stages)}',
+      f'--config.sampling.engine={remat == "full"}',
   )
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -235,3 +238,10 @@ def test_tiny_pipeline_runs_in_bf16_with_the_fused_loss(tmp_path, remat):
   assert all(np.isfinite(losses)) and np.mean(losses[-5:]) < np.mean(losses[:5])
   ppo_rows = [json.loads(line) for line in (tmp_path / 'ppo' / 'metrics.jsonl').open()]
   assert all(np.isfinite(r['loss']) for r in ppo_rows) and ppo_rows[-1]['kl'] > 0
+  if remat == 'full':  # each sampling stage says it sampled through the engine
+    for name in ('critique_revision', 'feedback', 'ppo'):
+      summary = json.loads((tmp_path / name / 'DONE.json').read_text())['summary']
+      assert 0 < summary['engine_utilization'] <= 1, (name, summary)
+    assert re.search(
+        r'evaluate: ppo: \d+ responses in [\d.]+s, engine_utilization 0\.\d', proc.stdout
+    )

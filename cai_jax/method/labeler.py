@@ -133,6 +133,7 @@ class Labeler:
   stage: str  # principle draws are seeded by (seed, pair id, stage)
   scored_tokens: int = 0  # prompt + option tokens scored so far (throughput)
   prefix_cache: Any = None  # sampling.PrefixCache: shared prompt text (few-shots) prefilled once
+  engine: Any = None  # sampling.Engine of the feedback model: samples the chains of thought
 
   def principles(self, pair: Pair) -> list[str]:
     if pair.file_prompts is not None:
@@ -226,6 +227,7 @@ class Labeler:
         max_prompt_len=self.max_len - self.cfg.cot_max_new_tokens,
         truncate='left',
         prefix_cache=self.prefix_cache,
+        engine=self.engine,
     )
     for s, r in zip(scorings, responses):
       s['cot'] = r.text.strip()

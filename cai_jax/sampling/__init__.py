@@ -5,7 +5,8 @@
 own at a stop token, a stop string or `max_new_tokens`. `score` gives log-probs of given
 continuations. `generate_batched` feeds long prompt lists through in batches with a progress
 bar; `generate_responses` takes conversations or rendered prompts and returns stripped replies,
-so stages never see padding or buckets.
+so stages never see padding or buckets. `Engine` (with `config.sampling.engine`) samples the
+same requests by continuous batching over a paged KV cache instead.
 """
 
 from cai_jax.sampling.common import batch_bucket, compile_counts, length_bucket
@@ -19,7 +20,7 @@ from cai_jax.sampling.decoding import (
     generate_batched,
     generate_responses,
 )
-from cai_jax.sampling.engine import Engine, EngineConfig, Request
+from cai_jax.sampling.engine import Engine, EngineConfig, Request, engine_summary
 from cai_jax.sampling.prefix import PrefixCache
 from cai_jax.sampling.scoring import ScoreOutput, score, score_options
 
@@ -36,6 +37,7 @@ __all__ = [
     'batch_bucket',
     'choose_tokens',
     'compile_counts',
+    'engine_summary',
     'generate',
     'generate_batched',
     'generate_responses',

@@ -610,6 +610,8 @@ def generate_responses(
     # would drop the oldest tokens, BOS included.
     limit = pretrained.model.cfg.max_positions - max_new_tokens
     limit = limit if max_prompt_len is None else min(limit, max_prompt_len)
+    if engine is not None:  # its page tables end at its max_len
+      limit = min(limit, engine.width - max_new_tokens)
     if limit > 0:
       cut = [len(e) - limit for e in encoded if len(e) > limit]
       if cut:  # one line per call: the oldest text (few-shots first) is what goes

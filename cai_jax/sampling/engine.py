@@ -622,9 +622,11 @@ class Engine:
       stop_strings: Sequence[str] = (),
       seed: int = 0,
       progress: bool = False,
+      params=None,
   ) -> decoding.GenerateOutput:
     """`decoding.generate_batched`'s output for the same arguments: the model's and tokenizer's
-    end tokens and `stop_strings` stop a row, and row i samples from the same keys."""
+    end tokens and `stop_strings` stop a row, and row i samples from the same keys. `params`
+    as `run`'s (PPO's current policy)."""
     stop_ids, stop_texts = decoding.stops(self.model_cfg, self.tokenizer, None, stop_strings)
     requests = [
         Request(p, max_new_tokens, stop_ids, stop_texts, seed=seed, key_id=i)
@@ -637,7 +639,12 @@ class Engine:
       bar = tqdm(total=len(requests), desc='sampling', unit='prompt', dynamic_ncols=True)
     try:
       done = self.generate(
-          requests, temperature=temperature, top_k=top_k, top_p=top_p, progress=bar
+          requests,
+          temperature=temperature,
+          top_k=top_k,
+          top_p=top_p,
+          params=params,
+          progress=bar,
       )
     finally:
       if bar is not None:
@@ -656,3 +663,15 @@ class Engine:
     for done in self.run(requests, **kw):
       out[done.index] = done
     return out
+
+
+def engine_summary(engine: Engine | None) -> dict:
+  """A stage summary's engine fields ({} for static batches): this run's slot utilization (the
+  share of decode row-steps that produced a kept token) and the prompt tokens it read from shared
+  pages instead of computing them."""
+  if engine is None:
+    return {}
+  return dict(
+      engine_utilization=round(engine.utilization(), 4),
+      engine_prompt_tokens_shared=engine.stats['prompt_tokens_shared'],
+  )

@@ -499,6 +499,7 @@ def run(ctx, stage_dir: Path) -> dict:
       empty_helpful_responses=sum(not r for h in helpful_records for r in h['responses']),
       tokens_generated=sum(r['tokens'] for r in samples + helpful_records),
       tokens_generated_this_run=sample.tokens,
+      **sampling.engine_summary(sample.engine),
       finish_reasons=dict(finish),
       **few_shot_summary(samples, len(constitution.critique_few_shots)),
       truncated=truncated_counts(samples, helpful_records),

@@ -141,6 +141,9 @@ def sample_responses(
   # Kept loaded when it is also the judge (the pretrained model, by default).
   model = ctx.load(source, cache=source == judge_source(ctx), frozen=True)
   budget = min(ctx.config.model.max_len, model.model.cfg.max_positions) - max_new_tokens
+  engine = sampling.Engine.from_config(
+      model.model, ctx.config.sampling, model.tokenizer, ctx.config.model.max_len
+  )
   responses = sampling.generate_responses(
       model,
       [sampled_turns(r, model.tokenizer, fmt, budget) for _, r in items],
@@ -149,6 +152,7 @@ def sample_responses(
       temperature=cfg.temperature,
       batch_size=cfg.batch_size,
       seed=ctx.config.seed + cfg.seed_offset,
+      engine=engine,
   )  # the format's stop strings end a reply
   records = [
       dict(
@@ -163,7 +167,8 @@ def sample_responses(
       for (kind, r), resp in zip(items, responses)
   ]
   write_cache(path, records)
-  print(f'{STAGE}: {name}: {len(records)} responses in {time.time() - t0:.1f}s', flush=True)
+  used = ''.join(f', {k} {v}' for k, v in sampling.engine_summary(engine).items())
+  print(f'{STAGE}: {name}: {len(records)} responses in {time.time() - t0:.1f}s{used}', flush=True)
   return records
 
 

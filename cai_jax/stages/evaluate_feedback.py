@@ -367,6 +367,11 @@ def run(ctx, stage_dir: Path) -> dict:
       ctx.config.seed,
       EVAL_STAGE,
       prefix_cache=sampling.PrefixCache.from_config(model.model, ctx.config.sampling),
+      engine=sampling.Engine.from_config(
+          model.model, ctx.config.sampling, model.tokenizer, ctx.config.model.max_len
+      )
+      if cfg.cot
+      else None,
   )
   if not file_mode:
     check_few_shots(labeler, EVAL_STAGE)

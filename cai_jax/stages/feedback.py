@@ -158,8 +158,10 @@ def label_chunk(
     labeler: Labeler,
     cfg,
     fmt: str,
+    engine=None,
 ) -> list[dict]:
-  """Two sampled responses per prompt (seed steps 0, 1), then their labels (step 2)."""
+  """Two sampled responses per prompt (seed steps 0, 1), then their labels (step 2); `engine`
+  (a `sampling.Engine` of the policy, or None for static batches) samples them."""
   convs = [data.prompt_turns(r) for r in records]
   budget = labeler.max_len - cfg.max_new_tokens
   fitted = [
@@ -177,6 +179,7 @@ def label_chunk(
           batch_size=cfg.batch_size,
           seed=chunk_seed(step),
           max_prompt_len=labeler.max_len - cfg.max_new_tokens,
+          engine=engine,
       )
       for step in (0, 1)
   ]
@@ -313,6 +316,10 @@ def run(ctx, stage_dir: Path) -> dict:
   fmt, seed = ctx.config.conversation_format, ctx.config.seed
   policy = ctx.load_role('sft', frozen=True)
   model = feedback_model(ctx)
+  engine = lambda m: sampling.Engine.from_config(  # noqa: E731
+      m.model, ctx.config.sampling, m.tokenizer, ctx.config.model.max_len
+  )
+  policy_engine = engine(policy)
   labeler = Labeler(
       model,
       constitution,
@@ -322,6 +329,7 @@ def run(ctx, stage_dir: Path) -> dict:
       seed,
       STAGE,
       prefix_cache=sampling.PrefixCache.from_config(model.model, ctx.config.sampling),
+      engine=engine(model) if cfg.cot else None,
   )
   check_few_shots(labeler, STAGE)
   stage_dir.mkdir(parents=True, exist_ok=True)
@@ -337,7 +345,9 @@ def run(ctx, stage_dir: Path) -> dict:
     progress = records_lib.process_in_chunks(
         items,
         records_lib.part_path(stage_dir, 'samples'),
-        lambda chunk, s: label_chunk(chunk, s, policy=policy, labeler=labeler, cfg=cfg, fmt=fmt),
+        lambda chunk, s: label_chunk(
+            chunk, s, policy=policy, labeler=labeler, cfg=cfg, fmt=fmt, engine=policy_engine
+        ),
         chunk_size=cfg.chunk_size,
         seed=seed,
         stream=stream,
@@ -365,6 +375,7 @@ def run(ctx, stage_dir: Path) -> dict:
   count = lambda flag: sum(flag in r['flags'] for r in samples)  # noqa: E731
   kinds = lambda rs, kind: sum(r.get('kind', HARMLESSNESS) == kind for r in rs)  # noqa: E731
   summary = dict(
+      **sampling.engine_summary(policy_engine),
       pairs=len(samples),
       labeled=len(labeled),
       pairs_harmlessness=kinds(samples, HARMLESSNESS),

@@ -372,6 +372,7 @@ def run(ctx: bookkeeping.Context, stage_dir: Path) -> dict:
   stops = conversation.stop_strings(fmt, tok)
   snapshots = set(snapshot_steps(config))
   bar = metrics_lib.progress(cfg.steps, start, 'ppo')
+  engine = None  # sampling.Engine, with config.sampling.engine
   t_start = time.time()
   for step in range(start + 1, cfg.steps + 1):  # 1-based, as in metrics.jsonl and checkpoints
     t0 = time.time()
@@ -380,17 +381,32 @@ def run(ctx: bookkeeping.Context, stage_dir: Path) -> dict:
     prompt_ids = [encode_prompt(data.prompt_turns(r), tok, fmt, max_prompt_tokens) for r in records]
     prompt_len = sampling.length_bucket(max(len(p) for p in prompt_ids), cfg.min_prompt_bucket)
 
-    # 2. Rollout from the current policy.
-    out = sampling.generate(
-        nnx.merge(graphdef, state['train'].params).policy,
-        prompt_ids,
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        stop_strings=stops,
-        tokenizer=tok,
-        seed=_seed(seed, _SAMPLING_STREAM, step),
-        min_prompt_bucket=prompt_len,
-    )
+    # 2. Rollout from the current policy (the train state's own arrays: no copy).
+    current = nnx.merge(graphdef, state['train'].params).policy
+    if config.sampling.engine:
+      # Built once; each rollout hands it the current weights, which empties its prefix pages.
+      engine = engine or sampling.Engine.from_config(
+          current, config.sampling, tok, config.model.max_len
+      )
+      out = engine.generate_output(
+          prompt_ids,
+          max_new_tokens=cfg.max_new_tokens,
+          temperature=cfg.temperature,
+          stop_strings=stops,
+          seed=_seed(seed, _SAMPLING_STREAM, step),
+          params=nnx.state(current),
+      )
+    else:
+      out = sampling.generate(
+          current,
+          prompt_ids,
+          max_new_tokens=cfg.max_new_tokens,
+          temperature=cfg.temperature,
+          stop_strings=stops,
+          tokenizer=tok,
+          seed=_seed(seed, _SAMPLING_STREAM, step),
+          min_prompt_bucket=prompt_len,
+      )
     t_sample = time.time() - t0
     responses = [t.lstrip() if fmt == 'transcript' else t for t in out.texts]
     truncated = np.array([f == 'length' for f in out.finish_reason], np.float32)
@@ -483,6 +499,7 @@ def run(ctx: bookkeeping.Context, stage_dir: Path) -> dict:
       'kl_last': history[-1]['kl'] if history else None,
       'policy_source': policy_source,
       'export': str(export),
+      **sampling.engine_summary(engine),
   }
 
 
