@@ -23,6 +23,11 @@ the FLOPs at peak; where it gives none, the roofline bound max(FLOPs / peak, byt
 bandwidth), marked >=, and the MFU beside it is then an upper bound (<=; `-` where that bound is
 the model FLOPs at peak, i.e. 100%). MFU = model FLOPs / time / the chip's peak, at most 100% by
 construction. Decode rows are one step of the loop.
+
+With `--config.sampling.engine=True` the stages' samplers are continuous-batching engines: their
+prefill and decode programs take the page pool (`sampling.engine_kv_budget_mib`) as an argument,
+and a line per engine gives the largest pool that would still leave 10% of HBM free, the requests
+of `model.max_len` it holds at once, and the decode step's time estimate.
 """
 
 from __future__ import annotations
@@ -69,6 +74,12 @@ _PROGRAMS = flags.DEFINE_string(
     'programs',
     '',
     'Comma-separated stages to compile (e.g. ' '"sft,ppo"); "" = every stage in config.stages',
+)
+_MATCH = flags.DEFINE_string(
+    'match',
+    '',
+    'Compile only the programs whose "stage/program" name contains this text (e.g. "engine"); '
+    'the state resident beside each is counted as in a whole run',
 )
 _LOWER_ONLY = flags.DEFINE_bool(
     'lower_only',
@@ -413,6 +424,34 @@ def fit_errors(results: list[Result], hbm: int, remedies: list[str]) -> list[str
   return errors
 
 
+def engine_lines(results: list[Result], hbm: int, kind: str, devices: int) -> list[str]:
+  """Per engine (stage, model) with `config.sampling.engine`: its pool, the largest pool that
+  would leave FREE_FRACTION of HBM free beside its larger program, the requests of max_len that
+  pool holds at once, and the decode step's time estimate (the table's est. ms)."""
+  lines, engines = [], {}
+  for r in results:
+    if r.program.pool and r.memory:
+      engines.setdefault((r.program.stage, r.program.name.rsplit(' engine ', 1)[0]), []).append(r)
+  for (stage, who), rs in engines.items():
+    pool = rs[0].program.pool
+    room = (1 - FREE_FRACTION) * hbm - (max(r.total for r in rs) - pool['bytes'])
+    pages = max(int(room // pool['page_bytes']), 0)
+    step = [timing(r, kind, devices) for r in rs if r.program.per_step]
+    est = (
+        f'; decode step {">=" if step[0].bound else ""}{step[0].seconds * 1e3:.3g} ms '
+        f'for {pool["slots"]} slots (estimate)'
+        if step and step[0].seconds
+        else ''
+    )
+    lines.append(
+        f'aot: engine {stage}/{who}: pool {pool["bytes"] / GIB:.2f} GiB per device '
+        f'({pool["pages"]} pages); the largest pool leaving {FREE_FRACTION:.0%} free is '
+        f'{max(room, 0) / GIB:.2f} GiB = {pages} pages = {pages // pool["pages_per_request"]} '
+        f'requests of max_len at once (config: {pool["slots"]} slots){est}'
+    )
+  return lines
+
+
 def write_json(path: str, results: list[Result], kind: str, devices: int, hbm: int) -> None:
   with open(path + '.tmp', 'w') as f:
     json.dump([as_json(r, kind, devices, hbm) for r in results], f, indent=1)
@@ -444,6 +483,9 @@ def check(config, json_path: str = '') -> tuple[list[Result], list[str], str, st
   )
   with sharding.use_mesh(mesh, config.logical_axis_rules):
     programs = stage_programs(config, mesh, _PROGRAMS.value)
+    programs = [p for p in programs if _MATCH.value in f'{p.stage}/{p.name}']
+    if not programs:
+      raise AotError(f'no program of {_PROGRAMS.value or "config.stages"} matches {_MATCH.value!r}')
     done = (lambda rs: write_json(json_path, rs, kind, mesh.size, hbm)) if json_path else None
     results = compile_all(
         programs, log=lambda s: print(s, flush=True), done=done, lower_only=_LOWER_ONLY.value
@@ -459,6 +501,8 @@ def check(config, json_path: str = '') -> tuple[list[Result], list[str], str, st
       f'{hbm / GIB:.1f} GiB HBM per device'
   )
   print(table(results, hbm, kind, mesh.size), flush=True)
+  for line in engine_lines(results, hbm, kind, mesh.size):
+    print(line, flush=True)
   return results, errors, summary, kind, mesh.size
 
 

@@ -174,6 +174,9 @@ class Program:
   # where the program runs no model (a train state's creation).
   model_flops: float | None = None
   per_step: bool = False  # a decode loop: its FLOPs, time and MFU are one step's
+  # The engine's page pool (`engine_programs`): its bytes per device, one page's, pages in it,
+  # pages one request of max_len takes, the config's slots; `aot` reports what would fit.
+  pool: dict[str, int] | None = None
 
 
 # ---- model FLOPs -------------------------------------------------------------------------------
@@ -219,10 +222,17 @@ def sampler_programs(
     top_p=None,
     min_prompt_bucket=None,
     prefix=None,
+    engine=None,
 ):
   """`sampling.generate`'s prefill and decode at the largest (batch, prompt, new-token) bucket;
   with `prefix` (a `PrefixSpec`: the stage passes a PrefixCache), also the shared prefix's prefill
-  and the rows' prefill and decode over it."""
+  and the rows' prefill and decode over it. With `engine` (an `EngineConfig`:
+  `config.sampling.engine` is on) the stage samples through the engine instead: its programs."""
+  if engine is not None:
+    return engine_programs(
+        stage, who, cfg, model, mesh, resident, engine=engine, temperature=temperature,
+        top_k=top_k, top_p=top_p,
+    )  # fmt: skip
   # Imported here, as everything in this module: aot.py sets libtpu's environment first.
   import jax
   import jax.numpy as jnp
@@ -280,6 +290,83 @@ def sampler_programs(
       out += [prefix.program(stage, who, cfg, model, mesh, resident, 1, sp)]
       out += [programs(prefix.shared(cfg, mesh, 1, sp), sp)]
   return out
+
+
+def engine_pool(cfg, mesh, engine):
+  """The engine's page pool (`decoder.init_pages`) as placed arguments."""
+  # Imported here, as everything in this module: aot.py sets libtpu's environment first.
+  import jax.numpy as jnp
+
+  from cai_jax.sampling import engine as engine_lib
+
+  dtype = jnp.dtype(engine.kv_dtype or cfg.dtype)
+  names = (None, 'kv_heads', 'head_dim')
+  shape = (engine_lib.pool_pages(cfg, engine) * engine.page_size, cfg.n_kv_heads, cfg.head_dim)
+  layer = {kv: rows(mesh, shape, dtype, names) for kv in ('k', 'v')}
+  if dtype == jnp.int8:
+    layer |= {f'{kv}_scale': rows(mesh, shape[:2], jnp.float32, names[:2]) for kv in ('k', 'v')}
+  return [dict(layer) for _ in range(cfg.n_layers)]
+
+
+def engine_programs(stage, who, cfg, model, mesh, resident, *, engine, temperature, top_k, top_p):
+  """The engine's prefill (one call: `prefill_rows` prompt chunks) and decode (`decode_chunk`
+  steps of every slot) on a pool of `engine.kv_budget_mib`, as `sampling.Engine.run` calls them.
+  Slot state and lanes are small and left replicated, as the engine leaves them."""
+  # Imported here, as everything in this module: aot.py sets libtpu's environment first.
+  import jax
+  import jax.numpy as jnp
+
+  from cai_jax.sampling import common, decoding
+  from cai_jax.sampling import engine as engine_lib
+
+  graphdef, params = model
+  ps, s_slots, r_rows = engine.page_size, engine.max_slots, engine.prefill_rows
+  c = engine.prefill_chunk
+  width = -(-(engine.max_len or cfg.max_positions) // engine.block) * engine.block  # as Engine's
+  m = width // ps
+  n_pages = engine_lib.pool_pages(cfg, engine)
+  pools = engine_pool(cfg, mesh, engine)
+  i32 = lambda *shape: replicated(mesh, shape, jnp.int32)  # noqa: E731
+  keys = lambda n: jax.tree.map(  # noqa: E731
+      lambda k: replicated(mesh, k.shape, k.dtype),
+      jax.eval_shape(lambda: jax.vmap(jax.random.key)(jnp.zeros((n,), jnp.uint32))),
+  )
+  stop = engine_lib._STOP_SLOTS
+  state = engine_lib.SlotState(
+      last=i32(s_slots), position=i32(s_slots), count=i32(s_slots), max_new=i32(s_slots),
+      stop_ids=i32(s_slots, stop), keys=keys(s_slots),
+      running=replicated(mesh, (s_slots,), bool),
+  )  # fmt: skip
+  lanes = (i32(r_rows, c), i32(r_rows), i32(r_rows), i32(r_rows, m), i32(r_rows),
+           replicated(mesh, (r_rows,), bool), i32(r_rows, stop), i32(r_rows), keys(r_rows))  # fmt: skip
+  f32 = replicated(mesh, (), jnp.float32)
+  knobs = decoding.Knobs(temperature=f32, top_p=f32, max_new=i32(), stop_ids=i32(stop))
+  statics = (graphdef, _strategy(temperature, top_k, top_p), ps, engine.block)
+  pool = dict(
+      bytes=tree_bytes(pools),
+      page_bytes=tree_bytes(pools) // n_pages,
+      pages=n_pages,
+      pages_per_request=m,
+      slots=s_slots,
+  )
+  kv = f' kv={engine.kv_dtype}' if engine.kv_dtype else ''
+  size = f'S={s_slots} pages={n_pages}x{ps}{kv} max_len={width}'
+
+  def prefill():
+    jit = common.jitted(engine_lib._prefill, *statics, donate_argnums=(1, 2))
+    return jit.lower(params, pools, state, lanes, knobs)
+
+  def decode():
+    jit = common.jitted(engine_lib._decode, *statics, engine.decode_chunk, donate_argnums=(1, 2))
+    return jit.lower(params, pools, state, i32(s_slots, m), knobs)
+
+  return [
+      Program(stage, f'{who} engine prefill', f'{size} R={r_rows} C={c}', prefill, resident,
+              model_flops=forward_flops(cfg, r_rows * c, width, logits=r_rows), pool=pool),
+      Program(stage, f'{who} engine decode', size, decode, resident,
+              model_flops=forward_flops(cfg, s_slots, width, logits=s_slots), per_step=True,
+              pool=pool),
+  ]  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -525,6 +612,7 @@ def stage_programs(config, mesh, only: str = '') -> list[Program]:
 
   from cai_jax import pipeline
   from cai_jax.method import preference_model as pm_lib
+  from cai_jax.sampling import engine as engine_lib
   from cai_jax.stages import dpo, harmfulness, sft
   from cai_jax.training import loop, train_lib
 
@@ -545,11 +633,14 @@ def stage_programs(config, mesh, only: str = '') -> list[Program]:
   keep = lambda *names: {n: size[n] for n in names}
   # Each stage that samples or judges with few-shot prompts keeps a PrefixCache of its model.
   prefix = PrefixSpec.from_config(config, frozen_cfg, mesh)
+  # With config.sampling.engine the samplers are engines (one per model per stage).
+  engine = engine_lib.engine_config(config.sampling, max_len)
 
   def sample(
       stage, who, model, resident, batch_size, new, temperature, top_k=None, top_p=None, **kw
   ):
     """The sampler's programs for `new` tokens after prompts that fill the rest of max_len."""
+    kw.setdefault('engine', engine)
     return sampler_programs(
         stage,
         who,
@@ -632,12 +723,19 @@ def stage_programs(config, mesh, only: str = '') -> list[Program]:
 
   if 'feedback' in wanted:
     fb = config.feedback
-    # The feedback model's PrefixCache lives as long as the stage: labels and samples alternate.
+    # The feedback model's PrefixCache lives as long as the stage: labels and samples alternate;
+    # so do the engines' pools (the policy's, and with chains of thought the feedback model's).
+    pools = {}
+    if engine is not None:
+      pools['SL-CAI engine pool'] = tree_bytes(engine_pool(frozen_cfg, mesh, engine))
+      if fb.cot:
+        pools['feedback-model engine pool'] = pools['SL-CAI engine pool']
+    others = lambda mine: {k: v for k, v in pools.items() if k != mine}  # noqa: E731
     out += sample(
         'feedback',
         'SL-CAI',
         sl_cai,
-        keep('helpful') | (prefix.resident if prefix else {}),
+        keep('helpful') | (prefix.resident if prefix else {}) | others('SL-CAI engine pool'),
         fb.batch_size,
         fb.max_new_tokens,
         fb.temperature,
@@ -649,13 +747,15 @@ def stage_programs(config, mesh, only: str = '') -> list[Program]:
           'feedback',
           'feedback-model CoT',
           helpful,
-          keep('SL-CAI'),
+          keep('SL-CAI')
+          | others('feedback-model engine pool')
+          | (prefix.resident if prefix and engine is not None else {}),
           fb.batch_size,
           fb.cot_max_new_tokens,
           fb.cot_temperature,
           prefix=prefix,
       )
-    out += score('feedback', 'feedback-model', keep('SL-CAI'), fb.score_batch_size)
+    out += score('feedback', 'feedback-model', keep('SL-CAI') | pools, fb.score_batch_size)
 
   if 'preference' in wanted:
     pc = config.preference
@@ -826,6 +926,7 @@ def ppo_programs(config, cfg, mesh, helpful, reference, pm, size) -> list[Progra
   from cai_jax.method import ppo_learner
   from cai_jax.models.decoder import Decoder, ScalarHeadModel
   from cai_jax.sampling import common
+  from cai_jax.sampling import engine as engine_lib
   from cai_jax.training import loop, train_lib
 
   pp, max_len = config.ppo, config.model.max_len
@@ -854,7 +955,8 @@ def ppo_programs(config, cfg, mesh, helpful, reference, pm, size) -> list[Progra
     cached['PM'] = size['PM']
   out = []
 
-  # 1. Rollouts: generate() on the policy's parameters inside the train state.
+  # 1. Rollouts: generate() (or the engine) on the policy's parameters inside the train state.
+  engine = engine_lib.engine_config(config.sampling, max_len)
   policy = (decoder(cfg, mesh)[0], state.params['policy'])
   out += sampler_programs(
       'ppo',
@@ -868,7 +970,10 @@ def ppo_programs(config, cfg, mesh, helpful, reference, pm, size) -> list[Progra
       max_prompt_len=max_prompt_tokens,
       temperature=pp.temperature,
       min_prompt_bucket=prompt_len,
+      engine=engine,
   )
+  if engine is not None:  # built at the first rollout, its pool stays for the stage
+    cached['engine pool'] = tree_bytes(engine_pool(cfg, mesh, engine))
   # 2. The PM's scores of the rendered (prompt, response) conversations.
   if pp.reward == 'preference':
     bucket = min(pp.pm_max_len, 1 << (max_prompt_tokens + pp.max_new_tokens + 8 - 1).bit_length())

@@ -290,3 +290,57 @@ def test_lower_only_lists_what_the_compile_lists(tiny_v5e, tmp_path):
   key = lambda p: (p['stage'], p['program'], p['shape'], p['same_as'], p['lowered'])
   assert [key(p) for p in lowered] == [key(p) for p in compiled]
   assert all(p['memory'] is None and p['hardware_flops'] is None for p in lowered)
+
+
+@pytest.mark.slow
+def test_engine_programs_take_the_page_pool_and_say_what_pool_would_fit(tmp_path):
+  """With `sampling.engine` the samplers are the engine's prefill and decode, the page pool among
+  their arguments; PPO keeps the pool resident after its rollouts; a line per engine gives the
+  largest pool that leaves 10% of HBM free and the requests of max_len it holds."""
+  out = tmp_path / 'engine.json'
+  r = run_aot(
+      '--config', GEMMA_V5E, *TINY, '--config.sampling.engine=True',
+      '--config.sampling.engine_kv_budget_mib=4', '--programs=critique_revision,ppo',
+      '--match=engine', f'--json={out}',
+  )  # fmt: skip
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  programs = {f"{p['stage']}/{p['program']}": p for p in json.loads(out.read_text())}
+  assert 'critique_revision/helpful prefill' not in programs  # the static sampler does not run
+  # tiny in bfloat16: 2 layers x (k, v) x 16 slots x 4 KV heads x head_dim 8 x 2 bytes = 4 KiB.
+  pool = 4 * 2**20
+  for name in ('critique_revision/helpful engine prefill', 'critique_revision/helpful engine decode',
+               'ppo/policy engine prefill', 'ppo/policy engine decode'):  # fmt: skip
+    p = programs[name]
+    assert p['error'] is None and p['memory']['argument'] >= pool, (name, p['memory'])
+    assert 'engine pool' not in p['resident'], name
+  assert set(programs) == {
+      f'{who} engine {p}' for who in ('critique_revision/helpful', 'ppo/policy')
+      for p in ('prefill', 'decode')
+  }  # --match  # fmt: skip
+  # PPO's later programs hold the pool beside them (their listing, without compiling them).
+  r2 = run_aot(
+      '--config', GEMMA_V5E, *TINY, '--config.sampling.engine=True',
+      '--config.sampling.engine_kv_budget_mib=4', '--programs=ppo', '--lower_only',
+      f'--json={tmp_path / "ppo.json"}',
+  )  # fmt: skip
+  assert r2.returncode == 0, r2.stderr[-3000:]
+  ppo = {p['program']: p for p in json.loads((tmp_path / 'ppo.json').read_text())}
+  for name in ('PM rewards', 'rollout forward', 'learner train step'):
+    assert ppo[name]['resident']['engine pool'] == pool, name
+  found = re.search(
+      r'aot: engine critique_revision/helpful: pool 0\.00 GiB per device \(1024 pages\); the '
+      r'largest pool leaving 10% free is ([\d.]+) GiB = (\d+) pages = (\d+) requests of max_len '
+      r'at once \(config: 16 slots\); decode step >=[\d.e+-]+ ms for 16 slots \(estimate\)',
+      r.stdout,
+  )
+  assert found, r.stdout[-3000:]
+  gib, pages, requests = float(found.group(1)), int(found.group(2)), int(found.group(3))
+  hbm = programs['ppo/policy engine decode']['hbm']
+  biggest = max(
+      programs[f'critique_revision/helpful engine {p}']['total'] for p in ('prefill', 'decode')
+  )
+  assert (
+      pages == int((0.9 * hbm - (biggest - pool)) // 4096)
+      and abs(gib - pages * 4096 / 2**30) < 0.01
+  )
+  assert requests == pages // 32  # max_len 512 in pages of 16

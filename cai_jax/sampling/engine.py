@@ -107,6 +107,29 @@ class EngineConfig:
       raise ValueError(f'engine kv_budget_mib must be positive, got {self.kv_budget_mib}')
 
 
+def engine_config(cfg, max_len: int) -> EngineConfig | None:
+  """The EngineConfig of `config.sampling` (`cfg`) for prompts + answers of up to `max_len`
+  tokens; None when `cfg.engine` is off."""
+  if not cfg.engine:
+    return None
+  chunk = cfg.engine_prefill_chunk
+  if chunk % cfg.engine_page_size:
+    raise ValueError(
+        f'config.sampling.engine_prefill_chunk={chunk} is not a multiple of '
+        f'engine_page_size={cfg.engine_page_size}'
+    )
+  return EngineConfig(
+      max_slots=cfg.engine_slots, page_size=cfg.engine_page_size, prefill_chunk=chunk,
+      kv_budget_mib=cfg.engine_kv_budget_mib, max_len=max_len, block=chunk,
+      kv_dtype=cfg.get('engine_kv_dtype', '') or None,
+  )  # fmt: skip
+
+
+def pool_pages(cfg: model_lib.ModelConfig, config: EngineConfig) -> int:
+  """Pages in the pool that `config.kv_budget_mib` buys (page 0 is scratch)."""
+  return int(config.kv_budget_mib * 2**20 // page_bytes(cfg, config.page_size, config.kv_dtype))
+
+
 def page_bytes(cfg: model_lib.ModelConfig, page_size: int, dtype=None) -> int:
   """Bytes of one page across layers, keys and values (and int8's scales)."""
   dtype = jnp.dtype(dtype or cfg.dtype)
@@ -336,7 +359,7 @@ class Engine:
     self.tokenizer = tokenizer
     self.graphdef, self.params = nnx.split(model)
     per_page = page_bytes(self.model_cfg, config.page_size, config.kv_dtype)
-    n_pages = int(config.kv_budget_mib * 2**20 // per_page)
+    n_pages = pool_pages(self.model_cfg, config)
     if n_pages < 2:
       raise ValueError(
           f'engine kv_budget_mib={config.kv_budget_mib} holds {n_pages} pages of '
@@ -354,20 +377,8 @@ class Engine:
   @classmethod
   def from_config(cls, model, cfg, tokenizer, max_len: int) -> Engine | None:
     """The engine `config.sampling` asks for (None when `engine` is off)."""
-    if not cfg.engine:
-      return None
-    chunk = cfg.engine_prefill_chunk
-    if chunk % cfg.engine_page_size:
-      raise ValueError(
-          f'config.sampling.engine_prefill_chunk={chunk} is not a multiple of '
-          f'engine_page_size={cfg.engine_page_size}'
-      )
-    config = EngineConfig(
-        max_slots=cfg.engine_slots, page_size=cfg.engine_page_size, prefill_chunk=chunk,
-        kv_budget_mib=cfg.engine_kv_budget_mib, max_len=max_len, block=chunk,
-        kv_dtype=cfg.get('engine_kv_dtype', '') or None,
-    )  # fmt: skip
-    return cls(model, config, tokenizer=tokenizer)
+    config = engine_config(cfg, max_len)
+    return None if config is None else cls(model, config, tokenizer=tokenizer)
 
   def clear_prefix_cache(self) -> None:
     self.pages.clear()
