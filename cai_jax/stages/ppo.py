@@ -5,7 +5,8 @@ One PPO step follows a batch of prompts from sampling to update:
 1. prompts: red-team and helpful train prompts, mixed by `ppo.helpful_fraction`, rendered in
    `config.conversation_format` -- a prompt that continues a multi-turn red-team conversation
    with the turns before it (`data.prompt_turns`);
-2. rollout: `sampling.generate` samples a response per prompt from the current policy;
+2. rollout: `sampling.generate` (or the engine, `config.sampling.engine`) samples a response per
+   prompt from the current policy;
 3. reward: the PM scores each rendered (conversation, response) (or the toy synthetic reward),
    with a penalty for responses cut at `max_new_tokens`, optionally normalized and clipped;
 4. one jitted forward gives the policy's log-probs (the "old" log-probs), the frozen reference's
@@ -372,7 +373,10 @@ def run(ctx: bookkeeping.Context, stage_dir: Path) -> dict:
   stops = conversation.stop_strings(fmt, tok)
   snapshots = set(snapshot_steps(config))
   bar = metrics_lib.progress(cfg.steps, start, 'ppo')
-  engine = None  # sampling.Engine, with config.sampling.engine
+  # With config.sampling.engine the rollouts go through one engine of the policy's structure.
+  engine = sampling.Engine.from_config(
+      nnx.merge(graphdef, state['train'].params).policy, config.sampling, tok, config.model.max_len
+  )
   t_start = time.time()
   for step in range(start + 1, cfg.steps + 1):  # 1-based, as in metrics.jsonl and checkpoints
     t0 = time.time()
@@ -383,29 +387,13 @@ def run(ctx: bookkeeping.Context, stage_dir: Path) -> dict:
 
     # 2. Rollout from the current policy (the train state's own arrays: no copy).
     current = nnx.merge(graphdef, state['train'].params).policy
-    if config.sampling.engine:
-      # Built once; each rollout hands it the current weights, which empties its prefix pages.
-      engine = engine or sampling.Engine.from_config(
-          current, config.sampling, tok, config.model.max_len
-      )
-      out = engine.generate_output(
-          prompt_ids,
-          max_new_tokens=cfg.max_new_tokens,
-          temperature=cfg.temperature,
-          stop_strings=stops,
-          seed=_seed(seed, _SAMPLING_STREAM, step),
-          params=nnx.state(current),
-      )
+    kw = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, stop_strings=stops,
+              seed=_seed(seed, _SAMPLING_STREAM, step))  # fmt: skip
+    if engine is not None:  # the current weights as an argument; its prefix pages are emptied
+      out = engine.generate_output(prompt_ids, params=nnx.state(current), **kw)
     else:
       out = sampling.generate(
-          current,
-          prompt_ids,
-          max_new_tokens=cfg.max_new_tokens,
-          temperature=cfg.temperature,
-          stop_strings=stops,
-          tokenizer=tok,
-          seed=_seed(seed, _SAMPLING_STREAM, step),
-          min_prompt_bucket=prompt_len,
+          current, prompt_ids, tokenizer=tok, min_prompt_bucket=prompt_len, **kw
       )
     t_sample = time.time() - t0
     responses = [t.lstrip() if fmt == 'transcript' else t for t in out.texts]
@@ -462,17 +450,8 @@ def run(ctx: bookkeeping.Context, stage_dir: Path) -> dict:
       guard.check(step, metrics, ckpt)
     writer.write(step, metrics)
     if cfg.sample_every and step % cfg.sample_every == 0 and jax.process_index() == 0:
-      _write_samples(
-          samples_path,
-          step,
-          records,
-          responses,
-          scores,
-          final_rewards,
-          stats['kl_per_response'],
-          out.finish_reason,
-          cfg.num_samples,
-      )
+      _write_samples(samples_path, step, records, responses, scores, final_rewards,
+                     stats['kl_per_response'], out.finish_reason, cfg.num_samples)  # fmt: skip
     if step in snapshots:  # before the checkpoint: a run resumed after this step has it
       params = train_lib.gather_params(state['train'].params)
       save_snapshot(nnx.merge(graphdef, params).policy, tok, policy.config, stage_dir, step)
