@@ -17,7 +17,7 @@ cache is emptied between stages) and in PPO the learner's state.
 
 Nothing here imports jax at module level: cai_jax/aot.py sets libtpu's environment first.
 
-Why one module of ~940 lines: each stage's builder mirrors that stage's own code (its shapes, its
+Why one module of ~1,050 lines: each stage's builder mirrors that stage's own code (its shapes, its
 bounds, the models it keeps resident), and they all share the abstract models, placed arguments
 and FLOP counts at the top; a program list split by stage would scatter those shared bounds,
 while tests/test_aot.py checks the whole list against what the stages compile.
@@ -337,8 +337,10 @@ def engine_programs(stage, who, cfg, model, mesh, resident, *, engine, temperatu
       stop_ids=i32(s_slots, stop), keys=keys(s_slots),
       running=replicated(mesh, (s_slots,), bool),
   )  # fmt: skip
+  # tokens, start, valid, page table, slot, final, stop ids, max new tokens, keys: per lane
   lanes = (i32(r_rows, c), i32(r_rows), i32(r_rows), i32(r_rows, m), i32(r_rows),
-           replicated(mesh, (r_rows,), bool), i32(r_rows, stop), i32(r_rows), keys(r_rows))  # fmt: skip
+           replicated(mesh, (r_rows,), bool), i32(r_rows, stop), i32(r_rows),
+           keys(r_rows))  # fmt: skip
   f32 = replicated(mesh, (), jnp.float32)
   knobs = decoding.Knobs(temperature=f32, top_p=f32, max_new=i32(), stop_ids=i32(stop))
   statics = (graphdef, _strategy(temperature, top_k, top_p), ps, engine.block)

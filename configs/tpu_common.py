@@ -49,4 +49,8 @@ def tpu_config(
   c.preference.batch_size = batch_size // 2  # pairs per PM step (batch_size sequences)
   c.ppo.batch_size = batch_size  # rollouts per PPO step
   c.evaluate.batch_size = batch_size  # sequences per sampler call
+  # The engine (off by default: `--config.sampling.engine=True`): a decode step's time is mostly
+  # the model's weights moving, so it decodes as many slots as the static sampler's batch; each
+  # config sizes its page pool from `python -m cai_jax.aot --config.sampling.engine=True`.
+  c.sampling.engine_slots = batch_size
   return c

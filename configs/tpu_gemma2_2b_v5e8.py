@@ -26,4 +26,8 @@ def get_config():
   # cache at its bound 15.6 GiB of the 15.75 (aot_programs.PrefixSpec on v5e:2x4, before any
   # temporaries). 16 prompts: 3.15 GiB. The judge in evaluate uses it too.
   c.feedback.score_batch_size = 16
+  # Engine page pool (cai_jax.aot --config.sampling.engine=True, 2026-12-07): the pool is
+  # replicated (4 KV heads, no tensor axis); PPO's rollout decode is the tightest: 9.55 GiB per
+  # device with a 1 GiB pool, so 4 GiB (2,520 pages of 16 slots, ~40k tokens) leaves over 10% free.
+  c.sampling.engine_kv_budget_mib = 4096
   return c

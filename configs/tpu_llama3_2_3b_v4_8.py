@@ -24,4 +24,8 @@ def get_config():
   # (float32 masters and AdamW moments of two 3.2B models) is 18 GiB per device and the train step
   # needs 32.3 GiB (cai_jax.aot on v4:2x2x1).
   c.ppo.value.shared_trunk = True
+  # Engine page pool (cai_jax.aot --config.sampling.engine=True, 2026-12-07): the pool is
+  # replicated (FSDP only); PPO's rollout decode is the tightest: 15.30 GiB per device with a
+  # 1 GiB pool, so 8 GiB (4,681 pages of 16 slots, ~75k tokens) leaves over 10% free.
+  c.sampling.engine_kv_budget_mib = 8192
   return c

@@ -22,7 +22,7 @@ The host loop (`Engine.run`) admits requests first come, first served while a sl
 pages are free, runs their prefill chunks, decodes `decode_chunk` steps, and yields each
 request's `Completion` as it finishes (stop token, stop string or `max_new_tokens`).
 
-Why one module of ~660 lines: the device programs (`_prefill`, `_decode`), the slot state they
+Why one module of ~690 lines: the device programs (`_prefill`, `_decode`), the slot state they
 carry, the page bookkeeping (`_Pages`) and the host loop share one layout of slots, pages and
 chunks; split, each piece would be read only beside the others.
 """
