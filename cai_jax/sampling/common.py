@@ -151,3 +151,12 @@ def put_batch(x):
     return jnp.asarray(x)
   names = ('batch',) + (None,) * (x.ndim - 1)
   return jax.device_put(x, sharding.named_sharding(names, x.shape))
+
+
+def progress_bar(enabled: bool, total: int, desc: str = 'sampling'):
+  """A tqdm bar of `total` prompts, or None when `enabled` is False."""
+  if not enabled:
+    return None
+  from tqdm.auto import tqdm
+
+  return tqdm(total=total, desc=desc, unit='prompt', dynamic_ncols=True)

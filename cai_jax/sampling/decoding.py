@@ -33,6 +33,7 @@ from cai_jax.sampling.common import (
     left_pad,
     length_bucket,
     prepare_prompts,
+    progress_bar,
     prompt_positions,
     put_batch,
     run_prompt,
@@ -521,11 +522,7 @@ def generate_batched(
   order = sorted(range(n), key=lambda i: -len(prompt_tokens[i]))
   has_tok = kwargs.get('tokenizer') is not None
   results: list = [None] * n
-  bar = None
-  if progress:
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=n, desc=desc, unit='prompt', dynamic_ncols=True)
+  bar = progress_bar(progress, n, desc)
   start, new_tokens = time.time(), 0
   try:
     for lo in range(0, n, batch_size):

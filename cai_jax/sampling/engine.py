@@ -44,7 +44,7 @@ from flax import nnx
 
 from cai_jax.models import decoder as model_lib
 from cai_jax.sampling import decoding
-from cai_jax.sampling.common import compile_counts, jitted, prepare_prompts
+from cai_jax.sampling.common import compile_counts, jitted, prepare_prompts, progress_bar
 
 _STOP_SLOTS = 8  # stop-token ids per request, -1 padded
 
@@ -643,11 +643,7 @@ class Engine:
         Request(p, max_new_tokens, stop_ids, stop_texts, seed=seed, key_id=i)
         for i, p in enumerate(prompts)
     ]
-    bar = None
-    if progress:
-      from tqdm.auto import tqdm
-
-      bar = tqdm(total=len(requests), desc='sampling', unit='prompt', dynamic_ncols=True)
+    bar = progress_bar(progress, len(requests))
     try:
       done = self.generate(
           requests,
