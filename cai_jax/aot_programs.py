@@ -636,7 +636,7 @@ def stage_programs(config, mesh, only: str = '') -> list[Program]:
   # Each stage that samples or judges with few-shot prompts keeps a PrefixCache of its model.
   prefix = PrefixSpec.from_config(config, frozen_cfg, mesh)
   # With config.sampling.engine the samplers are engines (one per model per stage).
-  engine = engine_lib.engine_config(config.sampling, max_len)
+  engine = engine_lib.engine_config(config)
 
   def sample(
       stage, who, model, resident, batch_size, new, temperature, top_k=None, top_p=None, **kw
@@ -958,7 +958,7 @@ def ppo_programs(config, cfg, mesh, helpful, reference, pm, size) -> list[Progra
   out = []
 
   # 1. Rollouts: generate() (or the engine) on the policy's parameters inside the train state.
-  engine = engine_lib.engine_config(config.sampling, max_len)
+  engine = engine_lib.engine_config(config)
   policy = (decoder(cfg, mesh)[0], state.params['policy'])
   out += sampler_programs(
       'ppo',

@@ -107,9 +107,10 @@ class EngineConfig:
       raise ValueError(f'engine kv_budget_mib must be positive, got {self.kv_budget_mib}')
 
 
-def engine_config(cfg, max_len: int) -> EngineConfig | None:
-  """The EngineConfig of `config.sampling` (`cfg`) for prompts + answers of up to `max_len`
-  tokens; None when `cfg.engine` is off."""
+def engine_config(config) -> EngineConfig | None:
+  """The EngineConfig a run config asks for (`config.sampling.engine*`, prompts + answers of up
+  to `config.model.max_len` tokens); None when `config.sampling.engine` is off."""
+  cfg, max_len = config.sampling, config.model.max_len
   if not cfg.engine:
     return None
   chunk = cfg.engine_prefill_chunk
@@ -375,10 +376,10 @@ class Engine:
     self.stats = collections.Counter()
 
   @classmethod
-  def from_config(cls, model, cfg, tokenizer, max_len: int) -> Engine | None:
-    """The engine `config.sampling` asks for (None when `engine` is off)."""
-    config = engine_config(cfg, max_len)
-    return None if config is None else cls(model, config, tokenizer=tokenizer)
+  def from_config(cls, model, config, tokenizer) -> Engine | None:
+    """The engine of `model` that the run config asks for (None when `sampling.engine` is off)."""
+    engine = engine_config(config)
+    return None if engine is None else cls(model, engine, tokenizer=tokenizer)
 
   def clear_prefix_cache(self) -> None:
     self.pages.clear()

@@ -419,12 +419,7 @@ def run(ctx, stage_dir: Path) -> dict:
       ctx.config.conversation_format,
       ctx.config.model.max_len,
       sampling.PrefixCache.from_config(helpful_model.model, ctx.config.sampling),
-      sampling.Engine.from_config(
-          helpful_model.model,
-          ctx.config.sampling,
-          helpful_model.tokenizer,
-          ctx.config.model.max_len,
-      ),
+      sampling.Engine.from_config(helpful_model.model, ctx.config, helpful_model.tokenizer),
   )
   check_few_shots(constitution, sample, cfg)
   stage_dir.mkdir(parents=True, exist_ok=True)

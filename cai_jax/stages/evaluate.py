@@ -141,9 +141,7 @@ def sample_responses(
   # Kept loaded when it is also the judge (the pretrained model, by default).
   model = ctx.load(source, cache=source == judge_source(ctx), frozen=True)
   budget = min(ctx.config.model.max_len, model.model.cfg.max_positions) - max_new_tokens
-  engine = sampling.Engine.from_config(
-      model.model, ctx.config.sampling, model.tokenizer, ctx.config.model.max_len
-  )
+  engine = sampling.Engine.from_config(model.model, ctx.config, model.tokenizer)
   responses = sampling.generate_responses(
       model,
       [sampled_turns(r, model.tokenizer, fmt, budget) for _, r in items],

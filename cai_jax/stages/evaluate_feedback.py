@@ -367,9 +367,7 @@ def run(ctx, stage_dir: Path) -> dict:
       ctx.config.seed,
       EVAL_STAGE,
       prefix_cache=sampling.PrefixCache.from_config(model.model, ctx.config.sampling),
-      engine=sampling.Engine.from_config(
-          model.model, ctx.config.sampling, model.tokenizer, ctx.config.model.max_len
-      )
+      engine=sampling.Engine.from_config(model.model, ctx.config, model.tokenizer)
       if cfg.cot
       else None,
   )

@@ -316,9 +316,7 @@ def run(ctx, stage_dir: Path) -> dict:
   fmt, seed = ctx.config.conversation_format, ctx.config.seed
   policy = ctx.load_role('sft', frozen=True)
   model = feedback_model(ctx)
-  engine = lambda m: sampling.Engine.from_config(  # noqa: E731
-      m.model, ctx.config.sampling, m.tokenizer, ctx.config.model.max_len
-  )
+  engine = lambda m: sampling.Engine.from_config(m.model, ctx.config, m.tokenizer)  # noqa: E731
   policy_engine = engine(policy)
   labeler = Labeler(
       model,

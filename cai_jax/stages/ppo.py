@@ -375,7 +375,7 @@ def run(ctx: bookkeeping.Context, stage_dir: Path) -> dict:
   bar = metrics_lib.progress(cfg.steps, start, 'ppo')
   # With config.sampling.engine the rollouts go through one engine of the policy's structure.
   engine = sampling.Engine.from_config(
-      nnx.merge(graphdef, state['train'].params).policy, config.sampling, tok, config.model.max_len
+      nnx.merge(graphdef, state['train'].params).policy, config, tok
   )
   t_start = time.time()
   for step in range(start + 1, cfg.steps + 1):  # 1-based, as in metrics.jsonl and checkpoints
