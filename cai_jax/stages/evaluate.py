@@ -335,18 +335,22 @@ def run(ctx, stage_dir: Path) -> dict:
       if cfg.revision_curve
       else ([], [], 0)
   )
-  groups = [records[m] for m in models] + list(curve.values())
+  # A curve point that reuses a compared model's responses (step 0, the last step) takes that
+  # model's metrics: scored once, and equal to the bit (a float32 score depends on its batch).
+  owner = lambda g: next((m for m in models if records[m] is g), None)  # noqa: E731
+  named = [(m, records[m]) for m in models] + [(n, g) for n, g in curve.items() if not owner(g)]
   conversations = [
-      comparisons_lib.response_conversation(r, r['response']) for g in groups for r in g
+      comparisons_lib.response_conversation(r, r['response']) for _, g in named for r in g
   ]
   rewards, scores = score_all(ctx, scorers, conversations, curve_pairs)
   every, start = {}, 0  # name -> metrics, for the models and the curve points
-  for name, g in zip(models + list(curve), groups):
+  for name, g in named:
     part = slice(start, start + len(g))
     every[name] = model_metrics(
         g, rewards[part], {k: None if v is None else v[part] for k, v in scores.items()}
     )
     start += len(g)
+  every |= {n: every[owner(g)] for n, g in curve.items() if owner(g)}
   metrics = {m: every[m] for m in models}
   revisions = revision_curve(rewards[start:], curve_where, n_samples)
   timings['pm'] = time.time() - t
