@@ -322,7 +322,7 @@ def engine_programs(stage, who, cfg, model, mesh, resident, *, engine, temperatu
   graphdef, params = model
   ps, s_slots, r_rows = engine.page_size, engine.max_slots, engine.prefill_rows
   c = engine.prefill_chunk
-  width = -(-(engine.max_len or cfg.max_positions) // engine.block) * engine.block  # as Engine's
+  width = engine_lib.table_width(cfg, engine)
   m = width // ps
   n_pages = engine_lib.pool_pages(cfg, engine)
   pools = engine_pool(cfg, mesh, engine)

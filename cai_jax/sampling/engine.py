@@ -131,6 +131,14 @@ def pool_pages(cfg: model_lib.ModelConfig, config: EngineConfig) -> int:
   return int(config.kv_budget_mib * 2**20 // page_bytes(cfg, config.page_size, config.kv_dtype))
 
 
+def table_width(cfg: model_lib.ModelConfig, config: EngineConfig) -> int:
+  """Logical slots of every page table: max_len (or the model's context) in whole attention
+  blocks, so every call has the same shapes whatever the requests (a pass reads only the blocks
+  its longest row holds)."""
+  longest = config.max_len or cfg.max_positions
+  return -(-longest // config.block) * config.block
+
+
 def page_bytes(cfg: model_lib.ModelConfig, page_size: int, dtype=None) -> int:
   """Bytes of one page across layers, keys and values (and int8's scales)."""
   dtype = jnp.dtype(dtype or cfg.dtype)
@@ -367,10 +375,7 @@ class Engine:
           f'{per_page / 2**20:.2f} MiB; at least 2 are needed'
       )
     self.n_pages = n_pages
-    # Page tables as wide as max_len, in whole attention blocks: every call has the same shapes
-    # whatever the requests (a pass reads only the blocks its longest row holds).
-    longest = config.max_len or self.model_cfg.max_positions
-    self.width = -(-longest // config.block) * config.block
+    self.width = table_width(self.model_cfg, config)
     self.pages = _Pages(n_pages)
     self.pools = model_lib.init_pages(self.model_cfg, n_pages, config.page_size, config.kv_dtype)
     self.stats = collections.Counter()
