@@ -53,6 +53,7 @@ setup(
             'pytest-xdist',
             'torch==2.13.0',
             'accelerate',
+            'peft',  # loads an export's LoRA adapter directory onto the base (tests/test_lora.py)
             'nbclient',
             'nbformat',
             'ipykernel',

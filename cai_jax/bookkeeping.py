@@ -148,8 +148,13 @@ class Context:
     stage, so a stage holds only the models it loaded.
     """
     m = self.config.model
+    overrides = {'remat': m.get('remat', 'none'), 'attention': m.get('attention', 'auto')}
     param_dtype = frozen_param_dtype(m) if frozen else m.param_dtype
-    key = (source, scalar_head, param_dtype)
+    if not frozen and lora_rank(m):  # trained with LoRA: fresh adapters on a frozen base
+      param_dtype = frozen_param_dtype(m)
+      overrides.update(lora_rank=lora_rank(m), lora_alpha=float(m.lora.alpha),
+                       lora_targets=tuple(m.lora.targets))  # fmt: skip
+    key = (source, scalar_head, param_dtype, overrides.get('lora_rank', 0))
     if key in self._models:
       return self._models[key]
     pretrained = checkpoint.load_pretrained(
@@ -158,7 +163,7 @@ class Context:
         param_dtype=param_dtype,
         seed=self.config.seed,
         scalar_head=scalar_head,
-        model_overrides={'remat': m.get('remat', 'none'), 'attention': m.get('attention', 'auto')},
+        model_overrides=overrides,
     )
     if cache:
       self._models[key] = pretrained
@@ -172,6 +177,8 @@ class Context:
       for field in ('source', *(f'{r}_source' for r in GIVEN_ROLES)):
         fields['model'].pop(field, None)
       fields['model'].update({f'{r}_source': role_source(c.model, r) for r in stage.models})
+      if not lora_rank(c.model):  # LoRA off: the workdirs of runs from before the field match
+        fields['model'].pop('lora', None)
     if name in c:
       fields[name] = _plain(c[name])
       if isinstance(fields[name], dict):  # a guard that did not fire changed nothing: loosening
@@ -233,6 +240,11 @@ def roles_line(model_config) -> str:
   if pretrained == helpful:
     return f'helpful = pretrained: {pretrained}'
   return f'pretrained: {pretrained}; helpful: {helpful}'
+
+
+def lora_rank(model_config) -> int:
+  """The LoRA rank of the trained models (0: every weight is trained)."""
+  return int(model_config.get('lora', {}).get('rank', 0))
 
 
 def frozen_param_dtype(model_config) -> str:

@@ -139,20 +139,28 @@ def _model_banner(ctx) -> str:
   import jax
 
   from cai_jax import bookkeeping  # as main's: loaded once the flags have parsed
+  from cai_jax.models import lora  # as bookkeeping: after the flags have parsed
 
   m = ctx.config.model
-  lines = [f'models: {bookkeeping.roles_line(m)}']
+  lines, base = [f'models: {bookkeeping.roles_line(m)}'], None
   for role in bookkeeping.GIVEN_ROLES:
     source = ctx.model_source(role)
     if role == 'helpful' and source == ctx.model_source('pretrained'):
       continue  # one model plays both roles
     cfg = ctx.load_role(role, frozen=True, cache=False).config
+    base = base if role != 'pretrained' else cfg  # what the trained models start from
     lines.append(
         f'model {source}: {cfg.family}, {cfg.num_params() / 1e6:.1f}M params, '
         f'{cfg.n_layers} layers'
     )
+  trained = f'params {m.param_dtype} (trained)'
+  if bookkeeping.lora_rank(m):  # only the adapters train; the base is frozen
+    trained = (
+        f'LoRA rank {m.lora.rank} on {" ".join(m.lora.targets)} (float32 adapters; '
+        f'{lora.trainable_params(base, m.lora.rank, m.lora.targets) / 1e6:.2f}M trained params)'
+    )
   lines[1] += (
-      f', params {m.param_dtype} (trained) / {bookkeeping.frozen_param_dtype(m)} (frozen), '
+      f', {trained} / {bookkeeping.frozen_param_dtype(m)} (frozen), '
       f'compute {m.dtype}, remat {m.get("remat", "none")}, {jax.device_count()} '
       f'{jax.devices()[0].platform} device(s), mesh {dict(ctx.mesh.shape)}'
   )

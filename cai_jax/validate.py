@@ -19,7 +19,7 @@ import ml_collections
 
 from cai_jax import bookkeeping, pipeline
 from cai_jax.method import constitution, conversation
-from cai_jax.models import attention, checkpoint
+from cai_jax.models import attention, checkpoint, lora
 from cai_jax.models.decoder import DTYPES, ModelConfig, REMAT_POLICIES
 
 _MODEL_KEYWORDS = ('smollm2-135m',)
@@ -260,7 +260,7 @@ def check_precision(model_config) -> None:
   remat = model_config.get('remat', 'none')
   if remat not in REMAT_POLICIES:
     raise bookkeeping.StageError(f'model.remat={remat!r}; valid: {", ".join(REMAT_POLICIES)}')
-  if model_config.param_dtype != 'float32':
+  if model_config.param_dtype != 'float32' and not bookkeeping.lora_rank(model_config):
     logging.warning(
         "model.param_dtype=%s keeps the TRAINED models' parameters and AdamW moments in %s: "
         'most small updates round away (one step at lr 1e-6 changes ~2%% of N(0, 0.02) weights) '
@@ -296,6 +296,26 @@ def attention_problem(model_config) -> str | None:
   return attention.check(name, jax.default_backend(), softcap)
 
 
+def lora_problem(model_config) -> str | None:
+  """`model.lora` that cannot train the given models' architecture, in one line; None if it can
+  (or LoRA is off). The projections come from `model.architecture` when set, else from the
+  pretrained model's source (its config alone)."""
+  cfg = model_config.get('lora')
+  if cfg is None or cfg.rank == 0:
+    return None
+  if not isinstance(cfg.rank, int) or cfg.rank < 0:
+    return f'model.lora.rank={cfg.rank!r}: 0 (off) or a positive rank'
+  preset = getattr(ModelConfig, model_config.get('architecture', '') or '_', None)
+  arch = preset() if callable(preset) else None
+  if arch is None:
+    try:
+      arch = checkpoint.source_config(bookkeeping.role_source(model_config, 'pretrained'))
+    except (checkpoint.CheckpointError, KeyError):
+      arch = None  # loading the source says what is wrong with it
+  family, mlp = (arch.family, arch.mlp) if arch is not None else ('llama', 'gated')
+  return lora.check(cfg.rank, float(cfg.alpha), tuple(cfg.targets), family, mlp)
+
+
 def problems(config, workdir: Path) -> list[str]:
   """Every problem with running `config.stages` (and `config.force`) in `workdir`; [] if none."""
   out = []
@@ -311,9 +331,9 @@ def problems(config, workdir: Path) -> list[str]:
     check_precision(config.model)
   except bookkeeping.StageError as e:
     out.append(str(e))
-  problem = attention_problem(config.model)
-  if problem:
-    out.append(problem)
+  for problem in (attention_problem(config.model), lora_problem(config.model)):
+    if problem:
+      out.append(problem)
   if config.conversation_format not in conversation.FORMATS:
     out.append(
         f'config.conversation_format={config.conversation_format!r}: expected one of '

@@ -69,6 +69,15 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   # SmolLM2's tokenizer) fit beside a conversation and 256 new tokens; a stage refuses a max_len
   # that cannot hold its few-shots. The TPU configs keep 2048 with our shorter default constitution.
   c.model.max_len = 4096 if variant == 'full' else 2048
+  # LoRA (cai_jax/models/lora.py): every stage that trains (sft, preference, evaluation_pm, ppo's
+  # policy and value, dpo, harmfulness) trains float32 adapters (and a PM's or value's scalar
+  # head) on a base frozen in frozen_param_dtype; PPO's and DPO's references are the base itself.
+  # Exports are merged HF weights plus the adapters alone in PEFT's layout (export/adapter/).
+  c.model.lora = ml_collections.ConfigDict()
+  c.model.lora.rank = 0  # 0 = off (full fine-tuning); > 0 = the adapters' rank
+  c.model.lora.alpha = 16.0  # adapters are scaled by alpha / rank
+  # Projections with adapters: any of q k v o (attention) and gate up down (MLP).
+  c.model.lora.targets = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
   c.model.architecture = (
       ''  # ModelConfig preset matching source ('gemma2_2b', ...); only for memory checks
   )

@@ -15,6 +15,7 @@ import optax
 from flax import nnx
 
 from cai_jax.method import rl
+from cai_jax.models import lora
 from cai_jax.models.decoder import Decoder, ScalarHeadModel
 
 
@@ -130,9 +131,11 @@ def make_rollout_fn(graphdef, ref_graphdef, cfg):
     inputs = (batch['tokens'], batch['positions'], batch['key_mask'])
     logits, values = nnx.merge(graphdef, params)(*inputs, prompt_len, temperature)
     logp = token_logprobs(logits, targets)
-    ref_logits = response_logits(
-        nnx.merge(ref_graphdef, ref_params), *inputs, prompt_len, temperature
-    )
+    if ref_graphdef is None:  # LoRA: the reference is the policy with its adapters off
+      reference = nnx.merge(graphdef, lora.disabled(params)).policy
+    else:
+      reference = nnx.merge(ref_graphdef, ref_params)
+    ref_logits = response_logits(reference, *inputs, prompt_len, temperature)
     ref_logp = token_logprobs(ref_logits, targets)
     rewards = rl.per_token_rewards(final_rewards, logp, ref_logp, mask, kl_coef, cfg.kl.estimator)
     advantages, returns = rl.gae(rewards, values, mask, cfg.gamma, cfg.lam)

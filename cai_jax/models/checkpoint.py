@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from cai_jax.models import decoder as model_lib
-from cai_jax.models import gguf_import
+from cai_jax.models import gguf_import, lora
 from cai_jax.models.decoder import Decoder, ModelConfig, ScalarHeadModel
 from cai_jax.models.hf_format import (
     CheckpointError,
@@ -90,6 +90,8 @@ def build_from_tensors(
 
   def fill(path, var, sh=None):
     key = tuple(_path_key(k) for k in path)
+    if key not in getters and lora.is_adapter(key):  # a fresh adapter on the loaded base
+      getters[key] = lambda: np.asarray(lora.initial(key, var.get_value().shape, seed))
     if key not in getters:
       raise CheckpointError(f'{where}: no tensor for parameter {".".join(map(str, key))}')
     try:
@@ -372,7 +374,25 @@ def save_pretrained(pretrained: Pretrained, out_dir: str, *, max_shard_bytes: in
   os.makedirs(out_dir, exist_ok=True)
   model, cfg = pretrained.model, pretrained.config
   trunk = model.trunk if isinstance(model, ScalarHeadModel) else model
-  tensors = to_hf_tensors(cfg, flat_params(trunk))
+  flat = flat_params(trunk)
+  adapters = None
+  if cfg.lora_rank:  # the adapted model, merged (W + alpha/rank A B): what transformers loads
+    scale = cfg.lora_alpha / cfg.lora_rank
+    adapters = lora.peft_tensors(flat) if cfg.family in lora.PEFT_FAMILIES else None
+    flat, cfg = lora.merged_params(flat, scale), cfg.replace(lora_rank=0, lora_targets=())
+  tensors = to_hf_tensors(cfg, flat)
+  if jax.process_index() == 0 and adapters is not None:  # and the adapters alone, for peft
+    adapter_dir = os.path.join(out_dir, lora.ADAPTER_DIR)
+    os.makedirs(adapter_dir, exist_ok=True)
+    write_safetensors(
+        os.path.join(adapter_dir, 'adapter_model.safetensors'),
+        {k: np.asarray(v) for k, v in adapters.items()},
+        {'format': 'pt'},
+    )
+    c = pretrained.config
+    with open(os.path.join(adapter_dir, 'adapter_config.json'), 'w') as f:
+      json.dump(lora.peft_config(c.lora_rank, c.lora_alpha, c.lora_targets, pretrained.source), f,
+                indent=1)  # fmt: skip
   if jax.process_index() == 0:
     shards, cur, size = [], {}, 0
     for k, v in tensors.items():

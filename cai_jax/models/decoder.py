@@ -3,7 +3,7 @@
 The families differ only in switches on `ModelConfig`; every parameter carries logical axis
 names that `cai_jax.utils.sharding` maps to mesh axes. See docs/DESIGN.md for the call contract.
 
-Why one module of ~680 lines: the presets (`ModelConfig`), the layers and the cache are one
+Why one module of ~780 lines: the presets (`ModelConfig`), the layers and the cache are one
 contract -- each family is a set of switches on `ModelConfig` read by the layers, and the cache
 and prefix layouts are what `Attention` reads and writes -- so adding a family or changing a
 layout touches them together; the attention kernels themselves are in `attention.py`.
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cai_jax.models import attention
+from cai_jax.models import attention, lora
 from cai_jax.utils import sharding
 
 FAMILIES = ('llama', 'mistral', 'qwen2', 'gemma2', 'gpt2')
@@ -80,6 +80,9 @@ class ModelConfig:
   dtype: str = 'float32'  # compute dtype
   remat: str = 'none'  # what a decoder layer keeps for the backward pass; see REMAT_POLICIES
   attention: str = 'auto'  # cai_jax.attention implementation of every pass but decoding's
+  lora_rank: int = 0  # > 0: LoRA adapters of this rank on `lora_targets` (cai_jax/models/lora.py)
+  lora_alpha: float = 16.0  # adapters are scaled by lora_alpha / lora_rank
+  lora_targets: tuple[str, ...] = ()  # projections with adapters: q k v o gate up down
 
   def __post_init__(self):
     if self.family not in FAMILIES:
@@ -96,6 +99,12 @@ class ModelConfig:
       raise ValueError(
           f'unknown attention {self.attention!r}; valid: {", ".join(attention.IMPLEMENTATIONS)}'
       )
+    if self.lora_rank:
+      problem = lora.check(
+          self.lora_rank, self.lora_alpha, self.lora_targets, self.family, self.mlp
+      )
+      if problem:
+        raise ValueError(problem)
     for field in ('dtype', 'param_dtype'):
       if getattr(self, field) not in DTYPES:
         raise ValueError(f'unknown {field} {getattr(self, field)!r}; valid: {", ".join(DTYPES)}')
@@ -186,6 +195,18 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, init='normal', std=0.02):
   return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
+def _add_adapters(module: nnx.Module, names, cfg: ModelConfig, rngs: nnx.Rngs) -> None:
+  for name in names:
+    if cfg.lora_rank and name in cfg.lora_targets:
+      lora.add_adapter(module, name, cfg.lora_rank, rngs)
+
+
+def _project(module: nnx.Module, name: str, x, y):
+  """Projection `name`'s output `y` of input `x`, plus its LoRA adapter's when it has one."""
+  extra = lora.delta(module, name, x, module.cfg.lora_alpha / max(module.cfg.lora_rank, 1))
+  return y if extra is None else y + extra
+
+
 class Norm(nnx.Module):
   """RMSNorm (optionally Gemma's (1 + w)) or LayerNorm; statistics in float32."""
 
@@ -267,6 +288,7 @@ class Attention(nnx.Module):
       self.v_bias = _param(rngs, (k, h), ('kv_heads', 'head_dim'), pd, 'zeros')
     if cfg.out_bias:
       self.o_bias = _param(rngs, (d,), ('norm',), pd, 'zeros')
+    _add_adapters(self, lora.ATTENTION, cfg, rngs)
 
   def _window(self):
     return self.cfg.sliding_window if self.cfg.is_sliding(self.layer) else None
@@ -423,9 +445,9 @@ class Attention(nnx.Module):
 
   def __call__(self, x, positions, key_mask, cache, cache_index, inv_freq, prefix=None):
     cfg, dt = self.cfg, x.dtype
-    q = jnp.einsum('BTD,DNH->BTNH', x, self.q[...].astype(dt))
-    k = jnp.einsum('BTD,DKH->BTKH', x, self.k[...].astype(dt))
-    v = jnp.einsum('BTD,DKH->BTKH', x, self.v[...].astype(dt))
+    q = _project(self, 'q', x, jnp.einsum('BTD,DNH->BTNH', x, self.q[...].astype(dt)))
+    k = _project(self, 'k', x, jnp.einsum('BTD,DKH->BTKH', x, self.k[...].astype(dt)))
+    v = _project(self, 'v', x, jnp.einsum('BTD,DKH->BTKH', x, self.v[...].astype(dt)))
     if cfg.qkv_bias:
       q, k, v = (
           q + self.q_bias[...].astype(dt),
@@ -447,7 +469,9 @@ class Attention(nnx.Module):
     out = out.reshape(b, t, n, cfg.head_dim)
     # 'BTNH,NHD->BTD' by dot_general: jnp.einsum contracts (H, N) in that order, which made
     # XLA transpose the weight in every call.
-    out = jax.lax.dot_general(out, self.o[...].astype(dt), (((2, 3), (0, 1)), ((), ())))
+    heads = out
+    out = jax.lax.dot_general(heads, self.o[...].astype(dt), (((2, 3), (0, 1)), ((), ())))
+    out = _project(self, 'o', heads, out)
     if cfg.out_bias:
       out = out + self.o_bias[...].astype(dt)
     return out, cache
@@ -466,19 +490,21 @@ class MLP(nnx.Module):
     if cfg.out_bias:
       self.up_bias = _param(rngs, (f,), ('mlp',), pd, 'zeros')
       self.down_bias = _param(rngs, (d,), ('norm',), pd, 'zeros')
+    _add_adapters(self, lora.MLP, cfg, rngs)
 
   def __call__(self, x):
     cfg, dt = self.cfg, x.dtype
     act = _activation(cfg.activation)
-    up = jnp.einsum('BTD,DF->BTF', x, self.up[...].astype(dt))
+    up = _project(self, 'up', x, jnp.einsum('BTD,DF->BTF', x, self.up[...].astype(dt)))
     if cfg.out_bias:
       up = up + self.up_bias[...].astype(dt)
     if cfg.mlp == 'gated':
-      h = act(jnp.einsum('BTD,DF->BTF', x, self.gate[...].astype(dt))) * up
+      h = act(_project(self, 'gate', x, jnp.einsum('BTD,DF->BTF', x, self.gate[...].astype(dt))))
+      h = h * up
     else:
       h = act(up)
     h = sharding.constrain(h, ('batch', 'length', 'mlp'))
-    out = jnp.einsum('BTF,FD->BTD', h, self.down[...].astype(dt))
+    out = _project(self, 'down', h, jnp.einsum('BTF,FD->BTD', h, self.down[...].astype(dt)))
     if cfg.out_bias:
       out = out + self.down_bias[...].astype(dt)
     return out
@@ -738,12 +764,13 @@ def with_param_dtype(module: nnx.Module, dtype: str) -> nnx.Module:
   dtype anyway. The module itself when it already is in `dtype` (no copy).
   """
   dtype = jnp.dtype(dtype)
-  graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+  # LoRA adapters stay float32 (they are what a LoRA run trains; a frozen copy's are tiny).
+  graphdef, adapters, params, rest = nnx.split(module, nnx.LoRAParam, nnx.Param, ...)
   floats = [x for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)]
   if all(x.dtype == dtype for x in floats):
     return module
   cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
-  return nnx.merge(graphdef, jax.tree.map(cast, params), rest)
+  return nnx.merge(graphdef, adapters, jax.tree.map(cast, params), rest)
 
 
 def create(cfg: ModelConfig, seed: int = 0, *, scalar_head: bool = False):

@@ -55,7 +55,7 @@ from cai_jax.method.ppo_learner import (
     per_model_optimizer,
 )
 from cai_jax.method.snapshots import save_snapshot, snapshot_steps
-from cai_jax.models import checkpoint
+from cai_jax.models import checkpoint, lora
 from cai_jax.models import decoder as model_lib
 from cai_jax.models.decoder import ScalarHeadModel
 from cai_jax.training import checkpoints as checkpoints_lib
@@ -334,9 +334,13 @@ def run(ctx: bookkeeping.Context, stage_dir: Path) -> dict:
   pad_id = conversation.pad_id(tok, policy.config)
   score = _Scorer(ctx, cfg, policy, max_prompt_tokens)
   # The frozen KL reference, in model.frozen_param_dtype (the learner trains a copy of the policy).
-  ref_graphdef, ref_params = nnx.split(
-      model_lib.with_param_dtype(policy.model, bookkeeping.frozen_param_dtype(config.model))
-  )
+  # With LoRA it is the learner's own base with the adapters off, read from the train state: no
+  # second copy of the weights.
+  ref_graphdef, ref_params = None, None
+  if not lora.has_adapters(policy.model):
+    ref_graphdef, ref_params = nnx.split(
+        model_lib.with_param_dtype(policy.model, bookkeeping.frozen_param_dtype(config.model))
+    )
 
   # The learner, with separate AdamW optimizers (and schedules) for the policy and the value.
   n_updates = cfg.steps * cfg.epochs * cfg.minibatches

@@ -152,9 +152,23 @@ def init_state(model, tx: optax.GradientTransformation):
   return graphdef, state, shardings
 
 
+# What a LoRA run trains: the adapters and the scalar heads of a PM or value model (a fresh head
+# has nothing to adapt); every other parameter is the frozen base (cai_jax/models/lora.py).
+LORA_TRAINED = nnx.Any(nnx.LoRAParam, nnx.PathContains('head'), nnx.PathContains('head_bias'))
+
+
+def split_trained(params):
+  """(trained, frozen) parts of a model's nnx.Param state: with LoRA adapters present, the
+  adapters (and scalar heads) against the frozen base; without, everything against nothing."""
+  if any(isinstance(x, nnx.LoRAParam) for x in jax.tree.leaves(params, is_leaf=_is_variable)):
+    return nnx.split_state(params, LORA_TRAINED, ...)
+  return params, nnx.State({})
+
+
 def _build_state(tx, params) -> TrainState:
   params = jax.tree.map(jnp.copy, params)
-  return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
+  # The optimizer tracks only what is trained: with LoRA, its moments are adapter-sized.
+  return TrainState(params, tx.init(split_trained(params)[0]), jnp.zeros((), jnp.int32))
 
 
 def abstract_train_state(params, tx: optax.GradientTransformation):
@@ -204,13 +218,18 @@ def make_train_step(
     def compute(params):
       return loss_fn(nnx.merge(graphdef, params), batch, **kwargs)
 
-    (loss, aux), grads = jax.value_and_grad(compute, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    # Gradients of the trained part only (with LoRA: the adapters; the base is a constant here).
+    trained, frozen = split_trained(state.params)
+    (loss, aux), grads = jax.value_and_grad(
+        lambda t: compute(nnx.merge_state(t, frozen)), has_aux=True
+    )(trained)
+    updates, opt_state = tx.update(grads, state.opt_state, trained)
+    trained = optax.apply_updates(trained, updates)
+    params = nnx.merge_state(trained, frozen)
     metrics = {
         'loss': loss,
         'grad_norm': optax.tree.norm(grads),
-        'param_norm': optax.tree.norm(params),  # after the update: the divergence guard reads it
+        'param_norm': optax.tree.norm(trained),  # after the update: the divergence guard reads it
         **aux,
     }
     if schedule is not None:
