@@ -154,7 +154,9 @@ class Context:
       param_dtype = frozen_param_dtype(m)
       overrides.update(lora_rank=lora_rank(m), lora_alpha=float(m.lora.alpha),
                        lora_targets=tuple(m.lora.targets))  # fmt: skip
-    key = (source, scalar_head, param_dtype, overrides.get('lora_rank', 0))
+    key = (source, scalar_head, param_dtype) + (
+        (overrides['lora_rank'],) if 'lora_rank' in overrides else ()
+    )
     if key in self._models:
       return self._models[key]
     pretrained = checkpoint.load_pretrained(
