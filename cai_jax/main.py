@@ -148,7 +148,8 @@ def _model_banner(ctx) -> str:
     if role == 'helpful' and source == ctx.model_source('pretrained'):
       continue  # one model plays both roles
     cfg = ctx.load_role(role, frozen=True, cache=False).config
-    base = base if role != 'pretrained' else cfg  # what the trained models start from
+    if role == 'pretrained':  # what the trained models start from
+      base = cfg
     lines.append(
         f'model {source}: {cfg.family}, {cfg.num_params() / 1e6:.1f}M params, '
         f'{cfg.n_layers} layers'

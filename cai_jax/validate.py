@@ -272,46 +272,40 @@ def check_precision(model_config) -> None:
     )
 
 
-def _source_softcap(source: str) -> float | None:
-  """The attention logit soft-cap of the model at `source`, from its config alone (no weights):
-  only Gemma 2 has one, and our GGUF import reads no Gemma 2 (llama and qwen2 only)."""
+def _architecture(model_config, source: str) -> ModelConfig | None:
+  """The architecture of the model at `source`: `model.architecture`'s preset when set, else the
+  source's config alone (no weights); None when neither says (loading the source then says
+  what is wrong with it)."""
+  preset = getattr(ModelConfig, model_config.get('architecture', '') or '_', None)
+  if callable(preset):
+    return preset()
   try:
-    cfg = checkpoint.source_config(source)
+    return checkpoint.source_config(source) if source else None
   except (checkpoint.CheckpointError, KeyError):
-    return None  # an unknown preset or a config.json short of a field: loading the source says so
-  return cfg.attn_softcap if cfg is not None else None
+    return None  # an unknown preset or a config.json short of a field
 
 
 def attention_problem(model_config) -> str | None:
   """`model.attention` this backend cannot run, in one line naming what would; None if it can.
-  The soft-cap (which cuDNN lacks) comes from `model.architecture` when it is set, else from the
-  given models' sources, so that a Gemma 2 checkpoint is refused before the workdir is touched."""
-  preset = getattr(ModelConfig, model_config.get('architecture', '') or '_', None)
-  if callable(preset):
-    softcap = preset().attn_softcap
-  else:
-    sources = {bookkeeping.role_source(model_config, r) for r in bookkeeping.GIVEN_ROLES}
-    softcap = next(filter(None, (_source_softcap(s) for s in sorted(sources) if s)), None)
+  The soft-cap (which cuDNN lacks) comes from the given models' architectures (only Gemma 2 has
+  one, and our GGUF import reads no Gemma 2), so that a Gemma 2 checkpoint is refused before the
+  workdir is touched."""
+  sources = {bookkeeping.role_source(model_config, r) for r in bookkeeping.GIVEN_ROLES}
+  archs = (_architecture(model_config, s) for s in sorted(sources))
+  softcap = next(filter(None, (a.attn_softcap for a in archs if a is not None)), None)
   name = model_config.get('attention', 'auto')
   return attention.check(name, jax.default_backend(), softcap)
 
 
 def lora_problem(model_config) -> str | None:
-  """`model.lora` that cannot train the given models' architecture, in one line; None if it can
-  (or LoRA is off). The projections come from `model.architecture` when set, else from the
-  pretrained model's source (its config alone)."""
+  """`model.lora` that cannot train the pretrained model's architecture, in one line; None if it
+  can (or LoRA is off)."""
   cfg = model_config.get('lora')
   if cfg is None or cfg.rank == 0:
     return None
   if not isinstance(cfg.rank, int) or cfg.rank < 0:
     return f'model.lora.rank={cfg.rank!r}: 0 (off) or a positive rank'
-  preset = getattr(ModelConfig, model_config.get('architecture', '') or '_', None)
-  arch = preset() if callable(preset) else None
-  if arch is None:
-    try:
-      arch = checkpoint.source_config(bookkeeping.role_source(model_config, 'pretrained'))
-    except (checkpoint.CheckpointError, KeyError):
-      arch = None  # loading the source says what is wrong with it
+  arch = _architecture(model_config, bookkeeping.role_source(model_config, 'pretrained'))
   family, mlp = (arch.family, arch.mlp) if arch is not None else ('llama', 'gated')
   return lora.check(cfg.rank, float(cfg.alpha), tuple(cfg.targets), family, mlp)
 

@@ -90,12 +90,13 @@ def build_from_tensors(
 
   def fill(path, var, sh=None):
     key = tuple(_path_key(k) for k in path)
-    if key not in getters and lora.is_adapter(key):  # a fresh adapter on the loaded base
-      getters[key] = lambda: np.asarray(lora.initial(key, var.get_value().shape, seed))
-    if key not in getters:
+    get = getters.get(key)
+    if get is None and lora.is_adapter(key):  # a fresh adapter on the loaded base
+      get = lambda: np.asarray(lora.initial(key, var.get_value().shape, seed))
+    if get is None:
       raise CheckpointError(f'{where}: no tensor for parameter {".".join(map(str, key))}')
     try:
-      x = getters[key]()
+      x = get()
     except KeyError as e:
       raise CheckpointError(
           f'{where}: missing tensor {e.args[0]} (for {".".join(map(str, key))})'

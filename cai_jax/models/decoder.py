@@ -195,18 +195,6 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, init='normal', std=0.02):
   return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
-def _add_adapters(module: nnx.Module, names, cfg: ModelConfig, rngs: nnx.Rngs) -> None:
-  for name in names:
-    if cfg.lora_rank and name in cfg.lora_targets:
-      lora.add_adapter(module, name, cfg.lora_rank, rngs)
-
-
-def _project(module: nnx.Module, name: str, x, y):
-  """Projection `name`'s output `y` of input `x`, plus its LoRA adapter's when it has one."""
-  extra = lora.delta(module, name, x, module.cfg.lora_alpha / max(module.cfg.lora_rank, 1))
-  return y if extra is None else y + extra
-
-
 class Norm(nnx.Module):
   """RMSNorm (optionally Gemma's (1 + w)) or LayerNorm; statistics in float32."""
 
@@ -288,7 +276,7 @@ class Attention(nnx.Module):
       self.v_bias = _param(rngs, (k, h), ('kv_heads', 'head_dim'), pd, 'zeros')
     if cfg.out_bias:
       self.o_bias = _param(rngs, (d,), ('norm',), pd, 'zeros')
-    _add_adapters(self, lora.ATTENTION, cfg, rngs)
+    lora.add_adapters(self, lora.ATTENTION, cfg, rngs)
 
   def _window(self):
     return self.cfg.sliding_window if self.cfg.is_sliding(self.layer) else None
@@ -445,9 +433,9 @@ class Attention(nnx.Module):
 
   def __call__(self, x, positions, key_mask, cache, cache_index, inv_freq, prefix=None):
     cfg, dt = self.cfg, x.dtype
-    q = _project(self, 'q', x, jnp.einsum('BTD,DNH->BTNH', x, self.q[...].astype(dt)))
-    k = _project(self, 'k', x, jnp.einsum('BTD,DKH->BTKH', x, self.k[...].astype(dt)))
-    v = _project(self, 'v', x, jnp.einsum('BTD,DKH->BTKH', x, self.v[...].astype(dt)))
+    q = lora.project(self, 'q', x, jnp.einsum('BTD,DNH->BTNH', x, self.q[...].astype(dt)))
+    k = lora.project(self, 'k', x, jnp.einsum('BTD,DKH->BTKH', x, self.k[...].astype(dt)))
+    v = lora.project(self, 'v', x, jnp.einsum('BTD,DKH->BTKH', x, self.v[...].astype(dt)))
     if cfg.qkv_bias:
       q, k, v = (
           q + self.q_bias[...].astype(dt),
@@ -471,7 +459,7 @@ class Attention(nnx.Module):
     # XLA transpose the weight in every call.
     heads = out
     out = jax.lax.dot_general(heads, self.o[...].astype(dt), (((2, 3), (0, 1)), ((), ())))
-    out = _project(self, 'o', heads, out)
+    out = lora.project(self, 'o', heads, out)
     if cfg.out_bias:
       out = out + self.o_bias[...].astype(dt)
     return out, cache
@@ -490,21 +478,23 @@ class MLP(nnx.Module):
     if cfg.out_bias:
       self.up_bias = _param(rngs, (f,), ('mlp',), pd, 'zeros')
       self.down_bias = _param(rngs, (d,), ('norm',), pd, 'zeros')
-    _add_adapters(self, lora.MLP, cfg, rngs)
+    lora.add_adapters(self, lora.MLP, cfg, rngs)
 
   def __call__(self, x):
     cfg, dt = self.cfg, x.dtype
     act = _activation(cfg.activation)
-    up = _project(self, 'up', x, jnp.einsum('BTD,DF->BTF', x, self.up[...].astype(dt)))
+    up = lora.project(self, 'up', x, jnp.einsum('BTD,DF->BTF', x, self.up[...].astype(dt)))
     if cfg.out_bias:
       up = up + self.up_bias[...].astype(dt)
     if cfg.mlp == 'gated':
-      h = act(_project(self, 'gate', x, jnp.einsum('BTD,DF->BTF', x, self.gate[...].astype(dt))))
+      h = act(
+          lora.project(self, 'gate', x, jnp.einsum('BTD,DF->BTF', x, self.gate[...].astype(dt)))
+      )
       h = h * up
     else:
       h = act(up)
     h = sharding.constrain(h, ('batch', 'length', 'mlp'))
-    out = _project(self, 'down', h, jnp.einsum('BTF,FD->BTD', h, self.down[...].astype(dt)))
+    out = lora.project(self, 'down', h, jnp.einsum('BTF,FD->BTD', h, self.down[...].astype(dt)))
     if cfg.out_bias:
       out = out + self.down_bias[...].astype(dt)
     return out

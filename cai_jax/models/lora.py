@@ -123,15 +123,25 @@ def _specs(name: str) -> tuple[str, str]:
   return f'{lhs},{rhs[:contracted]}R->{kept}R', f'{kept}R,R{rhs[contracted:]}->{out}'
 
 
-def delta(module: nnx.Module, name: str, x, scale: float):
-  """`scale (x A) B` of projection `name`'s adapter, in x's dtype; None without one."""
+def add_adapters(module: nnx.Module, names, cfg, rngs: nnx.Rngs) -> None:
+  """Adapters on those of `module`'s projections `names` that `cfg.lora_targets` names."""
+  for name in names:
+    if cfg.lora_rank and name in cfg.lora_targets:
+      add_adapter(module, name, cfg.lora_rank, rngs)
+
+
+def project(module: nnx.Module, name: str, x, y):
+  """Projection `name`'s output `y` of input `x`, plus `alpha/rank (x A) B` (in x's dtype) when
+  the projection has an adapter."""
   a = getattr(module, f'{name}_lora_a', None)
   if a is None:
-    return None
+    return y
+  cfg = module.cfg
   down, up = _specs(name)
   b = getattr(module, f'{name}_lora_b')
   xa = jnp.einsum(down, x, a[...].astype(x.dtype))
-  return jnp.einsum(up, xa, b[...].astype(x.dtype)) * jnp.asarray(scale, x.dtype)
+  scale = jnp.asarray(cfg.lora_alpha / cfg.lora_rank, x.dtype)
+  return y + jnp.einsum(up, xa, b[...].astype(x.dtype)) * scale
 
 
 def has_adapters(module: nnx.Module) -> bool:
