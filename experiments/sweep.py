@@ -24,6 +24,11 @@ fingerprint (`cai_jax.bookkeeping.Context.fingerprint`) covers the stage's confi
 upstream stages, so points (or earlier sweep runs) that agree on them share one finished run:
 a KL-beta sweep runs critique_revision, sft, feedback and preference once. Results go to
 `ROOT/<sweep>/results.{md,csv,json}` and `ROOT/<sweep>/<metric>.png`.
+
+Why one module of ~630 lines: a sweep is one pass -- load the base config, expand the points,
+link each point's stages into the shared cache, run, then read, tabulate and plot the metrics --
+and the parts hand each other only the point rows; a reader follows a sweep top to bottom here,
+and tests/test_sweep.py calls each part by name.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Generation: jitted prefill, a `lax.while_loop` decode over the KV cache, per-row stops, and
 the batched and conversation-level helpers every stage samples with.
 
-Why one module of ~630 lines: the jitted programs (`_prefill`, `_decode`), the decode state they
+Why one module of ~660 lines: the jitted programs (`_prefill`, `_decode`), the decode state they
 carry and the host loop that buckets, stops and cuts their outputs (`generate`) share one layout
 of rows, slots and stop tokens; `generate_batched` and `generate_responses` are thin over it.
 Buckets and the jit cache are in `common.py`, scoring in `scoring.py`, prefixes in `prefix.py`.
