@@ -51,8 +51,11 @@ def model_config(config, *, frozen: bool = False):
         f'config.model.architecture={m.architecture!r} is not a ModelConfig preset '
         '(e.g. gemma2_2b, llama3_2_3b, qwen2_5_7b)'
     )
+  lora = {} if frozen else bookkeeping.lora_fields(m)  # a trained model's adapters, if any
+  # A LoRA run's trained models keep their (frozen) base in frozen_param_dtype, as Context.load.
+  frozen = frozen or bool(lora)
   param_dtype = bookkeeping.frozen_param_dtype(m) if frozen else m.param_dtype
-  cfg = preset(dtype=m.dtype, param_dtype=param_dtype, remat=m.get('remat', 'none'))
+  cfg = preset(dtype=m.dtype, param_dtype=param_dtype, remat=m.get('remat', 'none'), **lora)
   # The kernel the config would run on the TPU, not on this host's CPU.
   return cfg.replace(
       attention=attention.resolve(m.get('attention', 'auto'), 'tpu', cfg.attn_softcap)
@@ -950,9 +953,11 @@ def ppo_programs(config, cfg, mesh, helpful, reference, pm, size) -> list[Progra
   state_bytes, param_bytes = tree_bytes(state), tree_bytes(state.params)
   policy_bytes = tree_bytes(state.params['policy'])
   # What the stage holds beside the learner: the policy's frozen-dtype copy as the KL reference
-  # and the PM that scores (frozen). The policy and value as loaded are dropped once the train
-  # state holds their copies.
-  cached = {'reference': size['SL-CAI']}
+  # (none with LoRA: the learner's base with its adapters off) and the PM that scores (frozen).
+  # The policy and value as loaded are dropped once the train state holds their copies.
+  cached = {} if cfg.lora_rank else {'reference': size['SL-CAI']}
+  if cfg.lora_rank:
+    reference = (None, None)
   if pp.reward == 'preference':
     cached['PM'] = size['PM']
   out = []

@@ -152,8 +152,7 @@ class Context:
     param_dtype = frozen_param_dtype(m) if frozen else m.param_dtype
     if not frozen and lora_rank(m):  # trained with LoRA: fresh adapters on a frozen base
       param_dtype = frozen_param_dtype(m)
-      overrides.update(lora_rank=lora_rank(m), lora_alpha=float(m.lora.alpha),
-                       lora_targets=tuple(m.lora.targets))  # fmt: skip
+      overrides.update(lora_fields(m))
     key = (source, scalar_head, param_dtype) + (
         (overrides['lora_rank'],) if 'lora_rank' in overrides else ()
     )
@@ -247,6 +246,14 @@ def roles_line(model_config) -> str:
 def lora_rank(model_config) -> int:
   """The LoRA rank of the trained models (0: every weight is trained)."""
   return int(model_config.get('lora', {}).get('rank', 0))
+
+
+def lora_fields(model_config) -> dict:
+  """The ModelConfig fields of `model.lora` (for a trained model; {} with LoRA off)."""
+  if not lora_rank(model_config):
+    return {}
+  c = model_config.lora
+  return dict(lora_rank=int(c.rank), lora_alpha=float(c.alpha), lora_targets=tuple(c.targets))
 
 
 def frozen_param_dtype(model_config) -> str:

@@ -344,3 +344,25 @@ def test_engine_programs_take_the_page_pool_and_say_what_pool_would_fit(tmp_path
       and abs(gib - pages * 4096 / 2**30) < 0.01
   )
   assert requests == pages // 32  # max_len 512 in pages of 16
+
+
+@pytest.mark.slow
+def test_lora_learners_compile_with_adapter_sized_state_and_no_reference(tmp_path):
+  """With `model.lora` the train steps compile as the stages run them: adapters on a base held in
+  frozen_param_dtype, AdamW moments of the adapters only, and no PPO reference model beside the
+  learner (it is the learner's base with its adapters off)."""
+  args = ('--config', GEMMA_V5E, *TINY, '--programs=sft,ppo', '--match=train step')
+  runs = {}
+  for name, extra in (('full', ()), ('lora', ('--config.model.lora.rank=4',))):
+    r = run_aot(*args, *extra, f'--json={tmp_path / name}.json')
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    programs = json.loads((tmp_path / f'{name}.json').read_text())
+    runs[name] = {f"{p['stage']}/{p['program']}": p for p in programs}
+  assert (
+      set(runs['lora']) == set(runs['full']) == {'sft/SL-CAI train step', 'ppo/learner train step'}
+  )
+  for name, p in runs['lora'].items():
+    assert p['error'] is None, (name, p['error'])
+    assert p['memory']['argument'] < runs['full'][name]['memory']['argument'], name
+  assert 'reference' in runs['full']['ppo/learner train step']['resident']
+  assert 'reference' not in runs['lora']['ppo/learner train step']['resident']

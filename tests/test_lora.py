@@ -37,10 +37,10 @@ def _base_dir(tmp_path, family='llama'):
   return out, base
 
 
-def _adapted(source, targets=ALL, rank=4, seed=0):
+def _adapted(source, targets=ALL, rank=4, seed=0, remat='none'):
   return checkpoint.load_pretrained(
       source, seed=seed,
-      model_overrides=dict(lora_rank=rank, lora_alpha=8.0, lora_targets=tuple(targets)),
+      model_overrides=dict(lora_rank=rank, lora_alpha=8.0, lora_targets=tuple(targets), remat=remat),
   )  # fmt: skip
 
 
@@ -66,9 +66,10 @@ def test_fresh_adapters_leave_the_logits_exactly_as_the_base(tmp_path, family):
   assert float(jnp.max(jnp.abs(adapted.model(tokens)[0] - want))) > 1e-3  # they do act
 
 
-def test_one_sft_step_changes_only_the_adapters_and_the_optimizer_tracks_only_them(tmp_path):
+@pytest.mark.parametrize('remat', ['none', 'full'])  # the TPU configs' layers rematerialize
+def test_one_sft_step_changes_only_the_adapters_and_the_optimizer_tracks_only_them(tmp_path, remat):
   source, base = _base_dir(tmp_path)
-  model = _adapted(source, targets=('q', 'v', 'down')).model
+  model = _adapted(source, targets=('q', 'v', 'down'), remat=remat).model
   tx, schedule = train_lib.make_optimizer(tiny_config.get_config().sft.optimizer, 100)
   graphdef, state, shardings = train_lib.init_state(model, tx)
   before = checkpoint.flat_params(nnx.merge(graphdef, state.params))

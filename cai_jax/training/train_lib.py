@@ -219,9 +219,11 @@ def make_train_step(
       return loss_fn(nnx.merge(graphdef, params), batch, **kwargs)
 
     # Gradients of the trained part only (with LoRA: the adapters; the base is a constant here).
+    # The frozen part is rebuilt inside the differentiated function (jax.tree.map makes new
+    # Variables there): Variables of the outer trace are ones nnx.remat's layers may not update.
     trained, frozen = split_trained(state.params)
     (loss, aux), grads = jax.value_and_grad(
-        lambda t: compute(nnx.merge_state(t, frozen)), has_aux=True
+        lambda t: compute(nnx.merge_state(t, jax.tree.map(lambda x: x, frozen))), has_aux=True
     )(trained)
     updates, opt_state = tx.update(grads, state.opt_state, trained)
     trained = optax.apply_updates(trained, updates)
