@@ -228,6 +228,10 @@ def test_tiny_pipeline_runs_in_bf16_with_the_fused_loss(tmp_path, remat):
       f'--config.model.remat={remat}',
       f'--config.stages={",".join(stages)}',
       f'--config.sampling.engine={remat == "full"}',
+      # 4 MiB of pages hold 16k of the tiny model's tokens, 16 slots x max_len 512 twice over.
+      # (XLA's CPU backend rewrites a bfloat16 scatter as float32 over the whole pool: with the
+      # default 1 GiB each decode step would copy it, ~12x this run's sampling time.)
+      '--config.sampling.engine_kv_budget_mib=4',
   )
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
