@@ -238,6 +238,7 @@ def as_json(r: Result, kind: str = '', devices: int = 1, hbm: int | None = None)
       'same_as': r.same_as,
       'memory': r.memory,
       'resident': p.resident,
+      'state': p.state,
       'total': r.total,
       'hardware_flops': r.flops,
       'bytes_accessed': r.bytes_accessed,
@@ -360,6 +361,12 @@ def compile_all(programs: list[Program], log=print, done=None, lower_only=False)
         f'aot: {label} [{program.shape}] compiled in {result.seconds:.1f}s'
         + (f' (same program as {result.same_as})' if result.same_as else '')
         + f': {memory} + {result.resident / GIB:.2f} GiB resident per device'
+        + (
+            f'; train state {program.state["trained"] / GIB:.2f} GiB trained (with AdamW '
+            f'moments) + {program.state["frozen"] / GIB:.2f} GiB frozen'
+            if program.state
+            else ''
+        )
     )
     results.append(result)
     if done is not None:
@@ -476,7 +483,14 @@ def check(config, json_path: str = '') -> tuple[list[Result], list[str], str, st
       f'{hbm / GIB:.2f} GiB HBM per device ({hbm_source}), model {config.model.architecture} '
       f'(param {config.model.param_dtype}, compute {config.model.dtype}'
       + ''.join(
-          f', {k} {config.model[k]}' for k in ('frozen_param_dtype', 'remat') if k in config.model
+          f', {k} {config.model[k]}'
+          for k in ('frozen_param_dtype', 'frozen_quantization', 'remat')
+          if config.model.get(k)
+      )
+      + (
+          f', LoRA rank {config.model.lora.rank}'
+          if config.model.get('lora', {}).get('rank')
+          else ''
       )
       + ')',
       flush=True,

@@ -51,11 +51,9 @@ def model_config(config, *, frozen: bool = False):
         f'config.model.architecture={m.architecture!r} is not a ModelConfig preset '
         '(e.g. gemma2_2b, llama3_2_3b, qwen2_5_7b)'
     )
-  lora = {} if frozen else bookkeeping.lora_fields(m)  # a trained model's adapters, if any
-  # A LoRA run's trained models keep their (frozen) base in frozen_param_dtype, as Context.load.
-  frozen = frozen or bool(lora)
-  param_dtype = bookkeeping.frozen_param_dtype(m) if frozen else m.param_dtype
-  cfg = preset(dtype=m.dtype, param_dtype=param_dtype, remat=m.get('remat', 'none'), **lora)
+  # As Context.load builds it: a LoRA run's trained models are adapters on a frozen base, and a
+  # frozen model (or that base) is in frozen_param_dtype, its matrices in frozen_quantization.
+  cfg = preset(dtype=m.dtype, **bookkeeping.load_fields(m, frozen=frozen))
   # The kernel the config would run on the TPU, not on this host's CPU.
   return cfg.replace(
       attention=attention.resolve(m.get('attention', 'auto'), 'tpu', cfg.attn_softcap)
@@ -180,6 +178,9 @@ class Program:
   # The engine's page pool (`engine_programs`): its bytes per device, one page's, pages in it,
   # pages one request of max_len takes, the config's slots; `aot` reports what would fit.
   pool: dict[str, int] | None = None
+  # A train step's state per device, split as it trains: 'trained' (the parameters that get
+  # gradients, with their AdamW moments) and 'frozen' (a LoRA run's base); bytes.
+  state: dict[str, int] | None = None
 
 
 # ---- model FLOPs -------------------------------------------------------------------------------
@@ -526,6 +527,9 @@ def train_program(
   b, t = batch['tokens'].shape
   shape = f'B={b} T={t}'
   init = jax.jit(functools.partial(train_lib._build_state, tx), out_shardings=shardings)
+  state = placed(abstract, shardings)
+  trained, frozen = train_lib.split_trained(state.params)
+  split = {'trained': tree_bytes((trained, state.opt_state)), 'frozen': tree_bytes(frozen)}
   return (
       [
           Program(stage, f'{who} train state init', '', lambda: init.lower(params), resident),
@@ -533,10 +537,11 @@ def train_program(
               stage,
               f'{who} train step',
               shape,
-              lambda: step.lower(placed(abstract, shardings), batch),
+              lambda: step.lower(state, batch),
               resident,
               None,
               3 * flops,
+              state=split,
           ),
       ],
       abstract,

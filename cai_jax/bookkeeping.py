@@ -148,13 +148,10 @@ class Context:
     stage, so a stage holds only the models it loaded.
     """
     m = self.config.model
-    overrides = {'remat': m.get('remat', 'none'), 'attention': m.get('attention', 'auto')}
-    param_dtype = frozen_param_dtype(m) if frozen else m.param_dtype
-    if not frozen and lora_rank(m):  # trained with LoRA: fresh adapters on a frozen base
-      param_dtype = frozen_param_dtype(m)
-      overrides.update(lora_fields(m))
-    key = (source, scalar_head, param_dtype) + (
-        (overrides['lora_rank'],) if 'lora_rank' in overrides else ()
+    overrides = load_fields(m, frozen=frozen)
+    param_dtype = overrides.pop('param_dtype')
+    key = (source, scalar_head, param_dtype) + tuple(
+        overrides[k] for k in ('lora_rank', 'quantization') if k in overrides
     )
     if key in self._models:
       return self._models[key]
@@ -180,6 +177,8 @@ class Context:
       fields['model'].update({f'{r}_source': role_source(c.model, r) for r in stage.models})
       if not lora_rank(c.model):  # LoRA off: the workdirs of runs from before the field match
         fields['model'].pop('lora', None)
+      if not c.model.get('frozen_quantization', ''):  # so do those from before int8
+        fields['model'].pop('frozen_quantization', None)
     if name in c:
       fields[name] = _plain(c[name])
       if isinstance(fields[name], dict):  # a guard that did not fire changed nothing: loosening
@@ -254,6 +253,21 @@ def lora_fields(model_config) -> dict:
     return {}
   c = model_config.lora
   return dict(lora_rank=int(c.rank), lora_alpha=float(c.alpha), lora_targets=tuple(c.targets))
+
+
+def load_fields(model_config, *, frozen: bool) -> dict:
+  """The ModelConfig fields of a model as `Context.load` builds it (and `cai_jax.aot` compiles
+  it): remat, attention and param_dtype; for a LoRA run's trained model, fresh adapters on a base
+  held like a frozen model; for a frozen model or that base, `model.frozen_quantization`."""
+  m = model_config
+  fields = {'remat': m.get('remat', 'none'), 'attention': m.get('attention', 'auto')}
+  held_frozen = frozen or bool(lora_rank(m))  # a LoRA run trains adapters on a frozen base
+  fields['param_dtype'] = frozen_param_dtype(m) if held_frozen else m.param_dtype
+  if not frozen:
+    fields.update(lora_fields(m))
+  if held_frozen and m.get('frozen_quantization', ''):
+    fields['quantization'] = m.frozen_quantization
+  return fields
 
 
 def frozen_param_dtype(model_config) -> str:

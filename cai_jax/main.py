@@ -160,8 +160,11 @@ def _model_banner(ctx) -> str:
         f'LoRA rank {m.lora.rank} on {" ".join(m.lora.targets)} (float32 adapters; '
         f'{lora.trainable_params(base, m.lora.rank, m.lora.targets) / 1e6:.2f}M trained params)'
     )
+  frozen = bookkeeping.frozen_param_dtype(m)
+  if m.get('frozen_quantization', ''):  # matrices int8; norms, biases and heads in the dtype
+    frozen = f'{m.frozen_quantization} matrices + {frozen}'
   lines[1] += (
-      f', {trained} / {bookkeeping.frozen_param_dtype(m)} (frozen), '
+      f', {trained} / {frozen} (frozen), '
       f'compute {m.dtype}, remat {m.get("remat", "none")}, {jax.device_count()} '
       f'{jax.devices()[0].platform} device(s), mesh {dict(ctx.mesh.shape)}'
   )

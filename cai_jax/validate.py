@@ -19,7 +19,7 @@ import ml_collections
 
 from cai_jax import bookkeeping, pipeline
 from cai_jax.method import constitution, conversation
-from cai_jax.models import attention, checkpoint, lora
+from cai_jax.models import attention, checkpoint, lora, quantize
 from cai_jax.models.decoder import DTYPES, ModelConfig, REMAT_POLICIES
 
 _MODEL_KEYWORDS = ('smollm2-135m',)
@@ -257,6 +257,11 @@ def check_precision(model_config) -> None:
       raise bookkeeping.StageError(
           f'model.{field}={value!r} is not a dtype we run; valid: ' f'{", ".join(DTYPES)}'
       )
+  scheme = model_config.get('frozen_quantization', '')
+  if scheme not in quantize.SCHEMES:
+    raise bookkeeping.StageError(
+        f"model.frozen_quantization={scheme!r} is not a scheme we run; valid: '' (off), int8"
+    )
   remat = model_config.get('remat', 'none')
   if remat not in REMAT_POLICIES:
     raise bookkeeping.StageError(f'model.remat={remat!r}; valid: {", ".join(REMAT_POLICIES)}')

@@ -57,6 +57,11 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   # Frozen models' parameters (PPO's reference and PM, the feedback, sampling and judge models):
   # '' = model.param_dtype; 'bfloat16' halves their memory at no cost to training.
   c.model.frozen_param_dtype = ''
+  # Frozen models' matrices (the feedback, sampling, judge and PPO's PM models, and a LoRA run's
+  # base): '' = as frozen_param_dtype | 'int8' = weight-only int8, one float32 scale per output
+  # channel (cai_jax/models/quantize.py): half of bfloat16's memory. PPO's and DPO's references
+  # without LoRA stay in frozen_param_dtype (they are cast copies of the trained policy).
+  c.model.frozen_quantization = ''
   # Rematerialization per decoder layer in differentiated passes: 'none' (keep all activations),
   # 'full' (keep each layer's input, recompute the rest: ~+33% FLOPs) or 'dots' (keep matmul outputs).
   c.model.remat = 'none'

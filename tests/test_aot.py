@@ -348,12 +348,16 @@ def test_engine_programs_take_the_page_pool_and_say_what_pool_would_fit(tmp_path
 
 @pytest.mark.slow
 def test_lora_learners_compile_with_adapter_sized_state_and_no_reference(tmp_path):
-  """With `model.lora` the train steps compile as the stages run them: adapters on a base held in
-  frozen_param_dtype, AdamW moments of the adapters only, and no PPO reference model beside the
-  learner (it is the learner's base with its adapters off)."""
+  """With `model.lora` the train steps compile as the stages run them: adapters on a base held
+  like a frozen model (here in int8, `model.frozen_quantization`), AdamW moments of the adapters
+  only, and no PPO reference model beside the learner (it is the learner's base with its adapters
+  off); each train step's line splits its state into trained and frozen bytes."""
+  from cai_jax.models.decoder import ModelConfig, param_bytes
+
   args = ('--config', GEMMA_V5E, *TINY, '--programs=sft,ppo', '--match=train step')
+  lora = ('--config.model.lora.rank=4', '--config.model.frozen_quantization=int8')
   runs = {}
-  for name, extra in (('full', ()), ('lora', ('--config.model.lora.rank=4',))):
+  for name, extra in (('full', ()), ('lora', lora)):
     r = run_aot(*args, *extra, f'--json={tmp_path / name}.json')
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     programs = json.loads((tmp_path / f'{name}.json').read_text())
@@ -366,3 +370,13 @@ def test_lora_learners_compile_with_adapter_sized_state_and_no_reference(tmp_pat
     assert p['memory']['argument'] < runs['full'][name]['memory']['argument'], name
   assert 'reference' in runs['full']['ppo/learner train step']['resident']
   assert 'reference' not in runs['lora']['ppo/learner train step']['resident']
+  sft_full, sft_lora = runs['full']['sft/SL-CAI train step'], runs['lora']['sft/SL-CAI train step']
+  # (The tiny model's rank-4 adapters are too narrow to shard 8 ways: a third of the full state.)
+  assert sft_full['state']['frozen'] == 0
+  assert sft_lora['state']['trained'] < sft_full['state']['trained'] / 2
+  # The frozen base: int8 matrices with float32 scales and bfloat16 norms, FSDP over 8 devices
+  # (what does not divide by 8 is replicated): under a bfloat16 base's share.
+  int8, bf16 = (
+      param_bytes(ModelConfig.tiny(param_dtype='bfloat16', quantization=q)) for q in ('int8', '')
+  )
+  assert int8 / 8 <= sft_lora['state']['frozen'] < bf16 / 8, (sft_lora['state'], int8, bf16)

@@ -164,15 +164,18 @@ def test_bad_lora_settings_are_one_line_errors_before_the_workdir_is_touched(tmp
 
 
 @pytest.mark.slow
-def test_tiny_pipeline_runs_every_stage_with_lora(tmp_path):
-  """Every default stage trains adapters only; each trained model's export is merged HF weights
-  plus its PEFT adapter directory, and the startup line says what is trained."""
+def test_tiny_pipeline_runs_every_stage_with_lora_on_an_int8_base(tmp_path):
+  """Every default stage trains adapters only, on a base held in int8 like every frozen model
+  (`model.frozen_quantization`); each trained model's export is merged HF weights plus its PEFT
+  adapter directory, and the startup line says what is trained and how the rest is held."""
   cmd = tiny_main_cmd(
-      tmp_path, '--config.model.lora.rank=4', '--config.model.lora.targets=("q","v","up","down")'
-  )
+      tmp_path, '--config.model.lora.rank=4', '--config.model.lora.targets=("q","v","up","down")',
+      '--config.model.frozen_quantization=int8',
+  )  # fmt: skip
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
   assert 'LoRA rank 4 on q v up down (float32 adapters;' in proc.stdout
+  assert 'trained params) / int8 matrices + float32 (frozen)' in proc.stdout
   for name in ('sft', 'preference', 'ppo', 'dpo', 'evaluation_pm'):
     export = tmp_path / name / 'export'
     assert (export / 'model.safetensors').exists(), name

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from cai_jax.models import decoder as model_lib
-from cai_jax.models import gguf_import, lora
+from cai_jax.models import gguf_import, lora, quantize
 from cai_jax.models.decoder import Decoder, ModelConfig, ScalarHeadModel
 from cai_jax.models.hf_format import (
     CheckpointError,
@@ -78,6 +78,8 @@ def build_from_tensors(
   if scalar_head:
     trunk = build_from_tensors(cfg, getters, where)
     return sharding.shard_module(ScalarHeadModel(cfg, rngs=nnx.Rngs(params=seed), trunk=trunk))
+  if cfg.quantization:  # int8 weights and their scales, quantized from the float tensors
+    getters = quantize.QuantizingGetters(getters)
   box = {}
 
   def abstract():
@@ -376,6 +378,9 @@ def save_pretrained(pretrained: Pretrained, out_dir: str, *, max_shard_bytes: in
   model, cfg = pretrained.model, pretrained.config
   trunk = model.trunk if isinstance(model, ScalarHeadModel) else model
   flat = flat_params(trunk)
+  if cfg.quantization:  # an int8 base (LoRA's): its weights times their scales
+    flat = quantize.dequantized(flat, jnp.dtype(cfg.param_dtype))
+    cfg = cfg.replace(quantization='')
   adapters = None
   if cfg.lora_rank:  # the adapted model, merged (W + alpha/rank A B): what transformers loads
     scale = cfg.lora_alpha / cfg.lora_rank

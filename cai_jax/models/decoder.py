@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cai_jax.models import attention, lora
+from cai_jax.models import attention, lora, quantize
 from cai_jax.utils import sharding
 
 FAMILIES = ('llama', 'mistral', 'qwen2', 'gemma2', 'gpt2')
@@ -83,6 +83,7 @@ class ModelConfig:
   lora_rank: int = 0  # > 0: LoRA adapters of this rank on `lora_targets` (cai_jax/models/lora.py)
   lora_alpha: float = 16.0  # adapters are scaled by lora_alpha / lora_rank
   lora_targets: tuple[str, ...] = ()  # projections with adapters: q k v o gate up down
+  quantization: str = ''  # 'int8': weight-only int8 matrices (cai_jax/models/quantize.py)
 
   def __post_init__(self):
     if self.family not in FAMILIES:
@@ -105,6 +106,8 @@ class ModelConfig:
       )
       if problem:
         raise ValueError(problem)
+    if self.quantization not in quantize.SCHEMES:
+      raise ValueError(f"unknown quantization {self.quantization!r}; valid: '', int8")
     for field in ('dtype', 'param_dtype'):
       if getattr(self, field) not in DTYPES:
         raise ValueError(f'unknown {field} {getattr(self, field)!r}; valid: {", ".join(DTYPES)}')
@@ -158,6 +161,16 @@ class ModelConfig:
                          n_kv_heads=8, head_dim=128, d_ff=8192, max_positions=131072,
                          rope_theta=500000.0, norm_eps=1e-5,
                          rope_scaling=(('rope_type', 'llama3'), ('factor', 32.0),
+                                       ('low_freq_factor', 1.0), ('high_freq_factor', 4.0),
+                                       ('original_max_position_embeddings', 8192)),
+                         bos_token_id=128000, eos_token_id=128009), **kw})
+
+  @classmethod
+  def llama3_1_8b(cls, **kw) -> ModelConfig:
+    return cls(**{**dict(family='llama', vocab_size=128256, d_model=4096, n_layers=32, n_heads=32,
+                         n_kv_heads=8, head_dim=128, d_ff=14336, max_positions=131072,
+                         rope_theta=500000.0, norm_eps=1e-5, tie_embeddings=False,
+                         rope_scaling=(('rope_type', 'llama3'), ('factor', 8.0),
                                        ('low_freq_factor', 1.0), ('high_freq_factor', 4.0),
                                        ('original_max_position_embeddings', 8192)),
                          bos_token_id=128000, eos_token_id=128009), **kw})
@@ -260,6 +273,24 @@ def apply_rope(x, positions, inv_freq):
   return x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)
 
 
+def _quantize_and_adapt(module: nnx.Module, names, cfg: ModelConfig, rngs: nnx.Rngs) -> None:
+  """A block's projections `names` in int8 (`cfg.quantization`), then their LoRA adapters."""
+  if cfg.quantization:
+    quantize.quantize_weights(module, names)
+  lora.add_adapters(module, names, cfg, rngs)
+
+
+def _project(module: nnx.Module, name: str, x):
+  """Projection `name` of `x` (lora.PROJECTIONS' einsum) in x's dtype: an int8 weight's output
+  times its channel scales, plus the LoRA adapter's low-rank term when there is one."""
+  w = getattr(module, name)[...].astype(x.dtype)
+  if name == 'o':  # 'BTNH,NHD->BTD' by dot_general: jnp.einsum contracts (H, N) in that order,
+    y = jax.lax.dot_general(x, w, (((2, 3), (0, 1)), ((), ())))  # which made XLA transpose W
+  else:
+    y = jnp.einsum(lora.PROJECTIONS[name][0], x, w)
+  return lora.project(module, name, x, quantize.rescale(module, name, y))
+
+
 class Attention(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
@@ -276,7 +307,7 @@ class Attention(nnx.Module):
       self.v_bias = _param(rngs, (k, h), ('kv_heads', 'head_dim'), pd, 'zeros')
     if cfg.out_bias:
       self.o_bias = _param(rngs, (d,), ('norm',), pd, 'zeros')
-    lora.add_adapters(self, lora.ATTENTION, cfg, rngs)
+    _quantize_and_adapt(self, lora.ATTENTION, cfg, rngs)
 
   def _window(self):
     return self.cfg.sliding_window if self.cfg.is_sliding(self.layer) else None
@@ -433,9 +464,7 @@ class Attention(nnx.Module):
 
   def __call__(self, x, positions, key_mask, cache, cache_index, inv_freq, prefix=None):
     cfg, dt = self.cfg, x.dtype
-    q = lora.project(self, 'q', x, jnp.einsum('BTD,DNH->BTNH', x, self.q[...].astype(dt)))
-    k = lora.project(self, 'k', x, jnp.einsum('BTD,DKH->BTKH', x, self.k[...].astype(dt)))
-    v = lora.project(self, 'v', x, jnp.einsum('BTD,DKH->BTKH', x, self.v[...].astype(dt)))
+    q, k, v = _project(self, 'q', x), _project(self, 'k', x), _project(self, 'v', x)
     if cfg.qkv_bias:
       q, k, v = (
           q + self.q_bias[...].astype(dt),
@@ -454,12 +483,7 @@ class Attention(nnx.Module):
       out, cache = self._paged(q, k, v, positions, key_mask, cache, cache_index)
     else:
       out, cache = self._contiguous(q, k, v, positions, key_mask, cache, cache_index, prefix, dt)
-    out = out.reshape(b, t, n, cfg.head_dim)
-    # 'BTNH,NHD->BTD' by dot_general: jnp.einsum contracts (H, N) in that order, which made
-    # XLA transpose the weight in every call.
-    heads = out
-    out = jax.lax.dot_general(heads, self.o[...].astype(dt), (((2, 3), (0, 1)), ((), ())))
-    out = lora.project(self, 'o', heads, out)
+    out = _project(self, 'o', out.reshape(b, t, n, cfg.head_dim))
     if cfg.out_bias:
       out = out + self.o_bias[...].astype(dt)
     return out, cache
@@ -478,23 +502,20 @@ class MLP(nnx.Module):
     if cfg.out_bias:
       self.up_bias = _param(rngs, (f,), ('mlp',), pd, 'zeros')
       self.down_bias = _param(rngs, (d,), ('norm',), pd, 'zeros')
-    lora.add_adapters(self, lora.MLP, cfg, rngs)
+    _quantize_and_adapt(self, lora.MLP, cfg, rngs)
 
   def __call__(self, x):
     cfg, dt = self.cfg, x.dtype
     act = _activation(cfg.activation)
-    up = lora.project(self, 'up', x, jnp.einsum('BTD,DF->BTF', x, self.up[...].astype(dt)))
+    up = _project(self, 'up', x)
     if cfg.out_bias:
       up = up + self.up_bias[...].astype(dt)
     if cfg.mlp == 'gated':
-      h = act(
-          lora.project(self, 'gate', x, jnp.einsum('BTD,DF->BTF', x, self.gate[...].astype(dt)))
-      )
-      h = h * up
+      h = act(_project(self, 'gate', x)) * up
     else:
       h = act(up)
     h = sharding.constrain(h, ('batch', 'length', 'mlp'))
-    out = lora.project(self, 'down', h, jnp.einsum('BTF,FD->BTD', h, self.down[...].astype(dt)))
+    out = _project(self, 'down', h)
     if cfg.out_bias:
       out = out + self.down_bias[...].astype(dt)
     return out
@@ -538,6 +559,8 @@ class Decoder(nnx.Module):
     self.final_norm = Norm(cfg, rngs=rngs)
     if not cfg.tie_embeddings:
       self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'), pd)
+    if cfg.quantization:
+      quantize.quantize_weights(self, ('embed', 'lm_head'))
 
   def hidden(self, tokens, positions=None, key_mask=None, cache=None, cache_index=0, prefix=None):
     """Final-norm hidden states [B, T, D] and the updated cache.
@@ -553,7 +576,7 @@ class Decoder(nnx.Module):
     if key_mask is None:
       s = t if cache is None else cache_length(cache)
       key_mask = jnp.ones((b, s), bool)
-    x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
+    x = quantize.embed_rows(self, tokens, dt)
     if cfg.embed_scale:
       x = x * jnp.asarray(math.sqrt(cfg.d_model), dt)
     if cfg.positions == 'learned':
@@ -588,10 +611,10 @@ class Decoder(nnx.Module):
   def logits_from_hidden(self, h):
     cfg = self.cfg
     if cfg.tie_embeddings:  # contract with embed [V, D] directly: no transposed copy of it
-      logits = jnp.einsum('BTD,VD->BTV', h, self.embed[...].astype(h.dtype))
+      name, logits = 'embed', jnp.einsum('BTD,VD->BTV', h, self.embed[...].astype(h.dtype))
     else:
-      logits = jnp.einsum('BTD,DV->BTV', h, self.lm_head[...].astype(h.dtype))
-    logits = logits.astype(jnp.float32)
+      name, logits = 'lm_head', jnp.einsum('BTD,DV->BTV', h, self.lm_head[...].astype(h.dtype))
+    logits = quantize.rescale(self, name, logits.astype(jnp.float32))  # int8: scales in float32
     if cfg.final_softcap is not None:
       logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap
     return sharding.constrain(logits, ('batch', 'length', 'vocab'))
@@ -754,13 +777,23 @@ def with_param_dtype(module: nnx.Module, dtype: str) -> nnx.Module:
   dtype anyway. The module itself when it already is in `dtype` (no copy).
   """
   dtype = jnp.dtype(dtype)
-  # LoRA adapters stay float32 (they are what a LoRA run trains; a frozen copy's are tiny).
-  graphdef, adapters, params, rest = nnx.split(module, nnx.LoRAParam, nnx.Param, ...)
+  # LoRA adapters stay float32 (they are what a LoRA run trains; a frozen copy's are tiny), and
+  # so do int8 weights' scales; int8 values are not floating point, so they are never cast.
+  graphdef, adapters, params, rest = nnx.split(
+      module, nnx.Any(nnx.LoRAParam, quantize.Scale), nnx.Param, ...
+  )
   floats = [x for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)]
   if all(x.dtype == dtype for x in floats):
     return module
   cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
   return nnx.merge(graphdef, adapters, jax.tree.map(cast, params), rest)
+
+
+def param_bytes(cfg: ModelConfig) -> int:
+  """Bytes of all of a decoder's parameters (int8 scales and LoRA adapters included), counted
+  on its abstract state: nothing is allocated."""
+  state = jax.eval_shape(lambda: nnx.state(Decoder(cfg, rngs=nnx.Rngs(0)), nnx.Param))
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
 
 
 def create(cfg: ModelConfig, seed: int = 0, *, scalar_head: bool = False):

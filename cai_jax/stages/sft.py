@@ -30,7 +30,7 @@ from cai_jax import bookkeeping
 from cai_jax.method import conversation, data
 from cai_jax.method import stage_inputs
 from cai_jax.method.examples import Example, SFTDataError, encode, pack
-from cai_jax.models import checkpoint
+from cai_jax.models import checkpoint, quantize
 from cai_jax.training import loop
 from cai_jax.training import metrics as metrics_lib
 from cai_jax.training import train_lib
@@ -189,10 +189,11 @@ def sft_loss(logits, tokens, loss_mask):
 
 def output_weight(model) -> tuple[jax.Array, str]:
   """The matrix that turns final hidden states into logits, and its layout: the embedding
-  itself ('VD') when tied, the LM head ('DV') otherwise. Used as stored: no transposed copy."""
+  itself ('VD') when tied, the LM head ('DV') otherwise. Used as stored: no transposed copy (an
+  int8 one, a LoRA run's frozen base, times its scales)."""
   if model.cfg.tie_embeddings:
-    return model.embed[...], 'VD'
-  return model.lm_head[...], 'DV'
+    return quantize.weight(model, 'embed'), 'VD'
+  return quantize.weight(model, 'lm_head'), 'DV'
 
 
 def fused_nll_sum(
