@@ -101,9 +101,9 @@ def add_adapter(module: nnx.Module, name: str, rank: int, rngs: nnx.Rngs) -> Non
   a = _initial_a(rngs.params(), (*shape[:contracted], rank))
   b = jnp.zeros((rank, *shape[contracted:]), jnp.float32)
   setattr(module, f'{name}_lora_a', nnx.LoRAParam(
-      a, out_sharding=(*axes[:contracted], None), eager_sharding=False))  # fmt: skip
+      a, out_sharding=(*axes[:contracted], 'lora_rank'), eager_sharding=False))  # fmt: skip
   setattr(module, f'{name}_lora_b', nnx.LoRAParam(
-      b, out_sharding=(None, *axes[contracted:]), eager_sharding=False))  # fmt: skip
+      b, out_sharding=('lora_rank', *axes[contracted:]), eager_sharding=False))  # fmt: skip
 
 
 def trainable_params(cfg, rank: int, targets) -> int:

@@ -33,6 +33,9 @@ DEFAULT_RULES = (
     ('head_dim', None),
     ('positions', None),
     ('norm', None),
+    # A LoRA adapter's rank axis: over fsdp where its other axis is not (B [rank, out...] and the
+    # A of o and down), so that no adapter or AdamW moment is whole on every device.
+    ('lora_rank', 'fsdp'),
 )
 
 _rules: tuple = DEFAULT_RULES
