@@ -3,7 +3,7 @@
 The families differ only in switches on `ModelConfig`; every parameter carries logical axis
 names that `cai_jax.utils.sharding` maps to mesh axes. See docs/DESIGN.md for the call contract.
 
-Why one module of ~770 lines: the presets (`ModelConfig`), the layers and the cache are one
+Why one module of ~800 lines: the presets (`ModelConfig`), the layers and the cache are one
 contract -- each family is a set of switches on `ModelConfig` read by the layers, and the cache
 and prefix layouts are what `Attention` reads and writes -- so adding a family or changing a
 layout touches them together; the attention kernels themselves are in `attention.py`.
