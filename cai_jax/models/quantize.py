@@ -15,7 +15,7 @@ and the tied output layer's logits are per-row outputs too.
 
 Norms, biases, scalar heads and learned positions stay in `frozen_param_dtype` (they are small,
 and a norm's error would reach every channel). What this costs in accuracy is measured on
-SmolLM2-135M by `experiments/benchmarks/int8.py` (logits, greedy tokens, feedback labels).
+SmolLM2-135M by `experiments/benchmarks/frozen_int8.py` (logits, greedy tokens, feedback labels).
 """
 
 from __future__ import annotations
@@ -25,9 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cai_jax.models import lora
+
 SCHEMES = ('', 'int8')
-# Quantized weights -> how many leading axes the matmul contracts (the rest are output channels).
-CONTRACTED = {'q': 1, 'k': 1, 'v': 1, 'o': 2, 'gate': 1, 'up': 1, 'down': 1, 'lm_head': 1}
+# Quantized weights -> how many leading axes the matmul contracts (the rest are output channels):
+# the projections as LoRA lists them, and an untied LM head [D, V].
+CONTRACTED = {name: n for name, (_, n) in lora.PROJECTIONS.items()} | {'lm_head': 1}
 SUFFIX = '_scale'
 
 

@@ -35,6 +35,8 @@ _SLOTS = flags.DEFINE_integer('slots', 16, 'engine slots')
 def main(_):
   import numpy as np
 
+  from experiments.benchmarks import shared_prefix
+
   from cai_jax import sampling
   from cai_jax.method import data
   from cai_jax.models import checkpoint
@@ -71,9 +73,7 @@ def main(_):
   for a_name, b_name in (('bfloat16 pages', 'int8 pages'), ('the float32 model', 'bfloat16 pages')):
     identical, kept, total, errors = 0, 0, 0, []
     for a, b in zip(runs[a_name], runs[b_name]):
-      same = 0
-      while same < min(len(a.tokens), len(b.tokens)) and a.tokens[same] == b.tokens[same]:
-        same += 1
+      same = shared_prefix(a.tokens, b.tokens)
       identical += a.tokens == b.tokens
       kept += same
       total += len(a.tokens)

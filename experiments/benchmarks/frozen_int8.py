@@ -85,11 +85,11 @@ def _logit_line(ref, other, a, b) -> str:
 
 
 def _greedy_line(ref, other, a, b) -> str:
+  from experiments.benchmarks import shared_prefix
+
   identical, kept, total = 0, 0, 0
   for x, y in zip(ref, other):
-    same = 0
-    while same < min(len(x.tokens), len(y.tokens)) and x.tokens[same] == y.tokens[same]:
-      same += 1
+    same = shared_prefix(x.tokens, y.tokens)
     identical += x.tokens == y.tokens
     kept += same
     total += len(x.tokens)
