@@ -511,7 +511,7 @@ def rewards_program(stage, who, cfg, model, mesh, resident, *, batch_size, lengt
 
 
 def train_program(
-    stage, who, graphdef, params, tx, loss_fn, batch, resident, schedule=None, seed=None, *, flops
+    stage, who, graphdef, params, tx, loss_fn, batch, resident, schedule=None, seed=0, *, flops
 ):
   """`train_lib.make_train_step` as the stage builds it, on the abstract train state, after the
   state's creation from the loaded model (`train_lib.init_state`). `flops`: one forward's."""

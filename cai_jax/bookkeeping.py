@@ -252,7 +252,12 @@ def lora_fields(model_config) -> dict:
   if not lora_rank(model_config):
     return {}
   c = model_config.lora
-  return dict(lora_rank=int(c.rank), lora_alpha=float(c.alpha), lora_targets=tuple(c.targets))
+  return dict(
+      lora_rank=int(c.rank),
+      lora_alpha=float(c.alpha),
+      lora_targets=tuple(c.targets),
+      lora_dropout=float(c.get('dropout', 0.0)),
+  )
 
 
 def load_fields(model_config, *, frozen: bool) -> dict:

@@ -312,7 +312,9 @@ def lora_problem(model_config) -> str | None:
     return f'model.lora.rank={cfg.rank!r}: 0 (off) or a positive rank'
   arch = _architecture(model_config, bookkeeping.role_source(model_config, 'pretrained'))
   family, mlp = (arch.family, arch.mlp) if arch is not None else ('llama', 'gated')
-  return lora.check(cfg.rank, float(cfg.alpha), tuple(cfg.targets), family, mlp)
+  return lora.check(
+      cfg.rank, float(cfg.alpha), tuple(cfg.targets), family, mlp, float(cfg.get('dropout', 0.0))
+  )
 
 
 def problems(config, workdir: Path) -> list[str]:

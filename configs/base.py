@@ -81,6 +81,9 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   c.model.lora = ml_collections.ConfigDict()
   c.model.lora.rank = 0  # 0 = off (full fine-tuning); > 0 = the adapters' rank
   c.model.lora.alpha = 16.0  # adapters are scaled by alpha / rank
+  # Share of each adapter's inputs dropped in training steps (PEFT's lora_dropout; sampling,
+  # scoring and PPO's/DPO's reference never drop). Masks follow (seed, step): a resume repeats them.
+  c.model.lora.dropout = 0.0
   # Projections with adapters: any of q k v o (attention) and gate up down (MLP).
   c.model.lora.targets = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
   c.model.architecture = (

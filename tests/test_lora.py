@@ -37,10 +37,11 @@ def _base_dir(tmp_path, family='llama'):
   return out, base
 
 
-def _adapted(source, targets=ALL, rank=4, seed=0, remat='none'):
+def _adapted(source, targets=ALL, rank=4, seed=0, remat='none', dropout=0.0):
   return checkpoint.load_pretrained(
       source, seed=seed,
-      model_overrides=dict(lora_rank=rank, lora_alpha=8.0, lora_targets=tuple(targets), remat=remat),
+      model_overrides=dict(lora_rank=rank, lora_alpha=8.0, lora_targets=tuple(targets), remat=remat,
+                           lora_dropout=dropout),
   )  # fmt: skip
 
 
@@ -85,6 +86,50 @@ def test_one_sft_step_changes_only_the_adapters_and_the_optimizer_tracks_only_th
   changed = {k for k in before if not np.array_equal(before[k], after[k])}
   assert changed and all(lora.is_adapter(k) for k in changed), sorted(changed)
   assert any(str(k[-1]).endswith('_lora_b') for k in changed)  # B leaves zero on step one
+
+
+@pytest.mark.parametrize('remat', ['none', 'full'])
+def test_lora_dropout_acts_in_training_steps_only_and_repeats_for_a_step(tmp_path, remat):
+  """PEFT's lora_dropout: a training step's loss sees dropped adapter inputs (drawn from the seed
+  and the step, so a rerun of the step is identical and another seed differs); a forward outside
+  a step (sampling, scoring, evaluation) is the model without dropout, exactly."""
+  source, base = _base_dir(tmp_path)
+  tokens = _tokens(base.config.vocab_size, b=4, t=24)
+  batch = {'tokens': tokens, 'loss_mask': jnp.ones_like(tokens).at[:, :8].set(0)}
+  tx, schedule = train_lib.make_optimizer(tiny_config.get_config().sft.optimizer, 100)
+  losses = {}
+  for rate in (0.0, 0.5):
+    model = _adapted(source, targets=('q', 'v', 'down'), remat=remat, dropout=rate).model
+    _perturb(model, 0.2)  # trained adapters: dropping their inputs changes the output
+    graphdef, state, shardings = train_lib.init_state(model, tx)
+    evaluate = train_lib.make_eval_step(graphdef, sft.make_loss_fn(0))
+    losses[rate, 'eval'] = float(evaluate(state.params, batch)[0])
+    for seed in (0, 0, 1):
+      step = train_lib.make_train_step(
+          graphdef, tx, sft.make_loss_fn(0), shardings, schedule, seed=seed, donate=False
+      )
+      losses[rate, 'step', seed] = losses.get((rate, 'step', seed), []) + [
+          float(step(state, batch)[1]['loss'])
+      ]
+  assert losses[0.0, 'eval'] == losses[0.5, 'eval'] == losses[0.0, 'step', 0][0]
+  assert losses[0.0, 'step', 0] == [losses[0.0, 'step', 1][0]] * 2  # nothing random without it
+  with_dropout = losses[0.5, 'step', 0]
+  assert with_dropout[0] == with_dropout[1]  # same seed and step: same masks
+  assert abs(with_dropout[0] - losses[0.5, 'eval']) > 1e-4
+  assert abs(losses[0.5, 'step', 1][0] - with_dropout[0]) > 1e-5  # another seed, other masks
+
+
+def test_lora_dropout_drops_its_share_and_keeps_the_mean():
+  """Inverted dropout: `rate` of the adapter's inputs are zero, the rest scaled by 1/(1-rate)."""
+  module = nnx.Module()
+  module.cfg = type('C', (), {'lora_dropout': 0.25})()
+  x = jnp.ones((1, 64, 1024))
+  assert lora._dropped(module, 'q', x) is x  # no key: outside a training step
+  module.lora_dropout_key = lora.DropoutKey(jax.random.key(3))
+  q, v = lora._dropped(module, 'q', x), lora._dropped(module, 'v', x)
+  assert abs(float(jnp.mean(q == 0)) - 0.25) < 0.01 and abs(float(jnp.mean(q)) - 1.0) < 0.02
+  np.testing.assert_allclose(np.unique(np.asarray(q)), [0.0, 4 / 3], rtol=1e-6)
+  assert not jnp.array_equal(q, v)  # each projection draws its own mask
 
 
 def test_merged_export_loads_in_transformers_and_the_adapters_in_peft(tmp_path):
@@ -156,6 +201,12 @@ def test_bad_lora_settings_are_one_line_errors_before_the_workdir_is_touched(tmp
   assert validate.lora_problem(config.model) == 'model.lora.rank=-2: 0 (off) or a positive rank'
   config.model.lora.rank, config.model.lora.alpha = 4, 0.0
   assert 'model.lora.alpha=0.0: must be positive' in validate.lora_problem(config.model)
+  config.model.lora.alpha, config.model.lora.dropout = 16.0, 1.0
+  assert validate.lora_problem(config.model) == (
+      'model.lora.dropout=1.0: a probability in [0, 1) (the share of inputs dropped)'
+  )
+  config.model.lora.dropout = 0.1
+  assert validate.lora_problem(config.model) is None
   workdir = tmp_path / 'never'
   cmd = tiny_main_cmd(workdir, '--config.model.lora.rank=4', '--config.model.lora.targets=("w",)')
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -166,11 +217,12 @@ def test_bad_lora_settings_are_one_line_errors_before_the_workdir_is_touched(tmp
 @pytest.mark.slow
 def test_tiny_pipeline_runs_every_stage_with_lora_on_an_int8_base(tmp_path):
   """Every default stage trains adapters only, on a base held in int8 like every frozen model
-  (`model.frozen_quantization`); each trained model's export is merged HF weights plus its PEFT
-  adapter directory, and the startup line says what is trained and how the rest is held."""
+  (`model.frozen_quantization`), with LoRA dropout in their training steps; each trained model's
+  export is merged HF weights plus its PEFT adapter directory, and the startup line says what is
+  trained and how the rest is held."""
   cmd = tiny_main_cmd(
       tmp_path, '--config.model.lora.rank=4', '--config.model.lora.targets=("q","v","up","down")',
-      '--config.model.frozen_quantization=int8',
+      '--config.model.frozen_quantization=int8', '--config.model.lora.dropout=0.1',
   )  # fmt: skip
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -179,7 +231,8 @@ def test_tiny_pipeline_runs_every_stage_with_lora_on_an_int8_base(tmp_path):
   for name in ('sft', 'preference', 'ppo', 'dpo', 'evaluation_pm'):
     export = tmp_path / name / 'export'
     assert (export / 'model.safetensors').exists(), name
-    assert (export / lora.ADAPTER_DIR / 'adapter_config.json').exists(), name
+    adapter_config = json.loads((export / lora.ADAPTER_DIR / 'adapter_config.json').read_text())
+    assert adapter_config['lora_dropout'] == 0.1, name
   assert (tmp_path / 'evaluate' / 'DONE.json').exists()
   ppo_rows = [json.loads(line) for line in (tmp_path / 'ppo' / 'metrics.jsonl').open()]
   assert all(np.isfinite(r['loss']) for r in ppo_rows) and ppo_rows[-1]['kl'] > 0

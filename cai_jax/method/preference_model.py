@@ -372,7 +372,9 @@ def train_pm(
   graphdef, state, shardings = train_lib.init_state(pm.model, tx)
   model_config = pm.config
   del pm  # the train state holds a copy of its parameters
-  train_step = train_lib.make_train_step(graphdef, tx, pair_loss, shardings, schedule)
+  train_step = train_lib.make_train_step(
+      graphdef, tx, pair_loss, shardings, schedule, seed=config.seed
+  )
   evaluate = lambda params: (
       evaluate_kinds(graphdef, params, held_out, cfg, pad_id=pad_id, max_len=max_len)
       if held_out

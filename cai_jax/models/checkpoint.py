@@ -397,8 +397,8 @@ def save_pretrained(pretrained: Pretrained, out_dir: str, *, max_shard_bytes: in
     )
     c = pretrained.config
     with open(os.path.join(adapter_dir, 'adapter_config.json'), 'w') as f:
-      json.dump(lora.peft_config(c.lora_rank, c.lora_alpha, c.lora_targets, pretrained.source), f,
-                indent=1)  # fmt: skip
+      json.dump(lora.peft_config(c.lora_rank, c.lora_alpha, c.lora_targets, pretrained.source,
+                                 c.lora_dropout), f, indent=1)  # fmt: skip
   if jax.process_index() == 0:
     shards, cur, size = [], {}, 0
     for k, v in tensors.items():

@@ -83,6 +83,7 @@ class ModelConfig:
   lora_rank: int = 0  # > 0: LoRA adapters of this rank on `lora_targets` (cai_jax/models/lora.py)
   lora_alpha: float = 16.0  # adapters are scaled by lora_alpha / lora_rank
   lora_targets: tuple[str, ...] = ()  # projections with adapters: q k v o gate up down
+  lora_dropout: float = 0.0  # share of an adapter's inputs dropped in training steps (as PEFT)
   quantization: str = ''  # 'int8': weight-only int8 matrices (cai_jax/models/quantize.py)
 
   def __post_init__(self):
@@ -102,7 +103,8 @@ class ModelConfig:
       )
     if self.lora_rank:
       problem = lora.check(
-          self.lora_rank, self.lora_alpha, self.lora_targets, self.family, self.mlp
+          self.lora_rank, self.lora_alpha, self.lora_targets, self.family, self.mlp,
+          self.lora_dropout,
       )
       if problem:
         raise ValueError(problem)

@@ -12,6 +12,9 @@ stays frozen in `model.frozen_param_dtype`. Two things follow that RL-CAI uses:
   what the stage exports in HF format (`transformers` loads it); `peft_tensors` writes the
   adapters alone in the layout `peft` loads onto the base.
 
+LoRA dropout (as PEFT: `(alpha / rank) dropout(x) A B`) is on only inside a training step, whose
+key `with_dropout` hands the model; sampling, scoring and the reference never drop anything.
+
 Why our own and not qwix's `LoraProvider`: qwix attaches adapters by intercepting the einsums of
 modules whose path matches a regex, so it cannot tell our q, k and v projections apart (three
 einsums in one `Attention` module; measured: rules take a module path and op names, and every
@@ -48,12 +51,14 @@ HF_NAMES = {
 }  # fmt: skip
 
 
-def check(rank: int, alpha: float, targets, family: str, mlp: str) -> str | None:
+def check(rank: int, alpha: float, targets, family: str, mlp: str, dropout: float = 0.0):
   """Why this LoRA setting cannot run on the architecture (one line), or None."""
   if rank <= 0:
     return f'model.lora.rank={rank}: a LoRA rank must be at least 1'
   if alpha <= 0:
     return f'model.lora.alpha={alpha}: must be positive (the adapters are scaled by alpha / rank)'
+  if not 0.0 <= dropout < 1.0:
+    return f'model.lora.dropout={dropout}: a probability in [0, 1) (the share of inputs dropped)'
   if not targets:
     return 'model.lora.targets is empty: name at least one projection of ' + ', '.join(PROJECTIONS)
   have = set(PROJECTIONS) - ({'gate'} if mlp != 'gated' else set())
@@ -130,6 +135,38 @@ def add_adapters(module: nnx.Module, names, cfg, rngs: nnx.Rngs) -> None:
       add_adapter(module, name, cfg.lora_rank, rngs)
 
 
+class DropoutKey(nnx.Variable):
+  """A module's LoRA dropout key for one training step (set by `with_dropout`, never saved)."""
+
+
+def with_dropout(model: nnx.Module, key) -> nnx.Module:
+  """`model` with LoRA dropout on for one training step: each module with adapters gets its own
+  key folded from `key` (the step's), when its config's `lora_dropout` is above zero. Called on
+  the model a train step builds inside its traced loss, so nothing outlives the step."""
+  modules = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.Module)]
+  for i, module in enumerate(m for m in modules if _dropout_rate(m) and has_adapters(m)):
+    module.lora_dropout_key = DropoutKey(jax.random.fold_in(key, i))
+  return model
+
+
+def _dropout_rate(module: nnx.Module) -> float:
+  cfg = getattr(module, 'cfg', None)
+  return float(getattr(cfg, 'lora_dropout', 0.0) or 0.0)
+
+
+def _dropped(module: nnx.Module, name: str, x):
+  """x with LoRA dropout applied for projection `name` (inverted dropout: kept inputs scaled by
+  1 / (1 - rate), so the adapter's output is unbiased); x itself outside a training step."""
+  key = getattr(module, 'lora_dropout_key', None)
+  rate = _dropout_rate(module)
+  if key is None or not rate:
+    return x
+  keep = jax.random.bernoulli(
+      jax.random.fold_in(key[...], list(PROJECTIONS).index(name)), 1.0 - rate, x.shape
+  )
+  return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+
 def project(module: nnx.Module, name: str, x, y):
   """Projection `name`'s output `y` of input `x`, plus `alpha/rank (x A) B` (in x's dtype) when
   the projection has an adapter."""
@@ -139,7 +176,7 @@ def project(module: nnx.Module, name: str, x, y):
   cfg = module.cfg
   down, up = _specs(name)
   b = getattr(module, f'{name}_lora_b')
-  xa = jnp.einsum(down, x, a[...].astype(x.dtype))
+  xa = jnp.einsum(down, _dropped(module, name, x), a[...].astype(x.dtype))
   scale = jnp.asarray(cfg.lora_alpha / cfg.lora_rank, x.dtype)
   return y + jnp.einsum(up, xa, b[...].astype(x.dtype)) * scale
 
@@ -197,7 +234,7 @@ def peft_tensors(flat: dict[tuple, object]) -> dict[str, object]:
   return out
 
 
-def peft_config(rank: int, alpha: float, targets, base: str) -> dict:
+def peft_config(rank: int, alpha: float, targets, base: str, dropout: float = 0.0) -> dict:
   """adapter_config.json for `peft_tensors`."""
   return {
       'peft_type': 'LORA',
@@ -205,7 +242,7 @@ def peft_config(rank: int, alpha: float, targets, base: str) -> dict:
       'base_model_name_or_path': base,
       'r': rank,
       'lora_alpha': alpha,
-      'lora_dropout': 0.0,
+      'lora_dropout': dropout,
       'target_modules': sorted(HF_NAMES[t].split('.')[-1] for t in targets),
       'bias': 'none',
       'fan_in_fan_out': False,

@@ -474,7 +474,7 @@ def run(ctx: bookkeeping.Context, stage_dir: Path) -> dict:
   model_config = policy.config
   policy = dataclasses.replace(policy, model=None)  # the reference and the train state remain
   train_step = train_lib.make_train_step(
-      graphdef, tx, make_loss_fn(cfg.beta, cfg.loss_chunk), shardings, schedule
+      graphdef, tx, make_loss_fn(cfg.beta, cfg.loss_chunk), shardings, schedule, seed=config.seed
   )
 
   kl_prompts = list(dict.fromkeys(p.prompt for p in held_out))[: cfg.kl_prompts]

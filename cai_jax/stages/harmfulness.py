@@ -221,7 +221,9 @@ def run(ctx: bookkeeping.Context, stage_dir: Path) -> dict:
       stage_dir=stage_dir,
       state=state,
       shardings=shardings,
-      train_step=train_lib.make_train_step(graphdef, tx, regression_loss, shardings, schedule),
+      train_step=train_lib.make_train_step(
+          graphdef, tx, regression_loss, shardings, schedule, seed=config.seed
+      ),
       plan=plan,
       steps_per_epoch=steps_per_epoch,
       make_batch=make_batch,

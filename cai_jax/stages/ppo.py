@@ -351,7 +351,9 @@ def run(ctx: bookkeeping.Context, stage_dir: Path) -> dict:
       ActorCritic(policy.model, _value_model(ctx, cfg, policy)), tx
   )
   policy = dataclasses.replace(policy, model=None)  # frees the loaded copy (HBM) for the learner
-  train_step = train_lib.make_train_step(graphdef, tx, make_loss_fn(cfg), shardings, policy_lr)
+  train_step = train_lib.make_train_step(
+      graphdef, tx, make_loss_fn(cfg), shardings, policy_lr, seed=seed
+  )
   rollout_fn = make_rollout_fn(graphdef, ref_graphdef, cfg)
 
   # A checkpoint holds the learner, the KL coefficient and the reward statistics; the step is

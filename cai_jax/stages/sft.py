@@ -438,7 +438,9 @@ def run(ctx: bookkeeping.Context, stage_dir: Path) -> dict:
   graphdef, state, shardings = train_lib.init_state(pretrained.model, tx)
   pretrained = dataclasses.replace(pretrained, model=None)  # frees the loaded copy (HBM)
   loss_fn = make_loss_fn(cfg.loss_chunk)
-  train_step = train_lib.make_train_step(graphdef, tx, loss_fn, shardings, schedule)
+  train_step = train_lib.make_train_step(
+      graphdef, tx, loss_fn, shardings, schedule, seed=config.seed
+  )
   eval_step = train_lib.make_eval_step(
       graphdef, loss_fn, None if shardings is None else shardings.params
   )

@@ -28,13 +28,14 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from cai_jax.models import lora
 from cai_jax.training.metrics import read_metrics
 from cai_jax.utils import sharding
 from cai_jax.utils.errors import StageError
 
 SCHEDULES = ('cosine', 'linear', 'constant')
 
-# loss_fn(model, batch) -> (scalar loss, dict of scalar metrics); with a seed it also gets rng=.
+# loss_fn(model, batch) -> (scalar loss, dict of scalar metrics).
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 
@@ -200,23 +201,24 @@ def make_train_step(
     shardings=None,
     schedule: optax.Schedule | None = None,
     *,
-    seed: int | None = None,
+    seed: int = 0,
     donate: bool = True,
 ):
   """The jitted pure step `(state, batch) -> (state, metrics)`.
 
   metrics: loss, grad_norm (before clipping), param_norm (after the update), lr (with a
-  schedule), and loss_fn's aux. With
-  `seed`, loss_fn gets `rng=fold_in(key(seed), step)`. The batch keeps the sharding it was built
-  with (`sharding.global_batch`: rows over ('data', 'fsdp')). The state is donated.
+  schedule), and loss_fn's aux. The step's randomness (LoRA dropout, when the model's config has
+  it) is `fold_in(key(seed), step)`: a resumed run draws the masks of the run it continues. The
+  batch keeps the sharding it was built with (`sharding.global_batch`: rows over ('data',
+  'fsdp')). The state is donated.
   """
-  base_rng = None if seed is None else jax.random.key(seed)
+  base_key = jax.random.key(seed)
 
   def step(state: TrainState, batch):
-    kwargs = {} if base_rng is None else {'rng': jax.random.fold_in(base_rng, state.step)}
+    key = jax.random.fold_in(base_key, state.step)
 
     def compute(params):
-      return loss_fn(nnx.merge(graphdef, params), batch, **kwargs)
+      return loss_fn(lora.with_dropout(nnx.merge(graphdef, params), key), batch)
 
     # Gradients of the trained part only (with LoRA: the adapters; the base is a constant here).
     # The frozen part is rebuilt inside the differentiated function (jax.tree.map makes new
