@@ -138,22 +138,38 @@ def _model_banner(ctx) -> str:
   'models: helpful = pretrained: X' (or 'models: pretrained: X; helpful: Y'), 'model X: ...'."""
   import jax
 
-  from cai_jax import bookkeeping  # as main's: loaded once the flags have parsed
+  from cai_jax import bookkeeping, pipeline  # as main's: loaded once the flags have parsed
   from cai_jax.models import lora  # as bookkeeping: after the flags have parsed
 
   m = ctx.config.model
-  lines, base = [f'models: {bookkeeping.roles_line(m)}'], None
+  lines, base, base_line = [f'models: {bookkeeping.roles_line(m)}'], None, 1
+  shown = {}  # source -> (its config, its line)
   for role in bookkeeping.GIVEN_ROLES:
     source = ctx.model_source(role)
     if role == 'helpful' and source == ctx.model_source('pretrained'):
       continue  # one model plays both roles
     cfg = ctx.load_role(role, frozen=True, cache=False).config
+    shown[source] = (cfg, len(lines))
     if role == 'pretrained':  # what the trained models start from
       base = cfg
     lines.append(
         f'model {source}: {cfg.family}, {cfg.num_params() / 1e6:.1f}M params, '
         f'{cfg.n_layers} layers'
     )
+  policy = ctx.config.ppo.get('policy_source', '') if 'ppo' in ctx.config else ''
+  stages = pipeline.parse_stage_list(ctx.config.stages)
+  if policy and 'ppo' in stages:
+    # PPO starts from its own model: a run of PPO alone trains that model, not the pretrained one.
+    lines[0] += f'; ppo policy: {policy}'
+    if policy not in shown:
+      cfg = ctx.load(policy, frozen=True, cache=False).config
+      shown[policy] = (cfg, len(lines))
+      lines.append(
+          f'model {policy}: {cfg.family}, {cfg.num_params() / 1e6:.1f}M params, '
+          f'{cfg.n_layers} layers'
+      )
+    if stages == ['ppo']:
+      base, base_line = shown[policy]
   trained = f'params {m.param_dtype} (trained)'
   if bookkeeping.lora_rank(m):  # only the adapters train; the base is frozen
     trained = (
@@ -163,7 +179,7 @@ def _model_banner(ctx) -> str:
   frozen = bookkeeping.frozen_param_dtype(m)
   if m.get('frozen_quantization', ''):  # matrices int8; norms, biases and heads in the dtype
     frozen = f'{m.frozen_quantization} matrices + {frozen}'
-  lines[1] += (
+  lines[base_line] += (
       f', {trained} / {frozen} (frozen), '
       f'compute {m.dtype}, remat {m.get("remat", "none")}, {jax.device_count()} '
       f'{jax.devices()[0].platform} device(s), mesh {dict(ctx.mesh.shape)}'

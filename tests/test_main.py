@@ -59,6 +59,27 @@ def test_banner_names_each_role_and_model(tmp_path):
   assert any(l.startswith('model random:tiny-gemma2: gemma2,') for l in lines), r.stdout
 
 
+def test_banner_of_a_ppo_run_from_its_own_policy_describes_that_policy(tmp_path):
+  """`ppo.policy_source` (ppo_toy, or PPO from any checkpoint): the banner names the policy, and
+  a run of PPO alone reports the trained adapters and precision on the policy's own line."""
+  from cai_jax import main, pipeline
+  from cai_jax.utils import sharding
+  from configs import tiny
+
+  config = tiny.get_config()
+  config.stages, config.ppo.policy_source = 'ppo', 'random:tiny-gemma2'
+  config.model.lora.rank = 4
+  ctx = pipeline.context(config, tmp_path, sharding.make_mesh(config.mesh.shape))
+  lines = main._model_banner(ctx).splitlines()
+  assert lines[0] == 'models: helpful = pretrained: random:tiny; ppo policy: random:tiny-gemma2'
+  assert lines[1].startswith('model random:tiny: llama,') and 'LoRA' not in lines[1]
+  assert lines[2].startswith('model random:tiny-gemma2: gemma2,')
+  assert 'LoRA rank 4 on q k v o gate up down' in lines[2]
+  config.stages = 'sft,ppo'  # two trained models: the line of the pretrained one, as before
+  lines = main._model_banner(ctx).splitlines()
+  assert 'LoRA rank 4' in lines[1] and 'LoRA' not in lines[2]
+
+
 def test_unloadable_pretrained_source_names_its_role_before_the_workdir(tmp_path):
   r = run_main(
       '--workdir',
