@@ -19,6 +19,7 @@ from cai_jax.training import metrics as metrics_lib
 from cai_jax.training import train_lib
 from cai_jax.utils import sharding
 from configs import tiny
+from configs.stages import sft as configs_sft
 from helpers_stages import fake_upstream, sl_cai_records
 
 
@@ -329,6 +330,27 @@ def test_optimizer_schedule_warms_up_then_decays():
   assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
   assert lrs[-1] == pytest.approx(peak * cfg.end_lr_fraction, rel=0.05)
 
+
+
+def test_a_warmup_longer_than_the_run_is_capped_by_warmup_fraction_or_warned_about():
+  """The `full` configs' 50 warmup steps against a 51-step SFT run (the bundled data): capped
+  at warmup_fraction of the run, the rate reaches its peak early and stays there under the
+  paper's constant schedule; uncapped, the stage warns that it never gets there."""
+  cfg = configs_sft.get_config('full').optimizer
+  assert cfg.warmup_fraction == 0.1 and cfg.warmup_steps == 50
+  cfg.schedule = 'constant'  # the paper's SL-CAI and PM recipe: a constant rate
+  _, schedule = train_lib.make_optimizer(cfg, 51)
+  lrs = [float(schedule(s)) for s in range(51)]
+  assert train_lib.warmup_steps(cfg, 51) == 6  # ceil(0.1 x 51)
+  assert lrs[5] < lrs[6] == pytest.approx(cfg.learning_rate) == lrs[-1]
+  assert train_lib.warmup_warning(cfg, 51, 'sft.optimizer') is None
+  cfg.warmup_fraction = 1.0
+  assert train_lib.warmup_steps(cfg, 51) == 50 and train_lib.warmup_warning(cfg, 500, 'x') is None
+  assert train_lib.warmup_warning(cfg, 23, 'preference.optimizer') == (
+      'preference.optimizer: warmup_steps=50 covers all 23 updates of this run, so the learning '
+      'rate never reaches its peak 2e-05 before the end; set preference.optimizer.warmup_fraction '
+      '(e.g. 0.1) or a smaller warmup_steps'
+  )
 
 # ---- the stage -----------------------------------------------------------------------------------
 

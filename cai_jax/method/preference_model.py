@@ -368,7 +368,7 @@ def train_pm(
   lengths = [max(len(p.a), len(p.b)) for p in train]
   plan, steps_per_epoch, total_steps = loop.plan_epochs(cfg, lengths, config.seed, max_len)
 
-  tx, schedule = train_lib.make_optimizer(cfg.optimizer, total_steps)
+  tx, schedule = train_lib.make_optimizer(cfg.optimizer, total_steps, f'{stage}.optimizer')
   graphdef, state, shardings = train_lib.init_state(pm.model, tx)
   model_config = pm.config
   del pm  # the train state holds a copy of its parameters

@@ -469,7 +469,7 @@ def run(ctx: bookkeeping.Context, stage_dir: Path) -> dict:
 
   lengths = [max(len(p.chosen), len(p.rejected)) for p in train]
   plan, steps_per_epoch, total_steps = loop.plan_epochs(cfg, lengths, config.seed, max_len)
-  tx, schedule = train_lib.make_optimizer(cfg.optimizer, total_steps)
+  tx, schedule = train_lib.make_optimizer(cfg.optimizer, total_steps, 'dpo.optimizer')
   graphdef, state, shardings = train_lib.init_state(policy.model, tx)
   model_config = policy.config
   policy = dataclasses.replace(policy, model=None)  # the reference and the train state remain

@@ -195,7 +195,7 @@ def run(ctx: bookkeeping.Context, stage_dir: Path) -> dict:
 
   lengths = [len(r) for r in train_rows]
   plan, steps_per_epoch, total_steps = loop.plan_epochs(cfg, lengths, config.seed, max_len)
-  tx, schedule = train_lib.make_optimizer(cfg.optimizer, total_steps)
+  tx, schedule = train_lib.make_optimizer(cfg.optimizer, total_steps, f'{STAGE}.optimizer')
   graphdef, state, shardings = train_lib.init_state(model.model, tx)
   model_config = model.config
   del model  # the train state holds a copy of its parameters

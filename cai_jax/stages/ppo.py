@@ -344,8 +344,12 @@ def run(ctx: bookkeeping.Context, stage_dir: Path) -> dict:
 
   # The learner, with separate AdamW optimizers (and schedules) for the policy and the value.
   n_updates = cfg.steps * cfg.epochs * cfg.minibatches
-  policy_tx, policy_lr = train_lib.make_optimizer(cfg.policy_optimizer, n_updates)
-  value_tx, value_lr = train_lib.make_optimizer(cfg.value_optimizer, n_updates)
+  policy_tx, policy_lr = train_lib.make_optimizer(
+      cfg.policy_optimizer, n_updates, 'ppo.policy_optimizer'
+  )
+  value_tx, value_lr = train_lib.make_optimizer(
+      cfg.value_optimizer, n_updates, 'ppo.value_optimizer'
+  )
   tx = per_model_optimizer({'policy': policy_tx, 'value': value_tx})
   graphdef, train_state, shardings = train_lib.init_state(
       ActorCritic(policy.model, _value_model(ctx, cfg, policy)), tx

@@ -434,7 +434,7 @@ def run(ctx: bookkeeping.Context, stage_dir: Path) -> dict:
       shuffle=False,
   )
 
-  tx, schedule = train_lib.make_optimizer(cfg.optimizer, total_steps)
+  tx, schedule = train_lib.make_optimizer(cfg.optimizer, total_steps, 'sft.optimizer')
   graphdef, state, shardings = train_lib.init_state(pretrained.model, tx)
   pretrained = dataclasses.replace(pretrained, model=None)  # frees the loaded copy (HBM)
   loss_fn = make_loss_fn(cfg.loss_chunk)

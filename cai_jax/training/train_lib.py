@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -45,14 +46,15 @@ LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 def make_schedule(cfg, total_steps: int) -> optax.Schedule:
   """Linear warmup to `cfg.learning_rate`, then `cfg.schedule` decay over the remaining steps.
 
-  Warmup starts at lr / (warmup + 1), not 0, so that no step is wasted on a zero update.
-  Decay ends at `cfg.end_lr_fraction` (default 0) of the peak.
+  Warmup starts at lr / (warmup + 1), not 0, so that no step is wasted on a zero update; it is
+  `warmup_steps`, at most `warmup_fraction` of the run (rounded up). Decay ends at
+  `cfg.end_lr_fraction` (default 0) of the peak.
   """
   lr = float(cfg.learning_rate)
   kind = cfg.get('schedule', 'cosine')
   if kind not in SCHEDULES:
     raise ValueError(f'optimizer.schedule must be one of {SCHEDULES}, got {kind!r}')
-  warmup = max(0, min(int(cfg.get('warmup_steps', 0)), total_steps))
+  warmup = warmup_steps(cfg, total_steps)
   end = lr * float(cfg.get('end_lr_fraction', 0.0))
   decay_steps = max(1, total_steps - warmup)
   if kind == 'cosine':
@@ -67,12 +69,40 @@ def make_schedule(cfg, total_steps: int) -> optax.Schedule:
   return optax.join_schedules([ramp, decay], [warmup])
 
 
-def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """clip_by_global_norm + AdamW(schedule) from an `optimizer` config block.
+def warmup_steps(cfg, total_steps: int) -> int:
+  """The warmup a run of `total_steps` updates gets: `warmup_steps`, capped at
+  ceil(`warmup_fraction` x total_steps) and at the run itself."""
+  warmup = int(cfg.get('warmup_steps', 0))
+  fraction = float(cfg.get('warmup_fraction', 1.0))
+  return max(0, min(warmup, math.ceil(fraction * total_steps), total_steps))
 
-  Fields: learning_rate, warmup_steps, schedule, end_lr_fraction (optional), weight_decay, b1, b2,
-  eps (optional), grad_clip (0 = off). Weight decay skips vectors and scalars (norms, biases).
+
+def warmup_warning(cfg, total_steps: int, what: str) -> str | None:
+  """The warning for a run whose warmup takes all of it (the peak rate is reached at its last
+  update, or never: a short run under a long run's warmup_steps), else None."""
+  warmup = warmup_steps(cfg, total_steps)
+  if total_steps <= 1 or warmup < total_steps:
+    return None
+  return (
+      f'{what}: warmup_steps={int(cfg.warmup_steps)} covers all {total_steps} updates of this run, '
+      f'so the learning rate never reaches its peak {cfg.learning_rate:g} before the end; set '
+      f'{what}.warmup_fraction (e.g. 0.1) or a smaller warmup_steps'
+  )
+
+
+def make_optimizer(
+    cfg, total_steps: int, what: str = 'optimizer'
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """clip_by_global_norm + AdamW(schedule) from an `optimizer` config block (`what`: its config
+  path, for the warning of a warmup as long as the run).
+
+  Fields: learning_rate, warmup_steps, warmup_fraction (optional), schedule, end_lr_fraction
+  (optional), weight_decay, b1, b2, eps (optional), grad_clip (0 = off). Weight decay skips vectors
+  and scalars (norms, biases).
   """
+  warning = warmup_warning(cfg, total_steps, what)
+  if warning and jax.process_index() == 0:
+    logging.warning('%s', warning)
   schedule = make_schedule(cfg, total_steps)
   adamw = optax.adamw(
       schedule,

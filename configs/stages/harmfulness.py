@@ -38,6 +38,7 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   c.optimizer = optimizer.adamw(
       dict(tiny=1e-3, demo=2e-5, full=1e-5)[variant],
       warmup_steps=dict(tiny=5, demo=5, full=50)[variant],
+      warmup_fraction=0.1 if variant == 'full' else 1.0,  # full: a short run still peaks
       schedule='cosine',
       end_lr_fraction=0.1,
       weight_decay=0.0 if variant == 'tiny' else 0.01,
