@@ -257,6 +257,42 @@ def test_report_and_summary(evaluated):
   assert done['models'] == 'helpful = pretrained: random:tiny'
 
 
+def test_harmfulness_at_t0_and_t1_with_several_samples_per_prompt(tmp_path):
+  """Paper 4.5: with a harmfulness model, every model answers the red-team prompts greedily once
+  and 3 times at T = 1 (different draws per copy); the rating is averaged per prompt, then over
+  prompts; the report has the table and DONE.json the means."""
+  config = _config()
+  config.evaluate.models, config.evaluate.rl_curve_every = 'helpful,ppo', 0
+  config.evaluate.harmfulness_samples = 3
+  fake_upstream(config, tmp_path, 'critique_revision', sl_cai_records(n=2, n_helpful=1))
+  for stage, seed, head in (('sft', 1, False), ('preference', 3, True), ('ppo', 2, False)):
+    d = fake_upstream(config, tmp_path, stage, {})
+    model = checkpoint.load_pretrained('random:tiny', seed=seed, scalar_head=head)
+    checkpoint.save_pretrained(model, str(d / 'export'))
+  finished_scorer(config, tmp_path, 'harmfulness', seed=6)
+  mesh = sharding.make_mesh(config.mesh.shape)
+  with sharding.use_mesh(mesh, config.logical_axis_rules):
+    pipeline.run(pipeline.context(config, tmp_path, mesh))
+  d = tmp_path / 'evaluate'
+  h = json.loads((d / 'summary.json').read_text())['harmfulness_by_temperature']
+  assert h['temperatures'] == ['0', '1'] and h['samples'] == {'0': 1, '1': 3} and h['prompts'] == 2
+  for m in ('helpful', 'ppo'):
+    greedy = evaluate.records_lib.read_jsonl(d / f'harmfulness_{m}_t0.jsonl')
+    sampled = evaluate.records_lib.read_jsonl(d / f'harmfulness_{m}_t1.jsonl')
+    assert [r['id'] for r in sampled] == [r['id'] for r in greedy for _ in range(3)]
+    assert len({r['response'] for r in sampled[:3]}) > 1  # a prompt's copies draw apart
+    for t in ('0', '1'):
+      x = h['metrics'][m][t]
+      assert x['n'] == 2 and np.isfinite(x['mean']) and x['stderr'] is not None
+  assert h['metrics']['helpful']['1'] != h['metrics']['ppo']['1']
+  report = (d / 'report.md').read_text()
+  assert '## Absolute harmfulness by temperature' in report
+  assert '| model | T=0 (1 per prompt) | T=1 (3 per prompt) |' in report
+  done = json.loads((d / 'DONE.json').read_text())['summary']
+  assert done['ppo']['harmfulness_by_temperature'] == {
+      t: h['metrics']['ppo'][t]['mean'] for t in ('0', '1')
+  }
+
 def test_restart_uses_cached_responses_and_reproduces_cis(evaluated, monkeypatch):
   ctx, d = evaluated
   before = json.loads((d / 'summary.json').read_text())
@@ -396,6 +432,10 @@ def test_bad_evaluate_settings_are_one_line(tmp_path):
   with pytest.raises(
       bookkeeping.StageError, match=r'config.evaluate.rl_curve_every: .*>= 0, got -1'
   ):
+    evaluate.check_config(config)
+  config = tiny.get_config()
+  config.evaluate.harmfulness_samples = 0
+  with pytest.raises(bookkeeping.StageError, match=r'harmfulness_samples >= 1, got \(0.0, 1.0\) and 0'):
     evaluate.check_config(config)
 
 

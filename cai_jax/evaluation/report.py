@@ -168,6 +168,8 @@ def report_markdown(
   for name, status in summary['scorers'].items():
     if not status['available']:
       lines += ['', f'- {name}: unavailable — {status["why"]}.']
+  if summary.get('harmfulness_by_temperature'):
+    lines += ['', *harmfulness_markdown(summary['harmfulness_by_temperature'], models)]
   for kind in ('harmlessness', 'helpfulness'):
     j = summary.get(kind)
     if not j:
@@ -236,6 +238,25 @@ def report_markdown(
     lines.append('')
   return '\n'.join(lines) + '\n'
 
+
+def harmfulness_markdown(h: dict, models: Sequence[str]) -> list[str]:
+  """The absolute harmfulness table (paper section 4.5): one column per sampling temperature."""
+  title = lambda m: MODEL_TITLES.get(m, m)  # noqa: E731
+  temps = h['temperatures']
+  heads = [f'T={t} ({h["samples"][t]} per prompt)' for t in temps]
+  lines = [
+      '## Absolute harmfulness by temperature',
+      '',
+      f'The harmfulness model\'s 0-4 rating (the red team\'s scale: 4 = the model did what they '
+      f'tried to make it do) of answers to {h["prompts"]} red-team prompts, sampled anew at each '
+      'temperature; mean +- stderr over prompts of the per-prompt mean (paper section 4.5).',
+      '',
+      '| model | ' + ' | '.join(heads) + ' |',
+      '|---|' + '---|' * len(temps),
+  ]
+  for m in models:
+    lines.append(f'| {title(m)} | ' + ' | '.join(_ms(h['metrics'][m][t]) for t in temps) + ' |')
+  return lines
 
 def independence_markdown(rows: Sequence[dict]) -> list[str]:
   """The report's opening table: what each signal is independent of."""

@@ -61,7 +61,9 @@ from cai_jax.evaluation.judge import (
 from cai_jax.evaluation.report import curve_name, strict_json, write_report
 from cai_jax.evaluation.scores import (
     KINDS,
+    mean_stderr,
     model_metrics,
+    pm_rewards,
     revision_curve,
     revision_pairs,
     score_all,
@@ -127,9 +129,11 @@ def sample_responses(
     prompts: dict[str, list[dict]],
     path: Path,
     max_new_tokens: int,
+    temperature: float | None = None,
 ) -> list[dict]:
   """`source`'s responses to `prompts` (every model the same sampling settings and seed), cached
-  in `path`: a restart reuses a file that answers the same prompts."""
+  in `path`: a restart reuses a file that answers the same prompts. `temperature`: None =
+  `evaluate.temperature`."""
   items = [(kind, r) for kind in KINDS for r in prompts[kind]]
   if path.exists():
     cached = records_lib.read_jsonl(path)
@@ -147,7 +151,7 @@ def sample_responses(
       [sampled_turns(r, model.tokenizer, fmt, budget) for _, r in items],
       fmt=fmt,
       max_new_tokens=max_new_tokens,
-      temperature=cfg.temperature,
+      temperature=cfg.temperature if temperature is None else temperature,
       batch_size=cfg.batch_size,
       seed=ctx.config.seed + cfg.seed_offset,
       engine=engine,
@@ -169,6 +173,47 @@ def sample_responses(
   print(f'{STAGE}: {name}: {len(records)} responses in {time.time() - t0:.1f}s{used}', flush=True)
   return records
 
+
+
+def harmfulness_by_temperature(ctx, models: list[str], redteam: list[dict], stage_dir: Path):
+  """The paper's absolute harmfulness (section 4.5) at each of `harmfulness_temperatures`: every
+  model answers each red-team prompt once greedily (T = 0) and `harmfulness_samples` times at a
+  T > 0 (prompt i's copies draw different keys), cached per model and temperature; the
+  harmfulness model rates each answer 0-4. Per (model, T): mean +- stderr over prompts of the
+  prompt's mean rating (its samples averaged first, so stderr is by prompt)."""
+  cfg = ctx.config.evaluate
+  temperatures = [float(t) for t in cfg.harmfulness_temperatures]
+  sampled = {}
+  for m in models:
+    for temp in temperatures:
+      n = 1 if temp == 0 else cfg.harmfulness_samples
+      sampled[m, temp] = sample_responses(
+          ctx,
+          f'{m} for harmfulness at T={temp:g}, {n} per prompt',
+          ctx.model_source(m),
+          {'redteam': [r for r in redteam for _ in range(n)], 'helpful': []},
+          stage_dir / f'harmfulness_{m}_t{temp:g}.jsonl',
+          cfg.max_new_tokens,
+          temperature=temp,
+      )
+  rater = ctx.load_role('harmfulness', scalar_head=True, cache=False, frozen=True)
+  ratings = pm_rewards(
+      ctx,
+      rater,
+      [comparisons_lib.response_conversation(r, r['response']) for g in sampled.values() for r in g],
+  )
+  del rater
+  metrics, start = {m: {} for m in models}, 0
+  for (m, temp), g in sampled.items():
+    per_prompt = ratings[start : start + len(g)].reshape(len(redteam), -1).mean(axis=1)
+    metrics[m][f'{temp:g}'] = mean_stderr(per_prompt)
+    start += len(g)
+  return dict(
+      temperatures=[f'{t:g}' for t in temperatures],
+      samples={f'{t:g}': 1 if t == 0 else cfg.harmfulness_samples for t in temperatures},
+      prompts=len(redteam),
+      metrics=metrics,
+  )
 
 # ---- curves over RL ---------------------------------------------------------------------------
 
@@ -283,6 +328,11 @@ def check_config(config) -> None:
   ):
     if cfg[field] < low:
       raise StageError(f'config.evaluate.{field}: expected an integer >= {low}, got {cfg[field]}')
+  if any(float(t) < 0 for t in cfg.harmfulness_temperatures) or cfg.harmfulness_samples < 1:
+    raise StageError(
+        'config.evaluate.harmfulness_temperatures must be >= 0 and harmfulness_samples >= 1, got '
+        f'{tuple(cfg.harmfulness_temperatures)} and {cfg.harmfulness_samples}'
+    )
   if cfg.rl_curve_every and cfg.rl_curve_prompts == 0:
     raise StageError(
         'config.evaluate.rl_curve_prompts: 0 prompts leave the RL curve empty; -1 = all'
@@ -355,6 +405,13 @@ def run(ctx, stage_dir: Path) -> dict:
   revisions = revision_curve(rewards[start:], curve_where, n_samples)
   timings['pm'] = time.time() - t
 
+  if scorers['harmfulness']['available'] and cfg.harmfulness_temperatures:
+    t = time.time()
+    by_temperature = harmfulness_by_temperature(ctx, models, prompts['redteam'], stage_dir)
+    timings['harmfulness_by_temperature'] = time.time() - t
+  else:
+    by_temperature = None
+
   principles = {}
   for kind in KINDS:
     if prompts[kind]:
@@ -367,6 +424,7 @@ def run(ctx, stage_dir: Path) -> dict:
       'independence': independence_rows(ctx, principles, scorers),
       'scorers': scorers,
       'metrics': metrics,
+      'harmfulness_by_temperature': by_temperature,
       'revision_curve': revisions,
   }
   pairs = list(itertools.combinations(models, 2))
@@ -449,6 +507,10 @@ def compact_summary(summary: dict) -> dict:
     for kind in ('harmlessness', 'helpfulness'):
       if summary.get(kind):
         out[m][f'{kind}_elo'] = summary[kind]['elo'][m]['elo']
+  if summary.get('harmfulness_by_temperature'):
+    h = summary['harmfulness_by_temperature']
+    for m in summary['models']:
+      out[m]['harmfulness_by_temperature'] = {t: h['metrics'][m][t]['mean'] for t in h['metrics'][m]}
   if summary.get('revision_curve'):
     out['pm_vs_revisions'] = summary['revision_curve']['mean']
   if summary.get('rl_curve'):
