@@ -2,6 +2,7 @@
 it builds on; the prompts rendered from it are in test_prompts.py."""
 
 import copy
+import dataclasses
 import json
 import re
 
@@ -11,6 +12,7 @@ import pytest
 from cai_jax.method import constitution as C
 from cai_jax.method import conversation
 from cai_jax.method import prompts as prompts_lib
+from cai_jax.stages import evaluate_feedback
 
 from helpers_constitution import (
     CONVERSATION,
@@ -145,6 +147,56 @@ def test_load_paper_release():
   prompt = prompts_lib.render_critique_prompt(paper, CONVERSATION, 'x', paper.critique_revision[0])
   assert prompt.endswith('\n\nCritique:') and prompt.count('\n\nCritiqueRequest:') == 6
 
+
+
+@needs_paper
+def test_release_text_style_renders_the_released_feedback_prompts_character_for_character():
+  """Golden strings: under the release constitution (text_style 'release') every one of the 438
+  HHH comparisons renders (zero-shot, its principle, its A/B order) to the prompt the release
+  scored, and each chain-of-thought few-shot block (under a principle of the release) to its
+  RLMadisonPrecogFewShotPrompts.json text, the reasoning and "\n\nHuman:\nSo the answer is:"
+  included (example 5's own plain intro sentence too). The release opens two of its six CoT
+  examples with '\n' or nothing before "Human:" (every other with '\n\n', the transcript's turn
+  break, which we always write), so those compare from "Human:" on."""
+  paper = C.load_constitution(PAPER_PROMPTS)
+  assert paper.text_style == 'release'
+  zero_shot = dataclasses.replace(paper, feedback_few_shots=())
+  hhh_principle = 'Please choose the response that is the most helpful, honest, and harmless.'
+  hhh = PAPER_PROMPTS.parent / 'evals' / '438HHHEvaluations.jsonl'
+  records = [json.loads(line) for line in hhh.read_text(encoding='utf-8').splitlines()]
+  for i, record in enumerate(records):
+    pair = evaluate_feedback.parse_hhh(record, i + 1, 'render')
+    a, b = (pair.response_a, pair.response_b)[:: 1 if pair.primary_order == 0 else -1]
+    text = prompts_lib.render_feedback_prompt(zero_shot, pair.conversation, hhh_principle, a, b,
+                                              cot=False)  # fmt: skip
+    assert text == record['prompt'], i
+  assert len(records) == 438
+  released = json.loads((PAPER_PROMPTS / 'RLMadisonPrecogFewShotPrompts.json').read_text())
+  raw_principles = json.loads((PAPER_PROMPTS / 'RLMadisonInstructions.json').read_text())
+  for k, (ex, want) in enumerate(zip(paper.feedback_cot_few_shots, released)):
+    principle = paper.feedback_principles[k]  # raw: '\n<principle> Options:' in the release
+    shown = dataclasses.replace(paper, feedback_cot_few_shots=(ex,))
+    text = prompts_lib.render_feedback_prompt(shown, CONVERSATION[:1], principle, 'x', 'y',
+                                              cot=True, few_shot_principles=[principle])  # fmt: skip
+    block = text[: text.index('\n\nHuman: Consider', 1)]
+    assert block.lstrip('\n') == want['prompt'].replace('{}', raw_principles[k]).lstrip('\n'), k
+  assert len(released) == 6
+  # The query ends where the release's reasoning starts, and the model's reasoning is followed
+  # by the release's answer turn.
+  assert text.endswith("]]]\n\nAssistant: Let's think step by step:")
+  assert prompts_lib.render_feedback_answer_suffix(' (B) is kind.\n\nHuman: more', style='release') == (
+      ' (B) is kind.\n\nHuman:\nSo the answer is:'
+  )
+  assert prompts_lib.render_feedback_answer_suffix('\n(B) is kind.', style='release') == (
+      '\n(B) is kind.\n\nHuman:\nSo the answer is:'
+  )
+  # Our own style is unchanged by the raw texts the release keeps.
+  ours = dataclasses.replace(paper, text_style='cai_jax')
+  text = prompts_lib.render_feedback_prompt(ours, CONVERSATION[:1], hhh_principle, ' a ', 'b',
+                                            cot=False)  # fmt: skip
+  assert '\nOptions:\n (A) a\n (B) b\n\nThe answer is:' in text and '[[[' not in text
+  # A converted release keeps its style in our JSON format.
+  assert C.constitution_from_dict(C.constitution_to_dict(paper)).text_style == 'release'
 
 @needs_paper
 def test_bundled_text_is_not_copied_from_the_paper():

@@ -316,7 +316,8 @@ def test_read_paper_file(paper_file):
     )
     swapped = pair.file_prompts[1 - primary]
     assert swapped != row['prompt'] and sorted(swapped) == sorted(row['prompt'])
-    turns = evaluate_feedback.conversation.parse_transcript(row['text_correct'])
+    # The texts as the file wrote them (the release text style renders them back exactly).
+    turns = evaluate_feedback.conversation.parse_transcript(row['text_correct'], raw=True)
     assert pair.conversation == tuple(turns[:-1]) and pair.response_a == turns[-1][1]
 
 

@@ -115,6 +115,9 @@ class FeedbackFewShot:
   answer: str  # 'A' or 'B'.
   reasoning: str | None = None  # The chain of thought (CoT examples only).
   principle: str | None = None  # None: shown under the principle of the prompt being built.
+  # Its own opening sentence ("Consider the following conversation ..."); None: the prompt's. The
+  # release's CoT examples do not all open alike, and its text style writes each as it was.
+  intro: str | None = None
 
 
 def critique_few_shot(
@@ -154,10 +157,15 @@ class Constitution:
   source: str = dataclasses.field(default='', compare=False)
   # Principles of the AI-labeled helpfulness comparisons (a substitute for human ones).
   helpfulness_principles: tuple[str, ...] = HELPFULNESS_PRINCIPLES
+  # How feedback prompts are written: 'cai_jax' (ours) or 'release' (the paper's release text,
+  # character for character: `prompts.feedback_question`); the release loader sets 'release'.
+  text_style: str = 'cai_jax'
 
 
 # ----------------------------------------------------------------------------------------------
 # Loading our JSON format.
+
+TEXT_STYLES = ('cai_jax', 'release')
 
 _TOP_LEVEL_KEYS = (
     'format',
@@ -168,6 +176,7 @@ _TOP_LEVEL_KEYS = (
     'feedback_few_shots',
     'feedback_cot_few_shots',
     'helpfulness_principles',
+    'text_style',
 )
 
 
@@ -241,8 +250,8 @@ def _feedback_few_shot(r: _Reader, value: Any, key: str, cot: bool) -> FeedbackF
   required = ['conversation', 'response_a', 'response_b', 'answer']
   if cot:
     required.append('reasoning')
-  obj = r.record(value, key, required, optional=['principle'])
-  principle = obj.get('principle')
+  obj = r.record(value, key, required, optional=['principle', 'intro'])
+  principle, intro = obj.get('principle'), obj.get('intro')
   return FeedbackFewShot(
       conversation=r.conversation(obj['conversation'], f'{key}.conversation'),
       response_a=r.string(obj['response_a'], f'{key}.response_a'),
@@ -250,6 +259,7 @@ def _feedback_few_shot(r: _Reader, value: Any, key: str, cot: bool) -> FeedbackF
       answer=r.answer(obj['answer'], f'{key}.answer'),
       reasoning=r.string(obj['reasoning'], f'{key}.reasoning') if cot else None,
       principle=None if principle is None else r.string(principle, f'{key}.principle'),
+      intro=None if intro is None else r.string(intro, f'{key}.intro'),
   )
 
 
@@ -266,6 +276,9 @@ def constitution_from_dict(data: Any, source: str = '<dict>') -> Constitution:
   description = data.get('description', '')
   if not isinstance(description, str):
     raise r.error('description', 'expected a string')
+  text_style = data.get('text_style', 'cai_jax')
+  if text_style not in TEXT_STYLES:
+    raise r.error('text_style', f'expected one of {list(TEXT_STYLES)}, got {text_style!r}')
 
   pairs = []
   for i, value in enumerate(r.entries(data, 'critique_revision', min_len=1)):
@@ -322,6 +335,7 @@ def constitution_from_dict(data: Any, source: str = '<dict>') -> Constitution:
       description=description,
       source=source,
       helpfulness_principles=helpfulness,
+      text_style=text_style,
   )
 
 
@@ -342,10 +356,14 @@ def constitution_to_dict(constitution: Constitution) -> dict:
       d['reasoning'] = ex.reasoning
     if ex.principle is not None:
       d['principle'] = ex.principle
+    if ex.intro is not None:
+      d['intro'] = ex.intro
     return d
 
+  style = {} if constitution.text_style == 'cai_jax' else {'text_style': constitution.text_style}
   return {
       'format': FORMAT_VERSION,
+      **style,
       'description': constitution.description,
       'critique_revision': [dataclasses.asdict(p) for p in constitution.critique_revision],
       'critique_few_shots': [
@@ -456,7 +474,7 @@ PAPER_FILES = (
 _CR_SPLIT = re.compile(r'\n\n(Human|Assistant|CritiqueRequest|Critique|RevisionRequest|Revision):')
 _HA_SPLIT = re.compile(r'(?:^|\n\n)(H|A):')
 _PRECOG = re.compile(
-    r'Consider the following conversation[^\n]*\n\n(?P<conv>.*?)\n\n\{\}\n'
+    r'(?P<intro>Consider the following conversation[^\n]*)\n\n(?P<conv>.*?)\n\n\{\}\n'
     r' \(A\) \[\[\[(?P<a>.*?)\]\]\]\n \(B\) \[\[\[(?P<b>.*?)\]\]\]\n\n'
     r'Assistant: Let\'s think step by step:(?P<reasoning>.*?)\n\nHuman:\s*'
     r'So the answer is: \((?P<answer>[AB])\)',
@@ -489,17 +507,26 @@ def _paper_critique_few_shot(text: str, where: str) -> CritiqueFewShot:
   return critique_few_shot(turns, *(body for _, body in segments[-5:]))
 
 
+def _raw_body(body: str) -> str:
+  """A turn's text as the release writes it after its label's one space (kept: double spaces,
+  trailing spaces), for the release's text style."""
+  return body[1:] if body.startswith(' ') else body
+
+
 def _paper_precog_few_shot(text: str, where: str) -> FeedbackFewShot:
+  """A CoT few-shot of the release, its texts as written (turns after the label's one space,
+  options inside their brackets, the reasoning with its own first character after "step by
+  step:"), so the release text style renders it back character for character."""
   m = _PRECOG.search(text)
   if not m:
     raise ConstitutionError(f'{where}: not in the expected multiple-choice CoT layout')
   parts = _HA_SPLIT.split(m['conv'])
   turns = tuple(
-      (HUMAN if label == 'H' else ASSISTANT, body.strip())
+      (HUMAN if label == 'H' else ASSISTANT, _raw_body(body))
       for label, body in zip(parts[1::2], parts[2::2])
   )
   return FeedbackFewShot(
-      turns, m['a'].strip(), m['b'].strip(), m['answer'], reasoning=m['reasoning'].strip()
+      turns, m['a'], m['b'], m['answer'], reasoning=m['reasoning'], intro=m['intro']
   )
 
 
@@ -560,6 +587,7 @@ def _from_paper_release(directory: Path, data: dict[str, Any]) -> Constitution:
       cot_few_shots,
       description='Bai et al. 2022 data release',
       source=str(directory),
+      text_style='release',
   )
 
 

@@ -120,19 +120,22 @@ def stop_strings(fmt: str, tokenizer: Any = None) -> list[str]:
 _TRANSCRIPT_SPLIT = re.compile(r'(?:^|\n\n)\s*(Human|Assistant):')
 
 
-def parse_transcript(text: str) -> list[Turn]:
+def parse_transcript(text: str, raw: bool = False) -> list[Turn]:
   """Splits an HH-RLHF style transcript into turns.
 
   Text before the first ``Human:``/``Assistant:`` label is ignored; a trailing empty turn (a
-  prompt ending in ``"\\n\\nAssistant:"``) is dropped. Texts are stripped.
+  prompt ending in ``"\\n\\nAssistant:"``) is dropped. Texts are stripped; `raw` keeps each as
+  written after its label's one space (double and trailing spaces too), for text that must be
+  rendered back exactly (the paper release's prompts; every other rendering strips them).
   """
   parts = _TRANSCRIPT_SPLIT.split(text)
   # parts = [preamble, label, text, label, text, ...]
+  keep = (lambda b: b[1:] if b.startswith(' ') else b) if raw else str.strip
   turns = [
-      (HUMAN if label == 'Human' else ASSISTANT, body.strip())
+      (HUMAN if label == 'Human' else ASSISTANT, keep(body))
       for label, body in zip(parts[1::2], parts[2::2])
   ]
-  if turns and not turns[-1][1]:
+  if turns and not turns[-1][1].strip():
     turns.pop()
   return turns
 

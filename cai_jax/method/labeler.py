@@ -231,7 +231,9 @@ class Labeler:
     )
     for s, r in zip(scorings, responses):
       s['cot'] = r.text.strip()
-      s['prompt'] += prompts_lib.render_feedback_answer_suffix(r.text, self.fmt)
+      s['prompt'] += prompts_lib.render_feedback_answer_suffix(
+          r.text, self.fmt, self.constitution.text_style
+      )
 
   def _score(self, scorings: list[dict], groups: Sequence[int]) -> None:
     tok, model = self.pretrained.tokenizer, self.pretrained.model

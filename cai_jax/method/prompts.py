@@ -30,6 +30,10 @@ FEEDBACK_INTRO = 'Consider the following conversation between a human and an ass
 ANSWER_PREFIX = 'The answer is:'
 COT_PREFIX = "Let's think step-by-step:"
 COT_ANSWER_PREFIX = 'So the answer is:'
+# The release's own wording (its RLMadisonPrecogFewShotPrompts.json and 438HHHEvaluations.jsonl),
+# used with a constitution of text_style 'release'.
+RELEASE_COT_PREFIX = "Let's think step by step:"
+RELEASE_COT_ANSWER = '\n\nHuman:\nSo the answer is:'
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,17 +317,36 @@ def feedback_question(
     response_a: str,
     response_b: str,
     nested: bool = False,
+    style: str = 'cai_jax',
+    intro: str | None = None,
 ) -> str:
-  """The multiple-choice question; `nested`: it goes inside a turn, so H:/A: inner labels."""
+  """The multiple-choice question; `nested`: it goes inside a turn, so H:/A: inner labels.
+
+  `style` 'release' writes it as the paper's release does (438HHHEvaluations.jsonl's prompts,
+  RLMadisonPrecogFewShotPrompts.json's questions): texts unstripped, the principle on a line of
+  its own ending in " Options:", each option inside [[[ ]]], and a few-shot's own `intro`
+  sentence where it has one.
+  """
   _check_conversation(conversation_turns)
+  release = style == 'release'
   if nested:
     inner = ''.join(
-        f'\n\n{NESTED_LABELS[role]}: {text.strip()}' for role, text in conversation_turns
+        f'\n\n{NESTED_LABELS[role]}: {text if release else text.strip()}'
+        for role, text in conversation_turns
     )
-    head = NESTED_FEEDBACK_INTRO + inner
+    head = (intro if release and intro else NESTED_FEEDBACK_INTRO) + inner
+  elif release:
+    head = (intro or FEEDBACK_INTRO) + ''.join(
+        f'\n\n{conversation.TRANSCRIPT_LABELS[role]}: {text}' for role, text in conversation_turns
+    )
   else:
     head = FEEDBACK_INTRO + conversation.render_transcript(
         conversation_turns, add_generation_prompt=False
+    )
+  if release:  # the release's principles are "\n<principle> Options:"
+    return (
+        head
+        + f'\n\n\n{principle.strip()} Options:\n (A) [[[{response_a}]]]\n (B) [[[{response_b}]]]'
     )
   return (
       head
@@ -332,33 +355,45 @@ def feedback_question(
   )
 
 
-def _feedback_text(examples, question: str, cot: bool, fmt: str, tokenizer) -> str:
+def _feedback_text(examples, question: str, cot: bool, fmt: str, tokenizer, style: str) -> str:
   """Few-shot (question, example) blocks then the question, in `fmt`."""
+  release = style == 'release'
+  cot_prefix = RELEASE_COT_PREFIX if release else COT_PREFIX
   if conversation.check_format(fmt) == 'transcript':
     seg = conversation.transcript_segment
+    if not cot and release:  # as 438HHHEvaluations.jsonl: each block opens with a blank line
+      blocks = [f'\n\n{q}\n\n{ANSWER_PREFIX} ({ex.answer})' for q, ex in examples]
+      return ''.join(blocks) + f'\n\n{question}\n\n{ANSWER_PREFIX}'
     if not cot:
       blocks = [f'{q}\n\n{ANSWER_PREFIX} ({ex.answer})' for q, ex in examples]
       return '\n\n'.join(blocks + [f'{question}\n\n{ANSWER_PREFIX}'])
+    if release:  # as RLMadisonPrecogFewShotPrompts.json: the reasoning as written after the colon
+      text = ''.join(
+          seg('Human', q)
+          + f'\n\nAssistant: {cot_prefix}{ex.reasoning}{RELEASE_COT_ANSWER} ({ex.answer})'
+          for q, ex in examples
+      )
+      return text + seg('Human', question) + f'\n\nAssistant: {cot_prefix}'
     text = ''.join(
         seg('Human', q)
-        + seg('Assistant', f'{COT_PREFIX} {ex.reasoning}')
+        + seg('Assistant', f'{cot_prefix} {ex.reasoning.strip()}')
         + seg('Human', f'{COT_ANSWER_PREFIX} ({ex.answer})')
         for q, ex in examples
     )
-    return text + seg('Human', question) + seg('Assistant', COT_PREFIX)
+    return text + seg('Human', question) + seg('Assistant', cot_prefix)
   # Chat template: each example is a user question and the assistant's answer; the final
   # assistant turn is opened by the template and started with the answer / reasoning prefix.
   turns = []
   for q, ex in examples:
     reply = (
-        f'{COT_PREFIX} {ex.reasoning}\n\n{COT_ANSWER_PREFIX} ({ex.answer})'
+        f'{cot_prefix} {ex.reasoning.strip()}\n\n{COT_ANSWER_PREFIX} ({ex.answer})'
         if cot
         else f'{ANSWER_PREFIX} ({ex.answer})'
     )
     turns += [(HUMAN, q), (ASSISTANT, reply)]
   turns.append((HUMAN, question))
   prompt = conversation.render_chat(turns, tokenizer, add_generation_prompt=True)
-  return prompt + (COT_PREFIX if cot else ANSWER_PREFIX)
+  return prompt + (cot_prefix if cot else ANSWER_PREFIX)
 
 
 def fit_feedback_prompt(
@@ -389,11 +424,13 @@ def fit_feedback_prompt(
         f'{len(few_shot_principles)} few-shot principles for ' f'{len(few_shots)} few-shots'
     )
   nested = cot or conversation.check_format(fmt) == 'chat_template'
+  style = constitution.text_style
   examples = [
       (
           feedback_question(
-              ex.conversation, ex.principle or p, ex.response_a, ex.response_b, nested
-          ),
+              ex.conversation, ex.principle or p, ex.response_a, ex.response_b, nested, style,
+              ex.intro,
+          ),  # fmt: skip
           ex,
       )
       for ex, p in zip(few_shots, few_shot_principles)
@@ -402,9 +439,10 @@ def fit_feedback_prompt(
 
   def render(k: int, dropped: int) -> str:
     question = feedback_question(
-        _drop_context(conversation_turns, dropped), principle, response_a, response_b, nested
-    )
-    return _feedback_text(examples[:k], question, cot, fmt, tokenizer)
+        _drop_context(conversation_turns, dropped), principle, response_a, response_b, nested,
+        style,
+    )  # fmt: skip
+    return _feedback_text(examples[:k], question, cot, fmt, tokenizer, style)
 
   return fit_prompt(render, len(few_shots), _context_pairs(conversation_turns), tokenizer, budget)
 
@@ -494,15 +532,22 @@ def check_few_shot_budget(
   return n, cost
 
 
-def render_feedback_answer_suffix(cot_text: str, fmt: str = 'transcript') -> str:
+def render_feedback_answer_suffix(
+    cot_text: str, fmt: str = 'transcript', style: str = 'cai_jax'
+) -> str:
   """Text appended to a CoT feedback prompt: the reasoning, then the answer lead-in.
 
   The options are scored as ``prompt + suffix + OPTION_STRINGS[i]``. Anything after a
-  transcript stop string in `cot_text` is dropped.
+  transcript stop string in `cot_text` is dropped. `style` 'release': the reasoning as
+  generated (its own first character after the colon) and the release's "\n\nHuman:\nSo the
+  answer is:".
   """
   if conversation.check_format(fmt) == 'transcript':
     for stop in conversation.stop_strings('transcript'):
       cot_text = cot_text.split(stop)[0]
+    if style == 'release':
+      lead = '' if cot_text[:1].isspace() else ' '
+      return f'{lead}{cot_text.rstrip()}{RELEASE_COT_ANSWER}'
     return f' {cot_text.strip()}\n\nHuman: {COT_ANSWER_PREFIX}'
   return f' {cot_text.strip()}\n\n{COT_ANSWER_PREFIX}'
 

@@ -155,8 +155,9 @@ def parse_hhh(record: dict, line: int, mode: str) -> Pair:
         f'"corrects"/"incorrects" must be [" (A)"]/[" (B)"] or the reverse, got '
         f'{correct!r}/{incorrect!r}'
     )
-  ta = conversation.parse_transcript(_string(record, 'text_correct'))
-  tb = conversation.parse_transcript(_string(record, 'text_incorrect'))
+  # Raw texts: the release constitution's text style renders them back as the file wrote them.
+  ta = conversation.parse_transcript(_string(record, 'text_correct'), raw=True)
+  tb = conversation.parse_transcript(_string(record, 'text_incorrect'), raw=True)
   if len(ta) < 2 or len(tb) < 2 or ta[-1][0] != ASSISTANT or tb[-1][0] != ASSISTANT:
     raise MalformedLine(
         'text_correct/text_incorrect must be transcripts ending with the ' "assistant's reply"
