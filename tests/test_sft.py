@@ -259,19 +259,25 @@ def test_held_out_split_keeps_every_round_and_sample_of_a_prompt_together(tmp_pa
   assert not {(e.source, e.id) for e in train} & {(e.source, e.id) for e in held_out}
 
 
-def test_revision_round_takes_one_round_or_the_initial_responses():
-  """SL-CAI-n: round n's revision of every prompt (an empty one is skipped); 0 = the initial
-  responses."""
+def test_revision_round_takes_rounds_up_to_n_or_round_n_alone_or_the_initial_responses():
+  """SL-CAI-n as the paper: the revisions "up to and including the n-th" (an empty one is
+  skipped); `round_only`: round n's alone; 0 = the initial responses."""
   samples, _ = _records()
-  rounds = [[t.response for t in sft.revision_targets(samples, 'all', n)[0]] for n in (0, 1, 2, 3)]
-  assert rounds[0] == [s['initial_response'] for s in samples]
-  for n in (1, 2, 3):
-    assert rounds[n] == [
-        s['rounds'][n - 1]['revision'] for s in samples if s['rounds'][n - 1]['revision']
+  revised = lambda s, k: s['rounds'][k - 1]['revision']  # noqa: E731
+  for round_only in (False, True):
+    rounds = [
+        [t.response for t in sft.revision_targets(samples, 'all', n, round_only)[0]]
+        for n in (0, 1, 2, 3)
     ]
-  kinds = {t.kind for n in (0, 2) for t in sft.revision_targets(samples, 'final', n)[0]}
+    assert rounds[0] == [s['initial_response'] for s in samples]
+    for n in (1, 2, 3):
+      ks = [n] if round_only else range(1, n + 1)
+      assert rounds[n] == [revised(s, k) for s in samples for k in ks if revised(s, k)]
+  assert rounds[3] != [t.response for t in sft.revision_targets(samples, 'all', 3)[0]]
+  kinds = {t.kind for n in (0, 2) for t in sft.revision_targets(samples, 'final', n, True)[0]}
   assert kinds == {'initial_response', 'revision_round_2'}  # the round overrides sft.revisions
-  assert sft.revision_targets(samples, 'all', 2)[1] == 1  # b's second round is empty
+  assert sft.revision_targets(samples, 'all', 2, True)[1] == 1  # b's second round is empty
+  assert sft.revision_targets(samples, 'all', 2)[1] == 1  # ... and its first is not
   with pytest.raises(examples_lib.SFTDataError, match='config.sft: revision_round must be -1'):
     sft.check_config(_config(revision_round=4))
 

@@ -183,7 +183,7 @@ def test_ablation_sweeps_sl_cai_n_and_critique_free(tmp_path):
   ]
   assert [r['metrics']['sft_examples'] for r in rows] == [
       {'initial_response': 1},
-      {'revision_round_2': 1},
+      {'revision_round_1': 1, 'revision_round_2': 1},  # up to and including the 2nd, as the paper
   ]
   md = (root / 'sl_cai_n' / 'results.md').read_text()
   assert '| revision_round=2 | 2 |' in md

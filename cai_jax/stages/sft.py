@@ -2,8 +2,10 @@
 
 The pretrained helpful model is fine-tuned on (red-team prompt, revision) pairs from the
 `critique_revision` stage -- the revision of every round (`sft.revisions='all'`, as the paper) or
-the final one only ('final'), or, for the paper's SL-CAI-n ablation, one round's only
-(`sft.revision_round=n`: round n's revision; 0: the initial responses, never revised) -- mixed with (helpful prompt, helpful response) pairs, with the loss
+the final one only ('final'), or, for the paper's SL-CAI-n ablation, those of rounds 1..n
+(`sft.revision_round=n`, "up to and including the n-th"; `sft.revision_round_only`: round n's
+alone; 0: the initial responses, never revised) -- mixed with (helpful prompt, helpful response)
+pairs, with the loss
 on the response tokens only. A target the sampler cut at its token limit (finish reason 'length')
 never ended itself, so by default it is trained without the end-of-turn marker
 (`sft.truncated='no_eos'`); 'drop' leaves it out, 'eos' trains it as if it had ended. A prompt
@@ -74,15 +76,16 @@ def _is_truncated(finish_reasons, k: int) -> bool:
 
 
 def revision_targets(
-    samples: Sequence[dict], revisions: str, revision_round: int = -1
+    samples: Sequence[dict], revisions: str, revision_round: int = -1, round_only: bool = False
 ) -> tuple[list[Target], int]:
   """The revisions to train on, and how many were empty (skipped).
 
   'all' (the paper fine-tunes on the revisions of every round): one target per round with a
   non-empty revision, kind 'revision_round_<k>'. 'final': the latest non-empty revision of each
   prompt, kind 'revision_final'; a prompt none of whose rounds revised it counts as empty.
-  `revision_round` n >= 0 overrides both (SL-CAI-n): round n's revision of each prompt, kind
-  'revision_round_<n>', or with n = 0 its initial response, kind 'initial_response'.
+  `revision_round` n >= 0 overrides both (SL-CAI-n, as the paper: the revisions "up to and
+  including the n-th", kinds 'revision_round_<k>' for k <= n; with `round_only`, round n's alone),
+  or with n = 0 the initial responses, kind 'initial_response'.
   """
   targets, empty = [], 0
   for i, s in enumerate(samples):
@@ -104,12 +107,13 @@ def revision_targets(
             f'sample {ex_id} has {len(texts)} revision rounds, fewer than '
             f'sft.revision_round={revision_round} (critique_revision.n_rounds)'
         )
-      text = texts[revision_round - 1]
-      if not text:
-        empty += 1
-        continue
-      cut = _is_truncated(reasons, revision_round - 1)
-      targets.append(Target(f'revision_round_{revision_round}', ex_id, turns, text, cut))
+      rounds = [revision_round - 1] if round_only else range(revision_round)
+      empty += sum(not texts[k] for k in rounds)
+      targets += [
+          Target(f'revision_round_{k + 1}', ex_id, turns, texts[k], _is_truncated(reasons, k))
+          for k in rounds
+          if texts[k]
+      ]
       continue
     if revisions == 'all':
       empty += sum(not t for t in texts)
@@ -324,6 +328,7 @@ def build_examples(
       read_records(samples_path, records_lib.REVISIONS),
       cfg.revisions,
       cfg.get('revision_round', -1),
+      cfg.get('revision_round_only', False),
   )
   helpful_path = records_lib.HELPFUL.path(upstream)
   helpful, no_response = ([], 0)
@@ -365,6 +370,7 @@ def build_examples(
       'truncated': truncated,
       'revisions_mode': cfg.revisions,
       'revision_round': cfg.get('revision_round', -1),
+      'revision_round_only': cfg.get('revision_round_only', False),
       'truncated_mode': cfg.truncated,
   }
   if not train:

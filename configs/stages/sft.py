@@ -21,9 +21,10 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # Revisions trained on: 'all' = every round's (paper), one example per round; 'final' = the last.
   c.revisions = 'all'
-  # SL-CAI-n (paper's ablation): train on round n's revision only (0 = the initial responses,
-  # never revised); -1 = `revisions` decides
+  # SL-CAI-n (paper's ablation): train on the revisions of rounds 1..n, "up to and including the
+  # n-th" as the paper (0 = the initial responses, never revised); -1 = `revisions` decides
   c.revision_round = -1
+  c.revision_round_only = False  # True: SL-CAI-n trains on round n's revisions alone
   # Targets cut at the sampler's token limit: 'no_eos' = trained without the end-of-turn marker
   # (the model never ended them), 'drop' = left out, 'eos' = trained as if ended (the old way).
   c.truncated = 'no_eos'

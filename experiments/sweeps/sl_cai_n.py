@@ -1,5 +1,7 @@
-"""SL-CAI-n (the paper's ablation of how many revisions SL trains on): SFT on round n's revisions,
-n = 0..4 (0: the initial responses, never revised), each SL-CAI model scored by the evaluation PM.
+"""SL-CAI-n (the paper's ablation of how many revisions SL trains on): SFT on the revisions "up to
+and including the n-th", n = 0..4 (0: the initial responses, never revised; `--set
+sft.revision_round_only=True` trains on round n's alone), each SL-CAI model scored by the
+evaluation PM.
 
 critique_revision (4 rounds) runs once and every point takes it from the stage cache; sft and
 what follows run per point. Each point evaluates the helpful and SL-CAI models only (no PPO).
