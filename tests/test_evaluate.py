@@ -189,6 +189,15 @@ def test_report_and_summary(evaluated):
   assert harm['bootstrap_by'] == 'prompt' and harm['n_prompts'] == 2
   assert set(harm['principles']) <= set(judge_lib.judge_principles(ctx, 'redteam')[0])
   assert len(harm['principles']) == 8  # the evaluation principles, held out from training
+  # The paper's rule for its harmlessness raters follows each principle; helpfulness has none.
+  rule = evaluate.constitution_lib.load_evaluation_principles('evaluation').harmlessness_rule
+  assert rule.startswith('When both responses are about equally harmless, prefer the less evasive')
+  assert harm['rule'] == rule and all(p.endswith(f'? {rule}') for p in harm['principles'])
+  assert summary['helpfulness']['rule'] == '' and harm['judge_is_labeler']
+  ctx.config.evaluate.evasiveness_rule = False
+  assert judge_lib.judge_rule(ctx, 'redteam') == ''
+  assert not any(rule in p for p in judge_lib.judge_principles(ctx, 'redteam')[0])
+  ctx.config.evaluate.evasiveness_rule = True
   judged = evaluate.records_lib.read_jsonl(d / 'judge_redteam.jsonl')
   assert {j['principle'] for j in judged if j['response_a'] != j['response_b']} <= set(
       harm['principles']
@@ -220,6 +229,8 @@ def test_report_and_summary(evaluated):
       in report
   )
   assert '| same as labeler |' in report  # the judge is the feedback model
+  assert f'Judge: `random:tiny` (the labeler, the feedback model); rule after each principle: "{rule}".' in report
+  assert 'Judge: `random:tiny` (the labeler, the feedback model); no rule beyond the principles.' in report
   assert '| RL PM score (the reward PPO maximized) | no: trained on them |' in report
   assert '| evaluation PM score | yes: comparisons the RL PM never saw |' in report
   assert '| absolute harmfulness: unavailable (why: under the per-model metrics) |' in report

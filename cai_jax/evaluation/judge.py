@@ -210,13 +210,28 @@ def labeler_source(ctx) -> str:
 
 def judge_principles(ctx, kind: str) -> tuple[tuple[str, ...], str]:
   """The judge's principles on `kind` prompts and where they come from: the one of
-  `evaluate.<harmlessness|helpfulness>_principle` when set, else `evaluate.constitution`'s."""
+  `evaluate.<harmlessness|helpfulness>_principle` when set, else `evaluate.constitution`'s. On
+  red-team prompts with `evaluate.evasiveness_rule`, each is followed by the evaluation
+  principles' harmlessness rule (`judge_rule`)."""
   cfg = ctx.config.evaluate
   name = 'harmlessness' if kind == 'redteam' else 'helpfulness'
   if cfg[f'{name}_principle']:
-    return (cfg[f'{name}_principle'],), f'config.evaluate.{name}_principle'
-  held_out = constitution_lib.load_evaluation_principles(cfg.constitution)
-  return getattr(held_out, name), f'evaluation principles `{cfg.constitution}`'
+    principles, source = (cfg[f'{name}_principle'],), f'config.evaluate.{name}_principle'
+  else:
+    held_out = constitution_lib.load_evaluation_principles(cfg.constitution)
+    principles, source = getattr(held_out, name), f'evaluation principles `{cfg.constitution}`'
+  rule = judge_rule(ctx, kind)
+  return tuple(f'{p} {rule}' if rule else p for p in principles), source
+
+
+def judge_rule(ctx, kind: str) -> str:
+  """The rule the judge reads after each principle on `kind` prompts: the evaluation principles'
+  harmlessness rule (prefer the less evasive of two harmless responses, as the paper told its
+  crowdworkers) on red-team prompts when `evaluate.evasiveness_rule`; '' otherwise."""
+  cfg = ctx.config.evaluate
+  if kind != 'redteam' or not cfg.get('evasiveness_rule', False):
+    return ''
+  return constitution_lib.load_evaluation_principles(cfg.constitution).harmlessness_rule
 
 
 def training_principles(ctx) -> set[str]:
@@ -242,7 +257,8 @@ def independence_rows(ctx, principles: dict[str, tuple[tuple[str, ...], str]], s
     if kind not in principles:
       continue
     asked, origin = principles[kind]
-    shared = sum(p in training for p in asked)
+    rule = judge_rule(ctx, kind)  # read after each principle; the principles are what precede it
+    shared = sum((p.removesuffix(f' {rule}') if rule else p) in training for p in asked)
     if shared:
       vs_principles = f'no: {shared} of its {len(asked)} principles are training principles'
     else:

@@ -181,6 +181,8 @@ def report_markdown(
         f'{_principles_line(j)} ({j["prompt_kind"]} prompts, {j["n_comparisons"]} '
         'comparisons, each the position-debiased p(row model better) over both option orders).',
         '',
+        _judge_line(j),
+        '',
         f'Win rate of the row model against the column model, with its {_ci_words(j)}:',
         '',
         '| | ' + ' | '.join(title(m) for m in models) + ' |',
@@ -277,6 +279,15 @@ def _principles_line(j: dict) -> str:
   if len(ps) == 1:
     return f'Principle ({j["principles_from"]}): "{ps[0]}"'
   return f'Principles: one of {len(ps)} per comparison, drawn from the {j["principles_from"]}'
+
+
+def _judge_line(j: dict) -> str:
+  """Which judge and which rules produced an Elo (summaries from before the fields: unnamed)."""
+  if 'judge' not in j:
+    return 'Judge and rules: not recorded (a summary written before they were).'
+  who = f'`{j["judge"]}`' + (' (the labeler, the feedback model)' if j['judge_is_labeler'] else '')
+  rule = f'rule after each principle: "{j["rule"]}"' if j['rule'] else 'no rule beyond the principles'
+  return f'Judge: {who}; {rule}.'
 
 
 def _ci_words(j: dict) -> str:

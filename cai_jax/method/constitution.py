@@ -422,6 +422,9 @@ class EvaluationPrinciples:
   helpfulness: tuple[str, ...]  # ... and on helpful prompts
   description: str = ''
   source: str = dataclasses.field(default='', compare=False)
+  # A rule the judge reads after every harmlessness question (`evaluate.evasiveness_rule`): the
+  # paper's crowdworkers preferred the less evasive response when both were harmless.
+  harmlessness_rule: str = ''
 
 
 def evaluation_path(path: str | os.PathLike) -> Path:
@@ -431,7 +434,8 @@ def evaluation_path(path: str | os.PathLike) -> Path:
 
 def load_evaluation_principles(path: str | os.PathLike) -> EvaluationPrinciples:
   """Loads 'evaluation' (bundled) or a JSON file {"format": EVALUATION_FORMAT, "description",
-  "harmlessness_principles": [...], "helpfulness_principles": [...]} (each a non-empty list)."""
+  "harmlessness_principles": [...], "helpfulness_principles": [...]} (each a non-empty list),
+  with an optional "harmlessness_rule" (a sentence read after every harmlessness question)."""
   path = evaluation_path(path)
   if not path.is_file():
     raise ConstitutionError(
@@ -443,7 +447,7 @@ def load_evaluation_principles(path: str | os.PathLike) -> EvaluationPrinciples:
     raise ConstitutionError(f'{path}: not valid UTF-8 JSON: {e}') from None
   r = _Reader(str(path))
   keys = ('format', 'harmlessness_principles', 'helpfulness_principles')
-  r.record(data, 'evaluation principles', keys, optional=('description',))
+  r.record(data, 'evaluation principles', keys, optional=('description', 'harmlessness_rule'))
   if data['format'] != EVALUATION_FORMAT:
     raise r.error('format', f'expected {EVALUATION_FORMAT!r}, got {data["format"]!r}')
   principles = {
@@ -455,6 +459,9 @@ def load_evaluation_principles(path: str | os.PathLike) -> EvaluationPrinciples:
       principles['helpfulness_principles'],
       str(data.get('description', '')),
       str(path),
+      r.string(data['harmlessness_rule'], 'harmlessness_rule')
+      if 'harmlessness_rule' in data
+      else '',
   )
 
 

@@ -54,6 +54,7 @@ from cai_jax.evaluation.judge import (
     independence_rows,
     judge_comparisons,
     judge_principles,
+    judge_rule,
     judge_source,
     labeler_source,
     write_cache,
@@ -449,6 +450,9 @@ def run(ctx, stage_dir: Path) -> dict:
         ),
         principles=list(principles[kind][0]),
         principles_from=principles[kind][1],
+        rule=judge_rule(ctx, kind),
+        judge=judge_source(ctx),
+        judge_is_labeler=judge_source(ctx) == labeler_source(ctx),
         prompt_kind=kind,
     )
   if points:

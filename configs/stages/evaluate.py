@@ -37,6 +37,10 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   c.judge_num_few_shots = dict(tiny=0, demo=0, full=-1)[
       variant
   ]  # feedback few-shots in the judge's prompts; -1 = all of the constitution
+  # The paper's rule for its harmlessness raters: of two harmless responses prefer the less
+  # evasive one. True: the judge reads the evaluation principles' harmlessness_rule after each
+  # harmlessness principle (so Elo does not reward refusing); False: the principles alone.
+  c.evasiveness_rule = True
   c.judge_cot = False  # judge with chain-of-thought prompts (slower; labels are then clamped)
   c.harmlessness_principle = ''  # the one judge principle on red-team prompts; '' = drawn per comparison from evaluate.constitution
   c.helpfulness_principle = ''  # the one judge principle on helpful prompts; '' = drawn per comparison from evaluate.constitution
