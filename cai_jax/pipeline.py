@@ -28,6 +28,7 @@ from cai_jax.stages import (
     harmfulness,
     ppo,
     preference,
+    prompt_generation,
     sft,
 )
 
@@ -70,7 +71,8 @@ class Stage(NamedTuple):
     return f(config) if f else {}
 
 
-# The pipeline in order. SL-CAI: the helpful model critiques and revises its responses to red-team
+# The pipeline in order. Optionally first, the pretrained model writes more red-team and helpful
+# prompts from a few of the human ones (prompt_generation). SL-CAI: the helpful model critiques and revises its responses to red-team
 # prompts; the pretrained model is fine-tuned on the revisions (sft). RL-CAI: the feedback model
 # (the pretrained one) labels pairs of the SFT model's responses, a preference model learns the
 # labels, and PPO trains the SFT model against it; DPO trains it on the labels directly, for
@@ -82,6 +84,7 @@ class Stage(NamedTuple):
 STAGES: dict[str, Stage] = {
     m.__name__.rpartition('.')[2]: Stage(m)
     for m in (
+        prompt_generation,
         critique_revision,
         sft,
         feedback,

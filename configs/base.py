@@ -12,6 +12,7 @@ from cai_jax.utils import sharding
 
 STAGE_CONFIGS = (
     'data',
+    'prompt_generation',
     'critique_revision',
     'sft',
     'feedback',
@@ -31,7 +32,10 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   c.seed = 0  # global seed: model init (random models), data shuffles, sampling, principle draws
   # Stages to run, comma-separated, in pipeline order (the table: cai_jax/pipeline.py).
   # tiny and demo add dpo, so that evaluate compares four models.
-  c.stages = 'critique_revision,sft,feedback,preference,ppo,' + (
+  # full begins with prompt_generation (the paper trains on generated prompts as well).
+  c.stages = ('prompt_generation,' if variant == 'full' else '') + (
+      'critique_revision,sft,feedback,preference,ppo,'
+  ) + (
       'evaluation_pm,harmfulness,evaluate'
       if variant == 'full'
       else 'dpo,evaluation_pm,harmfulness,evaluate'

@@ -96,9 +96,11 @@ def test_fingerprints_follow_the_role_sources_each_stage_loads():
   helpful = fingerprints(helpful_source='random:tiny-gemma2')
   pretrained = fingerprints(pretrained_source='random:tiny-gemma2')
   changed = lambda fps: {n for n in pipeline.ORDER if fps[n] != base[n]}  # noqa: E731
-  # A new helpful model redoes its samples and everything downstream; the feedback evaluation
-  # and the harmfulness model (pretrained model only) stand.
-  assert changed(helpful) == set(pipeline.ORDER) - {'evaluate_feedback', 'harmfulness'}
+  # A new helpful model redoes its samples and everything downstream; the feedback evaluation,
+  # the harmfulness model and the generated prompts (pretrained model only) stand.
+  assert changed(helpful) == set(pipeline.ORDER) - {
+      'evaluate_feedback', 'harmfulness', 'prompt_generation'
+  }  # fmt: skip
   # A new pretrained model keeps the helpful model's critique_revision samples.
   assert changed(pretrained) == set(pipeline.ORDER) - {'critique_revision'}
 

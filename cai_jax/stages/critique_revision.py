@@ -346,6 +346,7 @@ def load_constitution(source: str, num_few_shots: int) -> constitution_lib.Const
 # What the stage reads (the table, cai_jax/pipeline.py, and the bookkeeping use these).
 READS = ()  # no upstream stage: it starts the pipeline
 MODELS = ('helpful',)  # the given models it loads: their sources join its fingerprint
+OPTIONAL = ('prompt_generation',)  # its prompts join the train split (prompt_generation.feed)
 
 
 def inputs(config) -> dict:
@@ -398,12 +399,12 @@ def run(ctx, stage_dir: Path) -> dict:
   cfg = ctx.config.critique_revision
   check_config(ctx.config)
   constitution = load_constitution(ctx.config.constitution, cfg.num_few_shots)
-  prompts = data.stage_prompts(ctx, 'redteam')['train']
+  prompts = data.stage_prompts(ctx, 'redteam', STAGE)['train']
   prompts = prompts if cfg.num_prompts < 0 else prompts[: cfg.num_prompts]
   if not prompts:
     raise StageError(f'{STAGE}: the train split of config.data.redteam_sources is empty')
   n_helpful = round(cfg.helpful_ratio * len(prompts))
-  helpful = data.stage_prompts(ctx, 'helpful')['train'][:n_helpful] if n_helpful else []
+  helpful = data.stage_prompts(ctx, 'helpful', STAGE)['train'][:n_helpful] if n_helpful else []
   if len(helpful) < n_helpful:
     logging.warning(
         '%s: helpful_ratio asks for %d helpful prompts, the train split has %d',
@@ -482,6 +483,7 @@ def run(ctx, stage_dir: Path) -> dict:
   summary = dict(
       models=roles_line(ctx.config.model),
       prompts=len(samples),
+      prompt_sources=data.source_counts(prompts + helpful),
       helpful=len(helpful_records),
       helpful_samples=sum(len(h['responses']) for h in helpful_records),
       n_rounds=cfg.n_rounds,

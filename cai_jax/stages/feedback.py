@@ -119,6 +119,7 @@ _RESPONSE_STREAM, _HELPFUL_STREAM = 10, 12  # 11 is evaluate_feedback's
 # What the stage reads (the table, cai_jax/pipeline.py, and the bookkeeping use these).
 READS = ('sft',)  # the SL-CAI model samples the pairs
 MODELS = ('pretrained',)  # the feedback model
+OPTIONAL = ('prompt_generation',)  # its prompts join the train split (prompt_generation.feed)
 
 
 def inputs(config) -> dict:
@@ -273,7 +274,7 @@ def _helpful_prompts(ctx, cfg) -> list[dict]:
   """The helpful train prompts whose pairs get helpfulness labels ([] when none are asked for)."""
   if not labels_helpfulness(ctx.config):
     return []
-  prompts = data.stage_prompts(ctx, 'helpful')['train']
+  prompts = data.stage_prompts(ctx, 'helpful', STAGE)['train']
   prompts = prompts if cfg.num_helpful_prompts < 0 else prompts[: cfg.num_helpful_prompts]
   return [dict(r, kind=HELPFULNESS) for r in prompts]
 
@@ -297,7 +298,7 @@ def run(ctx, stage_dir: Path) -> dict:
         f'>= 0, got {cfg.num_prompts}, {cfg.prompt_offset}'
     )
   constitution = load_feedback_constitution(ctx, cfg)
-  prompts = data.stage_prompts(ctx, 'redteam')['train'][cfg.prompt_offset :]
+  prompts = data.stage_prompts(ctx, 'redteam', STAGE)['train'][cfg.prompt_offset :]
   prompts = prompts if cfg.num_prompts < 0 else prompts[: cfg.num_prompts]
   if not prompts:
     raise StageError(f'{STAGE}: no red-team train prompts after prompt_offset={cfg.prompt_offset}')
@@ -375,6 +376,7 @@ def run(ctx, stage_dir: Path) -> dict:
   summary = dict(
       **sampling.engine_summary(policy_engine),
       pairs=len(samples),
+      prompt_sources=data.source_counts(prompts + helpful),
       labeled=len(labeled),
       pairs_harmlessness=kinds(samples, HARMLESSNESS),
       pairs_helpfulness=kinds(samples, HELPFULNESS),

@@ -157,6 +157,7 @@ def _seed(*parts: int) -> int:
 # What the stage reads (the table, cai_jax/pipeline.py, and the bookkeeping use these).
 READS = ('sft', 'preference')  # the policy's initialization and the PM
 MODELS = ()  # no given model: the policy is the SFT model's export
+OPTIONAL = ('prompt_generation',)  # its prompts join the train split (prompt_generation.feed)
 
 
 def upstream_unused(config, upstream: str) -> bool:
@@ -223,8 +224,8 @@ def check_config(config) -> int:
 
 def _prompt_pools(ctx, cfg) -> tuple[list[dict], list[dict]]:
   """The red-team and helpful train splits (only those the mix draws from)."""
-  redteam = data.stage_prompts(ctx, 'redteam')['train'] if cfg.helpful_fraction < 1 else []
-  helpful = data.stage_prompts(ctx, 'helpful')['train'] if cfg.helpful_fraction > 0 else []
+  redteam = data.stage_prompts(ctx, 'redteam', 'ppo')['train'] if cfg.helpful_fraction < 1 else []
+  helpful = data.stage_prompts(ctx, 'helpful', 'ppo')['train'] if cfg.helpful_fraction > 0 else []
   n_helpful = int(round(cfg.batch_size * cfg.helpful_fraction))
   for name, items, n in (
       ('red-team', redteam, cfg.batch_size - n_helpful),
@@ -487,6 +488,7 @@ def run(ctx: bookkeeping.Context, stage_dir: Path) -> dict:
       'score_mean_last10': mean(history[-10:], 'score_mean'),
       'kl_last': history[-1]['kl'] if history else None,
       'policy_source': policy_source,
+      'prompt_sources': data.source_counts(redteam + helpful),  # the pools the batches drew from
       'export': str(export),
       **sampling.engine_summary(engine),
   }
