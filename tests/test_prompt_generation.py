@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cai_jax import bookkeeping, pipeline
-from cai_jax.method import data
+from cai_jax.method import data, generated
 from cai_jax.stages import prompt_generation as pg
 from cai_jax.utils import sharding
 from configs import tiny
@@ -81,7 +81,7 @@ def test_generated_prompts_flow_into_critique_revision_feedback_and_ppo(tmp_path
   ctx = _run(config, tmp_path)
   gen = _summary(tmp_path, 'prompt_generation')
   assert gen['redteam']['requested'] == 12 and gen['helpful']['requested'] == 6
-  kept = data.records_lib.read_jsonl(tmp_path / 'prompt_generation' / data.GENERATED_PROMPTS)
+  kept = generated.records_lib.read_jsonl(tmp_path / 'prompt_generation' / generated.GENERATED_PROMPTS)
   by_kind = {k: [r for r in kept if r['kind'] == k] for k in pg.KINDS}
   for kind in pg.KINDS:
     c = gen[kind]
@@ -106,7 +106,7 @@ def test_generated_prompts_flow_into_critique_revision_feedback_and_ppo(tmp_path
         *{r['source'] for r in data.stage_prompts(ctx, 'helpful')['train']},
     }  # fmt: skip
   assert cr['prompt_sources'].get('generated_redteam', 0) > 0
-  samples = data.records_lib.read_jsonl(tmp_path / 'critique_revision' / 'samples.jsonl')
+  samples = generated.records_lib.read_jsonl(tmp_path / 'critique_revision' / 'samples.jsonl')
   generated_ids = {r['id'] for r in kept}
   assert sum(s['id'] in generated_ids for s in samples) == cr['prompt_sources']['generated_redteam']
   # Left out of `feed`, a stage reads the human prompts only, and its fingerprint does not move.

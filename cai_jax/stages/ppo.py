@@ -27,6 +27,11 @@ Outputs in the stage directory: `metrics.jsonl` + `tb/` (per step), `samples.jso
 `sample_every` steps), `checkpoints/` (orbax; resumed automatically), `snapshots/step_NNNNNN/`
 (the policy every `evaluate.rl_curve_every` steps, HF directories for evaluate's curves over RL)
 and `export/` (the RL-CAI policy as an HF directory).
+
+Why one module of ~610 lines: the PPO math lives in `method/rl.py` and `method/ppo_learner.py`;
+what stays here is the stage's loop -- prompts, rollouts, rewards, updates, checkpoint and
+resume, samples -- whose helpers share the loop's state and config; split, each would be read
+only beside the loop.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from flax import nnx
 
 from cai_jax import bookkeeping, sampling
 from cai_jax.method import comparisons as comparisons_lib
-from cai_jax.method import conversation, data, rl
+from cai_jax.method import conversation, data, generated, rl
 from cai_jax.method import preference_model as pm_lib
 from cai_jax.method import stage_inputs
 from cai_jax.method.ppo_learner import (
@@ -488,7 +493,7 @@ def run(ctx: bookkeeping.Context, stage_dir: Path) -> dict:
       'score_mean_last10': mean(history[-10:], 'score_mean'),
       'kl_last': history[-1]['kl'] if history else None,
       'policy_source': policy_source,
-      'prompt_sources': data.source_counts(redteam + helpful),  # the pools the batches drew from
+      'prompt_sources': generated.source_counts(redteam + helpful),  # the pools the batches drew from
       'export': str(export),
       **sampling.engine_summary(engine),
   }

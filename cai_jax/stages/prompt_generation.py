@@ -35,7 +35,7 @@ import numpy as np
 
 from cai_jax import sampling
 from cai_jax.bookkeeping import StageError, barrier, roles_line
-from cai_jax.method import data, stage_inputs
+from cai_jax.method import data, generated, stage_inputs
 from cai_jax.utils import records as records_lib
 
 STAGE = 'prompt_generation'
@@ -183,11 +183,11 @@ def check_config(config) -> None:
         'min_ascii_letters must be in [0, 1] and near_duplicate in (0, 1], got '
         f'{cfg.min_ascii_letters}, {cfg.near_duplicate}'
     )
-  unknown = [s for s in cfg.feed if s not in data.GENERATED_PROMPT_READERS]
+  unknown = [s for s in cfg.feed if s not in generated.READERS]
   if unknown:
     problems.append(
         f'feed names {unknown}; the stages that can read generated prompts: '
-        f'{", ".join(data.GENERATED_PROMPT_READERS)}'
+        f'{", ".join(generated.READERS)}'
     )
   if problems:
     raise StageError(f'config.{STAGE}: ' + '; '.join(problems))
@@ -261,12 +261,12 @@ def run(ctx, stage_dir: Path) -> dict:
   if jax.process_index() != 0:
     barrier(f'{STAGE}-filtered')
     return {}
-  generated = records_lib.merge_parts(stage_dir, 'generated', [r['id'] for r in requests], STAGE)
+  written = records_lib.merge_parts(stage_dir, 'generated', [r['id'] for r in requests], STAGE)
   kept_records, counts = [], {}
   for kind in pools:
-    candidates = [g for g in generated if g['kind'] == kind]
+    candidates = [g for g in written if g['kind'] == kind]
     kept, dropped = filter_candidates(candidates, [r['prompt'] for r in pools[kind]], cfg)
-    source = data.generated_source(kind)
+    source = generated.source(kind)
     kept_records += [
         {
             'id': data.prompt_id(source, g['text']),
@@ -284,7 +284,7 @@ def run(ctx, stage_dir: Path) -> dict:
         'truncated': sum(g['finish_reason'] == 'length' for g in candidates),
         'first': [g['text'] for g in kept[: cfg.show]],
     }
-  records_lib.write_jsonl(stage_dir / data.GENERATED_PROMPTS, kept_records)
+  records_lib.write_jsonl(stage_dir / generated.GENERATED_PROMPTS, kept_records)
   barrier(f'{STAGE}-filtered')
   summary = dict(
       models=roles_line(config.model),
