@@ -391,6 +391,42 @@ def test_evaluate_generic_with_every_option(tmp_path, tiny_model):
   assert summary['accuracy'] == pytest.approx(np.mean([r['correct'] for r in records]))
 
 
+
+def test_evaluate_reports_the_pm_accuracy_beside_the_feedback_models(tmp_path, tiny_model):
+  """Paper figure 4 draws the PM's accuracy on the HHH comparisons beside the feedback model's:
+  once the preference stage has finished in the workdir, its PM scores the chosen and the
+  rejected reply of each comparison; before, the summary says why it is missing. Both come
+  with 95% intervals."""
+  from cai_jax.evaluation.scores import pm_rewards
+  from helpers_stages import fake_upstream
+
+  path = write_generic(tmp_path / 'c.jsonl')
+  overrides = {
+      'evaluate_feedback.comparisons': str(path),
+      'evaluate_feedback.format': 'generic',
+      'evaluate_feedback.on_malformed': 'skip',
+  }
+  summary, _ = evaluate(tmp_path / 'before', tiny_model, **overrides)
+  assert summary['pm'] == {
+      'available': False, 'why': 'the preference stage did not run in this workdir'
+  }  # fmt: skip
+  lo, hi = summary['ci95']
+  assert lo <= summary['accuracy'] <= hi and summary['n'] == 3
+  workdir = tmp_path / 'after'
+  config = tiny_config(stages='evaluate_feedback', **overrides)
+  d = fake_upstream(config, workdir, 'preference', {})
+  pm = checkpoint.load_pretrained('random:tiny', seed=3, scalar_head=True)
+  checkpoint.save_pretrained(pm, str(d / 'export'))
+  summary, _ = evaluate(workdir, tiny_model, **overrides)
+  x = summary['pm']
+  assert x['available'] and x['source'] == str(d / 'export') and x['n'] == 3
+  pairs, _ = evaluate_feedback.read_comparisons(path, 'generic', on_malformed='skip')
+  ctx = pipeline.context(config, workdir)
+  r = pm_rewards(ctx, pm, [(*p.conversation, ('assistant', t)) for p in pairs
+                           for t in (p.response_a, p.response_b)]).reshape(-1, 2)  # fmt: skip
+  assert x['accuracy'] == pytest.approx(np.mean(r[:, 0] > r[:, 1]))
+  assert x['ci95'][0] <= x['accuracy'] <= x['ci95'][1]
+
 def test_evaluate_malformed_fail_names_the_line(tmp_path, tiny_model):
   path = write_generic(tmp_path / 'c.jsonl')
   with pytest.raises(bookkeeping.StageError, match=r'c\.jsonl:3: .*on_malformed=skip'):

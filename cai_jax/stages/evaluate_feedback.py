@@ -65,6 +65,7 @@ from cai_jax.evaluation.appendix import (
     read_multiple_choice,
     score_multiple_choice,
 )
+from cai_jax.evaluation.scores import pm_rewards
 from cai_jax.method import constitution as constitution_lib
 from cai_jax.method import conversation, labels
 from cai_jax.method import stage_inputs
@@ -237,6 +238,7 @@ def read_comparisons(
 # What the stage reads (the table, cai_jax/pipeline.py, and the bookkeeping use these).
 READS = ()  # labeled comparisons from files, no upstream stage
 MODELS = ('pretrained',)  # the feedback model
+OPTIONAL = ('preference',)  # the RL PM, scored on the same comparisons once it has been trained
 
 
 def inputs(config) -> dict:
@@ -428,6 +430,7 @@ def run(ctx, stage_dir: Path) -> dict:
   }
   appendix_results.update(absent)
   summary = summarize(records, n_bins=ecfg.ece_bins)
+  summary['pm'] = pm_accuracy(ctx, pairs)
   summary.update(few_shot_summary([s for r in records for s in r['scorings']]))
   summary.update(
       comparisons=str(path),
@@ -454,12 +457,39 @@ def run(ctx, stage_dir: Path) -> dict:
       for name, a in appendix_results.items()
       if 'accuracy' in a
   )
+  pm = summary['pm']
+  pm_line = f'; PM accuracy {pm["accuracy"]:.4f}' if pm['available'] else ''
   print(
       f'{EVAL_STAGE}: accuracy {summary["accuracy"]:.4f} (n {summary["n"]}), ECE '
-      f'{summary["ece"]:.4f}{appendix_line}, {summary["seconds"]:.0f} s',
+      f'{summary["ece"]:.4f}{pm_line}{appendix_line}, {summary["seconds"]:.0f} s',
       flush=True,
   )
-  return {k: summary[k] for k in ('accuracy', 'n', 'ece', 'n_malformed', 'appendix', 'seconds')}
+  keys = ('accuracy', 'ci95', 'n', 'ece', 'pm', 'n_malformed', 'appendix', 'seconds')
+  return {k: summary[k] for k in keys}
+
+
+def accuracy_interval(correct: Sequence[float]) -> dict:
+  """Accuracy of per-comparison scores (1, 0, or 1/2 for a tie) with its 95% normal interval."""
+  x = np.asarray(correct, np.float64)
+  acc = float(x.mean())
+  half = 1.96 * float(np.sqrt(max(acc * (1 - acc), 0.0) / len(x)))
+  return dict(accuracy=acc, ci95=[max(0.0, acc - half), min(1.0, acc + half)], n=int(len(x)))
+
+
+def pm_accuracy(ctx, pairs: Sequence[Pair]) -> dict:
+  """The RL PM's accuracy on the same comparisons, drawn beside the feedback model's in the
+  paper (figure 4): its reward of the chosen reply above the rejected one's (ties 1/2), with a 95%
+  interval; unavailable, with why, until the preference stage has finished in this workdir."""
+  d, why = ctx.optional('preference')
+  if d is None:
+    return {'available': False, 'why': why}
+  pm = ctx.load_role('preference', scalar_head=True, cache=False, frozen=True)
+  rewards = pm_rewards(
+      ctx, pm, [(*p.conversation, (ASSISTANT, r)) for p in pairs for r in (p.response_a, p.response_b)]
+  ).reshape(-1, 2)
+  correct = np.where(rewards[:, 0] > rewards[:, 1], 1.0, 0.0)
+  correct[rewards[:, 0] == rewards[:, 1]] = 0.5
+  return {'available': True, 'source': ctx.model_source('preference'), **accuracy_interval(correct)}
 
 
 def summarize(records: Sequence[dict], n_bins: int = 10) -> dict:
@@ -471,8 +501,7 @@ def summarize(records: Sequence[dict], n_bins: int = 10) -> dict:
   outcome = first.astype(np.float64)
   bins = labels.reliability_bins(p_first, outcome, n_bins)
   return dict(
-      accuracy=float(np.mean([r['correct'] for r in records])),
-      n=len(records),
+      **accuracy_interval([r['correct'] for r in records]),
       ece=labels.expected_calibration_error(p_first, outcome, n_bins),
       ece_bins=n_bins,
       mean_p_chosen=float(p_chosen.mean()),
