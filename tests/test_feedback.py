@@ -392,6 +392,40 @@ def test_evaluate_generic_with_every_option(tmp_path, tiny_model):
 
 
 
+
+def test_several_sampled_chains_of_thought_are_each_scored_and_averaged(tmp_path, tiny_model):
+  """The paper's HHH protocol with chain of thought: k chains sampled per principle and order
+  (here 3, both orders), each scored; the label averages the per-chain (debiased) labels."""
+  path = write_generic(tmp_path / 'c.jsonl')
+  summary, records = evaluate(
+      tmp_path / 'w',
+      tiny_model,
+      **{
+          'evaluate_feedback.comparisons': str(path),
+          'evaluate_feedback.format': 'generic',
+          'evaluate_feedback.on_malformed': 'skip',
+          'feedback.debias': True,
+          'feedback.cot': True,
+          'feedback.cot_samples': 3,
+          'feedback.cot_temperature': 1.0,
+          'feedback.cot_max_new_tokens': 6,
+      },
+  )
+  assert summary['n'] == 3
+  for r in records:
+    assert sorted((s['order'], s['chain']) for s in r['scorings']) == [
+        (o, c) for o in (0, 1) for c in range(3)
+    ]
+    assert len({s['cot'] for s in r['scorings'] if s['order'] == 0}) > 1  # the chains differ
+    per_chain = [
+        label_from_logprobs([s for s in r['scorings'] if s['chain'] == c], {}) for c in range(3)
+    ]
+    assert r['p_chosen'] == pytest.approx(np.mean(per_chain), abs=1e-12)
+  with pytest.raises(bookkeeping.StageError, match='would all be the one greedy chain'):
+    labeler_lib.check_feedback_config(
+        tiny_config(**{'feedback.cot_samples': 5, 'feedback.cot_temperature': 0.0}).feedback
+    )
+
 def test_evaluate_reports_the_pm_accuracy_beside_the_feedback_models(tmp_path, tiny_model):
   """Paper figure 4 draws the PM's accuracy on the HHH comparisons beside the feedback model's:
   once the preference stage has finished in the workdir, its PM scores the chosen and the

@@ -43,21 +43,24 @@ def scoring_probability(scoring: Mapping) -> float:
 def label_from_logprobs(scorings: Sequence[Mapping], cfg: Any) -> float:
   """P(response_a is better) from a pair's scorings (the `details` of a samples.jsonl record).
 
-  Each scoring has ``option_logprobs``, ``order`` (0: response_a was option (A), 1: it was (B))
-  and ``k`` (which sampled principle). Per principle, two orders are combined with
-  `labels.debias` and one order is read directly; the principles are averaged
-  (`labels.ensemble`); the result is clamped to [cfg.clamp_lo, cfg.clamp_hi] if cfg.clamp.
+  Each scoring has ``option_logprobs``, ``order`` (0: response_a was option (A), 1: it was (B)),
+  ``k`` (which sampled principle) and, with several chains of thought, ``chain``. Per principle
+  and chain, two orders are combined with `labels.debias` and one order is read directly; those
+  are averaged (`labels.ensemble`: the paper's ensembles of principles and of sampled chains);
+  the result is clamped to [cfg.clamp_lo, cfg.clamp_hi] if cfg.clamp.
   """
   if not scorings:
     raise ValueError('label_from_logprobs needs at least one scoring')
-  by_k: dict[int, dict[int, float]] = {}
+  by_k: dict[tuple[int, int], dict[int, float]] = {}
   for s in scorings:
     order = int(s.get('order', 0))
     if order not in (0, 1):
       raise ValueError(f'scoring order must be 0 or 1, got {order}')
-    orders = by_k.setdefault(int(s.get('k', 0)), {})
+    orders = by_k.setdefault((int(s.get('k', 0)), int(s.get('chain', 0))), {})
     if order in orders:
-      raise ValueError(f'two scorings of principle k={s.get("k", 0)} in order {order}')
+      raise ValueError(
+          f'two scorings of principle k={s.get("k", 0)}, chain {s.get("chain", 0)} in order {order}'
+      )
     orders[order] = scoring_probability(s)
   per_principle = []
   for orders in by_k.values():
@@ -193,7 +196,11 @@ class Labeler:
               budget=self.budget(),
           )
         scoring = dict(k=k, principle=principle, order=order, prompt=fitted.text, cot=None)
-        out.append(dict(scoring, few_shots=fitted.few_shots, turns_dropped=fitted.turns_dropped))
+        scoring.update(few_shots=fitted.few_shots, turns_dropped=fitted.turns_dropped)
+        # Chains of thought: `cot_samples` sampled chains per principle and order, each scored
+        # (the copies sit at different places in the sampler's batch, so they draw apart).
+        chains = self.cfg.get('cot_samples', 1) if self.cfg.cot else 1
+        out += [dict(scoring, chain=j) if chains > 1 else scoring for j in range(chains)]
     return out
 
   def label(self, pairs: Sequence[Pair], seed: int) -> list[list[dict]]:
@@ -305,6 +312,13 @@ def check_feedback_config(cfg, what: str = 'config.feedback') -> None:
   ):
     if cfg[field] < 1:
       problems.append(f'{field} must be >= 1, got {cfg[field]}')
+  if cfg.get('cot_samples', 1) < 1:
+    problems.append(f'cot_samples must be >= 1, got {cfg.cot_samples}')
+  elif cfg.get('cot_samples', 1) > 1 and cfg.cot_temperature <= 0:
+    problems.append(
+        f'cot_samples={cfg.cot_samples} chains at cot_temperature={cfg.cot_temperature} would '
+        'all be the one greedy chain; sample them (the paper: temperature 1)'
+    )
   if not 0.0 <= cfg.get('evaluation_fraction', 0.0) < 1.0:
     problems.append(f'evaluation_fraction must be in [0, 1), got {cfg.evaluation_fraction}')
   if cfg.get('num_helpful_prompts', 0) < -1:

@@ -55,6 +55,10 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   c.cot_temperature = (
       0.0  # CoT sampling temperature; 0 = greedy (one deterministic chain per principle)
   )
+  # Chains of thought sampled per principle and option order, each scored, their labels averaged
+  # (the paper's HHH evaluation: 5 chains at temperature 1, written by a helpful model: set
+  # feedback.model_source to it); > 1 needs cot_temperature > 0.
+  c.cot_samples = 1
   c.clamp = False  # clip the final label to [clamp_lo, clamp_hi] (paper: with CoT, 40-60%)
   c.clamp_lo = 0.4  # lower clamp bound
   c.clamp_hi = 0.6  # upper clamp bound
