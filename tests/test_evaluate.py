@@ -304,6 +304,34 @@ def test_harmfulness_at_t0_and_t1_with_several_samples_per_prompt(tmp_path):
       t: h['metrics']['ppo'][t]['mean'] for t in ('0', '1')
   }
 
+
+def test_one_fixed_pm_can_score_the_revision_curve(tmp_path):
+  """evaluate.revision_curve_pm: the PM score vs revisions curve read by one given PM (the paper
+  scores figures 5 and 7 with one fixed PM, so sweep points share a scale), named in the report."""
+  config = _config()
+  config.evaluate.models, config.evaluate.rl_curve_every = 'helpful,ppo', 0
+  fixed = tmp_path / 'fixed_pm'
+  checkpoint.save_pretrained(
+      checkpoint.load_pretrained('random:tiny', seed=9, scalar_head=True), str(fixed)
+  )
+  config.evaluate.revision_curve_pm = str(fixed)
+  fake_upstream(config, tmp_path, 'critique_revision', sl_cai_records(n=3, n_helpful=1))
+  for stage, seed, head in (('sft', 1, False), ('preference', 3, True), ('ppo', 2, False)):
+    d = fake_upstream(config, tmp_path, stage, {})
+    model = checkpoint.load_pretrained('random:tiny', seed=seed, scalar_head=head)
+    checkpoint.save_pretrained(model, str(d / 'export'))
+  mesh = sharding.make_mesh(config.mesh.shape)
+  with sharding.use_mesh(mesh, config.logical_axis_rules):
+    ctx = pipeline.context(config, tmp_path, mesh)
+    pipeline.run(ctx)
+    curve = json.loads((tmp_path / 'evaluate' / 'summary.json').read_text())['revision_curve']
+    assert curve['pm'] == str(fixed)
+    pairs, where, n = scores_lib.revision_pairs(ctx.stage_dir('critique_revision'), -1)
+    pm = checkpoint.load_pretrained(str(fixed), scalar_head=True)
+    want = scores_lib.revision_curve(scores_lib.pm_rewards(ctx, pm, pairs), where, n)['mean']
+  np.testing.assert_allclose(curve['mean'], want, rtol=1e-5)
+  assert f'scored by the PM `{fixed}`' in (tmp_path / 'evaluate' / 'report.md').read_text()
+
 def test_restart_uses_cached_responses_and_reproduces_cis(evaluated, monkeypatch):
   ctx, d = evaluated
   before = json.loads((d / 'summary.json').read_text())

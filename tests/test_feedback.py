@@ -426,6 +426,25 @@ def test_several_sampled_chains_of_thought_are_each_scored_and_averaged(tmp_path
         tiny_config(**{'feedback.cot_samples': 5, 'feedback.cot_temperature': 0.0}).feedback
     )
 
+
+def test_a_fixed_principle_labels_every_harmlessness_pair(tmp_path, tiny_model):
+  """feedback.fixed_principle=k: every label asks under the constitution's k-th principle (the
+  paper's fixed-vs-drawn comparison); an index past the constitution is one line."""
+  path = write_generic(tmp_path / 'c.jsonl')
+  overrides = {
+      'evaluate_feedback.comparisons': str(path),
+      'evaluate_feedback.format': 'generic',
+      'evaluate_feedback.on_malformed': 'skip',
+      'feedback.fixed_principle': 1,
+      'feedback.debias': True,
+  }
+  _, records = evaluate(tmp_path / 'w', tiny_model, **overrides)
+  principles = C.load_constitution('tiny').feedback_principles
+  assert {s['principle'] for r in records for s in r['scorings']} == {principles[1]}
+  config = tiny_config(**{'feedback.fixed_principle': len(principles)})
+  with pytest.raises(bookkeeping.StageError, match='fixed_principle=2: -1 .drawn per label. or an'):
+    labeler_lib.load_feedback_constitution(pipeline.context(config, tmp_path), config.feedback)
+
 def test_evaluate_reports_the_pm_accuracy_beside_the_feedback_models(tmp_path, tiny_model):
   """Paper figure 4 draws the PM's accuracy on the HHH comparisons beside the feedback model's:
   once the preference stage has finished in the workdir, its PM scores the chosen and the

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from cai_jax.method import constitution as C
 from experiments import sweep
 
 pytestmark = pytest.mark.slow  # subprocess runs of the pipeline: minutes in all
@@ -146,6 +147,24 @@ def test_revision_sweep_runs_and_reuses_stages(tmp_path):
   assert samples.stat().st_mtime_ns == mtime  # not recomputed
   assert len(list((root / '_stages').glob('critique_revision-*'))) == 2
 
+
+
+def test_number_of_principles_sweep_draws_from_the_first_n(tmp_path):
+  """Paper figure 6 on tiny: each point's critiques and revisions use only the constitution's
+  first N critique/revision principles (N = 1, 2 of the default constitution's 16)."""
+  root = tmp_path / 'sweeps'
+  args = ['--workdir_root', str(root), '--stages', 'critique_revision', '--points', '0,1']
+  # The default constitution's few-shots outgrow the tiny model's 512 tokens: none are shown.
+  for item in SMALL + ['critique_revision.n_rounds=3', 'critique_revision.num_few_shots=0']:
+    args += ['--set', item]
+  assert sweep.main([str(REPO / 'experiments/sweeps/n_principles.py'), *args]) == 0
+  rows = json.loads((root / 'n_principles' / 'results.json').read_text())
+  names = [p.name for p in C.load_constitution('default').critique_revision]
+  for row, n in zip(rows, (1, 2)):
+    samples = [json.loads(line) for line in (Path(row['workdir']) / 'critique_revision' /
+                                              'samples.jsonl').read_text().splitlines()]  # fmt: skip
+    used = {r['principle'] for s in samples for r in s['rounds']}
+    assert used and used <= set(names[:n]), (n, used)
 
 def test_results_keep_rows_of_earlier_runs(tmp_path):
   row = lambda name, v: {

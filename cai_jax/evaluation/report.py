@@ -210,8 +210,9 @@ def report_markdown(
         '',
         '## PM score vs number of revisions',
         '',
-        f'critique_revision samples ({curve["samples"]} red-team train prompts) scored by the PM; '
-        'revision 0 is the initial response. Empty revisions are left out.',
+        f'critique_revision samples ({curve["samples"]} red-team train prompts) scored by the PM '
+        f'`{curve.get("pm", "preference")}`; revision 0 is the initial response. Empty revisions '
+        'are left out.',
         '',
         '| revisions | PM score | stderr | n |',
         '|---:|---:|---:|---:|',

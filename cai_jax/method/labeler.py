@@ -145,6 +145,8 @@ class Labeler:
     c = self.constitution
     if pair.kind == HELPFULNESS:  # drawn the same way, from the helpfulness principles
       c = dataclasses.replace(c, feedback_principles=c.helpfulness_principles)
+    elif self.cfg.get('fixed_principle', -1) >= 0:  # one principle for every harmlessness label
+      return [c.feedback_principles[self.cfg.fixed_principle]] * self.cfg.num_principles
     return constitution_lib.sample_feedback_principles(
         c, self.cfg.num_principles, rng, replace=self.cfg.principle_replace
     )
@@ -361,6 +363,12 @@ def load_feedback_constitution(ctx, cfg) -> constitution_lib.Constitution:
         feedback_cot_few_shots=c.feedback_cot_few_shots[: cfg.num_few_shots],
     )
   _check_principle_count(cfg, c.feedback_principles, 'feedback')
+  fixed = cfg.get('fixed_principle', -1)
+  if fixed >= len(c.feedback_principles) or fixed < -1:
+    raise StageError(
+        f'config.feedback.fixed_principle={fixed}: -1 (drawn per label) or an index below the '
+        f"constitution's {len(c.feedback_principles)} feedback principles"
+    )
   return c
 
 

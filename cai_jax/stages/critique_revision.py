@@ -335,11 +335,22 @@ def truncated_counts(samples: Sequence[dict], helpful: Sequence[dict]) -> dict[s
 # The stage.
 
 
-def load_constitution(source: str, num_few_shots: int) -> constitution_lib.Constitution:
-  """The constitution with only its first `num_few_shots` critique few-shots (-1: all)."""
+def load_constitution(
+    source: str, num_few_shots: int, num_principles: int = -1
+) -> constitution_lib.Constitution:
+  """The constitution with only its first `num_few_shots` critique few-shots and its first
+  `num_principles` critique/revision pairs to draw from (-1: all; the paper's figure 6 varies
+  the number of principles)."""
   c = constitution_lib.load_constitution(source)
   if num_few_shots >= 0:
     c = dataclasses.replace(c, critique_few_shots=c.critique_few_shots[:num_few_shots])
+  if num_principles > len(c.critique_revision):
+    raise StageError(
+        f'config.{STAGE}.num_principles={num_principles}: the constitution {source!r} has '
+        f'{len(c.critique_revision)} critique/revision principles'
+    )
+  if num_principles >= 0:
+    c = dataclasses.replace(c, critique_revision=c.critique_revision[:num_principles])
   return c
 
 
@@ -362,6 +373,8 @@ def check_config(config) -> None:
     problems.append(f'n_rounds must be >= 1 (the paper uses 4), got {cfg.n_rounds}')
   if cfg.num_prompts == 0 or cfg.num_prompts < -1:
     problems.append(f'num_prompts must be -1 (all) or >= 1, got {cfg.num_prompts}')
+  if cfg.get('num_principles', -1) == 0 or cfg.get('num_principles', -1) < -1:
+    problems.append(f'num_principles must be -1 (all) or >= 1, got {cfg.num_principles}')
   for field in (
       'chunk_size',
       'batch_size',
@@ -398,7 +411,9 @@ def run(ctx, stage_dir: Path) -> dict:
   t0 = time.time()
   cfg = ctx.config.critique_revision
   check_config(ctx.config)
-  constitution = load_constitution(ctx.config.constitution, cfg.num_few_shots)
+  constitution = load_constitution(
+      ctx.config.constitution, cfg.num_few_shots, cfg.get('num_principles', -1)
+  )
   prompts = data.stage_prompts(ctx, 'redteam', STAGE)['train']
   prompts = prompts if cfg.num_prompts < 0 else prompts[: cfg.num_prompts]
   if not prompts:

@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
 from absl import logging
 
 from cai_jax import sampling
@@ -393,7 +394,12 @@ def run(ctx, stage_dir: Path) -> dict:
   conversations = [
       comparisons_lib.response_conversation(r, r['response']) for _, g in named for r in g
   ]
-  rewards, scores = score_all(ctx, scorers, conversations, curve_pairs)
+  fixed_pm = cfg.get('revision_curve_pm', '')  # one PM for every sweep point's curve
+  rewards, scores = score_all(ctx, scorers, conversations, [] if fixed_pm else curve_pairs)
+  if fixed_pm and curve_pairs:
+    pm = ctx.load(fixed_pm, scalar_head=True, cache=False, frozen=True)
+    rewards = np.concatenate([rewards, pm_rewards(ctx, pm, curve_pairs)])
+    del pm
   every, start = {}, 0  # name -> metrics, for the models and the curve points
   for name, g in named:
     part = slice(start, start + len(g))
@@ -404,6 +410,8 @@ def run(ctx, stage_dir: Path) -> dict:
   every |= {n: every[owner(g)] for n, g in curve.items() if owner(g)}
   metrics = {m: every[m] for m in models}
   revisions = revision_curve(rewards[start:], curve_where, n_samples)
+  if revisions:
+    revisions['pm'] = fixed_pm or ctx.model_source('preference')
   timings['pm'] = time.time() - t
 
   if scorers['harmfulness']['available'] and cfg.harmfulness_temperatures:

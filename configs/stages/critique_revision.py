@@ -25,6 +25,9 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   # Critique before each revision (paper); False = critique-free revision (paper figure 7): the
   # revision request right after the response, few-shots and earlier rounds without critiques
   c.critique = True
+  # Critique/revision principles drawn from: the constitution's first N (paper figure 6 varies
+  # the number of principles); -1 = all of them (16 in ours and the paper's)
+  c.num_principles = -1
   # Critique few-shots before each prompt; -1 = all there are. The preamble they make is the same
   # in every critique and revision prompt: it is prefilled once per stage (config.sampling).
   c.num_few_shots = -1

@@ -59,6 +59,10 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   ]  # answers per red-team prompt at each T > 0 (paper: 256), averaged per prompt
 
   c.revision_curve = True  # PM score vs number of revisions from critique_revision's samples
+  # The PM that scores the curve: '' = the RL PM (this run's preference export); any PM export
+  # (e.g. another run's WORKDIR/preference/export) puts the points of a sweep on one scale, as
+  # the paper scores its figures 5 and 7 with one fixed PM.
+  c.revision_curve_pm = ''
   c.max_revision_samples = (
       -1
   )  # critique_revision samples scored for the curve (the first N); -1 = all

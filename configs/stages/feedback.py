@@ -44,6 +44,9 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   c.num_principles = (
       1  # K: principles sampled per pair whose p(A) are averaged (ensemble); paper: 1 per label
   )
+  # -1: a principle drawn per label (paper); k >= 0: the constitution's k-th feedback principle for
+  # every harmlessness label (the paper's comparison of one fixed principle with drawn ones)
+  c.fixed_principle = -1
   c.principle_replace = (
       False  # draw the K principles with replacement (needed when K > #principles)
   )

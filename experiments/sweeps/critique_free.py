@@ -4,6 +4,8 @@ against revising at once, the revision request right after the response.
 Each point reruns the whole pipeline (the SL data differ). `pm_vs_revisions` is the curve of
 the point's PM score over revisions 0..n (figure 7's axes); the SL-CAI and RL-CAI scores under
 the evaluation PM and the Elo of the fixed AI judge compare across points.
+For one fixed PM over every point's curve, as the paper scores it: `--set
+evaluate.revision_curve_pm=<a PM export>` (e.g. another run's WORKDIR/preference/export).
 """
 
 from experiments.sweep import PIPELINE_METRICS

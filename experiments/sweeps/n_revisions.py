@@ -3,6 +3,8 @@
 Each point reruns the whole pipeline (the SL data changes, so everything after it does too).
 `pm_vs_revisions` is the curve of the point's own PM over its revisions 0..n; the Elo metrics
 come from the fixed AI judge (the pretrained model) and compare across points.
+For one fixed PM over every point's curve, as the paper scores it: `--set
+evaluate.revision_curve_pm=<a PM export>` (e.g. another run's WORKDIR/preference/export).
 """
 
 from experiments.sweep import PIPELINE_METRICS
