@@ -358,6 +358,17 @@ def evaluate(tmp_path, tiny_model, **overrides):
   return json.loads((d / 'summary.json').read_text()), records
 
 
+def generic_overrides(path, **feedback) -> dict:
+  """evaluate_feedback on the generic comparisons file `path` (its malformed lines skipped),
+  with `feedback.<field>` overrides."""
+  return {
+      'evaluate_feedback.comparisons': str(path),
+      'evaluate_feedback.format': 'generic',
+      'evaluate_feedback.on_malformed': 'skip',
+      **{f'feedback.{k}': v for k, v in feedback.items()},
+  }
+
+
 def test_evaluate_generic_with_every_option(tmp_path, tiny_model):
   path = write_generic(tmp_path / 'c.jsonl')
   summary, records = evaluate(
@@ -400,16 +411,9 @@ def test_several_sampled_chains_of_thought_are_each_scored_and_averaged(tmp_path
   summary, records = evaluate(
       tmp_path / 'w',
       tiny_model,
-      **{
-          'evaluate_feedback.comparisons': str(path),
-          'evaluate_feedback.format': 'generic',
-          'evaluate_feedback.on_malformed': 'skip',
-          'feedback.debias': True,
-          'feedback.cot': True,
-          'feedback.cot_samples': 3,
-          'feedback.cot_temperature': 1.0,
-          'feedback.cot_max_new_tokens': 6,
-      },
+      **generic_overrides(
+          path, debias=True, cot=True, cot_samples=3, cot_temperature=1.0, cot_max_new_tokens=6
+      ),
   )
   assert summary['n'] == 3
   for r in records:
@@ -431,14 +435,9 @@ def test_a_fixed_principle_labels_every_harmlessness_pair(tmp_path, tiny_model):
   """feedback.fixed_principle=k: every label asks under the constitution's k-th principle (the
   paper's fixed-vs-drawn comparison); an index past the constitution is one line."""
   path = write_generic(tmp_path / 'c.jsonl')
-  overrides = {
-      'evaluate_feedback.comparisons': str(path),
-      'evaluate_feedback.format': 'generic',
-      'evaluate_feedback.on_malformed': 'skip',
-      'feedback.fixed_principle': 1,
-      'feedback.debias': True,
-  }
-  _, records = evaluate(tmp_path / 'w', tiny_model, **overrides)
+  _, records = evaluate(
+      tmp_path / 'w', tiny_model, **generic_overrides(path, fixed_principle=1, debias=True)
+  )
   principles = C.load_constitution('tiny').feedback_principles
   assert {s['principle'] for r in records for s in r['scorings']} == {principles[1]}
   config = tiny_config(**{'feedback.fixed_principle': len(principles)})
@@ -454,11 +453,7 @@ def test_evaluate_reports_the_pm_accuracy_beside_the_feedback_models(tmp_path, t
   from helpers_stages import fake_upstream
 
   path = write_generic(tmp_path / 'c.jsonl')
-  overrides = {
-      'evaluate_feedback.comparisons': str(path),
-      'evaluate_feedback.format': 'generic',
-      'evaluate_feedback.on_malformed': 'skip',
-  }
+  overrides = generic_overrides(path)
   summary, _ = evaluate(tmp_path / 'before', tiny_model, **overrides)
   assert summary['pm'] == {
       'available': False, 'why': 'the preference stage did not run in this workdir'
