@@ -214,6 +214,18 @@ def test_bad_lora_settings_are_one_line_errors_before_the_workdir_is_touched(tmp
   assert "model.lora.targets names 'w'" in proc.stderr + proc.stdout
 
 
+
+def test_the_lora_ppo_toy_config_passes_the_preflight_checks(tmp_path):
+  """configs/ppo_toy_lora.py (measured by hand: docs/measurements.md) is a valid LoRA PPO run of
+  SmolLM2 alone."""
+  from configs import ppo_toy_lora
+
+  config = ppo_toy_lora.get_config()
+  assert validate.problems(config, tmp_path / 'w') == []
+  assert (config.stages, config.ppo.policy_source, config.model.lora.rank) == (
+      'ppo', 'smollm2-135m', 8
+  )  # fmt: skip
+
 @pytest.mark.slow
 def test_tiny_pipeline_runs_every_stage_with_lora_on_an_int8_base(tmp_path):
   """Every default stage trains adapters only, on a base held in int8 like every frozen model
