@@ -689,6 +689,15 @@ def stage_programs(config, mesh, only: str = '') -> list[Program]:
     wanted = [s for s in wanted if s in only.split(',')]
   out = []
 
+  if 'prompt_generation' in wanted:
+    # The pretrained model (of the helpful model's architecture) continues numbered lists of
+    # seed prompts: plain sampling, no shared prefix.
+    pg = config.prompt_generation
+    out += sample(
+        'prompt_generation', 'pretrained', helpful, {}, pg.batch_size, pg.max_new_tokens,
+        pg.temperature, prefix=None,
+    )  # fmt: skip
+
   if 'critique_revision' in wanted:
     cr = config.critique_revision
     # Responses and revisions get max_new_tokens, critiques critique_max_new_tokens: the larger

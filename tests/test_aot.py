@@ -111,6 +111,8 @@ def test_every_stage_program_compiles_and_fits(tiny_v5e):
   rows = _rows(stdout)
   assert int(found.group(1)) == len(rows) == len(programs)
   for name in (
+      'prompt_generation/pretrained prefill',  # full configs generate prompts first
+      'prompt_generation/pretrained decode',
       'critique_revision/helpful prefill',
       'critique_revision/helpful decode',
       'sft/SL-CAI train step',

@@ -16,7 +16,7 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   c.few_shots = dict(tiny=3, demo=8, full=8)[variant]  # human seed prompts shown per request
   c.max_new_tokens = dict(tiny=16, demo=48, full=64)[variant]  # longest generated line (tokens)
   c.temperature = 1.0  # sampling temperature of the writer (the pretrained model)
-  c.batch_size = dict(tiny=8, demo=16, full=256)[variant]  # requests per sampler call (static)
+  c.batch_size = dict(tiny=8, demo=16, full=64)[variant]  # requests per sampler call
   c.chunk_size = dict(tiny=4, demo=16, full=512)[variant]  # requests per resumable unit
   c.seed_offset = 0  # seeds of the draws and the sampler = config.seed + seed_offset
   # Filters, in order (module docstring): a kept prompt has min_words..max_words words, at least
