@@ -242,10 +242,11 @@ def make_train_step(
   batch keeps the sharding it was built with (`sharding.global_batch`: rows over ('data',
   'fsdp')). The state is donated.
   """
-  base_key = jax.random.key(seed)
 
   def step(state: TrainState, batch):
-    key = jax.random.fold_in(base_key, state.step)
+    # Made inside the traced step: no array exists before the first call (cai_jax.aot lowers
+    # this function for a TPU without one).
+    key = jax.random.fold_in(jax.random.key(seed), state.step)
 
     def compute(params):
       return loss_fn(lora.with_dropout(nnx.merge(graphdef, params), key), batch)
