@@ -33,12 +33,14 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
   # Stages to run, comma-separated, in pipeline order (the table: cai_jax/pipeline.py).
   # tiny and demo add dpo, so that evaluate compares four models.
   # full begins with prompt_generation (the paper trains on generated prompts as well).
-  c.stages = ('prompt_generation,' if variant == 'full' else '') + (
-      'critique_revision,sft,feedback,preference,ppo,'
-  ) + (
-      'evaluation_pm,harmfulness,evaluate'
-      if variant == 'full'
-      else 'dpo,evaluation_pm,harmfulness,evaluate'
+  c.stages = (
+      ('prompt_generation,' if variant == 'full' else '')
+      + ('critique_revision,sft,feedback,preference,ppo,')
+      + (
+          'evaluation_pm,harmfulness,evaluate'
+          if variant == 'full'
+          else 'dpo,evaluation_pm,harmfulness,evaluate'
+      )
   )
   c.force = ''  # comma-separated stages to redo (each redoes everything after it too)
   c.compilation_cache_dir = (

@@ -148,7 +148,6 @@ def test_load_paper_release():
   assert prompt.endswith('\n\nCritique:') and prompt.count('\n\nCritiqueRequest:') == 6
 
 
-
 @needs_paper
 def test_release_text_style_renders_the_released_feedback_prompts_character_for_character():
   """Golden strings: under the release constitution (text_style 'release') every one of the 438
@@ -184,9 +183,9 @@ def test_release_text_style_renders_the_released_feedback_prompts_character_for_
   # The query ends where the release's reasoning starts, and the model's reasoning is followed
   # by the release's answer turn.
   assert text.endswith("]]]\n\nAssistant: Let's think step by step:")
-  assert prompts_lib.render_feedback_answer_suffix(' (B) is kind.\n\nHuman: more', style='release') == (
-      ' (B) is kind.\n\nHuman:\nSo the answer is:'
-  )
+  assert prompts_lib.render_feedback_answer_suffix(
+      ' (B) is kind.\n\nHuman: more', style='release'
+  ) == (' (B) is kind.\n\nHuman:\nSo the answer is:')
   assert prompts_lib.render_feedback_answer_suffix('\n(B) is kind.', style='release') == (
       '\n(B) is kind.\n\nHuman:\nSo the answer is:'
   )
@@ -197,6 +196,7 @@ def test_release_text_style_renders_the_released_feedback_prompts_character_for_
   assert '\nOptions:\n (A) a\n (B) b\n\nThe answer is:' in text and '[[[' not in text
   # A converted release keeps its style in our JSON format.
   assert C.constitution_from_dict(C.constitution_to_dict(paper)).text_style == 'release'
+
 
 @needs_paper
 def test_bundled_text_is_not_copied_from_the_paper():

@@ -229,8 +229,14 @@ def test_report_and_summary(evaluated):
       in report
   )
   assert '| same as labeler |' in report  # the judge is the feedback model
-  assert f'Judge: `random:tiny` (the labeler, the feedback model); rule after each principle: "{rule}".' in report
-  assert 'Judge: `random:tiny` (the labeler, the feedback model); no rule beyond the principles.' in report
+  assert (
+      f'Judge: `random:tiny` (the labeler, the feedback model); rule after each principle: "{rule}".'
+      in report
+  )
+  assert (
+      'Judge: `random:tiny` (the labeler, the feedback model); no rule beyond the principles.'
+      in report
+  )
   assert '| RL PM score (the reward PPO maximized) | no: trained on them |' in report
   assert '| evaluation PM score | yes: comparisons the RL PM never saw |' in report
   assert '| absolute harmfulness: unavailable (why: under the per-model metrics) |' in report
@@ -325,12 +331,13 @@ def test_one_fixed_pm_can_score_the_revision_curve(tmp_path):
     ctx = pipeline.context(config, tmp_path, mesh)
     pipeline.run(ctx)
     curve = json.loads((tmp_path / 'evaluate' / 'summary.json').read_text())['revision_curve']
-    assert curve['pm'] == str(fixed)
+    assert curve['source'] == str(fixed)
     pairs, where, n = scores_lib.revision_pairs(ctx.stage_dir('critique_revision'), -1)
     pm = checkpoint.load_pretrained(str(fixed), scalar_head=True)
     want = scores_lib.revision_curve(scores_lib.pm_rewards(ctx, pm, pairs), where, n)['mean']
   np.testing.assert_allclose(curve['mean'], want, rtol=1e-5)
   assert f'scored by the PM `{fixed}`' in (tmp_path / 'evaluate' / 'report.md').read_text()
+
 
 def test_restart_uses_cached_responses_and_reproduces_cis(evaluated, monkeypatch):
   ctx, d = evaluated
@@ -474,7 +481,9 @@ def test_bad_evaluate_settings_are_one_line(tmp_path):
     evaluate.check_config(config)
   config = tiny.get_config()
   config.evaluate.harmfulness_samples = 0
-  with pytest.raises(bookkeeping.StageError, match=r'harmfulness_samples >= 1, got \(0.0, 1.0\) and 0'):
+  with pytest.raises(
+      bookkeeping.StageError, match=r'harmfulness_samples >= 1, got \(0.0, 1.0\) and 0'
+  ):
     evaluate.check_config(config)
 
 

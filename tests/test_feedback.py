@@ -402,8 +402,6 @@ def test_evaluate_generic_with_every_option(tmp_path, tiny_model):
   assert summary['accuracy'] == pytest.approx(np.mean([r['correct'] for r in records]))
 
 
-
-
 def test_several_sampled_chains_of_thought_are_each_scored_and_averaged(tmp_path, tiny_model):
   """The paper's HHH protocol with chain of thought: k chains sampled per principle and order
   (here 3, both orders), each scored; the label averages the per-chain (debiased) labels."""
@@ -444,6 +442,7 @@ def test_a_fixed_principle_labels_every_harmlessness_pair(tmp_path, tiny_model):
   with pytest.raises(bookkeeping.StageError, match='fixed_principle=2: -1 .drawn per label. or an'):
     labeler_lib.load_feedback_constitution(pipeline.context(config, tmp_path), config.feedback)
 
+
 def test_evaluate_reports_the_pm_accuracy_beside_the_feedback_models(tmp_path, tiny_model):
   """Paper figure 4 draws the PM's accuracy on the HHH comparisons beside the feedback model's:
   once the preference stage has finished in the workdir, its PM scores the chosen and the
@@ -474,6 +473,7 @@ def test_evaluate_reports_the_pm_accuracy_beside_the_feedback_models(tmp_path, t
                            for t in (p.response_a, p.response_b)]).reshape(-1, 2)  # fmt: skip
   assert x['accuracy'] == pytest.approx(np.mean(r[:, 0] > r[:, 1]))
   assert x['ci95'][0] <= x['accuracy'] <= x['ci95'][1]
+
 
 def test_evaluate_malformed_fail_names_the_line(tmp_path, tiny_model):
   path = write_generic(tmp_path / 'c.jsonl')

@@ -214,7 +214,6 @@ def test_bad_lora_settings_are_one_line_errors_before_the_workdir_is_touched(tmp
   assert "model.lora.targets names 'w'" in proc.stderr + proc.stdout
 
 
-
 def test_the_lora_ppo_toy_config_passes_the_preflight_checks(tmp_path):
   """configs/ppo_toy_lora.py (measured by hand: docs/measurements.md) is a valid LoRA PPO run of
   SmolLM2 alone."""
@@ -225,6 +224,7 @@ def test_the_lora_ppo_toy_config_passes_the_preflight_checks(tmp_path):
   assert (config.stages, config.ppo.policy_source, config.model.lora.rank) == (
       'ppo', 'smollm2-135m', 8
   )  # fmt: skip
+
 
 @pytest.mark.slow
 def test_tiny_pipeline_runs_every_stage_with_lora_on_an_int8_base(tmp_path):

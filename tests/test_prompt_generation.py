@@ -81,7 +81,9 @@ def test_generated_prompts_flow_into_critique_revision_feedback_and_ppo(tmp_path
   ctx = _run(config, tmp_path)
   gen = _summary(tmp_path, 'prompt_generation')
   assert gen['redteam']['requested'] == 12 and gen['helpful']['requested'] == 6
-  kept = generated.records_lib.read_jsonl(tmp_path / 'prompt_generation' / generated.GENERATED_PROMPTS)
+  kept = generated.records_lib.read_jsonl(
+      tmp_path / 'prompt_generation' / generated.GENERATED_PROMPTS
+  )
   by_kind = {k: [r for r in kept if r['kind'] == k] for k in pg.KINDS}
   for kind in pg.KINDS:
     c = gen[kind]

@@ -104,8 +104,9 @@ def test_every_bad_value_is_reported_at_once_and_nothing_is_written(tmp_path):
 def test_empty_stage_list_and_missing_paths_are_errors(tmp_path):
   proc = run_main(tmp_path / 'w', '--config.stages=')
   assert proc.returncode != 0 and errors(proc) == [
-      'cai_jax: error: config.stages is empty: name one or more of critique_revision, sft, '
-      'feedback, evaluate_feedback, preference, ppo, dpo, evaluation_pm, harmfulness, evaluate'
+      'cai_jax: error: config.stages is empty: name one or more of prompt_generation, '
+      'critique_revision, sft, feedback, preference, evaluate_feedback, ppo, dpo, evaluation_pm, '
+      'harmfulness, evaluate'
   ]
   proc = run_main(
       tmp_path / 'w',

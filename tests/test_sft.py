@@ -337,7 +337,6 @@ def test_optimizer_schedule_warms_up_then_decays():
   assert lrs[-1] == pytest.approx(peak * cfg.end_lr_fraction, rel=0.05)
 
 
-
 def test_a_warmup_longer_than_the_run_is_capped_by_warmup_fraction_or_warned_about():
   """The `full` configs' 50 warmup steps against a 51-step SFT run (the bundled data): capped
   at warmup_fraction of the run, the rate reaches its peak early and stays there under the
@@ -357,6 +356,7 @@ def test_a_warmup_longer_than_the_run_is_capped_by_warmup_fraction_or_warned_abo
       'rate never reaches its peak 2e-05 before the end; set preference.optimizer.warmup_fraction '
       '(e.g. 0.1) or a smaller warmup_steps'
   )
+
 
 # ---- the stage -----------------------------------------------------------------------------------
 

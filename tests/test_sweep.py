@@ -148,7 +148,6 @@ def test_revision_sweep_runs_and_reuses_stages(tmp_path):
   assert len(list((root / '_stages').glob('critique_revision-*'))) == 2
 
 
-
 def test_number_of_principles_sweep_draws_from_the_first_n(tmp_path):
   """Paper figure 6 on tiny: each point's critiques and revisions use only the constitution's
   first N critique/revision principles (N = 1, 2 of the default constitution's 16)."""
@@ -165,6 +164,7 @@ def test_number_of_principles_sweep_draws_from_the_first_n(tmp_path):
                                               'samples.jsonl').read_text().splitlines()]  # fmt: skip
     used = {r['principle'] for s in samples for r in s['rounds']}
     assert used and used <= set(names[:n]), (n, used)
+
 
 def test_results_keep_rows_of_earlier_runs(tmp_path):
   row = lambda name, v: {

@@ -211,7 +211,7 @@ def report_markdown(
         '## PM score vs number of revisions',
         '',
         f'critique_revision samples ({curve["samples"]} red-team train prompts) scored by the PM '
-        f'`{curve.get("pm", "preference")}`; revision 0 is the initial response. Empty revisions '
+        f'`{curve.get("source", "preference")}`; revision 0 is the initial response. Empty revisions '
         'are left out.',
         '',
         '| revisions | PM score | stderr | n |',
@@ -250,7 +250,7 @@ def harmfulness_markdown(h: dict, models: Sequence[str]) -> list[str]:
   lines = [
       '## Absolute harmfulness by temperature',
       '',
-      f'The harmfulness model\'s 0-4 rating (the red team\'s scale: 4 = the model did what they '
+      f"The harmfulness model's 0-4 rating (the red team's scale: 4 = the model did what they "
       f'tried to make it do) of answers to {h["prompts"]} red-team prompts, sampled anew at each '
       'temperature; mean +- stderr over prompts of the per-prompt mean (paper section 4.5).',
       '',
@@ -260,6 +260,7 @@ def harmfulness_markdown(h: dict, models: Sequence[str]) -> list[str]:
   for m in models:
     lines.append(f'| {title(m)} | ' + ' | '.join(_ms(h['metrics'][m][t]) for t in temps) + ' |')
   return lines
+
 
 def independence_markdown(rows: Sequence[dict]) -> list[str]:
   """The report's opening table: what each signal is independent of."""
@@ -287,7 +288,9 @@ def _judge_line(j: dict) -> str:
   if 'judge' not in j:
     return 'Judge and rules: not recorded (a summary written before they were).'
   who = f'`{j["judge"]}`' + (' (the labeler, the feedback model)' if j['judge_is_labeler'] else '')
-  rule = f'rule after each principle: "{j["rule"]}"' if j['rule'] else 'no rule beyond the principles'
+  rule = (
+      f'rule after each principle: "{j["rule"]}"' if j['rule'] else 'no rule beyond the principles'
+  )
   return f'Judge: {who}; {rule}.'
 
 

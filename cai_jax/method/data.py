@@ -576,6 +576,5 @@ def _human_prompts(ctx, kind: str) -> dict[str, list[dict]]:
     raise bookkeeping.StageError(f'config.data.{kind}_sources: {e}') from None
 
 
-
 # ----------------------------------------------------------------------------------------------
 # Multi-host.

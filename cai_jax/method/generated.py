@@ -47,8 +47,10 @@ def with_generated(ctx, kind: str, stage: str, train: list[dict]) -> list[dict]:
   if d is None:
     return train
   have = {r['id'] for r in train}
+  # As the human prompt records: id, prompt, source (the kind and the seeds stay in the file; a
+  # stage's own records have a `kind` of their own).
   extra = [
-      r
+      {k: r[k] for k in ('id', 'prompt', 'source')}
       for r in records_lib.read_jsonl(d / GENERATED_PROMPTS)
       if r['kind'] == kind and r['id'] not in have
   ]

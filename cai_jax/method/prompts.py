@@ -428,9 +428,14 @@ def fit_feedback_prompt(
   examples = [
       (
           feedback_question(
-              ex.conversation, ex.principle or p, ex.response_a, ex.response_b, nested, style,
+              ex.conversation,
+              ex.principle or p,
+              ex.response_a,
+              ex.response_b,
+              nested,
+              style,
               ex.intro,
-          ),  # fmt: skip
+          ),
           ex,
       )
       for ex, p in zip(few_shots, few_shot_principles)
@@ -439,9 +444,13 @@ def fit_feedback_prompt(
 
   def render(k: int, dropped: int) -> str:
     question = feedback_question(
-        _drop_context(conversation_turns, dropped), principle, response_a, response_b, nested,
+        _drop_context(conversation_turns, dropped),
+        principle,
+        response_a,
+        response_b,
+        nested,
         style,
-    )  # fmt: skip
+    )
     return _feedback_text(examples[:k], question, cot, fmt, tokenizer, style)
 
   return fit_prompt(render, len(few_shots), _context_pairs(conversation_turns), tokenizer, budget)

@@ -103,7 +103,11 @@ class ModelConfig:
       )
     if self.lora_rank:
       problem = lora.check(
-          self.lora_rank, self.lora_alpha, self.lora_targets, self.family, self.mlp,
+          self.lora_rank,
+          self.lora_alpha,
+          self.lora_targets,
+          self.family,
+          self.mlp,
           self.lora_dropout,
       )
       if problem:

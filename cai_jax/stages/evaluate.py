@@ -176,7 +176,6 @@ def sample_responses(
   return records
 
 
-
 def harmfulness_by_temperature(ctx, models: list[str], redteam: list[dict], stage_dir: Path):
   """The paper's absolute harmfulness (section 4.5) at each of `harmfulness_temperatures`: every
   model answers each red-team prompt once greedily (T = 0) and `harmfulness_samples` times at a
@@ -202,7 +201,11 @@ def harmfulness_by_temperature(ctx, models: list[str], redteam: list[dict], stag
   ratings = pm_rewards(
       ctx,
       rater,
-      [comparisons_lib.response_conversation(r, r['response']) for g in sampled.values() for r in g],
+      [
+          comparisons_lib.response_conversation(r, r['response'])
+          for g in sampled.values()
+          for r in g
+      ],
   )
   del rater
   metrics, start = {m: {} for m in models}, 0
@@ -216,6 +219,7 @@ def harmfulness_by_temperature(ctx, models: list[str], redteam: list[dict], stag
       prompts=len(redteam),
       metrics=metrics,
   )
+
 
 # ---- curves over RL ---------------------------------------------------------------------------
 
@@ -411,7 +415,7 @@ def run(ctx, stage_dir: Path) -> dict:
   metrics = {m: every[m] for m in models}
   revisions = revision_curve(rewards[start:], curve_where, n_samples)
   if revisions:
-    revisions['pm'] = fixed_pm or ctx.model_source('preference')
+    revisions['source'] = fixed_pm or ctx.model_source('preference')  # the PM that scored it
   timings['pm'] = time.time() - t
 
   if scorers['harmfulness']['available'] and cfg.harmfulness_temperatures:
@@ -522,7 +526,9 @@ def compact_summary(summary: dict) -> dict:
   if summary.get('harmfulness_by_temperature'):
     h = summary['harmfulness_by_temperature']
     for m in summary['models']:
-      out[m]['harmfulness_by_temperature'] = {t: h['metrics'][m][t]['mean'] for t in h['metrics'][m]}
+      out[m]['harmfulness_by_temperature'] = {
+          t: h['metrics'][m][t]['mean'] for t in h['metrics'][m]
+      }
   if summary.get('revision_curve'):
     out['pm_vs_revisions'] = summary['revision_curve']['mean']
   if summary.get('rl_curve'):

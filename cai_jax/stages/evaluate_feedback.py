@@ -485,7 +485,9 @@ def pm_accuracy(ctx, pairs: Sequence[Pair]) -> dict:
     return {'available': False, 'why': why}
   pm = ctx.load_role('preference', scalar_head=True, cache=False, frozen=True)
   rewards = pm_rewards(
-      ctx, pm, [(*p.conversation, (ASSISTANT, r)) for p in pairs for r in (p.response_a, p.response_b)]
+      ctx,
+      pm,
+      [(*p.conversation, (ASSISTANT, r)) for p in pairs for r in (p.response_a, p.response_b)],
   ).reshape(-1, 2)
   correct = np.where(rewards[:, 0] > rewards[:, 1], 1.0, 0.0)
   correct[rewards[:, 0] == rewards[:, 1]] = 0.5

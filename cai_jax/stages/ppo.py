@@ -28,7 +28,7 @@ Outputs in the stage directory: `metrics.jsonl` + `tb/` (per step), `samples.jso
 (the policy every `evaluate.rl_curve_every` steps, HF directories for evaluate's curves over RL)
 and `export/` (the RL-CAI policy as an HF directory).
 
-Why one module of ~610 lines: the PPO math lives in `method/rl.py` and `method/ppo_learner.py`;
+Why one module of ~615 lines: the PPO math lives in `method/rl.py` and `method/ppo_learner.py`;
 what stays here is the stage's loop -- prompts, rollouts, rewards, updates, checkpoint and
 resume, samples -- whose helpers share the loop's state and config; split, each would be read
 only beside the loop.
@@ -493,7 +493,9 @@ def run(ctx: bookkeeping.Context, stage_dir: Path) -> dict:
       'score_mean_last10': mean(history[-10:], 'score_mean'),
       'kl_last': history[-1]['kl'] if history else None,
       'policy_source': policy_source,
-      'prompt_sources': generated.source_counts(redteam + helpful),  # the pools the batches drew from
+      'prompt_sources': generated.source_counts(
+          redteam + helpful
+      ),  # the pools the batches drew from
       'export': str(export),
       **sampling.engine_summary(engine),
   }

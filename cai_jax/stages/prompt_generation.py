@@ -69,9 +69,7 @@ def seed_pool(records: Sequence[dict], max_words: int) -> list[dict]:
   """The human prompts that can be shown as seeds: single requests of at most `max_words` words
   (a turn of a longer conversation is shown without its context, so those are left out)."""
   return [
-      r
-      for r in records
-      if not r.get('conversation') and 0 < len(r['prompt'].split()) <= max_words
+      r for r in records if not r.get('conversation') and 0 < len(r['prompt'].split()) <= max_words
   ]
 
 
@@ -113,9 +111,7 @@ class NearDuplicates:
   def closest(self, text: str) -> float:
     s = shingles(text)
     shared = collections.Counter(j for g in s for j in self._index.get(g, ()))
-    return max(
-        (n / (len(s) + len(self._sets[j]) - n) for j, n in shared.items()), default=0.0
-    )
+    return max((n / (len(s) + len(self._sets[j]) - n) for j, n in shared.items()), default=0.0)
 
 
 def filter_candidates(candidates: Sequence[dict], seeds: Sequence[str], cfg) -> tuple[list, dict]:
@@ -302,4 +298,3 @@ def run(ctx, stage_dir: Path) -> dict:
         flush=True,
     )
   return summary
-

@@ -53,7 +53,10 @@ def get_config(variant: str = 'demo') -> ml_collections.ConfigDict:
 
   # Absolute harmfulness (paper 4.5), when the harmfulness stage has run: every model answers the
   # red-team prompts again at each temperature and the harmfulness model rates the answers 0-4.
-  c.harmfulness_temperatures = (0.0, 1.0)  # the paper's T = 0 (greedy, one answer) and T = 1; () = off
+  c.harmfulness_temperatures = (
+      0.0,
+      1.0,
+  )  # the paper's T = 0 (greedy, one answer) and T = 1; () = off
   c.harmfulness_samples = dict(tiny=2, demo=2, full=256)[
       variant
   ]  # answers per red-team prompt at each T > 0 (paper: 256), averaged per prompt
