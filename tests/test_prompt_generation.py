@@ -54,7 +54,7 @@ def test_each_filter_drops_what_it_names_in_order():
   assert [c['id'] for c in kept] == ['kept', 'kept_too']
   assert dropped == {'empty': 1, 'length': 1, 'language': 1, 'duplicate': 1, 'near_duplicate': 2}
   near = pg.NearDuplicates()
-  near.add(texts['kept'])
+  near.remember(texts['kept'])
   assert near.closest(texts['kept']) == 1.0 and near.closest('zzzz qqqq') == 0.0
   assert 0.7 <= near.closest(texts['near_kept']) < 1.0
   assert pg.ascii_letter_share('abc Ж') == 0.75 and pg.ascii_letter_share('123') == 1.0

@@ -102,7 +102,7 @@ class NearDuplicates:
     self._sets: list[set[str]] = []
     self._index: dict[str, list[int]] = collections.defaultdict(list)
 
-  def add(self, text: str) -> None:
+  def remember(self, text: str) -> None:
     s = shingles(text)
     for g in s:
       self._index[g].append(len(self._sets))
@@ -120,7 +120,7 @@ def filter_candidates(candidates: Sequence[dict], seeds: Sequence[str], cfg) -> 
   exact = {data.normalize(s) for s in seeds}
   near = NearDuplicates()
   for s in seeds:
-    near.add(s)
+    near.remember(s)
   kept, dropped = [], dict.fromkeys(DROP_REASONS, 0)
   for c in candidates:
     text = c['text']
@@ -142,7 +142,7 @@ def filter_candidates(candidates: Sequence[dict], seeds: Sequence[str], cfg) -> 
       continue
     kept.append(c)
     exact.add(data.normalize(text))
-    near.add(text)
+    near.remember(text)
   return kept, dropped
 
 
